@@ -1,0 +1,227 @@
+"""Typed run configuration, validated when it is loaded.
+
+A config is a YAML file under `configs/` (versioned with the code) plus the few
+per-run values a user passes on the command line (subject, class noun, ...).
+The resolved config travels to every pipeline task as one JSON string, so a
+task on a cluster sees exactly what the local run saw.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dreambooth.errors import InputError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSettings(Section):
+    # A hub id, a local folder in the diffusers layout, or `tiny://NAME` for an
+    # offline random model built by dreambooth.tiny_models.
+    base: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    revision: Optional[str] = None
+    # None: the model's native size (UNet sample size x VAE scale factor, 512 for SD 1.x).
+    resolution: Optional[int] = Field(default=None, gt=0)
+
+
+class SubjectSettings(Section):
+    class_noun: str = ""
+    # None: pick a rare token of the model's own tokenizer (dreambooth.identifiers).
+    identifier: Optional[str] = None
+    identifier_token_range: tuple[int, int] = (5000, 10000)
+    identifier_num_tokens: int = Field(default=1, ge=1, le=3)
+    identifier_seed: int = 0
+    prompt_template: str = "a {identifier} {class_noun}"
+    class_prompt_template: str = "a {class_noun}"
+    min_image_size: int = Field(default=256, gt=0)
+    max_images: int = Field(default=20, ge=1)
+    recommended_min_images: int = Field(default=3, ge=1)
+    # Larger images are refused as decompression bombs.
+    max_image_pixels: int = Field(default=89_478_485, gt=0)
+
+    @field_validator("class_noun")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        return value.strip()
+
+    @field_validator("identifier_token_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= value[0] < value[1]:
+            raise ValueError("must be [low, high) with 0 <= low < high")
+        return value
+
+
+class SamplerSettings(Section):
+    scheduler: str = "DPMSolverMultistepScheduler"
+    num_inference_steps: int = Field(default=25, ge=1)
+    guidance_scale: float = Field(default=7.5, ge=0)
+    batch_size: int = Field(default=4, ge=1)
+    seed: int = 0
+    negative_prompt: str = ""
+
+
+class PriorSettings(Section):
+    enabled: bool = True
+    num_class_images: int = Field(default=200, ge=1)
+    # A folder (or gs:// prefix) of user-supplied class images: used instead of generating.
+    class_images: Optional[str] = None
+    sampler: SamplerSettings = SamplerSettings()
+
+
+class TrainingSettings(Section):
+    max_steps: int = Field(default=1000, ge=1)
+    learning_rate: float = Field(default=5e-6, gt=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(default=0, ge=0)
+    prior_loss_weight: float = Field(default=1.0, ge=0)
+    train_text_encoder: bool = False
+    text_encoder_learning_rate: Optional[float] = Field(default=None, gt=0)
+    batch_size: int = Field(default=1, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    # auto: bitsandbytes' 8-bit AdamW when it and CUDA are present, torch AdamW otherwise.
+    optimizer: Literal["auto", "adamw", "adamw_8bit"] = "auto"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    random_flip: bool = True
+    center_crop: bool = True
+    checkpoint_every: int = Field(default=500, ge=1)
+    checkpoints_total_limit: int = Field(default=2, ge=1)
+    seed: int = 0
+    log_every: int = Field(default=1, ge=1)
+
+
+class SampleSettings(Section):
+    prompts: list[str] = [
+        "a {identifier} {class_noun} on the beach",
+        "a {identifier} {class_noun} in the snow",
+        "a {identifier} {class_noun} in the jungle",
+    ]
+    images_per_prompt: int = Field(default=2, ge=1)
+    sampler: SamplerSettings = SamplerSettings(num_inference_steps=30, seed=1234)
+    compare_with_base: bool = True
+
+    @field_validator("prompts")
+    @classmethod
+    def _need_identifier(cls, prompts: list[str]) -> list[str]:
+        if not prompts:
+            raise ValueError("needs at least one prompt")
+        for prompt in prompts:
+            if "{identifier}" not in prompt:
+                raise ValueError(f"prompt {prompt!r} has no {{identifier}} placeholder")
+        return prompts
+
+
+class TrackingSettings(Section):
+    # None: $MLFLOW_TRACKING_URI, else a local sqlite file (MLflow's embedded default).
+    uri: Optional[str] = None
+    experiment: str = "dreambooth"
+
+
+class StorageSettings(Section):
+    # Stable across runs: class-prior caches and training checkpoints live here so a
+    # re-run or a retried task resumes instead of starting over.
+    work_dir: str = "outputs/work"
+
+
+class RunConfig(Section):
+    version: Literal[1] = 1  # config schema version; bumped when settings change meaning
+    name: str = "custom"
+    model: ModelSettings = ModelSettings()
+    subject: SubjectSettings = SubjectSettings()
+    priors: PriorSettings = PriorSettings()
+    training: TrainingSettings = TrainingSettings()
+    samples: SampleSettings = SampleSettings()
+    tracking: TrackingSettings = TrackingSettings()
+    storage: StorageSettings = StorageSettings()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunConfig":
+        if self.training.lr_warmup_steps >= self.training.max_steps and self.training.lr_warmup_steps:
+            raise ValueError("training.lr_warmup_steps must be smaller than training.max_steps")
+        return self
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        return cls.model_validate_json(text)
+
+    def flat_params(self) -> dict[str, str]:
+        """Every setting as `section.key` -> string, for MLflow params."""
+        flat: dict[str, str] = {}
+
+        def walk(prefix: str, value) -> None:
+            if isinstance(value, dict):
+                for key, inner in value.items():
+                    walk(f"{prefix}.{key}" if prefix else key, inner)
+            else:
+                flat[prefix] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+
+        walk("", self.model_dump())
+        return flat
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{source}: {where}: {message}"
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """`tiny` -> configs/tiny.yaml; anything with a slash or suffix is a path."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in {".yaml", ".yml"} or "/" in name_or_path:
+        return candidate
+    return CONFIG_DIR / f"{name_or_path}.yaml"
+
+
+def load_config(name_or_path: str, overrides: Optional[dict] = None) -> RunConfig:
+    """Load a YAML config and apply nested overrides; raise InputError naming the bad setting."""
+    path = resolve_config_path(name_or_path)
+    if not path.is_file():
+        raise InputError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise InputError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a mapping of settings at the top level")
+    raw.setdefault("name", path.stem)
+    try:
+        return RunConfig.model_validate(_merge(raw, overrides or {}))
+    except ValidationError as error:
+        raise InputError(_describe(error, str(path))) from None
+
+
+def require_subject(config: RunConfig) -> None:
+    if not config.subject.class_noun:
+        raise InputError(
+            "subject.class_noun: required (e.g. --class-noun dog); DreamBooth binds the identifier to a class"
+        )

@@ -1,0 +1,221 @@
+"""Stage 3: DreamBooth fine-tuning of the base text-to-image model with prior preservation.
+
+Subject images are captioned `a [V] [class noun]`, the frozen model's class images
+`a [class noun]`; each step denoises one batch holding both (paper sec. 4.2). The VAE
+never changes, so every image is encoded once up front and its latent distribution cached;
+with a frozen text encoder the two prompt embeddings are cached too. A step then costs
+only the UNet (and the text encoder when it trains).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dreambooth.config import RunConfig
+from dreambooth.errors import InputError
+from dreambooth.images import load_rgb, resize_and_crop
+from dreambooth.models import load_pipeline, native_resolution
+from dreambooth.training.loop import OnLog, train
+from dreambooth.training.losses import LossTerms, prior_preservation_loss
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+METADATA_FILE = "dreambooth.json"
+VAE_ENCODE_BATCH = 8
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    model_dir: str
+    steps: int
+    resumed_from_step: int
+    steps_per_second: float
+    images_per_second: float
+    seconds: float
+    final_loss: dict
+
+
+@dataclass
+class LatentCache:
+    """Per-image latent distributions (mean, std), unscaled, one row per image view."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def sample(self, indices: torch.Tensor, generator: torch.Generator, scaling_factor: float) -> torch.Tensor:
+        # A fresh draw from the cached distribution each step, as encoding anew would give.
+        mean, std = self.mean[indices], self.std[indices]
+        eps = torch.randn(mean.shape, generator=generator).to(mean.device, mean.dtype)
+        return (mean + std * eps) * scaling_factor
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+@torch.no_grad()
+def encode_latents(vae, images: list[Path], resolution: int, center_crop: bool, with_flips: bool) -> LatentCache:
+    """Encode each image once (and its mirror when random flips are on)."""
+    views: list[torch.Tensor] = []
+    for path in images:
+        image = resize_and_crop(load_rgb(path, max_pixels=1 << 40).image, resolution, center_crop)
+        views.append(_to_tensor(image))
+        if with_flips:
+            views.append(_to_tensor(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+    means, stds = [], []
+    for start in range(0, len(views), VAE_ENCODE_BATCH):
+        pixels = torch.stack(views[start : start + VAE_ENCODE_BATCH]).to(vae.device, vae.dtype)
+        distribution = vae.encode(pixels).latent_dist
+        means.append(distribution.mean.float())
+        stds.append(distribution.std.float())
+    return LatentCache(mean=torch.cat(means), std=torch.cat(stds))
+
+
+def _tokenize(tokenizer, prompt: str) -> torch.Tensor:
+    return tokenizer(
+        prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def training_fingerprint(config: RunConfig, identifier: str, instance_images: list[Path], class_images: list[Path]) -> str:
+    """Same inputs and settings -> same checkpoint folder, so a re-run resumes instead of restarting."""
+    digest = hashlib.sha256()
+    digest.update(
+        json.dumps(
+            [config.model.model_dump(), config.training.model_dump(), config.subject.class_noun, identifier], sort_keys=True
+        ).encode()
+    )
+    for path in instance_images:
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    digest.update(str(len(class_images)).encode())
+    return digest.hexdigest()[:16]
+
+
+def finetune(
+    instance_dir: Path,
+    class_dir: Optional[Path],
+    identifier: str,
+    config: RunConfig,
+    output_dir: Path,
+    on_log: Optional[OnLog] = None,
+) -> FinetuneResult:
+    """Fine-tune config.model.base on the subject; write a full diffusers pipeline to output_dir."""
+    from accelerate import PartialState
+    from diffusers import DDPMScheduler
+
+    settings = config.training
+    instance_images = list_images(instance_dir)
+    if not instance_images:
+        raise InputError(f"{instance_dir}: no subject images (run the ingest stage first)")
+    use_prior = config.priors.enabled and settings.prior_loss_weight > 0
+    class_images = list_images(class_dir) if use_prior and class_dir else []
+    if use_prior and not class_images:
+        raise InputError(f"{class_dir}: no class images for prior preservation (priors.enabled is true)")
+
+    device = PartialState().device
+    pipeline = load_pipeline(config.model.base, config.model.revision, device=device)
+    unet, vae, text_encoder, tokenizer = pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    resolution = config.model.resolution or native_resolution(pipeline)
+
+    vae.requires_grad_(False)
+    instance_latents = encode_latents(vae, instance_images, resolution, settings.center_crop, settings.random_flip)
+    class_latents = encode_latents(vae, class_images, resolution, settings.center_crop, settings.random_flip) if use_prior else None
+    vae.to("cpu")  # not needed again until the pipeline is saved
+
+    subject = config.subject
+    instance_prompt = subject.prompt_template.format(identifier=identifier, class_noun=subject.class_noun)
+    class_prompt = subject.class_prompt_template.format(class_noun=subject.class_noun)
+    batch = settings.batch_size
+    prompt_ids = torch.cat(
+        [_tokenize(tokenizer, instance_prompt)] * batch + ([_tokenize(tokenizer, class_prompt)] * batch if use_prior else [])
+    ).to(device)
+    text_encoder.requires_grad_(settings.train_text_encoder)
+    cached_embeddings = None
+    if not settings.train_text_encoder:
+        with torch.no_grad():
+            cached_embeddings = text_encoder(prompt_ids)[0]
+        text_encoder.to("cpu")
+
+    if settings.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if settings.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+
+    scaling_factor = vae.config.scaling_factor
+    predicts_velocity = noise_scheduler.config.prediction_type == "v_prediction"
+    timesteps_total = noise_scheduler.config.num_train_timesteps
+
+    def compute_loss(modules, step: int, generator: torch.Generator) -> LossTerms:
+        latents = instance_latents.sample(torch.randint(len(instance_latents), (batch,), generator=generator), generator, scaling_factor)
+        if class_latents is not None:
+            class_part = class_latents.sample(torch.randint(len(class_latents), (batch,), generator=generator), generator, scaling_factor)
+            latents = torch.cat([latents, class_part])
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = torch.randint(timesteps_total, (latents.shape[0],), generator=generator).to(device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        if cached_embeddings is not None:
+            embeddings = cached_embeddings
+        else:
+            embeddings = modules["text_encoder"](prompt_ids)[0]
+        prediction = modules["unet"](noisy, timesteps, embeddings).sample
+        target = noise_scheduler.get_velocity(latents, noise, timesteps) if predicts_velocity else noise
+        return prior_preservation_loss(prediction, target, batch, settings.prior_loss_weight)
+
+    modules = {"unet": unet}
+    learning_rates = {"unet": settings.learning_rate}
+    if settings.train_text_encoder:
+        modules["text_encoder"] = text_encoder
+        learning_rates["text_encoder"] = settings.text_encoder_learning_rate or settings.learning_rate
+
+    checkpoints = Path(config.storage.work_dir) / "checkpoints" / training_fingerprint(
+        config, identifier, instance_images, class_images
+    )
+    result = train(modules, learning_rates, compute_loss, settings, checkpoints, on_log, "fine-tune")
+
+    if PartialState().is_main_process:
+        pipeline.unet = result.modules["unet"]
+        if settings.train_text_encoder:
+            pipeline.text_encoder = result.modules["text_encoder"]
+        pipeline.to("cpu")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        pipeline.save_pretrained(output_dir, safe_serialization=True)
+        metadata = {
+            "identifier": identifier,
+            "class_noun": subject.class_noun,
+            "instance_prompt": instance_prompt,
+            "class_prompt": class_prompt if use_prior else None,
+            "base_model": config.model.base,
+            "resolution": resolution,
+            "steps": settings.max_steps,
+        }
+        (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    images_per_step = batch * settings.gradient_accumulation_steps * (2 if use_prior else 1)
+    return FinetuneResult(
+        model_dir=str(output_dir),
+        steps=result.steps_completed,
+        resumed_from_step=result.resumed_from_step,
+        steps_per_second=result.steps_per_second,
+        images_per_second=result.steps_per_second * images_per_step,
+        seconds=result.seconds,
+        final_loss=result.final_loss,
+    )
+
+
+def as_dict(result: FinetuneResult) -> dict:
+    return asdict(result)

@@ -1,0 +1,83 @@
+"""The one image loader: any file Pillow reads, as an upright 8-bit RGB image, or a clear error."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from dreambooth.errors import InputError
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    image: Image.Image  # RGB, EXIF orientation applied
+    original_size: tuple[int, int]  # (width, height) as stored, before orientation
+    original_mode: str
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16/32-bit grayscale: Pillow's convert clips at 255, so rescale to 8 bits ourselves.
+        pixels = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if mode.startswith("I;16") else max(float(pixels.max()), 1.0)
+        image = Image.fromarray(np.clip(pixels / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        peak = max(float(pixels.max()), 1.0) if pixels.max() > 1.0 else 1.0
+        image = Image.fromarray(np.clip(pixels / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Transparent areas become white, the usual product-shot background.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_rgb(path: Path, max_pixels: int) -> LoadedImage:
+    """Decode `path` fully; raise InputError naming the file for anything unusable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                width, height = opened.size
+                if width * height > max_pixels:
+                    raise InputError(
+                        f"{path}: {width}x{height} pixels exceeds the {max_pixels}-pixel limit "
+                        "(possible decompression bomb; subject.max_image_pixels)"
+                    )
+                mode = opened.mode
+                opened.load()  # decodes every byte: truncated data fails here, not later
+                upright = ImageOps.exif_transpose(opened)
+                rgb = _to_rgb(upright)
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"{path}: image too large to decode safely (decompression bomb)") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(f"{path}: corrupt or truncated image ({reason})") from None
+    return LoadedImage(image=rgb, original_size=(width, height), original_mode=mode)
+
+
+def resize_and_crop(image: Image.Image, size: int, center_crop: bool = True) -> Image.Image:
+    """Shorter side to `size` (bicubic), then a size x size crop: the training view of an image."""
+    scale = size / min(image.size)
+    resized = image.resize(
+        (max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+        Image.Resampling.BICUBIC,
+    )
+    if center_crop:
+        left = (resized.width - size) // 2
+        top = (resized.height - size) // 2
+    else:
+        left = top = 0
+    return resized.crop((left, top, left + size, top + size))

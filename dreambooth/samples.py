@@ -1,0 +1,95 @@
+"""Stage 4: sample images of the subject in new contexts, fine-tuned model beside the base model.
+
+Both models draw from the same seeds, so each column pair differs only by the fine-tune.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from dreambooth.config import RunConfig, SamplerSettings
+from dreambooth.finetune import METADATA_FILE
+from dreambooth.models import load_pipeline, native_resolution, use_sampler
+
+GRID_FILE = "samples-grid.png"
+MIN_CELL = 160  # tiny models draw 64 px images; enlarge them so the grid stays readable
+LABEL_HEIGHT = 18
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    grid_path: str
+    prompts: list[str]
+    image_files: list[str]
+
+
+def generate_images(pipeline, prompt: str, count: int, sampler: SamplerSettings, resolution: int) -> list[Image.Image]:
+    return pipeline(
+        [prompt] * count,
+        negative_prompt=[sampler.negative_prompt] * count if sampler.negative_prompt else None,
+        num_inference_steps=sampler.num_inference_steps,
+        guidance_scale=sampler.guidance_scale,
+        height=resolution,
+        width=resolution,
+        generator=[torch.Generator("cpu").manual_seed(sampler.seed + i) for i in range(count)],
+    ).images
+
+
+def labelled_grid(rows: list[tuple[str, list[tuple[str, Image.Image]]]]) -> Image.Image:
+    """rows: (row title, [(column label, image), ...]); every row has the same columns."""
+    first = rows[0][1][0][1]
+    cell = max(first.width, MIN_CELL)
+    columns = len(rows[0][1])
+    font = ImageFont.load_default()
+    row_height = LABEL_HEIGHT * 2 + cell
+    grid = Image.new("RGB", (columns * cell, len(rows) * row_height), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (title, cells) in enumerate(rows):
+        top = r * row_height
+        draw.text((4, top + 3), title, fill="black", font=font)
+        for c, (label, image) in enumerate(cells):
+            draw.text((c * cell + 4, top + LABEL_HEIGHT + 3), label, fill="dimgray", font=font)
+            grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (c * cell, top + LABEL_HEIGHT * 2))
+    return grid
+
+
+def render_samples(model_dir: Path, config: RunConfig, output_dir: Path) -> SampleResult:
+    metadata = json.loads((model_dir / METADATA_FILE).read_text())
+    identifier, class_noun = metadata["identifier"], metadata["class_noun"]
+    settings = config.samples
+    prompts = [p.format(identifier=identifier, class_noun=class_noun) for p in settings.prompts]
+    models = [("fine-tuned", str(model_dir))]
+    if settings.compare_with_base:
+        models.insert(0, ("base", config.model.base))
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    images: dict[str, list[list[Image.Image]]] = {}
+    files = []
+    for label, reference in models:
+        pipeline = load_pipeline(reference, config.model.revision if label == "base" else None)
+        use_sampler(pipeline, settings.sampler.scheduler)
+        resolution = config.model.resolution or native_resolution(pipeline)
+        images[label] = [generate_images(pipeline, p, settings.images_per_prompt, settings.sampler, resolution) for p in prompts]
+        for p_index, batch in enumerate(images[label]):
+            for i, image in enumerate(batch):
+                name = f"{label}-p{p_index:02d}-s{settings.sampler.seed + i}.png"
+                image.save(output_dir / name)
+                files.append(name)
+        del pipeline
+
+    rows = []
+    for p_index, prompt in enumerate(prompts):
+        cells = [
+            (f"{label} seed {settings.sampler.seed + i}", images[label][p_index][i])
+            for label, _ in models
+            for i in range(settings.images_per_prompt)
+        ]
+        rows.append((prompt, cells))
+    grid_path = output_dir / GRID_FILE
+    labelled_grid(rows).save(grid_path)
+    return SampleResult(grid_path=str(grid_path), prompts=prompts, image_files=files)

@@ -1,0 +1,200 @@
+"""Tiny random Stable Diffusion models, built offline in the exact diffusers folder layout.
+
+No machine here can download weights, so tests, the demo and the CPU benchmark use
+these. They are loaded by the same `from_pretrained` code as a real model; only their
+size differs. Their images are noise: the weights are random.
+
+`tiny://sd` is the fast test model (64 px); `tiny://sd-bench` has an SD-layout UNet of
+about 17M parameters (64 px), the CPU benchmark's model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+TINY_SCHEME = "tiny://"
+# Bump when a builder changes, so cached folders are rebuilt.
+BUILDER_VERSION = 1
+
+# Words the tiny tokenizer knows as whole tokens: enough for the shipped prompts.
+_COMMON_WORDS = (
+    "a an the of on in with and at by for to from photo picture image dog cat backpack teapot "
+    "beach snow jungle city street grass table wooden floor red blue green purple shiny wet cube "
+    "top mountain river sunset desert water pool lake sea sky night rainbow hat santa chef outfit "
+    "sleeping bag jacket sunglasses crown wizard police firefighter toy bear plush bowl boot vase"
+).split()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DREAMBOOTH_CACHE", Path.home() / ".cache" / "dreambooth-kfp"))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # The byte-to-printable mapping of GPT-2 / CLIP byte-level BPE.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
+    )
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def _rare_words(count: int) -> list[str]:
+    # Short letter strings that are not words: stand-ins for the rare tokens of a real vocabulary.
+    import random
+
+    rng = random.Random(7)
+    consonants = "bcdfghjklmnpqrstvwxz"
+    words: list[str] = []
+    while len(words) < count:
+        length = rng.choice((2, 3, 3))
+        word = "".join(rng.choice(consonants) for _ in range(length))
+        if word not in words:
+            words.append(word)
+    return words
+
+
+def build_tiny_tokenizer():
+    """A CLIP BPE tokenizer with a small vocabulary: bytes, common words, then rare short tokens."""
+    from transformers import CLIPTokenizer
+
+    symbols = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for symbol in symbols:
+        vocab[symbol] = len(vocab)
+    for symbol in symbols:
+        vocab[symbol + "</w>"] = len(vocab)
+    merges: list[tuple[str, str]] = []
+
+    def add_word(word: str) -> None:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        left = pieces[0]
+        for right in pieces[1:]:
+            merged = left + right
+            if merged not in vocab:
+                merges.append((left, right))
+                vocab[merged] = len(vocab)
+            left = merged
+
+    for word in _COMMON_WORDS:
+        add_word(word)
+    for word in _rare_words(200):
+        add_word(word)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+# UNet and VAE shapes per variant; both keep Stable Diffusion's block layout.
+_VARIANTS = {
+    "sd": dict(
+        unet=dict(
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=1,
+            attention_head_dim=8,
+            sample_size=32,
+        ),
+        vae=dict(block_out_channels=(32, 64)),
+        text_hidden=32,
+    ),
+    "sd-bench": dict(
+        unet=dict(
+            block_out_channels=(64, 128, 256, 256),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=1,
+            attention_head_dim=8,
+            sample_size=32,
+        ),
+        vae=dict(block_out_channels=(32, 64)),
+        text_hidden=64,
+    ),
+}
+
+
+def build_tiny_stable_diffusion(out_dir: Path, variant: str = "sd", seed: int = 0) -> Path:
+    """Write a random StableDiffusionPipeline (safetensors) to `out_dir` and return it."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    shape = _VARIANTS[variant]
+    torch.manual_seed(seed)
+    hidden = shape["text_hidden"]
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, cross_attention_dim=hidden, **shape["unet"])
+    vae_channels = shape["vae"]["block_out_channels"]
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=vae_channels,
+        down_block_types=["DownEncoderBlock2D"] * len(vae_channels),
+        up_block_types=["UpDecoderBlock2D"] * len(vae_channels),
+        sample_size=shape["unet"]["sample_size"] * 2 ** (len(vae_channels) - 1),
+    )
+    tokenizer = build_tiny_tokenizer()
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+    pipeline = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def resolve_tiny_model(reference: str, cache_dir: Path | None = None) -> Path:
+    """Build (once) and return the folder for a `tiny://VARIANT` reference."""
+    variant = reference.removeprefix(TINY_SCHEME)
+    if variant not in _VARIANTS:
+        from dreambooth.errors import InputError
+
+        raise InputError(f"model.base: unknown tiny model {reference!r} (known: {', '.join(_VARIANTS)})")
+    folder = (cache_dir or default_cache_dir()) / f"tiny-{variant}-v{BUILDER_VERSION}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    # Build beside the target and rename, so a concurrent task never sees half a model.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    build_tiny_stable_diffusion(staging, variant)
+    try:
+        staging.rename(folder)
+    except OSError:  # another process won the race; its folder is complete
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder

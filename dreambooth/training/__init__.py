@@ -1,0 +1,1 @@
+"""Shared training machinery: the loop (loop.py) and the DreamBooth loss (losses.py)."""

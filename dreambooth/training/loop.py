@@ -1,0 +1,193 @@
+"""The one training loop, shared by every fine-tune stage.
+
+A stage hands it the modules to optimise and a `compute_loss(modules, step, generator)` that builds
+its own batch; the loop owns everything else: accelerate (CPU, CUDA, several GPUs, mixed
+precision), the optimizer and schedule, gradient accumulation and clipping, checkpoints
+with a retention limit, resume, the NaN/inf stop, the progress bar and step logging.
+
+Batches are drawn from a generator seeded by (seed, step, process), so a resumed run
+draws exactly the batches the interrupted one would have: no data-loader state to save.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dreambooth.config import TrainingSettings
+from dreambooth.errors import InputError, TrainingDiverged
+from dreambooth.training.losses import LossTerms
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "step-"
+COMPLETE_MARKER = "checkpoint-complete"
+WARMUP_STEPS_EXCLUDED = 3  # the first steps pay for allocation; throughput is measured after them
+
+# (wrapped modules by name, step, generator) -> loss. Wrapped: under several GPUs they sync gradients.
+ComputeLoss = Callable[[dict[str, nn.Module], int, torch.Generator], LossTerms]
+OnLog = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainingResult:
+    modules: dict[str, nn.Module]  # unwrapped, trained
+    steps_completed: int
+    resumed_from_step: int  # 0 when the run started fresh
+    seconds: float
+    steps_per_second: float  # steady state, after the first WARMUP_STEPS_EXCLUDED steps of this process
+    final_loss: dict[str, float] = field(default_factory=dict)
+
+
+def _make_optimizer(settings: TrainingSettings, param_groups: list[dict], on_cuda: bool):
+    kwargs = dict(
+        betas=(settings.adam_beta1, settings.adam_beta2),
+        weight_decay=settings.adam_weight_decay,
+        eps=settings.adam_epsilon,
+    )
+    choice = settings.optimizer
+    if choice in ("auto", "adamw_8bit"):
+        try:
+            import bitsandbytes as bnb  # noqa: F401
+        except ImportError:
+            bnb = None
+        if bnb is not None and on_cuda:
+            return bnb.optim.AdamW8bit(param_groups, **kwargs)
+        if choice == "adamw_8bit":
+            raise InputError("training.optimizer: adamw_8bit needs CUDA and the bitsandbytes package")
+    return torch.optim.AdamW(param_groups, **kwargs)
+
+
+def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. A folder without the marker was interrupted mid-write."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = [
+        path
+        for path in checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*")
+        if (path / COMPLETE_MARKER).is_file() and path.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return sorted(found, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def _save_checkpoint(accelerator, checkpoint_dir: Path, step: int, keep: int) -> Path:
+    target = checkpoint_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
+    accelerator.save_state(str(target))
+    if accelerator.is_main_process:
+        (target / COMPLETE_MARKER).write_text(str(step))
+        for stale in list_checkpoints(checkpoint_dir)[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
+    return target
+
+
+def train(
+    modules: dict[str, nn.Module],
+    learning_rates: dict[str, float],
+    compute_loss: ComputeLoss,
+    settings: TrainingSettings,
+    checkpoint_dir: Path,
+    on_log: Optional[OnLog] = None,
+    description: str = "fine-tune",
+) -> TrainingResult:
+    """Optimise `modules` (name -> module; each gets its learning rate) for settings.max_steps steps."""
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
+    accelerator = Accelerator(
+        mixed_precision=settings.mixed_precision,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+    )
+    names = list(modules)
+    for module in modules.values():
+        module.train()
+    param_groups = [
+        {"params": [p for p in modules[name].parameters() if p.requires_grad], "lr": learning_rates[name]}
+        for name in names
+    ]
+    optimizer = _make_optimizer(settings, param_groups, accelerator.device.type == "cuda")
+    # accelerate steps a prepared scheduler once per process, so lengths scale with the process count.
+    lr_schedule = get_scheduler(
+        settings.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=settings.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=settings.max_steps * accelerator.num_processes,
+    )
+    prepared = accelerator.prepare(*[modules[name] for name in names], optimizer, lr_schedule)
+    wrapped = dict(zip(names, prepared[: len(names)]))
+    optimizer, lr_schedule = prepared[len(names) :]
+
+    start_step = 0
+    existing = list_checkpoints(checkpoint_dir)
+    if existing:
+        accelerator.load_state(str(existing[-1]))
+        start_step = int(existing[-1].name[len(CHECKPOINT_PREFIX) :])
+        log.info("resuming %s from %s (step %d)", description, existing[-1], start_step)
+
+    trainable_params = [p for group in optimizer.param_groups for p in group["params"]]
+    progress = tqdm(
+        total=settings.max_steps,
+        initial=start_step,
+        desc=description,
+        disable=not accelerator.is_local_main_process,
+    )
+    started = time.perf_counter()
+    steady_started: Optional[float] = None
+    last_terms: dict[str, float] = {}
+    last_checkpoint = existing[-1] if existing else None
+    step = start_step
+    for step in range(start_step + 1, settings.max_steps + 1):
+        if step - start_step == WARMUP_STEPS_EXCLUDED + 1:
+            steady_started = time.perf_counter()
+        for micro_step in range(settings.gradient_accumulation_steps):
+            generator = torch.Generator(device="cpu").manual_seed(
+                hash((settings.seed, step, micro_step, accelerator.process_index)) & 0x7FFF_FFFF
+            )
+            with accelerator.accumulate(*wrapped.values()):
+                with accelerator.autocast():
+                    terms = compute_loss(wrapped, step, generator)
+                if not torch.isfinite(terms.total.detach()).all():
+                    raise TrainingDiverged(
+                        f"training stopped at step {step}: loss is {terms.total.item()} "
+                        f"(last checkpoint: {last_checkpoint or 'none'}); lower training.learning_rate "
+                        "or change training.mixed_precision"
+                    )
+                accelerator.backward(terms.total)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable_params, settings.max_grad_norm)
+                optimizer.step()
+                lr_schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+        last_terms = terms.as_floats()
+        progress.update(1)
+        progress.set_postfix(loss=f"{last_terms['loss']:.4f}")
+        if on_log and accelerator.is_main_process and (step % settings.log_every == 0 or step == settings.max_steps):
+            on_log(step, {**last_terms, "lr": lr_schedule.get_last_lr()[0]})
+        if step % settings.checkpoint_every == 0 and step < settings.max_steps:
+            last_checkpoint = _save_checkpoint(accelerator, checkpoint_dir, step, settings.checkpoints_total_limit)
+    progress.close()
+    accelerator.wait_for_everyone()
+
+    finished = time.perf_counter()
+    steady_steps = settings.max_steps - start_step - WARMUP_STEPS_EXCLUDED
+    if steady_started is not None and steady_steps > 0:
+        steps_per_second = steady_steps / max(finished - steady_started, 1e-9)
+    else:
+        steps_per_second = (settings.max_steps - start_step) / max(finished - started, 1e-9)
+    unwrapped = {name: accelerator.unwrap_model(module) for name, module in wrapped.items()}
+    return TrainingResult(
+        modules=unwrapped,
+        steps_completed=settings.max_steps,
+        resumed_from_step=start_step,
+        seconds=finished - started,
+        steps_per_second=steps_per_second if math.isfinite(steps_per_second) else 0.0,
+        final_loss=last_terms,
+    )
