@@ -34,6 +34,8 @@ class ModelSettings(Section):
 
 
 class SubjectSettings(Section):
+    # A label for runs and tags; `pipeline.py run` defaults it to the subject folder's name.
+    name: str = "subject"
     class_noun: str = ""
     # None: pick a rare token of the model's own tokenizer (dreambooth.identifiers).
     identifier: Optional[str] = None

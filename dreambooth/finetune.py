@@ -59,6 +59,28 @@ class LatentCache:
         return self.mean.shape[0]
 
 
+@dataclass
+class DenoisingBatch:
+    """One training batch: subject examples first, then class examples."""
+
+    latents: torch.Tensor  # scaled by the VAE's scaling factor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    embeddings: torch.Tensor  # text-encoder hidden states, one row per example
+    num_instance: int
+
+
+def denoising_loss(unet, noise_scheduler, batch: DenoisingBatch, prior_weight: float) -> LossTerms:
+    """Noise the latents at their timesteps, predict, and apply the prior-preservation loss."""
+    noisy = noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+    prediction = unet(noisy, batch.timesteps, batch.embeddings).sample
+    if noise_scheduler.config.prediction_type == "v_prediction":  # SD 2.x 768 px models
+        target = noise_scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
+    else:
+        target = batch.noise
+    return prior_preservation_loss(prediction, target, batch.num_instance, prior_weight)
+
+
 def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
@@ -158,24 +180,22 @@ def finetune(
             text_encoder.gradient_checkpointing_enable()
 
     scaling_factor = vae.config.scaling_factor
-    predicts_velocity = noise_scheduler.config.prediction_type == "v_prediction"
-    timesteps_total = noise_scheduler.config.num_train_timesteps
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
 
     def compute_loss(modules, step: int, generator: torch.Generator) -> LossTerms:
         latents = instance_latents.sample(torch.randint(len(instance_latents), (batch,), generator=generator), generator, scaling_factor)
         if class_latents is not None:
             class_part = class_latents.sample(torch.randint(len(class_latents), (batch,), generator=generator), generator, scaling_factor)
             latents = torch.cat([latents, class_part])
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        timesteps = torch.randint(timesteps_total, (latents.shape[0],), generator=generator).to(device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        if cached_embeddings is not None:
-            embeddings = cached_embeddings
-        else:
-            embeddings = modules["text_encoder"](prompt_ids)[0]
-        prediction = modules["unet"](noisy, timesteps, embeddings).sample
-        target = noise_scheduler.get_velocity(latents, noise, timesteps) if predicts_velocity else noise
-        return prior_preservation_loss(prediction, target, batch, settings.prior_loss_weight)
+        embeddings = cached_embeddings if cached_embeddings is not None else modules["text_encoder"](prompt_ids)[0]
+        drawn = DenoisingBatch(
+            latents=latents,
+            noise=torch.randn(latents.shape, generator=generator).to(device),
+            timesteps=torch.randint(num_train_timesteps, (latents.shape[0],), generator=generator).to(device),
+            embeddings=embeddings,
+            num_instance=batch,
+        )
+        return denoising_loss(modules["unet"], noise_scheduler, drawn, settings.prior_loss_weight)
 
     modules = {"unet": unet}
     learning_rates = {"unet": settings.learning_rate}

@@ -1,0 +1,11 @@
+from kfp import dsl
+
+from components.image import COMPONENT_IMAGE
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def finish_tracking(config_json: str, tracking_uri: str, job_id: str, status: dsl.PipelineTaskFinalStatus):
+    """Exit handler: close the MLflow parent run with the pipeline's final state."""
+    from dreambooth.tasks import finish_task
+
+    finish_task(config_json, tracking_uri, job_id, status.state)

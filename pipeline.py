@@ -1,0 +1,202 @@
+"""DreamBooth as a Kubeflow pipeline: the DAG, and the command line that compiles or runs it.
+
+    ingest -> class priors -> fine-tune -> samples     (an exit handler closes the MLflow run)
+
+    python pipeline.py compile --output dreambooth.yaml [--config sd15]
+    python pipeline.py run --subject-dir DIR --class-noun NOUN [--config tiny] [--output-dir outputs]
+    python pipeline.py ingest --subject-dir DIR --class-noun NOUN --output-dir DIR
+"""
+
+
+# No `from __future__ import annotations` here: KFP reads the pipeline signature's real types.
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from kfp import dsl
+
+from components.class_priors import class_priors
+from components.finetune import finetune
+from components.finish_tracking import finish_tracking
+from components.ingest import ingest
+from components.samples import samples
+from dreambooth.config import RunConfig, load_config, require_subject
+from dreambooth.errors import InputError
+
+PIPELINE_NAME = "dreambooth"
+DEFAULT_CONFIG = "sd15"
+JOB_ID = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+JOB_NAME = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="DreamBooth subject personalisation with prior preservation")
+def dreambooth_pipeline(config_json: str, subject_uri: str, tracking_uri: str):
+    tracked = dict(config_json=config_json, tracking_uri=tracking_uri)
+    close_run = finish_tracking(**tracked, job_id=JOB_ID)
+    with dsl.ExitHandler(close_run, name="dreambooth-run"):
+        job = dict(**tracked, job_id=JOB_ID, job_name=JOB_NAME)
+        subject = ingest(**job, subject_uri=subject_uri)
+        # After ingest: a bad upload must fail before any GPU time is spent on priors.
+        priors = class_priors(**job).after(subject)
+        tuned = finetune(
+            **job,
+            subject_images=subject.outputs["subject_images"],
+            class_images=priors.outputs["class_images"],
+        )
+        sampled = samples(**job, model=tuned.outputs["model"])
+    for task in (close_run, subject, priors, tuned, sampled):
+        task.set_caching_options(False)  # every task writes to MLflow: never skip it
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    overrides: dict = {"subject": {}, "model": {}, "tracking": {}, "storage": {}}
+    if getattr(args, "class_noun", None):
+        overrides["subject"]["class_noun"] = args.class_noun
+    if getattr(args, "identifier", None):
+        overrides["subject"]["identifier"] = args.identifier
+    if getattr(args, "subject_dir", None):
+        overrides["subject"]["name"] = Path(args.subject_dir).resolve().name
+    if getattr(args, "base_model", None):
+        overrides["model"]["base"] = args.base_model
+    if getattr(args, "tracking_uri", None):
+        overrides["tracking"]["uri"] = args.tracking_uri
+    if getattr(args, "output_dir", None) and args.command == "run":
+        overrides["storage"]["work_dir"] = str(Path(args.output_dir).resolve() / "work")
+    return {section: values for section, values in overrides.items() if values}
+
+
+def compile_pipeline(config: RunConfig, output: Path, subject_uri: str = "", tracking_uri: str = "") -> Path:
+    from kfp import compiler
+
+    compiler.Compiler().compile(
+        dreambooth_pipeline,
+        str(output),
+        pipeline_parameters={"config_json": config.to_json(), "subject_uri": subject_uri, "tracking_uri": tracking_uri},
+    )
+    return output
+
+
+def _latest_job_dir(pipeline_root: Path, before: set[Path]) -> Path:
+    created = [p for p in pipeline_root.glob(f"{PIPELINE_NAME}-*") if p.is_dir() and p not in before]
+    if not created:
+        raise RuntimeError(f"{pipeline_root}: the local run wrote no job folder")
+    return max(created, key=lambda p: p.stat().st_mtime)
+
+
+def run_locally(config: RunConfig, subject_dir: Path, output_dir: Path) -> int:
+    """Run the whole DAG through kfp.local; print where the model, grid and MLflow run are."""
+    from kfp import local
+
+    from dreambooth.ingest import ingest_subject
+    from dreambooth.tracking import TAG_ERROR, TAG_FAILED_STAGE, find_parent_run, resolve_tracking_uri
+
+    # Refuse a bad upload here, in one line, before KFP starts any task.
+    with tempfile.TemporaryDirectory() as scratch:
+        ingest_subject(subject_dir, Path(scratch), config)
+
+    tracking_uri = resolve_tracking_uri(config.tracking.uri)
+    pipeline_root = output_dir.resolve() / "kfp"
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    before = set(pipeline_root.glob(f"{PIPELINE_NAME}-*"))
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=False)
+    dreambooth_pipeline(config_json=config.to_json(), subject_uri=str(subject_dir.resolve()), tracking_uri=tracking_uri)
+
+    job_dir = _latest_job_dir(pipeline_root, before)
+    parent = _parent_run_by_job_name(tracking_uri, config.tracking.experiment, job_dir.name)
+    model_dir = job_dir / "finetune" / "model"
+    grid = job_dir / "samples" / "sample_images" / "samples-grid.png"
+    print()
+    print(f"job:          {job_dir.name}")
+    if parent is not None:
+        print(f"mlflow run:   {parent.info.run_id} ({tracking_uri}, experiment {config.tracking.experiment!r})")
+        error = parent.data.tags.get(TAG_ERROR)
+        if error:
+            print(f"error: stage {parent.data.tags.get(TAG_FAILED_STAGE, '?')} failed: {error}", file=sys.stderr)
+            return 1
+    if not (model_dir / "model_index.json").is_file() or not grid.is_file():
+        print(f"error: the pipeline did not finish; task logs are above, outputs under {job_dir}", file=sys.stderr)
+        return 1
+    print(f"model:        {model_dir}")
+    print(f"sample grid:  {grid}")
+    if tracking_uri.startswith("http") and parent is not None:
+        print(f"mlflow ui:    {tracking_uri.rstrip('/')}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}")
+    return 0
+
+
+def _parent_run_by_job_name(tracking_uri: str, experiment: str, job_name: str):
+    from mlflow.tracking import MlflowClient
+
+    from dreambooth.tracking import TAG_JOB_NAME, TAG_STAGE
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id], filter_string=f"tags.`{TAG_JOB_NAME}` = '{job_name}' and tags.`{TAG_STAGE}` = 'pipeline'"
+    )
+    return runs[0] if runs else None
+
+
+def _ingest_only(config: RunConfig, subject_dir: Path, output_dir: Path) -> int:
+    from dreambooth.ingest import ingest_subject
+
+    result = ingest_subject(subject_dir, output_dir, config)
+    print(json.dumps(result.as_manifest(), indent=2))
+    print(f"\n{len(result.images)} images ready in {output_dir}; identifier {result.identifier.identifier!r}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--config", default=DEFAULT_CONFIG, help="config name under configs/ or a YAML path")
+        sub.add_argument("--base-model", help="hub id, local diffusers folder or tiny://sd (overrides model.base)")
+        return sub
+
+    def with_subject(sub: argparse.ArgumentParser, output_required: bool = False) -> argparse.ArgumentParser:
+        sub.add_argument("--subject-dir", required=True, type=Path, help="folder of 3-5 photos of the subject")
+        sub.add_argument("--class-noun", required=True, help="what the subject is: dog, backpack, teapot ...")
+        sub.add_argument("--identifier", help="use this token as [V] instead of choosing a rare one (e.g. sks)")
+        sub.add_argument("--output-dir", type=Path, required=output_required, default=None if output_required else Path("outputs"))
+        return sub
+
+    compile_cmd = with_config(commands.add_parser("compile", help="write the KFP pipeline YAML"))
+    compile_cmd.add_argument("--output", type=Path, default=Path("dreambooth.yaml"))
+    compile_cmd.add_argument("--tracking-uri", help="MLflow tracking URI baked in as the default parameter")
+
+    run_cmd = with_subject(with_config(commands.add_parser("run", help="run the whole pipeline locally (kfp.local)")))
+    run_cmd.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+
+    with_subject(with_config(commands.add_parser("ingest", help="validate and normalise an upload only")), True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, _overrides(args))
+        if args.command == "compile":
+            path = compile_pipeline(config, args.output, tracking_uri=config.tracking.uri or "")
+            print(f"wrote {path} (config {config.name!r})")
+            return 0
+        require_subject(config)
+        if args.command == "ingest":
+            return _ingest_only(config, args.subject_dir, args.output_dir)
+        return run_locally(config, args.subject_dir, args.output_dir)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
