@@ -72,7 +72,7 @@ def select_rare_identifier(
     candidates = rare_token_candidates(tokenizer, token_range, avoid)
     if len(candidates) < num_tokens:
         raise InputError(
-            f"subject.identifier_token_range: {list(token_range)} holds {len(candidates)} usable rare tokens "
+            f"subject.identifier_token_range: [{token_range[0]}, {token_range[1]}) holds {len(candidates)} usable rare tokens "
             f"of this tokenizer, {num_tokens} needed; widen the range or pass --identifier"
         )
     picked = random.Random(seed).sample(candidates, num_tokens)

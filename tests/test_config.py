@@ -1,0 +1,60 @@
+import pytest
+
+from dreambooth.config import CONFIG_DIR, RunConfig, load_config, require_subject
+from dreambooth.errors import InputError
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_loads(path):
+    config = load_config(str(path))
+    assert config.name == path.stem
+    assert RunConfig.from_json(config.to_json()) == config
+
+
+def test_stable_diffusion_configs_follow_the_paper_defaults():
+    config = load_config("sd15")
+    assert config.training.learning_rate == 5e-6
+    assert config.training.max_steps == 1000
+    assert config.training.prior_loss_weight == 1.0
+    assert config.priors.num_class_images == 200
+    assert config.subject.identifier_token_range == (5000, 10000)
+
+
+def test_a_bad_value_names_the_file_and_the_setting(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  learning_rate: -1\n")
+    with pytest.raises(InputError, match=r"bad\.yaml: training\.learning_rate: .*greater than 0"):
+        load_config(str(bad))
+
+
+def test_an_unknown_setting_is_refused(tmp_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("training:\n  max_step: 10\n")
+    with pytest.raises(InputError, match=r"typo\.yaml: training\.max_step: Extra inputs"):
+        load_config(str(bad))
+
+
+def test_a_missing_file_and_broken_yaml_are_one_line_errors(tmp_path):
+    with pytest.raises(InputError, match="config file not found"):
+        load_config(str(tmp_path / "absent.yaml"))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("training: [unclosed\n")
+    with pytest.raises(InputError, match="not valid YAML"):
+        load_config(str(broken))
+
+
+def test_sample_prompts_must_contain_the_identifier():
+    with pytest.raises(InputError, match=r"samples\.prompts: .*no \{identifier\}"):
+        load_config("tiny", {"samples": {"prompts": ["a dog on the beach"]}})
+
+
+def test_the_class_noun_is_required():
+    with pytest.raises(InputError, match="subject.class_noun: required"):
+        require_subject(load_config("tiny"))
+
+
+def test_flat_params_cover_every_setting():
+    params = load_config("tiny").flat_params()
+    assert params["training.learning_rate"] == "0.0001"
+    assert params["model.base"] == "tiny://sd"
+    assert "samples.prompts" in params

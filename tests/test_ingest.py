@@ -1,0 +1,170 @@
+"""Ingest: every bad upload is refused with one line naming the file and the reason."""
+
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreambooth.errors import InputError
+from dreambooth.ingest import MANIFEST_FILE, ingest_subject
+
+
+def _photo(path, size=(96, 96), mode="RGB", color=(200, 30, 30), **save):
+    Image.new(mode, size, color).save(path, **save)
+    return path
+
+
+def _noise_photo(path, size=(96, 96), seed=0):
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture
+def config(make_config):
+    return make_config()
+
+
+def test_the_sample_subject_ingests_with_a_manifest(subject_dir, tmp_path, config):
+    result = ingest_subject(subject_dir, tmp_path / "out", config)
+    manifest = json.loads((tmp_path / "out" / MANIFEST_FILE).read_text())
+    assert [entry["source_file"] for entry in manifest["images"]] == ["00.jpg", "01.jpg", "02.jpg", "03.jpg"]
+    assert all(len(entry["sha256"]) == 64 and entry["original_size"] == [320, 320] for entry in manifest["images"])
+    assert manifest["identifier"]["identifier"] == result.identifier.identifier
+    assert manifest["instance_prompt"] == f"a {result.identifier.identifier} dog"
+    for entry in manifest["images"]:
+        with Image.open(tmp_path / "out" / entry["normalised_file"]) as image:
+            assert image.mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    "write_bad_file, reason",
+    [
+        (lambda p: (p / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg" * 20), "broken.jpg: "),
+        (lambda p: (p / "notes.txt").write_text("not a photo"), "notes.txt: not an image"),
+    ],
+    ids=["corrupt", "non-image"],
+)
+def test_corrupt_and_non_image_files_are_named(subject_dir, tmp_path, config, write_bad_file, reason):
+    write_bad_file(subject_dir)
+    with pytest.raises(InputError, match=reason) as error:
+        ingest_subject(subject_dir, tmp_path / "out", config)
+    assert "\n" not in str(error.value)
+
+
+def test_a_truncated_image_is_named(subject_dir, tmp_path, config):
+    whole = (subject_dir / "00.jpg").read_bytes()
+    (subject_dir / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(InputError, match=r"cut\.jpg: corrupt or truncated image"):
+        ingest_subject(subject_dir, tmp_path / "out", config)
+
+
+def test_an_empty_folder_and_a_missing_folder(tmp_path, config):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=r"empty: no images in the subject folder"):
+        ingest_subject(tmp_path / "empty", tmp_path / "out", config)
+    with pytest.raises(InputError, match=r"absent: subject folder not found"):
+        ingest_subject(tmp_path / "absent", tmp_path / "out", config)
+
+
+def test_a_too_small_image_is_named_with_the_limit(subject_dir, tmp_path, config):
+    _photo(subject_dir / "tiny.png", size=(40, 300))
+    with pytest.raises(InputError, match=r"tiny\.png: 40x300 is too small; .* at least 64 px \(subject\.min_image_size\)"):
+        ingest_subject(subject_dir, tmp_path / "out", config)
+
+
+def _png_claiming(path, width, height):
+    """A valid PNG header that declares a huge canvas: the classic decompression bomb."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_decompression_bomb_is_refused_before_decoding(subject_dir, tmp_path, config):
+    _png_claiming(subject_dir / "bomb.png", 60000, 60000)
+    with pytest.raises(InputError, match=r"bomb\.png: .*decompression bomb"):
+        ingest_subject(subject_dir, tmp_path / "out", config)
+
+
+def test_the_pixel_limit_is_a_setting(subject_dir, tmp_path, make_config):
+    config = make_config(subject={"max_image_pixels": 320 * 320 - 1})
+    with pytest.raises(InputError, match=r"00\.jpg: 320x320 pixels exceeds the 102399-pixel limit"):
+        ingest_subject(subject_dir, tmp_path / "out", config)
+
+
+def test_bad_input_is_refused_before_any_model_is_loaded(subject_dir, tmp_path, make_config):
+    (subject_dir / "notes.txt").write_text("x")
+    config = make_config(model={"base": str(tmp_path / "no-such-model")})
+    with pytest.raises(InputError, match=r"notes\.txt"):
+        ingest_subject(subject_dir, tmp_path / "out", config)
+
+
+def test_any_mode_becomes_rgb(tmp_path, config):
+    folder = tmp_path / "modes"
+    folder.mkdir()
+    _photo(folder / "cmyk.jpg", mode="CMYK", color=(0, 255, 255, 0))
+    _photo(folder / "gray.png", mode="L", color=100)
+    palette = Image.new("P", (96, 96), 1)
+    palette.putpalette([0, 0, 0, 10, 200, 10] + [0] * 762)
+    palette.save(folder / "palette.png", transparency=0)
+    clear = Image.new("RGBA", (96, 96), (255, 0, 0, 0))
+    clear.paste((0, 0, 255, 255), (0, 0, 48, 96))
+    clear.save(folder / "rgba.png")
+    Image.fromarray(np.full((96, 96), 32768, dtype=np.uint16)).save(folder / "deep16.png")
+    ingest_subject(folder, tmp_path / "out", config)
+
+    manifest = json.loads((tmp_path / "out" / MANIFEST_FILE).read_text())
+    by_source = {entry["source_file"]: entry for entry in manifest["images"]}
+    assert by_source["cmyk.jpg"]["original_mode"] == "CMYK"
+    assert by_source["deep16.png"]["original_mode"].startswith("I")
+
+    def pixel(source, xy=(80, 10)):
+        with Image.open(tmp_path / "out" / by_source[source]["normalised_file"]) as image:
+            assert image.mode == "RGB"
+            return image.getpixel(xy)
+
+    assert pixel("rgba.png") == (255, 255, 255)  # transparent: composited over white
+    assert pixel("rgba.png", (10, 10)) == (0, 0, 255)
+    assert pixel("gray.png") == (100, 100, 100)
+    assert pixel("deep16.png") == (128, 128, 128)  # 16-bit mid-gray stays mid-gray, not clipped white
+    assert pixel("palette.png") == (10, 200, 10)
+    red, green, blue = pixel("cmyk.jpg")
+    assert red > 200 and green < 60 and blue < 60  # magenta + yellow ink = red
+
+
+def test_exif_orientation_is_applied(tmp_path, config):
+    folder = tmp_path / "rotated"
+    folder.mkdir()
+    image = Image.new("RGB", (120, 80), (10, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to view
+    image.save(folder / "sideways.jpg", exif=exif)
+    result = ingest_subject(folder, tmp_path / "out", config)
+    assert result.images[0].original_size == (120, 80)
+    assert result.images[0].size == (80, 120)
+
+
+def test_exact_duplicates_are_dropped_and_few_images_warn(tmp_path, config):
+    folder = tmp_path / "dupes"
+    folder.mkdir()
+    _noise_photo(folder / "a.png")
+    (folder / "b.png").write_bytes((folder / "a.png").read_bytes())
+    result = ingest_subject(folder, tmp_path / "out", config)
+    assert [entry.source_file for entry in result.images] == ["a.png"]
+    assert result.duplicates_dropped == ["b.png"]
+    assert any("only 1 distinct image" in warning for warning in result.warnings)
+
+
+def test_too_many_images_are_refused(tmp_path, make_config):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for index in range(4):
+        _noise_photo(folder / f"{index}.png", seed=index)
+    with pytest.raises(InputError, match=r"many: 4 distinct images, at most 3 allowed \(subject\.max_images\)"):
+        ingest_subject(folder, tmp_path / "out", make_config(subject={"max_images": 3}))
