@@ -1,0 +1,99 @@
+"""Fine-tuning writes a loadable diffusers pipeline, trains what it should and resumes after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+
+from dreambooth.finetune import METADATA_FILE, finetune
+from dreambooth.ingest import ingest_subject
+from dreambooth.priors import generate_class_priors
+
+
+@pytest.fixture
+def prepared(make_config, subject_dir, tmp_path):
+    """Ingested subject images and class images, as the stages before fine-tuning leave them."""
+    def prepare(**sections):
+        priors = {"num_class_images": 4, "sampler": {"num_inference_steps": 2, "batch_size": 4}}
+        config = make_config(**{**sections, "priors": {**priors, **sections.get("priors", {})}})
+        ingested = ingest_subject(subject_dir, tmp_path / "subject", config)
+        generate_class_priors(config, tmp_path / "classes")
+        return config, ingested.identifier.identifier
+
+    return prepare
+
+
+def _weights(folder, component):
+    return load_file(folder / component / "diffusion_pytorch_model.safetensors") if component in ("unet", "vae") else load_file(
+        folder / component / "model.safetensors"
+    )
+
+
+def _changed(before, after):
+    return any(not torch.equal(before[key], after[key]) for key in before)
+
+
+def test_the_fine_tuned_model_loads_and_generates(prepared, tmp_path, tiny_model_dir):
+    config, identifier = prepared(training={"max_steps": 4, "checkpoint_every": 2})
+    result = finetune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "model")
+
+    assert result.steps == 4 and result.resumed_from_step == 0 and result.steps_per_second > 0
+    assert set(result.final_loss) == {"loss", "instance_loss", "prior_loss"}
+    pipeline = DiffusionPipeline.from_pretrained(tmp_path / "model")
+    image = pipeline(f"a {identifier} dog", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
+    assert json.loads((tmp_path / "model" / METADATA_FILE).read_text())["identifier"] == identifier
+
+    model = tmp_path / "model"
+    assert _changed(_weights(tiny_model_dir, "unet"), _weights(model, "unet"))
+    assert not _changed(_weights(tiny_model_dir, "vae"), _weights(model, "vae"))
+    assert not _changed(_weights(tiny_model_dir, "text_encoder"), _weights(model, "text_encoder"))
+
+
+def test_text_encoder_training_is_optional(prepared, tmp_path, tiny_model_dir):
+    config, identifier = prepared(training={"max_steps": 2, "train_text_encoder": True})
+    finetune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "model")
+    assert _changed(_weights(tiny_model_dir, "text_encoder"), _weights(tmp_path / "model", "text_encoder"))
+
+
+def test_without_prior_preservation_only_subject_images_are_needed(prepared, tmp_path):
+    config, identifier = prepared(training={"max_steps": 2}, priors={"enabled": False})
+    result = finetune(tmp_path / "subject", None, identifier, config, tmp_path / "model")
+    assert "prior_loss" not in result.final_loss
+
+
+KILLABLE_TRAINING = """
+import sys
+from pathlib import Path
+from dreambooth.config import RunConfig
+from dreambooth.finetune import finetune
+config = RunConfig.from_json(Path(sys.argv[1]).read_text())
+finetune(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], config, Path(sys.argv[5]))
+"""
+
+
+def test_killed_training_resumes_from_the_last_checkpoint(prepared, tmp_path):
+    config, identifier = prepared(training={"max_steps": 60, "checkpoint_every": 5, "checkpoints_total_limit": 2})
+    (tmp_path / "config.json").write_text(config.to_json())
+    args = [str(tmp_path / p) for p in ("config.json", "subject", "classes")] + [identifier, str(tmp_path / "model")]
+    process = subprocess.Popen([sys.executable, "-c", KILLABLE_TRAINING, *args], stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "work" / "checkpoints"
+    deadline = time.time() + 180
+    while not list(checkpoints.glob("*/step-000010/checkpoint-complete")):
+        assert process.poll() is None, "training ended before its second checkpoint"
+        assert time.time() < deadline, "no checkpoint within 180 s"
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "model" / "model_index.json").exists()
+
+    result = finetune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "model")
+    assert result.resumed_from_step >= 10
+    assert (tmp_path / "model" / "model_index.json").is_file()

@@ -1,0 +1,61 @@
+"""Class priors: seeded per image, batched, and a re-run fills in only what is missing."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreambooth.errors import InputError
+from dreambooth.priors import class_image_name, generate_class_priors
+
+
+def _pixels(path):
+    with Image.open(path) as image:
+        return np.asarray(image, dtype=np.int16)
+
+
+def test_priors_are_generated_then_reused(make_config, tmp_path):
+    config = make_config(priors={"num_class_images": 3, "sampler": {"num_inference_steps": 2, "batch_size": 2}})
+    first = generate_class_priors(config, tmp_path / "first")
+    assert (first.count, first.generated, first.class_prompt) == (3, 3, "a dog")
+    assert sorted(p.name for p in (tmp_path / "first").iterdir()) == [class_image_name(i) for i in range(3)]
+
+    again = generate_class_priors(config, tmp_path / "again")
+    assert (again.count, again.generated) == (3, 0)
+
+
+def test_a_retry_generates_only_the_missing_images(make_config, tmp_path):
+    config = make_config(priors={"num_class_images": 3, "sampler": {"num_inference_steps": 2, "batch_size": 3}})
+    generate_class_priors(config, tmp_path / "first")
+    cache = next((tmp_path / "work" / "class-priors").iterdir())
+    kept = _pixels(cache / class_image_name(0))
+    (cache / class_image_name(2)).unlink()  # as if the task died before writing it
+
+    retried = generate_class_priors(config, tmp_path / "retried")
+    assert retried.generated == 1
+    assert np.array_equal(_pixels(cache / class_image_name(0)), kept)
+
+
+def test_each_image_depends_on_its_index_not_the_batch(make_config, tmp_path):
+    one_at_a_time = make_config(priors={"num_class_images": 2, "sampler": {"num_inference_steps": 2, "batch_size": 1}})
+    batched = make_config(
+        storage={"work_dir": str(tmp_path / "other-work")},
+        priors={"num_class_images": 2, "sampler": {"num_inference_steps": 2, "batch_size": 2}},
+    )
+    generate_class_priors(one_at_a_time, tmp_path / "a")
+    generate_class_priors(batched, tmp_path / "b")
+    for index in range(2):
+        a, b = _pixels(tmp_path / "a" / class_image_name(index)), _pixels(tmp_path / "b" / class_image_name(index))
+        assert np.abs(a - b).max() <= 2  # same seed per index; batching changes only float rounding
+    assert np.abs(_pixels(tmp_path / "a" / class_image_name(0)) - _pixels(tmp_path / "a" / class_image_name(1))).mean() > 5
+
+
+def test_user_supplied_class_images_are_used_instead(make_config, tmp_path, subject_dir):
+    config = make_config(priors={"class_images": str(subject_dir)})
+    result = generate_class_priors(config, tmp_path / "out")
+    assert (result.source, result.count, result.generated) == ("user", 4, 0)
+
+
+def test_a_missing_class_image_folder_is_named(make_config, tmp_path):
+    config = make_config(priors={"class_images": str(tmp_path / "nowhere")})
+    with pytest.raises(InputError, match=r"priors\.class_images: .*nowhere is not a folder"):
+        generate_class_priors(config, tmp_path / "out")

@@ -1,0 +1,79 @@
+"""The shared training loop: checkpoints, retention, exact resume and the NaN stop."""
+
+import pytest
+import torch
+from torch import nn
+
+from dreambooth.config import TrainingSettings
+from dreambooth.errors import TrainingDiverged
+from dreambooth.training.loop import list_checkpoints, train
+from dreambooth.training.losses import LossTerms
+
+
+def _regression_loss(modules, step, generator):
+    inputs = torch.randn(8, 4, generator=generator)
+    target = inputs.sum(dim=1, keepdim=True)
+    loss = nn.functional.mse_loss(modules["model"](inputs), target)
+    return LossTerms(total=loss, instance=loss)
+
+
+def _fresh_model():
+    torch.manual_seed(0)
+    return nn.Linear(4, 1)
+
+
+def _settings(**changes):
+    values = dict(learning_rate=1e-2, max_steps=6, checkpoint_every=2, checkpoints_total_limit=2)
+    return TrainingSettings(**{**values, **changes})
+
+
+def test_checkpoints_keep_only_the_newest(tmp_path):
+    train({"model": _fresh_model()}, {"model": 1e-2}, _regression_loss, _settings(max_steps=9), tmp_path)
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["step-000006", "step-000008"]
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    uninterrupted = train({"model": _fresh_model()}, {"model": 1e-2}, _regression_loss, _settings(), tmp_path / "a")
+
+    def interrupted_at_step_5(modules, step, generator):
+        if step == 5:
+            raise KeyboardInterrupt  # as a kill would, after the step-4 checkpoint
+        return _regression_loss(modules, step, generator)
+
+    with pytest.raises(KeyboardInterrupt):
+        train({"model": _fresh_model()}, {"model": 1e-2}, interrupted_at_step_5, _settings(), tmp_path / "b")
+    resumed = train({"model": _fresh_model()}, {"model": 1e-2}, _regression_loss, _settings(), tmp_path / "b")
+
+    assert resumed.resumed_from_step == 4
+    for expected, actual in zip(uninterrupted.modules["model"].parameters(), resumed.modules["model"].parameters()):
+        torch.testing.assert_close(actual, expected)
+
+
+def test_a_half_written_checkpoint_is_ignored(tmp_path):
+    train({"model": _fresh_model()}, {"model": 1e-2}, _regression_loss, _settings(max_steps=3), tmp_path)
+    (tmp_path / "step-000010").mkdir()  # no completion marker: interrupted while saving
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["step-000002"]
+
+
+def test_a_nan_loss_stops_training_with_the_step(tmp_path):
+    def diverging(modules, step, generator):
+        terms = _regression_loss(modules, step, generator)
+        return LossTerms(total=terms.total * float("nan"), instance=terms.instance) if step == 3 else terms
+
+    with pytest.raises(TrainingDiverged, match=r"step 3: loss is nan \(last checkpoint: .*step-000002\)"):
+        train({"model": _fresh_model()}, {"model": 1e-2}, diverging, _settings(), tmp_path)
+
+
+def test_logged_metrics_include_the_learning_rate(tmp_path):
+    logged = []
+    train(
+        {"model": _fresh_model()},
+        {"model": 1e-2},
+        _regression_loss,
+        _settings(max_steps=4, lr_scheduler="linear"),
+        tmp_path,
+        on_log=lambda step, values: logged.append((step, values)),
+    )
+    assert [step for step, _ in logged] == [1, 2, 3, 4]
+    assert logged[0][1]["lr"] > logged[-1][1]["lr"]
+    assert set(logged[0][1]) == {"loss", "instance_loss", "lr"}

@@ -1,0 +1,79 @@
+"""The DreamBooth loss on a fixed batch equals the value computed independently, by hand."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+
+from dreambooth.finetune import DenoisingBatch, denoising_loss
+from dreambooth.training.losses import prior_preservation_loss
+
+
+@pytest.fixture(scope="module")
+def unet_and_scheduler(tiny_model_dir):
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").eval()
+    scheduler = DDPMScheduler.from_pretrained(tiny_model_dir, subfolder="scheduler")
+    return unet, scheduler
+
+
+@pytest.fixture(scope="module")
+def fixed_batch(unet_and_scheduler):
+    unet, _ = unet_and_scheduler
+    generator = torch.Generator().manual_seed(42)
+    size = unet.config.sample_size
+    latents = torch.randn(4, 4, size, size, generator=generator)  # 2 subject + 2 class examples
+    return DenoisingBatch(
+        latents=latents,
+        noise=torch.randn(latents.shape, generator=generator),
+        timesteps=torch.tensor([10, 500, 250, 999]),
+        embeddings=torch.randn(4, 77, unet.config.cross_attention_dim, generator=generator),
+        num_instance=2,
+    )
+
+
+def _independent_losses(unet, batch):
+    """Forward noising from the scaled-linear schedule by hand; each example through the UNet alone."""
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    squared_errors = []
+    for i in range(batch.latents.shape[0]):
+        a = alphas_cumprod[int(batch.timesteps[i])]
+        x = batch.latents[i].double().numpy()
+        eps = batch.noise[i].double().numpy()
+        noisy = np.sqrt(a) * x + np.sqrt(1.0 - a) * eps
+        with torch.no_grad():
+            predicted = unet(
+                torch.from_numpy(noisy).float()[None], batch.timesteps[i : i + 1], batch.embeddings[i : i + 1]
+            ).sample[0].double().numpy()
+        squared_errors.append((predicted - eps) ** 2)  # epsilon prediction: the target is the noise
+    instance = float(np.mean(squared_errors[: batch.num_instance]))
+    prior = float(np.mean(squared_errors[batch.num_instance :]))
+    return instance, prior
+
+
+@pytest.mark.parametrize("prior_weight", [0.0, 1.0])
+def test_training_loss_matches_an_independent_computation(unet_and_scheduler, fixed_batch, prior_weight):
+    unet, scheduler = unet_and_scheduler
+    with torch.no_grad():
+        terms = denoising_loss(unet, scheduler, fixed_batch, prior_weight)
+    instance, prior = _independent_losses(unet, fixed_batch)
+    expected_total = instance + prior_weight * prior
+    assert terms.instance.item() == pytest.approx(instance, rel=1e-4)
+    assert terms.prior.item() == pytest.approx(prior, rel=1e-4)
+    assert terms.total.item() == pytest.approx(expected_total, rel=1e-4)
+    if prior_weight == 0.0:
+        assert terms.total.item() == pytest.approx(instance, rel=1e-4)
+
+
+def test_prior_weight_scales_only_the_class_half():
+    prediction = torch.tensor([[1.0], [1.0], [3.0], [3.0]])
+    target = torch.zeros(4, 1)
+    terms = prior_preservation_loss(prediction, target, num_instance=2, prior_weight=0.5)
+    assert terms.instance.item() == 1.0
+    assert terms.prior.item() == 9.0
+    assert terms.total.item() == 1.0 + 0.5 * 9.0
+
+
+def test_without_class_examples_the_loss_is_the_instance_loss():
+    terms = prior_preservation_loss(torch.ones(2, 3), torch.zeros(2, 3), num_instance=2, prior_weight=1.0)
+    assert terms.prior is None and terms.total.item() == 1.0
