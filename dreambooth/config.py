@@ -65,6 +65,8 @@ class SubjectSettings(Section):
 
 class SamplerSettings(Section):
     scheduler: str = "DPMSolverMultistepScheduler"
+    # auto: float16 on CUDA, bfloat16 on CPUs with native bf16 (AMX / AVX512-BF16), float32 otherwise.
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     num_inference_steps: int = Field(default=25, ge=1)
     guidance_scale: float = Field(default=7.5, ge=0)
     batch_size: int = Field(default=4, ge=1)

@@ -48,7 +48,7 @@ def load_pipeline(
         pipeline = DiffusionPipeline.from_pretrained(
             resolve_model_source(reference),
             revision=revision,
-            torch_dtype=torch_dtype,
+            dtype=torch_dtype,
             safety_checker=None,
             requires_safety_checker=False,
         )
@@ -66,6 +66,16 @@ def use_sampler(pipeline, scheduler_name: str) -> None:
     if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
         raise InputError(f"sampler.scheduler: {scheduler_name!r} is not a diffusers scheduler class")
     pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
+
+
+def inference_dtype(precision: str = "auto") -> torch.dtype:
+    """The dtype a frozen model samples in; weights being trained always stay float32."""
+    if precision != "auto":
+        return getattr(torch, precision)
+    if torch.cuda.is_available():
+        return torch.float16
+    cpu_has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return torch.bfloat16 if cpu_has_bf16 else torch.float32
 
 
 def native_resolution(pipeline) -> int:

@@ -21,7 +21,7 @@ import torch
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
 from dreambooth.images import load_rgb
-from dreambooth.models import load_pipeline, native_resolution, use_sampler
+from dreambooth.models import inference_dtype, load_pipeline, native_resolution, use_sampler
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,9 @@ def generate_class_priors(config: RunConfig, output_dir: Path) -> PriorResult:
     missing = [i for i, name in enumerate(names) if not (cache / name).is_file()]
     if missing:
         log.info("generating %d of %d class images for %r", len(missing), len(names), class_prompt)
-        pipeline = load_pipeline(config.model.base, config.model.revision, torch_dtype=_inference_dtype())
+        pipeline = load_pipeline(
+            config.model.base, config.model.revision, torch_dtype=inference_dtype(settings.sampler.precision)
+        )
         use_sampler(pipeline, settings.sampler.scheduler)
         resolution = config.model.resolution or native_resolution(pipeline)
         sampler = settings.sampler
@@ -114,7 +116,3 @@ def generate_class_priors(config: RunConfig, output_dir: Path) -> PriorResult:
         images_per_second=len(missing) / seconds if missing else 0.0,
         source="generated",
     )
-
-
-def _inference_dtype() -> torch.dtype:
-    return torch.float16 if torch.cuda.is_available() else torch.float32

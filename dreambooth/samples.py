@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dreambooth.config import RunConfig, SamplerSettings
 from dreambooth.finetune import METADATA_FILE
-from dreambooth.models import load_pipeline, native_resolution, use_sampler
+from dreambooth.models import inference_dtype, load_pipeline, native_resolution, use_sampler
 
 GRID_FILE = "samples-grid.png"
 MIN_CELL = 160  # tiny models draw 64 px images; enlarge them so the grid stays readable
@@ -71,7 +71,11 @@ def render_samples(model_dir: Path, config: RunConfig, output_dir: Path) -> Samp
     images: dict[str, list[list[Image.Image]]] = {}
     files = []
     for label, reference in models:
-        pipeline = load_pipeline(reference, config.model.revision if label == "base" else None)
+        pipeline = load_pipeline(
+            reference,
+            config.model.revision if label == "base" else None,
+            torch_dtype=inference_dtype(settings.sampler.precision),
+        )
         use_sampler(pipeline, settings.sampler.scheduler)
         resolution = config.model.resolution or native_resolution(pipeline)
         images[label] = [generate_images(pipeline, p, settings.images_per_prompt, settings.sampler, resolution) for p in prompts]

@@ -4,8 +4,9 @@ No machine here can download weights, so tests, the demo and the CPU benchmark u
 these. They are loaded by the same `from_pretrained` code as a real model; only their
 size differs. Their images are noise: the weights are random.
 
-`tiny://sd` is the fast test model (64 px); `tiny://sd-bench` has an SD-layout UNet of
-about 17M parameters (64 px), the CPU benchmark's model.
+`tiny://sd` is the fast test model (64 px, 0.8M-parameter UNet); `tiny://sd-bench` has
+Stable Diffusion's UNet layout (4 levels, 2 layers each) at 17.6M parameters (64 px), the
+CPU benchmark's model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 TINY_SCHEME = "tiny://"
 # Bump when a builder changes, so cached folders are rebuilt.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 # Words the tiny tokenizer knows as whole tokens: enough for the shipped prompts.
 _COMMON_WORDS = (
@@ -110,10 +111,10 @@ _VARIANTS = {
     ),
     "sd-bench": dict(
         unet=dict(
-            block_out_channels=(64, 128, 256, 256),
+            block_out_channels=(32, 64, 128, 256),
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            layers_per_block=1,
+            layers_per_block=2,
             attention_head_dim=8,
             sample_size=32,
         ),

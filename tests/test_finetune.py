@@ -12,6 +12,7 @@ import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
+from dreambooth.errors import InputError
 from dreambooth.finetune import METADATA_FILE, finetune
 from dreambooth.ingest import ingest_subject
 from dreambooth.priors import generate_class_priors
@@ -67,6 +68,23 @@ def test_without_prior_preservation_only_subject_images_are_needed(prepared, tmp
     config, identifier = prepared(training={"max_steps": 2}, priors={"enabled": False})
     result = finetune(tmp_path / "subject", None, identifier, config, tmp_path / "model")
     assert "prior_loss" not in result.final_loss
+
+
+@pytest.mark.parametrize(
+    "memory_settings",
+    [{"gradient_checkpointing": True}, {"mixed_precision": "bf16"}],
+    ids=["gradient-checkpointing", "bf16-autocast"],
+)
+def test_memory_saving_options_train(prepared, tmp_path, memory_settings):
+    config, identifier = prepared(training={"max_steps": 2, **memory_settings})
+    result = finetune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "model")
+    assert all(torch.isfinite(torch.tensor(value)) for value in result.final_loss.values())
+
+
+def test_8bit_adam_without_cuda_is_a_clear_error(prepared, tmp_path):
+    config, identifier = prepared(training={"max_steps": 2, "optimizer": "adamw_8bit"})
+    with pytest.raises(InputError, match="training.optimizer: adamw_8bit needs CUDA and the bitsandbytes package"):
+        finetune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "model")
 
 
 KILLABLE_TRAINING = """

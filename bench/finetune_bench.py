@@ -1,0 +1,207 @@
+"""Fine-tune benchmark: training steps/s, peak memory and whole-job wall time.
+
+    python bench/finetune_bench.py [--base-model DIR] [--steps 200] [--class-images 50]
+                                   [--reference-script PATH/TO/diffusers/examples/dreambooth/train_dreambooth.py]
+
+Every measurement runs in a fresh subprocess, so peak memory (max RSS, from wait4) belongs
+to that run alone. Steady-state steps/s is differential: two runs of the same job that
+differ only in step count, (long - short steps) / (long - short seconds), which cancels
+model loading, caching and saving for both tools alike.
+
+With --reference-script, diffusers' reference DreamBooth example runs on the same model,
+subject, prompts and settings (batch 1 subject + 1 class image, fp32, AdamW, lr 5e-6,
+prior preservation, centre crop, no flips, no checkpoints), and the figures are printed
+side by side. The whole job is class priors + fine-tune (+ our sample grid); the reference
+generates its priors with the model's own sampler and step count, ours with the sampler
+and step count configured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+DEFAULT_SUBJECT = REPO / "examples" / "subjects" / "dog"
+IDENTIFIER = "fqs"
+CLASS_NOUN = "dog"
+
+
+def _measure(command: list[str], log: Path, env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in GB) of one subprocess; raises with the log's tail on failure."""
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env or os.environ.copy())
+        _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        tail = "\n".join(log.read_text().splitlines()[-15:])
+        raise SystemExit(f"benchmark run failed: {' '.join(command[:3])} ...\n{tail}")
+    return seconds, usage.ru_maxrss / 1024 / 1024  # ru_maxrss is in KiB on Linux
+
+
+def _our_config(base_model: str, work: Path, steps: int, class_images: int, args) -> dict:
+    return {
+        "model": {"base": base_model},
+        "subject": {"class_noun": CLASS_NOUN, "identifier": IDENTIFIER, "min_image_size": 64, "name": "bench"},
+        "priors": {
+            "num_class_images": class_images,
+            "sampler": {
+                "scheduler": args.prior_scheduler,
+                "num_inference_steps": args.prior_steps,
+                "batch_size": args.prior_batch,
+            },
+        },
+        "training": {
+            "max_steps": steps,
+            "learning_rate": 5e-6,
+            "batch_size": 1,
+            "mixed_precision": "no",
+            "optimizer": "adamw",
+            "random_flip": False,
+            "center_crop": True,
+            "checkpoint_every": 1_000_000,
+            "log_every": 1_000_000,
+        },
+        "samples": {"images_per_prompt": 2, "sampler": {"num_inference_steps": args.sample_steps}},
+        "storage": {"work_dir": str(work)},
+    }
+
+
+CHILD = "--run-child"
+
+
+def _child(mode: str, config_path: str, subject: str, out: str) -> None:
+    """Runs inside the measured subprocess: our stages as plain functions, no KFP or MLflow."""
+    from dreambooth.config import load_config
+    from dreambooth.finetune import finetune
+    from dreambooth.ingest import ingest_subject
+    from dreambooth.priors import generate_class_priors
+    from dreambooth.samples import render_samples
+
+    overrides = json.loads(Path(config_path).read_text())
+    config = load_config("tiny", overrides)
+    out_dir = Path(out)
+    ingest_subject(Path(subject), out_dir / "subject", config)
+    generate_class_priors(config, out_dir / "classes")
+    finetune(out_dir / "subject", out_dir / "classes", IDENTIFIER, config, out_dir / "model")
+    if mode == "job":
+        render_samples(out_dir / "model", config, out_dir / "samples")
+
+
+def _run_ours(mode: str, base_model: str, root: Path, steps: int, class_images: int, args, share_work: Path | None):
+    run_dir = Path(tempfile.mkdtemp(dir=root, prefix=f"ours-{mode}-{steps}-"))
+    work = share_work or run_dir / "work"
+    config_path = run_dir / "config.json"
+    config_path.write_text(json.dumps(_our_config(base_model, work, steps, class_images, args)))
+    # A fresh checkpoint folder each run: a benchmark must never resume.
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    command = [sys.executable, __file__, CHILD, mode, str(config_path), str(args.subject_dir), str(run_dir)]
+    return _measure(command, run_dir / "log.txt")
+
+
+def _run_reference(args, model_dir: str, root: Path, steps: int, class_dir: Path, resolution: int):
+    out = Path(tempfile.mkdtemp(dir=root, prefix=f"reference-{steps}-"))
+    command = [
+        args.reference_python, str(args.reference_script),
+        "--pretrained_model_name_or_path", model_dir,
+        "--instance_data_dir", str(args.subject_dir),
+        "--instance_prompt", f"a {IDENTIFIER} {CLASS_NOUN}",
+        "--class_data_dir", str(class_dir),
+        "--class_prompt", f"a {CLASS_NOUN}",
+        "--with_prior_preservation", "--prior_loss_weight", "1.0",
+        "--num_class_images", str(args.class_images),
+        "--output_dir", str(out / "model"),
+        "--resolution", str(resolution), "--center_crop",
+        "--train_batch_size", "1", "--sample_batch_size", "4",
+        "--learning_rate", "5e-6", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+        "--max_train_steps", str(steps), "--checkpointing_steps", "1000000",
+        "--mixed_precision", "no", "--seed", "0",
+    ]
+    return _measure(command, out / "log.txt")
+
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == CHILD:
+        _child(*sys.argv[2:6])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base-model", default="tiny://sd-bench", help="diffusers folder or tiny:// model (default: 17.6M-param SD-layout UNet, 64 px)")
+    parser.add_argument("--subject-dir", type=Path, default=DEFAULT_SUBJECT)
+    parser.add_argument("--steps", type=int, default=200, help="fine-tune steps of the whole-job run")
+    parser.add_argument("--short-steps", type=int, default=20, help="the short run of the differential steps/s measurement")
+    parser.add_argument("--long-steps", type=int, default=220, help="the long run of the differential steps/s measurement")
+    parser.add_argument("--class-images", type=int, default=50)
+    parser.add_argument("--prior-scheduler", default="DPMSolverMultistepScheduler")
+    parser.add_argument("--prior-steps", type=int, default=20)
+    parser.add_argument("--prior-batch", type=int, default=10)
+    parser.add_argument("--sample-steps", type=int, default=20)
+    parser.add_argument("--reference-script", type=Path, help="diffusers' examples/dreambooth/train_dreambooth.py")
+    parser.add_argument("--reference-python", default=sys.executable, help="interpreter for the reference (it needs torchvision)")
+    parser.add_argument("--skip-job", action="store_true", help="only the training-step measurement")
+    args = parser.parse_args()
+    args.subject_dir = args.subject_dir.resolve()
+
+    from dreambooth.models import load_pipeline, native_resolution, resolve_model_source
+
+    model_dir = resolve_model_source(args.base_model)
+    probe = load_pipeline(model_dir)
+    resolution = native_resolution(probe)
+    unet_params = sum(p.numel() for p in probe.unet.parameters()) / 1e6
+    del probe
+    import torch
+
+    print(f"model: {args.base_model} ({unet_params:.1f}M-parameter UNet, {resolution} px); torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    root = Path(tempfile.mkdtemp(prefix="dreambooth-bench-"))
+    rows = []
+
+    # 1. Training step: both tools train on the same, already generated class images.
+    shared_work = root / "shared-work"
+    _run_ours("finetune", model_dir, root, 1, args.class_images, args, shared_work)  # fills the prior cache
+    short = _run_ours("finetune", model_dir, root, args.short_steps, args.class_images, args, shared_work)
+    long = _run_ours("finetune", model_dir, root, args.long_steps, args.class_images, args, shared_work)
+    ours_rate = (args.long_steps - args.short_steps) / (long[0] - short[0])
+    rows.append(("ours", ours_rate, long[1]))
+    if args.reference_script:
+        class_dir = next((shared_work / "class-priors").iterdir())  # the same images, as files the reference reads
+        reference_classes = root / "reference-classes"
+        shutil.copytree(class_dir, reference_classes)
+        ref_short = _run_reference(args, model_dir, root, args.short_steps, reference_classes, resolution)
+        ref_long = _run_reference(args, model_dir, root, args.long_steps, reference_classes, resolution)
+        rows.append(("diffusers reference", (args.long_steps - args.short_steps) / (ref_long[0] - ref_short[0]), ref_long[1]))
+
+    print(f"\nfine-tune step, steady state ({args.short_steps} vs {args.long_steps} steps, batch 1 subject + 1 class, fp32 AdamW)")
+    print(f"{'':22}{'steps/s':>10}{'peak RSS GB':>14}")
+    for name, rate, peak in rows:
+        print(f"{name:22}{rate:10.2f}{peak:14.2f}")
+    if len(rows) == 2:
+        print(f"{'ours / reference':22}{rows[0][1] / rows[1][1]:10.2f}x{rows[0][2] / rows[1][2]:13.2f}x")
+
+    if args.skip_job:
+        return
+    # 2. The whole job for one subject, from nothing: class priors + fine-tune (+ samples for ours).
+    ours_job = _run_ours("job", model_dir, root, args.steps, args.class_images, args, None)
+    print(f"\nwhole job: {args.class_images} class images + {args.steps} steps"
+          f" (ours: {args.prior_scheduler} {args.prior_steps} steps, batch {args.prior_batch}; + sample grid)")
+    print(f"{'ours':22}{ours_job[0]:9.1f} s{ours_job[1]:13.2f} GB")
+    if args.reference_script:
+        empty_classes = root / "reference-job-classes"
+        ref_job = _run_reference(args, model_dir, root, args.steps, empty_classes, resolution)
+        print(f"{'diffusers reference':22}{ref_job[0]:9.1f} s{ref_job[1]:13.2f} GB")
+        print(f"{'ours / reference':22}{ours_job[0] / ref_job[0]:9.2f}x")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
