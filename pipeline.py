@@ -108,7 +108,7 @@ def run_locally(config: RunConfig, subject_dir: Path, output_dir: Path) -> int:
     dreambooth_pipeline(config_json=config.to_json(), subject_uri=str(subject_dir.resolve()), tracking_uri=tracking_uri)
 
     job_dir = _latest_job_dir(pipeline_root, before)
-    parent = _parent_run_by_job_name(tracking_uri, config.tracking.experiment, job_dir.name)
+    parent = find_parent_run(tracking_uri, config.tracking.experiment, job_name=job_dir.name)
     model_dir = job_dir / "finetune" / "model"
     grid = job_dir / "samples" / "sample_images" / "samples-grid.png"
     print()
@@ -127,21 +127,6 @@ def run_locally(config: RunConfig, subject_dir: Path, output_dir: Path) -> int:
     if tracking_uri.startswith("http") and parent is not None:
         print(f"mlflow ui:    {tracking_uri.rstrip('/')}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}")
     return 0
-
-
-def _parent_run_by_job_name(tracking_uri: str, experiment: str, job_name: str):
-    from mlflow.tracking import MlflowClient
-
-    from dreambooth.tracking import TAG_JOB_NAME, TAG_STAGE
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    runs = client.search_runs(
-        [found.experiment_id], filter_string=f"tags.`{TAG_JOB_NAME}` = '{job_name}' and tags.`{TAG_STAGE}` = 'pipeline'"
-    )
-    return runs[0] if runs else None
 
 
 def _ingest_only(config: RunConfig, subject_dir: Path, output_dir: Path) -> int:

@@ -105,6 +105,8 @@ class TrainingSettings(Section):
     center_crop: bool = True
     checkpoint_every: int = Field(default=500, ge=1)
     checkpoints_total_limit: int = Field(default=2, ge=1)
+    # Checkpoints exist to survive a kill; once the model is saved they are deleted unless kept.
+    keep_checkpoints: bool = False
     seed: int = 0
     log_every: int = Field(default=1, ge=1)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -225,6 +226,8 @@ def finetune(
             "steps": settings.max_steps,
         }
         (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+        if not settings.keep_checkpoints:
+            shutil.rmtree(checkpoints, ignore_errors=True)
     images_per_step = batch * settings.gradient_accumulation_steps * (2 if use_prior else 1)
     return FinetuneResult(
         model_dir=str(output_dir),

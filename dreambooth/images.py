@@ -7,9 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from dreambooth.errors import InputError
+
+
+MIN_GRID_CELL = 160  # tiny models draw 64 px images; enlarge them so a grid stays readable
+GRID_LABEL_HEIGHT = 18
 
 
 @dataclass(frozen=True)
@@ -81,3 +85,21 @@ def resize_and_crop(image: Image.Image, size: int, center_crop: bool = True) -> 
     else:
         left = top = 0
     return resized.crop((left, top, left + size, top + size))
+
+
+def labelled_grid(rows: list[tuple[str, list[tuple[str, Image.Image]]]]) -> Image.Image:
+    """rows: (row title, [(column label, image), ...]); every row has the same columns."""
+    first = rows[0][1][0][1]
+    cell = max(first.width, MIN_GRID_CELL)
+    columns = len(rows[0][1])
+    font = ImageFont.load_default()
+    row_height = GRID_LABEL_HEIGHT * 2 + cell
+    grid = Image.new("RGB", (columns * cell, len(rows) * row_height), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (title, cells) in enumerate(rows):
+        top = r * row_height
+        draw.text((4, top + 3), title, fill="black", font=font)
+        for c, (label, image) in enumerate(cells):
+            draw.text((c * cell + 4, top + GRID_LABEL_HEIGHT + 3), label, fill="dimgray", font=font)
+            grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (c * cell, top + GRID_LABEL_HEIGHT * 2))
+    return grid

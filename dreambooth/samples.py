@@ -10,15 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from dreambooth.config import RunConfig, SamplerSettings
 from dreambooth.finetune import METADATA_FILE
+from dreambooth.images import labelled_grid
 from dreambooth.models import inference_dtype, load_pipeline, native_resolution, use_sampler
 
 GRID_FILE = "samples-grid.png"
-MIN_CELL = 160  # tiny models draw 64 px images; enlarge them so the grid stays readable
-LABEL_HEIGHT = 18
 
 
 @dataclass(frozen=True)
@@ -38,24 +37,6 @@ def generate_images(pipeline, prompt: str, count: int, sampler: SamplerSettings,
         width=resolution,
         generator=[torch.Generator("cpu").manual_seed(sampler.seed + i) for i in range(count)],
     ).images
-
-
-def labelled_grid(rows: list[tuple[str, list[tuple[str, Image.Image]]]]) -> Image.Image:
-    """rows: (row title, [(column label, image), ...]); every row has the same columns."""
-    first = rows[0][1][0][1]
-    cell = max(first.width, MIN_CELL)
-    columns = len(rows[0][1])
-    font = ImageFont.load_default()
-    row_height = LABEL_HEIGHT * 2 + cell
-    grid = Image.new("RGB", (columns * cell, len(rows) * row_height), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, (title, cells) in enumerate(rows):
-        top = r * row_height
-        draw.text((4, top + 3), title, fill="black", font=font)
-        for c, (label, image) in enumerate(cells):
-            draw.text((c * cell + 4, top + LABEL_HEIGHT + 3), label, fill="dimgray", font=font)
-            grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (c * cell, top + LABEL_HEIGHT * 2))
-    return grid
 
 
 def render_samples(model_dir: Path, config: RunConfig, output_dir: Path) -> SampleResult:

@@ -6,20 +6,36 @@ function inside the stage's child run and logs what users compare runs by.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import asdict
 from pathlib import Path
 
 from dreambooth.config import RunConfig
+from dreambooth.errors import InputError, TrainingDiverged
 from dreambooth.tracking import TAG_IDENTIFIER, finish_parent_run, stage_run
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def exit_on_user_error(task):
+    """Bad input or a diverged run ends the task with its one-line message, not a traceback."""
+
+    @functools.wraps(task)
+    def wrapper(*args, **kwargs):
+        try:
+            return task(*args, **kwargs)
+        except (InputError, TrainingDiverged) as error:
+            raise SystemExit(f"error: {error}") from None
+
+    return wrapper
 
 
 def _open(stage: str, config: RunConfig, tracking_uri: str, job_id: str, job_name: str):
     return stage_run(config, tracking_uri, stage, job_id, job_name, config.subject.name)
 
 
+@exit_on_user_error
 def ingest_task(config_json: str, tracking_uri: str, job_id: str, job_name: str, subject_dir: str, output_dir: str) -> str:
     """Validate and normalise the subject photos; returns the identifier chosen."""
     from dreambooth.ingest import MANIFEST_FILE, ingest_subject
@@ -36,6 +52,7 @@ def ingest_task(config_json: str, tracking_uri: str, job_id: str, job_name: str,
     return result.identifier.identifier
 
 
+@exit_on_user_error
 def priors_task(config_json: str, tracking_uri: str, job_id: str, job_name: str, output_dir: str) -> int:
     """Generate (or take the user's) class images; returns how many there are."""
     from dreambooth.priors import generate_class_priors
@@ -48,6 +65,7 @@ def priors_task(config_json: str, tracking_uri: str, job_id: str, job_name: str,
             return 0
         result = generate_class_priors(config, Path(output_dir))
         run.set_tags({"dreambooth.class_prompt": result.class_prompt, "dreambooth.priors_source": result.source})
+        _log_preview(run, Path(output_dir), result.class_prompt)
         run.log_metrics(
             {
                 "class_images": result.count,
@@ -59,6 +77,23 @@ def priors_task(config_json: str, tracking_uri: str, job_id: str, job_name: str,
     return result.count
 
 
+def _log_preview(run, class_dir: Path, class_prompt: str, count: int = 8) -> None:
+    """A row of the first class images, so a glance in MLflow shows what the prior looks like."""
+    import tempfile
+
+    from dreambooth.finetune import list_images
+    from dreambooth.images import labelled_grid, load_rgb
+
+    images = [(path.stem, load_rgb(path, 1 << 40).image) for path in list_images(class_dir)[:count]]
+    if not images:
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        preview = Path(scratch) / "class-priors-preview.png"
+        labelled_grid([(class_prompt, images)]).save(preview)
+        run.log_file(preview)
+
+
+@exit_on_user_error
 def finetune_task(
     config_json: str, tracking_uri: str, job_id: str, job_name: str, subject_dir: str, class_dir: str, output_dir: str
 ) -> None:
@@ -90,6 +125,7 @@ def finetune_task(
         run.log_folder(Path(output_dir), "model")
 
 
+@exit_on_user_error
 def samples_task(config_json: str, tracking_uri: str, job_id: str, job_name: str, model_dir: str, output_dir: str) -> str:
     """Render the base-vs-fine-tuned comparison grid; returns its path."""
     from dreambooth.samples import render_samples
@@ -107,24 +143,3 @@ def finish_task(config_json: str, tracking_uri: str, job_id: str, pipeline_state
     config = RunConfig.from_json(config_json)
     finish_parent_run(tracking_uri, config.tracking.experiment, job_id, pipeline_state)
 
-
-def exit_on_user_error(task):
-    """Bad input or a diverged run ends the task with its one-line message, not a traceback."""
-    import functools
-
-    from dreambooth.errors import InputError, TrainingDiverged
-
-    @functools.wraps(task)
-    def wrapper(*args, **kwargs):
-        try:
-            return task(*args, **kwargs)
-        except (InputError, TrainingDiverged) as error:
-            raise SystemExit(f"error: {error}") from None
-
-    return wrapper
-
-
-ingest_task = exit_on_user_error(ingest_task)
-priors_task = exit_on_user_error(priors_task)
-finetune_task = exit_on_user_error(finetune_task)
-samples_task = exit_on_user_error(samples_task)

@@ -59,13 +59,15 @@ def _experiment_id(client, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-def find_parent_run(tracking_uri: str, experiment: str, job_id: str):
+def find_parent_run(tracking_uri: str, experiment: str, job_id: str = "", job_name: str = ""):
+    """The pipeline run's parent MLflow run, by KFP job id or job name; None if never opened."""
     client = _client(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
+    key, value = (TAG_JOB_ID, job_id) if job_id else (TAG_JOB_NAME, job_name)
     runs = client.search_runs(
-        [found.experiment_id], filter_string=f"tags.`{TAG_JOB_ID}` = '{job_id}' and tags.`{TAG_STAGE}` = 'pipeline'"
+        [found.experiment_id], filter_string=f"tags.`{key}` = '{value}' and tags.`{TAG_STAGE}` = 'pipeline'"
     )
     return runs[0] if runs else None
 

@@ -51,6 +51,7 @@ def test_the_fine_tuned_model_loads_and_generates(prepared, tmp_path, tiny_model
     image = pipeline(f"a {identifier} dog", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (64, 64, 3)
     assert json.loads((tmp_path / "model" / METADATA_FILE).read_text())["identifier"] == identifier
+    assert not list((tmp_path / "work" / "checkpoints").iterdir())  # saved model: checkpoints are no longer needed
 
     model = tmp_path / "model"
     assert _changed(_weights(tiny_model_dir, "unet"), _weights(model, "unet"))

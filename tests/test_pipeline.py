@@ -92,6 +92,8 @@ def _check_tracked_run(client, experiment_name="dreambooth", steps=8):
     assert "train_steps_per_second" in parent.data.metrics
     assert parent.data.params["model.base"] == "tiny://sd"
     assert {"manifest.json", "samples-grid.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    priors = next(run for run in children if run.data.tags[TAG_STAGE] == "class-priors")
+    assert "class-priors-preview.png" in {a.path for a in client.list_artifacts(priors.info.run_id)}
     model_files = {a.path for a in client.list_artifacts(fine_tune.info.run_id, "model")}
     assert "model/model_index.json" in model_files and "model/unet" in model_files
     return parent

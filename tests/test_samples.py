@@ -5,7 +5,8 @@ import shutil
 from PIL import Image
 
 from dreambooth.finetune import METADATA_FILE
-from dreambooth.samples import MIN_CELL, render_samples
+from dreambooth.images import MIN_GRID_CELL as MIN_CELL
+from dreambooth.samples import render_samples
 
 
 def test_the_grid_compares_base_and_fine_tuned_per_prompt(make_config, tiny_model_dir, tmp_path):
