@@ -55,13 +55,15 @@ def dreambooth_pipeline(config_json: str, subject_uri: str, tracking_uri: str):
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    overrides: dict = {"subject": {}, "model": {}, "tracking": {}, "storage": {}}
+    overrides: dict = {"subject": {}, "model": {}, "priors": {}, "tracking": {}, "storage": {}}
     if getattr(args, "class_noun", None):
         overrides["subject"]["class_noun"] = args.class_noun
     if getattr(args, "identifier", None):
         overrides["subject"]["identifier"] = args.identifier
     if getattr(args, "subject_dir", None):
         overrides["subject"]["name"] = Path(args.subject_dir).resolve().name
+    if getattr(args, "class_images", None):
+        overrides["priors"]["class_images"] = str(Path(args.class_images).resolve())
     if getattr(args, "base_model", None):
         overrides["model"]["base"] = args.base_model
     if getattr(args, "tracking_uri", None):
@@ -160,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run_cmd = with_subject(with_config(commands.add_parser("run", help="run the whole pipeline locally (kfp.local)")))
     run_cmd.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    run_cmd.add_argument("--class-images", type=Path, help="your own class images for prior preservation (skips generating them)")
 
     with_subject(with_config(commands.add_parser("ingest", help="validate and normalise an upload only")), True)
     return parser
