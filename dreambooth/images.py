@@ -72,19 +72,26 @@ def load_rgb(path: Path, max_pixels: int) -> LoadedImage:
     return LoadedImage(image=rgb, original_size=(width, height), original_mode=mode)
 
 
-def resize_and_crop(image: Image.Image, size: int, center_crop: bool = True) -> Image.Image:
-    """Shorter side to `size` (bicubic), then a size x size crop: the training view of an image."""
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    """Bicubic resize so the shorter side is `size`, keeping the aspect ratio."""
     scale = size / min(image.size)
-    resized = image.resize(
-        (max(size, round(image.width * scale)), max(size, round(image.height * scale))),
-        Image.Resampling.BICUBIC,
+    if scale == 1:
+        return image
+    return image.resize(
+        (max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.Resampling.BICUBIC
     )
-    if center_crop:
-        left = (resized.width - size) // 2
-        top = (resized.height - size) // 2
-    else:
-        left = top = 0
-    return resized.crop((left, top, left + size, top + size))
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    left = (image.width - size) // 2
+    top = (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def resize_and_crop(image: Image.Image, size: int, centered: bool = True) -> Image.Image:
+    """Shorter side to `size`, then a size x size crop (centred, or top-left): the training view."""
+    resized = resize_shorter_side(image, size)
+    return center_crop(resized, size) if centered else resized.crop((0, 0, size, size))
 
 
 def labelled_grid(rows: list[tuple[str, list[tuple[str, Image.Image]]]]) -> Image.Image:

@@ -16,12 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
 from dreambooth.images import load_rgb
-from dreambooth.models import inference_dtype, load_pipeline, native_resolution, use_sampler
+from dreambooth.generation import generate_batches, load_sampling_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -84,24 +82,12 @@ def generate_class_priors(config: RunConfig, output_dir: Path) -> PriorResult:
     missing = [i for i, name in enumerate(names) if not (cache / name).is_file()]
     if missing:
         log.info("generating %d of %d class images for %r", len(missing), len(names), class_prompt)
-        pipeline = load_pipeline(
-            config.model.base, config.model.revision, torch_dtype=inference_dtype(settings.sampler.precision)
-        )
-        use_sampler(pipeline, settings.sampler.scheduler)
-        resolution = config.model.resolution or native_resolution(pipeline)
-        sampler = settings.sampler
-        for start in range(0, len(missing), sampler.batch_size):
-            indices = missing[start : start + sampler.batch_size]
-            images = pipeline(
-                [class_prompt] * len(indices),
-                negative_prompt=[sampler.negative_prompt] * len(indices) if sampler.negative_prompt else None,
-                num_inference_steps=sampler.num_inference_steps,
-                guidance_scale=sampler.guidance_scale,
-                height=resolution,
-                width=resolution,
-                generator=[torch.Generator("cpu").manual_seed(sampler.seed + i) for i in indices],
-            ).images
-            for index, image in zip(indices, images):
+        pipeline = load_sampling_pipeline(config.model.base, settings.sampler, config.model.revision)
+        requests = [(class_prompt, settings.sampler.seed + i) for i in missing]
+        batches = generate_batches(pipeline, requests, settings.sampler, config.model.resolution)
+        for batch, images in batches:
+            for (_, seed), image in zip(batch, images):
+                index = seed - settings.sampler.seed
                 # Write then rename: an interrupted task never leaves a half image counted as present.
                 partial = cache / (class_image_name(index) + ".partial")
                 image.save(partial, format="PNG")

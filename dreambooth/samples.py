@@ -9,13 +9,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from PIL import Image
 
-from dreambooth.config import RunConfig, SamplerSettings
+from dreambooth.config import RunConfig
 from dreambooth.finetune import METADATA_FILE
 from dreambooth.images import labelled_grid
-from dreambooth.models import inference_dtype, load_pipeline, native_resolution, use_sampler
+from dreambooth.generation import generate, load_sampling_pipeline
 
 GRID_FILE = "samples-grid.png"
 
@@ -25,18 +24,6 @@ class SampleResult:
     grid_path: str
     prompts: list[str]
     image_files: list[str]
-
-
-def generate_images(pipeline, prompt: str, count: int, sampler: SamplerSettings, resolution: int) -> list[Image.Image]:
-    return pipeline(
-        [prompt] * count,
-        negative_prompt=[sampler.negative_prompt] * count if sampler.negative_prompt else None,
-        num_inference_steps=sampler.num_inference_steps,
-        guidance_scale=sampler.guidance_scale,
-        height=resolution,
-        width=resolution,
-        generator=[torch.Generator("cpu").manual_seed(sampler.seed + i) for i in range(count)],
-    ).images
 
 
 def render_samples(model_dir: Path, config: RunConfig, output_dir: Path) -> SampleResult:
@@ -52,14 +39,11 @@ def render_samples(model_dir: Path, config: RunConfig, output_dir: Path) -> Samp
     images: dict[str, list[list[Image.Image]]] = {}
     files = []
     for label, reference in models:
-        pipeline = load_pipeline(
-            reference,
-            config.model.revision if label == "base" else None,
-            torch_dtype=inference_dtype(settings.sampler.precision),
-        )
-        use_sampler(pipeline, settings.sampler.scheduler)
-        resolution = config.model.resolution or native_resolution(pipeline)
-        images[label] = [generate_images(pipeline, p, settings.images_per_prompt, settings.sampler, resolution) for p in prompts]
+        pipeline = load_sampling_pipeline(reference, settings.sampler, config.model.revision if label == "base" else None)
+        requests = [(p, settings.sampler.seed + i) for p in prompts for i in range(settings.images_per_prompt)]
+        flat = generate(pipeline, requests, settings.sampler, config.model.resolution)
+        per_prompt = settings.images_per_prompt
+        images[label] = [flat[p * per_prompt : (p + 1) * per_prompt] for p in range(len(prompts))]
         for p_index, batch in enumerate(images[label]):
             for i, image in enumerate(batch):
                 name = f"{label}-p{p_index:02d}-s{settings.sampler.seed + i}.png"

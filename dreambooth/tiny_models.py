@@ -4,6 +4,9 @@ No machine here can download weights, so tests, the demo and the CPU benchmark u
 these. They are loaded by the same `from_pretrained` code as a real model; only their
 size differs. Their images are noise: the weights are random.
 
+`tiny://dino`, `tiny://clip` and `tiny://lpips` are the evaluation encoders in the layouts of
+facebook/dino-vits16, openai/clip-vit-base-patch32 and an LPIPS AlexNet folder.
+
 `tiny://sd` is the fast test model (64 px, 0.8M-parameter UNet); `tiny://sd-bench` has
 Stable Diffusion's UNet layout (4 levels, 2 layers each) at 17.6M parameters (64 px), the
 CPU benchmark's model.
@@ -180,20 +183,82 @@ def build_tiny_stable_diffusion(out_dir: Path, variant: str = "sd", seed: int = 
     return out_dir
 
 
+def build_tiny_dino(out_dir: Path, seed: int = 0) -> Path:
+    """A random ViT in facebook/dino-vits16's layout (224 px, patch 16), much narrower."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=224, patch_size=16
+    )
+    ViTModel(config, add_pooling_layer=False).save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def build_tiny_clip(out_dir: Path, seed: int = 0) -> Path:
+    """A random CLIPModel in openai/clip-vit-base-patch32's layout, with the tiny tokenizer."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=224, patch_size=32
+        ),
+        projection_dim=32,
+    )
+    CLIPModel(config).save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "preprocessor_config.json").write_text(
+        '{"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}, '
+        '"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}'
+    )
+    return out_dir
+
+
+def build_tiny_lpips(out_dir: Path, seed: int = 0) -> Path:
+    """LPIPS' AlexNet layout with random weights (non-negative heads, as trained LPIPS has)."""
+    import torch
+
+    from dreambooth.evaluation.lpips import LpipsAlexNet, save_lpips
+
+    torch.manual_seed(seed)
+    model = LpipsAlexNet()
+    with torch.no_grad():
+        for lin in model.lins:
+            lin.weight.abs_()
+    return save_lpips(model, out_dir)
+
+
+_BUILDERS = {
+    **{variant: (lambda out, v=variant: build_tiny_stable_diffusion(out, v)) for variant in _VARIANTS},
+    "dino": build_tiny_dino,
+    "clip": build_tiny_clip,
+    "lpips": build_tiny_lpips,
+}
+
+
 def resolve_tiny_model(reference: str, cache_dir: Path | None = None) -> Path:
-    """Build (once) and return the folder for a `tiny://VARIANT` reference."""
+    """Build (once) and return the folder for a `tiny://NAME` reference."""
     variant = reference.removeprefix(TINY_SCHEME)
-    if variant not in _VARIANTS:
+    if variant not in _BUILDERS:
         from dreambooth.errors import InputError
 
-        raise InputError(f"model.base: unknown tiny model {reference!r} (known: {', '.join(_VARIANTS)})")
+        raise InputError(f"unknown tiny model {reference!r} (known: {', '.join(_BUILDERS)})")
     folder = (cache_dir or default_cache_dir()) / f"tiny-{variant}-v{BUILDER_VERSION}"
-    if (folder / "model_index.json").is_file():
+    if folder.is_dir():  # folders appear only complete, by rename
         return folder
     # Build beside the target and rename, so a concurrent task never sees half a model.
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    build_tiny_stable_diffusion(staging, variant)
+    _BUILDERS[variant](staging)
     try:
         staging.rename(folder)
     except OSError:  # another process won the race; its folder is complete
