@@ -132,6 +132,33 @@ class SampleSettings(Section):
         return prompts
 
 
+class GateSettings(Section):
+    """A model is registered as a candidate only when all of these hold (paper's SD figures: DINO 0.668, CLIP-T 0.305)."""
+
+    min_dino: float = 0.5
+    min_clip_t: float = 0.25
+    # PRES is lower-is-better: above this, the class has collapsed onto the subject.
+    max_pres: float = 0.75
+
+
+class EvaluationSettings(Section):
+    enabled: bool = True
+    # None: live (pets: accessorisation prompts) when the class noun is a DreamBench live class.
+    live_subject: Optional[bool] = None
+    prompt_file: Optional[str] = None  # a JSON list of {category, template}; default: the DreamBench set
+    max_prompts_per_category: Optional[int] = Field(default=None, ge=1)  # the first N of each category (smoke runs)
+    images_per_prompt: int = Field(default=4, ge=2)  # DIV needs at least two per prompt
+    pres_images: int = Field(default=16, ge=1)
+    sampler: SamplerSettings = SamplerSettings(num_inference_steps=30, seed=2024, batch_size=8)
+    dino_model: str = "facebook/dino-vits16"
+    clip_model: str = "openai/clip-vit-base-patch32"
+    # A folder made by `python -m dreambooth.evaluation.lpips` from torchvision's AlexNet and LPIPS' heads.
+    lpips_model: str = "models/lpips-alexnet"
+    encoder_batch_size: int = Field(default=32, ge=1)
+    gate: GateSettings = GateSettings()
+    registered_model: str = "dreambooth-{subject}"
+
+
 class TrackingSettings(Section):
     # None: $MLFLOW_TRACKING_URI, else a local sqlite file (MLflow's embedded default).
     uri: Optional[str] = None
@@ -152,6 +179,7 @@ class RunConfig(Section):
     priors: PriorSettings = PriorSettings()
     training: TrainingSettings = TrainingSettings()
     samples: SampleSettings = SampleSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
     tracking: TrackingSettings = TrackingSettings()
     storage: StorageSettings = StorageSettings()
 

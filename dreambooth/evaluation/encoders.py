@@ -88,7 +88,7 @@ class ClipEncoder:
         from transformers import CLIPModel, CLIPTokenizer
 
         self.name, self.batch_size, self.device = reference, batch_size, device or best_device()
-        source = resolve_model_source(reference)
+        self.source = source = resolve_model_source(reference)
         try:
             self.model = CLIPModel.from_pretrained(source)
             self.tokenizer = CLIPTokenizer.from_pretrained(source)

@@ -1,0 +1,273 @@
+"""Stage 5: score a personalised model by the DreamBench protocol.
+
+For each prompt the fine-tuned model draws `images_per_prompt` images, image i of prompt p
+from seed (seed + 1000 p + i). Subject fidelity compares them with the real photos (DINO,
+CLIP-I), prompt fidelity with the prompt text (CLIP-T), diversity with each other (DIV);
+prior preservation compares the plain class prompt's images with the real photos (PRES),
+for the fine-tuned model and, as the reference point, the base model. The real photos are
+embedded once and reused for every prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from PIL import Image
+
+from dreambooth.config import RunConfig
+from dreambooth.errors import InputError
+from dreambooth.evaluation.encoders import ClipEncoder, DinoEncoder, LpipsDistance
+from dreambooth.evaluation.metrics import (
+    distinct_pairs,
+    image_text_similarity,
+    mean_distinct_pair_similarity,
+    mean_pairwise_similarity,
+)
+from dreambooth.evaluation.prompts import EvaluationPrompt, is_live_subject, load_prompts, without_identifier
+from dreambooth.finetune import METADATA_FILE, list_images
+from dreambooth.generation import generate, load_sampling_pipeline
+from dreambooth.images import labelled_grid, load_rgb
+
+RESULTS_FILE = "evaluation.json"
+PROMPT_SEED_STRIDE = 1000
+PRES_SEED_OFFSET = 1_000_000
+# The DreamBooth paper's Stable Diffusion row and its real-image upper bound (Table 1).
+PAPER_STABLE_DIFFUSION = {"dino": 0.668, "clip_i": 0.803, "clip_t": 0.305}
+PAPER_REAL_IMAGES = {"dino": 0.774, "clip_i": 0.885}
+
+
+@dataclass
+class PromptScores:
+    prompt: str
+    category: str
+    dino: float
+    clip_i: float
+    clip_t: float
+    div: float
+    image_files: list[str]
+
+
+@dataclass
+class GateDecision:
+    passed: bool
+    reasons: list[str]
+
+
+@dataclass
+class EvaluationResult:
+    model: str
+    identifier: str
+    class_noun: str
+    class_prompt: str
+    live_subject: bool
+    overall: dict[str, float]
+    by_category: dict[str, dict[str, float]]
+    prompts: list[PromptScores]
+    real_images: dict[str, float]
+    gate: GateDecision
+    settings: dict
+    throughput: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+@dataclass
+class SubjectReference:
+    """The real photos and their embeddings, computed once per subject."""
+
+    images: list[Image.Image]
+    dino: torch.Tensor
+    clip: torch.Tensor
+
+
+def _model_identity(model: str, config: RunConfig, identifier: Optional[str], class_noun: Optional[str]) -> tuple[str, str, str]:
+    metadata_file = Path(model) / METADATA_FILE
+    metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
+    identifier = identifier or metadata.get("identifier") or config.subject.identifier
+    class_noun = class_noun or metadata.get("class_noun") or config.subject.class_noun
+    if not identifier or not class_noun:
+        raise InputError(
+            f"{model}: no {METADATA_FILE} naming the identifier and class noun; pass --identifier and --class-noun"
+        )
+    return identifier, class_noun, metadata.get("base_model") or config.model.base
+
+
+def _limit_per_category(prompts: list[EvaluationPrompt], limit: Optional[int]) -> list[EvaluationPrompt]:
+    if limit is None:
+        return prompts
+    taken: dict[str, int] = defaultdict(int)
+    kept = []
+    for prompt in prompts:
+        if taken[prompt.category] < limit:
+            taken[prompt.category] += 1
+            kept.append(prompt)
+    return kept
+
+
+def gate_decision(overall: dict[str, float], config: RunConfig) -> GateDecision:
+    gate = config.evaluation.gate
+    reasons = []
+    if overall["dino"] < gate.min_dino:
+        reasons.append(f"DINO {overall['dino']:.3f} < {gate.min_dino}")
+    if overall["clip_t"] < gate.min_clip_t:
+        reasons.append(f"CLIP-T {overall['clip_t']:.3f} < {gate.min_clip_t}")
+    if overall["pres"] > gate.max_pres:
+        reasons.append(f"PRES {overall['pres']:.3f} > {gate.max_pres}")
+    return GateDecision(passed=not reasons, reasons=reasons)
+
+
+def _mean(values: list[float]) -> float:
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def evaluate_model(
+    model: str,
+    subject_dir: Path,
+    config: RunConfig,
+    output_dir: Path,
+    identifier: Optional[str] = None,
+    class_noun: Optional[str] = None,
+) -> EvaluationResult:
+    """Generate, score and write images, grids and evaluation.json to output_dir."""
+    settings = config.evaluation
+    identifier, class_noun, base_model = _model_identity(model, config, identifier, class_noun)
+    live = settings.live_subject if settings.live_subject is not None else is_live_subject(class_noun)
+    prompts = _limit_per_category(load_prompts(class_noun, live, settings.prompt_file), settings.max_prompts_per_category)
+    class_prompt = config.subject.class_prompt_template.format(class_noun=class_noun)
+    real_files = list_images(subject_dir)
+    if not real_files:
+        raise InputError(f"{subject_dir}: no subject images to compare with")
+
+    # 1. Generation, model by model, so only one pipeline is in memory at a time.
+    sampler, per_prompt = settings.sampler, settings.images_per_prompt
+    rendered = [prompt.render(identifier, class_noun) for prompt in prompts]
+    requests = [(text, sampler.seed + PROMPT_SEED_STRIDE * p + i) for p, text in enumerate(rendered) for i in range(per_prompt)]
+    pres_requests = [(class_prompt, sampler.seed + PRES_SEED_OFFSET + i) for i in range(settings.pres_images)]
+    started = time.perf_counter()
+    pipeline = load_sampling_pipeline(model, sampler)
+    generated = generate(pipeline, requests + pres_requests, sampler, config.model.resolution)
+    del pipeline
+    pipeline = load_sampling_pipeline(base_model, sampler, config.model.revision)
+    pres_base_images = generate(pipeline, pres_requests, sampler, config.model.resolution)
+    del pipeline
+    generation_seconds = time.perf_counter() - started
+    images, pres_images = generated[: len(requests)], generated[len(requests) :]
+
+    # 2. Scoring: every encoder call is batched; the real photos are embedded once.
+    started = time.perf_counter()
+    batch = settings.encoder_batch_size
+    dino, clip, lpips = (
+        DinoEncoder(settings.dino_model, batch),
+        ClipEncoder(settings.clip_model, batch),
+        LpipsDistance(settings.lpips_model, batch),
+    )
+    real_images = [load_rgb(path, 1 << 40).image for path in real_files]
+    reference = SubjectReference(real_images, dino.embed(real_images), clip.embed(real_images))
+    dino_generated = dino.embed(images + pres_images + pres_base_images)
+    clip_generated = clip.embed(images)
+    texts = clip.embed_texts([without_identifier(text, identifier) for text in rendered])
+    pair_index = [(p * per_prompt + a, p * per_prompt + b) for p in range(len(prompts)) for a, b in distinct_pairs(per_prompt)]
+    distances = lpips.pairwise([(images[a], images[b]) for a, b in pair_index])
+    scoring_seconds = time.perf_counter() - started
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    scores: list[PromptScores] = []
+    pairs_per_prompt = len(distinct_pairs(per_prompt))
+    for p, (prompt, text) in enumerate(zip(prompts, rendered)):
+        rows = slice(p * per_prompt, (p + 1) * per_prompt)
+        files = []
+        for i, image in enumerate(images[rows]):
+            name = f"images/{prompt.category}/p{p:02d}-{i}.png"
+            (output_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            image.save(output_dir / name)
+            files.append(name)
+        scores.append(
+            PromptScores(
+                prompt=text,
+                category=prompt.category,
+                dino=mean_pairwise_similarity(dino_generated[rows], reference.dino),
+                clip_i=mean_pairwise_similarity(clip_generated[rows], reference.clip),
+                clip_t=image_text_similarity(clip_generated[rows], texts[p].expand(per_prompt, -1)).mean().item(),
+                div=distances[p * pairs_per_prompt : (p + 1) * pairs_per_prompt].mean().item(),
+                image_files=files,
+            )
+        )
+
+    count = len(images)
+    pres = mean_pairwise_similarity(dino_generated[count : count + len(pres_images)], reference.dino)
+    pres_base = mean_pairwise_similarity(dino_generated[count + len(pres_images) :], reference.dino)
+    metric_names = ("dino", "clip_i", "clip_t", "div")
+    overall = {name: _mean([getattr(s, name) for s in scores]) for name in metric_names}
+    overall.update(pres=pres, pres_base=pres_base)
+    grouped: dict[str, list[PromptScores]] = defaultdict(list)
+    for score in scores:
+        grouped[score.category].append(score)
+    by_category = {
+        category: {name: _mean([getattr(s, name) for s in members]) for name in metric_names}
+        for category, members in grouped.items()
+    }
+    result = EvaluationResult(
+        model=str(model),
+        identifier=identifier,
+        class_noun=class_noun,
+        class_prompt=class_prompt,
+        live_subject=live,
+        overall=overall,
+        by_category=by_category,
+        prompts=scores,
+        real_images={
+            "dino": mean_distinct_pair_similarity(reference.dino),
+            "clip_i": mean_distinct_pair_similarity(reference.clip),
+        },
+        gate=gate_decision(overall, config),
+        settings={
+            "dino_model": settings.dino_model,
+            "clip_model": settings.clip_model,
+            "lpips_model": settings.lpips_model,
+            "prompts": len(prompts),
+            "images_per_prompt": per_prompt,
+            "pres_images": settings.pres_images,
+            "seed": sampler.seed,
+            "scheduler": sampler.scheduler,
+            "num_inference_steps": sampler.num_inference_steps,
+            "guidance_scale": sampler.guidance_scale,
+            "base_model": base_model,
+        },
+        throughput={
+            "generation_images_per_second": (len(generated) + len(pres_base_images)) / max(generation_seconds, 1e-9),
+            "scoring_images_per_second": (len(dino_generated) + len(real_images)) / max(scoring_seconds, 1e-9),
+        },
+    )
+    for label, batch in (("fine-tuned", pres_images), ("base", pres_base_images)):
+        for i, image in enumerate(batch):
+            name = output_dir / "images" / "prior-preservation" / f"{label}-{i}.png"
+            name.parent.mkdir(parents=True, exist_ok=True)
+            image.save(name)
+    _write_grids(result, images, per_prompt, pres_images, pres_base_images, output_dir)
+    (output_dir / RESULTS_FILE).write_text(result.to_json())
+    return result
+
+
+def _write_grids(result: EvaluationResult, images, per_prompt: int, pres_images, pres_base_images, output_dir: Path) -> None:
+    """One labelled grid per prompt category, and one for prior preservation."""
+    for category in result.by_category:
+        rows = [
+            (f"{s.prompt}  (DINO {s.dino:.2f}, CLIP-T {s.clip_t:.2f})", [(f"seed {i}", images[p * per_prompt + i]) for i in range(per_prompt)])
+            for p, s in enumerate(result.prompts)
+            if s.category == category
+        ]
+        labelled_grid(rows).save(output_dir / f"grid-{category}.png")
+    shown = min(len(pres_images), 8)
+    labelled_grid(
+        [
+            (f"fine-tuned: {result.class_prompt}  (PRES {result.overall['pres']:.2f})", [(f"{i}", pres_images[i]) for i in range(shown)]),
+            (f"base: {result.class_prompt}  (PRES {result.overall['pres_base']:.2f})", [(f"{i}", pres_base_images[i]) for i in range(shown)]),
+        ]
+    ).save(output_dir / "grid-prior-preservation.png")

@@ -1,0 +1,64 @@
+"""The evaluation stage end to end on tiny models: protocol, outputs, prior preservation and the gate."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreambooth.evaluation.evaluate import PRES_SEED_OFFSET, RESULTS_FILE, evaluate_model
+from dreambooth.finetune import METADATA_FILE
+from dreambooth.generation import generate, load_sampling_pipeline
+
+
+@pytest.fixture
+def personalised_model(tiny_model_dir, tmp_path):
+    """A folder in the fine-tuned layout (the tiny base weights stand in for trained ones)."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / METADATA_FILE).write_text(json.dumps({"identifier": "fqs", "class_noun": "dog", "base_model": str(tiny_model_dir)}))
+    return model
+
+
+def test_a_live_subject_is_scored_per_category_and_written_out(personalised_model, subject_dir, make_config, tmp_path):
+    result = evaluate_model(str(personalised_model), subject_dir, make_config(), tmp_path / "eval")
+
+    assert result.live_subject and result.identifier == "fqs"
+    assert sorted(result.by_category) == ["accessorization", "property", "recontextualization"]
+    assert len(result.prompts) == 6 and all("fqs dog" in score.prompt for score in result.prompts)
+    assert set(result.overall) == {"dino", "clip_i", "clip_t", "div", "pres", "pres_base"}
+    assert all(np.isfinite(value) for value in result.overall.values())
+    assert set(result.real_images) == {"dino", "clip_i"}
+    written = json.loads((tmp_path / "eval" / RESULTS_FILE).read_text())
+    assert written["settings"]["dino_model"] == "tiny://dino" and written["settings"]["images_per_prompt"] == 2
+    for category in result.by_category:
+        assert (tmp_path / "eval" / f"grid-{category}.png").is_file()
+    assert (tmp_path / "eval" / result.prompts[0].image_files[0]).is_file()
+
+
+def test_prior_preservation_images_come_from_the_class_prompt(personalised_model, subject_dir, make_config, tmp_path):
+    config = make_config()
+    result = evaluate_model(str(personalised_model), subject_dir, config, tmp_path / "eval")
+    assert result.class_prompt == "a dog"
+
+    sampler = config.evaluation.sampler
+    pipeline = load_sampling_pipeline(str(personalised_model), sampler)
+    expected = generate(pipeline, [("a dog", sampler.seed + PRES_SEED_OFFSET + i) for i in range(2)], sampler)
+    for i, image in enumerate(expected):
+        with Image.open(tmp_path / "eval" / "images" / "prior-preservation" / f"fine-tuned-{i}.png") as saved:
+            assert np.array_equal(np.asarray(saved), np.asarray(image))
+
+
+def test_the_gate_names_every_failed_threshold(personalised_model, subject_dir, make_config, tmp_path):
+    config = make_config(evaluation={"gate": {"min_dino": 2.0, "min_clip_t": 2.0, "max_pres": -2.0}})
+    result = evaluate_model(str(personalised_model), subject_dir, config, tmp_path / "eval")
+    assert not result.gate.passed
+    assert [reason.split()[0] for reason in result.gate.reasons] == ["DINO", "CLIP-T", "PRES"]
+    assert evaluate_model(str(personalised_model), subject_dir, make_config(), tmp_path / "eval2").gate.passed
+
+
+def test_an_object_subject_gets_the_object_prompts(personalised_model, subject_dir, make_config, tmp_path):
+    result = evaluate_model(str(personalised_model), subject_dir, make_config(), tmp_path / "eval", class_noun="teapot")
+    assert not result.live_subject
+    assert sorted(result.by_category) == ["property", "recontextualization"]
