@@ -1,10 +1,12 @@
 """DreamBooth as a Kubeflow pipeline: the DAG, and the command line that compiles or runs it.
 
-    ingest -> class priors -> fine-tune -> samples     (an exit handler closes the MLflow run)
+    ingest -> class priors -> fine-tune -> samples
+                                       \-> evaluate     (an exit handler closes the MLflow run)
 
     python pipeline.py compile --output dreambooth.yaml [--config sd15]
     python pipeline.py run --subject-dir DIR --class-noun NOUN [--config tiny] [--output-dir outputs]
     python pipeline.py ingest --subject-dir DIR --class-noun NOUN --output-dir DIR
+    python pipeline.py evaluate --model DIR --subject-dir DIR --class-noun NOUN [--identifier TOKEN]
 """
 
 
@@ -19,6 +21,7 @@ from pathlib import Path
 from kfp import dsl
 
 from components.class_priors import class_priors
+from components.evaluate import evaluate
 from components.finetune import finetune
 from components.finish_tracking import finish_tracking
 from components.ingest import ingest
@@ -47,7 +50,8 @@ def dreambooth_pipeline(config_json: str, subject_uri: str, tracking_uri: str):
             class_images=priors.outputs["class_images"],
         )
         sampled = samples(**job, model=tuned.outputs["model"])
-    for task in (close_run, subject, priors, tuned, sampled):
+        scored = evaluate(**job, model=tuned.outputs["model"], subject_images=subject.outputs["subject_images"])
+    for task in (close_run, subject, priors, tuned, sampled, scored):
         task.set_caching_options(False)  # every task writes to MLflow: never skip it
 
 
@@ -113,6 +117,7 @@ def run_locally(config: RunConfig, subject_dir: Path, output_dir: Path) -> int:
     parent = find_parent_run(tracking_uri, config.tracking.experiment, job_name=job_dir.name)
     model_dir = job_dir / "finetune" / "model"
     grid = job_dir / "samples" / "sample_images" / "samples-grid.png"
+    report = job_dir / "evaluate" / "evaluation" / "report.md"
     print()
     print(f"job:          {job_dir.name}")
     if parent is not None:
@@ -126,8 +131,39 @@ def run_locally(config: RunConfig, subject_dir: Path, output_dir: Path) -> int:
         return 1
     print(f"model:        {model_dir}")
     print(f"sample grid:  {grid}")
+    if report.is_file():
+        print(f"evaluation:   {report}")
+        print(f"quality gate: {_gate_line(parent)}")
     if tracking_uri.startswith("http") and parent is not None:
         print(f"mlflow ui:    {tracking_uri.rstrip('/')}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}")
+    return 0
+
+
+def _gate_line(parent) -> str:
+    from dreambooth.tracking import TAG_GATE, TAG_GATE_REASON
+
+    tags = parent.data.tags if parent is not None else {}
+    if tags.get(TAG_GATE) == "passed":
+        return f"passed, registered as {tags.get('dreambooth.registered_model')}"
+    return f"rejected ({tags.get(TAG_GATE_REASON, 'see the report')})"
+
+
+def evaluate_only(config: RunConfig, model: str, subject_dir: Path, output_dir: Path) -> int:
+    """Score a model trained anywhere (diffusers folder or hub id), tracked as its own MLflow run."""
+    import time
+
+    from dreambooth.tasks import evaluate_task, finish_task
+    from dreambooth.tracking import find_parent_run, resolve_tracking_uri
+
+    tracking_uri = resolve_tracking_uri(config.tracking.uri)
+    job_id = f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}"
+    outcome = evaluate_task(config.to_json(), tracking_uri, job_id, job_id, model, str(subject_dir), str(output_dir))
+    finish_task(config.to_json(), tracking_uri, job_id, "SUCCEEDED")
+    parent = find_parent_run(tracking_uri, config.tracking.experiment, job_id=job_id)
+    print(outcome.report_markdown)
+    print(f"report:       {output_dir / 'report.md'}")
+    print(f"mlflow run:   {parent.info.run_id if parent else '?'} ({tracking_uri})")
+    print(f"quality gate: {_gate_line(parent)}")
     return 0
 
 
@@ -165,6 +201,10 @@ def _parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--class-images", type=Path, help="your own class images for prior preservation (skips generating them)")
 
     with_subject(with_config(commands.add_parser("ingest", help="validate and normalise an upload only")), True)
+
+    evaluate_cmd = with_subject(with_config(commands.add_parser("evaluate", help="score a trained model by the DreamBench protocol")))
+    evaluate_cmd.add_argument("--model", required=True, help="the personalised model: a diffusers folder or hub id")
+    evaluate_cmd.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     return parser
 
 
@@ -180,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         require_subject(config)
         if args.command == "ingest":
             return _ingest_only(config, args.subject_dir, args.output_dir)
+        if args.command == "evaluate":
+            return evaluate_only(config, args.model, args.subject_dir, args.output_dir / "evaluation")
         return run_locally(config, args.subject_dir, args.output_dir)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)

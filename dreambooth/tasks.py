@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import asdict
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError, TrainingDiverged
-from dreambooth.tracking import TAG_IDENTIFIER, finish_parent_run, stage_run
+from dreambooth.registry import log_pipeline_model, register_candidate
+from dreambooth.tracking import TAG_GATE, TAG_GATE_REASON, TAG_IDENTIFIER, TAG_MODEL_URI, finish_parent_run, stage_run
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -26,7 +29,8 @@ def exit_on_user_error(task):
         try:
             return task(*args, **kwargs)
         except (InputError, TrainingDiverged) as error:
-            raise SystemExit(f"error: {error}") from None
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2 if isinstance(error, InputError) else 1) from None
 
     return wrapper
 
@@ -122,7 +126,8 @@ def finetune_task(
         }
         run.log_metrics(summary, on_parent=True)
         run.log_dict(asdict(result), "finetune_result.json")
-        run.log_folder(Path(output_dir), "model")
+        model_uri = log_pipeline_model(tracking_uri, run.run_id, Path(output_dir))
+        run.set_tags({TAG_MODEL_URI: model_uri}, on_parent=True)
 
 
 @exit_on_user_error
@@ -137,6 +142,61 @@ def samples_task(config_json: str, tracking_uri: str, job_id: str, job_name: str
         run.log_folder(Path(output_dir), "samples")
         run.log_dict({"prompts": result.prompts, "images": result.image_files}, "samples.json")
     return result.grid_path
+
+
+@dataclass(frozen=True)
+class EvaluationOutcome:
+    metrics: dict[str, float]  # flat, for KFP's Metrics output
+    report_markdown: str
+    registered: Optional[str]  # "name@candidate (version N)", or None when rejected
+
+
+@exit_on_user_error
+def evaluate_task(
+    config_json: str, tracking_uri: str, job_id: str, job_name: str, model_dir: str, subject_dir: str, output_dir: str
+) -> EvaluationOutcome:
+    """Score the model by the DreamBench protocol; register it as `candidate` if it passes the gate."""
+    from dreambooth.evaluation.evaluate import evaluate_model
+    from dreambooth.evaluation.report import render_report
+
+    config = RunConfig.from_json(config_json)
+    if not config.evaluation.enabled:
+        return EvaluationOutcome(metrics={}, report_markdown="Evaluation is switched off (evaluation.enabled).\n", registered=None)
+    with _open("evaluate", config, tracking_uri, job_id, job_name) as run:
+        result = evaluate_model(model_dir, Path(subject_dir), config, Path(output_dir))
+        metrics = {f"eval/{name}": value for name, value in result.overall.items()}
+        metrics.update({f"eval/real_images_{name}": value for name, value in result.real_images.items()})
+        for category, values in result.by_category.items():
+            metrics.update({f"eval/{category}/{name}": value for name, value in values.items()})
+        metrics.update({f"eval/{name}": value for name, value in result.throughput.items()})
+        run.log_metrics(metrics, on_parent=True)
+        run.log_dict(result.settings, "evaluation_config.json")
+        run.log_table(
+            {
+                key: [getattr(score, key) for score in result.prompts]
+                for key in ("prompt", "category", "dino", "clip_i", "clip_t", "div")
+            },
+            "eval_prompts.json",
+        )
+        for grid in sorted(Path(output_dir).glob("grid-*.png")):
+            run.log_file(grid, "eval_grids")
+        registered = None
+        if result.gate.passed:
+            name = config.evaluation.registered_model.format(subject=config.subject.name)
+            # Logged by the fine-tune stage; a model trained elsewhere is logged here first.
+            model_uri = run.parent_tag(TAG_MODEL_URI) or log_pipeline_model(tracking_uri, run.run_id, Path(model_dir))
+            version = register_candidate(
+                tracking_uri, model_uri, name, {"identifier": result.identifier, "class_noun": result.class_noun, "kfp_job_id": job_id}
+            )
+            registered = f"{name}@candidate (version {version})"
+            run.set_tags({TAG_GATE: "passed", "dreambooth.registered_model": registered}, on_parent=True)
+        else:
+            run.set_tags({TAG_GATE: "rejected", TAG_GATE_REASON: "; ".join(result.gate.reasons)}, on_parent=True)
+        report = render_report(result, registered)
+        (Path(output_dir) / "report.md").write_text(report)
+        run.log_file(Path(output_dir) / "report.md", on_parent=True)
+    flat = {key.removeprefix("eval/").replace("/", "_"): value for key, value in metrics.items()}
+    return EvaluationOutcome(metrics=flat, report_markdown=report, registered=registered)
 
 
 def finish_task(config_json: str, tracking_uri: str, job_id: str, pipeline_state: str) -> None:

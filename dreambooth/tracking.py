@@ -29,6 +29,9 @@ TAG_CLASS_NOUN = "dreambooth.class_noun"
 TAG_IDENTIFIER = "dreambooth.identifier"
 TAG_ERROR = "dreambooth.error"
 TAG_FAILED_STAGE = "dreambooth.failed_stage"
+TAG_MODEL_URI = "dreambooth.model_uri"
+TAG_GATE = "dreambooth.gate"
+TAG_GATE_REASON = "dreambooth.gate_reason"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
 INHERITED_TAGS = (TAG_JOB_ID, TAG_JOB_NAME, TAG_SUBJECT, TAG_CLASS_NOUN, TAG_IDENTIFIER)
@@ -131,6 +134,12 @@ class StageRun:
         self.client.log_batch(self.run_id, tags=entries)
         if on_parent:
             self.client.log_batch(self.parent_run_id, tags=entries)
+
+    def parent_tag(self, key: str) -> Optional[str]:
+        return self.client.get_run(self.parent_run_id).data.tags.get(key)
+
+    def log_table(self, columns: dict[str, list], artifact_file: str) -> None:
+        self.client.log_table(self.run_id, data=columns, artifact_file=artifact_file)
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, data, artifact_file)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,9 +14,9 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, SAMPLE_SUBJECT
 from dreambooth.config import RunConfig, load_config
-from dreambooth.tracking import TAG_ERROR, TAG_FAILED_STAGE, TAG_PARENT, TAG_STAGE
+from dreambooth.tracking import TAG_ERROR, TAG_FAILED_STAGE, TAG_GATE, TAG_GATE_REASON, TAG_MODEL_URI, TAG_PARENT, TAG_STAGE
 
-STAGES = ["ingest", "class-priors", "finetune", "samples"]
+STAGES = ["ingest", "class-priors", "finetune", "samples", "evaluate"]
 
 
 def _cli(*args, cwd, env=None):
@@ -41,6 +42,7 @@ def test_compile_writes_a_pipeline_spec_with_the_four_stages_in_order(tmp_path):
     assert tasks["class-priors"]["dependentTasks"] == ["ingest"]
     assert sorted(tasks["finetune"]["dependentTasks"]) == ["class-priors", "ingest"]
     assert tasks["samples"]["dependentTasks"] == ["finetune"]
+    assert sorted(tasks["evaluate"]["dependentTasks"]) == ["finetune", "ingest"]
     assert all(not task["cachingOptions"].get("enableCache") for task in tasks.values())
 
     closing = spec_dict["root"]["dag"]["tasks"]["finish-tracking"]
@@ -67,13 +69,14 @@ def test_a_bad_upload_fails_in_one_line_before_any_task_starts(subject_dir, tmp_
     assert not (tmp_path / "run" / "kfp").exists()
 
 
-def _quick_config(tmp_path, experiment="dreambooth", **training) -> str:
+def _quick_config(tmp_path, experiment="dreambooth", gate=None, **training) -> str:
     """The tiny config, shrunk further so a whole pipeline run takes well under a minute."""
     path = tmp_path / "quick.yaml"
     raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     raw["priors"]["num_class_images"] = 4
     raw["training"].update({"max_steps": 8, "checkpoint_every": 4, **training})
     raw["tracking"] = {"experiment": experiment}
+    raw["evaluation"].update({"max_prompts_per_category": 1, "gate": gate or raw["evaluation"]["gate"]})
     raw["samples"].update({"images_per_prompt": 1, "prompts": ["a {identifier} {class_noun} on the beach"]})
     path.write_text(yaml.safe_dump(raw))
     return str(path)
@@ -84,7 +87,7 @@ def _check_tracked_run(client, experiment_name="dreambooth", steps=8):
     (parent,) = client.search_runs([experiment.experiment_id], f"tags.`{TAG_STAGE}` = 'pipeline'")
     children = client.search_runs([experiment.experiment_id], f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'")
     assert parent.info.status == "FINISHED"
-    assert sorted(run.data.tags[TAG_STAGE] for run in children) == sorted(["ingest", "class-priors", "fine-tune", "samples"])
+    assert sorted(run.data.tags[TAG_STAGE] for run in children) == sorted(["ingest", "class-priors", "fine-tune", "samples", "evaluate"])
     assert all(run.info.status == "FINISHED" for run in children)
     fine_tune = next(run for run in children if run.data.tags[TAG_STAGE] == "fine-tune")
     for curve in ("loss", "instance_loss", "prior_loss", "lr"):
@@ -94,18 +97,34 @@ def _check_tracked_run(client, experiment_name="dreambooth", steps=8):
     assert {"manifest.json", "samples-grid.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     priors = next(run for run in children if run.data.tags[TAG_STAGE] == "class-priors")
     assert "class-priors-preview.png" in {a.path for a in client.list_artifacts(priors.info.run_id)}
-    model_files = {a.path for a in client.list_artifacts(fine_tune.info.run_id, "model")}
-    assert "model/model_index.json" in model_files and "model/unet" in model_files
+    assert parent.data.tags[TAG_MODEL_URI].startswith("models:/")  # the pipeline folder as an MLflow model
+
+    evaluation = next(run for run in children if run.data.tags[TAG_STAGE] == "evaluate")
+    for name in ("eval/dino", "eval/clip_i", "eval/clip_t", "eval/div", "eval/pres", "eval/pres_base", "eval/real_images_dino"):
+        assert name in evaluation.data.metrics and name in parent.data.metrics
+    evaluation_files = {a.path for a in client.list_artifacts(evaluation.info.run_id)}
+    assert {"eval_prompts.json", "evaluation_config.json", "report.md", "eval_grids"} <= evaluation_files
+    grids = {a.path for a in client.list_artifacts(evaluation.info.run_id, "eval_grids")}
+    assert {"eval_grids/grid-recontextualization.png", "eval_grids/grid-accessorization.png"} <= grids
     return parent
+
+
+def _check_kfp_outputs(job_dir):
+    """The evaluation shows in KFP too: a Metrics output (in the executor metadata) and a Markdown report."""
+    executor_output = json.loads((job_dir / "evaluate" / "executor_output.json").read_text())
+    metrics = executor_output["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    assert {"dino", "clip_i", "clip_t", "div", "pres"} <= set(metrics)
+    assert (job_dir / "evaluate" / "report").read_text().startswith("# DreamBench evaluation")
 
 
 @pytest.mark.slow
 def test_run_on_the_tiny_config_tracks_into_local_sqlite_by_default(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    result = _cli("run", "--config", _quick_config(tmp_path), "--subject-dir", str(SAMPLE_SUBJECT),
+    strict = {"min_dino": 2.0, "min_clip_t": -1.0, "max_pres": 1.0}  # no model reaches DINO 2: rejected
+    result = _cli("run", "--config", _quick_config(tmp_path, gate=strict), "--subject-dir", str(SAMPLE_SUBJECT),
                   "--class-noun", "dog", "--output-dir", str(tmp_path / "outputs"), cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    printed = dict(line.split(":", 1) for line in result.stdout.splitlines()[-4:] if ":" in line)
+    printed = dict(line.split(":", 1) for line in result.stdout.splitlines()[-6:] if ":" in line)
     model_dir = printed["model"].strip()
 
     from diffusers import DiffusionPipeline
@@ -113,8 +132,13 @@ def test_run_on_the_tiny_config_tracks_into_local_sqlite_by_default(tmp_path):
     image = DiffusionPipeline.from_pretrained(model_dir)("a dog", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (64, 64, 3)
     assert (tmp_path / "mlflow.db").is_file()
-    parent = _check_tracked_run(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = _check_tracked_run(client)
     assert parent.info.run_id in printed["mlflow run"]
+    assert parent.data.tags[TAG_GATE] == "rejected" and parent.data.tags[TAG_GATE_REASON].startswith("DINO")
+    assert client.search_registered_models() == []  # a rejected model is not registered
+    assert "rejected (DINO" in printed["quality gate"]
+    _check_kfp_outputs(Path(printed["model"].strip()).parent.parent)
 
 
 @pytest.mark.slow
@@ -124,7 +148,19 @@ def test_run_tracks_into_an_mlflow_server(tmp_path, mlflow_server):
                   "--output-dir", str(tmp_path / "outputs"), "--tracking-uri", mlflow_server, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"{mlflow_server}/#/experiments/" in result.stdout
-    _check_tracked_run(MlflowClient(mlflow_server), "served")
+    parent = _check_tracked_run(MlflowClient(mlflow_server), "served")
+    assert parent.data.tags[TAG_GATE] == "passed"
+
+    import io
+
+    import mlflow
+    import pandas as pd
+    from PIL import Image
+
+    mlflow.set_tracking_uri(mlflow_server)
+    registered = mlflow.pyfunc.load_model("models:/dreambooth-dog@candidate")
+    generated = registered.predict(pd.DataFrame({"prompt": ["a dog on the beach"], "num_inference_steps": [2]}))
+    assert Image.open(io.BytesIO(generated["image_png"][0])).size == (64, 64)
 
 
 @pytest.mark.slow
@@ -137,3 +173,13 @@ def test_a_diverging_fine_tune_fails_the_run_with_the_reason_in_mlflow(tmp_path,
     experiment = MlflowClient(mlflow_server).get_experiment_by_name("diverging")
     runs = MlflowClient(mlflow_server).search_runs([experiment.experiment_id], f"tags.`{TAG_FAILED_STAGE}` = 'fine-tune'")
     assert runs and runs[0].info.status == "FAILED" and "loss is" in runs[0].data.tags[TAG_ERROR]
+
+
+def test_evaluate_alone_scores_a_model_trained_elsewhere(tiny_model_dir, tmp_path):
+    result = _cli("evaluate", "--config", "tiny", "--model", str(tiny_model_dir), "--identifier", "fqs",
+                  "--subject-dir", str(SAMPLE_SUBJECT), "--class-noun", "dog", "--output-dir", str(tmp_path / "out"),
+                  "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "# DreamBench evaluation: `fqs` dog" in result.stdout
+    assert json.loads((tmp_path / "out" / "evaluation" / "evaluation.json").read_text())["identifier"] == "fqs"
+    assert "quality gate: passed, registered as dreambooth-dog@candidate (version 1)" in result.stdout
