@@ -25,6 +25,7 @@ compile: setup
 
 bench: setup
 	$(BIN)/python bench/finetune_bench.py
+	$(BIN)/python bench/evaluation_bench.py
 
 clean:
 	rm -rf outputs mlruns mlflow.db dreambooth.yaml

@@ -138,7 +138,9 @@ def test_run_on_the_tiny_config_tracks_into_local_sqlite_by_default(tmp_path):
     assert parent.data.tags[TAG_GATE] == "rejected" and parent.data.tags[TAG_GATE_REASON].startswith("DINO")
     assert client.search_registered_models() == []  # a rejected model is not registered
     assert "rejected (DINO" in printed["quality gate"]
-    _check_kfp_outputs(Path(printed["model"].strip()).parent.parent)
+    job_dir = Path(printed["model"].strip()).parent.parent
+    _check_kfp_outputs(job_dir)
+    assert "**rejected** - DINO" in (job_dir / "evaluate" / "report").read_text()
 
 
 @pytest.mark.slow
