@@ -111,6 +111,31 @@ class TrainingSettings(Section):
     log_every: int = Field(default=1, ge=1)
 
 
+class SuperResSettings(Section):
+    """Personalised super-resolution (paper sec. 4.2): the x4 upscaler fine-tuned on the subject.
+
+    Low noise augmentation of the low-resolution condition keeps the subject's fine detail; the
+    generic upscaler, trained with heavier augmentation, hallucinates texture instead.
+    """
+
+    enabled: bool = True
+    base: str = "stabilityai/stable-diffusion-x4-upscaler"
+    resolution: int = Field(default=512, gt=0)  # the high-resolution target; the condition is 4x smaller
+    # Noise levels (low-res scheduler timesteps) drawn per example when training; the upscaler's default is 20.
+    train_noise_levels: tuple[int, int] = (0, 8)
+    inference_noise_level: int = Field(default=5, ge=0)
+    prior_preservation: bool = True
+    training: TrainingSettings = TrainingSettings(max_steps=500, learning_rate=5e-6)
+    sampler: SamplerSettings = SamplerSettings(scheduler="DDIMScheduler", num_inference_steps=30, guidance_scale=7.5, batch_size=4)
+
+    @field_validator("train_noise_levels")
+    @classmethod
+    def _ordered_levels(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= value[0] <= value[1]:
+            raise ValueError("must be [low, high] with 0 <= low <= high")
+        return value
+
+
 class SampleSettings(Section):
     prompts: list[str] = [
         "a {identifier} {class_noun} on the beach",
@@ -178,6 +203,7 @@ class RunConfig(Section):
     subject: SubjectSettings = SubjectSettings()
     priors: PriorSettings = PriorSettings()
     training: TrainingSettings = TrainingSettings()
+    superres: SuperResSettings = SuperResSettings()
     samples: SampleSettings = SampleSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
     tracking: TrackingSettings = TrackingSettings()

@@ -69,12 +69,17 @@ class DenoisingBatch:
     timesteps: torch.Tensor
     embeddings: torch.Tensor  # text-encoder hidden states, one row per example
     num_instance: int
+    # Upscalers: the noised low-resolution image, concatenated to the latents, and its noise level.
+    condition: Optional[torch.Tensor] = None
+    class_labels: Optional[torch.Tensor] = None
 
 
 def denoising_loss(unet, noise_scheduler, batch: DenoisingBatch, prior_weight: float) -> LossTerms:
     """Noise the latents at their timesteps, predict, and apply the prior-preservation loss."""
     noisy = noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
-    prediction = unet(noisy, batch.timesteps, batch.embeddings).sample
+    if batch.condition is not None:
+        noisy = torch.cat([noisy, batch.condition], dim=1)
+    prediction = unet(noisy, batch.timesteps, batch.embeddings, class_labels=batch.class_labels).sample
     if noise_scheduler.config.prediction_type == "v_prediction":  # SD 2.x 768 px models
         target = noise_scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
     else:
@@ -91,22 +96,35 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
-@torch.no_grad()
-def encode_latents(vae, images: list[Path], resolution: int, center_crop: bool, with_flips: bool) -> LatentCache:
-    """Encode each image once (and its mirror when random flips are on)."""
-    views: list[torch.Tensor] = []
+def training_views(images: list[Path], resolution: int, center_crop: bool, with_flips: bool) -> list[Image.Image]:
+    """Each image at the training resolution, followed by its mirror when random flips are on."""
+    views = []
     for path in images:
         image = resize_and_crop(load_rgb(path, max_pixels=1 << 40).image, resolution, center_crop)
-        views.append(_to_tensor(image))
+        views.append(image)
         if with_flips:
-            views.append(_to_tensor(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+            views.append(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    return views
+
+
+def pixels(views: list[Image.Image]) -> torch.Tensor:
+    return torch.stack([_to_tensor(view) for view in views])
+
+
+@torch.no_grad()
+def encode_views(vae, views: list[Image.Image]) -> LatentCache:
+    """Encode each view once; training then samples from the cached distributions."""
     means, stds = [], []
     for start in range(0, len(views), VAE_ENCODE_BATCH):
-        pixels = torch.stack(views[start : start + VAE_ENCODE_BATCH]).to(vae.device, vae.dtype)
-        distribution = vae.encode(pixels).latent_dist
+        batch = pixels(views[start : start + VAE_ENCODE_BATCH]).to(vae.device, vae.dtype)
+        distribution = vae.encode(batch).latent_dist
         means.append(distribution.mean.float())
         stds.append(distribution.std.float())
     return LatentCache(mean=torch.cat(means), std=torch.cat(stds))
+
+
+def encode_latents(vae, images: list[Path], resolution: int, center_crop: bool, with_flips: bool) -> LatentCache:
+    return encode_views(vae, training_views(images, resolution, center_crop, with_flips))
 
 
 def _tokenize(tokenizer, prompt: str) -> torch.Tensor:
@@ -115,14 +133,10 @@ def _tokenize(tokenizer, prompt: str) -> torch.Tensor:
     ).input_ids
 
 
-def training_fingerprint(config: RunConfig, identifier: str, instance_images: list[Path], class_images: list[Path]) -> str:
+def training_fingerprint(settings: list, instance_images: list[Path], class_images: list[Path]) -> str:
     """Same inputs and settings -> same checkpoint folder, so a re-run resumes instead of restarting."""
     digest = hashlib.sha256()
-    digest.update(
-        json.dumps(
-            [config.model.model_dump(), config.training.model_dump(), config.subject.class_noun, identifier], sort_keys=True
-        ).encode()
-    )
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for path in instance_images:
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     digest.update(str(len(class_images)).encode())
@@ -204,9 +218,10 @@ def finetune(
         modules["text_encoder"] = text_encoder
         learning_rates["text_encoder"] = settings.text_encoder_learning_rate or settings.learning_rate
 
-    checkpoints = Path(config.storage.work_dir) / "checkpoints" / training_fingerprint(
-        config, identifier, instance_images, class_images
+    fingerprint = training_fingerprint(
+        [config.model.model_dump(), settings.model_dump(), subject.class_noun, identifier], instance_images, class_images
     )
+    checkpoints = Path(config.storage.work_dir) / "checkpoints" / fingerprint
     result = train(modules, learning_rates, compute_loss, settings, checkpoints, on_log, "fine-tune")
 
     if PartialState().is_main_process:

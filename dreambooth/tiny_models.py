@@ -237,11 +237,65 @@ def build_tiny_lpips(out_dir: Path, seed: int = 0) -> Path:
     return save_lpips(model, out_dir)
 
 
+def build_tiny_upscaler(out_dir: Path, seed: int = 0) -> Path:
+    """A random StableDiffusionUpscalePipeline in stabilityai/stable-diffusion-x4-upscaler's layout:
+    a 7-channel UNet (4 latent + 3 low-res RGB) conditioned on the noise level as a class label,
+    a 4x VAE with the upscaler's scaling factor, and a low-res DDPM noise scheduler."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer()
+    unet = UNet2DConditionModel(
+        in_channels=7,
+        out_channels=4,
+        sample_size=16,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        num_class_embeds=1000,  # covers max_noise_level (350), as the real upscaler's
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 64, 64),
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+        scaling_factor=0.08333,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    pipeline = StableDiffusionUpscalePipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        low_res_scheduler=DDPMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, num_train_timesteps=1000),
+        scheduler=DDIMScheduler(
+            beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02, prediction_type="v_prediction", set_alpha_to_one=False
+        ),
+        max_noise_level=350,
+    )
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
 _BUILDERS = {
     **{variant: (lambda out, v=variant: build_tiny_stable_diffusion(out, v)) for variant in _VARIANTS},
     "dino": build_tiny_dino,
     "clip": build_tiny_clip,
     "lpips": build_tiny_lpips,
+    "sd-upscaler": build_tiny_upscaler,
 }
 
 

@@ -1,0 +1,195 @@
+"""Stage: personalised super-resolution, the x4 upscaler fine-tuned on the subject (paper sec. 4.2).
+
+Training pairs are each subject image at `superres.resolution` (the target) and the same
+view 4x smaller (the condition), captioned like the base fine-tune. As in the upscaler, the
+condition is noised by its low-resolution scheduler at a noise level that also goes to the
+UNet as its class label; we draw that level per example from a low range
+(`superres.train_noise_levels`), so the model learns to keep the detail a nearly clean
+condition carries instead of inventing texture. The loop, loss, caching, checkpoints and
+resume are the base fine-tune's own (dreambooth.training, dreambooth.finetune).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from PIL import Image
+
+from dreambooth.config import RunConfig
+from dreambooth.errors import InputError
+from dreambooth.finetune import (
+    METADATA_FILE,
+    DenoisingBatch,
+    FinetuneResult,
+    denoising_loss,
+    encode_views,
+    list_images,
+    pixels,
+    training_fingerprint,
+    training_views,
+)
+from dreambooth.training.loop import OnLog, train
+from dreambooth.training.losses import LossTerms
+
+UPSCALE_FACTOR = 4
+
+
+def low_resolution(views: list[Image.Image]) -> torch.Tensor:
+    """The upscaler's condition: each view 4x smaller (bicubic), in [-1, 1]."""
+    return pixels([view.resize((view.width // UPSCALE_FACTOR, view.height // UPSCALE_FACTOR), Image.Resampling.BICUBIC) for view in views])
+
+
+def noised_condition(low_res: torch.Tensor, noise: torch.Tensor, noise_levels: torch.Tensor, low_res_scheduler) -> torch.Tensor:
+    """Noise augmentation of the condition, exactly as StableDiffusionUpscalePipeline applies it."""
+    return low_res_scheduler.add_noise(low_res, noise, noise_levels)
+
+
+def draw_noise_levels(count: int, levels: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    low, high = levels
+    return torch.randint(low, high + 1, (count,), generator=generator)
+
+
+def load_upscaler(reference: str, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32):
+    from diffusers import StableDiffusionUpscalePipeline
+
+    from dreambooth.models import best_device, resolve_model_source
+
+    try:
+        pipeline = StableDiffusionUpscalePipeline.from_pretrained(resolve_model_source(reference), dtype=dtype)
+    except (OSError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InputError(f"superres.base: cannot load the upscaler {reference!r} ({reason})") from None
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device or best_device())
+
+
+def finetune_upscaler(
+    instance_dir: Path,
+    class_dir: Optional[Path],
+    identifier: str,
+    config: RunConfig,
+    output_dir: Path,
+    on_log: Optional[OnLog] = None,
+) -> FinetuneResult:
+    """Fine-tune config.superres.base on the subject; write a StableDiffusionUpscalePipeline folder."""
+    from accelerate import PartialState
+    from diffusers import DDPMScheduler
+
+    settings = config.superres
+    training = settings.training
+    instance_images = list_images(instance_dir)
+    if not instance_images:
+        raise InputError(f"{instance_dir}: no subject images (run the ingest stage first)")
+    use_prior = settings.prior_preservation and training.prior_loss_weight > 0 and class_dir is not None
+    class_images = list_images(class_dir) if use_prior else []
+    use_prior = use_prior and bool(class_images)
+
+    device = PartialState().device
+    pipeline = load_upscaler(settings.base, device)
+    if settings.train_noise_levels[1] > pipeline.config.max_noise_level:
+        raise InputError(
+            f"superres.train_noise_levels: {settings.train_noise_levels[1]} exceeds the upscaler's "
+            f"max_noise_level {pipeline.config.max_noise_level}"
+        )
+    unet, vae, text_encoder, tokenizer = pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    low_res_scheduler = pipeline.low_res_scheduler
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+
+    def prepare(paths: list[Path]):
+        views = training_views(paths, settings.resolution, training.center_crop, training.random_flip)
+        return encode_views(vae, views), low_resolution(views)
+    instance_latents, instance_low = prepare(instance_images)
+    class_latents, class_low = prepare(class_images) if use_prior else (None, None)
+    vae.to("cpu")
+
+    subject = config.subject
+    instance_prompt = subject.prompt_template.format(identifier=identifier, class_noun=subject.class_noun)
+    class_prompt = subject.class_prompt_template.format(class_noun=subject.class_noun)
+    batch = training.batch_size
+    prompts = [instance_prompt] * batch + ([class_prompt] * batch if use_prior else [])
+    with torch.no_grad():
+        tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+        embeddings = text_encoder(tokens.input_ids.to(device))[0]
+    text_encoder.to("cpu")
+    if training.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    scaling_factor = vae.config.scaling_factor
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+
+    def compute_loss(modules, step: int, generator: torch.Generator) -> LossTerms:
+        picked = torch.randint(len(instance_latents), (batch,), generator=generator)
+        latents, low = instance_latents.sample(picked, generator, scaling_factor), instance_low[picked]
+        if class_latents is not None:
+            picked_class = torch.randint(len(class_latents), (batch,), generator=generator)
+            latents = torch.cat([latents, class_latents.sample(picked_class, generator, scaling_factor)])
+            low = torch.cat([low, class_low[picked_class]])
+        levels = draw_noise_levels(latents.shape[0], settings.train_noise_levels, generator)
+        condition = noised_condition(low, torch.randn(low.shape, generator=generator), levels, low_res_scheduler)
+        drawn = DenoisingBatch(
+            latents=latents,
+            noise=torch.randn(latents.shape, generator=generator).to(device),
+            timesteps=torch.randint(num_train_timesteps, (latents.shape[0],), generator=generator).to(device),
+            embeddings=embeddings,
+            num_instance=batch,
+            condition=condition.to(device),
+            class_labels=levels.to(device),
+        )
+        return denoising_loss(modules["unet"], noise_scheduler, drawn, training.prior_loss_weight)
+
+    fingerprint = training_fingerprint(
+        ["superres", settings.model_dump(), subject.class_noun, identifier], instance_images, class_images
+    )
+    checkpoints = Path(config.storage.work_dir) / "checkpoints" / fingerprint
+    result = train({"unet": unet}, {"unet": training.learning_rate}, compute_loss, training, checkpoints, on_log, "super-resolution")
+
+    if PartialState().is_main_process:
+        pipeline.unet = result.modules["unet"]
+        pipeline.to("cpu")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        pipeline.save_pretrained(output_dir, safe_serialization=True)
+        metadata = {
+            "identifier": identifier,
+            "class_noun": subject.class_noun,
+            "instance_prompt": instance_prompt,
+            "base_upscaler": settings.base,
+            "resolution": settings.resolution,
+            "train_noise_levels": list(settings.train_noise_levels),
+            "inference_noise_level": settings.inference_noise_level,
+            "steps": training.max_steps,
+        }
+        (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+        if not training.keep_checkpoints:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+    images_per_step = batch * training.gradient_accumulation_steps * (2 if use_prior else 1)
+    return FinetuneResult(
+        model_dir=str(output_dir),
+        steps=result.steps_completed,
+        resumed_from_step=result.resumed_from_step,
+        steps_per_second=result.steps_per_second,
+        images_per_second=result.steps_per_second * images_per_step,
+        seconds=result.seconds,
+        final_loss=result.final_loss,
+    )
+
+
+def upscale(pipeline, prompts: list[str], images: list[Image.Image], noise_level: int, sampler, seed: int = 0) -> list[Image.Image]:
+    """Upscale each image with its prompt, seeded per image, in batches."""
+    upscaled = []
+    for start in range(0, len(images), sampler.batch_size):
+        chunk = slice(start, start + sampler.batch_size)
+        upscaled += pipeline(
+            prompt=prompts[chunk],
+            image=images[chunk],
+            noise_level=noise_level,
+            num_inference_steps=sampler.num_inference_steps,
+            guidance_scale=sampler.guidance_scale,
+            generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(start, start + len(images[chunk]))],
+        ).images
+    return upscaled
