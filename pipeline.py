@@ -1,7 +1,9 @@
 """DreamBooth as a Kubeflow pipeline: the DAG, and the command line that compiles or runs it.
 
     ingest -> class priors -> fine-tune -> samples
-                                       \-> evaluate     (an exit handler closes the MLflow run)
+                                       |-> evaluate          (quality gate, model registry)
+                                       \-> super-resolution -> evaluate-upscaled   (when superres.enabled)
+    an exit handler closes the MLflow run
 
     python pipeline.py compile --output dreambooth.yaml [--config sd15]
     python pipeline.py run --subject-dir DIR --class-noun NOUN [--config tiny] [--output-dir outputs]
@@ -22,10 +24,12 @@ from kfp import dsl
 
 from components.class_priors import class_priors
 from components.evaluate import evaluate
+from components.evaluate_upscaled import evaluate_upscaled
 from components.finetune import finetune
 from components.finish_tracking import finish_tracking
 from components.ingest import ingest
 from components.samples import samples
+from components.superres import superres
 from dreambooth.config import RunConfig, load_config, require_subject
 from dreambooth.errors import InputError
 
@@ -36,7 +40,7 @@ JOB_NAME = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="DreamBooth subject personalisation with prior preservation")
-def dreambooth_pipeline(config_json: str, subject_uri: str, tracking_uri: str):
+def dreambooth_pipeline(config_json: str, subject_uri: str, tracking_uri: str, superres_enabled: bool = True):
     tracked = dict(config_json=config_json, tracking_uri=tracking_uri)
     close_run = finish_tracking(**tracked, job_id=JOB_ID)
     with dsl.ExitHandler(close_run, name="dreambooth-run"):
@@ -51,7 +55,22 @@ def dreambooth_pipeline(config_json: str, subject_uri: str, tracking_uri: str):
         )
         sampled = samples(**job, model=tuned.outputs["model"])
         scored = evaluate(**job, model=tuned.outputs["model"], subject_images=subject.outputs["subject_images"])
-    for task in (close_run, subject, priors, tuned, sampled, scored):
+        tasks = [close_run, subject, priors, tuned, sampled, scored]
+        with dsl.If(superres_enabled == True, name="superres-enabled"):  # noqa: E712 (a KFP condition, not Python)
+            upscaled = superres(
+                **job,
+                subject_images=subject.outputs["subject_images"],
+                class_images=priors.outputs["class_images"],
+                model=tuned.outputs["model"],
+            )
+            cascade = evaluate_upscaled(
+                **job,
+                model=tuned.outputs["model"],
+                upscaler=upscaled.outputs["upscaler"],
+                subject_images=subject.outputs["subject_images"],
+            )
+            tasks += [upscaled, cascade]
+    for task in tasks:
         task.set_caching_options(False)  # every task writes to MLflow: never skip it
 
 
@@ -83,7 +102,12 @@ def compile_pipeline(config: RunConfig, output: Path, subject_uri: str = "", tra
     compiler.Compiler().compile(
         dreambooth_pipeline,
         str(output),
-        pipeline_parameters={"config_json": config.to_json(), "subject_uri": subject_uri, "tracking_uri": tracking_uri},
+        pipeline_parameters={
+            "config_json": config.to_json(),
+            "subject_uri": subject_uri,
+            "tracking_uri": tracking_uri,
+            "superres_enabled": config.superres.enabled,
+        },
     )
     return output
 
@@ -111,13 +135,19 @@ def run_locally(config: RunConfig, subject_dir: Path, output_dir: Path) -> int:
     pipeline_root.mkdir(parents=True, exist_ok=True)
     before = set(pipeline_root.glob(f"{PIPELINE_NAME}-*"))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=False)
-    dreambooth_pipeline(config_json=config.to_json(), subject_uri=str(subject_dir.resolve()), tracking_uri=tracking_uri)
+    dreambooth_pipeline(
+        config_json=config.to_json(),
+        subject_uri=str(subject_dir.resolve()),
+        tracking_uri=tracking_uri,
+        superres_enabled=config.superres.enabled,
+    )
 
     job_dir = _latest_job_dir(pipeline_root, before)
     parent = find_parent_run(tracking_uri, config.tracking.experiment, job_name=job_dir.name)
     model_dir = job_dir / "finetune" / "model"
     grid = job_dir / "samples" / "sample_images" / "samples-grid.png"
     report = job_dir / "evaluate" / "evaluation" / "report.md"
+    upscaler_dir = job_dir / "superres" / "upscaler"
     print()
     print(f"job:          {job_dir.name}")
     if parent is not None:
@@ -131,6 +161,8 @@ def run_locally(config: RunConfig, subject_dir: Path, output_dir: Path) -> int:
         return 1
     print(f"model:        {model_dir}")
     print(f"sample grid:  {grid}")
+    if (upscaler_dir / "model_index.json").is_file():
+        print(f"upscaler:     {upscaler_dir}")
     if report.is_file():
         print(f"evaluation:   {report}")
         print(f"quality gate: {_gate_line(parent)}")

@@ -193,3 +193,34 @@ def upscale(pipeline, prompts: list[str], images: list[Image.Image], noise_level
             generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(start, start + len(images[chunk]))],
         ).images
     return upscaled
+
+
+def upscale_comparison_grid(subject_dir: Path, model_dir: Path, upscaler_dir: Path, identifier: str, config: RunConfig) -> Image.Image:
+    """Rows: subject photos (held in) and fine-tuned samples; columns: low-res input, generic, personalised."""
+    from dreambooth.generation import generate, load_sampling_pipeline
+    from dreambooth.images import labelled_grid
+    from dreambooth.models import inference_dtype
+
+    settings = config.superres
+    prompt = config.subject.prompt_template.format(identifier=identifier, class_noun=config.subject.class_noun)
+    views = training_views(list_images(subject_dir)[:2], settings.resolution, True, False)
+    inputs = [view.resize((view.width // UPSCALE_FACTOR, view.height // UPSCALE_FACTOR), Image.Resampling.BICUBIC) for view in views]
+    sample_prompt = config.samples.prompts[0].format(identifier=identifier, class_noun=config.subject.class_noun)
+    base = load_sampling_pipeline(str(model_dir), config.samples.sampler)
+    inputs += generate(base, [(sample_prompt, config.samples.sampler.seed)], config.samples.sampler, config.model.resolution)
+    del base
+    prompts = [prompt] * (len(inputs) - 1) + [sample_prompt]
+    dtype = inference_dtype(settings.sampler.precision)
+    outputs = {}
+    for label, reference in (("generic upscaler", settings.base), ("personalised upscaler", str(upscaler_dir))):
+        pipeline = load_upscaler(reference, dtype=dtype)
+        outputs[label] = upscale(pipeline, prompts, inputs, settings.inference_noise_level, settings.sampler, settings.sampler.seed)
+        del pipeline
+    rows = []
+    for i, (text, low) in enumerate(zip(prompts, inputs)):
+        title = f"subject photo {i}: {text}" if i < len(views) else f"fine-tuned sample: {text}"
+        size = outputs["personalised upscaler"][i].size
+        cells = [(f"low-res input ({low.width} px)", low.resize(size, Image.Resampling.NEAREST))]
+        cells += [(f"{label} ({size[0]} px)", images[i]) for label, images in outputs.items()]
+        rows.append((title, cells))
+    return labelled_grid(rows)

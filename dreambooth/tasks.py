@@ -199,6 +199,71 @@ def evaluate_task(
     return EvaluationOutcome(metrics=flat, report_markdown=report, registered=registered)
 
 
+@exit_on_user_error
+def superres_task(
+    config_json: str, tracking_uri: str, job_id: str, job_name: str,
+    subject_dir: str, class_dir: str, model_dir: str, output_dir: str,
+) -> None:
+    """Fine-tune the upscaler on the subject; log its loss curves and a low-res / generic / personalised grid."""
+    import tempfile
+
+    from dreambooth.ingest import read_manifest
+    from dreambooth.superres import finetune_upscaler, upscale_comparison_grid
+
+    config = RunConfig.from_json(config_json)
+    identifier = read_manifest(Path(subject_dir))["identifier"]["identifier"]
+    with _open("super-resolution", config, tracking_uri, job_id, job_name) as run:
+        run.set_tags({
+            "dreambooth.superres_noise_levels": str(list(config.superres.train_noise_levels)),
+            "dreambooth.superres_inference_noise_level": str(config.superres.inference_noise_level),
+        })
+        result = finetune_upscaler(
+            Path(subject_dir), Path(class_dir) if config.priors.enabled else None, identifier, config,
+            Path(output_dir), on_log=run.log_step_metrics,
+        )
+        run.flush()
+        run.log_metrics({
+            "superres_steps_per_second": result.steps_per_second,
+            "superres_seconds": result.seconds,
+            **{f"superres_final_{key}": value for key, value in result.final_loss.items()},
+        }, on_parent=True)
+        with tempfile.TemporaryDirectory() as scratch:
+            grid = Path(scratch) / "superres-comparison.png"
+            upscale_comparison_grid(Path(subject_dir), Path(model_dir), Path(output_dir), identifier, config).save(grid)
+            run.log_file(grid, on_parent=True)
+        run.log_folder(Path(output_dir), "upscaler")
+
+
+@exit_on_user_error
+def evaluate_upscaled_task(
+    config_json: str, tracking_uri: str, job_id: str, job_name: str,
+    model_dir: str, upscaler_dir: str, subject_dir: str, output_dir: str,
+) -> EvaluationOutcome:
+    """Score the two-stage cascade with the generic and with the personalised upscaler."""
+    from dreambooth.evaluation.evaluate import evaluate_model
+
+    config = RunConfig.from_json(config_json)
+    metrics: dict[str, float] = {}
+    lines = ["# DreamBench evaluation of the upscaled cascade", "", "| upscaler | resolution | DINO | CLIP-I | CLIP-T | DIV |", "|---|---|---|---|---|---|"]
+    with _open("evaluate-upscaled", config, tracking_uri, job_id, job_name) as run:
+        for label, upscaler in (("generic", config.superres.base), ("personalised", upscaler_dir)):
+            result = evaluate_model(model_dir, Path(subject_dir), config, Path(output_dir) / label, upscaler=upscaler)
+            values = {name: result.overall[name] for name in ("dino", "clip_i", "clip_t", "div")}
+            metrics.update({f"eval/upscaled_{label}/{name}": value for name, value in values.items()})
+            lines.append(
+                f"| {label} (`{upscaler}`) | {result.settings['resolution']} px | "
+                + " | ".join(f"{values[name]:.3f}" for name in ("dino", "clip_i", "clip_t", "div")) + " |"
+            )
+            for grid in sorted((Path(output_dir) / label).glob("grid-*.png")):
+                run.log_file(grid, f"eval_grids_{label}")
+        run.log_metrics(metrics, on_parent=True)
+        report = "\n".join(lines) + "\n"
+        (Path(output_dir) / "report.md").write_text(report)
+        run.log_file(Path(output_dir) / "report.md", "upscaled")
+    flat = {key.removeprefix("eval/").replace("/", "_"): value for key, value in metrics.items()}
+    return EvaluationOutcome(metrics=flat, report_markdown=report, registered=None)
+
+
 def finish_task(config_json: str, tracking_uri: str, job_id: str, pipeline_state: str) -> None:
     config = RunConfig.from_json(config_json)
     finish_parent_run(tracking_uri, config.tracking.experiment, job_id, pipeline_state)

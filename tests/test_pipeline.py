@@ -37,7 +37,12 @@ def test_compile_writes_a_pipeline_spec_with_the_four_stages_in_order(tmp_path):
     json_format.ParseDict(spec_dict, pipeline_spec_pb2.PipelineSpec())  # a valid KFP PipelineSpec
 
     tasks = _stage_dag(spec_dict)
+    condition = tasks.pop("condition-2")
     assert sorted(tasks) == sorted(STAGES)
+    assert condition["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--superres_enabled'] == true"
+    superres_tasks = spec_dict["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
+    assert sorted(superres_tasks) == ["evaluate-upscaled", "superres"]
+    assert spec_dict["root"]["inputDefinitions"]["parameters"]["superres_enabled"]["defaultValue"] is True
     assert "dependentTasks" not in tasks["ingest"]
     assert tasks["class-priors"]["dependentTasks"] == ["ingest"]
     assert sorted(tasks["finetune"]["dependentTasks"]) == ["class-priors", "ingest"]
@@ -69,25 +74,30 @@ def test_a_bad_upload_fails_in_one_line_before_any_task_starts(subject_dir, tmp_
     assert not (tmp_path / "run" / "kfp").exists()
 
 
-def _quick_config(tmp_path, experiment="dreambooth", gate=None, **training) -> str:
+def _quick_config(tmp_path, experiment="dreambooth", gate=None, superres=True, **training) -> str:
     """The tiny config, shrunk further so a whole pipeline run takes well under a minute."""
     path = tmp_path / "quick.yaml"
     raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     raw["priors"]["num_class_images"] = 4
     raw["training"].update({"max_steps": 8, "checkpoint_every": 4, **training})
     raw["tracking"] = {"experiment": experiment}
+    raw["superres"].update({"enabled": superres, "training": {"max_steps": 6, "learning_rate": 1.0e-4, "checkpoint_every": 3}})
     raw["evaluation"].update({"max_prompts_per_category": 1, "gate": gate or raw["evaluation"]["gate"]})
     raw["samples"].update({"images_per_prompt": 1, "prompts": ["a {identifier} {class_noun} on the beach"]})
     path.write_text(yaml.safe_dump(raw))
     return str(path)
 
 
-def _check_tracked_run(client, experiment_name="dreambooth", steps=8):
+STAGE_RUNS = ["ingest", "class-priors", "fine-tune", "samples", "evaluate"]
+SUPERRES_RUNS = ["super-resolution", "evaluate-upscaled"]
+
+
+def _check_tracked_run(client, experiment_name="dreambooth", steps=8, stages=tuple(STAGE_RUNS)):
     experiment = client.get_experiment_by_name(experiment_name)
     (parent,) = client.search_runs([experiment.experiment_id], f"tags.`{TAG_STAGE}` = 'pipeline'")
     children = client.search_runs([experiment.experiment_id], f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'")
     assert parent.info.status == "FINISHED"
-    assert sorted(run.data.tags[TAG_STAGE] for run in children) == sorted(["ingest", "class-priors", "fine-tune", "samples", "evaluate"])
+    assert sorted(run.data.tags[TAG_STAGE] for run in children) == sorted(stages)
     assert all(run.info.status == "FINISHED" for run in children)
     fine_tune = next(run for run in children if run.data.tags[TAG_STAGE] == "fine-tune")
     for curve in ("loss", "instance_loss", "prior_loss", "lr"):
@@ -121,10 +131,11 @@ def _check_kfp_outputs(job_dir):
 def test_run_on_the_tiny_config_tracks_into_local_sqlite_by_default(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     strict = {"min_dino": 2.0, "min_clip_t": -1.0, "max_pres": 1.0}  # no model reaches DINO 2: rejected
-    result = _cli("run", "--config", _quick_config(tmp_path, gate=strict), "--subject-dir", str(SAMPLE_SUBJECT),
+    result = _cli("run", "--config", _quick_config(tmp_path, gate=strict, superres=False), "--subject-dir", str(SAMPLE_SUBJECT),
                   "--class-noun", "dog", "--output-dir", str(tmp_path / "outputs"), cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    printed = dict(line.split(":", 1) for line in result.stdout.splitlines()[-6:] if ":" in line)
+    printed = dict(line.split(":", 1) for line in result.stdout.splitlines()[-7:] if ":" in line)
+    assert "upscaler" not in printed  # superres.enabled: false, so the DAG skipped the stage
     model_dir = printed["model"].strip()
 
     from diffusers import DiffusionPipeline
@@ -150,8 +161,16 @@ def test_run_tracks_into_an_mlflow_server(tmp_path, mlflow_server):
                   "--output-dir", str(tmp_path / "outputs"), "--tracking-uri", mlflow_server, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"{mlflow_server}/#/experiments/" in result.stdout
-    parent = _check_tracked_run(MlflowClient(mlflow_server), "served")
+    client = MlflowClient(mlflow_server)
+    parent = _check_tracked_run(client, "served", stages=STAGE_RUNS + SUPERRES_RUNS)
     assert parent.data.tags[TAG_GATE] == "passed"
+    children = client.search_runs([parent.info.experiment_id], f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'")
+    upscaling = next(run for run in children if run.data.tags[TAG_STAGE] == "super-resolution")
+    assert [m.step for m in client.get_metric_history(upscaling.info.run_id, "loss")] == list(range(1, 7))
+    assert "superres-comparison.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    for label in ("generic", "personalised"):
+        assert f"eval/upscaled_{label}/dino" in parent.data.metrics
+    assert "upscaler:" in result.stdout
 
     import io
 

@@ -99,6 +99,16 @@ def _model_identity(model: str, config: RunConfig, identifier: Optional[str], cl
     return identifier, class_noun, metadata.get("base_model") or config.model.base
 
 
+def upscale_images(upscaler: str, prompts: list[str], images: list[Image.Image], config: RunConfig) -> list[Image.Image]:
+    """The second stage of the cascade, at the configured inference noise level."""
+    from dreambooth.models import inference_dtype
+    from dreambooth.superres import load_upscaler, upscale
+
+    settings = config.superres
+    pipeline = load_upscaler(upscaler, dtype=inference_dtype(settings.sampler.precision))
+    return upscale(pipeline, prompts, images, settings.inference_noise_level, settings.sampler, settings.sampler.seed)
+
+
 def _limit_per_category(prompts: list[EvaluationPrompt], limit: Optional[int]) -> list[EvaluationPrompt]:
     if limit is None:
         return prompts
@@ -134,8 +144,13 @@ def evaluate_model(
     output_dir: Path,
     identifier: Optional[str] = None,
     class_noun: Optional[str] = None,
+    upscaler: Optional[str] = None,
 ) -> EvaluationResult:
-    """Generate, score and write images, grids and evaluation.json to output_dir."""
+    """Generate, score and write images, grids and evaluation.json to output_dir.
+
+    With `upscaler` (a StableDiffusionUpscalePipeline folder or hub id), every prompt image is
+    upscaled 4x before it is scored: the two-stage cascade, measured at the higher resolution.
+    """
     settings = config.evaluation
     identifier, class_noun, base_model = _model_identity(model, config, identifier, class_noun)
     live = settings.live_subject if settings.live_subject is not None else is_live_subject(class_noun)
@@ -157,8 +172,10 @@ def evaluate_model(
     pipeline = load_sampling_pipeline(base_model, sampler, config.model.revision)
     pres_base_images = generate(pipeline, pres_requests, sampler, config.model.resolution)
     del pipeline
-    generation_seconds = time.perf_counter() - started
     images, pres_images = generated[: len(requests)], generated[len(requests) :]
+    if upscaler:
+        images = upscale_images(upscaler, [text for text, _ in requests], images, config)
+    generation_seconds = time.perf_counter() - started
 
     # 2. Scoring: every encoder call is batched; the real photos are embedded once.
     started = time.perf_counter()
@@ -239,6 +256,8 @@ def evaluate_model(
             "num_inference_steps": sampler.num_inference_steps,
             "guidance_scale": sampler.guidance_scale,
             "base_model": base_model,
+            "upscaler": upscaler,
+            "resolution": images[0].width,
         },
         throughput={
             "generation_images_per_second": (len(generated) + len(pres_base_images)) / max(generation_seconds, 1e-9),

@@ -1,0 +1,28 @@
+from kfp import dsl
+
+from components.image import COMPONENT_IMAGE
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def evaluate_upscaled(
+    config_json: str,
+    tracking_uri: str,
+    job_id: str,
+    job_name: str,
+    model: dsl.Input[dsl.Model],
+    upscaler: dsl.Input[dsl.Model],
+    subject_images: dsl.Input[dsl.Dataset],
+    evaluation: dsl.Output[dsl.Artifact],
+    metrics: dsl.Output[dsl.Metrics],
+    report: dsl.Output[dsl.Markdown],
+):
+    """DreamBench scores of the cascade at 4x resolution, with the generic and the personalised upscaler."""
+    from dreambooth.tasks import evaluate_upscaled_task
+
+    outcome = evaluate_upscaled_task(
+        config_json, tracking_uri, job_id, job_name, model.path, upscaler.path, subject_images.path, evaluation.path
+    )
+    for name, value in outcome.metrics.items():
+        metrics.log_metric(name, value)
+    with open(report.path, "w") as markdown:
+        markdown.write(outcome.report_markdown)
