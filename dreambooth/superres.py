@@ -180,18 +180,22 @@ def finetune_upscaler(
 
 
 def upscale(pipeline, prompts: list[str], images: list[Image.Image], noise_level: int, sampler, seed: int = 0) -> list[Image.Image]:
-    """Upscale each image with its prompt, seeded per image, in batches."""
-    upscaled = []
-    for start in range(0, len(images), sampler.batch_size):
-        chunk = slice(start, start + sampler.batch_size)
+    """Upscale each image with its prompt, seeded per image, in batches of same-sized images."""
+    upscaled: list[Image.Image] = []
+    start = 0
+    while start < len(images):
+        end = start + 1
+        while end < len(images) and end - start < sampler.batch_size and images[end].size == images[start].size:
+            end += 1
         upscaled += pipeline(
-            prompt=prompts[chunk],
-            image=images[chunk],
+            prompt=prompts[start:end],
+            image=images[start:end],
             noise_level=noise_level,
             num_inference_steps=sampler.num_inference_steps,
             guidance_scale=sampler.guidance_scale,
-            generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(start, start + len(images[chunk]))],
+            generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(start, end)],
         ).images
+        start = end
     return upscaled
 
 

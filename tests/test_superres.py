@@ -100,3 +100,14 @@ def test_the_output_loads_as_an_upscaler_and_upscales(subject, make_config, tmp_
     pipeline = StableDiffusionUpscalePipeline.from_pretrained(tmp_path / "upscaler")
     image = pipeline(f"a {identifier} dog", image=Image.new("RGB", (16, 16), "white"), num_inference_steps=2, noise_level=5).images[0]
     assert image.size == (64, 64) and np.asarray(image).std() > 0
+
+
+def test_upscaling_keeps_each_image_at_four_times_its_own_size(model_cache):
+    from dreambooth.config import SamplerSettings
+    from dreambooth.superres import load_upscaler, upscale
+
+    pipeline = load_upscaler("tiny://sd-upscaler")
+    images = [Image.new("RGB", (16, 16), "red"), Image.new("RGB", (16, 16), "blue"), Image.new("RGB", (24, 24), "green")]
+    sampler = SamplerSettings(scheduler="DDIMScheduler", num_inference_steps=2, batch_size=4)
+    upscaled = upscale(pipeline, ["a dog"] * 3, images, noise_level=5, sampler=sampler)
+    assert [image.size for image in upscaled] == [(64, 64), (64, 64), (96, 96)]
