@@ -19,6 +19,7 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 from kfp import dsl
 
@@ -28,9 +29,10 @@ from components.evaluate_upscaled import evaluate_upscaled
 from components.finetune import finetune
 from components.finish_tracking import finish_tracking
 from components.ingest import ingest
+from components.platform import apply_cluster_settings
 from components.samples import samples
 from components.superres import superres
-from dreambooth.config import RunConfig, load_config, require_subject
+from dreambooth.config import ClusterSettings, RunConfig, load_config, require_subject
 from dreambooth.errors import InputError
 
 PIPELINE_NAME = "dreambooth"
@@ -39,39 +41,49 @@ JOB_ID = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 JOB_NAME = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
 
 
-@dsl.pipeline(name=PIPELINE_NAME, description="DreamBooth subject personalisation with prior preservation")
-def dreambooth_pipeline(config_json: str, subject_uri: str, tracking_uri: str, superres_enabled: bool = True):
-    tracked = dict(config_json=config_json, tracking_uri=tracking_uri)
-    close_run = finish_tracking(**tracked, job_id=JOB_ID)
-    with dsl.ExitHandler(close_run, name="dreambooth-run"):
-        job = dict(**tracked, job_id=JOB_ID, job_name=JOB_NAME)
-        subject = ingest(**job, subject_uri=subject_uri)
-        # After ingest: a bad upload must fail before any GPU time is spent on priors.
-        priors = class_priors(**job).after(subject)
-        tuned = finetune(
-            **job,
-            subject_images=subject.outputs["subject_images"],
-            class_images=priors.outputs["class_images"],
-        )
-        sampled = samples(**job, model=tuned.outputs["model"])
-        scored = evaluate(**job, model=tuned.outputs["model"], subject_images=subject.outputs["subject_images"])
-        tasks = [close_run, subject, priors, tuned, sampled, scored]
-        with dsl.If(superres_enabled == True, name="superres-enabled"):  # noqa: E712 (a KFP condition, not Python)
-            upscaled = superres(
+def build_pipeline(cluster: Optional[ClusterSettings] = None):
+    """The DAG; with `cluster`, every task also carries its Kubernetes settings (image, GPUs, secrets...)."""
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="DreamBooth subject personalisation with prior preservation")
+    def dreambooth_pipeline(config_json: str, subject_uri: str, tracking_uri: str, superres_enabled: bool = True):
+        tracked = dict(config_json=config_json, tracking_uri=tracking_uri)
+        close_run = finish_tracking(**tracked, job_id=JOB_ID)
+        with dsl.ExitHandler(close_run, name="dreambooth-run"):
+            job = dict(**tracked, job_id=JOB_ID, job_name=JOB_NAME)
+            subject = ingest(**job, subject_uri=subject_uri)
+            # After ingest: a bad upload must fail before any GPU time is spent on priors.
+            priors = class_priors(**job).after(subject)
+            tuned = finetune(
                 **job,
                 subject_images=subject.outputs["subject_images"],
                 class_images=priors.outputs["class_images"],
-                model=tuned.outputs["model"],
             )
-            cascade = evaluate_upscaled(
-                **job,
-                model=tuned.outputs["model"],
-                upscaler=upscaled.outputs["upscaler"],
-                subject_images=subject.outputs["subject_images"],
-            )
-            tasks += [upscaled, cascade]
-    for task in tasks:
-        task.set_caching_options(False)  # every task writes to MLflow: never skip it
+            sampled = samples(**job, model=tuned.outputs["model"])
+            scored = evaluate(**job, model=tuned.outputs["model"], subject_images=subject.outputs["subject_images"])
+            stages = {
+                "finish-tracking": close_run, "ingest": subject, "class-priors": priors,
+                "finetune": tuned, "samples": sampled, "evaluate": scored,
+            }
+            with dsl.If(superres_enabled == True, name="superres-enabled"):  # noqa: E712 (a KFP condition)
+                upscaled = superres(
+                    **job,
+                    subject_images=subject.outputs["subject_images"],
+                    class_images=priors.outputs["class_images"],
+                    model=tuned.outputs["model"],
+                )
+                stages["superres"] = upscaled
+                stages["evaluate-upscaled"] = evaluate_upscaled(
+                    **job,
+                    model=tuned.outputs["model"],
+                    upscaler=upscaled.outputs["upscaler"],
+                    subject_images=subject.outputs["subject_images"],
+                )
+        for stage, task in stages.items():
+            task.set_caching_options(False)  # every task writes to MLflow: never skip it
+            if cluster is not None:
+                apply_cluster_settings(task, stage, cluster)
+
+    return dreambooth_pipeline
 
 
 # ---------------------------------------------------------------- command line
@@ -100,7 +112,7 @@ def compile_pipeline(config: RunConfig, output: Path, subject_uri: str = "", tra
     from kfp import compiler
 
     compiler.Compiler().compile(
-        dreambooth_pipeline,
+        build_pipeline(config.cluster),
         str(output),
         pipeline_parameters={
             "config_json": config.to_json(),
@@ -135,7 +147,7 @@ def run_locally(config: RunConfig, subject_dir: Path, output_dir: Path) -> int:
     pipeline_root.mkdir(parents=True, exist_ok=True)
     before = set(pipeline_root.glob(f"{PIPELINE_NAME}-*"))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=False)
-    dreambooth_pipeline(
+    build_pipeline()(  # kfp.local runs tasks as local processes: no cluster settings
         config_json=config.to_json(),
         subject_uri=str(subject_dir.resolve()),
         tracking_uri=tracking_uri,

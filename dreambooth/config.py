@@ -190,6 +190,51 @@ class TrackingSettings(Section):
     experiment: str = "dreambooth"
 
 
+class StageResources(Section):
+    """What one pipeline stage asks of the cluster."""
+
+    gpus: int = Field(default=0, ge=0)
+    cpu: str = "2"
+    memory: str = "8G"
+    timeout_seconds: int = Field(default=3600, gt=0)
+    retries: int = Field(default=0, ge=0)
+    retry_backoff_seconds: int = Field(default=60, ge=0)
+
+
+class SecretReference(Section):
+    """A key of a Kubernetes Secret: the name travels in the YAML, never the value."""
+
+    name: str
+    key: str
+    env: str
+
+
+class ClusterSettings(Section):
+    """Kubernetes settings compiled into the pipeline (kfp-kubernetes); ignored by local runs."""
+
+    # The component image, pinned by digest: a tag alone lets KFP serve stale cached steps.
+    image: str
+    gpu_type: str = "nvidia.com/gpu"
+    node_selector: dict[str, str] = {}
+    gpu_toleration_key: Optional[str] = "nvidia.com/gpu"  # tolerated (Exists, NoSchedule) by GPU stages
+    shm_size: str = "8Gi"
+    model_cache_pvc: Optional[str] = None  # mounted at /cache (HF_HOME lives there in the image)
+    secrets: list[SecretReference] = []
+    run_as_user: int = 1000
+    service_account: Optional[str] = None  # the Workload Identity KSA runs are submitted with
+    stages: dict[str, StageResources] = {}
+
+    @field_validator("image")
+    @classmethod
+    def _pinned(cls, image: str) -> str:
+        if "@sha256:" not in image:
+            raise ValueError(f"{image!r} is not pinned by digest (IMAGE@sha256:...)")
+        return image
+
+    def resources(self, stage: str) -> StageResources:
+        return self.stages.get(stage, StageResources())
+
+
 class StorageSettings(Section):
     # Stable across runs: class-prior caches and training checkpoints live here so a
     # re-run or a retried task resumes instead of starting over.
@@ -208,6 +253,7 @@ class RunConfig(Section):
     evaluation: EvaluationSettings = EvaluationSettings()
     tracking: TrackingSettings = TrackingSettings()
     storage: StorageSettings = StorageSettings()
+    cluster: Optional[ClusterSettings] = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
@@ -262,17 +308,33 @@ def resolve_config_path(name_or_path: str) -> Path:
     return CONFIG_DIR / f"{name_or_path}.yaml"
 
 
-def load_config(name_or_path: str, overrides: Optional[dict] = None) -> RunConfig:
-    """Load a YAML config and apply nested overrides; raise InputError naming the bad setting."""
-    path = resolve_config_path(name_or_path)
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's settings, on top of the file it `extends` (e.g. a cluster config over sd15)."""
     if not path.is_file():
         raise InputError(f"{path}: config file not found")
+    if path.resolve() in seen:
+        raise InputError(f"{path}: `extends` loops back to itself")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise InputError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected a mapping of settings at the top level")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    # A name (sd15) is a shipped config; a file name or path is relative to the extending file.
+    named = resolve_config_path(parent)
+    parent_path = named if named.parent == CONFIG_DIR else path.parent / parent
+    base = _read_yaml(parent_path, seen + (path.resolve(),))
+    base.pop("name", None)
+    return _merge(base, raw)
+
+
+def load_config(name_or_path: str, overrides: Optional[dict] = None) -> RunConfig:
+    """Load a YAML config and apply nested overrides; raise InputError naming the bad setting."""
+    path = resolve_config_path(name_or_path)
+    raw = _read_yaml(path)
     raw.setdefault("name", path.stem)
     try:
         return RunConfig.model_validate(_merge(raw, overrides or {}))

@@ -1,0 +1,92 @@
+"""Cluster readiness: the compiled platform spec, secrets by reference only, and a lint-clean image."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO
+from dreambooth.config import load_config
+from dreambooth.errors import InputError
+
+GPU_STAGES = ["class-priors", "finetune", "superres", "samples", "evaluate", "evaluate-upscaled"]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compiled") / "dreambooth.yaml"
+    # A token in the environment must never reach the YAML: only the Secret's name and key may.
+    env = {**os.environ, "HF_TOKEN": "hf_live_secret_value_do_not_leak"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "pipeline.py"), "compile", "--config", "gke-sd15", "--output", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    pipeline_spec, platform_spec = yaml.safe_load_all(text)
+    return text, pipeline_spec, platform_spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_gpu_stages_get_gpus_node_pool_toleration_and_shared_memory(compiled):
+    _, pipeline_spec, executors = compiled
+    for stage in GPU_STAGES:
+        container = pipeline_spec["deploymentSpec"]["executors"][f"exec-{stage}"]["container"]
+        assert container["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+        assert container["resources"]["accelerator"]["resourceCount"] == "1"
+        platform = executors[f"exec-{stage}"]
+        assert platform["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in platform["tolerations"]
+        assert {"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory", "sizeLimit": "16Gi"} in platform["emptyDirMounts"]
+    assert "nodeSelector" not in executors["exec-ingest"]  # CPU stages stay off the GPU pool
+
+
+def test_every_stage_is_non_root_time_limited_and_pinned(compiled):
+    _, pipeline_spec, executors = compiled
+    for name, executor in pipeline_spec["deploymentSpec"]["executors"].items():
+        assert "@sha256:" in executor["container"]["image"]
+        assert executors[name]["securityContext"] == {"runAsNonRoot": True, "runAsUser": "1000"}
+        assert int(executors[name]["activeDeadlineSeconds"]) > 0
+        assert executors[name]["pvcMount"][0]["mountPath"] == "/cache"
+
+
+def test_secrets_travel_by_reference_only(compiled):
+    text, _, executors = compiled
+    reference = executors["exec-finetune"]["secretAsEnv"][0]
+    assert reference["secretName"] == "huggingface" and reference["keyToEnv"] == [{"secretKey": "token", "envVar": "HF_TOKEN"}]
+    assert "hf_live_secret_value_do_not_leak" not in text
+    for leak in ("private_key", "BEGIN PRIVATE KEY", "GOOGLE_APPLICATION_CREDENTIALS", "service_account.json"):
+        assert leak not in text
+
+
+def test_gpu_stages_retry_for_longer_than_they_run(compiled):
+    _, pipeline_spec, _ = compiled
+    tasks = pipeline_spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    policy = tasks["finetune"]["retryPolicy"]
+    assert policy["maxRetryCount"] == 2
+    window = int(policy["backoffMaxDuration"].rstrip("s"))
+    assert window > 3 * 10800  # three attempts of a 3-hour fine-tune fit; KFP's default 3600 s would not
+
+
+def test_a_tag_without_a_digest_is_refused(tmp_path):
+    config = tmp_path / "cluster.yaml"
+    config.write_text("extends: sd15\ncluster:\n  image: registry.example/dreambooth-kfp:latest\n")
+    with pytest.raises(InputError, match=r"cluster\.image: .*not pinned by digest"):
+        load_config(str(config))
+
+
+def test_extends_layers_a_config_over_another_and_refuses_loops(tmp_path):
+    config = load_config("gke-sd15")
+    assert config.training.learning_rate == 5e-6 and config.cluster.service_account == "dreambooth-pipeline-runner"
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(InputError, match="loops back"):
+        load_config(str(tmp_path / "a.yaml"))
+
+
+def test_the_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint") or str(REPO / ".venv" / "bin" / "hadolint")
+    result = subprocess.run([hadolint, str(REPO / "docker" / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
