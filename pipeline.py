@@ -9,6 +9,8 @@
     python pipeline.py run --subject-dir DIR --class-noun NOUN [--config tiny] [--output-dir outputs]
     python pipeline.py ingest --subject-dir DIR --class-noun NOUN --output-dir DIR
     python pipeline.py evaluate --model DIR --subject-dir DIR --class-noun NOUN [--identifier TOKEN]
+    python pipeline.py submit --host URL --config gke-sd15 --subject-uri gs://... --class-noun NOUN
+    python pipeline.py schedule --host URL --cron "0 0 9 * * 1-5" --config gke-sd15 --subject-uri gs://... --class-noun NOUN
 """
 
 
@@ -97,6 +99,8 @@ def _overrides(args: argparse.Namespace) -> dict:
         overrides["subject"]["identifier"] = args.identifier
     if getattr(args, "subject_dir", None):
         overrides["subject"]["name"] = Path(args.subject_dir).resolve().name
+    if getattr(args, "subject_uri", None):
+        overrides["subject"]["name"] = args.subject_name or args.subject_uri.rstrip("/").rsplit("/", 1)[-1]
     if getattr(args, "class_images", None):
         overrides["priors"]["class_images"] = str(Path(args.class_images).resolve())
     if getattr(args, "base_model", None):
@@ -183,6 +187,68 @@ def run_locally(config: RunConfig, subject_dir: Path, output_dir: Path) -> int:
     return 0
 
 
+CRON_FIELDS = ("second", "minute", "hour", "day of month", "month", "day of week")
+CRON_RANGES = {0: (0, 59), 1: (0, 59), 2: (0, 23), 3: (1, 31), 4: (1, 12), 5: (0, 7)}
+
+
+def validate_cron(expression: str) -> str:
+    """KFP recurring runs take 6-field cron, seconds first; refuse anything else in one line."""
+    import re
+
+    fields = expression.split()
+    example = "e.g. '0 0 9 * * 1-5' for 09:00 on weekdays"
+    if len(fields) != 6:
+        raise InputError(f"--cron: {expression!r} has {len(fields)} fields; KFP cron has 6, seconds first ({example})")
+    for index, field in enumerate(fields):
+        if not re.fullmatch(r"[0-9A-Za-z*?/,\-#LW]+", field):
+            raise InputError(f"--cron: {CRON_FIELDS[index]} field {field!r} has characters cron does not use")
+        low, high = CRON_RANGES[index]
+        for number in re.findall(r"\d+", field.split("/")[0]):
+            if not low <= int(number) <= high:
+                raise InputError(f"--cron: {CRON_FIELDS[index]} {number} is outside {low}-{high} ({example})")
+    return expression
+
+
+def _run_parameters(config: RunConfig, subject_uri: str) -> dict:
+    return {
+        "config_json": config.to_json(),
+        "subject_uri": subject_uri,
+        "tracking_uri": config.tracking.uri or "",
+        "superres_enabled": config.superres.enabled,
+    }
+
+
+def submit(config: RunConfig, host: str, experiment: str, subject_uri: str, run_name: Optional[str], cron: Optional[str]) -> int:
+    """Compile with the cluster settings and create a run (or a recurring run) on a KFP v2 host."""
+    import kfp
+
+    if config.cluster is None:
+        raise InputError(f"config {config.name!r}: no `cluster` section; submit a cluster config (e.g. --config gke-sd15)")
+    if cron is not None:
+        validate_cron(cron)
+    client = kfp.Client(host=host)
+    with tempfile.TemporaryDirectory() as scratch:
+        package = compile_pipeline(config, Path(scratch) / "dreambooth.yaml")
+        parameters = _run_parameters(config, subject_uri)
+        account = config.cluster.service_account or ""
+        name = run_name or f"dreambooth-{config.subject.name}-{config.subject.class_noun}"
+        if cron is None:
+            result = client.create_run_from_pipeline_package(
+                str(package), arguments=parameters, run_name=name, experiment_name=experiment, service_account=account
+            )
+            print(f"run:          {result.run_id}")
+            print(f"url:          {host.rstrip('/')}/#/runs/details/{result.run_id}")
+            return 0
+        experiment_id = client.create_experiment(experiment).experiment_id
+        recurring = client.create_recurring_run(
+            experiment_id=experiment_id, job_name=name, cron_expression=cron, pipeline_package_path=str(package),
+            params=parameters, service_account=account,
+        )
+        print(f"recurring run: {recurring.recurring_run_id} ({cron})")
+        print(f"url:           {host.rstrip('/')}/#/recurringrun/details/{recurring.recurring_run_id}")
+        return 0
+
+
 def _gate_line(parent) -> str:
     from dreambooth.tracking import TAG_GATE, TAG_GATE_REASON
 
@@ -246,6 +312,18 @@ def _parser() -> argparse.ArgumentParser:
 
     with_subject(with_config(commands.add_parser("ingest", help="validate and normalise an upload only")), True)
 
+    for command, text in (("submit", "compile and create a run on a KFP host"), ("schedule", "create a recurring run")):
+        cluster_cmd = with_config(commands.add_parser(command, help=text))
+        cluster_cmd.add_argument("--host", required=True, help="the KFP API endpoint, e.g. https://kfp.example.com/pipeline")
+        cluster_cmd.add_argument("--experiment", default="dreambooth")
+        cluster_cmd.add_argument("--subject-uri", required=True, help="the subject photos as the cluster sees them (gs://...)")
+        cluster_cmd.add_argument("--subject-name", help="label for runs and tags (default: the URI's last part)")
+        cluster_cmd.add_argument("--class-noun", required=True)
+        cluster_cmd.add_argument("--identifier")
+        cluster_cmd.add_argument("--run-name")
+        if command == "schedule":
+            cluster_cmd.add_argument("--cron", required=True, help="6 fields, seconds first: '0 0 9 * * 1-5'")
+
     evaluate_cmd = with_subject(with_config(commands.add_parser("evaluate", help="score a trained model by the DreamBench protocol")))
     evaluate_cmd.add_argument("--model", required=True, help="the personalised model: a diffusers folder or hub id")
     evaluate_cmd.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
@@ -262,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path} (config {config.name!r})")
             return 0
         require_subject(config)
+        if args.command in ("submit", "schedule"):
+            cron = args.cron if args.command == "schedule" else None
+            return submit(config, args.host, args.experiment, args.subject_uri, args.run_name, cron)
         if args.command == "ingest":
             return _ingest_only(config, args.subject_dir, args.output_dir)
         if args.command == "evaluate":
