@@ -109,6 +109,9 @@ class TrainingSettings(Section):
     keep_checkpoints: bool = False
     seed: int = 0
     log_every: int = Field(default=1, ge=1)
+    # Processes (one per GPU). None: every visible GPU. The effective batch stays
+    # batch_size x gradient_accumulation_steps whatever the count.
+    num_processes: Optional[int] = Field(default=None, ge=1)
 
 
 class SuperResSettings(Section):

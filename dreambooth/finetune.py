@@ -24,7 +24,7 @@ from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
 from dreambooth.images import load_rgb, resize_and_crop
 from dreambooth.models import load_pipeline, native_resolution
-from dreambooth.training.loop import OnLog, train
+from dreambooth.training.loop import OnLog, process_state, split_batch, train
 from dreambooth.training.losses import LossTerms, prior_preservation_loss
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -41,6 +41,7 @@ class FinetuneResult:
     images_per_second: float
     seconds: float
     final_loss: dict
+    processes: int = 1
 
 
 @dataclass
@@ -152,10 +153,9 @@ def finetune(
     on_log: Optional[OnLog] = None,
 ) -> FinetuneResult:
     """Fine-tune config.model.base on the subject; write a full diffusers pipeline to output_dir."""
-    from accelerate import PartialState
     from diffusers import DDPMScheduler
 
-    settings = config.training
+    settings = split_batch(config.training, process_state().num_processes)
     instance_images = list_images(instance_dir)
     if not instance_images:
         raise InputError(f"{instance_dir}: no subject images (run the ingest stage first)")
@@ -164,7 +164,7 @@ def finetune(
     if use_prior and not class_images:
         raise InputError(f"{class_dir}: no class images for prior preservation (priors.enabled is true)")
 
-    device = PartialState().device
+    device = process_state().device
     pipeline = load_pipeline(config.model.base, config.model.revision, device=device)
     unet, vae, text_encoder, tokenizer = pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
@@ -219,12 +219,12 @@ def finetune(
         learning_rates["text_encoder"] = settings.text_encoder_learning_rate or settings.learning_rate
 
     fingerprint = training_fingerprint(
-        [config.model.model_dump(), settings.model_dump(), subject.class_noun, identifier], instance_images, class_images
+        [config.model.model_dump(), config.training.model_dump(), subject.class_noun, identifier], instance_images, class_images
     )
     checkpoints = Path(config.storage.work_dir) / "checkpoints" / fingerprint
     result = train(modules, learning_rates, compute_loss, settings, checkpoints, on_log, "fine-tune")
 
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         pipeline.unet = result.modules["unet"]
         if settings.train_text_encoder:
             pipeline.text_encoder = result.modules["text_encoder"]
@@ -252,6 +252,7 @@ def finetune(
         images_per_second=result.steps_per_second * images_per_step,
         seconds=result.seconds,
         final_loss=result.final_loss,
+        processes=result.processes,
     )
 
 

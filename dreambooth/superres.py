@@ -32,7 +32,7 @@ from dreambooth.finetune import (
     training_fingerprint,
     training_views,
 )
-from dreambooth.training.loop import OnLog, train
+from dreambooth.training.loop import OnLog, process_state, split_batch, train
 from dreambooth.training.losses import LossTerms
 
 UPSCALE_FACTOR = 4
@@ -76,11 +76,10 @@ def finetune_upscaler(
     on_log: Optional[OnLog] = None,
 ) -> FinetuneResult:
     """Fine-tune config.superres.base on the subject; write a StableDiffusionUpscalePipeline folder."""
-    from accelerate import PartialState
     from diffusers import DDPMScheduler
 
     settings = config.superres
-    training = settings.training
+    training = split_batch(settings.training, process_state().num_processes)
     instance_images = list_images(instance_dir)
     if not instance_images:
         raise InputError(f"{instance_dir}: no subject images (run the ingest stage first)")
@@ -88,7 +87,7 @@ def finetune_upscaler(
     class_images = list_images(class_dir) if use_prior else []
     use_prior = use_prior and bool(class_images)
 
-    device = PartialState().device
+    device = process_state().device
     pipeline = load_upscaler(settings.base, device)
     if settings.train_noise_levels[1] > pipeline.config.max_noise_level:
         raise InputError(
@@ -149,7 +148,7 @@ def finetune_upscaler(
     checkpoints = Path(config.storage.work_dir) / "checkpoints" / fingerprint
     result = train({"unet": unet}, {"unet": training.learning_rate}, compute_loss, training, checkpoints, on_log, "super-resolution")
 
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         pipeline.unet = result.modules["unet"]
         pipeline.to("cpu")
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -176,6 +175,7 @@ def finetune_upscaler(
         images_per_second=result.steps_per_second * images_per_step,
         seconds=result.seconds,
         final_loss=result.final_loss,
+        processes=result.processes,
     )
 
 

@@ -97,6 +97,25 @@ def _log_preview(run, class_dir: Path, class_prompt: str, count: int = 8) -> Non
         run.log_file(preview)
 
 
+def _train(stage, train_in_process, settings, run, tracking_uri, config, subject_dir, class_dir, identifier, output_dir):
+    """One process, or one per GPU through dreambooth.distributed; the same result either way."""
+    from dreambooth.distributed import launch
+    from dreambooth.training.loop import planned_processes
+
+    processes = planned_processes(settings)
+    if processes == 1:
+        return train_in_process(subject_dir, class_dir, identifier, config, output_dir, on_log=run.log_step_metrics)
+    return launch(
+        stage,
+        processes,
+        {
+            "config_json": config.to_json(), "instance_dir": str(subject_dir),
+            "class_dir": str(class_dir) if class_dir else "", "identifier": identifier, "output_dir": str(output_dir),
+            "tracking_uri": tracking_uri, "run_id": run.run_id, "parent_run_id": run.parent_run_id,
+        },
+    )
+
+
 @exit_on_user_error
 def finetune_task(
     config_json: str, tracking_uri: str, job_id: str, job_name: str, subject_dir: str, class_dir: str, output_dir: str
@@ -108,13 +127,10 @@ def finetune_task(
     config = RunConfig.from_json(config_json)
     identifier = read_manifest(Path(subject_dir))["identifier"]["identifier"]
     with _open("fine-tune", config, tracking_uri, job_id, job_name) as run:
-        result = finetune(
-            Path(subject_dir),
-            Path(class_dir) if config.priors.enabled else None,
-            identifier,
-            config,
-            Path(output_dir),
-            on_log=run.log_step_metrics,
+        class_dir_or_none = Path(class_dir) if config.priors.enabled else None
+        result = _train(
+            "finetune", finetune, config.training, run, tracking_uri, config,
+            Path(subject_dir), class_dir_or_none, identifier, Path(output_dir),
         )
         run.flush()
         summary = {
@@ -122,6 +138,7 @@ def finetune_task(
             "train_images_per_second": result.images_per_second,
             "train_seconds": result.seconds,
             "resumed_from_step": result.resumed_from_step,
+            "train_processes": result.processes,
             **{f"final_{key}": value for key, value in result.final_loss.items()},
         }
         run.log_metrics(summary, on_parent=True)
@@ -217,9 +234,10 @@ def superres_task(
             "dreambooth.superres_noise_levels": str(list(config.superres.train_noise_levels)),
             "dreambooth.superres_inference_noise_level": str(config.superres.inference_noise_level),
         })
-        result = finetune_upscaler(
-            Path(subject_dir), Path(class_dir) if config.priors.enabled else None, identifier, config,
-            Path(output_dir), on_log=run.log_step_metrics,
+        class_dir_or_none = Path(class_dir) if config.priors.enabled else None
+        result = _train(
+            "superres", finetune_upscaler, config.superres.training, run, tracking_uri, config,
+            Path(subject_dir), class_dir_or_none, identifier, Path(output_dir),
         )
         run.flush()
         run.log_metrics({

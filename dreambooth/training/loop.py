@@ -46,6 +46,32 @@ class TrainingResult:
     seconds: float
     steps_per_second: float  # steady state, after the first WARMUP_STEPS_EXCLUDED steps of this process
     final_loss: dict[str, float] = field(default_factory=dict)
+    processes: int = 1
+
+
+def process_state():
+    """accelerate's view of this process; on machines without CUDA, several processes use gloo."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def planned_processes(settings: TrainingSettings) -> int:
+    return settings.num_processes or max(torch.cuda.device_count(), 1)
+
+
+def split_batch(settings: TrainingSettings, processes: int) -> TrainingSettings:
+    """Per-process settings that keep the configured effective batch across `processes`."""
+    if processes == 1:
+        return settings
+    if settings.batch_size % processes == 0:
+        return settings.model_copy(update={"batch_size": settings.batch_size // processes})
+    if settings.gradient_accumulation_steps % processes == 0:
+        return settings.model_copy(update={"gradient_accumulation_steps": settings.gradient_accumulation_steps // processes})
+    raise InputError(
+        f"training: batch_size {settings.batch_size} x gradient_accumulation_steps {settings.gradient_accumulation_steps} "
+        f"cannot be shared by {processes} processes; make one of them divisible by {processes}"
+    )
 
 
 def _make_optimizer(settings: TrainingSettings, param_groups: list[dict], on_cuda: bool):
@@ -112,6 +138,7 @@ def train(
     AcceleratorState._reset_state()
     GradientState._reset_state()
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
         mixed_precision=settings.mixed_precision,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
     )
@@ -199,4 +226,5 @@ def train(
         seconds=finished - started,
         steps_per_second=steps_per_second if math.isfinite(steps_per_second) else 0.0,
         final_loss=last_terms,
+        processes=accelerator.num_processes,
     )

@@ -1,0 +1,49 @@
+"""Two training processes on CPU (gloo) behave as one run: one model, one MLflow run, the same structure."""
+
+import json
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from dreambooth.tasks import finetune_task, ingest_task, priors_task
+from dreambooth.tracking import TAG_PARENT, TAG_STAGE
+
+
+def _fine_tune(config, subject_dir: Path, tmp_path: Path, job: str, processes: int, tracking_uri: str) -> Path:
+    config = config.model_copy(update={"training": config.training.model_copy(update={"num_processes": processes})})
+    root = tmp_path / job
+    arguments = (config.to_json(), tracking_uri, job, job)
+    ingest_task(*arguments, str(subject_dir), str(root / "subject"))
+    priors_task(*arguments, str(root / "classes"))
+    finetune_task(*arguments, str(root / "subject"), str(root / "classes"), str(root / "model"))
+    return root
+
+
+def test_two_processes_write_one_model_and_one_run_like_one_process(make_config, subject_dir, tmp_path):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = make_config(
+        training={"max_steps": 6, "batch_size": 2, "checkpoint_every": 3, "keep_checkpoints": True},
+        priors={"num_class_images": 4, "sampler": {"num_inference_steps": 2}},
+    )
+    single = _fine_tune(config, subject_dir, tmp_path, "single", 1, tracking_uri)
+    double = _fine_tune(config, subject_dir, tmp_path, "double", 2, tracking_uri)
+
+    files = lambda root: sorted(str(p.relative_to(root / "model")) for p in (root / "model").rglob("*") if p.is_file())  # noqa: E731
+    assert files(double) == files(single)
+    single_unet = load_file(single / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    double_unet = load_file(double / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {k: v.shape for k, v in double_unet.items()} == {k: v.shape for k, v in single_unet.items()}
+    assert json.loads((double / "model" / "dreambooth.json").read_text())["steps"] == 6
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("dreambooth")
+    for job in ("single", "double"):
+        (parent,) = client.search_runs([experiment.experiment_id], f"tags.`kfp.job_id` = '{job}' and tags.`{TAG_STAGE}` = 'pipeline'")
+        fine_tunes = client.search_runs(
+            [experiment.experiment_id], f"tags.`{TAG_PARENT}` = '{parent.info.run_id}' and tags.`{TAG_STAGE}` = 'fine-tune'"
+        )
+        assert len(fine_tunes) == 1
+        assert fine_tunes[0].data.metrics["train_processes"] == (2 if job == "double" else 1)
+        steps = [m.step for m in client.get_metric_history(fine_tunes[0].info.run_id, "loss")]
+        assert steps == list(range(1, 7))  # logged once per step, by the main process only
