@@ -98,7 +98,7 @@ def _overrides(args: argparse.Namespace) -> dict:
     if getattr(args, "identifier", None):
         overrides["subject"]["identifier"] = args.identifier
     if getattr(args, "subject_dir", None):
-        overrides["subject"]["name"] = Path(args.subject_dir).resolve().name
+        overrides["subject"]["name"] = args.subject_dir.rstrip("/").rsplit("/", 1)[-1]
     if getattr(args, "subject_uri", None):
         overrides["subject"]["name"] = args.subject_name or args.subject_uri.rstrip("/").rsplit("/", 1)[-1]
     if getattr(args, "class_images", None):
@@ -108,7 +108,12 @@ def _overrides(args: argparse.Namespace) -> dict:
     if getattr(args, "tracking_uri", None):
         overrides["tracking"]["uri"] = args.tracking_uri
     if getattr(args, "output_dir", None) and args.command == "run":
-        overrides["storage"]["work_dir"] = str(Path(args.output_dir).resolve() / "work")
+        from dreambooth.storage import is_gcs
+        from dreambooth.tiny_models import default_cache_dir
+
+        # Prior caches and checkpoints stay on local disk, next to local outputs when there are some.
+        local = default_cache_dir() if is_gcs(args.output_dir) else Path(args.output_dir).resolve()
+        overrides["storage"]["work_dir"] = str(local / "work")
     return {section: values for section, values in overrides.items() if values}
 
 
@@ -135,16 +140,27 @@ def _latest_job_dir(pipeline_root: Path, before: set[Path]) -> Path:
     return max(created, key=lambda p: p.stat().st_mtime)
 
 
-def run_locally(config: RunConfig, subject_dir: Path, output_dir: Path) -> int:
+def run_locally(config: RunConfig, subject: str, output: str) -> int:
     """Run the whole DAG through kfp.local; print where the model, grid and MLflow run are."""
+    from dreambooth.storage import is_gcs
+
+    if not is_gcs(output):
+        return _run_locally(config, subject, Path(output))
+    # kfp.local writes task outputs to a local pipeline root; results are published to GCS after.
+    with tempfile.TemporaryDirectory(prefix="dreambooth-run-") as staging:
+        return _run_locally(config, subject, Path(staging), publish_to=output.rstrip("/"))
+
+
+def _run_locally(config: RunConfig, subject: str, output_dir: Path, publish_to: Optional[str] = None) -> int:
     from kfp import local
 
     from dreambooth.ingest import ingest_subject
+    from dreambooth.storage import is_gcs, local_folder, upload_folder
     from dreambooth.tracking import TAG_ERROR, TAG_FAILED_STAGE, find_parent_run, resolve_tracking_uri
 
     # Refuse a bad upload here, in one line, before KFP starts any task.
-    with tempfile.TemporaryDirectory() as scratch:
-        ingest_subject(subject_dir, Path(scratch), config)
+    with tempfile.TemporaryDirectory() as scratch, local_folder(subject) as photos:
+        ingest_subject(photos, Path(scratch), config)
 
     tracking_uri = resolve_tracking_uri(config.tracking.uri)
     pipeline_root = output_dir.resolve() / "kfp"
@@ -153,7 +169,7 @@ def run_locally(config: RunConfig, subject_dir: Path, output_dir: Path) -> int:
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=False)
     build_pipeline()(  # kfp.local runs tasks as local processes: no cluster settings
         config_json=config.to_json(),
-        subject_uri=str(subject_dir.resolve()),
+        subject_uri=subject if is_gcs(subject) else str(Path(subject).resolve()),
         tracking_uri=tracking_uri,
         superres_enabled=config.superres.enabled,
     )
@@ -175,11 +191,19 @@ def run_locally(config: RunConfig, subject_dir: Path, output_dir: Path) -> int:
     if not (model_dir / "model_index.json").is_file() or not grid.is_file():
         print(f"error: the pipeline did not finish; task logs are above, outputs under {job_dir}", file=sys.stderr)
         return 1
+    if publish_to:
+        destination = f"{publish_to}/{job_dir.name}"
+        model_dir = upload_folder(model_dir, f"{destination}/model")
+        grid = upload_folder(grid.parent, f"{destination}/samples") + f"/{grid.name}"
+        if (upscaler_dir / "model_index.json").is_file():
+            upscaler_dir = upload_folder(upscaler_dir, f"{destination}/upscaler")
+        if report.is_file():
+            report = upload_folder(report.parent, f"{destination}/evaluation") + "/report.md"
     print(f"model:        {model_dir}")
     print(f"sample grid:  {grid}")
-    if (upscaler_dir / "model_index.json").is_file():
+    if str(upscaler_dir).startswith("gs://") or (Path(upscaler_dir) / "model_index.json").is_file():
         print(f"upscaler:     {upscaler_dir}")
-    if report.is_file():
+    if str(report).startswith("gs://") or Path(report).is_file():
         print(f"evaluation:   {report}")
         print(f"quality gate: {_gate_line(parent)}")
     if tracking_uri.startswith("http") and parent is not None:
@@ -277,10 +301,12 @@ def evaluate_only(config: RunConfig, model: str, subject_dir: Path, output_dir: 
     return 0
 
 
-def _ingest_only(config: RunConfig, subject_dir: Path, output_dir: Path) -> int:
+def _ingest_only(config: RunConfig, subject: str, output_dir: Path) -> int:
     from dreambooth.ingest import ingest_subject
+    from dreambooth.storage import local_folder
 
-    result = ingest_subject(subject_dir, output_dir, config)
+    with local_folder(subject) as photos:
+        result = ingest_subject(photos, output_dir, config)
     print(json.dumps(result.as_manifest(), indent=2))
     print(f"\n{len(result.images)} images ready in {output_dir}; identifier {result.identifier.identifier!r}")
     return 0
@@ -296,10 +322,11 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     def with_subject(sub: argparse.ArgumentParser, output_required: bool = False) -> argparse.ArgumentParser:
-        sub.add_argument("--subject-dir", required=True, type=Path, help="folder of 3-5 photos of the subject")
+        sub.add_argument("--subject-dir", required=True, help="folder (or gs://bucket/prefix) of 3-5 photos of the subject")
         sub.add_argument("--class-noun", required=True, help="what the subject is: dog, backpack, teapot ...")
         sub.add_argument("--identifier", help="use this token as [V] instead of choosing a rare one (e.g. sks)")
-        sub.add_argument("--output-dir", type=Path, required=output_required, default=None if output_required else Path("outputs"))
+        sub.add_argument("--output-dir", required=output_required, default=None if output_required else "outputs",
+                         help="where results go: a folder, or gs://bucket/prefix for run")
         return sub
 
     compile_cmd = with_config(commands.add_parser("compile", help="write the KFP pipeline YAML"))
@@ -344,9 +371,9 @@ def main(argv: list[str] | None = None) -> int:
             cron = args.cron if args.command == "schedule" else None
             return submit(config, args.host, args.experiment, args.subject_uri, args.run_name, cron)
         if args.command == "ingest":
-            return _ingest_only(config, args.subject_dir, args.output_dir)
+            return _ingest_only(config, args.subject_dir, Path(args.output_dir))
         if args.command == "evaluate":
-            return evaluate_only(config, args.model, args.subject_dir, args.output_dir / "evaluation")
+            return evaluate_only(config, args.model, args.subject_dir, Path(args.output_dir) / "evaluation")
         return run_locally(config, args.subject_dir, args.output_dir)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -19,6 +19,7 @@ from pathlib import Path
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
 from dreambooth.images import load_rgb
+from dreambooth.storage import local_folder
 from dreambooth.generation import generate_batches, load_sampling_pipeline
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ def generate_class_priors(config: RunConfig, output_dir: Path) -> PriorResult:
     class_prompt = config.subject.class_prompt_template.format(class_noun=config.subject.class_noun)
     started = time.perf_counter()
     if settings.class_images:
-        count = _use_supplied_images(Path(settings.class_images), output_dir, config)
+        with local_folder(settings.class_images) as supplied:
+            count = _use_supplied_images(supplied, output_dir, config)
         return PriorResult(class_prompt, count, 0, time.perf_counter() - started, 0.0, "user")
 
     cache = Path(config.storage.work_dir) / "class-priors" / _cache_key(config, class_prompt)

@@ -44,9 +44,11 @@ def ingest_task(config_json: str, tracking_uri: str, job_id: str, job_name: str,
     """Validate and normalise the subject photos; returns the identifier chosen."""
     from dreambooth.ingest import MANIFEST_FILE, ingest_subject
 
+    from dreambooth.storage import local_folder
+
     config = RunConfig.from_json(config_json)
-    with _open("ingest", config, tracking_uri, job_id, job_name) as run:
-        result = ingest_subject(Path(subject_dir), Path(output_dir), config)
+    with _open("ingest", config, tracking_uri, job_id, job_name) as run, local_folder(subject_dir) as photos:
+        result = ingest_subject(photos, Path(output_dir), config)
         run.set_tags(
             {TAG_IDENTIFIER: result.identifier.identifier, "dreambooth.identifier_reason": result.identifier.reason},
             on_parent=True,

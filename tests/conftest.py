@@ -59,17 +59,15 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
+def _serve_mlflow(root: Path, artifacts_destination: str):
     """A real `mlflow server` process on 127.0.0.1 with a sqlite backend and proxied artifacts."""
-    root = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
     log = open(root / "server.log", "w")
     process = subprocess.Popen(
         [
             sys.executable, "-m", "mlflow", "server",
             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination", str(root / "artifacts"),
+            "--artifacts-destination", artifacts_destination,
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         ],
         stdout=log, stderr=subprocess.STDOUT,
@@ -94,3 +92,34 @@ def mlflow_server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         process.kill()
     log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    yield from _serve_mlflow(root, str(root / "artifacts"))
+
+
+GCS_BUCKET = "dreambooth-test"
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A real GCS JSON API emulator (gcp-storage-emulator) on 127.0.0.1; subprocesses inherit its address."""
+    from gcp_storage_emulator.server import create_server
+
+    port = _free_port()
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=GCS_BUCKET)
+    server.start()
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    os.environ["GOOGLE_CLOUD_PROJECT"] = "dreambooth-test"
+    yield GCS_BUCKET
+    server.stop()
+    os.environ.pop("STORAGE_EMULATOR_HOST", None)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_on_gcs(tmp_path_factory, gcs_emulator):
+    """An mlflow server whose artifact destination is a bucket on the emulator."""
+    root = tmp_path_factory.mktemp("mlflow-server-gcs")
+    yield from _serve_mlflow(root, f"gs://{gcs_emulator}/mlflow")

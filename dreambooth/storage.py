@@ -1,0 +1,106 @@
+"""Local paths and `gs://bucket/prefix` URIs, one interface for both.
+
+Folders are what the stages exchange (subject photos, class images, models, samples). A
+folder uploaded to GCS becomes visible as complete only when its manifest (`_COMPLETE.json`,
+file names and sizes) is written, last; readers that need a whole folder (a model) check it,
+so an interrupted upload never passes for a model. Large files go up as resumable uploads in
+8 MiB chunks, and transient errors are retried. With STORAGE_EMULATOR_HOST set (tests), the
+client talks to that emulator with anonymous credentials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from dreambooth.errors import InputError
+
+GCS_SCHEME = "gs://"
+COMPLETE_MARKER = "_COMPLETE.json"
+CHUNK_SIZE = 8 * 1024 * 1024  # resumable uploads; a multiple of 256 KiB as GCS requires
+
+
+def is_gcs(uri: str) -> bool:
+    return str(uri).startswith(GCS_SCHEME)
+
+
+def split_gcs(uri: str) -> tuple[str, str]:
+    bucket, _, prefix = uri[len(GCS_SCHEME) :].partition("/")
+    if not bucket:
+        raise InputError(f"{uri}: not a gs://bucket/prefix URI")
+    return bucket, prefix.strip("/")
+
+
+def _client():
+    from google.cloud import storage
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        return storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "local"))
+    return storage.Client()
+
+
+def _retry():
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return DEFAULT_RETRY.with_deadline(600)
+
+
+def upload_folder(local_dir: Path, uri: str) -> str:
+    """Upload every file under local_dir to uri, then the completion manifest; returns uri."""
+    bucket_name, prefix = split_gcs(uri)
+    bucket = _client().bucket(bucket_name)
+    files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
+    for path in files:
+        relative = path.relative_to(local_dir).as_posix()
+        blob = bucket.blob(f"{prefix}/{relative}" if prefix else relative, chunk_size=CHUNK_SIZE)
+        blob.upload_from_filename(str(path), retry=_retry())
+    manifest = {"files": {p.relative_to(local_dir).as_posix(): p.stat().st_size for p in files}}
+    marker = bucket.blob(f"{prefix}/{COMPLETE_MARKER}" if prefix else COMPLETE_MARKER)
+    marker.upload_from_string(json.dumps(manifest), content_type="application/json", retry=_retry())
+    return uri
+
+
+def is_complete(uri: str) -> bool:
+    bucket_name, prefix = split_gcs(uri)
+    return _client().bucket(bucket_name).blob(f"{prefix}/{COMPLETE_MARKER}").exists()
+
+
+def download_folder(uri: str, local_dir: Path, require_complete: bool = True) -> Path:
+    """Copy a gs:// folder to local_dir; with require_complete, only one whose upload finished."""
+    bucket_name, prefix = split_gcs(uri)
+    client = _client()
+    bucket = client.bucket(bucket_name)
+    marker = bucket.blob(f"{prefix}/{COMPLETE_MARKER}")
+    expected = None
+    if marker.exists():
+        expected = json.loads(marker.download_as_bytes())["files"]
+    elif require_complete:
+        raise InputError(f"{uri}: incomplete upload (no {COMPLETE_MARKER}); it is not a finished folder")
+    found = False
+    for blob in client.list_blobs(bucket_name, prefix=f"{prefix}/" if prefix else None, retry=_retry()):
+        relative = blob.name[len(prefix) + 1 :] if prefix else blob.name
+        if not relative or relative == COMPLETE_MARKER or relative.endswith("/"):
+            continue
+        if expected is not None and relative not in expected:
+            continue  # written after the manifest by someone else: not part of this folder
+        target = Path(local_dir) / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        blob.download_to_filename(str(target), retry=_retry())
+        found = True
+    if not found:
+        raise InputError(f"{uri}: no files under this prefix")
+    return Path(local_dir)
+
+
+@contextmanager
+def local_folder(uri: str, require_complete: bool = False) -> Iterator[Path]:
+    """A local view of a folder: the path itself, or a temporary download of a gs:// folder."""
+    if not is_gcs(uri):
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="dreambooth-gcs-") as scratch:
+        yield download_folder(uri, Path(scratch) / "folder", require_complete=require_complete)
