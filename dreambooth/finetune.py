@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -224,26 +224,33 @@ def finetune(
     checkpoints = Path(config.storage.work_dir) / "checkpoints" / fingerprint
     result = train(modules, learning_rates, compute_loss, settings, checkpoints, on_log, "fine-tune")
 
+    for name, module in result.modules.items():
+        setattr(pipeline, name, module)
+    metadata = {
+        "identifier": identifier,
+        "class_noun": subject.class_noun,
+        "instance_prompt": instance_prompt,
+        "class_prompt": class_prompt if use_prior else None,
+        "base_model": config.model.base,
+        "resolution": resolution,
+        "steps": settings.max_steps,
+    }
+    images_per_step = batch * settings.gradient_accumulation_steps * (2 if use_prior else 1)
+    return save_trained_pipeline(pipeline, result, output_dir, metadata, checkpoints, settings.keep_checkpoints, images_per_step)
+
+
+def save_trained_pipeline(
+    pipeline, result, output_dir: Path, metadata: dict, checkpoints: Path, keep_checkpoints: bool, images_per_step: int
+) -> FinetuneResult:
+    """On the main process: the whole pipeline folder (safetensors) and its metadata; then drop the
+    checkpoints, which only existed to survive a kill."""
     if process_state().is_main_process:
-        pipeline.unet = result.modules["unet"]
-        if settings.train_text_encoder:
-            pipeline.text_encoder = result.modules["text_encoder"]
         pipeline.to("cpu")
         output_dir.mkdir(parents=True, exist_ok=True)
         pipeline.save_pretrained(output_dir, safe_serialization=True)
-        metadata = {
-            "identifier": identifier,
-            "class_noun": subject.class_noun,
-            "instance_prompt": instance_prompt,
-            "class_prompt": class_prompt if use_prior else None,
-            "base_model": config.model.base,
-            "resolution": resolution,
-            "steps": settings.max_steps,
-        }
         (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-        if not settings.keep_checkpoints:
+        if not keep_checkpoints:
             shutil.rmtree(checkpoints, ignore_errors=True)
-    images_per_step = batch * settings.gradient_accumulation_steps * (2 if use_prior else 1)
     return FinetuneResult(
         model_dir=str(output_dir),
         steps=result.steps_completed,
@@ -254,7 +261,5 @@ def finetune(
         final_loss=result.final_loss,
         processes=result.processes,
     )
-
-
 def as_dict(result: FinetuneResult) -> dict:
     return asdict(result)

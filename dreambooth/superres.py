@@ -11,8 +11,6 @@ resume are the base fine-tune's own (dreambooth.training, dreambooth.finetune).
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -22,13 +20,13 @@ from PIL import Image
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
 from dreambooth.finetune import (
-    METADATA_FILE,
     DenoisingBatch,
     FinetuneResult,
     denoising_loss,
     encode_views,
     list_images,
     pixels,
+    save_trained_pipeline,
     training_fingerprint,
     training_views,
 )
@@ -148,35 +146,19 @@ def finetune_upscaler(
     checkpoints = Path(config.storage.work_dir) / "checkpoints" / fingerprint
     result = train({"unet": unet}, {"unet": training.learning_rate}, compute_loss, training, checkpoints, on_log, "super-resolution")
 
-    if process_state().is_main_process:
-        pipeline.unet = result.modules["unet"]
-        pipeline.to("cpu")
-        output_dir.mkdir(parents=True, exist_ok=True)
-        pipeline.save_pretrained(output_dir, safe_serialization=True)
-        metadata = {
-            "identifier": identifier,
-            "class_noun": subject.class_noun,
-            "instance_prompt": instance_prompt,
-            "base_upscaler": settings.base,
-            "resolution": settings.resolution,
-            "train_noise_levels": list(settings.train_noise_levels),
-            "inference_noise_level": settings.inference_noise_level,
-            "steps": training.max_steps,
-        }
-        (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-        if not training.keep_checkpoints:
-            shutil.rmtree(checkpoints, ignore_errors=True)
+    pipeline.unet = result.modules["unet"]
+    metadata = {
+        "identifier": identifier,
+        "class_noun": subject.class_noun,
+        "instance_prompt": instance_prompt,
+        "base_upscaler": settings.base,
+        "resolution": settings.resolution,
+        "train_noise_levels": list(settings.train_noise_levels),
+        "inference_noise_level": settings.inference_noise_level,
+        "steps": training.max_steps,
+    }
     images_per_step = batch * training.gradient_accumulation_steps * (2 if use_prior else 1)
-    return FinetuneResult(
-        model_dir=str(output_dir),
-        steps=result.steps_completed,
-        resumed_from_step=result.resumed_from_step,
-        steps_per_second=result.steps_per_second,
-        images_per_second=result.steps_per_second * images_per_step,
-        seconds=result.seconds,
-        final_loss=result.final_loss,
-        processes=result.processes,
-    )
+    return save_trained_pipeline(pipeline, result, output_dir, metadata, checkpoints, training.keep_checkpoints, images_per_step)
 
 
 def upscale(pipeline, prompts: list[str], images: list[Image.Image], noise_level: int, sampler, seed: int = 0) -> list[Image.Image]:
