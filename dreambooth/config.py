@@ -80,6 +80,8 @@ class PriorSettings(Section):
     # A folder (or gs:// prefix) of user-supplied class images: used instead of generating.
     class_images: Optional[str] = None
     sampler: SamplerSettings = SamplerSettings()
+    # Generating processes, one per GPU, each drawing every N-th image. None: every visible GPU.
+    num_processes: Optional[int] = Field(default=None, ge=1)
 
 
 class TrainingSettings(Section):
@@ -183,6 +185,7 @@ class EvaluationSettings(Section):
     # A folder made by `python -m dreambooth.evaluation.lpips` from torchvision's AlexNet and LPIPS' heads.
     lpips_model: str = "models/lpips-alexnet"
     encoder_batch_size: int = Field(default=32, ge=1)
+    num_processes: Optional[int] = Field(default=None, ge=1)  # generating processes; None: one per visible GPU
     gate: GateSettings = GateSettings()
     registered_model: str = "dreambooth-{subject}"
 

@@ -6,7 +6,13 @@ a retried task, a re-run or a different batch size reproduces it.
 
 from __future__ import annotations
 
-from typing import Iterator
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
 from PIL import Image
@@ -43,3 +49,63 @@ def generate_batches(
 
 def generate(pipeline, requests: list[tuple[str, int]], sampler: SamplerSettings, resolution: int | None = None) -> list[Image.Image]:
     return [image for _, images in generate_batches(pipeline, requests, sampler, resolution) for image in images]
+
+
+def planned_generators(configured: Optional[int], work: int) -> int:
+    """Processes to sample with: the configured count, else one per visible GPU; never more than the work."""
+    return max(1, min(configured or max(torch.cuda.device_count(), 1), work))
+
+
+def generate_files(
+    reference: str,
+    revision: Optional[str],
+    requests: list[tuple[str, int]],
+    names: list[str],
+    folder: Path,
+    sampler: SamplerSettings,
+    resolution: Optional[int] = None,
+    processes: int = 1,
+) -> None:
+    """Draw requests[i] into folder/names[i] (PNG, written then renamed, so a file is whole or absent).
+
+    With several processes (one per GPU through CUDA_VISIBLE_DEVICES), process k draws every k-th
+    request; images depend only on their seeds, so the split changes nothing but the wall time.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    if processes > 1:
+        _generate_files_in_processes(reference, revision, requests, names, folder, sampler, resolution, processes)
+        return
+    pipeline = load_sampling_pipeline(reference, sampler, revision)
+    name_of = dict(zip(requests, names))
+    for batch, images in generate_batches(pipeline, requests, sampler, resolution):
+        for request, image in zip(batch, images):
+            partial = folder / (name_of[request] + ".partial")
+            image.save(partial, format="PNG")
+            partial.rename(folder / name_of[request])
+
+
+def _generate_files_in_processes(reference, revision, requests, names, folder, sampler, resolution, processes) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        workers = []
+        for shard in range(processes):
+            job = Path(scratch) / f"shard-{shard}.json"
+            job.write_text(json.dumps({
+                "reference": reference, "revision": revision, "requests": requests[shard::processes],
+                "names": names[shard::processes], "folder": str(folder), "sampler": sampler.model_dump(),
+                "resolution": resolution,
+            }))
+            env = dict(os.environ)
+            if torch.cuda.is_available():
+                env["CUDA_VISIBLE_DEVICES"] = str(shard)
+            workers.append(subprocess.Popen([sys.executable, "-m", "dreambooth.generation", str(job)], env=env))
+        codes = [worker.wait() for worker in workers]
+    if any(codes):
+        raise RuntimeError(f"image generation failed in {sum(1 for code in codes if code)} of {processes} processes")
+
+
+if __name__ == "__main__":  # one shard of generate_files
+    shard = json.loads(Path(sys.argv[1]).read_text())
+    generate_files(
+        shard["reference"], shard["revision"], [tuple(r) for r in shard["requests"]], shard["names"],
+        Path(shard["folder"]), SamplerSettings(**shard["sampler"]), shard["resolution"],
+    )

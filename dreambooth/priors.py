@@ -20,7 +20,7 @@ from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
 from dreambooth.images import load_rgb
 from dreambooth.storage import local_folder
-from dreambooth.generation import generate_batches, load_sampling_pipeline
+from dreambooth.generation import generate_files, planned_generators
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +84,16 @@ def generate_class_priors(config: RunConfig, output_dir: Path) -> PriorResult:
     missing = [i for i, name in enumerate(names) if not (cache / name).is_file()]
     if missing:
         log.info("generating %d of %d class images for %r", len(missing), len(names), class_prompt)
-        pipeline = load_sampling_pipeline(config.model.base, settings.sampler, config.model.revision)
-        requests = [(class_prompt, settings.sampler.seed + i) for i in missing]
-        batches = generate_batches(pipeline, requests, settings.sampler, config.model.resolution)
-        for batch, images in batches:
-            for (_, seed), image in zip(batch, images):
-                index = seed - settings.sampler.seed
-                # Write then rename: an interrupted task never leaves a half image counted as present.
-                partial = cache / (class_image_name(index) + ".partial")
-                image.save(partial, format="PNG")
-                partial.rename(cache / class_image_name(index))
+        generate_files(
+            config.model.base,
+            config.model.revision,
+            [(class_prompt, settings.sampler.seed + i) for i in missing],
+            [class_image_name(i) for i in missing],
+            cache,
+            settings.sampler,
+            config.model.resolution,
+            processes=planned_generators(settings.num_processes, len(missing)),
+        )
     _publish(cache, names, output_dir)
     seconds = time.perf_counter() - started
     return PriorResult(
@@ -104,3 +104,4 @@ def generate_class_priors(config: RunConfig, output_dir: Path) -> PriorResult:
         images_per_second=len(missing) / seconds if missing else 0.0,
         source="generated",
     )
+

@@ -59,3 +59,15 @@ def test_a_missing_class_image_folder_is_named(make_config, tmp_path):
     config = make_config(priors={"class_images": str(tmp_path / "nowhere")})
     with pytest.raises(InputError, match=r"priors\.class_images: .*nowhere is not a folder"):
         generate_class_priors(config, tmp_path / "out")
+
+
+def test_several_processes_share_the_work_and_draw_the_same_images(make_config, tmp_path):
+    settings = {"num_class_images": 4, "sampler": {"num_inference_steps": 2, "batch_size": 2}}
+    alone = make_config(priors=settings)
+    shared = make_config(storage={"work_dir": str(tmp_path / "shared-work")}, priors={**settings, "num_processes": 2})
+    generate_class_priors(alone, tmp_path / "alone")
+    result = generate_class_priors(shared, tmp_path / "shared")
+    assert result.generated == 4
+    for index in range(4):
+        a, b = _pixels(tmp_path / "alone" / class_image_name(index)), _pixels(tmp_path / "shared" / class_image_name(index))
+        assert np.abs(a - b).max() <= 2  # image i comes from seed i, whichever process drew it

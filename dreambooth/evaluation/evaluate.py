@@ -11,6 +11,7 @@ embedded once and reused for every prompt.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,7 @@ from dreambooth.evaluation.metrics import (
 )
 from dreambooth.evaluation.prompts import EvaluationPrompt, is_live_subject, load_prompts, without_identifier
 from dreambooth.finetune import METADATA_FILE, list_images
-from dreambooth.generation import generate, load_sampling_pipeline
+from dreambooth.generation import generate, generate_files, load_sampling_pipeline, planned_generators
 from dreambooth.images import labelled_grid, load_rgb
 
 RESULTS_FILE = "evaluation.json"
@@ -97,6 +98,19 @@ def _model_identity(model: str, config: RunConfig, identifier: Optional[str], cl
             f"{model}: no {METADATA_FILE} naming the identifier and class noun; pass --identifier and --class-noun"
         )
     return identifier, class_noun, metadata.get("base_model") or config.model.base
+
+
+def _draw(reference: str, revision: Optional[str], requests: list[tuple[str, int]], config: RunConfig) -> list[Image.Image]:
+    """Generate in this process, or split across one process per GPU when there are several."""
+    sampler = config.evaluation.sampler
+    processes = planned_generators(config.evaluation.num_processes, len(requests))
+    if processes == 1:
+        pipeline = load_sampling_pipeline(reference, sampler, revision)
+        return generate(pipeline, requests, sampler, config.model.resolution)
+    with tempfile.TemporaryDirectory() as scratch:
+        names = [f"{i:06d}.png" for i in range(len(requests))]
+        generate_files(reference, revision, requests, names, Path(scratch), sampler, config.model.resolution, processes)
+        return [load_rgb(Path(scratch) / name, 1 << 40).image for name in names]
 
 
 def upscale_images(upscaler: str, prompts: list[str], images: list[Image.Image], config: RunConfig) -> list[Image.Image]:
@@ -166,12 +180,8 @@ def evaluate_model(
     requests = [(text, sampler.seed + PROMPT_SEED_STRIDE * p + i) for p, text in enumerate(rendered) for i in range(per_prompt)]
     pres_requests = [(class_prompt, sampler.seed + PRES_SEED_OFFSET + i) for i in range(settings.pres_images)]
     started = time.perf_counter()
-    pipeline = load_sampling_pipeline(model, sampler)
-    generated = generate(pipeline, requests + pres_requests, sampler, config.model.resolution)
-    del pipeline
-    pipeline = load_sampling_pipeline(base_model, sampler, config.model.revision)
-    pres_base_images = generate(pipeline, pres_requests, sampler, config.model.resolution)
-    del pipeline
+    generated = _draw(model, None, requests + pres_requests, config)
+    pres_base_images = _draw(base_model, config.model.revision, pres_requests, config)
     images, pres_images = generated[: len(requests)], generated[len(requests) :]
     if upscaler:
         images = upscale_images(upscaler, [text for text, _ in requests], images, config)
