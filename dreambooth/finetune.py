@@ -74,6 +74,18 @@ class DenoisingBatch:
     condition: Optional[torch.Tensor] = None
     class_labels: Optional[torch.Tensor] = None
 
+    @classmethod
+    def draw(cls, latents, embeddings, num_instance: int, generator, num_train_timesteps: int, device, **conditioning):
+        """Fresh noise and a uniform timestep per example, from the step's generator."""
+        return cls(
+            latents=latents,
+            noise=torch.randn(latents.shape, generator=generator).to(device),
+            timesteps=torch.randint(num_train_timesteps, (latents.shape[0],), generator=generator).to(device),
+            embeddings=embeddings,
+            num_instance=num_instance,
+            **conditioning,
+        )
+
 
 def denoising_loss(unet, noise_scheduler, batch: DenoisingBatch, prior_weight: float) -> LossTerms:
     """Noise the latents at their timesteps, predict, and apply the prior-preservation loss."""
@@ -203,13 +215,7 @@ def finetune(
             class_part = class_latents.sample(torch.randint(len(class_latents), (batch,), generator=generator), generator, scaling_factor)
             latents = torch.cat([latents, class_part])
         embeddings = cached_embeddings if cached_embeddings is not None else modules["text_encoder"](prompt_ids)[0]
-        drawn = DenoisingBatch(
-            latents=latents,
-            noise=torch.randn(latents.shape, generator=generator).to(device),
-            timesteps=torch.randint(num_train_timesteps, (latents.shape[0],), generator=generator).to(device),
-            embeddings=embeddings,
-            num_instance=batch,
-        )
+        drawn = DenoisingBatch.draw(latents, embeddings, batch, generator, num_train_timesteps, device)
         return denoising_loss(modules["unet"], noise_scheduler, drawn, settings.prior_loss_weight)
 
     modules = {"unet": unet}

@@ -129,14 +129,9 @@ def finetune_upscaler(
             low = torch.cat([low, class_low[picked_class]])
         levels = draw_noise_levels(latents.shape[0], settings.train_noise_levels, generator)
         condition = noised_condition(low, torch.randn(low.shape, generator=generator), levels, low_res_scheduler)
-        drawn = DenoisingBatch(
-            latents=latents,
-            noise=torch.randn(latents.shape, generator=generator).to(device),
-            timesteps=torch.randint(num_train_timesteps, (latents.shape[0],), generator=generator).to(device),
-            embeddings=embeddings,
-            num_instance=batch,
-            condition=condition.to(device),
-            class_labels=levels.to(device),
+        drawn = DenoisingBatch.draw(
+            latents, embeddings, batch, generator, num_train_timesteps, device,
+            condition=condition.to(device), class_labels=levels.to(device),
         )
         return denoising_loss(modules["unet"], noise_scheduler, drawn, training.prior_loss_weight)
 

@@ -98,6 +98,21 @@ def build_tiny_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
+def _tiny_text_config(tokenizer, hidden: int) -> dict:
+    """A two-layer CLIP text encoder over the tiny tokenizer (the SD text encoder's architecture)."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 # UNet and VAE shapes per variant; both keep Stable Diffusion's block layout.
 _VARIANTS = {
     "sd": dict(
@@ -148,18 +163,7 @@ def build_tiny_stable_diffusion(out_dir: Path, variant: str = "sd", seed: int = 
         sample_size=shape["unet"]["sample_size"] * 2 ** (len(vae_channels) - 1),
     )
     tokenizer = build_tiny_tokenizer()
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    text_encoder = CLIPTextModel(text_config)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_tiny_text_config(tokenizer, hidden)))
     scheduler = PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -204,11 +208,7 @@ def build_tiny_clip(out_dir: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tokenizer = build_tiny_tokenizer()
     config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        ),
+        text_config=_tiny_text_config(tokenizer, 32),
         vision_config=dict(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=224, patch_size=32
         ),
@@ -268,13 +268,7 @@ def build_tiny_upscaler(out_dir: Path, seed: int = 0) -> Path:
         up_block_types=["UpDecoderBlock2D"] * 3,
         scaling_factor=0.08333,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_tiny_text_config(tokenizer, 32)))
     pipeline = StableDiffusionUpscalePipeline(
         vae=vae,
         text_encoder=text_encoder,
