@@ -267,5 +267,3 @@ def save_trained_pipeline(
         final_loss=result.final_loss,
         processes=result.processes,
     )
-def as_dict(result: FinetuneResult) -> dict:
-    return asdict(result)
