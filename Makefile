@@ -15,7 +15,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/python pipeline.py run --config tiny --subject-dir examples/subjects/dog --class-noun dog --output-dir outputs
+	$(BIN)/python pipeline.py run --config tiny --subjects examples/subjects.yaml --output-dir outputs
 
 test: setup
 	$(BIN)/python -m pytest
@@ -26,6 +26,7 @@ compile: setup
 bench: setup
 	$(BIN)/python bench/finetune_bench.py
 	$(BIN)/python bench/evaluation_bench.py
+	$(BIN)/python bench/batch_bench.py
 
 clean:
 	rm -rf outputs mlruns mlflow.db dreambooth.yaml

@@ -7,11 +7,11 @@ from components.image import COMPONENT_IMAGE
 def class_priors(
     config_json: str,
     tracking_uri: str,
-    job_id: str,
-    job_name: str,
+    batch_run_id: str,
+    prior_key: str,
     class_images: dsl.Output[dsl.Dataset],
-) -> int:
-    """Generate the class images for prior preservation with the frozen base model."""
-    from dreambooth.tasks import priors_task
+) -> dict:
+    """Generate one group's class images with the frozen base model (reused from the cache when present)."""
+    from dreambooth.tasks.stages import priors_task
 
-    return priors_task(config_json, tracking_uri, job_id, job_name, class_images.path)
+    return priors_task(config_json, tracking_uri, batch_run_id, prior_key, class_images.path, class_images.uri)

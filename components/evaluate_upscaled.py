@@ -7,22 +7,26 @@ from components.image import COMPONENT_IMAGE
 def evaluate_upscaled(
     config_json: str,
     tracking_uri: str,
-    job_id: str,
-    job_name: str,
+    subject_run_id: str,
     model: dsl.Input[dsl.Model],
     upscaler: dsl.Input[dsl.Model],
     subject_images: dsl.Input[dsl.Dataset],
     evaluation: dsl.Output[dsl.Artifact],
     metrics: dsl.Output[dsl.Metrics],
     report: dsl.Output[dsl.Markdown],
-):
+) -> str:
     """DreamBench scores of the cascade at 4x resolution, with the generic and the personalised upscaler."""
-    from dreambooth.tasks import evaluate_upscaled_task
+    from dreambooth.tasks.stages import FAILED_STATUS, OK, evaluate_upscaled_task
 
     outcome = evaluate_upscaled_task(
-        config_json, tracking_uri, job_id, job_name, model.path, upscaler.path, subject_images.path, evaluation.path
+        config_json, tracking_uri, subject_run_id, model.path, upscaler.path, subject_images.path, evaluation.path
     )
+    if outcome is None:
+        with open(report.path, "w") as markdown:
+            markdown.write("The evaluation failed; the reason is on the subject's MLflow run.\n")
+        return FAILED_STATUS
     for name, value in outcome.metrics.items():
         metrics.log_metric(name, value)
     with open(report.path, "w") as markdown:
         markdown.write(outcome.report_markdown)
+    return OK

@@ -7,13 +7,13 @@ from components.image import COMPONENT_IMAGE
 def finetune(
     config_json: str,
     tracking_uri: str,
-    job_id: str,
-    job_name: str,
+    subject_run_id: str,
     subject_images: dsl.Input[dsl.Dataset],
-    class_images: dsl.Input[dsl.Dataset],
+    class_images: str,
     model: dsl.Output[dsl.Model],
-):
-    """DreamBooth fine-tune with prior preservation; writes a diffusers pipeline folder."""
-    from dreambooth.tasks import finetune_task
+) -> str:
+    """DreamBooth fine-tune with prior preservation; writes a diffusers pipeline folder; returns `ok` or `failed`."""
+    from dreambooth.tasks.stages import FAILED_STATUS, OK, finetune_task
 
-    finetune_task(config_json, tracking_uri, job_id, job_name, subject_images.path, class_images.path, model.path)
+    saved = finetune_task(config_json, tracking_uri, subject_run_id, subject_images.path, class_images, model.path, model.uri)
+    return OK if saved is not None else FAILED_STATUS

@@ -5,7 +5,7 @@ from components.image import COMPONENT_IMAGE
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def finish_tracking(config_json: str, tracking_uri: str, job_id: str, status: dsl.PipelineTaskFinalStatus):
-    """Exit handler: close the MLflow parent run with the pipeline's final state."""
-    from dreambooth.tasks import finish_task
+    """Exit handler: close the batch's MLflow run with the pipeline's final state (and any run a crash left open)."""
+    from dreambooth.tasks.batch import finish_task
 
     finish_task(config_json, tracking_uri, job_id, status.state)

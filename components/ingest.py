@@ -7,12 +7,12 @@ from components.image import COMPONENT_IMAGE
 def ingest(
     config_json: str,
     tracking_uri: str,
-    subject_uri: str,
-    job_id: str,
-    job_name: str,
+    subject_run_id: str,
+    photos: str,
     subject_images: dsl.Output[dsl.Dataset],
 ) -> str:
-    """Validate and normalise the subject photos; choose the identifier (returned)."""
-    from dreambooth.tasks import ingest_task
+    """Validate and normalise the subject photos, choose the identifier; returns `ok` or `failed`."""
+    from dreambooth.tasks.stages import FAILED_STATUS, OK, ingest_task
 
-    return ingest_task(config_json, tracking_uri, job_id, job_name, subject_uri, subject_images.path)
+    identifier = ingest_task(config_json, tracking_uri, subject_run_id, photos, subject_images.path)
+    return OK if identifier is not None else FAILED_STATUS

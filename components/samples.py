@@ -7,12 +7,12 @@ from components.image import COMPONENT_IMAGE
 def samples(
     config_json: str,
     tracking_uri: str,
-    job_id: str,
-    job_name: str,
+    subject_run_id: str,
     model: dsl.Input[dsl.Model],
     sample_images: dsl.Output[dsl.Artifact],
 ) -> str:
-    """Sample the fine-tuned and base models from the same seeds; save a labelled grid."""
-    from dreambooth.tasks import samples_task
+    """Sample the fine-tuned and base models from the same seeds; save a labelled grid; returns `ok` or `failed`."""
+    from dreambooth.tasks.stages import FAILED_STATUS, OK, samples_task
 
-    return samples_task(config_json, tracking_uri, job_id, job_name, model.path, sample_images.path)
+    grid = samples_task(config_json, tracking_uri, subject_run_id, model.path, sample_images.path)
+    return OK if grid is not None else FAILED_STATUS

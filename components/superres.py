@@ -7,16 +7,16 @@ from components.image import COMPONENT_IMAGE
 def superres(
     config_json: str,
     tracking_uri: str,
-    job_id: str,
-    job_name: str,
+    subject_run_id: str,
     subject_images: dsl.Input[dsl.Dataset],
-    class_images: dsl.Input[dsl.Dataset],
+    class_images: str,
     model: dsl.Input[dsl.Model],
     upscaler: dsl.Output[dsl.Model],
-):
+) -> str:
     """Personalised super-resolution: the x4 upscaler fine-tuned on the subject with low noise augmentation."""
-    from dreambooth.tasks import superres_task
+    from dreambooth.tasks.stages import FAILED_STATUS, OK, superres_task
 
-    superres_task(
-        config_json, tracking_uri, job_id, job_name, subject_images.path, class_images.path, model.path, upscaler.path
+    saved = superres_task(
+        config_json, tracking_uri, subject_run_id, subject_images.path, class_images, model.path, upscaler.path
     )
+    return OK if saved is not None else FAILED_STATUS

@@ -241,6 +241,13 @@ class ClusterSettings(Section):
         return self.stages.get(stage, StageResources())
 
 
+class BatchSettings(Section):
+    """How a batch of subjects runs (pipeline.py run --subjects, submit/schedule --subjects-uri)."""
+
+    # Subjects trained at once, and class-prior groups generated at once (KFP ParallelFor parallelism).
+    parallelism: int = Field(default=2, ge=1)
+
+
 class StorageSettings(Section):
     # Stable across runs: class-prior caches and training checkpoints live here so a
     # re-run or a retried task resumes instead of starting over.
@@ -259,6 +266,7 @@ class RunConfig(Section):
     evaluation: EvaluationSettings = EvaluationSettings()
     tracking: TrackingSettings = TrackingSettings()
     storage: StorageSettings = StorageSettings()
+    batch: BatchSettings = BatchSettings()
     cluster: Optional[ClusterSettings] = None
 
     @model_validator(mode="after")
@@ -273,6 +281,10 @@ class RunConfig(Section):
     @classmethod
     def from_json(cls, text: str) -> "RunConfig":
         return cls.model_validate_json(text)
+
+    def result_settings(self) -> dict:
+        """The settings that shape a subject's results: everything but where and how the run executes."""
+        return self.model_dump(exclude={"name", "tracking", "storage", "batch", "cluster"})
 
     def flat_params(self) -> dict[str, str]:
         """Every setting as `section.key` -> string, for MLflow params."""
@@ -289,21 +301,28 @@ class RunConfig(Section):
         return flat
 
 
-def _merge(base: dict, overrides: dict) -> dict:
+def merge_settings(base: dict, overrides: dict) -> dict:
+    """Nested dicts merge key by key; any other value replaces the base's."""
     merged = dict(base)
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_settings(merged[key], value)
         else:
             merged[key] = value
     return merged
 
 
+def setting_problems(error: ValidationError) -> list[str]:
+    """Each validation problem as `section.key: reason`."""
+    problems = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        problems.append(f"{where}: {problem['msg'].removeprefix('Value error, ')}")
+    return problems
+
+
 def _describe(error: ValidationError, source: str) -> str:
-    first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    message = first["msg"].removeprefix("Value error, ")
-    return f"{source}: {where}: {message}"
+    return f"{source}: {setting_problems(error)[0]}"
 
 
 def resolve_config_path(name_or_path: str) -> Path:
@@ -334,7 +353,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     parent_path = named if named.parent == CONFIG_DIR else path.parent / parent
     base = _read_yaml(parent_path, seen + (path.resolve(),))
     base.pop("name", None)
-    return _merge(base, raw)
+    return merge_settings(base, raw)
 
 
 def load_config(name_or_path: str, overrides: Optional[dict] = None) -> RunConfig:
@@ -343,7 +362,7 @@ def load_config(name_or_path: str, overrides: Optional[dict] = None) -> RunConfi
     raw = _read_yaml(path)
     raw.setdefault("name", path.stem)
     try:
-        return RunConfig.model_validate(_merge(raw, overrides or {}))
+        return RunConfig.model_validate(merge_settings(raw, overrides or {}))
     except ValidationError as error:
         raise InputError(_describe(error, str(path))) from None
 

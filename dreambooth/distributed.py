@@ -60,7 +60,7 @@ def _worker(stage: str, request_file: str) -> None:
 
     request = json.loads(Path(request_file).read_text())
     state = process_state()
-    run = StageRun(MlflowClient(request["tracking_uri"]), request["run_id"], request["parent_run_id"])
+    run = StageRun(MlflowClient(request["tracking_uri"]), request["run_id"], request["parent_run_id"], request["tracking_uri"])
     train_stage = finetune if stage == "finetune" else finetune_upscaler
     outcome = Path(request["outcome"])
     try:

@@ -22,12 +22,12 @@ from PIL import Image
 
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
-from dreambooth.images import load_rgb, resize_and_crop
+from dreambooth.images import list_images, load_rgb, resize_and_crop
 from dreambooth.models import load_pipeline, native_resolution
+from dreambooth.priors import class_images_for
 from dreambooth.training.loop import OnLog, process_state, split_batch, train
 from dreambooth.training.losses import LossTerms, prior_preservation_loss
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 METADATA_FILE = "dreambooth.json"
 VAE_ENCODE_BATCH = 8
 
@@ -100,10 +100,6 @@ def denoising_loss(unet, noise_scheduler, batch: DenoisingBatch, prior_weight: f
     return prior_preservation_loss(prediction, target, batch.num_instance, prior_weight)
 
 
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-
-
 def _to_tensor(image: Image.Image) -> torch.Tensor:
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1)
@@ -172,7 +168,7 @@ def finetune(
     if not instance_images:
         raise InputError(f"{instance_dir}: no subject images (run the ingest stage first)")
     use_prior = config.priors.enabled and settings.prior_loss_weight > 0
-    class_images = list_images(class_dir) if use_prior and class_dir else []
+    class_images = class_images_for(config, class_dir) if use_prior and class_dir else []
     if use_prior and not class_images:
         raise InputError(f"{class_dir}: no class images for prior preservation (priors.enabled is true)")
 

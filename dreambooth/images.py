@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from dreambooth.errors import InputError
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 MIN_GRID_CELL = 160  # tiny models draw 64 px images; enlarge them so a grid stays readable
 GRID_LABEL_HEIGHT = 18
 
@@ -21,6 +22,11 @@ class LoadedImage:
     image: Image.Image  # RGB, EXIF orientation applied
     original_size: tuple[int, int]  # (width, height) as stored, before orientation
     original_mode: str
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files of a folder by name, hidden files aside (a folder of training or class images)."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

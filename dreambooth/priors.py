@@ -18,7 +18,7 @@ from pathlib import Path
 
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
-from dreambooth.images import load_rgb
+from dreambooth.images import list_images, load_rgb
 from dreambooth.storage import local_folder
 from dreambooth.generation import generate_files, planned_generators
 
@@ -39,9 +39,29 @@ def class_image_name(index: int) -> str:
     return f"class-{index:05d}.png"
 
 
-def _cache_key(config: RunConfig, class_prompt: str) -> str:
-    shaping = [config.model.model_dump(), class_prompt, config.priors.sampler.model_dump()]
+def class_prompt(config: RunConfig) -> str:
+    return config.subject.class_prompt_template.format(class_noun=config.subject.class_noun)
+
+
+def prior_key(config: RunConfig) -> str:
+    """What shapes a set of class images: subjects whose keys match share one set, across runs too.
+
+    The count is not part of it: image i comes from seed i, so a larger set extends a smaller one.
+    "" when the subject trains without prior preservation.
+    """
+    if not config.priors.enabled:
+        return ""
+    if config.priors.class_images:
+        shaping = ["user", config.priors.class_images]
+    else:
+        shaping = [config.model.model_dump(), class_prompt(config), config.priors.sampler.model_dump()]
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def class_images_for(config: RunConfig, class_dir: Path) -> list[Path]:
+    """The class images a subject trains with: its own count of a shared generated set, or all supplied ones."""
+    images = list_images(class_dir)
+    return images if config.priors.class_images else images[: config.priors.num_class_images]
 
 
 def _publish(cache: Path, names: list[str], output_dir: Path) -> None:
@@ -71,23 +91,23 @@ def _use_supplied_images(source: Path, output_dir: Path, config: RunConfig) -> i
 
 def generate_class_priors(config: RunConfig, output_dir: Path) -> PriorResult:
     settings = config.priors
-    class_prompt = config.subject.class_prompt_template.format(class_noun=config.subject.class_noun)
+    prompt = class_prompt(config)
     started = time.perf_counter()
     if settings.class_images:
         with local_folder(settings.class_images) as supplied:
             count = _use_supplied_images(supplied, output_dir, config)
-        return PriorResult(class_prompt, count, 0, time.perf_counter() - started, 0.0, "user")
+        return PriorResult(prompt, count, 0, time.perf_counter() - started, 0.0, "user")
 
-    cache = Path(config.storage.work_dir) / "class-priors" / _cache_key(config, class_prompt)
+    cache = Path(config.storage.work_dir) / "class-priors" / prior_key(config)
     cache.mkdir(parents=True, exist_ok=True)
     names = [class_image_name(i) for i in range(settings.num_class_images)]
     missing = [i for i, name in enumerate(names) if not (cache / name).is_file()]
     if missing:
-        log.info("generating %d of %d class images for %r", len(missing), len(names), class_prompt)
+        log.info("generating %d of %d class images for %r", len(missing), len(names), prompt)
         generate_files(
             config.model.base,
             config.model.revision,
-            [(class_prompt, settings.sampler.seed + i) for i in missing],
+            [(prompt, settings.sampler.seed + i) for i in missing],
             [class_image_name(i) for i in missing],
             cache,
             settings.sampler,
@@ -97,7 +117,7 @@ def generate_class_priors(config: RunConfig, output_dir: Path) -> PriorResult:
     _publish(cache, names, output_dir)
     seconds = time.perf_counter() - started
     return PriorResult(
-        class_prompt=class_prompt,
+        class_prompt=prompt,
         count=len(names),
         generated=len(missing),
         seconds=seconds,

@@ -10,6 +10,8 @@ client talks to that emulator with anonymous credentials.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import tempfile
@@ -104,3 +106,49 @@ def local_folder(uri: str, require_complete: bool = False) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="dreambooth-gcs-") as scratch:
         yield download_folder(uri, Path(scratch) / "folder", require_complete=require_complete)
+
+
+def read_text(uri: str) -> str:
+    """A whole small file (a subjects list), local or gs://."""
+    if not is_gcs(uri):
+        path = Path(uri)
+        if not path.is_file():
+            raise InputError(f"{uri}: file not found")
+        return path.read_text()
+    bucket_name, name = split_gcs(uri)
+    blob = _client().bucket(bucket_name).blob(name)
+    if not blob.exists():
+        raise InputError(f"{uri}: file not found")
+    return blob.download_as_bytes(retry=_retry()).decode()
+
+
+def _visible(relative: str) -> bool:
+    return not any(part.startswith(".") for part in relative.split("/")) and relative != COMPLETE_MARKER
+
+
+def content_digests(uri: str) -> dict[str, str]:
+    """{file name: MD5 of its bytes} for the files directly in a folder, local or gs://.
+
+    MD5 because GCS keeps it for every uploaded object: a bucket's photos are fingerprinted
+    without downloading them. Hidden files and our completion marker do not count.
+    """
+    if not is_gcs(uri):
+        folder = Path(uri)
+        if not folder.is_dir():
+            return {}
+        return {
+            path.name: hashlib.md5(path.read_bytes()).hexdigest()
+            for path in sorted(folder.iterdir())
+            if path.is_file() and _visible(path.name)
+        }
+    bucket_name, prefix = split_gcs(uri)
+    digests = {}
+    for blob in _client().list_blobs(bucket_name, prefix=f"{prefix}/" if prefix else None, delimiter="/", retry=_retry()):
+        relative = blob.name[len(prefix) + 1 :] if prefix else blob.name
+        if not relative or not _visible(relative):
+            continue
+        if blob.md5_hash:
+            digests[relative] = base64.b64decode(blob.md5_hash).hex()
+        else:  # composite objects carry no MD5: hash the bytes
+            digests[relative] = hashlib.md5(blob.download_as_bytes(retry=_retry())).hexdigest()
+    return dict(sorted(digests.items()))

@@ -24,12 +24,13 @@ from dreambooth.finetune import (
     FinetuneResult,
     denoising_loss,
     encode_views,
-    list_images,
     pixels,
     save_trained_pipeline,
     training_fingerprint,
     training_views,
 )
+from dreambooth.images import list_images
+from dreambooth.priors import class_images_for
 from dreambooth.training.loop import OnLog, process_state, split_batch, train
 from dreambooth.training.losses import LossTerms
 
@@ -82,7 +83,7 @@ def finetune_upscaler(
     if not instance_images:
         raise InputError(f"{instance_dir}: no subject images (run the ingest stage first)")
     use_prior = settings.prior_preservation and training.prior_loss_weight > 0 and class_dir is not None
-    class_images = list_images(class_dir) if use_prior else []
+    class_images = class_images_for(config, class_dir) if use_prior else []
     use_prior = use_prior and bool(class_images)
 
     device = process_state().device

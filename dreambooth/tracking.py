@@ -1,9 +1,14 @@
 """The one place that knows the MLflow run layout.
 
-One parent run per pipeline run, found (or created) by its KFP job id, so tasks in separate
-processes or pods share it without passing ids around; one child run per stage, carrying
-the parent's identifying tags. Everything goes through MlflowClient with explicit run ids:
-no process-global active run.
+    batch run (one per pipeline run, found by its KFP job id)
+      ├── class-priors runs (one per class-prior group)
+      └── subject run (one per subject trained)
+            └── stage runs (ingest, fine-tune, samples, evaluate, super-resolution, ...)
+
+The plan task opens the batch run and the subject runs, so later tasks are handed a subject
+run's id instead of searching for it. A subject run carries the subject's fingerprint (photos,
+settings, base model) and its outcome, which is how a later batch knows it is up to date.
+Everything goes through MlflowClient with explicit run ids: no process-global active run.
 """
 
 from __future__ import annotations
@@ -27,14 +32,23 @@ TAG_STAGE = "dreambooth.stage"
 TAG_SUBJECT = "dreambooth.subject"
 TAG_CLASS_NOUN = "dreambooth.class_noun"
 TAG_IDENTIFIER = "dreambooth.identifier"
+TAG_FINGERPRINT = "dreambooth.fingerprint"
+TAG_SUBJECT_STATUS = "dreambooth.subject_status"  # running, trained or failed
 TAG_ERROR = "dreambooth.error"
 TAG_FAILED_STAGE = "dreambooth.failed_stage"
-TAG_MODEL_URI = "dreambooth.model_uri"
+TAG_MODEL_URI = "dreambooth.model_uri"  # the MLflow model (models:/...)
+TAG_MODEL_LOCATION = "dreambooth.model_location"  # the diffusers folder the fine-tune wrote (path or gs://)
 TAG_GATE = "dreambooth.gate"
 TAG_GATE_REASON = "dreambooth.gate_reason"
+TAG_REGISTERED = "dreambooth.registered_model"
+TAG_REGISTERED_VERSION = "dreambooth.registered_version"
+TAG_EVAL_PROTOCOL = "dreambooth.eval_protocol"
+TAG_PRIOR_KEY = "dreambooth.prior_key"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
 INHERITED_TAGS = (TAG_JOB_ID, TAG_JOB_NAME, TAG_SUBJECT, TAG_CLASS_NOUN, TAG_IDENTIFIER)
+STAGE_BATCH, STAGE_SUBJECT = "batch", "subject"
+RUNNING, TRAINED, FAILED = "running", "trained", "failed"
 METRIC_FLUSH_EVERY = 100
 
 
@@ -46,63 +60,134 @@ def resolve_tracking_uri(configured: Optional[str] = None) -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def _client(tracking_uri: str):
+def client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def _experiment_id(client, name: str) -> str:
-    experiment = client.get_experiment_by_name(name)
+def experiment_id(tracking_uri: str, name: str) -> str:
+    """The experiment's id, created if missing (which also sets up a fresh local store's schema)."""
+    mlflow = client(tracking_uri)
+    experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return client.create_experiment(name)
-    except Exception:  # another task created it first
-        return client.get_experiment_by_name(name).experiment_id
+        return mlflow.create_experiment(name)
+    except Exception:  # another process created it first
+        return mlflow.get_experiment_by_name(name).experiment_id
 
 
-def find_parent_run(tracking_uri: str, experiment: str, job_id: str = "", job_name: str = ""):
-    """The pipeline run's parent MLflow run, by KFP job id or job name; None if never opened."""
-    client = _client(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    key, value = (TAG_JOB_ID, job_id) if job_id else (TAG_JOB_NAME, job_name)
-    runs = client.search_runs(
-        [found.experiment_id], filter_string=f"tags.`{key}` = '{value}' and tags.`{TAG_STAGE}` = 'pipeline'"
-    )
-    return runs[0] if runs else None
-
-
-def _parent_run_id(client, config: RunConfig, tracking_uri: str, job_id: str, job_name: str, subject: str) -> str:
-    existing = find_parent_run(tracking_uri, config.tracking.experiment, job_id)
-    if existing is not None:
-        return existing.info.run_id
-    tags = {
-        TAG_JOB_ID: job_id,
-        TAG_JOB_NAME: job_name,
-        TAG_STAGE: "pipeline",
-        TAG_SUBJECT: subject,
-        TAG_CLASS_NOUN: config.subject.class_noun,
-        TAG_RUN_NAME: f"{subject}-{config.subject.class_noun}-{job_name}",
-    }
-    run = client.create_run(_experiment_id(client, config.tracking.experiment), tags=tags)
+def _log_params(mlflow, run_id: str, config: RunConfig) -> None:
     from mlflow.entities import Param
 
     params = [Param(key, value[:6000]) for key, value in config.flat_params().items()]
     for start in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[start : start + 100])
+        mlflow.log_batch(run_id, params=params[start : start + 100])
+
+
+def _search(tracking_uri: str, experiment: str, filter_string: str, newest_first: bool = False) -> list:
+    mlflow = client(tracking_uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    order = ["attributes.start_time DESC"] if newest_first else None
+    return list(mlflow.search_runs([found.experiment_id], filter_string=filter_string, order_by=order, max_results=1000))
+
+
+def find_batch_run(tracking_uri: str, experiment: str, job_id: str = "", job_name: str = ""):
+    """The pipeline run's batch run, by KFP job id or job name; None if never opened."""
+    key, value = (TAG_JOB_ID, job_id) if job_id else (TAG_JOB_NAME, job_name)
+    runs = _search(tracking_uri, experiment, f"tags.`{key}` = '{value}' and tags.`{TAG_STAGE}` = '{STAGE_BATCH}'")
+    return runs[0] if runs else None
+
+
+def open_batch_run(tracking_uri: str, config: RunConfig, job_id: str, job_name: str) -> str:
+    """Find or create the job's batch run (a retried plan task finds the one it made)."""
+    existing = find_batch_run(tracking_uri, config.tracking.experiment, job_id)
+    if existing is not None:
+        return existing.info.run_id
+    mlflow = client(tracking_uri)
+    tags = {TAG_JOB_ID: job_id, TAG_JOB_NAME: job_name, TAG_STAGE: STAGE_BATCH, TAG_RUN_NAME: f"batch-{job_name}"}
+    run = mlflow.create_run(experiment_id(tracking_uri, config.tracking.experiment), tags=tags)
+    _log_params(mlflow, run.info.run_id, config)
     return run.info.run_id
+
+
+def subject_runs(tracking_uri: str, batch_run_id: str) -> list:
+    mlflow = client(tracking_uri)
+    batch = mlflow.get_run(batch_run_id)
+    return list(mlflow.search_runs(
+        [batch.info.experiment_id],
+        filter_string=f"tags.`{TAG_PARENT}` = '{batch_run_id}' and tags.`{TAG_STAGE}` = '{STAGE_SUBJECT}'",
+        max_results=1000,
+    ))
+
+
+def open_subject_run(tracking_uri: str, batch_run_id: str, config: RunConfig, fingerprint: str) -> str:
+    """Find or create the subject's run under the batch run."""
+    subject = config.subject.name
+    for run in subject_runs(tracking_uri, batch_run_id):
+        if run.data.tags.get(TAG_SUBJECT) == subject:
+            return run.info.run_id
+    mlflow = client(tracking_uri)
+    batch = mlflow.get_run(batch_run_id)
+    tags = {
+        **{key: batch.data.tags[key] for key in (TAG_JOB_ID, TAG_JOB_NAME) if key in batch.data.tags},
+        TAG_PARENT: batch_run_id,
+        TAG_STAGE: STAGE_SUBJECT,
+        TAG_SUBJECT: subject,
+        TAG_CLASS_NOUN: config.subject.class_noun,
+        TAG_FINGERPRINT: fingerprint,
+        TAG_SUBJECT_STATUS: RUNNING,
+        TAG_RUN_NAME: subject,
+    }
+    run = mlflow.create_run(batch.info.experiment_id, tags=tags)
+    _log_params(mlflow, run.info.run_id, config)
+    return run.info.run_id
+
+
+def find_trained_subject(tracking_uri: str, experiment: str, fingerprint: str):
+    """The newest finished subject run with this fingerprint whose training succeeded, or None."""
+    runs = _search(
+        tracking_uri, experiment,
+        f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}' and tags.`{TAG_SUBJECT_STATUS}` = '{TRAINED}' "
+        f"and attributes.status = 'FINISHED'",
+        newest_first=True,
+    )
+    return runs[0] if runs else None
+
+
+def record_failure(tracking_uri: str, run_id: str, stage: str, message: str) -> None:
+    """A subject that failed: the reason and stage on its run; the run itself is closed by the summary."""
+    from mlflow.entities import RunTag
+
+    tags = {TAG_ERROR: message[:5000], TAG_FAILED_STAGE: stage, TAG_SUBJECT_STATUS: FAILED}
+    client(tracking_uri).log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+
+
+def close_subject_run(tracking_uri: str, run) -> str:
+    """FINISHED with status `trained` unless a stage failed; returns the subject's status."""
+    mlflow = client(tracking_uri)
+    status = run.data.tags.get(TAG_SUBJECT_STATUS)
+    if status != FAILED and TAG_MODEL_LOCATION not in run.data.tags:
+        record_failure(tracking_uri, run.info.run_id, "fine-tune", "the pipeline ended before the model was saved")
+        status = FAILED
+    elif status != FAILED:
+        mlflow.set_tag(run.info.run_id, TAG_SUBJECT_STATUS, TRAINED)
+        status = TRAINED
+    mlflow.set_terminated(run.info.run_id, "FINISHED" if status == TRAINED else "FAILED")
+    return status
 
 
 @dataclass
 class StageRun:
-    """A stage's child run: per-step metrics are buffered and sent in batches."""
+    """A stage's run: per-step metrics are buffered and sent in batches; `on_parent` also logs to its parent."""
 
     client: object
     run_id: str
     parent_run_id: str
+    tracking_uri: str
     _pending: list = field(default_factory=list)
 
     def log_step_metrics(self, step: int, values: dict[str, float]) -> None:
@@ -149,28 +234,21 @@ class StageRun:
         if on_parent:
             self.client.log_artifact(self.parent_run_id, str(path), artifact_path)
 
-    def log_folder(self, folder: Path, artifact_path: str) -> None:
+    def log_folder(self, folder: Path, artifact_path: str, on_parent: bool = False) -> None:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+        if on_parent:
+            self.client.log_artifacts(self.parent_run_id, str(folder), artifact_path)
 
 
 @contextmanager
-def stage_run(
-    config: RunConfig,
-    tracking_uri: str,
-    stage: str,
-    job_id: str,
-    job_name: str,
-    subject: str,
-    task_name: str = "",
-) -> Iterator[StageRun]:
-    """Open the stage's child run under the job's parent run; record failures on both, then re-raise."""
-    client = _client(tracking_uri)
-    parent_id = _parent_run_id(client, config, tracking_uri, job_id, job_name, subject)
-    parent = client.get_run(parent_id)
-    tags = {key: parent.data.tags[key] for key in INHERITED_TAGS if key in parent.data.tags}
-    tags.update({TAG_PARENT: parent_id, TAG_STAGE: stage, TAG_TASK_NAME: task_name or stage, TAG_RUN_NAME: stage})
-    child = client.create_run(parent.info.experiment_id, tags=tags)
-    run = StageRun(client=client, run_id=child.info.run_id, parent_run_id=parent_id)
+def stage_run(tracking_uri: str, parent_run_id: str, stage: str, tags: Optional[dict] = None) -> Iterator[StageRun]:
+    """Open a stage's run under its subject (or batch) run; a failure is recorded on both, then re-raised."""
+    mlflow = client(tracking_uri)
+    parent = mlflow.get_run(parent_run_id)
+    run_tags = {key: parent.data.tags[key] for key in INHERITED_TAGS if key in parent.data.tags}
+    run_tags.update({TAG_PARENT: parent_run_id, TAG_STAGE: stage, TAG_TASK_NAME: stage, TAG_RUN_NAME: stage, **(tags or {})})
+    child = mlflow.create_run(parent.info.experiment_id, tags=run_tags)
+    run = StageRun(client=mlflow, run_id=child.info.run_id, parent_run_id=parent_run_id, tracking_uri=tracking_uri)
     try:
         yield run
         run.flush()
@@ -178,18 +256,31 @@ def stage_run(
         message = (str(error).splitlines() or [type(error).__name__])[0][:5000]
         run.flush()
         run.set_tags({TAG_ERROR: message})
-        client.set_tag(parent_id, TAG_ERROR, message)
-        client.set_tag(parent_id, TAG_FAILED_STAGE, stage)
-        client.set_terminated(run.run_id, "FAILED")
+        mlflow.set_terminated(run.run_id, "FAILED")
+        if parent.data.tags.get(TAG_STAGE) == STAGE_SUBJECT:
+            record_failure(tracking_uri, parent_run_id, stage, message)
         raise
-    client.set_terminated(run.run_id, "FINISHED")
+    mlflow.set_terminated(run.run_id, "FINISHED")
 
 
-def finish_parent_run(tracking_uri: str, experiment: str, job_id: str, pipeline_state: str) -> Optional[str]:
-    """Close the job's parent run with the pipeline's final state; returns its id (None if never opened)."""
-    parent = find_parent_run(tracking_uri, experiment, job_id)
-    if parent is None:
+def finish_batch_run(tracking_uri: str, experiment: str, job_id: str, pipeline_state: str) -> Optional[str]:
+    """Exit handler: close the batch run with the pipeline's final state, and every run under it
+    still open (a stage that crashed or was killed) as FAILED with the reason; returns its id."""
+    batch = find_batch_run(tracking_uri, experiment, job_id)
+    if batch is None:
         return None
-    status = "FINISHED" if pipeline_state.upper() in ("SUCCEEDED", "SUCCESS") else "FAILED"
-    _client(tracking_uri).set_terminated(parent.info.run_id, status)
-    return parent.info.run_id
+    mlflow = client(tracking_uri)
+    succeeded = pipeline_state.upper() in ("SUCCEEDED", "SUCCESS")
+    still_running = _search(tracking_uri, experiment, f"tags.`{TAG_JOB_ID}` = '{job_id}' and attributes.status = 'RUNNING'")
+    for run in still_running:
+        if run.info.run_id == batch.info.run_id:
+            continue
+        if run.data.tags.get(TAG_STAGE) == STAGE_SUBJECT:
+            if run.data.tags.get(TAG_SUBJECT_STATUS) != FAILED:
+                record_failure(tracking_uri, run.info.run_id, "pipeline", f"the pipeline ended ({pipeline_state}) before this subject finished")
+        else:
+            mlflow.set_tag(run.info.run_id, TAG_ERROR, f"the pipeline ended ({pipeline_state}) while this stage ran")
+        mlflow.set_terminated(run.info.run_id, "FAILED")
+    mlflow.set_terminated(batch.info.run_id, "FINISHED" if succeeded else "FAILED")
+    return batch.info.run_id
+

@@ -15,6 +15,47 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_SUBJECT = REPO / "examples" / "subjects" / "dog"
+SAMPLE_OBJECT = REPO / "examples" / "subjects" / "backpack"
+
+
+def cli(*args, cwd, env=None, timeout=900):
+    """`python pipeline.py ...` as a user runs it, in its own process."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "pipeline.py"), *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+def quick_config(folder: Path, experiment="dreambooth", gate=None, superres=True, **training) -> str:
+    """The tiny config, shrunk further so a whole pipeline run takes well under a minute per subject."""
+    import yaml
+
+    path = folder / f"quick-{experiment}.yaml"
+    raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    raw["priors"]["num_class_images"] = 4
+    raw["training"].update({"max_steps": 8, "checkpoint_every": 4, **training})
+    raw["tracking"] = {"experiment": experiment}
+    raw["superres"].update({"enabled": superres, "training": {"max_steps": 6, "learning_rate": 1.0e-4, "checkpoint_every": 3}})
+    raw["evaluation"].update({"max_prompts_per_category": 1, "gate": gate or raw["evaluation"]["gate"]})
+    raw["samples"].update({"images_per_prompt": 1, "prompts": ["a {identifier} {class_noun} on the beach", "a {identifier} {class_noun} in the snow"]})
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def dag_tasks(spec: dict) -> dict:
+    """Every task of the compiled DAG, nested groups included: {task name: (enclosing component, task spec)}."""
+    found = {}
+    for component, body in spec["components"].items():
+        for name, task in body.get("dag", {}).get("tasks", {}).items():
+            found[name] = (component, task)
+    found.update({name: ("root", task) for name, task in spec["root"]["dag"]["tasks"].items()})
+    return found
+
+
+def copy_photos(source: Path, target: Path, names: list[str]) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copyfile(source / name, target / name)
+    return target
 
 
 @pytest.fixture(scope="session", autouse=True)

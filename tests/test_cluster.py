@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, dag_tasks
 from dreambooth.config import load_config
 from dreambooth.errors import InputError
 
@@ -40,7 +40,8 @@ def test_gpu_stages_get_gpus_node_pool_toleration_and_shared_memory(compiled):
         assert platform["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in platform["tolerations"]
         assert {"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory", "sizeLimit": "16Gi"} in platform["emptyDirMounts"]
-    assert "nodeSelector" not in executors["exec-ingest"]  # CPU stages stay off the GPU pool
+    for cpu_stage in ("ingest", "plan-batch", "prior-groups", "assign-priors", "summarize", "batch-failures"):
+        assert "nodeSelector" not in executors[f"exec-{cpu_stage}"]  # CPU stages stay off the GPU pool
 
 
 def test_every_stage_is_non_root_time_limited_and_pinned(compiled):
@@ -63,8 +64,8 @@ def test_secrets_travel_by_reference_only(compiled):
 
 def test_gpu_stages_retry_for_longer_than_they_run(compiled):
     _, pipeline_spec, _ = compiled
-    tasks = pipeline_spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
-    policy = tasks["finetune"]["retryPolicy"]
+    _, finetune = dag_tasks(pipeline_spec)["finetune"]
+    policy = finetune["retryPolicy"]
     assert policy["maxRetryCount"] == 2
     window = int(policy["backoffMaxDuration"].rstrip("s"))
     assert window > 3 * 10800  # three attempts of a 3-hour fine-tune fit; KFP's default 3600 s would not

@@ -78,27 +78,46 @@ def test_subject_photos_uploaded_by_a_user_need_no_marker(gcs_emulator, subject_
     assert len(result.images) == 4
 
 
+def test_a_subjects_file_and_its_photos_are_read_from_the_bucket(gcs_emulator, subject_dir, make_config):
+    """The plan reads the file when a run starts, and fingerprints photos from their MD5s without downloading them."""
+    from dreambooth.storage import content_digests
+    from dreambooth.subjects import read_subjects
+
+    bucket = storage.Client(project="dreambooth-test").bucket(gcs_emulator)
+    for photo in subject_dir.iterdir():
+        bucket.blob(f"catalogue/photos/dog/{photo.name}").upload_from_filename(str(photo))
+    bucket.blob("catalogue/photos/dog/.DS_Store").upload_from_string(b"finder noise")
+    bucket.blob("catalogue/photos/dog/nested/other.jpg").upload_from_string(b"not this folder's")
+    bucket.blob("catalogue/subjects.yaml").upload_from_string("subjects:\n  - {id: dog, photos: photos/dog, class_noun: dog}\n")
+
+    (entry,) = read_subjects(f"gs://{gcs_emulator}/catalogue/subjects.yaml", make_config())
+    assert entry.photos == f"gs://{gcs_emulator}/catalogue/photos/dog"
+    assert content_digests(entry.photos) == content_digests(str(subject_dir))  # the same bytes, the same fingerprint
+    with pytest.raises(InputError, match="catalogue/absent.yaml: file not found"):
+        read_subjects(f"gs://{gcs_emulator}/catalogue/absent.yaml", make_config())
+
+
 @pytest.mark.slow
 def test_a_run_writes_its_results_and_mlflow_artifacts_to_the_bucket(gcs_emulator, mlflow_server_on_gcs, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from conftest import SAMPLE_SUBJECT
-    from test_pipeline import _cli, _quick_config
+    from conftest import SAMPLE_SUBJECT, cli, quick_config
 
-    config = _quick_config(tmp_path, experiment="on-gcs", superres=False)
-    result = _cli("run", "--config", config, "--subject-dir", str(SAMPLE_SUBJECT), "--class-noun", "dog",
+    config = quick_config(tmp_path, experiment="on-gcs", superres=False)
+    result = cli("run", "--config", config, "--subject-dir", str(SAMPLE_SUBJECT), "--class-noun", "dog",
                   "--output-dir", f"gs://{gcs_emulator}/runs", "--tracking-uri", mlflow_server_on_gcs, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    printed = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line and not line.startswith(" "))
-    model_uri = printed["model"].strip()
-    assert model_uri.startswith(f"gs://{gcs_emulator}/runs/dreambooth-") and is_complete(model_uri)
-    assert printed["sample grid"].strip().endswith("/samples/samples-grid.png")
+    printed = {key.strip(): value.strip() for key, value in
+               (line.split(":", 1) for line in result.stdout.splitlines() if line.startswith("  ") and ":" in line)}
+    model_uri = printed["model"]
+    assert model_uri.startswith(f"gs://{gcs_emulator}/runs/dreambooth-") and model_uri.endswith("/dog/model") and is_complete(model_uri)
+    assert printed["sample grid"].endswith("/dog/samples/samples-grid.png")
 
-    job = model_uri.split("/")[-2]
-    stored = _blob_names(gcs_emulator, f"runs/{job}/")
+    subject_folder = model_uri.removeprefix(f"gs://{gcs_emulator}/").removesuffix("/model")
+    stored = _blob_names(gcs_emulator, f"{subject_folder}/")
     for expected in ("model/model_index.json", "model/unet/diffusion_pytorch_model.safetensors",
                      "samples/samples-grid.png", "evaluation/report.md", f"model/{COMPLETE_MARKER}"):
-        assert f"runs/{job}/{expected}" in stored
+        assert f"{subject_folder}/{expected}" in stored
 
     from diffusers import DiffusionPipeline
 
@@ -108,5 +127,5 @@ def test_a_run_writes_its_results_and_mlflow_artifacts_to_the_bucket(gcs_emulato
     # The MLflow server proxies artifacts into the bucket: the run's grid lives on the emulator.
     client = MlflowClient(mlflow_server_on_gcs)
     experiment = client.get_experiment_by_name("on-gcs")
-    (parent,) = client.search_runs([experiment.experiment_id], "tags.`dreambooth.stage` = 'pipeline'")
-    assert any(name.endswith(f"{parent.info.run_id}/artifacts/samples-grid.png") for name in _blob_names(gcs_emulator, "mlflow/"))
+    (subject,) = client.search_runs([experiment.experiment_id], "tags.`dreambooth.stage` = 'subject'")
+    assert any(name.endswith(f"{subject.info.run_id}/artifacts/samples-grid.png") for name in _blob_names(gcs_emulator, "mlflow/"))

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from conftest import REPO
-from dreambooth.config import RunConfig
+from dreambooth.config import RunConfig, load_config
 
 
 class RecordingKfpApi(BaseHTTPRequestHandler):
@@ -79,9 +79,25 @@ def test_submit_uploads_the_cluster_pipeline_with_its_parameters(kfp_api):
     platform = run["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert platform["exec-finetune"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     parameters = run["runtime_config"]["parameters"]
-    assert parameters["subject_uri"] == "gs://photos/dog" and parameters["superres_enabled"] is True
+    assert parameters["superres_enabled"] is True and parameters["subjects_uri"] == "" and parameters["force"] is False
+    # The subject is its own parameter (a batch of one), apart from the shared settings.
+    assert json.loads(parameters["subjects_json"]) == [{"id": "dog", "photos": "gs://photos/dog", "class_noun": "dog"}]
     config = RunConfig.from_json(parameters["config_json"])
-    assert (config.subject.class_noun, config.subject.name, config.name) == ("dog", "dog", "gke-sd15")
+    assert (config.subject.class_noun, config.name) == ("", "gke-sd15")
+
+
+def test_schedule_with_a_subjects_file_carries_its_uri_not_its_contents(kfp_api):
+    host, requests = kfp_api
+    result = _cli("schedule", "--host", host, "--config", "gke-sd15", "--cron", "0 0 2 * * *",
+                  "--subjects-uri", "gs://catalogue/subjects.yaml", "--run-name", "nightly-catalogue")
+    assert result.returncode == 0, result.stderr
+    (recurring,) = _posted(requests, "/apis/v2beta1/recurringruns")
+    assert recurring["trigger"]["cron_schedule"]["cron"] == "0 0 2 * * *"
+    assert recurring["display_name"] == "nightly-catalogue" and recurring["experiment_id"] == "exp-7"
+    parameters = recurring["runtime_config"]["parameters"]
+    # Read by the plan task when each run starts, so entries added between ticks are picked up.
+    assert parameters["subjects_uri"] == "gs://catalogue/subjects.yaml" and parameters["subjects_json"] == ""
+    assert RunConfig.from_json(parameters["config_json"]) == load_config("gke-sd15")
 
 
 def test_schedule_creates_a_recurring_run_with_the_cron(kfp_api):
@@ -92,7 +108,7 @@ def test_schedule_creates_a_recurring_run_with_the_cron(kfp_api):
     (recurring,) = _posted(requests, "/apis/v2beta1/recurringruns")
     assert recurring["trigger"]["cron_schedule"]["cron"] == "0 0 9 * * 1-5"
     assert recurring["display_name"] == "weekday-backpack" and recurring["experiment_id"] == "exp-7"
-    assert recurring["runtime_config"]["parameters"]["subject_uri"] == "gs://photos/backpack"
+    assert json.loads(recurring["runtime_config"]["parameters"]["subjects_json"])[0]["photos"] == "gs://photos/backpack"
 
 
 @pytest.mark.parametrize(

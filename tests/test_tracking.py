@@ -1,4 +1,4 @@
-"""The MLflow run layout, against a real `mlflow server` process."""
+"""The MLflow run layout (batch -> subject -> stage), against a real `mlflow server` process."""
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -8,46 +8,77 @@ from dreambooth.tracking import (
     TAG_FAILED_STAGE,
     TAG_IDENTIFIER,
     TAG_JOB_ID,
+    TAG_MODEL_LOCATION,
     TAG_PARENT,
     TAG_STAGE,
-    finish_parent_run,
-    find_parent_run,
+    TAG_SUBJECT_STATUS,
+    close_subject_run,
+    find_batch_run,
+    find_trained_subject,
+    finish_batch_run,
+    open_batch_run,
+    open_subject_run,
     resolve_tracking_uri,
     stage_run,
 )
 
 
-def test_stages_of_one_job_share_one_parent_run(mlflow_server, make_config):
+def test_stages_log_under_their_subject_and_subjects_under_the_batch(mlflow_server, make_config):
     config = make_config(tracking={"experiment": "layout"})
-    with stage_run(config, mlflow_server, "ingest", "job-1", "dreambooth-job-1", "dog") as ingest:
+    batch_id = open_batch_run(mlflow_server, config, "job-1", "dreambooth-job-1")
+    assert open_batch_run(mlflow_server, config, "job-1", "dreambooth-job-1") == batch_id  # a retried plan finds it
+    subject_id = open_subject_run(mlflow_server, batch_id, config, "fingerprint-1")
+    assert open_subject_run(mlflow_server, batch_id, config, "fingerprint-1") == subject_id
+    with stage_run(mlflow_server, subject_id, "ingest") as ingest:
         ingest.set_tags({TAG_IDENTIFIER: "fqs"}, on_parent=True)
-    with stage_run(config, mlflow_server, "fine-tune", "job-1", "dreambooth-job-1", "dog") as training:
+    with stage_run(mlflow_server, subject_id, "fine-tune") as training:
         for step in range(1, 151):
             training.log_step_metrics(step, {"loss": 1.0 / step})
-    assert finish_parent_run(mlflow_server, "layout", "job-1", "SUCCEEDED") == ingest.parent_run_id
+        training.set_tags({TAG_MODEL_LOCATION: "/models/dog"}, on_parent=True)
 
     client = MlflowClient(mlflow_server)
-    parent = find_parent_run(mlflow_server, "layout", "job-1")
-    assert parent.info.status == "FINISHED"
-    assert parent.data.params["training.learning_rate"] == "0.0001"
-    children = client.search_runs([parent.info.experiment_id], f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'")
-    assert sorted(run.data.tags[TAG_STAGE] for run in children) == ["fine-tune", "ingest"]
-    fine_tune = next(run for run in children if run.data.tags[TAG_STAGE] == "fine-tune")
-    assert fine_tune.data.tags[TAG_IDENTIFIER] == "fqs"  # set on the parent by ingest, inherited later
-    assert fine_tune.data.tags[TAG_JOB_ID] == "job-1"
-    assert len(client.get_metric_history(fine_tune.info.run_id, "loss")) == 150
+    fine_tune = client.get_run(training.run_id)
+    assert fine_tune.data.tags[TAG_IDENTIFIER] == "fqs"  # set on the subject by ingest, inherited by later stages
+    assert fine_tune.data.tags[TAG_JOB_ID] == "job-1" and fine_tune.data.tags[TAG_PARENT] == subject_id
+    assert len(client.get_metric_history(training.run_id, "loss")) == 150
+    assert client.get_run(subject_id).data.params["training.learning_rate"] == "0.0001"
+
+    assert find_trained_subject(mlflow_server, "layout", "fingerprint-1") is None  # not finished yet
+    assert close_subject_run(mlflow_server, client.get_run(subject_id)) == "trained"
+    assert finish_batch_run(mlflow_server, "layout", "job-1", "SUCCEEDED") == batch_id
+    assert find_batch_run(mlflow_server, "layout", "job-1").info.status == "FINISHED"
+    assert find_trained_subject(mlflow_server, "layout", "fingerprint-1").info.run_id == subject_id
+    assert find_trained_subject(mlflow_server, "layout", "fingerprint-2") is None
 
 
-def test_a_failing_stage_is_recorded_on_its_run_and_the_parent(mlflow_server, make_config):
+def test_a_failing_stage_fails_its_subject_with_the_reason(mlflow_server, make_config):
     config = make_config(tracking={"experiment": "failures"})
+    batch_id = open_batch_run(mlflow_server, config, "job-2", "dreambooth-job-2")
+    subject_id = open_subject_run(mlflow_server, batch_id, config, "fingerprint-3")
     with pytest.raises(ValueError):
-        with stage_run(config, mlflow_server, "fine-tune", "job-2", "dreambooth-job-2", "dog"):
+        with stage_run(mlflow_server, subject_id, "fine-tune"):
             raise ValueError("loss exploded\nsecond line")
-    finish_parent_run(mlflow_server, "failures", "job-2", "FAILED")
-    parent = find_parent_run(mlflow_server, "failures", "job-2")
-    assert parent.info.status == "FAILED"
-    assert parent.data.tags[TAG_ERROR] == "loss exploded"
-    assert parent.data.tags[TAG_FAILED_STAGE] == "fine-tune"
+    client = MlflowClient(mlflow_server)
+    subject = client.get_run(subject_id)
+    assert subject.data.tags[TAG_ERROR] == "loss exploded" and subject.data.tags[TAG_FAILED_STAGE] == "fine-tune"
+    assert close_subject_run(mlflow_server, subject) == "failed"
+    assert client.get_run(subject_id).info.status == "FAILED"
+    assert find_trained_subject(mlflow_server, "failures", "fingerprint-3") is None  # a failed subject trains again
+
+
+def test_the_exit_handler_closes_runs_a_crashed_stage_left_open(mlflow_server, make_config):
+    config = make_config(tracking={"experiment": "crashed"})
+    batch_id = open_batch_run(mlflow_server, config, "job-3", "dreambooth-job-3")
+    subject_id = open_subject_run(mlflow_server, batch_id, config, "fingerprint-4")
+    client = MlflowClient(mlflow_server)
+    stage = client.create_run(client.get_run(subject_id).info.experiment_id,
+                              tags={TAG_PARENT: subject_id, TAG_STAGE: "fine-tune", TAG_JOB_ID: "job-3"})  # as a killed pod leaves it
+    finish_batch_run(mlflow_server, "crashed", "job-3", "FAILED")
+    assert client.get_run(stage.info.run_id).info.status == "FAILED"
+    assert "while this stage ran" in client.get_run(stage.info.run_id).data.tags[TAG_ERROR]
+    subject = client.get_run(subject_id)
+    assert subject.info.status == "FAILED" and subject.data.tags[TAG_SUBJECT_STATUS] == "failed"
+    assert client.get_run(batch_id).info.status == "FAILED"
 
 
 def test_the_tracking_uri_defaults_to_a_local_sqlite_file(monkeypatch, tmp_path):

@@ -6,17 +6,20 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from dreambooth.tasks import finetune_task, ingest_task, priors_task
-from dreambooth.tracking import TAG_PARENT, TAG_STAGE
+from dreambooth.priors import prior_key
+from dreambooth.tasks.stages import finetune_task, ingest_task, priors_task
+from dreambooth.tracking import TAG_PARENT, TAG_STAGE, open_batch_run, open_subject_run
 
 
 def _fine_tune(config, subject_dir: Path, tmp_path: Path, job: str, processes: int, tracking_uri: str) -> Path:
     config = config.model_copy(update={"training": config.training.model_copy(update={"num_processes": processes})})
     root = tmp_path / job
-    arguments = (config.to_json(), tracking_uri, job, job)
-    ingest_task(*arguments, str(subject_dir), str(root / "subject"))
-    priors_task(*arguments, str(root / "classes"))
-    finetune_task(*arguments, str(root / "subject"), str(root / "classes"), str(root / "model"))
+    batch_run = open_batch_run(tracking_uri, config, job, job)
+    subject_run = open_subject_run(tracking_uri, batch_run, config, job)
+    arguments = (config.to_json(), tracking_uri, subject_run)
+    assert ingest_task(*arguments, str(subject_dir), str(root / "subject"))
+    priors = priors_task(config.to_json(), tracking_uri, batch_run, prior_key(config), str(root / "classes"), "")
+    assert finetune_task(*arguments, str(root / "subject"), priors["class_images"], str(root / "model"), "")
     return root
 
 
@@ -39,7 +42,7 @@ def test_two_processes_write_one_model_and_one_run_like_one_process(make_config,
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("dreambooth")
     for job in ("single", "double"):
-        (parent,) = client.search_runs([experiment.experiment_id], f"tags.`kfp.job_id` = '{job}' and tags.`{TAG_STAGE}` = 'pipeline'")
+        (parent,) = client.search_runs([experiment.experiment_id], f"tags.`kfp.job_id` = '{job}' and tags.`{TAG_STAGE}` = 'subject'")
         fine_tunes = client.search_runs(
             [experiment.experiment_id], f"tags.`{TAG_PARENT}` = '{parent.info.run_id}' and tags.`{TAG_STAGE}` = 'fine-tune'"
         )

@@ -1,0 +1,232 @@
+"""The command line behind `python pipeline.py ...`.
+
+    compile   write the KFP pipeline YAML
+    run       run the whole pipeline locally (kfp.local) on a subjects file or one subject folder
+    ingest    validate and normalise one upload only
+    evaluate  score a model trained anywhere by the DreamBench protocol
+    submit    compile and create a run on a KFP host       schedule  create a recurring run
+    compare   put runs side by side: a table, plots and an image sheet
+
+Bad input or settings end in lines that name the file or setting and the reason, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from dreambooth.config import RunConfig, load_config
+from dreambooth.errors import InputError
+from dreambooth.subjects import SubjectEntry, entries_to_json, subject_config, validate_entries
+
+DEFAULT_CONFIG = "sd15"
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    overrides: dict = {"model": {}, "priors": {}, "tracking": {}, "storage": {}}
+    if getattr(args, "class_images", None):
+        overrides["priors"]["class_images"] = str(Path(args.class_images).resolve())
+    if getattr(args, "base_model", None):
+        overrides["model"]["base"] = args.base_model
+    if getattr(args, "tracking_uri", None):
+        overrides["tracking"]["uri"] = args.tracking_uri
+    if getattr(args, "output_dir", None) and args.command == "run":
+        from dreambooth.storage import is_gcs
+        from dreambooth.tiny_models import default_cache_dir
+
+        # Prior caches and checkpoints stay on local disk, next to local outputs when there are some.
+        local = default_cache_dir() if is_gcs(args.output_dir) else Path(args.output_dir).resolve()
+        overrides["storage"]["work_dir"] = str(local / "work")
+    return {section: values for section, values in overrides.items() if values}
+
+
+def _one_subject(args: argparse.Namespace, photos: str, config: RunConfig) -> SubjectEntry:
+    """A single subject from the command line, checked like an entry of a subjects file."""
+    subject_id = getattr(args, "subject_name", None) or photos.rstrip("/").rsplit("/", 1)[-1]
+    raw = {"id": subject_id, "photos": photos, "class_noun": args.class_noun, "identifier": args.identifier}
+    return validate_entries([("the command line", raw)], "subject", config)[0]
+
+
+def _local_photos(path: str) -> str:
+    from dreambooth.storage import is_gcs
+
+    return path if is_gcs(path) else str(Path(path).resolve())
+
+
+def _run(build_pipeline: Callable, args: argparse.Namespace, config: RunConfig) -> int:
+    from dreambooth.local_run import run_locally
+    from dreambooth.subjects import read_subjects
+
+    if args.subjects:
+        uri = _local_photos(args.subjects)
+        entries = read_subjects(uri, config)  # every problem of the file, before any task starts
+        return run_locally(build_pipeline, config, args.output_dir, len(entries), subjects_uri=uri, force=args.force)
+    if not (args.subject_dir and args.class_noun):
+        raise InputError("run: give --subjects FILE, or --subject-dir DIR with --class-noun NOUN")
+    entry = _one_subject(args, _local_photos(args.subject_dir), config)
+    _ingest(subject_config(config, entry), entry.photos, None)  # a bad upload fails here, in one line
+    return run_locally(build_pipeline, config, args.output_dir, 1, subjects_json=entries_to_json([entry]), force=args.force)
+
+
+def _ingest(config: RunConfig, photos: str, output_dir: Optional[Path]):
+    from dreambooth.ingest import ingest_subject
+    from dreambooth.storage import local_folder
+
+    with tempfile.TemporaryDirectory() as scratch, local_folder(photos) as folder:
+        return ingest_subject(folder, output_dir or Path(scratch), config)
+
+
+def _ingest_only(args: argparse.Namespace, config: RunConfig) -> int:
+    entry = _one_subject(args, args.subject_dir, config)
+    result = _ingest(subject_config(config, entry), entry.photos, Path(args.output_dir))
+    print(json.dumps(result.as_manifest(), indent=2))
+    print(f"\n{len(result.images)} images ready in {args.output_dir}; identifier {result.identifier.identifier!r}")
+    return 0
+
+
+def _evaluate_only(args: argparse.Namespace, shared: RunConfig) -> int:
+    """Score a model trained anywhere (diffusers folder or hub id), tracked as a batch of one."""
+    from dreambooth.summary import subject_row
+    from dreambooth.tasks.stages import evaluate_task
+    from dreambooth.tracking import TAG_MODEL_LOCATION, client, finish_batch_run, open_batch_run, open_subject_run, resolve_tracking_uri
+
+    tracking_uri = resolve_tracking_uri(shared.tracking.uri)
+    entry = _one_subject(args, args.subject_dir, shared)
+    config = subject_config(shared, entry)
+    job_id = f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}"
+    batch_run_id = open_batch_run(tracking_uri, shared, job_id, job_id)
+    subject_run_id = open_subject_run(tracking_uri, batch_run_id, config, fingerprint="")
+    client(tracking_uri).set_tag(subject_run_id, TAG_MODEL_LOCATION, args.model)
+    output_dir = Path(args.output_dir) / "evaluation"
+    outcome = evaluate_task(config.to_json(), tracking_uri, subject_run_id, args.model, args.subject_dir, str(output_dir))
+    row = subject_row(tracking_uri, subject_run_id, close=True)
+    finish_batch_run(tracking_uri, shared.tracking.experiment, job_id, "SUCCEEDED" if outcome else "FAILED")
+    if outcome is None:
+        return 1
+    print(outcome.report_markdown)
+    print(f"report:       {output_dir / 'report.md'}")
+    print(f"mlflow run:   {subject_run_id} ({tracking_uri})")
+    print(f"quality gate: {'passed, registered as ' + row.registered if row.gate == 'passed' else 'rejected (' + row.reason + ')'}")
+    return 0
+
+
+def _submit(build_pipeline: Callable, args: argparse.Namespace, config: RunConfig) -> int:
+    from dreambooth.cluster import run_parameters, submit
+
+    cron = args.cron if args.command == "schedule" else None
+    if args.subjects_uri:
+        parameters = run_parameters(config, subjects_uri=args.subjects_uri, force=args.force)
+        name = args.run_name or f"dreambooth-{args.subjects_uri.rstrip('/').rsplit('/', 1)[-1].rsplit('.', 1)[0]}"
+    elif args.subject_uri and args.class_noun:
+        entry = _one_subject(args, args.subject_uri, config)
+        parameters = run_parameters(config, subjects_json=entries_to_json([entry]), force=args.force)
+        name = args.run_name or f"dreambooth-{entry.id}-{entry.class_noun}"
+    else:
+        raise InputError(f"{args.command}: give --subjects-uri URI, or --subject-uri URI with --class-noun NOUN")
+    return submit(build_pipeline, config, args.host, args.experiment, parameters, name, cron)
+
+
+def _compare(args: argparse.Namespace, config: RunConfig) -> int:
+    from dreambooth.compare import compare_runs
+    from dreambooth.tracking import resolve_tracking_uri
+
+    selections = [bool(args.batch_run), bool(args.experiment), bool(args.runs)]
+    if sum(selections) != 1:
+        raise InputError("compare: give exactly one of --batch-run ID, --experiment NAME, --runs ID,ID,...")
+    runs = [run.strip() for run in args.runs.split(",") if run.strip()] if args.runs else None
+    return compare_runs(
+        resolve_tracking_uri(config.tracking.uri), Path(args.output_dir),
+        batch_run=args.batch_run, experiment=args.experiment, run_ids=runs, force=args.force,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline.py", description="DreamBooth personalisation as a Kubeflow pipeline")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--config", default=DEFAULT_CONFIG, help="config name under configs/ or a YAML path")
+        sub.add_argument("--base-model", help="hub id, local diffusers folder or tiny://sd (overrides model.base)")
+        return sub
+
+    def with_subject(sub: argparse.ArgumentParser, required: bool = True) -> argparse.ArgumentParser:
+        sub.add_argument("--subject-dir", required=required, help="folder (or gs://bucket/prefix) of 3-5 photos of the subject")
+        sub.add_argument("--class-noun", required=required, help="what the subject is: dog, backpack, teapot ...")
+        sub.add_argument("--identifier", help="use this token as [V] instead of choosing a rare one (e.g. sks)")
+        sub.add_argument("--subject-name", help="the subject's id for runs and models (default: the folder's name)")
+        return sub
+
+    def with_tracking(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+        return sub
+
+    compile_cmd = with_tracking(with_config(commands.add_parser("compile", help="write the KFP pipeline YAML")))
+    compile_cmd.add_argument("--output", type=Path, default=Path("dreambooth.yaml"))
+
+    run_cmd = with_tracking(with_subject(with_config(commands.add_parser("run", help="run the pipeline locally (kfp.local)")), required=False))
+    run_cmd.add_argument("--subjects", help="a subjects file (YAML or CSV, local or gs://): many subjects in one batch")
+    run_cmd.add_argument("--output-dir", default="outputs", help="where results go: a folder, or gs://bucket/prefix")
+    run_cmd.add_argument("--class-images", type=Path, help="your own class images for prior preservation (skips generating them)")
+    run_cmd.add_argument("--force", action="store_true", help="train every subject, even those already up to date")
+
+    ingest_cmd = with_subject(with_config(commands.add_parser("ingest", help="validate and normalise one upload only")))
+    ingest_cmd.add_argument("--output-dir", required=True)
+
+    for command, text in (("submit", "compile and create a run on a KFP host"), ("schedule", "create a recurring run")):
+        cluster_cmd = with_config(commands.add_parser(command, help=text))
+        cluster_cmd.add_argument("--host", required=True, help="the KFP API endpoint, e.g. https://kfp.example.com/pipeline")
+        cluster_cmd.add_argument("--experiment", default="dreambooth")
+        cluster_cmd.add_argument("--subjects-uri", help="a subjects file as the cluster sees it (gs://...); read when each run starts")
+        cluster_cmd.add_argument("--subject-uri", help="one subject's photos as the cluster sees them (gs://...)")
+        cluster_cmd.add_argument("--subject-name", help="the subject's id (default: the URI's last part)")
+        cluster_cmd.add_argument("--class-noun")
+        cluster_cmd.add_argument("--identifier")
+        cluster_cmd.add_argument("--run-name")
+        cluster_cmd.add_argument("--force", action="store_true", help="train every subject, even those already up to date")
+        if command == "schedule":
+            cluster_cmd.add_argument("--cron", required=True, help="6 fields, seconds first: '0 0 9 * * 1-5'")
+
+    evaluate_cmd = with_tracking(with_subject(with_config(commands.add_parser("evaluate", help="score a trained model by the DreamBench protocol"))))
+    evaluate_cmd.add_argument("--model", required=True, help="the personalised model: a diffusers folder or hub id")
+    evaluate_cmd.add_argument("--output-dir", default="outputs")
+
+    compare_cmd = with_tracking(commands.add_parser("compare", help="compare runs: table, plots, image sheet"))
+    compare_cmd.add_argument("--config", default=DEFAULT_CONFIG, help="only for tracking settings")
+    compare_cmd.add_argument("--batch-run", help="the subjects of one batch run")
+    compare_cmd.add_argument("--experiment", help="every evaluated subject run of an MLflow experiment")
+    compare_cmd.add_argument("--runs", help="subject run ids, comma separated")
+    compare_cmd.add_argument("--output-dir", default="outputs/compare")
+    compare_cmd.add_argument("--force", action="store_true", help="compare runs whose evaluation protocols differ, marked")
+    return parser
+
+
+def main(build_pipeline: Callable, argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, _overrides(args))
+        if args.command == "compile":
+            from dreambooth.cluster import compile_pipeline
+
+            path = compile_pipeline(build_pipeline, config, args.output, on_cluster=config.cluster is not None)
+            print(f"wrote {path} (config {config.name!r})")
+            return 0
+        if args.command in ("submit", "schedule"):
+            return _submit(build_pipeline, args, config)
+        if args.command == "ingest":
+            return _ingest_only(args, config)
+        if args.command == "evaluate":
+            return _evaluate_only(args, config)
+        if args.command == "compare":
+            return _compare(args, config)
+        return _run(build_pipeline, args, config)
+    except InputError as error:
+        for line in str(error).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2

@@ -1,0 +1,283 @@
+"""`pipeline.py compare`: evaluated subject runs side by side, from MLflow.
+
+Writes, and logs to an MLflow run of its own: a table (Markdown and CSV) of DINO, CLIP-I, CLIP-T,
+PRES, DIV, steps, learning rate, method and training time with the paper's rows for orientation;
+a DINO-against-CLIP-T plot, one labelled point per run; each metric per subject across runs; and
+a sheet of the same sample prompt and seed from every run. Runs evaluated under different
+protocols (prompts, seeds, encoders, resolution, images per prompt) are refused unless forced,
+and then each row is marked with its protocol.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from dreambooth.errors import InputError
+from dreambooth.tracking import (
+    STAGE_SUBJECT,
+    TAG_CLASS_NOUN,
+    TAG_EVAL_PROTOCOL,
+    TAG_JOB_NAME,
+    TAG_PARENT,
+    TAG_RUN_NAME,
+    TAG_STAGE,
+    TAG_SUBJECT,
+    client,
+    subject_runs,
+)
+
+METRICS = (("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("pres", "PRES"), ("div", "DIV"))
+# The paper's Stable Diffusion figures (Table 1) and its real-image upper bound.
+REFERENCE_ROWS = (
+    ("paper: DreamBooth (Stable Diffusion)", {"dino": 0.668, "clip_i": 0.803, "clip_t": 0.305}),
+    ("paper: real images", {"dino": 0.774, "clip_i": 0.885}),
+)
+RUN_COLOUR = "#d62728"  # every run's marker; nothing else in the plots uses it
+REFERENCE_COLOUR = "#7f7f7f"
+TABLE_MD, TABLE_CSV = "comparison.md", "comparison.csv"
+SCATTER_PNG, PER_SUBJECT_PNG, SHEET_PNG = "dino_vs_clip_t.png", "metrics_per_subject.png", "sample_sheet.png"
+
+
+@dataclass(frozen=True)
+class ComparedRun:
+    run_id: str
+    subject: str
+    class_noun: str
+    batch: str  # the KFP job it ran in
+    started: int
+    metrics: dict[str, float]
+    steps: str
+    learning_rate: str
+    method: str
+    training_seconds: Optional[float]
+    protocol: str  # JSON of the evaluation protocol
+    sample_prompts: list[str]
+
+    @property
+    def label(self) -> str:
+        return f"{self.subject} {self.run_id[:6]}"
+
+
+def _compared(run) -> ComparedRun:
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    return ComparedRun(
+        run_id=run.info.run_id,
+        subject=tags.get(TAG_SUBJECT) or tags.get(TAG_RUN_NAME, run.info.run_id[:8]),
+        class_noun=tags.get(TAG_CLASS_NOUN, ""),
+        batch=tags.get(TAG_JOB_NAME, ""),
+        started=run.info.start_time,
+        metrics={name: metrics[f"eval/{name}"] for name, _ in METRICS if f"eval/{name}" in metrics},
+        steps=params.get("training.max_steps", ""),
+        learning_rate=params.get("training.learning_rate", ""),
+        method=params.get("training.method", "full"),
+        training_seconds=metrics.get("train_seconds"),
+        protocol=tags.get(TAG_EVAL_PROTOCOL, ""),
+        sample_prompts=json.loads(params.get("samples.prompts", "[]")),
+    )
+
+
+def select_runs(tracking_uri: str, batch_run: Optional[str] = None, experiment: Optional[str] = None,
+                run_ids: Optional[list[str]] = None) -> list[ComparedRun]:
+    """Evaluated subject runs: a batch's (including the up-to-date subjects' earlier runs), an experiment's, or the ones named."""
+    mlflow = client(tracking_uri)
+    if batch_run:
+        from dreambooth.tasks.batch import read_plan
+
+        plan = read_plan(tracking_uri, batch_run)
+        trained = {run.data.tags.get(TAG_SUBJECT): run.info.run_id for run in subject_runs(tracking_uri, batch_run)}
+        run_ids = [s.up_to_date_run_id or trained.get(s.subject_id, "") for s in plan.subjects]
+        runs = [mlflow.get_run(run_id) for run_id in run_ids if run_id]
+    elif experiment:
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is None:
+            raise InputError(f"--experiment: no MLflow experiment named {experiment!r}")
+        runs = list(mlflow.search_runs([found.experiment_id], f"tags.`{TAG_STAGE}` = '{STAGE_SUBJECT}'", max_results=1000))
+    else:
+        runs = []
+        for run_id in run_ids or []:
+            try:
+                run = mlflow.get_run(run_id)
+            except Exception:
+                raise InputError(f"--runs: {run_id}: no such MLflow run") from None
+            if run.data.tags.get(TAG_STAGE) != STAGE_SUBJECT:
+                raise InputError(f"--runs: {run_id} is a {run.data.tags.get(TAG_STAGE, 'non-pipeline')} run; name subject runs")
+            runs.append(run)
+    compared = [_compared(run) for run in runs if "eval/dino" in run.data.metrics]
+    return sorted(compared, key=lambda run: (run.subject, run.started))
+
+
+def protocol_differences(runs: list[ComparedRun]) -> dict[str, list]:
+    """{protocol field: the distinct values among the runs} for every field that is not the same everywhere."""
+    protocols = [json.loads(run.protocol) if run.protocol else {} for run in runs]
+    fields = sorted({key for protocol in protocols for key in protocol})
+    differences = {}
+    for key in fields:
+        values = sorted({json.dumps(protocol.get(key)) for protocol in protocols})
+        if len(values) > 1:
+            differences[key] = [json.loads(value) for value in values]
+    return differences
+
+
+def _number(value) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def write_table(runs: list[ComparedRun], protocol_ids: dict[str, str], output_dir: Path) -> tuple[Path, Path]:
+    header = ["run", "subject", "class", "batch", *[title for _, title in METRICS], "steps", "learning rate", "method", "training s", "protocol"]
+    rows = [
+        [run.run_id, run.subject, run.class_noun, run.batch, *[_number(run.metrics.get(name)) for name, _ in METRICS],
+         run.steps, run.learning_rate, run.method, "" if run.training_seconds is None else f"{run.training_seconds:.0f}",
+         protocol_ids[run.protocol]]
+        for run in runs
+    ]
+    references = [["", label, "", "", *[_number(values.get(name)) for name, _ in METRICS], "", "", "", "", "reference"]
+                  for label, values in REFERENCE_ROWS]
+    with open(output_dir / TABLE_CSV, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows + references)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(f"`{cell[:8]}`" if i == 0 and cell else cell for i, cell in enumerate(row)) + " |" for row in rows]
+    lines += ["| " + " | ".join(f"*{cell}*" if cell else "" for cell in row) + " |" for row in references]
+    if len(protocol_ids) > 1:
+        lines += ["", "Evaluation protocols (compared with --force):", ""]
+        lines += [f"- **{letter}**: `{protocol}`" for protocol, letter in protocol_ids.items()]
+    (output_dir / TABLE_MD).write_text("# Run comparison\n\n" + "\n".join(lines) + "\n")
+    return output_dir / TABLE_MD, output_dir / TABLE_CSV
+
+
+def plot_scatter(runs: list[ComparedRun], path: Path) -> Path:
+    """DINO (subject fidelity) against CLIP-T (prompt fidelity): up and right is better."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 5), dpi=100)
+    for run in runs:
+        axes.scatter(run.metrics["clip_t"], run.metrics["dino"], s=90, color=RUN_COLOUR, zorder=3)
+        axes.annotate(run.label, (run.metrics["clip_t"], run.metrics["dino"]), textcoords="offset points", xytext=(7, 5), fontsize=8)
+    paper = REFERENCE_ROWS[0][1]
+    axes.scatter(paper["clip_t"], paper["dino"], marker="*", s=140, color=REFERENCE_COLOUR, zorder=2)
+    axes.annotate("paper (SD)", (paper["clip_t"], paper["dino"]), textcoords="offset points", xytext=(7, -10), fontsize=8)
+    axes.set_xlabel("CLIP-T (prompt fidelity)")
+    axes.set_ylabel("DINO (subject fidelity)")
+    axes.set_title("DINO against CLIP-T, one point per run")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def plot_per_subject(runs: list[ComparedRun], path: Path) -> Path:
+    """One panel per metric; x: the subjects, one point per run of that subject (earlier runs to the left)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    subjects = sorted({run.subject for run in runs})
+    by_subject = {subject: [run for run in runs if run.subject == subject] for subject in subjects}
+    figure, panels = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.6), dpi=100)
+    for panel, (name, title) in zip(panels, METRICS):
+        for x, subject in enumerate(subjects):
+            members = [run for run in by_subject[subject] if name in run.metrics]
+            for i, run in enumerate(members):
+                offset = (i - (len(members) - 1) / 2) * 0.18
+                panel.scatter(x + offset, run.metrics[name], s=40, color=RUN_COLOUR, zorder=3)
+        panel.set_xticks(range(len(subjects)), subjects, rotation=45, ha="right", fontsize=8)
+        panel.set_xlim(-0.7, len(subjects) - 0.3)
+        panel.set_title(title + (" (lower is better)" if name == "pres" else ""), fontsize=9)
+        panel.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def _sample_file(files: list[str], prompt_index: int) -> Optional[str]:
+    """The fine-tuned sample of prompt p with the lowest seed, e.g. samples/fine-tuned-p00-s1234.png."""
+    prefix = f"fine-tuned-p{prompt_index:02d}-s"
+    matches = [name for name in files if Path(name).name.startswith(prefix)]
+    return min(matches, key=lambda name: int(Path(name).stem.rsplit("-s", 1)[-1])) if matches else None
+
+
+def sample_sheet(tracking_uri: str, runs: list[ComparedRun], path: Path) -> tuple[Path, int]:
+    """Rows: runs; columns: the sample prompts; each tile the same prompt and seed. Returns (path, tiles)."""
+    from PIL import Image
+
+    from dreambooth.images import labelled_grid
+
+    mlflow = client(tracking_uri)
+    prompts = max((run.sample_prompts for run in runs), key=len, default=[])
+    rows, tiles = [], 0
+    with tempfile.TemporaryDirectory() as scratch:
+        for run in runs:
+            files = [artifact.path for artifact in mlflow.list_artifacts(run.run_id, "samples")]
+            cells, seeds = [], set()
+            for p, template in enumerate(prompts):
+                name = _sample_file(files, p)
+                label = template.replace("{identifier}", "[V]").replace("{class_noun}", run.class_noun)
+                if name is None:
+                    cells.append((f"{label}: no sample", Image.new("RGB", (64, 64), "lightgray")))
+                    continue
+                local = mlflow.download_artifacts(run.run_id, name, scratch)
+                with Image.open(local) as image:
+                    cells.append((label, image.convert("RGB")))
+                seeds.add(Path(name).stem.rsplit("-s", 1)[-1])
+                tiles += 1
+            if cells:
+                rows.append((f"{run.subject} ({run.class_noun}), run {run.run_id[:8]}, {run.batch}, seed {'/'.join(sorted(seeds))}", cells))
+        if not rows:
+            raise InputError("compare: none of the runs has sample prompts to show")
+        labelled_grid(rows).save(path)
+    return path, tiles
+
+
+def _log_comparison(tracking_uri: str, runs: list[ComparedRun], files: list[Path], batch_run: Optional[str]) -> str:
+    """An MLflow run of its own for the comparison (a child of the batch run when comparing one)."""
+    from mlflow.entities import RunTag
+
+    mlflow = client(tracking_uri)
+    first = mlflow.get_run(runs[0].run_id)
+    tags = {TAG_STAGE: "compare", TAG_RUN_NAME: f"compare-{len(runs)}-runs", "dreambooth.compared_runs": ",".join(r.run_id for r in runs)}
+    if batch_run:
+        tags[TAG_PARENT] = batch_run
+    run = mlflow.create_run(first.info.experiment_id, tags=tags)
+    for path in files:
+        mlflow.log_artifact(run.info.run_id, str(path))
+    mlflow.log_batch(run.info.run_id, tags=[RunTag("dreambooth.compared_subjects", ",".join(sorted({r.subject for r in runs})))])
+    mlflow.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def compare_runs(tracking_uri: str, output_dir: Path, batch_run: Optional[str] = None, experiment: Optional[str] = None,
+                 run_ids: Optional[list[str]] = None, force: bool = False) -> int:
+    runs = select_runs(tracking_uri, batch_run, experiment, run_ids)
+    if not runs:
+        raise InputError("compare: no evaluated subject runs found there (runs need the evaluate stage's eval/* metrics)")
+    differences = protocol_differences(runs)
+    if differences and not force:
+        described = "; ".join(f"{key} ({', '.join(map(str, values))})" for key, values in differences.items())
+        raise InputError(f"compare: the runs were evaluated under different protocols: {described}; "
+                         "use --force to compare them anyway, each row marked with its protocol")
+    protocol_ids = {protocol: chr(ord("A") + i) for i, protocol in enumerate(sorted({run.protocol for run in runs}))}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    table_md, table_csv = write_table(runs, protocol_ids, output_dir)
+    scatter = plot_scatter(runs, output_dir / SCATTER_PNG)
+    per_subject = plot_per_subject(runs, output_dir / PER_SUBJECT_PNG)
+    sheet, tiles = sample_sheet(tracking_uri, runs, output_dir / SHEET_PNG)
+    comparison_run = _log_comparison(tracking_uri, runs, [table_md, table_csv, scatter, per_subject, sheet], batch_run)
+    print(table_md.read_text())
+    if differences:
+        print(f"warning: compared across {len(protocol_ids)} evaluation protocols (--force); rows are marked A, B, ...")
+    for label, path in (("table", table_md), ("csv", table_csv), ("scatter", scatter), ("per subject", per_subject), ("sample sheet", sheet)):
+        print(f"{label + ':':<14}{path}")
+    print(f"{'mlflow run:':<14}{comparison_run} ({len(runs)} runs, {tiles} sample tiles)")
+    return 0

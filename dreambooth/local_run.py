@@ -1,0 +1,129 @@
+"""Run the whole DAG on this machine through kfp.local, then report what the batch did.
+
+Every task runs as its own process, exactly as its component would in a container. Results land
+under `{output}/kfp/{job}/`; with a gs:// output they are published to the bucket afterwards.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+from dreambooth.cluster import run_parameters
+from dreambooth.config import RunConfig
+from dreambooth.storage import is_gcs, upload_folder
+from dreambooth.summary import UP_TO_DATE, SubjectRow, collect_rows, headline
+from dreambooth.tracking import FAILED, TAG_ERROR, experiment_id, find_batch_run, resolve_tracking_uri
+
+PIPELINE_PREFIX = "dreambooth-"
+PUBLISHED_FOLDERS = {"model": "model", "sample grid": "samples", "upscaler": "upscaler", "evaluation": "evaluation"}
+
+
+def _latest_job_dir(pipeline_root: Path, before: set[Path]) -> Path:
+    created = [p for p in pipeline_root.glob(f"{PIPELINE_PREFIX}*") if p.is_dir() and p not in before]
+    if not created:
+        raise RuntimeError(f"{pipeline_root}: the local run wrote no job folder")
+    return max(created, key=lambda p: p.stat().st_mtime)
+
+
+def run_locally(
+    build_pipeline: Callable, config: RunConfig, output: str, subjects: int,
+    subjects_uri: str = "", subjects_json: str = "", force: bool = False,
+) -> int:
+    """Run the DAG through kfp.local for `subjects` subjects; print each one's outcome; 1 when any failed."""
+    # Tasks that run side by side share this machine's cores; unbounded, each task's torch would
+    # take them all and the oversubscribed threads run several times slower than one at a time.
+    side_by_side = max(1, min(config.batch.parallelism, subjects))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // side_by_side)))
+    if not is_gcs(output):
+        return _run(build_pipeline, config, Path(output), subjects_uri, subjects_json, force)
+    # kfp.local writes task outputs to a local pipeline root; results are published to GCS after.
+    with tempfile.TemporaryDirectory(prefix="dreambooth-run-") as staging:
+        return _run(build_pipeline, config, Path(staging), subjects_uri, subjects_json, force, publish_to=output.rstrip("/"))
+
+
+def _run(
+    build_pipeline: Callable, config: RunConfig, output_dir: Path, subjects_uri: str, subjects_json: str, force: bool,
+    publish_to: Optional[str] = None,
+) -> int:
+    from kfp import local
+
+    from dreambooth.tasks.batch import read_plan
+
+    tracking_uri = resolve_tracking_uri(config.tracking.uri)
+    config = config.model_copy(update={"tracking": config.tracking.model_copy(update={"uri": tracking_uri})})
+    # Create the store and experiment once, here, before parallel tasks race to set up a fresh database.
+    experiment_id(tracking_uri, config.tracking.experiment)
+    pipeline_root = output_dir.resolve() / "kfp"
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    before = set(pipeline_root.glob(f"{PIPELINE_PREFIX}*"))
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=False)
+    print_function = builtins.print
+    try:
+        build_pipeline(config)(**run_parameters(config, subjects_uri, subjects_json, force))  # local: no cluster settings
+    finally:
+        # kfp.local indents task output by swapping builtins.print, and parallel tasks can leave it swapped.
+        builtins.print = print_function
+
+    job_dir = _latest_job_dir(pipeline_root, before)
+    batch = find_batch_run(tracking_uri, config.tracking.experiment, job_name=job_dir.name)
+    print()
+    print(f"job:          {job_dir.name}")
+    if batch is None:
+        print(f"error: the batch did not start; task logs are above, outputs under {job_dir}", file=sys.stderr)
+        return 1
+    print(f"mlflow run:   {batch.info.run_id} ({tracking_uri}, experiment {config.tracking.experiment!r})")
+    if TAG_ERROR in batch.data.tags:
+        for line in batch.data.tags[TAG_ERROR].splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    rows = collect_rows(tracking_uri, read_plan(tracking_uri, batch.info.run_id))
+    print(f"batch:        {headline(rows)}")
+    for row in rows:
+        print()
+        _print_subject(row, publish_to and f"{publish_to}/{job_dir.name}/{row.subject}")
+    if tracking_uri.startswith("http"):
+        print(f"\nmlflow ui:    {tracking_uri.rstrip('/')}/#/experiments/{batch.info.experiment_id}/runs/{batch.info.run_id}")
+    failed = [row for row in rows if row.status == FAILED]
+    if failed:
+        named = "; ".join(f"{row.subject} at {row.reason}" for row in failed)
+        print(f"error: {len(failed)} of {len(rows)} subjects failed: {named}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_subject(row: SubjectRow, publish_to: Optional[str]) -> None:
+    """The subject's outcome and where its results are (published to gs:// first when asked)."""
+    if row.status == FAILED:
+        print(f"{row.subject} ({row.class_noun}): failed at {row.reason}")
+        print(f"  mlflow run:   {row.mlflow_run}")
+        return
+    seconds = f" in {row.training_seconds:.0f} s" if row.training_seconds is not None and row.status != UP_TO_DATE else ""
+    print(f"{row.subject} ({row.class_noun}): {row.status}{seconds}")
+    outputs = {"model": Path(row.model)} if row.model and not is_gcs(row.model) else {}
+    if row.status != UP_TO_DATE and "model" in outputs:
+        # kfp.local puts every task of a subject under the same iteration folder.
+        iteration = outputs["model"].parent.parent
+        outputs.update({
+            "sample grid": iteration / "samples" / "sample_images" / "samples-grid.png",
+            "upscaler": iteration / "superres" / "upscaler",
+            "evaluation": iteration / "evaluate" / "evaluation" / "report.md",
+        })
+    for label, path in outputs.items():
+        if not path.exists() or (path.is_dir() and not (path / "model_index.json").is_file()):
+            continue
+        shown = str(path)
+        if publish_to and row.status != UP_TO_DATE:
+            folder = path if path.is_dir() else path.parent
+            shown = upload_folder(folder, f"{publish_to}/{PUBLISHED_FOLDERS[label]}") + ("" if path.is_dir() else f"/{path.name}")
+        print(f"  {label + ':':<14}{shown}")
+    if row.model and is_gcs(row.model):
+        print(f"  {'model:':<14}{row.model}")
+    if row.gate:
+        gate = f"passed, registered as {row.registered}" if row.gate == "passed" else f"rejected ({row.reason.removeprefix('gate: ')})"
+        print(f"  quality gate: {gate}")
+    print(f"  mlflow run:   {row.mlflow_run}")

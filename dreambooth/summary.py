@@ -1,0 +1,192 @@
+"""The batch summary: one row per subject, read from the subject runs in MLflow.
+
+The same rows become the batch run's MLflow table and Markdown, the KFP Markdown and HTML outputs
+(the HTML shows each subject's sample grid inline), and the lines `pipeline.py run` prints.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from dreambooth.batch import BatchPlan
+from dreambooth.tracking import (
+    FAILED,
+    TAG_CLASS_NOUN,
+    TAG_ERROR,
+    TAG_FAILED_STAGE,
+    TAG_GATE,
+    TAG_GATE_REASON,
+    TAG_MODEL_LOCATION,
+    TAG_REGISTERED,
+    TAG_REGISTERED_VERSION,
+    TAG_SUBJECT,
+    TAG_SUBJECT_STATUS,
+    client,
+    close_subject_run,
+    subject_runs,
+)
+
+UP_TO_DATE = "up to date"
+METRICS = {"dino": "eval/dino", "clip_i": "eval/clip_i", "clip_t": "eval/clip_t", "pres": "eval/pres", "div": "eval/div"}
+GRID_ARTIFACT = "samples-grid.png"
+THUMBNAIL_WIDTH = 640
+
+
+@dataclass(frozen=True)
+class SubjectRow:
+    subject: str
+    class_noun: str
+    status: str  # trained, failed or up to date
+    reason: str  # why it failed (stage: message), or why the gate rejected it
+    steps: Optional[int]
+    training_seconds: Optional[float]
+    dino: Optional[float]
+    clip_i: Optional[float]
+    clip_t: Optional[float]
+    pres: Optional[float]
+    div: Optional[float]
+    gate: str  # passed, rejected, or "" when not evaluated
+    registered: str  # "name@candidate (version N)" or ""
+    registered_version: str
+    mlflow_run: str
+    model: str  # the fine-tuned folder (path or gs://)
+
+
+def row_from_run(run, status: str) -> SubjectRow:
+    tags, metrics = run.data.tags, run.data.metrics
+    reason = ""
+    if status == FAILED:
+        reason = f"{tags.get(TAG_FAILED_STAGE, '?')}: {tags.get(TAG_ERROR, 'unknown error')}"
+    elif tags.get(TAG_GATE) == "rejected":
+        reason = f"gate: {tags.get(TAG_GATE_REASON, '')}"
+    steps = metrics.get("train_steps")
+    return SubjectRow(
+        subject=tags.get(TAG_SUBJECT, ""),
+        class_noun=tags.get(TAG_CLASS_NOUN, ""),
+        status=status,
+        reason=reason,
+        steps=int(steps) if steps is not None else None,
+        training_seconds=metrics.get("train_seconds"),
+        **{name: metrics.get(key) for name, key in METRICS.items()},
+        gate=tags.get(TAG_GATE, ""),
+        registered=tags.get(TAG_REGISTERED, ""),
+        registered_version=tags.get(TAG_REGISTERED_VERSION, ""),
+        mlflow_run=run.info.run_id,
+        model=tags.get(TAG_MODEL_LOCATION, ""),
+    )
+
+
+def subject_row(tracking_uri: str, run_id: str, close: bool = False) -> SubjectRow:
+    """A subject run's row; with close, the run is closed first (FINISHED, or FAILED with its reason)."""
+    mlflow = client(tracking_uri)
+    run = mlflow.get_run(run_id)
+    status = close_subject_run(tracking_uri, run) if close else run.data.tags.get(TAG_SUBJECT_STATUS, "")
+    return row_from_run(mlflow.get_run(run_id), status)
+
+
+def collect_rows(tracking_uri: str, plan: BatchPlan, close_runs: bool = False) -> list[SubjectRow]:
+    """A row per planned subject, in the subjects file's order (close_runs: see subject_row)."""
+    trained_here = {run.data.tags.get(TAG_SUBJECT): run.info.run_id for run in subject_runs(tracking_uri, plan.batch_run_id)}
+    rows = []
+    for subject in plan.subjects:
+        if subject.up_to_date:
+            rows.append(row_from_run(client(tracking_uri).get_run(subject.up_to_date_run_id), UP_TO_DATE))
+        else:
+            rows.append(subject_row(tracking_uri, trained_here[subject.subject_id], close=close_runs))
+    return rows
+
+
+def as_table(rows: list[SubjectRow]) -> dict[str, list]:
+    """Columns for mlflow log_table (missing numbers as NaN, so the columns stay numeric)."""
+    columns: dict[str, list] = {name: [] for name in asdict(rows[0])} if rows else {}
+    for row in rows:
+        for name, value in asdict(row).items():
+            columns[name].append(float("nan") if value is None and name in (*METRICS, "steps", "training_seconds") else value)
+    return columns
+
+
+def _number(value: Optional[float], digits: int = 3) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def counts(rows: list[SubjectRow]) -> dict[str, int]:
+    tally = {"trained": 0, FAILED: 0, UP_TO_DATE: 0}
+    for row in rows:
+        tally[row.status] = tally.get(row.status, 0) + 1
+    return tally
+
+
+def headline(rows: list[SubjectRow]) -> str:
+    tally = counts(rows)
+    return f"{len(rows)} subjects: {tally['trained']} trained, {tally[UP_TO_DATE]} up to date, {tally[FAILED]} failed"
+
+
+def as_markdown(rows: list[SubjectRow], title: str) -> str:
+    lines = [
+        f"# {title}", "", headline(rows), "",
+        "| subject | class | status | steps | training s | DINO | CLIP-I | CLIP-T | PRES | DIV | registered | reason |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.subject} | {row.class_noun} | **{row.status}** | {row.steps or ''} | {_number(row.training_seconds, 0)} | "
+            f"{_number(row.dino)} | {_number(row.clip_i)} | {_number(row.clip_t)} | {_number(row.pres)} | {_number(row.div)} | "
+            f"{row.registered_version and 'v' + row.registered_version} | {row.reason.replace('|', '/')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def sample_grids(tracking_uri: str, rows: list[SubjectRow]) -> dict[str, bytes]:
+    """Each subject's sample grid as a PNG thumbnail, where its run has one."""
+    from PIL import Image
+
+    mlflow = client(tracking_uri)
+    grids = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for row in rows:
+            if row.status == FAILED:
+                continue
+            try:
+                path = mlflow.download_artifacts(row.mlflow_run, GRID_ARTIFACT, str(Path(scratch) / row.subject))
+            except Exception:  # no samples stage ran for it (evaluated elsewhere, or a run from before grids)
+                continue
+            with Image.open(path) as grid:
+                grid = grid.convert("RGB")
+                if grid.width > THUMBNAIL_WIDTH:
+                    grid = grid.resize((THUMBNAIL_WIDTH, round(grid.height * THUMBNAIL_WIDTH / grid.width)))
+                buffer = io.BytesIO()
+                grid.save(buffer, format="PNG")
+                grids[row.subject] = buffer.getvalue()
+    return grids
+
+
+def as_html(rows: list[SubjectRow], title: str, grids: dict[str, bytes]) -> str:
+    """A self-contained page (images inline), which the KFP UI renders as an HTML output."""
+    cells = ("subject", "class_noun", "status", "steps", "dino", "clip_i", "clip_t", "pres", "div", "registered", "reason")
+    header = "".join(f"<th>{html.escape(name)}</th>" for name in cells)
+    body = []
+    for row in rows:
+        values = asdict(row)
+        rendered = [_number(values[name]) if name in METRICS else html.escape(str(values[name] or "")) for name in cells]
+        body.append("<tr>" + "".join(f"<td>{value}</td>" for value in rendered) + "</tr>")
+    sections = []
+    for row in rows:
+        if row.subject in grids:
+            data = base64.b64encode(grids[row.subject]).decode()
+            sections.append(
+                f"<h3>{html.escape(row.subject)} ({html.escape(row.class_noun)})</h3>"
+                f'<img alt="{html.escape(row.subject)} samples" src="data:image/png;base64,{data}">'
+            )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px}</style>"
+        f"</head><body><h2>{html.escape(title)}</h2><p>{html.escape(headline(rows))}</p>"
+        f"<table><tr>{header}</tr>{''.join(body)}</table>{''.join(sections)}</body></html>"
+    )

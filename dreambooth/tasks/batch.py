@@ -1,0 +1,150 @@
+"""The batch's own tasks: plan it, hand each subject its class priors, summarise, close.
+
+    plan-batch -> prior-groups -> [class priors per group] -> assign-priors -> [stages per subject]
+               -> summarize -> (batch-failures when any subject failed)
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from dreambooth.batch import BatchPlan, group_priors, plan_batch, subjects_with_priors
+from dreambooth.config import RunConfig
+from dreambooth.errors import InputError
+from dreambooth.storage import content_digests, read_text
+from dreambooth.subjects import entries_from_json, read_subjects
+from dreambooth.summary import as_html, as_markdown, as_table, collect_rows, counts, headline, sample_grids
+from dreambooth.tracking import (
+    FAILED,
+    TAG_ERROR,
+    client,
+    find_trained_subject,
+    finish_batch_run,
+    open_batch_run,
+    open_subject_run,
+    record_failure,
+)
+
+PLAN_ARTIFACT = "batch_plan.json"
+SUMMARY_TABLE = "batch_summary.json"
+
+
+def plan_task(
+    config_json: str, tracking_uri: str, subjects_uri: str, subjects_json: str, force: bool,
+    job_id: str, job_name: str, plan_path: str,
+) -> int:
+    """Read and validate the subjects (the file is read now, when the run starts), fingerprint them,
+    open the batch run and a run per subject to train; returns how many subjects will train."""
+    shared = RunConfig.from_json(config_json)
+    batch_run_id = open_batch_run(tracking_uri, shared, job_id, job_name)
+    mlflow = client(tracking_uri)
+    try:
+        entries = read_subjects(subjects_uri, shared) if subjects_uri else entries_from_json(subjects_json, shared)
+    except InputError as error:
+        mlflow.set_tag(batch_run_id, TAG_ERROR, str(error)[:5000])
+        for line in str(error).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if subjects_uri:
+        mlflow.log_text(batch_run_id, read_text(subjects_uri), f"subjects/{subjects_uri.rsplit('/', 1)[-1]}")
+
+    def trained_run(fingerprint: str):
+        run = find_trained_subject(tracking_uri, shared.tracking.experiment, fingerprint)
+        return run.info.run_id if run else None
+
+    planned = plan_batch(
+        entries, shared, content_digests, trained_run,
+        lambda config, fingerprint: open_subject_run(tracking_uri, batch_run_id, config, fingerprint),
+        force,
+    )
+    plan = BatchPlan(batch_run_id, planned, group_priors(planned))
+    Path(plan_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(plan_path).write_text(plan.to_json())
+    mlflow.log_text(batch_run_id, plan.to_json(), PLAN_ARTIFACT)
+    _log_counts(mlflow, batch_run_id, {
+        "subjects": len(planned), "subjects_to_train": len(plan.to_train),
+        "subjects_up_to_date": len(planned) - len(plan.to_train), "prior_groups": len(plan.prior_groups),
+    })
+    for subject in planned:
+        print(f"{subject.subject_id}: {'up to date (run ' + subject.up_to_date_run_id + ')' if subject.up_to_date else 'to train'}")
+    return len(plan.to_train)
+
+
+def _log_counts(mlflow, run_id: str, values: dict[str, float]) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    mlflow.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in values.items()])
+
+
+def _plan(plan_path: str) -> BatchPlan:
+    return BatchPlan.from_json(Path(plan_path).read_text())
+
+
+def prior_groups_task(plan_path: str) -> list:
+    """The class-prior fan-out's items: one per group of subjects that share class images."""
+    plan = _plan(plan_path)
+    groups = [
+        {"prior_key": group.prior_key, "class_noun": group.class_noun, "config_json": group.config_json, "batch_run_id": plan.batch_run_id}
+        for group in plan.prior_groups
+    ]
+    # kfp.local cannot collect from a loop that ran no iteration: without any group (no subject
+    # uses prior preservation), one empty group stands in and its task returns at once.
+    return groups or [{"prior_key": "", "class_noun": "", "config_json": "{}", "batch_run_id": plan.batch_run_id}]
+
+
+def assign_priors_task(tracking_uri: str, plan_path: str, prior_outcomes: list) -> list:
+    """The subject fan-out's items, each with its group's class images; a failed group fails its subjects."""
+    plan = _plan(plan_path)
+    items, failed = subjects_with_priors(plan, prior_outcomes)
+    run_ids = {subject.subject_id: subject.subject_run_id for subject in plan.to_train}
+    for subject_id, reason in failed.items():
+        record_failure(tracking_uri, run_ids[subject_id], "class-priors", reason)
+    return items
+
+
+def summary_task(tracking_uri: str, plan_path: str, job_name: str, subject_statuses: list, markdown_path: str, html_path: str) -> int:
+    """Close the subject runs, log the summary (table, Markdown, HTML with the sample grids) on the
+    batch run and write the KFP outputs; returns how many subjects failed."""
+    plan = _plan(plan_path)
+    rows = collect_rows(tracking_uri, plan, close_runs=True)
+    title = f"DreamBooth batch {job_name}"
+    markdown, page = as_markdown(rows, title), as_html(rows, title, sample_grids(tracking_uri, rows))
+    mlflow = client(tracking_uri)
+    if rows:
+        mlflow.log_table(plan.batch_run_id, data=as_table(rows), artifact_file=SUMMARY_TABLE)
+    mlflow.log_text(plan.batch_run_id, markdown, "batch_summary.md")
+    mlflow.log_text(plan.batch_run_id, page, "batch_summary.html")
+    _log_counts(mlflow, plan.batch_run_id, {f"subjects_{status.replace(' ', '_')}": n for status, n in counts(rows).items()})
+    for path, text in ((markdown_path, markdown), (html_path, page)):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+    print(markdown)
+    print(f"stage statuses reported by the subject fan-out: {', '.join(map(str, subject_statuses)) or 'none'}")
+    return counts(rows)[FAILED]
+
+
+def batch_failures_task(tracking_uri: str, plan_path: str) -> None:
+    """Fail the pipeline run, naming the subjects that failed (the others finished)."""
+    rows = collect_rows(tracking_uri, _plan(plan_path))
+    failed = [f"{row.subject} ({row.reason})" for row in rows if row.status == FAILED]
+    print(f"error: {headline(rows)}; failed: {'; '.join(failed)}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def finish_task(config_json: str, tracking_uri: str, job_id: str, pipeline_state: str) -> None:
+    """Exit handler: close the batch run, and any run a crashed or killed stage left open."""
+    config = RunConfig.from_json(config_json)
+    finish_batch_run(tracking_uri, config.tracking.experiment, job_id, pipeline_state)
+
+
+def read_plan(tracking_uri: str, batch_run_id: str) -> BatchPlan:
+    """The plan a batch ran with, from its run's artifacts."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = client(tracking_uri).download_artifacts(batch_run_id, PLAN_ARTIFACT, scratch)
+        return BatchPlan.from_json(Path(path).read_text())
+

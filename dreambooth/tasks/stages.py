@@ -1,0 +1,335 @@
+"""The stages of one subject, and the class priors of one group, each inside its MLflow run.
+
+A task takes the subject's resolved settings as JSON (as the pipeline passes them) and the id of
+the subject's run; it runs the stage's plain function inside a stage run under it and logs what
+users compare runs by. A subject's own bad input or a diverged fine-tune ends that subject alone:
+the reason goes on its run, the task returns None (KFP: status `failed`) and the batch goes on.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from dreambooth.batch import PriorOutcome
+from dreambooth.config import RunConfig
+from dreambooth.errors import InputError, TrainingDiverged
+from dreambooth.registry import log_pipeline_model, register_candidate
+from dreambooth.storage import local_folder
+from dreambooth.tracking import (
+    FAILED,
+    TAG_CLASS_NOUN,
+    TAG_EVAL_PROTOCOL,
+    TAG_GATE,
+    TAG_GATE_REASON,
+    TAG_IDENTIFIER,
+    TAG_MODEL_LOCATION,
+    TAG_MODEL_URI,
+    TAG_PRIOR_KEY,
+    TAG_REGISTERED,
+    TAG_REGISTERED_VERSION,
+    TAG_RUN_NAME,
+    TAG_SUBJECT,
+    TAG_SUBJECT_STATUS,
+    StageRun,
+    client,
+    record_failure,
+    stage_run,
+)
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+OK, FAILED_STATUS = "ok", "failed"  # what a stage reports to the DAG
+
+
+def subject_stage(stage: str):
+    """Run the task inside the subject's `stage` run; skip it when the subject already failed.
+
+    The task is called as task(config, run, *args) and this wrapper as
+    wrapper(config_json, tracking_uri, subject_run_id, *args).
+    """
+
+    def decorate(task):
+        @functools.wraps(task)
+        def wrapper(config_json: str, tracking_uri: str, subject_run_id: str, *args, **kwargs):
+            subject = client(tracking_uri).get_run(subject_run_id)
+            if subject.data.tags.get(TAG_SUBJECT_STATUS) == FAILED:
+                print(f"{stage}: skipped, subject {subject.data.tags.get(TAG_SUBJECT)} already failed")
+                return None
+            try:
+                config = RunConfig.from_json(config_json)
+                with stage_run(tracking_uri, subject_run_id, stage) as run:
+                    return task(config, run, *args, **kwargs)
+            except (InputError, TrainingDiverged) as error:
+                record_failure(tracking_uri, subject_run_id, stage, str(error).splitlines()[0])
+                print(f"error: {stage}: {error}", file=sys.stderr)
+                return None
+
+        return wrapper
+
+    return decorate
+
+
+def _identifier(subject_dir: Path) -> str:
+    from dreambooth.ingest import read_manifest
+
+    return read_manifest(subject_dir)["identifier"]["identifier"]
+
+
+@subject_stage("ingest")
+def ingest_task(config: RunConfig, run: StageRun, photos: str, output_dir: str) -> str:
+    """Validate and normalise the subject photos; returns the identifier chosen."""
+    from dreambooth.ingest import MANIFEST_FILE, ingest_subject
+
+    with local_folder(photos) as folder:
+        result = ingest_subject(folder, Path(output_dir), config)
+    run.set_tags(
+        {TAG_IDENTIFIER: result.identifier.identifier, "dreambooth.identifier_reason": result.identifier.reason},
+        on_parent=True,
+    )
+    run.log_metrics({"subject_images": len(result.images), "duplicates_dropped": len(result.duplicates_dropped)})
+    run.log_file(Path(output_dir) / MANIFEST_FILE, on_parent=True)
+    return result.identifier.identifier
+
+
+def _train(stage, train_in_process, settings, run: StageRun, config, subject_dir, class_dir, identifier, output_dir):
+    """One process, or one per GPU through dreambooth.distributed; the same result either way."""
+    from dreambooth.distributed import launch
+    from dreambooth.training.loop import planned_processes
+
+    processes = planned_processes(settings)
+    if processes == 1:
+        return train_in_process(subject_dir, class_dir, identifier, config, output_dir, on_log=run.log_step_metrics)
+    return launch(
+        stage,
+        processes,
+        {
+            "config_json": config.to_json(), "instance_dir": str(subject_dir),
+            "class_dir": str(class_dir) if class_dir else "", "identifier": identifier, "output_dir": str(output_dir),
+            "tracking_uri": run.tracking_uri, "run_id": run.run_id, "parent_run_id": run.parent_run_id,
+        },
+    )
+
+
+@contextmanager
+def _class_folder(config: RunConfig, class_images: str) -> Iterator[Optional[Path]]:
+    """The subject's class images as a local folder; None when it trains without prior preservation."""
+    if not (config.priors.enabled and class_images):
+        yield None
+        return
+    with local_folder(class_images) as folder:
+        yield folder
+
+
+@subject_stage("fine-tune")
+def finetune_task(config: RunConfig, run: StageRun, subject_dir: str, class_images: str, output_dir: str, model_location: str) -> str:
+    """Fine-tune the base model; log loss curves, throughput and the model; returns the model folder."""
+    from dreambooth.finetune import finetune
+
+    with _class_folder(config, class_images) as class_dir:
+        result = _train(
+            "finetune", finetune, config.training, run, config,
+            Path(subject_dir), class_dir, _identifier(Path(subject_dir)), Path(output_dir),
+        )
+    run.flush()
+    summary = {
+        "train_steps": result.steps,
+        "train_steps_per_second": result.steps_per_second,
+        "train_images_per_second": result.images_per_second,
+        "train_seconds": result.seconds,
+        "resumed_from_step": result.resumed_from_step,
+        "train_processes": result.processes,
+        **{f"final_{key}": value for key, value in result.final_loss.items()},
+    }
+    run.log_metrics(summary, on_parent=True)
+    run.log_dict(asdict(result), "finetune_result.json")
+    model_uri = log_pipeline_model(run.tracking_uri, run.run_id, Path(output_dir))
+    run.set_tags({TAG_MODEL_URI: model_uri, TAG_MODEL_LOCATION: model_location or output_dir}, on_parent=True)
+    return output_dir
+
+
+@subject_stage("samples")
+def samples_task(config: RunConfig, run: StageRun, model_dir: str, output_dir: str) -> str:
+    """Render the base-vs-fine-tuned comparison grid; returns its path."""
+    from dreambooth.samples import render_samples
+
+    result = render_samples(Path(model_dir), config, Path(output_dir))
+    run.log_file(Path(result.grid_path), on_parent=True)
+    # On the subject's run too: `compare` puts the same prompt and seed of different runs side by side.
+    run.log_folder(Path(output_dir), "samples", on_parent=True)
+    run.log_dict({"prompts": result.prompts, "images": result.image_files}, "samples.json")
+    return result.grid_path
+
+
+@dataclass(frozen=True)
+class EvaluationOutcome:
+    metrics: dict[str, float]  # flat, for KFP's Metrics output
+    report_markdown: str
+    registered: Optional[str]  # "name@candidate (version N)", or None when rejected
+
+
+def evaluation_protocol(settings: dict, config: RunConfig) -> str:
+    """What makes two evaluations comparable, as one JSON string (tagged on the subject's run)."""
+    import hashlib
+    import json
+
+    prompts = "dreambench"
+    if config.evaluation.prompt_file:
+        prompts = hashlib.sha256(Path(config.evaluation.prompt_file).read_bytes()).hexdigest()[:12]
+    protocol = {
+        "prompts": prompts,
+        "max_prompts_per_category": config.evaluation.max_prompts_per_category,
+        **{key: settings[key] for key in ("dino_model", "clip_model", "lpips_model", "images_per_prompt", "pres_images",
+                                          "seed", "scheduler", "num_inference_steps", "guidance_scale", "resolution")},
+    }
+    return json.dumps(protocol, sort_keys=True)
+
+
+@subject_stage("evaluate")
+def evaluate_task(config: RunConfig, run: StageRun, model_dir: str, subject_dir: str, output_dir: str) -> Optional[EvaluationOutcome]:
+    """Score the model by the DreamBench protocol; register it as `candidate` if it passes the gate."""
+    from dreambooth.evaluation.evaluate import evaluate_model
+    from dreambooth.evaluation.report import render_report
+
+    if not config.evaluation.enabled:
+        run.set_tags({"dreambooth.evaluation": "disabled"})
+        return EvaluationOutcome(metrics={}, report_markdown="Evaluation is switched off (evaluation.enabled).\n", registered=None)
+    result = evaluate_model(model_dir, Path(subject_dir), config, Path(output_dir))
+    metrics = {f"eval/{name}": value for name, value in result.overall.items()}
+    metrics.update({f"eval/real_images_{name}": value for name, value in result.real_images.items()})
+    for category, values in result.by_category.items():
+        metrics.update({f"eval/{category}/{name}": value for name, value in values.items()})
+    metrics.update({f"eval/{name}": value for name, value in result.throughput.items()})
+    run.log_metrics(metrics, on_parent=True)
+    run.log_dict(result.settings, "evaluation_config.json")
+    run.set_tags({TAG_EVAL_PROTOCOL: evaluation_protocol(result.settings, config)}, on_parent=True)
+    run.log_table(
+        {key: [getattr(score, key) for score in result.prompts] for key in ("prompt", "category", "dino", "clip_i", "clip_t", "div")},
+        "eval_prompts.json",
+    )
+    for grid in sorted(Path(output_dir).glob("grid-*.png")):
+        run.log_file(grid, "eval_grids")
+    registered = None
+    if result.gate.passed:
+        name = config.evaluation.registered_model.format(subject=config.subject.name)
+        # Logged by the fine-tune stage; a model trained elsewhere is logged here first.
+        model_uri = run.parent_tag(TAG_MODEL_URI) or log_pipeline_model(run.tracking_uri, run.run_id, Path(model_dir))
+        version = register_candidate(
+            run.tracking_uri, model_uri, name,
+            {"identifier": result.identifier, "class_noun": result.class_noun, "subject_run": run.parent_run_id},
+        )
+        registered = f"{name}@candidate (version {version})"
+        run.set_tags({TAG_GATE: "passed", TAG_REGISTERED: registered, TAG_REGISTERED_VERSION: version}, on_parent=True)
+    else:
+        run.set_tags({TAG_GATE: "rejected", TAG_GATE_REASON: "; ".join(result.gate.reasons)}, on_parent=True)
+    report = render_report(result, registered)
+    (Path(output_dir) / "report.md").write_text(report)
+    run.log_file(Path(output_dir) / "report.md", on_parent=True)
+    flat = {key.removeprefix("eval/").replace("/", "_"): value for key, value in metrics.items()}
+    return EvaluationOutcome(metrics=flat, report_markdown=report, registered=registered)
+
+
+@subject_stage("super-resolution")
+def superres_task(config: RunConfig, run: StageRun, subject_dir: str, class_images: str, model_dir: str, output_dir: str) -> str:
+    """Fine-tune the upscaler on the subject; log its loss curves and a low-res / generic / personalised grid."""
+    from dreambooth.superres import finetune_upscaler, upscale_comparison_grid
+
+    identifier = _identifier(Path(subject_dir))
+    run.set_tags({
+        "dreambooth.superres_noise_levels": str(list(config.superres.train_noise_levels)),
+        "dreambooth.superres_inference_noise_level": str(config.superres.inference_noise_level),
+    })
+    with _class_folder(config, class_images) as class_dir:
+        result = _train(
+            "superres", finetune_upscaler, config.superres.training, run, config,
+            Path(subject_dir), class_dir, identifier, Path(output_dir),
+        )
+    run.flush()
+    run.log_metrics({
+        "superres_steps_per_second": result.steps_per_second,
+        "superres_seconds": result.seconds,
+        **{f"superres_final_{key}": value for key, value in result.final_loss.items()},
+    }, on_parent=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        grid = Path(scratch) / "superres-comparison.png"
+        upscale_comparison_grid(Path(subject_dir), Path(model_dir), Path(output_dir), identifier, config).save(grid)
+        run.log_file(grid, on_parent=True)
+    run.log_folder(Path(output_dir), "upscaler")
+    return output_dir
+
+
+@subject_stage("evaluate-upscaled")
+def evaluate_upscaled_task(
+    config: RunConfig, run: StageRun, model_dir: str, upscaler_dir: str, subject_dir: str, output_dir: str
+) -> EvaluationOutcome:
+    """Score the two-stage cascade with the generic and with the personalised upscaler."""
+    from dreambooth.evaluation.evaluate import evaluate_model
+
+    names = ("dino", "clip_i", "clip_t", "div")
+    metrics: dict[str, float] = {}
+    lines = ["# DreamBench evaluation of the upscaled cascade", "", "| upscaler | resolution | DINO | CLIP-I | CLIP-T | DIV |", "|---|---|---|---|---|---|"]
+    for label, upscaler in (("generic", config.superres.base), ("personalised", upscaler_dir)):
+        result = evaluate_model(model_dir, Path(subject_dir), config, Path(output_dir) / label, upscaler=upscaler)
+        values = {name: result.overall[name] for name in names}
+        metrics.update({f"eval/upscaled_{label}/{name}": value for name, value in values.items()})
+        lines.append(
+            f"| {label} (`{upscaler}`) | {result.settings['resolution']} px | " + " | ".join(f"{values[n]:.3f}" for n in names) + " |"
+        )
+        for grid in sorted((Path(output_dir) / label).glob("grid-*.png")):
+            run.log_file(grid, f"eval_grids_{label}")
+    run.log_metrics(metrics, on_parent=True)
+    report = "\n".join(lines) + "\n"
+    (Path(output_dir) / "report.md").write_text(report)
+    run.log_file(Path(output_dir) / "report.md", "upscaled")
+    flat = {key.removeprefix("eval/").replace("/", "_"): value for key, value in metrics.items()}
+    return EvaluationOutcome(metrics=flat, report_markdown=report, registered=None)
+
+
+def priors_task(config_json: str, tracking_uri: str, batch_run_id: str, prior_key: str, output_dir: str, output_uri: str) -> dict:
+    """Generate (or take the user's) class images for one prior group, under the batch run.
+
+    Returns a PriorOutcome as a dict; a failure (a model that will not load, a missing folder of
+    class images) is reported in it, so only the subjects of this group fail.
+    """
+    from dreambooth.priors import generate_class_priors
+
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    if not prior_key:  # no subject of this batch trains with prior preservation
+        return asdict(PriorOutcome(prior_key))
+    config = RunConfig.from_json(config_json)
+    noun = config.subject.class_noun
+    tags = {TAG_CLASS_NOUN: noun, TAG_PRIOR_KEY: prior_key, TAG_RUN_NAME: f"class-priors-{noun}"}
+    try:
+        with stage_run(tracking_uri, batch_run_id, "class-priors", tags) as run:
+            result = generate_class_priors(config, Path(output_dir))
+            run.set_tags({"dreambooth.class_prompt": result.class_prompt, "dreambooth.priors_source": result.source})
+            _log_preview(run, Path(output_dir), result.class_prompt)
+            run.log_metrics({
+                "class_images": result.count,
+                "class_images_generated": result.generated,
+                "priors_seconds": result.seconds,
+                "priors_images_per_second": result.images_per_second,
+            })
+    except InputError as error:
+        print(f"error: class priors for {noun!r}: {error}", file=sys.stderr)
+        return asdict(PriorOutcome(prior_key, error=str(error).splitlines()[0]))
+    return asdict(PriorOutcome(prior_key, class_images=output_uri or output_dir, count=result.count))
+
+
+def _log_preview(run: StageRun, class_dir: Path, class_prompt: str, count: int = 8) -> None:
+    """A row of the first class images, so a glance in MLflow shows what the prior looks like."""
+    from dreambooth.images import labelled_grid, list_images, load_rgb
+
+    images = [(path.stem, load_rgb(path, 1 << 40).image) for path in list_images(class_dir)[:count]]
+    if not images:
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        preview = Path(scratch) / "class-priors-preview.png"
+        labelled_grid([(class_prompt, images)]).save(preview)
+        run.log_file(preview)

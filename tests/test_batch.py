@@ -1,0 +1,86 @@
+"""Planning a batch: fingerprints, up-to-date subjects, class-prior groups, and failed groups."""
+
+import json
+
+import pytest
+
+from conftest import SAMPLE_SUBJECT, copy_photos
+from dreambooth.batch import BatchPlan, PriorOutcome, group_priors, plan_batch, subject_fingerprint, subjects_with_priors
+from dreambooth.storage import content_digests
+from dreambooth.subjects import SubjectEntry, subject_config
+from dreambooth.tasks.batch import prior_groups_task
+
+
+@pytest.fixture
+def shared(make_config):
+    return make_config()
+
+
+def _plan(entries, shared, trained=None, force=False):
+    opened = []
+
+    def open_run(config, fingerprint):
+        opened.append(config.subject.name)
+        return f"run-{config.subject.name}"
+
+    planned = plan_batch(entries, shared, content_digests, lambda fp: (trained or {}).get(fp), open_run, force)
+    return planned, opened
+
+
+def test_the_fingerprint_follows_photos_and_settings_but_not_where_the_run_goes(tmp_path, shared):
+    photos = copy_photos(SAMPLE_SUBJECT, tmp_path / "dog", ["00.jpg", "01.jpg"])
+    entry = SubjectEntry(id="dog", photos=str(photos), class_noun="dog")
+    config = subject_config(shared, entry)
+    first = subject_fingerprint(config, content_digests(str(photos)))
+    moved = config.model_copy(update={"tracking": config.tracking.model_copy(update={"uri": "http://elsewhere:5000"}),
+                                      "storage": config.storage.model_copy(update={"work_dir": "/elsewhere"})})
+    assert subject_fingerprint(moved, content_digests(str(photos))) == first
+    longer = config.model_copy(update={"training": config.training.model_copy(update={"max_steps": 9})})
+    assert subject_fingerprint(longer, content_digests(str(photos))) != first
+    (photos / "01.jpg").write_bytes((photos / "01.jpg").read_bytes() + b"\0")  # one byte more
+    assert subject_fingerprint(config, content_digests(str(photos))) != first
+
+
+def test_subjects_a_finished_run_trained_are_up_to_date_unless_forced(tmp_path, shared):
+    entries = [SubjectEntry(id=name, photos=str(copy_photos(SAMPLE_SUBJECT, tmp_path / name, ["00.jpg", "01.jpg"])), class_noun="dog")
+               for name in ("old", "new")]
+    planned, _ = _plan(entries, shared)
+    trained = {planned[0].fingerprint: "run-from-yesterday"}
+    again, opened = _plan(entries, shared, trained)
+    assert [s.up_to_date_run_id for s in again] == ["run-from-yesterday", ""] and opened == ["new"]
+    forced, opened = _plan(entries, shared, trained, force=True)
+    assert not any(s.up_to_date for s in forced) and opened == ["old", "new"]
+
+
+def test_subjects_share_class_priors_when_their_images_would_be_drawn_alike(shared):
+    entries = [
+        SubjectEntry(id="dog-a", photos="/none", class_noun="dog"),
+        SubjectEntry(id="dog-b", photos="/none", class_noun="dog", overrides={"priors": {"num_class_images": 12}}),
+        SubjectEntry(id="dog-c", photos="/none", class_noun="dog", overrides={"priors": {"sampler": {"num_inference_steps": 3}}}),
+        SubjectEntry(id="mug", photos="/none", class_noun="mug"),
+        SubjectEntry(id="plain", photos="/none", class_noun="dog", overrides={"priors": {"enabled": False}}),
+    ]
+    planned, _ = _plan(entries, shared)
+    groups = group_priors(planned)
+    assert sorted(group.subjects for group in groups) == [["dog-a", "dog-b"], ["dog-c"], ["mug"]]
+    shared_dogs = next(group for group in groups if group.subjects == ["dog-a", "dog-b"])
+    assert json.loads(shared_dogs.config_json)["priors"]["num_class_images"] == 12  # enough for the larger need
+    assert planned[-1].prior_key == ""  # trains without prior preservation
+
+
+def test_a_failed_prior_group_fails_its_subjects_but_keeps_them_in_the_fan_out(shared):
+    entries = [SubjectEntry(id="dog", photos="/none", class_noun="dog"), SubjectEntry(id="mug", photos="/none", class_noun="mug")]
+    planned, _ = _plan(entries, shared)
+    plan = BatchPlan("batch-1", planned, group_priors(planned))
+    dog, mug = (group.prior_key for group in plan.prior_groups)
+    outcomes = [vars(PriorOutcome(dog, class_images="/classes/dog", count=4)), vars(PriorOutcome(mug, error="cannot load the model"))]
+    items, failed = subjects_with_priors(BatchPlan.from_json(plan.to_json()), outcomes)
+    assert [(item["subject_id"], item["class_images"]) for item in items] == [("dog", "/classes/dog"), ("mug", "")]
+    assert failed == {"mug": "class priors: cannot load the model"}
+
+
+def test_without_any_prior_group_one_empty_group_keeps_the_loop_collectable(tmp_path, shared):
+    planned, _ = _plan([SubjectEntry(id="plain", photos="/none", class_noun="dog", overrides={"priors": {"enabled": False}})], shared)
+    path = tmp_path / "plan.json"
+    path.write_text(BatchPlan("batch-1", planned, group_priors(planned)).to_json())
+    assert [group["prior_key"] for group in prior_groups_task(str(path))] == [""]
