@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -209,6 +210,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(build_pipeline: Callable, argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Reports read small artifacts (a plan, samples) back from MLflow: no progress bar per file.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         config = load_config(args.config, _overrides(args))
         if args.command == "compile":

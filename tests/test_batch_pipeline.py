@@ -100,6 +100,7 @@ def first_batch(batch_root):
 def test_a_batch_generates_class_priors_once_per_class_and_tracks_each_subject(batch_root, first_batch):
     root, _, _ = batch_root
     result, _ = first_batch
+    assert "database is locked" not in result.stdout + result.stderr  # parallel subjects share one sqlite store
     client = _client(root)
     batch = _batch_of(client, result.stdout)
 
