@@ -94,7 +94,12 @@ def build_pipeline(config: RunConfig, on_cluster: bool = False):
 
 
 def _subject_stages(subject, tracking_uri, superres_enabled, tasks: dict):
-    """One subject's chain; each stage runs only when the one before it succeeded for this subject."""
+    """One subject's chain; each stage runs only when the one before it succeeded for this subject.
+
+    Stages report `ok` or `failed` as their return value (`Output`): kfp.local resolves conditions
+    on a task's `Output` only, and a loop item's fields not at all (hence `superres_enabled`, a
+    pipeline parameter, rather than a per-subject field).
+    """
     run = dict(config_json=subject.config_json, tracking_uri=tracking_uri, subject_run_id=subject.subject_run_id)
     tasks["ingest"] = ingested = ingest(**run, photos=subject.photos)
     with dsl.If(ingested.outputs["Output"] == OK, name="ingested"):

@@ -144,7 +144,7 @@ def as_markdown(rows: list[SubjectRow], title: str) -> str:
 
 
 def sample_grids(tracking_uri: str, rows: list[SubjectRow]) -> dict[str, bytes]:
-    """Each subject's sample grid as a PNG thumbnail, where its run has one."""
+    """Each subject's sample grid as a JPEG thumbnail (a page of many subjects stays small), where its run has one."""
     from PIL import Image
 
     mlflow = client(tracking_uri)
@@ -162,7 +162,7 @@ def sample_grids(tracking_uri: str, rows: list[SubjectRow]) -> dict[str, bytes]:
                 if grid.width > THUMBNAIL_WIDTH:
                     grid = grid.resize((THUMBNAIL_WIDTH, round(grid.height * THUMBNAIL_WIDTH / grid.width)))
                 buffer = io.BytesIO()
-                grid.save(buffer, format="PNG")
+                grid.save(buffer, format="JPEG", quality=85)
                 grids[row.subject] = buffer.getvalue()
     return grids
 
@@ -182,7 +182,7 @@ def as_html(rows: list[SubjectRow], title: str, grids: dict[str, bytes]) -> str:
             data = base64.b64encode(grids[row.subject]).decode()
             sections.append(
                 f"<h3>{html.escape(row.subject)} ({html.escape(row.class_noun)})</h3>"
-                f'<img alt="{html.escape(row.subject)} samples" src="data:image/png;base64,{data}">'
+                f'<img alt="{html.escape(row.subject)} samples" src="data:image/jpeg;base64,{data}">'
             )
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

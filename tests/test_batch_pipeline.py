@@ -130,7 +130,7 @@ def test_a_batch_generates_class_priors_once_per_class_and_tracks_each_subject(b
     markdown = (job_dir / "summarize" / "summary").read_text()
     assert "3 subjects: 3 trained, 0 up to date, 0 failed" in markdown and markdown.count("**trained**") == 3
     page = (job_dir / "summarize" / "summary_page").read_text()
-    assert page.count('src="data:image/png;base64,') == 3
+    assert page.count('src="data:image/jpeg;base64,') == 3
 
 
 def test_the_same_batch_again_trains_nothing(batch_root, first_batch):
