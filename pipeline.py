@@ -44,6 +44,13 @@ def build_pipeline(config: RunConfig, on_cluster: bool = False):
     """The DAG; on_cluster adds every task's Kubernetes settings (image, GPUs, secrets...) from config.cluster."""
     parallelism = config.batch.parallelism
 
+    def stage(task):
+        """Every task: never cached (each reads or writes MLflow); on a cluster, its stage's Kubernetes settings."""
+        task.set_caching_options(False)
+        if on_cluster:
+            apply_cluster_settings(task, task.component_spec.name, config.cluster)
+        return task
+
     @dsl.pipeline(name=PIPELINE_NAME, description="DreamBooth personalisation of a batch of subjects, with prior preservation")
     def dreambooth_batch(
         config_json: str,
@@ -53,47 +60,40 @@ def build_pipeline(config: RunConfig, on_cluster: bool = False):
         force: bool = False,
         superres_enabled: bool = True,
     ):
-        tasks = {}
-        tasks["finish-tracking"] = close_runs = finish_tracking(config_json=config_json, tracking_uri=tracking_uri, job_id=JOB_ID)
+        close_runs = stage(finish_tracking(config_json=config_json, tracking_uri=tracking_uri, job_id=JOB_ID))
         with dsl.ExitHandler(close_runs, name="dreambooth-batch"):
-            tasks["plan-batch"] = plan = plan_batch(
+            plan = stage(plan_batch(
                 config_json=config_json, tracking_uri=tracking_uri, subjects_uri=subjects_uri, subjects_json=subjects_json,
                 force=force, job_id=JOB_ID, job_name=JOB_NAME,
-            )
+            ))
             batch_plan = plan.outputs["batch_plan"]
             # kfp.local cannot collect from an empty loop, and a cluster should not start GPU pods
             # for nothing: when every subject is up to date, only the summary runs.
             with dsl.If(plan.outputs["Output"] > 0, name="subjects-to-train"):
-                tasks["prior-groups"] = groups = prior_groups(batch_plan=batch_plan)
+                groups = stage(prior_groups(batch_plan=batch_plan))
                 with dsl.ParallelFor(groups.output, name="class-prior-groups", parallelism=parallelism) as group:
-                    tasks["class-priors"] = priors = class_priors(
+                    priors = stage(class_priors(
                         config_json=group.config_json, tracking_uri=tracking_uri,
                         batch_run_id=group.batch_run_id, prior_key=group.prior_key,
-                    )
-                tasks["assign-priors"] = ready = assign_priors(
+                    ))
+                ready = stage(assign_priors(
                     tracking_uri=tracking_uri, batch_plan=batch_plan, prior_outcomes=dsl.Collected(priors.outputs["Output"])
-                )
+                ))
                 with dsl.ParallelFor(ready.output, name="subjects", parallelism=parallelism) as subject:
-                    ingested = _subject_stages(subject, tracking_uri, superres_enabled, tasks)
-                tasks["summarize"] = summary = summarize(
+                    ingested = _subject_stages(subject, tracking_uri, superres_enabled, stage)
+                summary = stage(summarize(
                     tracking_uri=tracking_uri, job_name=JOB_NAME, batch_plan=batch_plan,
                     subject_statuses=dsl.Collected(ingested.outputs["Output"]),
-                )
+                ))
                 with dsl.If(summary.outputs["Output"] > 0, name="any-subject-failed"):
-                    tasks["batch-failures"] = batch_failures(tracking_uri=tracking_uri, batch_plan=batch_plan)
+                    stage(batch_failures(tracking_uri=tracking_uri, batch_plan=batch_plan))
             with dsl.Else(name="all-up-to-date"):
-                tasks["summarize-up-to-date"] = summarize(
-                    tracking_uri=tracking_uri, job_name=JOB_NAME, batch_plan=batch_plan, subject_statuses=[]
-                )
-        for stage, task in tasks.items():
-            task.set_caching_options(False)  # every task reads or writes MLflow: never skip it
-            if on_cluster:
-                apply_cluster_settings(task, stage.removesuffix("-up-to-date"), config.cluster)
+                stage(summarize(tracking_uri=tracking_uri, job_name=JOB_NAME, batch_plan=batch_plan, subject_statuses=[]))
 
     return dreambooth_batch
 
 
-def _subject_stages(subject, tracking_uri, superres_enabled, tasks: dict):
+def _subject_stages(subject, tracking_uri, superres_enabled, stage):
     """One subject's chain; each stage runs only when the one before it succeeded for this subject.
 
     Stages report `ok` or `failed` as their return value (`Output`): kfp.local resolves conditions
@@ -101,20 +101,18 @@ def _subject_stages(subject, tracking_uri, superres_enabled, tasks: dict):
     pipeline parameter, rather than a per-subject field).
     """
     run = dict(config_json=subject.config_json, tracking_uri=tracking_uri, subject_run_id=subject.subject_run_id)
-    tasks["ingest"] = ingested = ingest(**run, photos=subject.photos)
+    ingested = stage(ingest(**run, photos=subject.photos))
     with dsl.If(ingested.outputs["Output"] == OK, name="ingested"):
         images = ingested.outputs["subject_images"]
-        tasks["finetune"] = tuned = finetune(**run, subject_images=images, class_images=subject.class_images)
+        tuned = stage(finetune(**run, subject_images=images, class_images=subject.class_images))
         with dsl.If(tuned.outputs["Output"] == OK, name="fine-tuned"):
             model = tuned.outputs["model"]
-            tasks["samples"] = samples(**run, model=model)
-            tasks["evaluate"] = evaluate(**run, model=model, subject_images=images)
+            stage(samples(**run, model=model))
+            stage(evaluate(**run, model=model, subject_images=images))
             with dsl.If(superres_enabled == True, name="superres-enabled"):  # noqa: E712 (a KFP condition)
-                tasks["superres"] = upscaled = superres(**run, subject_images=images, class_images=subject.class_images, model=model)
+                upscaled = stage(superres(**run, subject_images=images, class_images=subject.class_images, model=model))
                 with dsl.If(upscaled.outputs["Output"] == OK, name="upscaler-trained"):
-                    tasks["evaluate-upscaled"] = evaluate_upscaled(
-                        **run, model=model, upscaler=upscaled.outputs["upscaler"], subject_images=images
-                    )
+                    stage(evaluate_upscaled(**run, model=model, upscaler=upscaled.outputs["upscaler"], subject_images=images))
     return ingested
 
 

@@ -15,15 +15,9 @@ def evaluate(
     report: dsl.Output[dsl.Markdown],
 ) -> str:
     """DreamBench evaluation and the quality gate; returns the registered model, `rejected` or `failed`."""
-    from dreambooth.tasks.stages import FAILED_STATUS, evaluate_task
+    from dreambooth.tasks.stages import FAILED_STATUS, evaluate_task, write_kfp_evaluation
 
     outcome = evaluate_task(config_json, tracking_uri, subject_run_id, model.path, subject_images.path, evaluation.path)
-    if outcome is None:
-        with open(report.path, "w") as markdown:
-            markdown.write("The evaluation failed; the reason is on the subject's MLflow run.\n")
+    if not write_kfp_evaluation(outcome, metrics.log_metric, report.path):
         return FAILED_STATUS
-    for name, value in outcome.metrics.items():
-        metrics.log_metric(name, value)
-    with open(report.path, "w") as markdown:
-        markdown.write(outcome.report_markdown)
     return outcome.registered or "rejected"

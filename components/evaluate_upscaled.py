@@ -16,17 +16,9 @@ def evaluate_upscaled(
     report: dsl.Output[dsl.Markdown],
 ) -> str:
     """DreamBench scores of the cascade at 4x resolution, with the generic and the personalised upscaler."""
-    from dreambooth.tasks.stages import FAILED_STATUS, OK, evaluate_upscaled_task
+    from dreambooth.tasks.stages import FAILED_STATUS, OK, evaluate_upscaled_task, write_kfp_evaluation
 
     outcome = evaluate_upscaled_task(
         config_json, tracking_uri, subject_run_id, model.path, upscaler.path, subject_images.path, evaluation.path
     )
-    if outcome is None:
-        with open(report.path, "w") as markdown:
-            markdown.write("The evaluation failed; the reason is on the subject's MLflow run.\n")
-        return FAILED_STATUS
-    for name, value in outcome.metrics.items():
-        metrics.log_metric(name, value)
-    with open(report.path, "w") as markdown:
-        markdown.write(outcome.report_markdown)
-    return OK
+    return OK if write_kfp_evaluation(outcome, metrics.log_metric, report.path) else FAILED_STATUS

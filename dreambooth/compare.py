@@ -242,17 +242,18 @@ def sample_sheet(tracking_uri: str, runs: list[ComparedRun], path: Path) -> tupl
 
 def _log_comparison(tracking_uri: str, runs: list[ComparedRun], files: list[Path], batch_run: Optional[str]) -> str:
     """An MLflow run of its own for the comparison (a child of the batch run when comparing one)."""
-    from mlflow.entities import RunTag
-
     mlflow = client(tracking_uri)
     first = mlflow.get_run(runs[0].run_id)
-    tags = {TAG_STAGE: "compare", TAG_RUN_NAME: f"compare-{len(runs)}-runs", "dreambooth.compared_runs": ",".join(r.run_id for r in runs)}
+    tags = {
+        TAG_STAGE: "compare", TAG_RUN_NAME: f"compare-{len(runs)}-runs",
+        "dreambooth.compared_runs": ",".join(r.run_id for r in runs),
+        "dreambooth.compared_subjects": ",".join(sorted({r.subject for r in runs})),
+    }
     if batch_run:
         tags[TAG_PARENT] = batch_run
     run = mlflow.create_run(first.info.experiment_id, tags=tags)
     for path in files:
         mlflow.log_artifact(run.info.run_id, str(path))
-    mlflow.log_batch(run.info.run_id, tags=[RunTag("dreambooth.compared_subjects", ",".join(sorted({r.subject for r in runs})))])
     mlflow.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 

@@ -50,6 +50,12 @@ class SubjectSettings(Section):
     # Larger images are refused as decompression bombs.
     max_image_pixels: int = Field(default=89_478_485, gt=0)
 
+    def instance_prompt(self, identifier: str) -> str:
+        return self.prompt_template.format(identifier=identifier, class_noun=self.class_noun)
+
+    def class_prompt(self) -> str:
+        return self.class_prompt_template.format(class_noun=self.class_noun)
+
     @field_validator("class_noun")
     @classmethod
     def _strip(cls, value: str) -> str:

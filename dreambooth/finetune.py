@@ -184,8 +184,7 @@ def finetune(
     vae.to("cpu")  # not needed again until the pipeline is saved
 
     subject = config.subject
-    instance_prompt = subject.prompt_template.format(identifier=identifier, class_noun=subject.class_noun)
-    class_prompt = subject.class_prompt_template.format(class_noun=subject.class_noun)
+    instance_prompt, class_prompt = subject.instance_prompt(identifier), subject.class_prompt()
     batch = settings.batch_size
     prompt_ids = torch.cat(
         [_tokenize(tokenizer, instance_prompt)] * batch + ([_tokenize(tokenizer, class_prompt)] * batch if use_prior else [])

@@ -132,7 +132,7 @@ def ingest_subject(subject_dir: Path, output_dir: Path, config: RunConfig) -> In
         images=entries,
         identifier=choice,
         class_noun=settings.class_noun,
-        instance_prompt=settings.prompt_template.format(identifier=choice.identifier, class_noun=settings.class_noun),
+        instance_prompt=settings.instance_prompt(choice.identifier),
         duplicates_dropped=duplicates,
         warnings=warnings,
     )

@@ -96,6 +96,22 @@ def _run(
     return 0
 
 
+def _local_outputs(row: SubjectRow) -> dict[str, Path]:
+    """The subject's result files and folders on this machine, by label."""
+    if not row.model or is_gcs(row.model):
+        return {}
+    model = Path(row.model)
+    found = {"model": model}
+    if row.status != UP_TO_DATE:  # kfp.local puts every task of a subject under one iteration folder
+        iteration = model.parent.parent
+        found.update({
+            "sample grid": iteration / "samples" / "sample_images" / "samples-grid.png",
+            "upscaler": iteration / "superres" / "upscaler",
+            "evaluation": iteration / "evaluate" / "evaluation" / "report.md",
+        })
+    return {label: path for label, path in found.items() if path.is_file() or (path / "model_index.json").is_file()}
+
+
 def _print_subject(row: SubjectRow, publish_to: Optional[str]) -> None:
     """The subject's outcome and where its results are (published to gs:// first when asked)."""
     if row.status == FAILED:
@@ -104,18 +120,7 @@ def _print_subject(row: SubjectRow, publish_to: Optional[str]) -> None:
         return
     seconds = f" in {row.training_seconds:.0f} s" if row.training_seconds is not None and row.status != UP_TO_DATE else ""
     print(f"{row.subject} ({row.class_noun}): {row.status}{seconds}")
-    outputs = {"model": Path(row.model)} if row.model and not is_gcs(row.model) else {}
-    if row.status != UP_TO_DATE and "model" in outputs:
-        # kfp.local puts every task of a subject under the same iteration folder.
-        iteration = outputs["model"].parent.parent
-        outputs.update({
-            "sample grid": iteration / "samples" / "sample_images" / "samples-grid.png",
-            "upscaler": iteration / "superres" / "upscaler",
-            "evaluation": iteration / "evaluate" / "evaluation" / "report.md",
-        })
-    for label, path in outputs.items():
-        if not path.exists() or (path.is_dir() and not (path / "model_index.json").is_file()):
-            continue
+    for label, path in _local_outputs(row).items():
         shown = str(path)
         if publish_to and row.status != UP_TO_DATE:
             folder = path if path.is_dir() else path.parent

@@ -39,10 +39,6 @@ def class_image_name(index: int) -> str:
     return f"class-{index:05d}.png"
 
 
-def class_prompt(config: RunConfig) -> str:
-    return config.subject.class_prompt_template.format(class_noun=config.subject.class_noun)
-
-
 def prior_key(config: RunConfig) -> str:
     """What shapes a set of class images: subjects whose keys match share one set, across runs too.
 
@@ -54,7 +50,7 @@ def prior_key(config: RunConfig) -> str:
     if config.priors.class_images:
         shaping = ["user", config.priors.class_images]
     else:
-        shaping = [config.model.model_dump(), class_prompt(config), config.priors.sampler.model_dump()]
+        shaping = [config.model.model_dump(), config.subject.class_prompt(), config.priors.sampler.model_dump()]
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -91,7 +87,7 @@ def _use_supplied_images(source: Path, output_dir: Path, config: RunConfig) -> i
 
 def generate_class_priors(config: RunConfig, output_dir: Path) -> PriorResult:
     settings = config.priors
-    prompt = class_prompt(config)
+    prompt = config.subject.class_prompt()
     started = time.perf_counter()
     if settings.class_images:
         with local_folder(settings.class_images) as supplied:

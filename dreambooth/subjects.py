@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 from typing import Any, Optional
 
@@ -176,19 +177,20 @@ def validate_entries(raw_entries: list[tuple[str, Any]], source: str, shared: Ru
     return entries
 
 
+def parse_subjects(text: str, source: str, shared: RunConfig) -> list[SubjectEntry]:
+    """A subjects file's text (YAML, or CSV when `source` ends in .csv), validated against the shared config."""
+    return validate_entries(_raw_entries(text, source), source, shared)
+
+
 def read_subjects(uri: str, shared: RunConfig) -> list[SubjectEntry]:
     """The subjects file at `uri` (YAML or CSV, local or gs://), validated against the shared config."""
-    return validate_entries(_raw_entries(read_text(uri), uri), uri, shared)
+    return parse_subjects(read_text(uri), uri, shared)
 
 
 def entries_from_json(text: str, shared: RunConfig) -> list[SubjectEntry]:
     """Entries passed inline (a batch of one from --subject-dir), validated the same way."""
-    import json
-
     return validate_entries([(f"entry {i}", raw) for i, raw in enumerate(json.loads(text), start=1)], "subjects", shared)
 
 
 def entries_to_json(entries: list[SubjectEntry]) -> str:
-    import json
-
     return json.dumps([entry.model_dump(exclude_defaults=True) for entry in entries])

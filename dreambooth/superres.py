@@ -107,8 +107,7 @@ def finetune_upscaler(
     vae.to("cpu")
 
     subject = config.subject
-    instance_prompt = subject.prompt_template.format(identifier=identifier, class_noun=subject.class_noun)
-    class_prompt = subject.class_prompt_template.format(class_noun=subject.class_noun)
+    instance_prompt, class_prompt = subject.instance_prompt(identifier), subject.class_prompt()
     batch = training.batch_size
     prompts = [instance_prompt] * batch + ([class_prompt] * batch if use_prior else [])
     with torch.no_grad():
@@ -184,7 +183,7 @@ def upscale_comparison_grid(subject_dir: Path, model_dir: Path, upscaler_dir: Pa
     from dreambooth.models import inference_dtype
 
     settings = config.superres
-    prompt = config.subject.prompt_template.format(identifier=identifier, class_noun=config.subject.class_noun)
+    prompt = config.subject.instance_prompt(identifier)
     views = training_views(list_images(subject_dir)[:2], settings.resolution, True, False)
     inputs = [view.resize((view.width // UPSCALE_FACTOR, view.height // UPSCALE_FACTOR), Image.Resampling.BICUBIC) for view in views]
     sample_prompt = config.samples.prompts[0].format(identifier=identifier, class_noun=config.subject.class_noun)

@@ -180,6 +180,14 @@ def close_subject_run(tracking_uri: str, run) -> str:
     return status
 
 
+def log_metrics(mlflow, run_id: str, values: dict[str, float]) -> None:
+    """Summary figures (step 0) on a run, in one request."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    mlflow.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in values.items()])
+
+
 @dataclass
 class StageRun:
     """A stage's run: per-step metrics are buffered and sent in batches; `on_parent` also logs to its parent."""
@@ -204,13 +212,9 @@ class StageRun:
             self.client.log_batch(self.run_id, metrics=batch)
 
     def log_metrics(self, values: dict[str, float], on_parent: bool = False) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        metrics = [Metric(key, float(value), now, 0) for key, value in values.items()]
-        self.client.log_batch(self.run_id, metrics=metrics)
+        log_metrics(self.client, self.run_id, values)
         if on_parent:
-            self.client.log_batch(self.parent_run_id, metrics=metrics)
+            log_metrics(self.client, self.parent_run_id, values)
 
     def set_tags(self, tags: dict[str, str], on_parent: bool = False) -> None:
         from mlflow.entities import RunTag

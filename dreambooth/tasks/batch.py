@@ -14,7 +14,7 @@ from dreambooth.batch import BatchPlan, group_priors, plan_batch, subjects_with_
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
 from dreambooth.storage import content_digests, read_text
-from dreambooth.subjects import entries_from_json, read_subjects
+from dreambooth.subjects import entries_from_json, parse_subjects
 from dreambooth.summary import as_html, as_markdown, as_table, collect_rows, counts, headline, sample_grids
 from dreambooth.tracking import (
     FAILED,
@@ -22,6 +22,7 @@ from dreambooth.tracking import (
     client,
     find_trained_subject,
     finish_batch_run,
+    log_metrics,
     open_batch_run,
     open_subject_run,
     record_failure,
@@ -41,14 +42,17 @@ def plan_task(
     batch_run_id = open_batch_run(tracking_uri, shared, job_id, job_name)
     mlflow = client(tracking_uri)
     try:
-        entries = read_subjects(subjects_uri, shared) if subjects_uri else entries_from_json(subjects_json, shared)
+        if subjects_uri:
+            text = read_text(subjects_uri)
+            mlflow.log_text(batch_run_id, text, f"subjects/{subjects_uri.rsplit('/', 1)[-1]}")
+            entries = parse_subjects(text, subjects_uri, shared)
+        else:
+            entries = entries_from_json(subjects_json, shared)
     except InputError as error:
         mlflow.set_tag(batch_run_id, TAG_ERROR, str(error)[:5000])
         for line in str(error).splitlines():
             print(f"error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
-    if subjects_uri:
-        mlflow.log_text(batch_run_id, read_text(subjects_uri), f"subjects/{subjects_uri.rsplit('/', 1)[-1]}")
 
     def trained_run(fingerprint: str):
         run = find_trained_subject(tracking_uri, shared.tracking.experiment, fingerprint)
@@ -63,22 +67,13 @@ def plan_task(
     Path(plan_path).parent.mkdir(parents=True, exist_ok=True)
     Path(plan_path).write_text(plan.to_json())
     mlflow.log_text(batch_run_id, plan.to_json(), PLAN_ARTIFACT)
-    _log_counts(mlflow, batch_run_id, {
+    log_metrics(mlflow, batch_run_id, {
         "subjects": len(planned), "subjects_to_train": len(plan.to_train),
         "subjects_up_to_date": len(planned) - len(plan.to_train), "prior_groups": len(plan.prior_groups),
     })
     for subject in planned:
         print(f"{subject.subject_id}: {'up to date (run ' + subject.up_to_date_run_id + ')' if subject.up_to_date else 'to train'}")
     return len(plan.to_train)
-
-
-def _log_counts(mlflow, run_id: str, values: dict[str, float]) -> None:
-    import time
-
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    mlflow.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in values.items()])
 
 
 def _plan(plan_path: str) -> BatchPlan:
@@ -119,13 +114,14 @@ def summary_task(tracking_uri: str, plan_path: str, job_name: str, subject_statu
         mlflow.log_table(plan.batch_run_id, data=as_table(rows), artifact_file=SUMMARY_TABLE)
     mlflow.log_text(plan.batch_run_id, markdown, "batch_summary.md")
     mlflow.log_text(plan.batch_run_id, page, "batch_summary.html")
-    _log_counts(mlflow, plan.batch_run_id, {f"subjects_{status.replace(' ', '_')}": n for status, n in counts(rows).items()})
+    tally = counts(rows)
+    log_metrics(mlflow, plan.batch_run_id, {f"subjects_{status.replace(' ', '_')}": n for status, n in tally.items()})
     for path, text in ((markdown_path, markdown), (html_path, page)):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)
     print(markdown)
     print(f"stage statuses reported by the subject fan-out: {', '.join(map(str, subject_statuses)) or 'none'}")
-    return counts(rows)[FAILED]
+    return tally[FAILED]
 
 
 def batch_failures_task(tracking_uri: str, plan_path: str) -> None:

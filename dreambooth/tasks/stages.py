@@ -174,6 +174,15 @@ class EvaluationOutcome:
     registered: Optional[str]  # "name@candidate (version N)", or None when rejected
 
 
+def write_kfp_evaluation(outcome: Optional[EvaluationOutcome], log_metric, report_path: str) -> bool:
+    """An evaluation's KFP outputs: its metrics and Markdown report (a pointer to MLflow when it failed)."""
+    with open(report_path, "w") as markdown:
+        markdown.write(outcome.report_markdown if outcome else "The evaluation failed; the reason is on the subject's MLflow run.\n")
+    for name, value in (outcome.metrics if outcome else {}).items():
+        log_metric(name, value)
+    return outcome is not None
+
+
 def evaluation_protocol(settings: dict, config: RunConfig) -> str:
     """What makes two evaluations comparable, as one JSON string (tagged on the subject's run)."""
     import hashlib
