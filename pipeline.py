@@ -51,7 +51,12 @@ def build_pipeline(config: RunConfig, on_cluster: bool = False):
             apply_cluster_settings(task, task.component_spec.name, config.cluster)
         return task
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="DreamBooth personalisation of a batch of subjects, with prior preservation")
+    pipeline_root = config.cluster.pipeline_root if on_cluster and config.cluster else None
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME, description="DreamBooth personalisation of a batch of subjects, with prior preservation",
+        pipeline_root=pipeline_root,
+    )
     def dreambooth_batch(
         config_json: str,
         tracking_uri: str,

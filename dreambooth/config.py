@@ -9,6 +9,7 @@ task on a cluster sees exactly what the local run saw.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -18,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dreambooth.errors import InputError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The MLflow Service of manifests/ as pipeline pods reach it, in the namespace the overlay deploys to.
+IN_CLUSTER_MLFLOW = "http://mlflow.{namespace}.svc.cluster.local:5000"
 
 
 class Section(BaseModel):
@@ -226,6 +229,10 @@ class ClusterSettings(Section):
 
     # The component image, pinned by digest: a tag alone lets KFP serve stale cached steps.
     image: str
+    # The Kubeflow profile namespace runs are submitted to, where manifests/ deployed MLflow, the
+    # PVC, the secrets and the service account; the in-cluster tracking URI derives from it.
+    namespace: Optional[str] = None
+    pipeline_root: Optional[str] = None  # gs://... for task artifacts; None: the namespace's kfp-launcher default
     gpu_type: str = "nvidia.com/gpu"
     node_selector: dict[str, str] = {}
     gpu_toleration_key: Optional[str] = "nvidia.com/gpu"  # tolerated (Exists, NoSchedule) by GPU stages
@@ -275,10 +282,28 @@ class RunConfig(Section):
     batch: BatchSettings = BatchSettings()
     cluster: Optional[ClusterSettings] = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _in_cluster_tracking(cls, raw):
+        # One place says where MLflow runs on a cluster: cluster.namespace, the overlay's namespace.
+        if isinstance(raw, dict) and isinstance(raw.get("cluster"), dict) and raw["cluster"].get("namespace"):
+            tracking = raw.get("tracking") or {}
+            if isinstance(tracking, dict) and not tracking.get("uri"):
+                uri = IN_CLUSTER_MLFLOW.format(namespace=raw["cluster"]["namespace"])
+                raw = {**raw, "tracking": {**tracking, "uri": uri}}
+        return raw
+
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
         if self.training.lr_warmup_steps >= self.training.max_steps and self.training.lr_warmup_steps:
             raise ValueError("training.lr_warmup_steps must be smaller than training.max_steps")
+        namespace = self.cluster.namespace if self.cluster else None
+        service = re.match(r"https?://mlflow\.([^.:/]+)\.svc", self.tracking.uri or "")
+        if namespace and service and service.group(1) != namespace:
+            raise ValueError(
+                f"tracking.uri: {self.tracking.uri} is the MLflow of namespace {service.group(1)!r}, but "
+                f"cluster.namespace is {namespace!r}; drop tracking.uri to derive it"
+            )
         return self
 
     def to_json(self) -> str:
@@ -322,8 +347,9 @@ def setting_problems(error: ValidationError) -> list[str]:
     """Each validation problem as `section.key: reason`."""
     problems = []
     for problem in error.errors():
-        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-        problems.append(f"{where}: {problem['msg'].removeprefix('Value error, ')}")
+        message = problem["msg"].removeprefix("Value error, ")
+        # A whole-config check names its own setting in the message.
+        problems.append(f"{'.'.join(str(part) for part in problem['loc'])}: {message}" if problem["loc"] else message)
     return problems
 
 

@@ -87,7 +87,8 @@ def test_extends_layers_a_config_over_another_and_refuses_loops(tmp_path):
         load_config(str(tmp_path / "a.yaml"))
 
 
-def test_the_dockerfile_passes_hadolint():
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "mlflow.Dockerfile"])
+def test_the_dockerfiles_pass_hadolint(dockerfile):
     hadolint = shutil.which("hadolint") or str(REPO / ".venv" / "bin" / "hadolint")
-    result = subprocess.run([hadolint, str(REPO / "docker" / "Dockerfile")], capture_output=True, text=True)
+    result = subprocess.run([hadolint, str(REPO / "docker" / dockerfile)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,102 +1,149 @@
-"""manifests/: every resource valid against the Kubernetes schemas (offline), and each kustomization builds.
+"""manifests/: what `kubectl kustomize` builds is valid Kubernetes and fits the pipeline that runs beside it.
 
-The build is a structural equivalent of `kustomize build` (no kustomize binary here): resources
-and nested kustomizations are collected, the namespace and labels applied, and strategic-merge
-patches merged into the resource they name, which must exist.
+Each overlay is built by kubectl itself (offline), so patches, images and namespaces are applied
+exactly as `kubectl apply -k` will apply them.
 """
 
-import copy
+import re
+import subprocess
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
+from mlflow.server.security_utils import is_allowed_host_header
 
 from conftest import REPO
+from dreambooth.config import CONFIG_DIR, IN_CLUSTER_MLFLOW, load_config
 
 MANIFESTS = REPO / "manifests"
 KUBERNETES_VERSION = "1.31.0"
-CLUSTER_SCOPED = {"Namespace", "PersistentVolume", "StorageClass", "ClusterRole", "ClusterRoleBinding"}
+OVERLAYS = sorted(p.parent.name for p in (MANIFESTS / "overlays").glob("*/kustomization.yaml"))
+CLUSTER_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if load_config(p.stem).cluster is not None)
 
 
-def _documents(path: Path) -> list[dict]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+def kustomize(folder: Path) -> list[dict]:
+    result = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-def _merge(target, patch):
-    """Strategic merge, as kustomize does for the fields used here: maps merge, named lists merge by name."""
-    if isinstance(target, dict) and isinstance(patch, dict):
-        merged = dict(target)
-        for key, value in patch.items():
-            merged[key] = _merge(target[key], value) if key in target else value
-        return merged
-    if isinstance(target, list) and isinstance(patch, list) and all(isinstance(i, dict) and "name" in i for i in target + patch):
-        by_name = {item["name"]: item for item in target}
-        return [_merge(by_name[item["name"]], item) if item["name"] in by_name else item for item in patch] + [
-            item for item in target if item["name"] not in {p["name"] for p in patch}
-        ]
-    return patch
+def by_kind(resources: list[dict]) -> dict:
+    return {(r["kind"], r["metadata"]["name"]): r for r in resources}
 
 
-def build(folder: Path) -> list[dict]:
-    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
-    resources: list[dict] = []
-    for entry in kustomization.get("resources", []):
-        path = (folder / entry).resolve()
-        assert path.exists(), f"{folder}/kustomization.yaml lists {entry}, which does not exist"
-        resources += build(path) if path.is_dir() else _documents(path)
-    for patch_entry in kustomization.get("patches", []):
-        for patch in _documents(folder / patch_entry["path"]):
-            key = (patch["kind"], patch["metadata"]["name"])
-            matches = [i for i, r in enumerate(resources) if (r["kind"], r["metadata"]["name"]) == key]
-            assert matches, f"{folder}: patch {patch_entry['path']} names {key}, which no resource is"
-            resources[matches[0]] = _merge(resources[matches[0]], patch)
-    for label_set in kustomization.get("labels", []):
-        for resource in resources:
-            resource["metadata"].setdefault("labels", {}).update(label_set["pairs"])
-    if "namespace" in kustomization:
-        for resource in resources:
-            if resource["kind"] not in CLUSTER_SCOPED:
-                resource["metadata"]["namespace"] = kustomization["namespace"]
-    return copy.deepcopy(resources)
+def expand(value: str, env: dict[str, str]) -> str:
+    """$(VAR) in a container's command and args, as the kubelet expands it; unknown names stay."""
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), value)
 
 
-ALL_FILES = sorted(p for p in MANIFESTS.rglob("*.yaml") if p.name != "kustomization.yaml")
-PATCHES = {MANIFESTS / "overlays" / "dev" / name for name in ("mlflow-dev.yaml", "model-cache-dev.yaml", "kfp-launcher-dev.yaml")}
+def container(resource: dict, name: str) -> dict:
+    spec = resource["spec"]["template"]["spec"]
+    return next(c for c in spec.get("initContainers", []) + spec["containers"] if c["name"] == name)
 
 
-@pytest.mark.parametrize("path", [p for p in ALL_FILES if p not in PATCHES], ids=lambda p: str(p.relative_to(MANIFESTS)))
-def test_every_manifest_is_valid_kubernetes(path):
-    for document in _documents(path):
-        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
-
-
-@pytest.mark.parametrize("kustomization", ["base", "overlays/dev"])
+@pytest.mark.parametrize("kustomization", ["base"] + [f"overlays/{o}" for o in OVERLAYS])
 def test_each_kustomization_builds_into_valid_resources(kustomization):
-    resources = build(MANIFESTS / kustomization)
+    resources = kustomize(MANIFESTS / kustomization)
     for resource in resources:
         kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
-    kinds = {(r["kind"], r["metadata"]["name"]) for r in resources}
     assert {("Deployment", "mlflow"), ("StatefulSet", "mlflow-postgres"), ("NetworkPolicy", "mlflow-ingress"),
-            ("ServiceAccount", "dreambooth-pipeline-runner"), ("ConfigMap", "kfp-launcher")} <= kinds
+            ("ServiceAccount", "dreambooth-pipeline-runner"), ("ConfigMap", "kfp-launcher"),
+            ("Job", "model-cache-prepare")} <= set(by_kind(resources))
 
 
-def test_the_dev_overlay_lands_in_its_namespace_with_its_patches():
-    resources = {(r["kind"], r["metadata"]["name"]): r for r in build(MANIFESTS / "overlays" / "dev")}
+def test_the_dev_overlay_lands_in_its_namespace_with_its_patches_and_pinned_images():
+    resources = by_kind(kustomize(MANIFESTS / "overlays" / "dev"))
     mlflow = resources[("Deployment", "mlflow")]
     assert mlflow["metadata"]["namespace"] == "dreambooth-dev" and mlflow["spec"]["replicas"] == 1
-    container = mlflow["spec"]["template"]["spec"]["containers"][0]
-    assert "--artifacts-destination=gs://BUCKET-dev/mlflow-artifacts" in container["args"]
-    assert container["readinessProbe"]["httpGet"]["path"] == "/health"  # kept from the base by the merge
+    server = container(mlflow, "mlflow")
+    env = {e["name"]: e.get("value") for e in server["env"]}
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"] == "gs://BUCKET-dev/mlflow-artifacts"
+    assert server["readinessProbe"]["httpGet"]["path"] == "/health"  # kept from the base by the merge
     assert resources[("ConfigMap", "kfp-launcher")]["data"]["defaultPipelineRoot"] == "gs://BUCKET-dev/pipeline-root"
-    assert "namespace" not in resources[("Namespace", "dreambooth-dev")]["metadata"]
+    for resource in (mlflow, resources[("Job", "model-cache-prepare")]):
+        ours = [c for c in resource["spec"]["template"]["spec"]["containers"] if "dreambooth" in c["image"]]
+        assert ours and all("@sha256:" in c["image"] for c in ours)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_mlflow_accepts_every_name_pipeline_pods_use_for_its_service(overlay):
+    """MLflow 3.17 refuses unknown Host headers with 403; the allow-list must cover the Service in this namespace."""
+    resources = by_kind(kustomize(MANIFESTS / "overlays" / overlay))
+    mlflow = resources[("Deployment", "mlflow")]
+    namespace = mlflow["metadata"]["namespace"]
+    server = container(mlflow, "mlflow")
+    args = [expand(arg, {"POD_NAMESPACE": namespace}) for arg in server["args"]]
+    (allowed,) = [arg.split("=", 1)[1].split(",") for arg in args if arg.startswith("--allowed-hosts=")]
+    for host in ("mlflow:5000", f"mlflow.{namespace}:5000", f"mlflow.{namespace}.svc:5000",
+                 f"mlflow.{namespace}.svc.cluster.local:5000", "localhost:5000"):
+        assert is_allowed_host_header(allowed, host), host
+    assert not is_allowed_host_header(allowed, "mlflow.elsewhere.svc.cluster.local:5000")
+    assert "*" not in allowed  # a wildcard would accept DNS-rebinding requests
+
+
+def test_the_mlflow_image_has_the_database_driver_and_the_gcs_client():
+    resources = by_kind(kustomize(MANIFESTS / "base"))
+    assert container(resources[("Deployment", "mlflow")], "mlflow")["image"] == "dreambooth-mlflow"
+    dockerfile = (REPO / "docker" / "mlflow.Dockerfile").read_text()
+    assert "docker/mlflow-requirements.txt" in dockerfile
+    pins = dict(line.split("#")[0].strip().split("==") for line in (REPO / "docker" / "mlflow-requirements.txt").read_text().splitlines()
+                if "==" in line)
+    assert {"mlflow", "psycopg2-binary", "google-cloud-storage"} <= set(pins)
+
+
+@pytest.mark.parametrize("name", CLUSTER_CONFIGS)
+def test_each_cluster_config_tracks_to_the_mlflow_of_a_deployed_namespace(name):
+    config = load_config(name)
+    deployed = {}
+    for overlay in OVERLAYS:
+        resources = by_kind(kustomize(MANIFESTS / "overlays" / overlay))
+        deployed[resources[("Deployment", "mlflow")]["metadata"]["namespace"]] = resources
+    assert config.cluster.namespace in deployed, f"{name}: cluster.namespace is no overlay's namespace"
+    assert config.tracking.uri == IN_CLUSTER_MLFLOW.format(namespace=config.cluster.namespace)
+    resources = deployed[config.cluster.namespace]
+    assert config.cluster.pipeline_root == resources[("ConfigMap", "kfp-launcher")]["data"]["defaultPipelineRoot"]
+    assert ("PersistentVolumeClaim", config.cluster.model_cache_pvc) in resources
+    assert ("ServiceAccount", config.cluster.service_account) in resources
+
+
+def test_the_cache_volume_is_made_writable_for_the_pipeline_user_before_it_is_filled(tmp_path):
+    config = load_config("gke-sd15")
+    compiled = tmp_path / "dreambooth.yaml"
+    from conftest import cli
+
+    assert cli("compile", "--config", "gke-sd15", "--output", str(compiled), cwd=tmp_path).returncode == 0
+    _, platform = yaml.safe_load_all(compiled.read_text())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    claims = {mount["constant"] for e in executors.values() for mount in e.get("pvcMount", [])}
+    users = {int(e["securityContext"]["runAsUser"]) for e in executors.values()}
+    assert claims == {config.cluster.model_cache_pvc} and users == {config.cluster.run_as_user}
+
+    job = by_kind(kustomize(MANIFESTS / "overlays" / "dev"))[("Job", "model-cache-prepare")]
+    pod = job["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v.get("persistentVolumeClaim")]
+    assert volume["persistentVolumeClaim"]["claimName"] == config.cluster.model_cache_pvc
+    assert pod["securityContext"]["fsGroup"] == config.cluster.run_as_user  # block volumes
+    owner = container(job, "own-cache")  # NFS (Filestore) ignores fsGroup: a root step sets the owner
+    assert owner["securityContext"]["runAsUser"] == 0 and "CHOWN" in owner["securityContext"]["capabilities"]["add"]
+    script = " ".join(owner["args"])
+    assert f"chown {config.cluster.run_as_user}:{config.cluster.run_as_user} /cache " in script
+    warm = container(job, "warm-cache")
+    assert warm["securityContext"]["runAsUser"] == config.cluster.run_as_user
+    assert warm["command"][-1] == "warm-cache" and warm["args"] == ["--config", "/app/configs/gke-sd15.yaml"]
 
 
 def test_mlflow_reads_its_database_from_a_secret_and_no_secret_is_shipped():
-    base = build(MANIFESTS / "base")
-    assert not [r for r in base if r["kind"] == "Secret"]
-    mlflow = next(r for r in base if r["kind"] == "Deployment")
-    env = mlflow["spec"]["template"]["spec"]["containers"][0]["env"]
-    assert env[0]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-db", "key": "uri"}
-    runner = next(r for r in base if r["metadata"]["name"] == "dreambooth-pipeline-runner")
+    base = by_kind(kustomize(MANIFESTS / "base"))
+    assert not [key for key in base if key[0] == "Secret"]
+    env = {e["name"]: e for e in container(base[("Deployment", "mlflow")], "mlflow")["env"]}
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-db", "key": "uri"}
+    runner = base[("ServiceAccount", "dreambooth-pipeline-runner")]
     assert "iam.gke.io/gcp-service-account" in runner["metadata"]["annotations"]
+
+
+def test_the_component_image_installs_bitsandbytes_for_8bit_adam():
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    installs = " ".join(line for line in dockerfile.splitlines() if "pip install" in line)
+    assert "-r gpu-requirements.txt" in installs and "docker/gpu-requirements.txt" in dockerfile
+    assert re.search(r"^bitsandbytes==\d", (REPO / "docker" / "gpu-requirements.txt").read_text(), re.M)
