@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -164,3 +165,33 @@ def mlflow_server_on_gcs(tmp_path_factory, gcs_emulator):
     """An mlflow server whose artifact destination is a bucket on the emulator."""
     root = tmp_path_factory.mktemp("mlflow-server-gcs")
     yield from _serve_mlflow(root, f"gs://{gcs_emulator}/mlflow")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server (the machine image's PostgreSQL 15 binaries) on a loopback port.
+
+    Yields a libpq URI for a fresh `mlflow` database. PostgreSQL refuses to run as root, so as
+    root the server runs as `nobody` on a data folder that user owns.
+    """
+    import psycopg
+
+    if not shutil.which("initdb"):
+        pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) are not on PATH")
+    root = Path(tempfile.mkdtemp(prefix="dreambooth-postgres-"))
+    as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(root, "nobody")
+    data, port = root / "data", _free_port()
+    subprocess.run([*as_user, "initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync"],
+                   check=True, capture_output=True, timeout=120)
+    options = f"-p {port} -h 127.0.0.1 -k {root}"
+    subprocess.run([*as_user, "pg_ctl", "-D", str(data), "-o", options, "-l", str(root / "server.log"), "-w", "start"],
+                   check=True, capture_output=True, timeout=120)
+    admin = psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True)
+    with admin.cursor() as cursor:
+        cursor.execute("CREATE DATABASE mlflow")
+    admin.close()
+    yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
+    subprocess.run([*as_user, "pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True, timeout=120)
+    shutil.rmtree(root, ignore_errors=True)

@@ -89,7 +89,7 @@ def test_the_mlflow_image_has_the_database_driver_and_the_gcs_client():
     assert "docker/mlflow-requirements.txt" in dockerfile
     pins = dict(line.split("#")[0].strip().split("==") for line in (REPO / "docker" / "mlflow-requirements.txt").read_text().splitlines()
                 if "==" in line)
-    assert {"mlflow", "psycopg2-binary", "google-cloud-storage"} <= set(pins)
+    assert {"mlflow", "psycopg[binary]", "google-cloud-storage"} <= set(pins)
 
 
 @pytest.mark.parametrize("name", CLUSTER_CONFIGS)

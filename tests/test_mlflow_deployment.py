@@ -1,0 +1,172 @@
+"""The MLflow of manifests/, started as the cluster starts it, with a pipeline run tracking to it.
+
+The server is the exact command and arguments of the dev overlay's Deployment (built by
+`kubectl kustomize`), with `$(VAR)` expanded as the kubelet does; only the database URI (a real
+PostgreSQL started here) and the bucket (on the GCS emulator) are put in. Pipeline pods reach it
+by its in-cluster name: a small forwarding proxy plays the cluster's DNS, so every request keeps
+the Host header a pod would send.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from conftest import REPO, SAMPLE_SUBJECT, cli, quick_config
+from test_manifests import MANIFESTS, by_kind, container, expand, kustomize
+
+OVERLAY = MANIFESTS / "overlays" / "dev"
+
+
+def _deployment():
+    resources = by_kind(kustomize(OVERLAY))
+    mlflow = resources[("Deployment", "mlflow")]
+    return mlflow["metadata"]["namespace"], container(mlflow, "mlflow")
+
+
+def _server_port(args: list[str]) -> int:
+    (port,) = [int(arg.split("=", 1)[1]) for arg in args if arg.startswith("--port=")]
+    return port
+
+
+@pytest.fixture(scope="module")
+def deployed_mlflow(tmp_path_factory, postgres, gcs_emulator):
+    """`mlflow server` as manifests/overlays/dev runs it; yields (namespace, local address, log path)."""
+    namespace, server = _deployment()
+    env = {}
+    for variable in server["env"]:
+        if variable["name"] == "POD_NAMESPACE":
+            env["POD_NAMESPACE"] = namespace
+        elif variable["name"] == "MLFLOW_BACKEND_STORE_URI":
+            env["MLFLOW_BACKEND_STORE_URI"] = postgres  # the mlflow-db Secret's `uri`
+        else:
+            env[variable["name"]] = variable["value"].replace("gs://BUCKET-dev/", f"gs://{gcs_emulator}/")
+    command = [expand(part, env) for part in server["command"] + server["args"]]
+    assert not [part for part in command if "$(" in part], command
+    command[0] = str(Path(sys.executable).parent / command[0])  # the same mlflow, from this environment
+    port = _server_port(command)
+    log_path = tmp_path_factory.mktemp("deployed-mlflow") / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{address}/health", timeout=2):
+                break
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                process.kill()
+                pytest.fail(f"the manifest's mlflow server did not start (port {port} busy?):\n{log_path.read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield namespace, address, log_path
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def _get(address: str, path: str, host: str) -> int:
+    target = urlsplit(address)
+    connection = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+    connection.request("GET", path, headers={"Host": host})
+    status = connection.getresponse().status
+    connection.close()
+    return status
+
+
+def test_the_api_answers_pods_by_the_service_name_and_refuses_other_hosts(deployed_mlflow):
+    namespace, address, _ = deployed_mlflow
+    api = "/api/2.0/mlflow/experiments/search?max_results=1"
+    assert _get(address, api, f"mlflow.{namespace}.svc.cluster.local:5000") == 200
+    assert _get(address, api, f"mlflow.{namespace}:5000") == 200
+    assert _get(address, api, "mlflow.elsewhere.svc.cluster.local:5000") == 403
+    assert _get(address, "/health", "mlflow.elsewhere.svc.cluster.local:5000") == 200  # why probes cannot tell
+
+
+class ClusterDns(BaseHTTPRequestHandler):
+    """An HTTP forward proxy that resolves the in-cluster MLflow name to the local server, Host header untouched."""
+
+    routes: dict[str, tuple[str, int]] = {}
+    seen: list[str] = []
+
+    def _forward(self):
+        target = urlsplit(self.path)
+        if target.netloc not in self.routes:
+            self.send_error(502, f"no route to {target.netloc}")
+            return
+        self.seen.append(self.headers["Host"])
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        upstream = http.client.HTTPConnection(*self.routes[target.netloc], timeout=120)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("proxy-connection", "connection")}
+        upstream.request(self.command, target.path + (f"?{target.query}" if target.query else ""), body=body or None, headers=headers)
+        response = upstream.getresponse()
+        data = response.read()
+        self.send_response(response.status)
+        for key, value in response.getheaders():
+            if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        upstream.close()
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _forward
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.slow
+def test_a_pipeline_run_tracks_to_the_deployed_mlflow_by_its_cluster_name(deployed_mlflow, postgres, gcs_emulator, tmp_path):
+    import psycopg
+    from google.cloud import storage
+
+    namespace, address, log_path = deployed_mlflow
+    tracking_uri = f"http://mlflow.{namespace}.svc.cluster.local:5000"
+    local = urlsplit(address)
+    ClusterDns.routes = {urlsplit(tracking_uri).netloc: (local.hostname, local.port)}
+    ClusterDns.seen = []
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), ClusterDns)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    env = {**__import__("os").environ, "HTTP_PROXY": f"http://127.0.0.1:{proxy.server_address[1]}",
+           "NO_PROXY": "127.0.0.1,localhost"}
+    env.pop("http_proxy", None)
+    env.pop("no_proxy", None)
+    try:
+        result = cli("run", "--config", quick_config(tmp_path, experiment="deployed", superres=False),
+                     "--subject-dir", str(SAMPLE_SUBJECT), "--class-noun", "dog", "--tracking-uri", tracking_uri,
+                     "--output-dir", str(tmp_path / "outputs"), cwd=tmp_path, env=env)
+    finally:
+        proxy.shutdown()
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + log_path.read_text()[-2000:]
+    assert ClusterDns.seen and set(ClusterDns.seen) == {f"mlflow.{namespace}.svc.cluster.local:5000"}
+
+    with psycopg.connect(postgres) as connection, connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT r.name, r.status FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id "
+            "WHERE e.name = 'deployed'"
+        )
+        runs = dict(cursor.fetchall())
+        cursor.execute(
+            "SELECT count(*) FROM metrics m JOIN runs r ON m.run_uuid = r.run_uuid WHERE r.name = 'fine-tune' AND m.key = 'loss'"
+        )
+        (loss_points,) = cursor.fetchone()
+        cursor.execute("SELECT name FROM registered_models")
+        registered = {name for (name,) in cursor.fetchall()}
+    assert runs.get("fine-tune") == "FINISHED" and runs.get("evaluate") == "FINISHED", runs
+    assert loss_points >= 8  # one per optimizer step of the quick config
+    assert "dreambooth-dog" in registered
+    artifacts = [blob.name for blob in storage.Client().list_blobs(gcs_emulator, prefix="mlflow-artifacts/")]
+    assert any(name.endswith("MLmodel") for name in artifacts)
