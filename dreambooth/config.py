@@ -191,8 +191,9 @@ class EvaluationSettings(Section):
     sampler: SamplerSettings = SamplerSettings(num_inference_steps=30, seed=2024, batch_size=8)
     dino_model: str = "facebook/dino-vits16"
     clip_model: str = "openai/clip-vit-base-patch32"
-    # A folder made by `python -m dreambooth.evaluation.lpips` from torchvision's AlexNet and LPIPS' heads.
-    lpips_model: str = "models/lpips-alexnet"
+    # lpips://alexnet-v0.1: torchvision's AlexNet + LPIPS v0.1 heads, fetched into the model cache on
+    # first use (dreambooth.evaluation.lpips); or a folder made by `python -m dreambooth.evaluation.lpips`.
+    lpips_model: str = "lpips://alexnet-v0.1"
     encoder_batch_size: int = Field(default=32, ge=1)
     num_processes: Optional[int] = Field(default=None, ge=1)  # generating processes; None: one per visible GPU
     gate: GateSettings = GateSettings()

@@ -1,7 +1,16 @@
-"""The one model loader: hub id, local diffusers folder or `tiny://` reference, same code path."""
+"""The one model loader: hub id, local diffusers folder or `tiny://` reference, same code path.
+
+A hub id is checked before anything loads it: one metadata request with a short timeout, so an
+unreachable hub costs seconds and one line naming the model and the way out, not minutes of
+download retries that end in an unrelated error. With HF_HUB_OFFLINE set, or when the hub cannot
+be reached, a copy in the local Hugging Face cache is used as a folder.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -9,12 +18,90 @@ import torch
 from dreambooth.errors import InputError
 from dreambooth.tiny_models import TINY_SCHEME, resolve_tiny_model
 
+HUB_PROBE_SECONDS = 8  # one metadata request; huggingface_hub may retry it once
+MIN_TOKENIZER_SIZE = 256  # a byte-level BPE has at least its 256 byte tokens; an empty load has 2
+_logger = logging.getLogger(__name__)
 
-def resolve_model_source(reference: str) -> str:
-    """What `from_pretrained` should read: tiny references become their built folder."""
+
+def _is_path(reference: str) -> bool:
+    return reference.startswith(("/", ".", "~")) or reference.count("/") > 1 or Path(reference).expanduser().exists()
+
+
+def _cached_snapshot(repo_id: str, revision: Optional[str]) -> Optional[str]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, revision=revision, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_source(repo_id: str, revision: Optional[str], setting: str) -> str:
+    """The hub id when the hub serves it, else its cached snapshot folder; InputError when neither."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+
+    way_out = f"set {setting} to a local folder, or use --config tiny for an offline run"
+    if constants.HF_HUB_OFFLINE:
+        cached = _cached_snapshot(repo_id, revision)
+        if cached:
+            return cached
+        raise InputError(
+            f"{setting}: {repo_id!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; "
+            f"run `pipeline.py warm-cache` where the hub is reachable, {way_out}"
+        )
+    try:
+        HfApi().model_info(repo_id, revision=revision, timeout=HUB_PROBE_SECONDS)
+        return repo_id
+    except GatedRepoError:
+        raise InputError(f"{setting}: {repo_id!r} is gated; accept its licence on the hub and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise InputError(f"{setting}: {repo_id!r} is no model on {constants.ENDPOINT} (private? set HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise InputError(f"{setting}: {repo_id!r} has no revision {revision!r}") from None
+    except HFValidationError:
+        raise InputError(f"{setting}: {repo_id!r} is neither a folder here nor a hub id") from None
+    except Exception as error:  # unreachable: DNS, refused, timed out, 5xx
+        cached = _cached_snapshot(repo_id, revision)
+        if cached:
+            _logger.warning("%s: hub unreachable (%s); using the cached copy of %s", setting, type(error).__name__, repo_id)
+            return cached
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InputError(
+            f"{setting}: cannot reach the Hugging Face hub ({constants.ENDPOINT}) for {repo_id!r} ({reason}); "
+            f"set HF_HUB_OFFLINE=1 to use a cached copy, {way_out}"
+        ) from None
+
+
+def resolve_model_source(reference: str, revision: Optional[str] = None, setting: str = "model.base") -> str:
+    """What `from_pretrained` should read: a folder (tiny models built, LPIPS weights fetched) or a reachable hub id."""
+    from dreambooth.evaluation.lpips import LPIPS_SCHEME, fetch_lpips
+
     if reference.startswith(TINY_SCHEME):
         return str(resolve_tiny_model(reference))
-    return reference
+    if reference.startswith(LPIPS_SCHEME):
+        return str(fetch_lpips(reference, setting))
+    if _is_path(reference):
+        if not Path(reference).expanduser().is_dir():
+            raise InputError(f"{setting}: {reference!r} is not a folder here")
+        return str(Path(reference).expanduser())
+    return _hub_source(reference, revision, setting)
+
+
+def describe_model_source(reference: str, revision: Optional[str] = None, setting: str = "model.base") -> str:
+    """Where a model would load from, without building or downloading it (preflight); InputError if nowhere."""
+    from dreambooth.evaluation.lpips import LPIPS_SCHEME, describe_lpips
+
+    if reference.startswith(TINY_SCHEME):
+        return "tiny random model, built offline"
+    if reference.startswith(LPIPS_SCHEME):
+        return describe_lpips(reference, setting)
+    source = resolve_model_source(reference, revision, setting)
+    if _is_path(reference):
+        return f"local folder {source}"
+    return "on the hub" if source == reference else f"cached copy {source}"
 
 
 def best_device() -> torch.device:
@@ -30,9 +117,13 @@ def load_tokenizer(reference: str, revision: Optional[str] = None):
     from transformers import CLIPTokenizer
 
     try:
-        return CLIPTokenizer.from_pretrained(resolve_model_source(reference), subfolder="tokenizer", revision=revision)
+        tokenizer = CLIPTokenizer.from_pretrained(resolve_model_source(reference, revision), subfolder="tokenizer", revision=revision)
     except (OSError, ValueError) as error:
         raise _load_error(reference, "tokenizer", error) from None
+    # transformers 5 builds an empty tokenizer when its files are missing instead of failing.
+    if len(tokenizer) < MIN_TOKENIZER_SIZE:
+        raise InputError(f"model.base: the tokenizer of {reference!r} has {len(tokenizer)} tokens; its files are missing or broken")
+    return tokenizer
 
 
 def load_pipeline(
@@ -46,7 +137,7 @@ def load_pipeline(
 
     try:
         pipeline = DiffusionPipeline.from_pretrained(
-            resolve_model_source(reference),
+            resolve_model_source(reference, revision),
             revision=revision,
             dtype=torch_dtype,
             safety_checker=None,

@@ -58,7 +58,7 @@ def load_upscaler(reference: str, device: Optional[torch.device] = None, dtype: 
     from dreambooth.models import best_device, resolve_model_source
 
     try:
-        pipeline = StableDiffusionUpscalePipeline.from_pretrained(resolve_model_source(reference), dtype=dtype)
+        pipeline = StableDiffusionUpscalePipeline.from_pretrained(resolve_model_source(reference, setting="superres.base"), dtype=dtype)
     except (OSError, ValueError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise InputError(f"superres.base: cannot load the upscaler {reference!r} ({reason})") from None

@@ -69,7 +69,7 @@ class DinoEncoder:
 
         self.name, self.batch_size, self.device = reference, batch_size, device or best_device()
         try:
-            self.model = ViTModel.from_pretrained(resolve_model_source(reference), add_pooling_layer=False)
+            self.model = ViTModel.from_pretrained(resolve_model_source(reference, setting="evaluation.dino_model"), add_pooling_layer=False)
         except (OSError, ValueError) as error:
             raise _load_error("dino_model", reference, error) from None
         self.model.eval().to(self.device)
@@ -88,7 +88,7 @@ class ClipEncoder:
         from transformers import CLIPModel, CLIPTokenizer
 
         self.name, self.batch_size, self.device = reference, batch_size, device or best_device()
-        self.source = source = resolve_model_source(reference)
+        self.source = source = resolve_model_source(reference, setting="evaluation.clip_model")
         try:
             self.model = CLIPModel.from_pretrained(source)
             self.tokenizer = CLIPTokenizer.from_pretrained(source)
@@ -142,7 +142,7 @@ class LpipsDistance:
         from dreambooth.evaluation.lpips import load_lpips
 
         self.name, self.batch_size, self.device = reference, batch_size, device or best_device()
-        folder = Path(resolve_model_source(reference))
+        folder = Path(resolve_model_source(reference, setting="evaluation.lpips_model"))
         if not (folder / "model.safetensors").is_file():
             raise InputError(
                 f"evaluation.lpips_model: {reference!r} is not an LPIPS folder (config.json + model.safetensors; "

@@ -174,6 +174,14 @@ def evaluate_model(
     if not real_files:
         raise InputError(f"{subject_dir}: no subject images to compare with")
 
+    # The encoders load first: a missing or unreachable one fails before any GPU time is spent.
+    batch = settings.encoder_batch_size
+    dino, clip, lpips = (
+        DinoEncoder(settings.dino_model, batch),
+        ClipEncoder(settings.clip_model, batch),
+        LpipsDistance(settings.lpips_model, batch),
+    )
+
     # 1. Generation, model by model, so only one pipeline is in memory at a time.
     sampler, per_prompt = settings.sampler, settings.images_per_prompt
     rendered = [prompt.render(identifier, class_noun) for prompt in prompts]
@@ -189,12 +197,6 @@ def evaluate_model(
 
     # 2. Scoring: every encoder call is batched; the real photos are embedded once.
     started = time.perf_counter()
-    batch = settings.encoder_batch_size
-    dino, clip, lpips = (
-        DinoEncoder(settings.dino_model, batch),
-        ClipEncoder(settings.clip_model, batch),
-        LpipsDistance(settings.lpips_model, batch),
-    )
     real_images = [load_rgb(path, 1 << 40).image for path in real_files]
     reference = SubjectReference(real_images, dino.embed(real_images), clip.embed(real_images))
     dino_generated = dino.embed(images + pres_images + pres_base_images)

@@ -69,3 +69,15 @@ def test_generation_split_across_processes_scores_the_same(personalised_model, s
     split = evaluate_model(str(personalised_model), subject_dir, make_config(evaluation={"num_processes": 2}), tmp_path / "split")
     for name, value in alone.overall.items():
         assert split.overall[name] == pytest.approx(value, abs=0.02)  # the same seeds, drawn in two processes
+
+
+def test_missing_encoder_weights_fail_before_any_image_is_generated(personalised_model, subject_dir, make_config, tmp_path, monkeypatch):
+    from dreambooth.errors import InputError
+    from dreambooth.evaluation import evaluate
+
+    drawn = []
+    monkeypatch.setattr(evaluate, "_draw", lambda *args: drawn.append(args) or [])
+    config = make_config(evaluation={"lpips_model": str(tmp_path / "no-lpips-here")})
+    with pytest.raises(InputError, match="evaluation.lpips_model: .*no-lpips-here"):
+        evaluate_model(str(personalised_model), subject_dir, config, tmp_path / "eval")
+    assert drawn == []  # the GPU time is not spent first
