@@ -5,6 +5,8 @@
     ingest    validate and normalise one upload only
     evaluate  score a model trained anywhere by the DreamBench protocol
     submit    compile and create a run on a KFP host       schedule  create a recurring run
+    preflight check in seconds what would fail after GPU time (submit and schedule run it first)
+    warm-cache  download every model a run loads into the caches (the cluster's model-cache Job)
     compare   put runs side by side: a table, plots and an image sheet
 
 Bad input or settings end in lines that name the file or setting and the reason, exit code 2.
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from dreambooth.cluster import COOKIES_ENV, TOKEN_ENV, TOKEN_FILE_ENV
 from dreambooth.config import RunConfig, load_config
 from dreambooth.errors import InputError
 from dreambooth.subjects import SubjectEntry, entries_to_json, subject_config, validate_entries
@@ -117,20 +120,59 @@ def _evaluate_only(args: argparse.Namespace, shared: RunConfig) -> int:
     return 0
 
 
+def _subjects_argument(args: argparse.Namespace, config: RunConfig) -> tuple[dict, str]:
+    """A cluster run's subject parameters and default run name, from --subjects-uri or --subject-uri."""
+    from dreambooth.cluster import run_parameters
+
+    if args.subjects_uri:
+        name = f"dreambooth-{args.subjects_uri.rstrip('/').rsplit('/', 1)[-1].rsplit('.', 1)[0]}"
+        return run_parameters(config, subjects_uri=args.subjects_uri, force=args.force), name
+    if args.subject_uri and args.class_noun:
+        entry = _one_subject(args, args.subject_uri, config)
+        return run_parameters(config, subjects_json=entries_to_json([entry]), force=args.force), f"dreambooth-{entry.id}-{entry.class_noun}"
+    raise InputError(f"{args.command}: give --subjects-uri URI, or --subject-uri URI with --class-noun NOUN")
+
+
+def _kfp_target(args: argparse.Namespace, config: RunConfig):
+    from dreambooth.cluster import KfpTarget
+
+    if not getattr(args, "host", None):
+        return None
+    namespace = args.namespace or (config.cluster.namespace if config.cluster else None)
+    return KfpTarget(args.host, namespace, args.token_file)
+
+
+def _preflight(args: argparse.Namespace, config: RunConfig) -> bool:
+    from dreambooth.preflight import report, run_preflight
+
+    checks = run_preflight(config, _kfp_target(args, config), args.mlflow_via, args.subjects_uri, args.subject_uri)
+    return report(checks)
+
+
 def _submit(build_pipeline: Callable, args: argparse.Namespace, config: RunConfig) -> int:
-    from dreambooth.cluster import run_parameters, submit
+    from dreambooth.cluster import check_submission, submit
 
     cron = args.cron if args.command == "schedule" else None
-    if args.subjects_uri:
-        parameters = run_parameters(config, subjects_uri=args.subjects_uri, force=args.force)
-        name = args.run_name or f"dreambooth-{args.subjects_uri.rstrip('/').rsplit('/', 1)[-1].rsplit('.', 1)[0]}"
-    elif args.subject_uri and args.class_noun:
-        entry = _one_subject(args, args.subject_uri, config)
-        parameters = run_parameters(config, subjects_json=entries_to_json([entry]), force=args.force)
-        name = args.run_name or f"dreambooth-{entry.id}-{entry.class_noun}"
-    else:
-        raise InputError(f"{args.command}: give --subjects-uri URI, or --subject-uri URI with --class-noun NOUN")
-    return submit(build_pipeline, config, args.host, args.experiment, parameters, name, cron)
+    check_submission(config, cron)
+    parameters, name = _subjects_argument(args, config)
+    if not args.skip_preflight and not _preflight(args, config):
+        raise InputError(f"{args.command}: preflight failed (above); nothing was submitted. Fix it, or pass --skip-preflight")
+    wait = args.wait if args.command == "submit" else None
+    return submit(build_pipeline, config, _kfp_target(args, config), args.experiment, parameters, args.run_name or name,
+                  cron, wait, args.mlflow_via)
+
+
+def _warm_cache(config: RunConfig) -> int:
+    from dreambooth.models import fetch_model, models_in_use
+
+    failed = 0
+    for use in models_in_use(config):
+        try:
+            print(f"ready  {use.setting:<24} {fetch_model(use)}", flush=True)
+        except InputError as error:
+            failed += 1
+            print(f"FAIL   {use.setting:<24} {error}", flush=True)
+    return 1 if failed else 0
 
 
 def _compare(args: argparse.Namespace, config: RunConfig) -> int:
@@ -179,19 +221,34 @@ def _parser() -> argparse.ArgumentParser:
     ingest_cmd = with_subject(with_config(commands.add_parser("ingest", help="validate and normalise one upload only")))
     ingest_cmd.add_argument("--output-dir", required=True)
 
+    def with_cluster_target(sub: argparse.ArgumentParser, host_required: bool) -> argparse.ArgumentParser:
+        sub.add_argument("--host", required=host_required, help="the KFP API endpoint, e.g. https://kfp.example.com/pipeline")
+        sub.add_argument("--namespace", help="the Kubeflow profile namespace (default: cluster.namespace)")
+        sub.add_argument("--token-file", help=f"a service-account token file (default: ${TOKEN_FILE_ENV}); or set ${TOKEN_ENV} / ${COOKIES_ENV}")
+        sub.add_argument("--mlflow-via", help="reach MLflow here (e.g. a port-forward, http://localhost:5000) while sending the configured host name")
+        sub.add_argument("--subjects-uri", help="a subjects file as the cluster sees it (gs://...); read when each run starts")
+        sub.add_argument("--subject-uri", help="one subject's photos as the cluster sees them (gs://...)")
+        sub.add_argument("--subject-name", help="the subject's id (default: the URI's last part)")
+        sub.add_argument("--class-noun")
+        sub.add_argument("--identifier")
+        return sub
+
+    preflight_cmd = with_tracking(with_cluster_target(with_config(commands.add_parser(
+        "preflight", help="check models, MLflow, bucket, image and KFP in seconds, before any GPU time")), host_required=False))
+    preflight_cmd.set_defaults(force=False)
+    with_config(commands.add_parser("warm-cache", help="download every model the config loads into the caches"))
+
     for command, text in (("submit", "compile and create a run on a KFP host"), ("schedule", "create a recurring run")):
-        cluster_cmd = with_config(commands.add_parser(command, help=text))
-        cluster_cmd.add_argument("--host", required=True, help="the KFP API endpoint, e.g. https://kfp.example.com/pipeline")
+        cluster_cmd = with_cluster_target(with_config(commands.add_parser(command, help=text)), host_required=True)
         cluster_cmd.add_argument("--experiment", default="dreambooth")
-        cluster_cmd.add_argument("--subjects-uri", help="a subjects file as the cluster sees it (gs://...); read when each run starts")
-        cluster_cmd.add_argument("--subject-uri", help="one subject's photos as the cluster sees them (gs://...)")
-        cluster_cmd.add_argument("--subject-name", help="the subject's id (default: the URI's last part)")
-        cluster_cmd.add_argument("--class-noun")
-        cluster_cmd.add_argument("--identifier")
         cluster_cmd.add_argument("--run-name")
         cluster_cmd.add_argument("--force", action="store_true", help="train every subject, even those already up to date")
+        cluster_cmd.add_argument("--skip-preflight", action="store_true", help="submit without checking models, MLflow, bucket and KFP first")
         if command == "schedule":
             cluster_cmd.add_argument("--cron", required=True, help="6 fields, seconds first: '0 0 9 * * 1-5'")
+        else:
+            cluster_cmd.add_argument("--wait", type=int, nargs="?", const=24 * 3600, metavar="SECONDS",
+                                     help="follow the run to its end (at most SECONDS, default a day); exit 0 only if it succeeded")
 
     evaluate_cmd = with_tracking(with_subject(with_config(commands.add_parser("evaluate", help="score a trained model by the DreamBench protocol"))))
     evaluate_cmd.add_argument("--model", required=True, help="the personalised model: a diffusers folder or hub id")
@@ -222,6 +279,12 @@ def main(build_pipeline: Callable, argv: Optional[list[str]] = None) -> int:
             return 0
         if args.command in ("submit", "schedule"):
             return _submit(build_pipeline, args, config)
+        if args.command == "preflight":
+            if args.subject_uri and not args.class_noun:
+                raise InputError("preflight: --subject-uri needs --class-noun")
+            return 0 if _preflight(args, config) else 1
+        if args.command == "warm-cache":
+            return _warm_cache(config)
         if args.command == "ingest":
             return _ingest_only(args, config)
         if args.command == "evaluate":

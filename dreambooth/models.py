@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -171,3 +172,39 @@ def inference_dtype(precision: str = "auto") -> torch.dtype:
 
 def native_resolution(pipeline) -> int:
     return pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+
+
+@dataclass(frozen=True)
+class ModelUse:
+    """A model a run loads, by the setting that names it."""
+
+    setting: str
+    reference: str
+    revision: Optional[str] = None
+    pipeline: bool = False  # a diffusers pipeline: downloaded with diffusers' own file selection
+
+
+def models_in_use(config) -> list[ModelUse]:
+    uses = [ModelUse("model.base", config.model.base, config.model.revision, pipeline=True)]
+    if config.superres.enabled:
+        uses.append(ModelUse("superres.base", config.superres.base, pipeline=True))
+    if config.evaluation.enabled:
+        settings = config.evaluation
+        uses += [ModelUse("evaluation.dino_model", settings.dino_model), ModelUse("evaluation.clip_model", settings.clip_model),
+                 ModelUse("evaluation.lpips_model", settings.lpips_model)]
+    return uses
+
+
+def fetch_model(use: ModelUse) -> str:
+    """Put a model where runs find it offline: hub ids in the Hugging Face cache, the rest in the model cache."""
+    source = resolve_model_source(use.reference, use.revision, use.setting)
+    if source != use.reference or _is_path(use.reference):
+        return source  # already a folder: local, cached, built or fetched
+    if use.pipeline:
+        from diffusers import DiffusionPipeline
+
+        return str(DiffusionPipeline.download(use.reference, revision=use.revision))
+    from huggingface_hub import snapshot_download
+
+    # Encoders ship TensorFlow, Flax and ONNX copies too; transformers reads safetensors or .bin.
+    return snapshot_download(use.reference, revision=use.revision, ignore_patterns=["*.h5", "*.msgpack", "*.onnx", "*.ot"])

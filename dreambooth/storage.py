@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -152,3 +153,22 @@ def content_digests(uri: str) -> dict[str, str]:
         else:  # composite objects carry no MD5: hash the bytes
             digests[relative] = hashlib.md5(blob.download_as_bytes(retry=_retry())).hexdigest()
     return dict(sorted(digests.items()))
+
+
+def check_writable(uri: str) -> str:
+    """Write and delete a small object under `uri` (preflight); InputError naming the reason if refused."""
+    from google.api_core import exceptions
+    from google.auth.exceptions import GoogleAuthError
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    bucket_name, prefix = split_gcs(uri)
+    name = f"{prefix}/.preflight-{uuid.uuid4().hex}" if prefix else f".preflight-{uuid.uuid4().hex}"
+    quick = DEFAULT_RETRY.with_deadline(20)
+    try:
+        blob = _client().bucket(bucket_name).blob(name)
+        blob.upload_from_string(b"preflight", retry=quick, timeout=10)
+        blob.delete(retry=quick, timeout=10)
+    except (exceptions.GoogleAPIError, GoogleAuthError, OSError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InputError(f"{uri}: cannot write there ({reason[:300]})") from None
+    return f"writable ({uri})"

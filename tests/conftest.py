@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -195,3 +199,144 @@ def postgres():
     yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
     subprocess.run([*as_user, "pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True, timeout=120)
     shutil.rmtree(root, ignore_errors=True)
+
+
+# ---- the cluster side, as far as it runs here -------------------------------------------------
+
+MANIFESTS = REPO / "manifests"
+
+
+def kustomize(folder: Path) -> list[dict]:
+    """What `kubectl kustomize` (the same build `kubectl apply -k` applies) makes of a folder."""
+    import yaml
+
+    result = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def by_kind(resources: list[dict]) -> dict:
+    return {(r["kind"], r["metadata"]["name"]): r for r in resources}
+
+
+def expand(value: str, env: dict[str, str]) -> str:
+    """$(VAR) in a container's command and args, as the kubelet expands it; unknown names stay."""
+    import re
+
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), value)
+
+
+def container(resource: dict, name: str) -> dict:
+    spec = resource["spec"]["template"]["spec"]
+    return next(c for c in spec.get("initContainers", []) + spec["containers"] if c["name"] == name)
+
+
+@pytest.fixture(scope="session")
+def deployed_mlflow(tmp_path_factory, postgres, gcs_emulator):
+    """`mlflow server` exactly as manifests/overlays/dev runs it: yields (namespace, local address, log path).
+
+    The command and arguments are the Deployment's, `$(VAR)` expanded as the kubelet does; only the
+    database URI (a real PostgreSQL) and the bucket (on the GCS emulator) are put in.
+    """
+    resources = by_kind(kustomize(MANIFESTS / "overlays" / "dev"))
+    mlflow = resources[("Deployment", "mlflow")]
+    namespace, server = mlflow["metadata"]["namespace"], container(mlflow, "mlflow")
+    env = {}
+    for variable in server["env"]:
+        if variable["name"] == "POD_NAMESPACE":
+            env["POD_NAMESPACE"] = namespace
+        elif variable["name"] == "MLFLOW_BACKEND_STORE_URI":
+            env["MLFLOW_BACKEND_STORE_URI"] = postgres  # the mlflow-db Secret's `uri`
+        else:
+            env[variable["name"]] = variable["value"].replace("gs://BUCKET-dev/", f"gs://{gcs_emulator}/")
+    command = [expand(part, env) for part in server["command"] + server["args"]]
+    assert not [part for part in command if "$(" in part], command
+    command[0] = str(Path(sys.executable).parent / command[0])  # the same mlflow, from this environment
+    (port,) = [int(part.split("=", 1)[1]) for part in command if part.startswith("--port=")]
+    log_path = tmp_path_factory.mktemp("deployed-mlflow") / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{address}/health", timeout=2):
+                break
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                process.kill()
+                pytest.fail(f"the manifest's mlflow server did not start (port {port} busy?):\n{log_path.read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield namespace, address, log_path
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+class RecordingKfpApi(BaseHTTPRequestHandler):
+    """Answers the calls kfp.Client makes (healthz, experiments, runs, recurring runs) in KFP's v2beta1
+    REST shape and keeps (method, path, body, headers with lower-case names) of each. With `token` set, a request without
+    that bearer token gets 401, as a multi-user Kubeflow answers."""
+
+    requests: list = []
+    multi_user = False
+    token: Optional[str] = None
+    run_state = "SUCCEEDED"
+
+    def _reply(self, body: dict, status: int = 200) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _refused(self) -> bool:
+        if self.token and self.headers.get("Authorization") != f"Bearer {self.token}":
+            self._reply({"error": "unauthenticated"}, status=401)
+            return True
+        return False
+
+    def do_GET(self):
+        self.requests.append(("GET", self.path, None, {k.lower(): v for k, v in self.headers.items()}))
+        if self._refused():
+            return
+        if self.path.startswith("/apis/v2beta1/healthz"):
+            self._reply({"multi_user": self.multi_user})
+        elif self.path.startswith("/apis/v2beta1/experiments"):
+            self._reply({"experiments": [], "total_size": 0})
+        elif self.path.startswith("/apis/v2beta1/runs/"):
+            run_id = self.path.split("?")[0].rsplit("/", 1)[-1]
+            self._reply({"run_id": run_id, "display_name": "run", "experiment_id": "exp-7", "state": self.run_state})
+        else:
+            self.send_error(404)
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        self.requests.append(("POST", self.path, body, {k.lower(): v for k, v in self.headers.items()}))
+        if self._refused():
+            return
+        if self.path.startswith("/apis/v2beta1/experiments"):
+            self._reply({"experiment_id": "exp-7", "display_name": body["display_name"]})
+        elif self.path.startswith("/apis/v2beta1/runs"):
+            self._reply({"run_id": "run-42", "display_name": body["display_name"], "experiment_id": "exp-7"})
+        elif self.path.startswith("/apis/v2beta1/recurringruns"):
+            self._reply({"recurring_run_id": "rr-9", "display_name": body["display_name"]})
+        else:
+            self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def kfp_api():
+    """A recording KFP API server on 127.0.0.1: yields (host, requests, handler class to configure)."""
+    RecordingKfpApi.requests = []
+    RecordingKfpApi.multi_user, RecordingKfpApi.token, RecordingKfpApi.run_state = False, None, "SUCCEEDED"
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RecordingKfpApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", RecordingKfpApi.requests, RecordingKfpApi
+    server.shutdown()

@@ -5,41 +5,18 @@ exactly as `kubectl apply -k` will apply them.
 """
 
 import re
-import subprocess
-from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
 from mlflow.server.security_utils import is_allowed_host_header
 
-from conftest import REPO
+from conftest import MANIFESTS, REPO, by_kind, cli, container, expand, kustomize
 from dreambooth.config import CONFIG_DIR, IN_CLUSTER_MLFLOW, load_config
 
-MANIFESTS = REPO / "manifests"
 KUBERNETES_VERSION = "1.31.0"
 OVERLAYS = sorted(p.parent.name for p in (MANIFESTS / "overlays").glob("*/kustomization.yaml"))
 CLUSTER_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if load_config(p.stem).cluster is not None)
-
-
-def kustomize(folder: Path) -> list[dict]:
-    result = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
-def by_kind(resources: list[dict]) -> dict:
-    return {(r["kind"], r["metadata"]["name"]): r for r in resources}
-
-
-def expand(value: str, env: dict[str, str]) -> str:
-    """$(VAR) in a container's command and args, as the kubelet expands it; unknown names stay."""
-    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), value)
-
-
-def container(resource: dict, name: str) -> dict:
-    spec = resource["spec"]["template"]["spec"]
-    return next(c for c in spec.get("initContainers", []) + spec["containers"] if c["name"] == name)
 
 
 @pytest.mark.parametrize("kustomization", ["base"] + [f"overlays/{o}" for o in OVERLAYS])
@@ -110,8 +87,6 @@ def test_each_cluster_config_tracks_to_the_mlflow_of_a_deployed_namespace(name):
 def test_the_cache_volume_is_made_writable_for_the_pipeline_user_before_it_is_filled(tmp_path):
     config = load_config("gke-sd15")
     compiled = tmp_path / "dreambooth.yaml"
-    from conftest import cli
-
     assert cli("compile", "--config", "gke-sd15", "--output", str(compiled), cwd=tmp_path).returncode == 0
     _, platform = yaml.safe_load_all(compiled.read_text())
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]

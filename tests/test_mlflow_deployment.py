@@ -1,80 +1,18 @@
-"""The MLflow of manifests/, started as the cluster starts it, with a pipeline run tracking to it.
-
-The server is the exact command and arguments of the dev overlay's Deployment (built by
-`kubectl kustomize`), with `$(VAR)` expanded as the kubelet does; only the database URI (a real
-PostgreSQL started here) and the bucket (on the GCS emulator) are put in. Pipeline pods reach it
-by its in-cluster name: a small forwarding proxy plays the cluster's DNS, so every request keeps
-the Host header a pod would send.
+"""The MLflow of manifests/, started as the cluster starts it (conftest.deployed_mlflow), with a
+pipeline run tracking to it. Pipeline pods reach it by its in-cluster name: a small forwarding
+proxy plays the cluster's DNS, so every request keeps the Host header a pod would send.
 """
 
 from __future__ import annotations
 
 import http.client
-import json
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import REPO, SAMPLE_SUBJECT, cli, quick_config
-from test_manifests import MANIFESTS, by_kind, container, expand, kustomize
-
-OVERLAY = MANIFESTS / "overlays" / "dev"
-
-
-def _deployment():
-    resources = by_kind(kustomize(OVERLAY))
-    mlflow = resources[("Deployment", "mlflow")]
-    return mlflow["metadata"]["namespace"], container(mlflow, "mlflow")
-
-
-def _server_port(args: list[str]) -> int:
-    (port,) = [int(arg.split("=", 1)[1]) for arg in args if arg.startswith("--port=")]
-    return port
-
-
-@pytest.fixture(scope="module")
-def deployed_mlflow(tmp_path_factory, postgres, gcs_emulator):
-    """`mlflow server` as manifests/overlays/dev runs it; yields (namespace, local address, log path)."""
-    namespace, server = _deployment()
-    env = {}
-    for variable in server["env"]:
-        if variable["name"] == "POD_NAMESPACE":
-            env["POD_NAMESPACE"] = namespace
-        elif variable["name"] == "MLFLOW_BACKEND_STORE_URI":
-            env["MLFLOW_BACKEND_STORE_URI"] = postgres  # the mlflow-db Secret's `uri`
-        else:
-            env[variable["name"]] = variable["value"].replace("gs://BUCKET-dev/", f"gs://{gcs_emulator}/")
-    command = [expand(part, env) for part in server["command"] + server["args"]]
-    assert not [part for part in command if "$(" in part], command
-    command[0] = str(Path(sys.executable).parent / command[0])  # the same mlflow, from this environment
-    port = _server_port(command)
-    log_path = tmp_path_factory.mktemp("deployed-mlflow") / "server.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    address = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{address}/health", timeout=2):
-                break
-        except OSError:
-            if process.poll() is not None or time.time() > deadline:
-                process.kill()
-                pytest.fail(f"the manifest's mlflow server did not start (port {port} busy?):\n{log_path.read_text()[-2000:]}")
-            time.sleep(0.5)
-    yield namespace, address, log_path
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
+from conftest import SAMPLE_SUBJECT, cli, quick_config
 
 
 def _get(address: str, path: str, host: str) -> int:

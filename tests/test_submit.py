@@ -3,8 +3,6 @@
 import json
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -12,59 +10,17 @@ from conftest import REPO
 from dreambooth.config import RunConfig, load_config
 
 
-class RecordingKfpApi(BaseHTTPRequestHandler):
-    """Answers the calls kfp.Client makes (healthz, experiments, runs, recurring runs) and keeps them."""
-
-    requests: list = []
-
-    def _reply(self, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):
-        self.requests.append(("GET", self.path, None))
-        self._reply({"experiments": [], "total_size": 0} if "/experiments" in self.path else {"multi_user": False})
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-        self.requests.append(("POST", self.path, body))
-        if self.path.startswith("/apis/v2beta1/experiments"):
-            self._reply({"experiment_id": "exp-7", "display_name": body["display_name"]})
-        elif self.path.startswith("/apis/v2beta1/runs"):
-            self._reply({"run_id": "run-42", "display_name": body["display_name"], "experiment_id": "exp-7"})
-        elif self.path.startswith("/apis/v2beta1/recurringruns"):
-            self._reply({"recurring_run_id": "rr-9", "display_name": body["display_name"]})
-        else:
-            self.send_error(404)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def kfp_api():
-    RecordingKfpApi.requests = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), RecordingKfpApi)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", RecordingKfpApi.requests
-    server.shutdown()
-
-
-def _cli(*args):
-    return subprocess.run([sys.executable, str(REPO / "pipeline.py"), *args], capture_output=True, text=True, timeout=300)
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, str(REPO / "pipeline.py"), *args], capture_output=True, text=True, timeout=300, env=env)
 
 
 def _posted(requests, prefix):
-    return [body for method, path, body in requests if method == "POST" and path.startswith(prefix)]
+    return [body for method, path, body, _ in requests if method == "POST" and path.startswith(prefix)]
 
 
 def test_submit_uploads_the_cluster_pipeline_with_its_parameters(kfp_api):
-    host, requests = kfp_api
-    result = _cli("submit", "--host", host, "--config", "gke-sd15", "--experiment", "pets",
+    host, requests, _ = kfp_api
+    result = _cli("submit", "--skip-preflight", "--host", host, "--config", "gke-sd15", "--experiment", "pets",
                   "--subject-uri", "gs://photos/dog", "--class-noun", "dog")
     assert result.returncode == 0, result.stderr
     assert f"{host}/#/runs/details/run-42" in result.stdout
@@ -87,8 +43,8 @@ def test_submit_uploads_the_cluster_pipeline_with_its_parameters(kfp_api):
 
 
 def test_schedule_with_a_subjects_file_carries_its_uri_not_its_contents(kfp_api):
-    host, requests = kfp_api
-    result = _cli("schedule", "--host", host, "--config", "gke-sd15", "--cron", "0 0 2 * * *",
+    host, requests, _ = kfp_api
+    result = _cli("schedule", "--skip-preflight", "--host", host, "--config", "gke-sd15", "--cron", "0 0 2 * * *",
                   "--subjects-uri", "gs://catalogue/subjects.yaml", "--run-name", "nightly-catalogue")
     assert result.returncode == 0, result.stderr
     (recurring,) = _posted(requests, "/apis/v2beta1/recurringruns")
@@ -101,8 +57,8 @@ def test_schedule_with_a_subjects_file_carries_its_uri_not_its_contents(kfp_api)
 
 
 def test_schedule_creates_a_recurring_run_with_the_cron(kfp_api):
-    host, requests = kfp_api
-    result = _cli("schedule", "--host", host, "--config", "gke-sd15", "--cron", "0 0 9 * * 1-5",
+    host, requests, _ = kfp_api
+    result = _cli("schedule", "--skip-preflight", "--host", host, "--config", "gke-sd15", "--cron", "0 0 9 * * 1-5",
                   "--subject-uri", "gs://photos/backpack", "--class-noun", "backpack", "--run-name", "weekday-backpack")
     assert result.returncode == 0, result.stderr
     (recurring,) = _posted(requests, "/apis/v2beta1/recurringruns")
@@ -120,7 +76,7 @@ def test_schedule_creates_a_recurring_run_with_the_cron(kfp_api):
     ],
 )
 def test_a_bad_cron_is_refused_before_anything_is_sent(kfp_api, cron, message):
-    host, requests = kfp_api
+    host, requests, _ = kfp_api
     result = _cli("schedule", "--host", host, "--config", "gke-sd15", "--cron", cron,
                   "--subject-uri", "gs://photos/dog", "--class-noun", "dog")
     assert result.returncode == 2
@@ -129,7 +85,63 @@ def test_a_bad_cron_is_refused_before_anything_is_sent(kfp_api, cron, message):
 
 
 def test_submitting_a_config_without_cluster_settings_is_refused(kfp_api):
-    host, requests = kfp_api
+    host, requests, _ = kfp_api
     result = _cli("submit", "--host", host, "--config", "sd15", "--subject-uri", "gs://photos/dog", "--class-noun", "dog")
     assert result.returncode == 2 and "no `cluster` section" in result.stderr
     assert requests == []
+
+
+def test_a_multi_user_kubeflow_gets_the_namespace_and_the_service_account_token(kfp_api, tmp_path):
+    host, requests, server = kfp_api
+    server.multi_user, server.token = True, "sa-token-123"
+    token_file = tmp_path / "token"
+    token_file.write_text("sa-token-123\n")
+    result = _cli("submit", "--skip-preflight", "--host", host, "--config", "gke-sd15", "--token-file", str(token_file),
+                  "--subject-uri", "gs://photos/dog", "--class-noun", "dog")
+    assert result.returncode == 0, result.stderr
+    (experiment,) = _posted(requests, "/apis/v2beta1/experiments")
+    assert experiment["namespace"] == "dreambooth-dev"  # cluster.namespace, where manifests/ put the PVC and secrets
+    assert {headers.get("authorization") for *_, headers in requests} == {"Bearer sa-token-123"}
+
+    requests.clear()
+    server.token = "from-the-environment"
+    env = {**__import__("os").environ, "KF_PIPELINES_TOKEN": "from-the-environment"}
+    result = _cli("submit", "--skip-preflight", "--host", host, "--config", "gke-sd15", "--namespace", "team-b",
+                  "--subject-uri", "gs://photos/dog", "--class-noun", "dog", env=env)
+    assert result.returncode == 0, result.stderr
+    assert _posted(requests, "/apis/v2beta1/experiments")[0]["namespace"] == "team-b"
+    assert {headers.get("authorization") for *_, headers in requests} == {"Bearer from-the-environment"}
+
+
+def test_refused_credentials_end_in_one_line_before_anything_is_created(kfp_api):
+    host, requests, server = kfp_api
+    server.multi_user, server.token = True, "the-right-one"
+    result = _cli("submit", "--skip-preflight", "--host", host, "--config", "gke-sd15",
+                  "--subject-uri", "gs://photos/dog", "--class-noun", "dog")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: --host: {host} answered 401 Unauthorized; pass --token-file, "
+                                     "or set KF_PIPELINES_TOKEN or KF_PIPELINES_COOKIES, with access to the namespace")
+    assert not _posted(requests, "/apis/v2beta1/")
+
+
+@pytest.mark.parametrize("state, exit_code", [("SUCCEEDED", 0), ("FAILED", 1)])
+def test_wait_follows_the_run_and_links_its_mlflow_batch_run(kfp_api, mlflow_server, state, exit_code):
+    from dreambooth.tracking import open_batch_run
+
+    host, _, server = kfp_api
+    server.run_state = state
+    config = load_config("gke-sd15")
+    batch_run = open_batch_run(mlflow_server, config, "run-42", "dreambooth-dog-dog")  # what plan-batch opens in the run
+    result = _cli("submit", "--skip-preflight", "--host", host, "--config", "gke-sd15", "--wait", "60",
+                  "--mlflow-via", mlflow_server, "--subject-uri", "gs://photos/dog", "--class-noun", "dog")
+    assert result.returncode == exit_code, result.stderr
+    assert f"state:        {state}" in result.stdout
+    assert f"{mlflow_server}/#/experiments/" in result.stdout and f"/runs/{batch_run}" in result.stdout
+
+
+def test_submit_runs_preflight_first_and_sends_nothing_when_it_fails(kfp_api):
+    host, requests, _ = kfp_api
+    result = _cli("submit", "--host", host, "--config", "gke-sd15", "--subject-uri", "gs://photos/dog", "--class-noun", "dog")
+    assert result.returncode == 2
+    assert "FAIL  cluster.image" in result.stdout and "preflight failed" in result.stderr
+    assert not _posted(requests, "/apis/v2beta1/")
