@@ -1,19 +1,25 @@
 """Fine-tuned pipelines as MLflow models: logged once, registered as `candidate` when they pass the gate.
 
 The diffusers folder travels inside an MLflow pyfunc model, so `mlflow.pyfunc.load_model`
-gives back something that generates: a DataFrame of prompts in, PNG bytes out.
+gives back something that generates: a DataFrame of prompts in, PNG bytes out. The model is
+self-contained: this package rides along as code, its pip requirements are the versions of the
+libraries it loads with (read from the installed distributions, not from a file of this
+repository), and its signature says what goes in and out.
 """
 
 from __future__ import annotations
 
 import io
+from importlib import metadata
 from pathlib import Path
 
 import mlflow.pyfunc
 
 CANDIDATE_ALIAS = "candidate"
 PIPELINE_ARTIFACT = "pipeline"
-REQUIREMENTS_FILE = Path(__file__).resolve().parent.parent / "requirements.txt"
+PACKAGE_DIR = Path(__file__).resolve().parent
+# What loading and sampling a pipeline imports (pandas comes with mlflow itself).
+RUNTIME_DISTRIBUTIONS = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "pillow", "numpy")
 
 
 class DiffusersPipelineModel(mlflow.pyfunc.PythonModel):
@@ -42,11 +48,22 @@ class DiffusersPipelineModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(rows)
 
 
-def _requirements() -> list[str]:
-    if not REQUIREMENTS_FILE.is_file():
-        return []
-    lines = REQUIREMENTS_FILE.read_text().splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.startswith(("#", "-"))]
+def runtime_requirements() -> list[str]:
+    """The loading libraries pinned at the versions installed here (a build's local tag, e.g. +cpu, dropped)."""
+    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in RUNTIME_DISTRIBUTIONS]
+
+
+def model_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema([
+        ColSpec("string", "prompt"),
+        ColSpec("long", "seed", required=False),
+        ColSpec("long", "num_inference_steps", required=False),
+        ColSpec("double", "guidance_scale", required=False),
+    ])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string", "prompt"), ColSpec("binary", "image_png")]))
 
 
 def log_pipeline_model(tracking_uri: str, run_id: str, model_dir: Path) -> str:
@@ -59,7 +76,9 @@ def log_pipeline_model(tracking_uri: str, run_id: str, model_dir: Path) -> str:
             name="model",
             python_model=DiffusersPipelineModel(),
             artifacts={PIPELINE_ARTIFACT: str(model_dir)},
-            pip_requirements=_requirements(),  # listed, not inferred: inference would load the model
+            code_paths=[str(PACKAGE_DIR)],  # loads where this repository is not installed
+            signature=model_signature(),
+            pip_requirements=runtime_requirements(),  # listed, not inferred: inference would load the model
         )
     return info.model_uri
 

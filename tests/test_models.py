@@ -130,3 +130,17 @@ def test_lpips_weights_come_from_the_model_cache_and_offline_says_where_they_bel
     folder = save_lpips(LpipsAlexNet(), lpips_cache_folder("alexnet-v0.1"))
     assert resolve_model_source("lpips://alexnet-v0.1") == str(folder)
     assert describe_model_source("lpips://alexnet-v0.1").startswith("in the model cache")
+
+
+def test_warm_cache_puts_every_model_of_a_config_in_the_caches(tmp_path):
+    env = _env(tmp_path, DREAMBOOTH_CACHE=str(tmp_path / "cache"))
+    result = cli("warm-cache", "--config", "tiny", cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    ready = dict(line.split()[1:3] for line in result.stdout.splitlines() if line.startswith("ready"))
+    assert set(ready) == {"model.base", "superres.base", "evaluation.dino_model", "evaluation.clip_model", "evaluation.lpips_model"}
+    assert all(Path(folder).is_dir() and Path(folder).is_relative_to(tmp_path / "cache") for folder in ready.values())
+
+    offline = cli("warm-cache", "--config", "sd15", cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert offline.returncode == 1
+    assert [line.split()[1] for line in offline.stdout.splitlines() if line.startswith("FAIL")] == [
+        "model.base", "superres.base", "evaluation.dino_model", "evaluation.clip_model", "evaluation.lpips_model"]
