@@ -280,8 +280,6 @@ def main(build_pipeline: Callable, argv: Optional[list[str]] = None) -> int:
         if args.command in ("submit", "schedule"):
             return _submit(build_pipeline, args, config)
         if args.command == "preflight":
-            if args.subject_uri and not args.class_noun:
-                raise InputError("preflight: --subject-uri needs --class-noun")
             return 0 if _preflight(args, config) else 1
         if args.command == "warm-cache":
             return _warm_cache(config)
