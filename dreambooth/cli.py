@@ -233,9 +233,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--identifier")
         return sub
 
-    preflight_cmd = with_tracking(with_cluster_target(with_config(commands.add_parser(
+    with_tracking(with_cluster_target(with_config(commands.add_parser(
         "preflight", help="check models, MLflow, bucket, image and KFP in seconds, before any GPU time")), host_required=False))
-    preflight_cmd.set_defaults(force=False)
     with_config(commands.add_parser("warm-cache", help="download every model the config loads into the caches"))
 
     for command, text in (("submit", "compile and create a run on a KFP host"), ("schedule", "create a recurring run")):
