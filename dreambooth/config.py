@@ -99,6 +99,9 @@ class TrainingSettings(Section):
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     lr_warmup_steps: int = Field(default=0, ge=0)
     prior_loss_weight: float = Field(default=1.0, ge=0)
+    # Min-SNR-gamma loss weighting (5 is the paper's value); None: unweighted, as DreamBooth.
+    snr_gamma: Optional[float] = Field(default=None, gt=0)
+    noise_offset: float = Field(default=0.0, ge=0)  # e.g. 0.05: learns overall brightness too
     train_text_encoder: bool = False
     text_encoder_learning_rate: Optional[float] = Field(default=None, gt=0)
     batch_size: int = Field(default=1, ge=1)

@@ -26,7 +26,7 @@ from dreambooth.images import list_images, load_rgb, resize_and_crop
 from dreambooth.models import load_pipeline, native_resolution
 from dreambooth.priors import class_images_for
 from dreambooth.training.loop import OnLog, process_state, split_batch, train
-from dreambooth.training.losses import LossTerms, prior_preservation_loss
+from dreambooth.training.losses import LossTerms, min_snr_weights, prior_preservation_loss
 
 METADATA_FILE = "dreambooth.json"
 VAE_ENCODE_BATCH = 8
@@ -75,11 +75,21 @@ class DenoisingBatch:
     class_labels: Optional[torch.Tensor] = None
 
     @classmethod
-    def draw(cls, latents, embeddings, num_instance: int, generator, num_train_timesteps: int, device, **conditioning):
-        """Fresh noise and a uniform timestep per example, from the step's generator."""
+    def draw(
+        cls, latents, embeddings, num_instance: int, generator, num_train_timesteps: int, device,
+        noise_offset: float = 0.0, **conditioning,
+    ):
+        """Fresh noise and a uniform timestep per example, from the step's generator.
+
+        `noise_offset` adds a per-channel constant to the noise, so the model also learns to
+        change an image's overall brightness (very dark or light images).
+        """
+        noise = torch.randn(latents.shape, generator=generator)
+        if noise_offset:
+            noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
         return cls(
             latents=latents,
-            noise=torch.randn(latents.shape, generator=generator).to(device),
+            noise=noise.to(device),
             timesteps=torch.randint(num_train_timesteps, (latents.shape[0],), generator=generator).to(device),
             embeddings=embeddings,
             num_instance=num_instance,
@@ -87,17 +97,21 @@ class DenoisingBatch:
         )
 
 
-def denoising_loss(unet, noise_scheduler, batch: DenoisingBatch, prior_weight: float) -> LossTerms:
-    """Noise the latents at their timesteps, predict, and apply the prior-preservation loss."""
+def denoising_loss(
+    unet, noise_scheduler, batch: DenoisingBatch, prior_weight: float, snr_gamma: Optional[float] = None
+) -> LossTerms:
+    """Noise the latents at their timesteps, predict, and apply the prior-preservation loss
+    (min-SNR weighted per example when `snr_gamma` is set)."""
     noisy = noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
     if batch.condition is not None:
         noisy = torch.cat([noisy, batch.condition], dim=1)
     prediction = unet(noisy, batch.timesteps, batch.embeddings, class_labels=batch.class_labels).sample
-    if noise_scheduler.config.prediction_type == "v_prediction":  # SD 2.x 768 px models
-        target = noise_scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
-    else:
-        target = batch.noise
-    return prior_preservation_loss(prediction, target, batch.num_instance, prior_weight)
+    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"  # SD 2.x 768 px models
+    target = noise_scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps) if v_prediction else batch.noise
+    weights = None
+    if snr_gamma is not None:
+        weights = min_snr_weights(noise_scheduler.alphas_cumprod, batch.timesteps, snr_gamma, v_prediction)
+    return prior_preservation_loss(prediction, target, batch.num_instance, prior_weight, weights)
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
@@ -210,8 +224,8 @@ def finetune(
             class_part = class_latents.sample(torch.randint(len(class_latents), (batch,), generator=generator), generator, scaling_factor)
             latents = torch.cat([latents, class_part])
         embeddings = cached_embeddings if cached_embeddings is not None else modules["text_encoder"](prompt_ids)[0]
-        drawn = DenoisingBatch.draw(latents, embeddings, batch, generator, num_train_timesteps, device)
-        return denoising_loss(modules["unet"], noise_scheduler, drawn, settings.prior_loss_weight)
+        drawn = DenoisingBatch.draw(latents, embeddings, batch, generator, num_train_timesteps, device, settings.noise_offset)
+        return denoising_loss(modules["unet"], noise_scheduler, drawn, settings.prior_loss_weight, settings.snr_gamma)
 
     modules = {"unet": unet}
     learning_rates = {"unet": settings.learning_rate}

@@ -130,10 +130,10 @@ def finetune_upscaler(
         levels = draw_noise_levels(latents.shape[0], settings.train_noise_levels, generator)
         condition = noised_condition(low, torch.randn(low.shape, generator=generator), levels, low_res_scheduler)
         drawn = DenoisingBatch.draw(
-            latents, embeddings, batch, generator, num_train_timesteps, device,
+            latents, embeddings, batch, generator, num_train_timesteps, device, training.noise_offset,
             condition=condition.to(device), class_labels=levels.to(device),
         )
-        return denoising_loss(modules["unet"], noise_scheduler, drawn, training.prior_loss_weight)
+        return denoising_loss(modules["unet"], noise_scheduler, drawn, training.prior_loss_weight, training.snr_gamma)
 
     fingerprint = training_fingerprint(
         ["superres", settings.model_dump(), subject.class_noun, identifier], instance_images, class_images

@@ -116,3 +116,13 @@ def test_killed_training_resumes_from_the_last_checkpoint(prepared, tmp_path):
     result = finetune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "model")
     assert result.resumed_from_step >= 10
     assert (tmp_path / "model" / "model_index.json").is_file()
+
+
+def test_min_snr_and_noise_offset_change_the_training_loss(prepared, tmp_path):
+    plain_config, identifier = prepared(training={"max_steps": 1, "checkpoint_every": 1})
+    plain = finetune(tmp_path / "subject", tmp_path / "classes", identifier, plain_config, tmp_path / "plain")
+    # gamma far below the SNR of most timesteps, so the first step is weighted whichever it draws
+    for change in ({"snr_gamma": 0.05}, {"noise_offset": 0.1}):
+        config = plain_config.model_copy(update={"training": plain_config.training.model_copy(update=change)})
+        result = finetune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / f"model-{next(iter(change))}")
+        assert result.final_loss["loss"] != pytest.approx(plain.final_loss["loss"], rel=1e-3), change

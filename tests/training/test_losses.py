@@ -77,3 +77,63 @@ def test_prior_weight_scales_only_the_class_half():
 def test_without_class_examples_the_loss_is_the_instance_loss():
     terms = prior_preservation_loss(torch.ones(2, 3), torch.zeros(2, 3), num_instance=2, prior_weight=1.0)
     assert terms.prior is None and terms.total.item() == 1.0
+
+
+def _schedule():
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    return np.cumprod(1.0 - betas)
+
+
+def _predictions(unet, batch, v_prediction=False):
+    """Each example through the UNet alone, from noising by hand; returns (prediction, target) per example."""
+    alphas_cumprod = _schedule()
+    pairs = []
+    for i in range(batch.latents.shape[0]):
+        a = alphas_cumprod[int(batch.timesteps[i])]
+        x, eps = batch.latents[i].double().numpy(), batch.noise[i].double().numpy()
+        noisy = np.sqrt(a) * x + np.sqrt(1.0 - a) * eps
+        with torch.no_grad():
+            predicted = unet(torch.from_numpy(noisy).float()[None], batch.timesteps[i : i + 1], batch.embeddings[i : i + 1]).sample[0]
+        target = np.sqrt(a) * eps - np.sqrt(1.0 - a) * x if v_prediction else eps
+        pairs.append((predicted.double().numpy(), target, a / (1.0 - a)))
+    return pairs
+
+
+@pytest.mark.parametrize("v_prediction", [False, True])
+def test_min_snr_with_prior_preservation_weights_each_example_by_its_own_timestep(unet_and_scheduler, fixed_batch, v_prediction):
+    unet, scheduler = unet_and_scheduler
+    if v_prediction:
+        scheduler = DDPMScheduler.from_config({**scheduler.config, "prediction_type": "v_prediction"})
+    gamma = 5.0
+    with torch.no_grad():
+        terms = denoising_loss(unet, scheduler, fixed_batch, prior_weight=1.0, snr_gamma=gamma)
+    weighted = []
+    for predicted, target, snr in _predictions(unet, fixed_batch, v_prediction):
+        weight = min(snr, gamma) / (snr + 1.0 if v_prediction else snr)
+        weighted.append(weight * np.mean((predicted - target) ** 2))
+    instance, prior = np.mean(weighted[:2]), np.mean(weighted[2:])  # 2 subject + 2 class examples
+    assert terms.instance.item() == pytest.approx(instance, rel=1e-4)
+    assert terms.prior.item() == pytest.approx(prior, rel=1e-4)
+    assert terms.total.item() == pytest.approx(instance + prior, rel=1e-4)
+    with torch.no_grad():
+        unweighted = denoising_loss(unet, scheduler, fixed_batch, prior_weight=1.0)
+    assert unweighted.instance.item() != pytest.approx(instance, rel=1e-2)  # the weights do something
+
+
+def test_v_prediction_targets_the_velocity(unet_and_scheduler, fixed_batch):
+    unet, scheduler = unet_and_scheduler
+    velocity = DDPMScheduler.from_config({**scheduler.config, "prediction_type": "v_prediction"})
+    with torch.no_grad():
+        terms = denoising_loss(unet, velocity, fixed_batch, prior_weight=1.0)
+    errors = [np.mean((predicted - target) ** 2) for predicted, target, _ in _predictions(unet, fixed_batch, v_prediction=True)]
+    assert terms.instance.item() == pytest.approx(np.mean(errors[:2]), rel=1e-4)
+    assert terms.prior.item() == pytest.approx(np.mean(errors[2:]), rel=1e-4)
+
+
+def test_noise_offset_shifts_each_example_and_channel_by_one_constant():
+    latents = torch.zeros(3, 4, 8, 8)
+    plain = DenoisingBatch.draw(latents, None, 3, torch.Generator().manual_seed(7), 1000, "cpu")
+    offset = DenoisingBatch.draw(latents, None, 3, torch.Generator().manual_seed(7), 1000, "cpu", noise_offset=0.1)
+    shift = offset.noise - plain.noise
+    assert torch.allclose(shift.flatten(2).std(dim=2), torch.zeros(3, 4), atol=1e-6)
+    assert shift.abs().max() > 0.01 and shift.flatten(2)[..., 0].std() > 0.01  # differs between channels
