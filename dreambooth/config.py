@@ -93,7 +93,22 @@ class PriorSettings(Section):
     num_processes: Optional[int] = Field(default=None, ge=1)
 
 
+class LoraSettings(Section):
+    """A low-rank adapter (peft) on the denoiser's attention projections instead of full weights."""
+
+    rank: int = Field(default=4, ge=1)
+    alpha: Optional[float] = Field(default=None, gt=0)  # None: the rank (scale 1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = ["to_k", "to_q", "to_v", "to_out.0"]
+    use_dora: bool = False  # weight-decomposed LoRA (DoRA)
+    # With training.train_text_encoder: the text encoder's attention projections get an adapter too.
+    text_encoder_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
 class TrainingSettings(Section):
+    # full: every denoiser weight (the paper); lora: a low-rank adapter, megabytes per subject.
+    method: Literal["full", "lora"] = "full"
+    lora: LoraSettings = LoraSettings()
     max_steps: int = Field(default=1000, ge=1)
     learning_rate: float = Field(default=5e-6, gt=0)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
@@ -144,6 +159,13 @@ class SuperResSettings(Section):
     prior_preservation: bool = True
     training: TrainingSettings = TrainingSettings(max_steps=500, learning_rate=5e-6)
     sampler: SamplerSettings = SamplerSettings(scheduler="DDIMScheduler", num_inference_steps=30, guidance_scale=7.5, batch_size=4)
+
+    @field_validator("training")
+    @classmethod
+    def _full_only(cls, training: TrainingSettings) -> TrainingSettings:
+        if training.method != "full":
+            raise ValueError("method: the upscaler is fine-tuned in full (LoRA covers the base model)")
+        return training
 
     @field_validator("train_noise_levels")
     @classmethod

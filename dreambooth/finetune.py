@@ -23,12 +23,11 @@ from PIL import Image
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
 from dreambooth.images import list_images, load_rgb, resize_and_crop
-from dreambooth.models import load_pipeline, native_resolution
+from dreambooth.models import LORA_WEIGHTS, METADATA_FILE, load_pipeline, native_resolution
 from dreambooth.priors import class_images_for
 from dreambooth.training.loop import OnLog, process_state, split_batch, train
 from dreambooth.training.losses import LossTerms, min_snr_weights, prior_preservation_loss
 
-METADATA_FILE = "dreambooth.json"
 VAE_ENCODE_BATCH = 8
 
 
@@ -203,7 +202,9 @@ def finetune(
     prompt_ids = torch.cat(
         [_tokenize(tokenizer, instance_prompt)] * batch + ([_tokenize(tokenizer, class_prompt)] * batch if use_prior else [])
     ).to(device)
-    text_encoder.requires_grad_(settings.train_text_encoder)
+    text_encoder.requires_grad_(settings.train_text_encoder and settings.method == "full")
+    if settings.method == "lora":
+        add_lora_adapters(unet, text_encoder, settings)
     cached_embeddings = None
     if not settings.train_text_encoder:
         with torch.no_grad():
@@ -247,6 +248,8 @@ def finetune(
         "instance_prompt": instance_prompt,
         "class_prompt": class_prompt if use_prior else None,
         "base_model": config.model.base,
+        "base_revision": config.model.revision,
+        "method": settings.method,
         "resolution": resolution,
         "steps": settings.max_steps,
     }
@@ -254,15 +257,44 @@ def finetune(
     return save_trained_pipeline(pipeline, result, output_dir, metadata, checkpoints, settings.keep_checkpoints, images_per_step)
 
 
+def add_lora_adapters(unet, text_encoder, settings) -> None:
+    """Freeze the weights and attach trainable low-rank adapters (peft) to the attention projections."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lora = settings.lora
+
+    def adapter(targets: list[str]) -> LoraConfig:
+        return LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, lora_dropout=lora.dropout,
+                          target_modules=targets, use_dora=lora.use_dora, init_lora_weights="gaussian")
+
+    unet.requires_grad_(False)
+    unet.add_adapter(adapter(lora.target_modules))
+    if settings.train_text_encoder:
+        # peft directly: transformers' own add_adapter wants a newer peft than the registry has
+        inject_adapter_in_model(adapter(lora.text_encoder_target_modules), text_encoder)
+
+
+def _save_lora_adapter(pipeline, modules: dict, output_dir: Path) -> None:
+    """The adapters alone, in diffusers' layout: `pipe.load_lora_weights(output_dir)` applies them to the base."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(module)) for name, module in modules.items()}
+    type(pipeline).save_lora_weights(output_dir, **layers, weight_name=LORA_WEIGHTS, safe_serialization=True)
+
+
 def save_trained_pipeline(
     pipeline, result, output_dir: Path, metadata: dict, checkpoints: Path, keep_checkpoints: bool, images_per_step: int
 ) -> FinetuneResult:
-    """On the main process: the whole pipeline folder (safetensors) and its metadata; then drop the
-    checkpoints, which only existed to survive a kill."""
+    """On the main process: the whole pipeline folder (safetensors) or, for LoRA, the adapter alone,
+    with its metadata; then drop the checkpoints, which only existed to survive a kill."""
     if process_state().is_main_process:
         pipeline.to("cpu")
         output_dir.mkdir(parents=True, exist_ok=True)
-        pipeline.save_pretrained(output_dir, safe_serialization=True)
+        if metadata.get("method") == "lora":
+            _save_lora_adapter(pipeline, result.modules, output_dir)
+        else:
+            pipeline.save_pretrained(output_dir, safe_serialization=True)
         (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
         if not keep_checkpoints:
             shutil.rmtree(checkpoints, ignore_errors=True)

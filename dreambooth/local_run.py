@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 from dreambooth.cluster import run_parameters
 from dreambooth.config import RunConfig
+from dreambooth.models import LORA_WEIGHTS
 from dreambooth.storage import is_gcs, upload_folder
 from dreambooth.summary import UP_TO_DATE, SubjectRow, collect_rows, headline
 from dreambooth.tracking import FAILED, TAG_ERROR, experiment_id, find_batch_run, resolve_tracking_uri
@@ -109,7 +110,10 @@ def _local_outputs(row: SubjectRow) -> dict[str, Path]:
             "upscaler": iteration / "superres" / "upscaler",
             "evaluation": iteration / "evaluate" / "evaluation" / "report.md",
         })
-    return {label: path for label, path in found.items() if path.is_file() or (path / "model_index.json").is_file()}
+    def present(path: Path) -> bool:  # a file, a pipeline folder or a LoRA adapter folder
+        return path.is_file() or (path / "model_index.json").is_file() or (path / LORA_WEIGHTS).is_file()
+
+    return {label: path for label, path in found.items() if present(path)}
 
 
 def _print_subject(row: SubjectRow, publish_to: Optional[str]) -> None:

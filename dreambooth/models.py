@@ -9,6 +9,7 @@ be reached, a copy in the local Hugging Face cache is used as a folder.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 from dreambooth.errors import InputError
 from dreambooth.tiny_models import TINY_SCHEME, resolve_tiny_model
 
+METADATA_FILE = "dreambooth.json"  # beside every trained result: identifier, class noun, base model
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' adapter file name (load_lora_weights reads it)
 HUB_PROBE_SECONDS = 8  # one metadata request; huggingface_hub may retry it once
 MIN_TOKENIZER_SIZE = 256  # a byte-level BPE has at least its 256 byte tokens; an empty load has 2
 _logger = logging.getLogger(__name__)
@@ -127,15 +130,34 @@ def load_tokenizer(reference: str, revision: Optional[str] = None):
     return tokenizer
 
 
+def adapter_base(reference: str) -> Optional[tuple[str, Optional[str]]]:
+    """(base model, revision) when `reference` is a LoRA result folder, else None."""
+    folder = Path(reference)
+    if not (folder / LORA_WEIGHTS).is_file():
+        return None
+    metadata = json.loads((folder / METADATA_FILE).read_text()) if (folder / METADATA_FILE).is_file() else {}
+    if not metadata.get("base_model"):
+        raise InputError(f"{reference}: a LoRA adapter without {METADATA_FILE} naming its base model")
+    return metadata["base_model"], metadata.get("base_revision")
+
+
 def load_pipeline(
     reference: str,
     revision: Optional[str] = None,
     torch_dtype: torch.dtype = torch.float32,
     device: Optional[torch.device] = None,
 ):
-    """A text-to-image DiffusionPipeline without a safety checker (DreamBooth trains on user photos)."""
+    """A text-to-image DiffusionPipeline without a safety checker (DreamBooth trains on user photos).
+
+    `reference` is a full pipeline (hub id, folder, tiny://) or a LoRA result folder, which loads
+    as its base model with the adapter applied.
+    """
     from diffusers import DiffusionPipeline
 
+    if (base := adapter_base(reference)) is not None:
+        pipeline = load_pipeline(base[0], base[1], torch_dtype, device)
+        pipeline.load_lora_weights(reference, weight_name=LORA_WEIGHTS)
+        return pipeline
     try:
         pipeline = DiffusionPipeline.from_pretrained(
             resolve_model_source(reference, revision),

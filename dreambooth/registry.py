@@ -13,13 +13,14 @@ import io
 from importlib import metadata
 from pathlib import Path
 
+import mlflow.diffusers
 import mlflow.pyfunc
 
 CANDIDATE_ALIAS = "candidate"
 PIPELINE_ARTIFACT = "pipeline"
 PACKAGE_DIR = Path(__file__).resolve().parent
 # What loading and sampling a pipeline imports (pandas comes with mlflow itself).
-RUNTIME_DISTRIBUTIONS = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "pillow", "numpy")
+RUNTIME_DISTRIBUTIONS = ("torch", "diffusers", "transformers", "accelerate", "peft", "safetensors", "pillow", "numpy")
 
 
 class DiffusersPipelineModel(mlflow.pyfunc.PythonModel):
@@ -67,11 +68,24 @@ def model_signature():
 
 
 def log_pipeline_model(tracking_uri: str, run_id: str, model_dir: Path) -> str:
-    """Log the folder as a pyfunc model on `run_id`; returns its model URI."""
+    """Log a trained result on `run_id`; returns its model URI.
+
+    A full pipeline folder becomes a pyfunc model carrying this package; a LoRA adapter is logged
+    with MLflow's own diffusers flavour (the adapter file plus a base-model reference, megabytes),
+    which loads anywhere MLflow and diffusers are installed.
+    """
     import mlflow
 
+    from dreambooth.models import LORA_WEIGHTS, adapter_base, resolve_model_source
+
     mlflow.set_tracking_uri(tracking_uri)
+    base = adapter_base(str(model_dir))
     with mlflow.start_run(run_id=run_id):
+        if base is not None:
+            # tiny:// exists only for this project: the flavour gets the folder it resolves to.
+            reference = resolve_model_source(base[0], base[1]) if base[0].startswith("tiny://") else base[0]
+            info = mlflow.diffusers.log_model(model_dir / LORA_WEIGHTS, base_model=reference, name="model")
+            return info.model_uri
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=DiffusersPipelineModel(),

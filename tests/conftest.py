@@ -340,3 +340,19 @@ def kfp_api():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}", RecordingKfpApi.requests, RecordingKfpApi
     server.shutdown()
+
+
+# The child forgets every way to this checkout (the editable install's finder, the repository on
+# sys.path), and proves it, before running the rest of the script.
+_WITHOUT_REPOSITORY = """
+import importlib.util, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__ and "editable" not in repr(f)]
+sys.path[:] = [p for p in sys.path if not p.startswith({repo!r}) or p.startswith(sys.prefix)]  # keep the venv
+assert importlib.util.find_spec("dreambooth") is None, "the repository is still importable"
+"""
+
+
+def run_without_repository(script: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`script` in a fresh isolated Python (-I) that cannot import this repository."""
+    preamble = _WITHOUT_REPOSITORY.format(repo=str(REPO))
+    return subprocess.run([sys.executable, "-I", "-c", preamble + script], cwd=cwd, capture_output=True, text=True, timeout=300)

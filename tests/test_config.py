@@ -58,3 +58,18 @@ def test_flat_params_cover_every_setting():
     assert params["training.learning_rate"] == "0.0001"
     assert params["model.base"] == "tiny://sd"
     assert "samples.prompts" in params
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"superres": {"training": {"method": "lora"}}}, "superres.training: method: the upscaler is fine-tuned in full"),
+        ({"training": {"snr_gamma": 0}}, "training.snr_gamma: Input should be greater than 0"),
+        ({"cluster": {"image": "r/i@sha256:" + "a" * 64, "namespace": "team-a"},
+          "tracking": {"uri": "http://mlflow.team-b.svc.cluster.local:5000"}}, "tracking.uri: http://mlflow.team-b"),
+    ],
+)
+def test_inconsistent_settings_are_refused_in_one_line(overrides, message):
+    with pytest.raises(InputError) as caught:
+        load_config("sd15", overrides)
+    assert message in str(caught.value) and "\n" not in str(caught.value)

@@ -126,3 +126,29 @@ def test_min_snr_and_noise_offset_change_the_training_loss(prepared, tmp_path):
         config = plain_config.model_copy(update={"training": plain_config.training.model_copy(update=change)})
         result = finetune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / f"model-{next(iter(change))}")
         assert result.final_loss["loss"] != pytest.approx(plain.final_loss["loss"], rel=1e-3), change
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_a_lora_fine_tune_saves_an_adapter_that_loads_on_its_base(prepared, tmp_path, tiny_model_dir, train_text_encoder):
+    from dreambooth.models import LORA_WEIGHTS, load_pipeline
+
+    config, identifier = prepared(training={"method": "lora", "max_steps": 6, "checkpoint_every": 3, "learning_rate": 1e-2,
+                                            "train_text_encoder": train_text_encoder})
+    result = finetune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "adapter")
+    adapter = tmp_path / "adapter"
+    assert sorted(p.name for p in adapter.iterdir()) == sorted([LORA_WEIGHTS, METADATA_FILE])
+    weights = load_file(adapter / LORA_WEIGHTS)
+    assert any(key.startswith("unet.") for key in weights)
+    assert any(key.startswith("text_encoder.") for key in weights) == train_text_encoder
+    full_size = sum(p.stat().st_size for p in tiny_model_dir.rglob("*.safetensors"))
+    assert (adapter / LORA_WEIGHTS).stat().st_size < 0.05 * full_size
+    assert result.steps == 6
+
+    prompt = f"a {identifier} dog"
+    base = DiffusionPipeline.from_pretrained(tiny_model_dir)
+    plain = base(prompt, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
+    base.load_lora_weights(adapter)  # diffusers' own loader reads it
+    adapted = base(prompt, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
+    ours = load_pipeline(str(adapter))(prompt, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
+    assert abs(adapted - plain).max() > 1e-3  # the adapter changes the image
+    assert abs(ours - adapted).max() < 1e-4  # the one loader applies it the same way

@@ -189,3 +189,48 @@ def test_evaluate_alone_scores_a_model_trained_elsewhere(tiny_model_dir, tmp_pat
     assert "# DreamBench evaluation: `fqs` dog" in result.stdout
     assert json.loads((tmp_path / "out" / "evaluation" / "evaluation.json").read_text())["identifier"] == "fqs"
     assert "quality gate: passed, registered as dreambooth-dog@candidate (version 1)" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_lora_run_goes_through_every_stage_and_registers_megabytes(tmp_path, tiny_model_dir):
+    from conftest import run_without_repository
+    from dreambooth.models import LORA_WEIGHTS
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = quick_config(tmp_path, experiment="lora", superres=False, method="lora", learning_rate=1e-3)
+    result = cli("run", "--config", config, "--subject-dir", str(SAMPLE_SUBJECT), "--class-noun", "dog",
+                 "--output-dir", str(tmp_path / "outputs"), "--tracking-uri", tracking, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    printed = _subject_lines(result.stdout)
+    adapter = Path(printed["model"])
+    assert (adapter / LORA_WEIGHTS).is_file() and not (adapter / "unet").exists()
+    assert printed["quality gate"].startswith("passed")  # samples and evaluation ran on base + adapter
+
+    import mlflow
+
+    client = MlflowClient(tracking)
+    version = client.get_model_version_by_alias("dreambooth-dog", "candidate")
+    mlflow.set_tracking_uri(tracking)
+    downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/dreambooth-dog/{version.version}", dst_path=str(tmp_path / "registered")))
+    assert "diffusers" in yaml.safe_load((downloaded / "MLmodel").read_text())["flavors"]  # MLflow's own LoRA flavour
+    registered_bytes = sum(p.stat().st_size for p in downloaded.rglob("*") if p.is_file())
+    full_bytes = sum(p.stat().st_size for p in tiny_model_dir.rglob("*") if p.is_file())
+    assert registered_bytes < 0.05 * full_bytes, (registered_bytes, full_bytes)
+
+    # In a process that cannot import this repository: MLflow and diffusers alone load it.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    loaded = run_without_repository(LOAD_ADAPTER_ELSEWHERE.format(tracking=tracking, name="dreambooth-dog"), elsewhere)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert "generated (64, 64)" in loaded.stdout
+
+
+LOAD_ADAPTER_ELSEWHERE = """
+import io
+import mlflow, pandas as pd
+from PIL import Image
+mlflow.set_tracking_uri({tracking!r})
+model = mlflow.pyfunc.load_model("models:/{name}@candidate")
+out = model.predict(pd.DataFrame({{"prompt": ["a dog on the beach"]}}), params={{"num_inference_steps": 2, "height": 64, "width": 64}})
+print("generated", Image.open(io.BytesIO(out[0])).size)
+"""

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 from importlib import metadata
 
 import mlflow
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_without_repository
 from dreambooth.registry import RUNTIME_DISTRIBUTIONS, log_pipeline_model, register_candidate
 
-# The child forgets every way to this checkout (the editable install's finder, the repository on
-# sys.path) and proves it before loading; the package must then come from the model's own copy.
-LOAD_ELSEWHERE = textwrap.dedent(
+LOAD_AND_GENERATE = textwrap.dedent(
     """
-    import importlib.util, io, sys
-    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__ and "editable" not in repr(f)]
-    sys.path[:] = [p for p in sys.path if not p.startswith({repo!r}) or p.startswith(sys.prefix)]  # keep the venv
-    assert importlib.util.find_spec("dreambooth") is None, "the repository is still importable"
-
+    import io
     import mlflow, pandas as pd
     from PIL import Image
 
@@ -57,7 +49,6 @@ def test_a_registered_model_generates_in_a_process_without_the_repository(tiny_m
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    script = LOAD_ELSEWHERE.format(repo=str(REPO), tracking=tracking, name="dreambooth-anywhere")
-    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    result = run_without_repository(LOAD_AND_GENERATE.format(repo=str(REPO), tracking=tracking, name="dreambooth-anywhere"), elsewhere)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "generated (64, 64)" in result.stdout and str(tmp_path) in result.stdout
