@@ -268,10 +268,13 @@ def add_lora_adapters(unet, text_encoder, settings) -> None:
                           target_modules=targets, use_dora=lora.use_dora, init_lora_weights="gaussian")
 
     unet.requires_grad_(False)
-    unet.add_adapter(adapter(lora.target_modules))
-    if settings.train_text_encoder:
-        # peft directly: transformers' own add_adapter wants a newer peft than the registry has
-        inject_adapter_in_model(adapter(lora.text_encoder_target_modules), text_encoder)
+    # The adapters' random initialisation follows training.seed, so a run is reproducible.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        unet.add_adapter(adapter(lora.target_modules))
+        if settings.train_text_encoder:
+            # peft directly: transformers' own add_adapter wants a newer peft than the registry has
+            inject_adapter_in_model(adapter(lora.text_encoder_target_modules), text_encoder)
 
 
 def _save_lora_adapter(pipeline, modules: dict, output_dir: Path) -> None:

@@ -98,8 +98,12 @@ finetune(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], config, Path(sys.arg
 """
 
 
-def test_killed_training_resumes_from_the_last_checkpoint(prepared, tmp_path):
-    config, identifier = prepared(training={"max_steps": 60, "checkpoint_every": 5, "checkpoints_total_limit": 2})
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_killed_training_resumes_from_the_last_checkpoint(prepared, tmp_path, method):
+    from dreambooth.models import LORA_WEIGHTS
+
+    config, identifier = prepared(training={"max_steps": 60, "checkpoint_every": 5, "checkpoints_total_limit": 2, "method": method})
+    saved = "model_index.json" if method == "full" else LORA_WEIGHTS
     (tmp_path / "config.json").write_text(config.to_json())
     args = [str(tmp_path / p) for p in ("config.json", "subject", "classes")] + [identifier, str(tmp_path / "model")]
     process = subprocess.Popen([sys.executable, "-c", KILLABLE_TRAINING, *args], stderr=subprocess.DEVNULL)
@@ -111,11 +115,17 @@ def test_killed_training_resumes_from_the_last_checkpoint(prepared, tmp_path):
         time.sleep(0.2)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert not (tmp_path / "model" / "model_index.json").exists()
+    assert not (tmp_path / "model" / saved).exists()
 
     result = finetune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "model")
     assert result.resumed_from_step >= 10
-    assert (tmp_path / "model" / "model_index.json").is_file()
+    assert (tmp_path / "model" / saved).is_file()
+    if method == "lora":  # the adapter and its optimizer state came back exactly: same weights as never killed
+        finetune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "uninterrupted")
+        resumed, uninterrupted = load_file(tmp_path / "model" / saved), load_file(tmp_path / "uninterrupted" / saved)
+        assert resumed.keys() == uninterrupted.keys()
+        for key in resumed:
+            torch.testing.assert_close(resumed[key], uninterrupted[key])
 
 
 def test_min_snr_and_noise_offset_change_the_training_loss(prepared, tmp_path):

@@ -3,9 +3,11 @@
 import json
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from dreambooth.models import LORA_WEIGHTS
 from dreambooth.priors import prior_key
 from dreambooth.tasks.stages import finetune_task, ingest_task, priors_task
 from dreambooth.tracking import TAG_PARENT, TAG_STAGE, open_batch_run, open_subject_run
@@ -23,10 +25,11 @@ def _fine_tune(config, subject_dir: Path, tmp_path: Path, job: str, processes: i
     return root
 
 
-def test_two_processes_write_one_model_and_one_run_like_one_process(make_config, subject_dir, tmp_path):
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_two_processes_write_one_model_and_one_run_like_one_process(make_config, subject_dir, tmp_path, method):
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = make_config(
-        training={"max_steps": 6, "batch_size": 2, "checkpoint_every": 3, "keep_checkpoints": True},
+        training={"max_steps": 6, "batch_size": 2, "checkpoint_every": 3, "keep_checkpoints": True, "method": method},
         priors={"num_class_images": 4, "sampler": {"num_inference_steps": 2}},
     )
     single = _fine_tune(config, subject_dir, tmp_path, "single", 1, tracking_uri)
@@ -34,8 +37,8 @@ def test_two_processes_write_one_model_and_one_run_like_one_process(make_config,
 
     files = lambda root: sorted(str(p.relative_to(root / "model")) for p in (root / "model").rglob("*") if p.is_file())  # noqa: E731
     assert files(double) == files(single)
-    single_unet = load_file(single / "model" / "unet" / "diffusion_pytorch_model.safetensors")
-    double_unet = load_file(double / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    weights = "unet/diffusion_pytorch_model.safetensors" if method == "full" else LORA_WEIGHTS
+    single_unet, double_unet = load_file(single / "model" / weights), load_file(double / "model" / weights)
     assert {k: v.shape for k, v in double_unet.items()} == {k: v.shape for k, v in single_unet.items()}
     assert json.loads((double / "model" / "dreambooth.json").read_text())["steps"] == 6
 
