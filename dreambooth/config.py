@@ -138,6 +138,12 @@ class TrainingSettings(Section):
     keep_checkpoints: bool = False
     seed: int = 0
     log_every: int = Field(default=1, ge=1)
+    # Base fine-tune only: every N steps, images of a fixed prompt and seeds from the model being
+    # trained, logged to MLflow at their step (the subject appearing). None: no validation images.
+    validation_every: Optional[int] = Field(default=None, ge=1)
+    validation_prompt: str = "a {identifier} {class_noun} on the beach"
+    validation_images: int = Field(default=2, ge=1)
+    validation_inference_steps: int = Field(default=25, ge=1)
     # Processes (one per GPU). None: every visible GPU. The effective batch stays
     # batch_size x gradient_accumulation_steps whatever the count.
     num_processes: Optional[int] = Field(default=None, ge=1)
@@ -165,6 +171,8 @@ class SuperResSettings(Section):
     def _full_only(cls, training: TrainingSettings) -> TrainingSettings:
         if training.method != "full":
             raise ValueError("method: the upscaler is fine-tuned in full (LoRA covers the base model)")
+        if training.validation_every is not None:
+            raise ValueError("validation_every: validation images are drawn by the base fine-tune only")
         return training
 
     @field_validator("train_noise_levels")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dreambooth.config import RunConfig
+from dreambooth.config import RunConfig, SamplerSettings
 from dreambooth.errors import InputError
 from dreambooth.images import list_images, load_rgb, resize_and_crop
 from dreambooth.models import LORA_WEIGHTS, METADATA_FILE, load_pipeline, native_resolution
@@ -41,6 +41,7 @@ class FinetuneResult:
     seconds: float
     final_loss: dict
     processes: int = 1
+    validation_images: list = field(default_factory=list)  # [step, image path] pairs, oldest first
 
 
 @dataclass
@@ -238,7 +239,16 @@ def finetune(
         [config.model.model_dump(), config.training.model_dump(), subject.class_noun, identifier], instance_images, class_images
     )
     checkpoints = Path(config.storage.work_dir) / "checkpoints" / fingerprint
-    result = train(modules, learning_rates, compute_loss, settings, checkpoints, on_log, "fine-tune")
+    validation_dir = Path(config.storage.work_dir) / "validation" / fingerprint
+    on_step = None
+    if settings.validation_every:
+        prompt = settings.validation_prompt.format(identifier=identifier, class_noun=subject.class_noun)
+
+        def on_step(step: int) -> None:
+            if step % settings.validation_every == 0 or step == settings.max_steps:
+                draw_validation_images(pipeline, prompt, settings, resolution, validation_dir, step, device)
+
+    result = train(modules, learning_rates, compute_loss, settings, checkpoints, on_log, "fine-tune", on_step)
 
     for name, module in result.modules.items():
         setattr(pipeline, name, module)
@@ -254,7 +264,34 @@ def finetune(
         "steps": settings.max_steps,
     }
     images_per_step = batch * settings.gradient_accumulation_steps * (2 if use_prior else 1)
-    return save_trained_pipeline(pipeline, result, output_dir, metadata, checkpoints, settings.keep_checkpoints, images_per_step)
+    saved = save_trained_pipeline(pipeline, result, output_dir, metadata, checkpoints, settings.keep_checkpoints, images_per_step)
+    # Steps of a killed attempt drew theirs before it was killed: the folder holds the whole curve.
+    drawn = sorted(validation_dir.glob("step-*.png")) if settings.validation_every else []
+    return replace(saved, validation_images=[[int(path.name.split("-")[1]), str(path)] for path in drawn])
+
+
+VALIDATION_SEED = 8888
+
+
+@torch.no_grad()
+def draw_validation_images(pipeline, prompt: str, settings, resolution: int, folder: Path, step: int, device) -> None:
+    """The model being trained, sampled with a fixed prompt and seeds; frozen parts visit the device briefly."""
+    from dreambooth.generation import generate
+
+    parked = [module for module in (pipeline.vae, pipeline.text_encoder) if module.device != device]
+    for module in parked:
+        module.to(device)
+    was_training = pipeline.unet.training
+    pipeline.unet.eval()
+    sampler = SamplerSettings(num_inference_steps=settings.validation_inference_steps, batch_size=settings.validation_images)
+    requests = [(prompt, VALIDATION_SEED + i) for i in range(settings.validation_images)]
+    images = generate(pipeline, requests, sampler, resolution)
+    pipeline.unet.train(was_training)
+    for module in parked:
+        module.to("cpu")
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(images):
+        image.save(folder / f"step-{step:06d}-{index}.png")
 
 
 def add_lora_adapters(unet, text_encoder, settings) -> None:

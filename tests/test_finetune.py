@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
@@ -162,3 +163,16 @@ def test_a_lora_fine_tune_saves_an_adapter_that_loads_on_its_base(prepared, tmp_
     ours = load_pipeline(str(adapter))(prompt, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
     assert abs(adapted - plain).max() > 1e-3  # the adapter changes the image
     assert abs(ours - adapted).max() < 1e-4  # the one loader applies it the same way
+
+
+def test_validation_images_show_the_model_as_it_trains(prepared, tmp_path):
+    from PIL import Image
+
+    config, identifier = prepared(training={"max_steps": 4, "checkpoint_every": 4, "learning_rate": 1e-2, "validation_every": 2,
+                                            "validation_images": 2, "validation_inference_steps": 2, "method": "lora"})
+    result = finetune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "adapter")
+    assert [step for step, _ in result.validation_images] == [2, 2, 4, 4]
+    pixels = [np.asarray(Image.open(path), dtype=np.float32) for _, path in result.validation_images]
+    assert pixels[0].shape == (64, 64, 3)
+    assert np.abs(pixels[0] - pixels[2]).max() > 1  # same prompt and seed, two steps apart: the model moved
+    assert np.abs(pixels[0] - pixels[1]).max() > 1  # two seeds

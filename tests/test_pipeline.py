@@ -197,7 +197,8 @@ def test_a_lora_run_goes_through_every_stage_and_registers_megabytes(tmp_path, t
     from dreambooth.models import LORA_WEIGHTS
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = quick_config(tmp_path, experiment="lora", superres=False, method="lora", learning_rate=1e-3)
+    config = quick_config(tmp_path, experiment="lora", superres=False, method="lora", learning_rate=1e-3,
+                          validation_every=4, validation_images=1, validation_inference_steps=2)
     result = cli("run", "--config", config, "--subject-dir", str(SAMPLE_SUBJECT), "--class-noun", "dog",
                  "--output-dir", str(tmp_path / "outputs"), "--tracking-uri", tracking, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -209,6 +210,10 @@ def test_a_lora_run_goes_through_every_stage_and_registers_megabytes(tmp_path, t
     import mlflow
 
     client = MlflowClient(tracking)
+    experiment = client.get_experiment_by_name("lora").experiment_id
+    (fine_tune,) = client.search_runs([experiment], f"tags.`{TAG_STAGE}` = 'fine-tune'")
+    validation = [a.path for a in client.list_artifacts(fine_tune.info.run_id, "images") if "validation" in a.path]
+    assert sorted(int(path.split("+step+")[1].split("+")[0]) for path in validation if path.endswith(".png")) == [4, 8]
     version = client.get_model_version_by_alias("dreambooth-dog", "candidate")
     mlflow.set_tracking_uri(tracking)
     downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/dreambooth-dog/{version.version}", dst_path=str(tmp_path / "registered")))

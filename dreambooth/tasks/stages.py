@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+from PIL import Image
+
 from dreambooth.batch import PriorOutcome
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError, TrainingDiverged
@@ -149,6 +151,9 @@ def finetune_task(config: RunConfig, run: StageRun, subject_dir: str, class_imag
     }
     run.log_metrics(summary, on_parent=True)
     run.log_dict(asdict(result), "finetune_result.json")
+    for step, path in result.validation_images:  # the MLflow UI's image slider shows the subject appearing
+        with Image.open(path) as image:
+            run.client.log_image(run.run_id, image, key="validation", step=step)
     model_uri = log_pipeline_model(run.tracking_uri, run.run_id, Path(output_dir))
     run.set_tags({TAG_MODEL_URI: model_uri, TAG_MODEL_LOCATION: model_location or output_dir}, on_parent=True)
     return output_dir

@@ -36,6 +36,7 @@ WARMUP_STEPS_EXCLUDED = 3  # the first steps pay for allocation; throughput is m
 # (wrapped modules by name, step, generator) -> loss. Wrapped: under several GPUs they sync gradients.
 ComputeLoss = Callable[[dict[str, nn.Module], int, torch.Generator], LossTerms]
 OnLog = Callable[[int, dict[str, float]], None]
+OnStep = Callable[[int], None]  # after each completed step, on the main process only
 
 
 @dataclass
@@ -127,6 +128,7 @@ def train(
     checkpoint_dir: Path,
     on_log: Optional[OnLog] = None,
     description: str = "fine-tune",
+    on_step: Optional[OnStep] = None,
 ) -> TrainingResult:
     """Optimise `modules` (name -> module; each gets its learning rate) for settings.max_steps steps."""
     from accelerate import Accelerator
@@ -207,6 +209,8 @@ def train(
         progress.set_postfix(loss=f"{last_terms['loss']:.4f}")
         if on_log and accelerator.is_main_process and (step % settings.log_every == 0 or step == settings.max_steps):
             on_log(step, {**last_terms, "lr": lr_schedule.get_last_lr()[0]})
+        if on_step and accelerator.is_main_process:
+            on_step(step)
         if step % settings.checkpoint_every == 0 and step < settings.max_steps:
             last_checkpoint = _save_checkpoint(accelerator, checkpoint_dir, step, settings.checkpoints_total_limit)
     progress.close()
