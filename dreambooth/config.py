@@ -103,6 +103,9 @@ class LoraSettings(Section):
     use_dora: bool = False  # weight-decomposed LoRA (DoRA)
     # With training.train_text_encoder: the text encoder's attention projections get an adapter too.
     text_encoder_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    # Also write the adapter as one file in the kohya layout that AUTOMATIC1111, ComfyUI and
+    # InvokeAI load (models.SINGLE_FILE_LORA), beside the diffusers file.
+    export_single_file: bool = False
 
 
 class TrainingSettings(Section):

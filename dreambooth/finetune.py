@@ -23,7 +23,7 @@ from PIL import Image
 from dreambooth.config import RunConfig, SamplerSettings
 from dreambooth.errors import InputError
 from dreambooth.images import list_images, load_rgb, resize_and_crop
-from dreambooth.models import LORA_WEIGHTS, METADATA_FILE, load_pipeline, native_resolution
+from dreambooth.models import LORA_WEIGHTS, METADATA_FILE, SINGLE_FILE_LORA, load_pipeline, native_resolution
 from dreambooth.priors import class_images_for
 from dreambooth.training.loop import OnLog, process_state, split_batch, train
 from dreambooth.training.losses import LossTerms, min_snr_weights, prior_preservation_loss
@@ -260,6 +260,7 @@ def finetune(
         "base_model": config.model.base,
         "base_revision": config.model.revision,
         "method": settings.method,
+        "single_file": settings.method == "lora" and settings.lora.export_single_file,
         "resolution": resolution,
         "steps": settings.max_steps,
     }
@@ -314,13 +315,20 @@ def add_lora_adapters(unet, text_encoder, settings) -> None:
             inject_adapter_in_model(adapter(lora.text_encoder_target_modules), text_encoder)
 
 
-def _save_lora_adapter(pipeline, modules: dict, output_dir: Path) -> None:
-    """The adapters alone, in diffusers' layout: `pipe.load_lora_weights(output_dir)` applies them to the base."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+def _save_lora_adapter(pipeline, modules: dict, output_dir: Path, single_file: bool) -> None:
+    """The adapters alone, in diffusers' layout: `pipe.load_lora_weights(output_dir)` applies them to
+    the base; with `single_file`, also in the kohya layout web UIs load."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
     from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
-    layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(module)) for name, module in modules.items()}
+    peft_layers = {name: get_peft_model_state_dict(module) for name, module in modules.items()}
+    layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(state) for name, state in peft_layers.items()}
     type(pipeline).save_lora_weights(output_dir, **layers, weight_name=LORA_WEIGHTS, safe_serialization=True)
+    if single_file:
+        prefixed = {f"{name}.{key}": tensor for name, state in peft_layers.items() for key, tensor in state.items()}
+        kohya = {key: tensor.contiguous() for key, tensor in convert_state_dict_to_kohya(prefixed).items()}
+        save_file(kohya, output_dir / SINGLE_FILE_LORA)
 
 
 def save_trained_pipeline(
@@ -332,7 +340,7 @@ def save_trained_pipeline(
         pipeline.to("cpu")
         output_dir.mkdir(parents=True, exist_ok=True)
         if metadata.get("method") == "lora":
-            _save_lora_adapter(pipeline, result.modules, output_dir)
+            _save_lora_adapter(pipeline, result.modules, output_dir, metadata.get("single_file", False))
         else:
             pipeline.save_pretrained(output_dir, safe_serialization=True)
         (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))

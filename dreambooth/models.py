@@ -22,6 +22,7 @@ from dreambooth.tiny_models import TINY_SCHEME, resolve_tiny_model
 
 METADATA_FILE = "dreambooth.json"  # beside every trained result: identifier, class noun, base model
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' adapter file name (load_lora_weights reads it)
+SINGLE_FILE_LORA = "lora_kohya.safetensors"  # the same adapter for web UIs (training.lora.export_single_file)
 HUB_PROBE_SECONDS = 8  # one metadata request; huggingface_hub may retry it once
 MIN_TOKENIZER_SIZE = 256  # a byte-level BPE has at least its 256 byte tokens; an empty load has 2
 _logger = logging.getLogger(__name__)
