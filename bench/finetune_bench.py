@@ -1,12 +1,15 @@
 """Fine-tune benchmark: training steps/s, peak memory and whole-job wall time.
 
-    python bench/finetune_bench.py [--base-model DIR] [--steps 200] [--class-images 50]
+    python bench/finetune_bench.py [--base-model DIR] [--steps 200] [--class-images 50] [--methods full,lora]
                                    [--reference-script PATH/TO/diffusers/examples/dreambooth/train_dreambooth.py]
 
 Every measurement runs in a fresh subprocess, so peak memory (max RSS, from wait4) belongs
 to that run alone. Steady-state steps/s is differential: two runs of the same job that
 differ only in step count, (long - short steps) / (long - short seconds), which cancels
 model loading, caching and saving for both tools alike.
+
+`--methods full,lora` measures the full fine-tune and the LoRA adapter (rank 4, lr 1e-4, as
+diffusers' LoRA example) side by side, with the size of what each saves.
 
 With --reference-script, diffusers' reference DreamBooth example runs on the same model,
 subject, prompts and settings (batch 1 subject + 1 class image, fp32, AdamW, lr 5e-6,
@@ -49,7 +52,7 @@ def _measure(command: list[str], log: Path, env: dict | None = None) -> tuple[fl
     return seconds, usage.ru_maxrss / 1024 / 1024  # ru_maxrss is in KiB on Linux
 
 
-def _our_config(base_model: str, work: Path, steps: int, class_images: int, args) -> dict:
+def _our_config(base_model: str, work: Path, steps: int, class_images: int, args, method: str = "full") -> dict:
     return {
         "model": {"base": base_model},
         "subject": {"class_noun": CLASS_NOUN, "identifier": IDENTIFIER, "min_image_size": 64, "name": "bench"},
@@ -62,8 +65,9 @@ def _our_config(base_model: str, work: Path, steps: int, class_images: int, args
             },
         },
         "training": {
+            "method": method,
             "max_steps": steps,
-            "learning_rate": 5e-6,
+            "learning_rate": 5e-6 if method == "full" else 1e-4,
             "batch_size": 1,
             "mixed_precision": "no",
             "optimizer": "adamw",
@@ -98,15 +102,18 @@ def _child(mode: str, config_path: str, subject: str, out: str) -> None:
         render_samples(out_dir / "model", config, out_dir / "samples")
 
 
-def _run_ours(mode: str, base_model: str, root: Path, steps: int, class_images: int, args, share_work: Path | None):
-    run_dir = Path(tempfile.mkdtemp(dir=root, prefix=f"ours-{mode}-{steps}-"))
+def _run_ours(mode: str, base_model: str, root: Path, steps: int, class_images: int, args, share_work: Path | None,
+              method: str = "full"):
+    """(wall seconds, peak RSS GB, bytes saved in the model folder) of one of our runs."""
+    run_dir = Path(tempfile.mkdtemp(dir=root, prefix=f"ours-{method}-{mode}-{steps}-"))
     work = share_work or run_dir / "work"
     config_path = run_dir / "config.json"
-    config_path.write_text(json.dumps(_our_config(base_model, work, steps, class_images, args)))
+    config_path.write_text(json.dumps(_our_config(base_model, work, steps, class_images, args, method)))
     # A fresh checkpoint folder each run: a benchmark must never resume.
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     command = [sys.executable, __file__, CHILD, mode, str(config_path), str(args.subject_dir), str(run_dir)]
-    return _measure(command, run_dir / "log.txt")
+    seconds, peak = _measure(command, run_dir / "log.txt")
+    return seconds, peak, sum(p.stat().st_size for p in (run_dir / "model").rglob("*") if p.is_file())
 
 
 def _run_reference(args, model_dir: str, root: Path, steps: int, class_dir: Path, resolution: int):
@@ -149,6 +156,7 @@ def main() -> None:
     parser.add_argument("--reference-script", type=Path, help="diffusers' examples/dreambooth/train_dreambooth.py")
     parser.add_argument("--reference-python", default=sys.executable, help="interpreter for the reference (it needs torchvision)")
     parser.add_argument("--skip-job", action="store_true", help="only the training-step measurement")
+    parser.add_argument("--methods", default="full", help="training methods to measure, comma separated: full, lora")
     args = parser.parse_args()
     args.subject_dir = args.subject_dir.resolve()
 
@@ -169,29 +177,29 @@ def main() -> None:
     # 1. Training step: both tools train on the same, already generated class images.
     shared_work = root / "shared-work"
     _run_ours("finetune", model_dir, root, 1, args.class_images, args, shared_work)  # fills the prior cache
-    short = _run_ours("finetune", model_dir, root, args.short_steps, args.class_images, args, shared_work)
-    long = _run_ours("finetune", model_dir, root, args.long_steps, args.class_images, args, shared_work)
-    ours_rate = (args.long_steps - args.short_steps) / (long[0] - short[0])
-    rows.append(("ours", ours_rate, long[1]))
+    for method in args.methods.split(","):
+        short = _run_ours("finetune", model_dir, root, args.short_steps, args.class_images, args, shared_work, method)
+        long = _run_ours("finetune", model_dir, root, args.long_steps, args.class_images, args, shared_work, method)
+        rows.append((f"ours ({method})", (args.long_steps - args.short_steps) / (long[0] - short[0]), long[1], long[2]))
     if args.reference_script:
         class_dir = next((shared_work / "class-priors").iterdir())  # the same images, as files the reference reads
         reference_classes = root / "reference-classes"
         shutil.copytree(class_dir, reference_classes)
         ref_short = _run_reference(args, model_dir, root, args.short_steps, reference_classes, resolution)
         ref_long = _run_reference(args, model_dir, root, args.long_steps, reference_classes, resolution)
-        rows.append(("diffusers reference", (args.long_steps - args.short_steps) / (ref_long[0] - ref_short[0]), ref_long[1]))
+        rows.append(("diffusers reference", (args.long_steps - args.short_steps) / (ref_long[0] - ref_short[0]), ref_long[1], None))
 
     print(f"\nfine-tune step, steady state ({args.short_steps} vs {args.long_steps} steps, batch 1 subject + 1 class, fp32 AdamW)")
-    print(f"{'':22}{'steps/s':>10}{'peak RSS GB':>14}")
-    for name, rate, peak in rows:
-        print(f"{name:22}{rate:10.2f}{peak:14.2f}")
-    if len(rows) == 2:
-        print(f"{'ours / reference':22}{rows[0][1] / rows[1][1]:10.2f}x{rows[0][2] / rows[1][2]:13.2f}x")
+    print(f"{'':22}{'steps/s':>10}{'peak RSS GB':>14}{'saved MB':>12}")
+    for name, rate, peak, saved in rows:
+        print(f"{name:22}{rate:10.2f}{peak:14.2f}{saved / 1e6 if saved else float('nan'):12.3f}")
+    if rows[-1][0] == "diffusers reference":
+        print(f"{'ours / reference':22}{rows[0][1] / rows[-1][1]:10.2f}x{rows[0][2] / rows[-1][2]:13.2f}x")
 
     if args.skip_job:
         return
     # 2. The whole job for one subject, from nothing: class priors + fine-tune (+ samples for ours).
-    ours_job = _run_ours("job", model_dir, root, args.steps, args.class_images, args, None)
+    ours_job = _run_ours("job", model_dir, root, args.steps, args.class_images, args, None, args.methods.split(",")[0])
     print(f"\nwhole job: {args.class_images} class images + {args.steps} steps"
           f" (ours: {args.prior_scheduler} {args.prior_steps} steps, batch {args.prior_batch}; + sample grid)")
     print(f"{'ours':22}{ours_job[0]:9.1f} s{ours_job[1]:13.2f} GB")

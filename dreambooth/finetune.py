@@ -4,7 +4,8 @@ Subject images are captioned `a [V] [class noun]`, the frozen model's class imag
 `a [class noun]`; each step denoises one batch holding both (paper sec. 4.2). The VAE
 never changes, so every image is encoded once up front and its latent distribution cached;
 with a frozen text encoder the two prompt embeddings are cached too. A step then costs
-only the UNet (and the text encoder when it trains).
+only the UNet (and the text encoder when it trains). `training.method` picks what trains: every
+UNet weight (full, the paper), or low-rank adapters on its attention projections (lora).
 """
 
 from __future__ import annotations
@@ -174,7 +175,8 @@ def finetune(
     output_dir: Path,
     on_log: Optional[OnLog] = None,
 ) -> FinetuneResult:
-    """Fine-tune config.model.base on the subject; write a full diffusers pipeline to output_dir."""
+    """Fine-tune config.model.base on the subject; write a full diffusers pipeline (or, for LoRA,
+    the adapter and its base-model reference) to output_dir."""
     from diffusers import DDPMScheduler
 
     settings = split_batch(config.training, process_state().num_processes)
