@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dreambooth.errors import InputError, TrainingDiverged
-from dreambooth.finetune import FinetuneResult
+from dreambooth.training.saving import FinetuneResult
 
 STAGES = ("finetune", "superres")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from dreambooth.config import RunConfig
-from dreambooth.finetune import METADATA_FILE
+from dreambooth.models import METADATA_FILE
 from dreambooth.images import labelled_grid
 from dreambooth.generation import generate, load_sampling_pipeline
 

@@ -6,7 +6,7 @@ condition is noised by its low-resolution scheduler at a noise level that also g
 UNet as its class label; we draw that level per example from a low range
 (`superres.train_noise_levels`), so the model learns to keep the detail a nearly clean
 condition carries instead of inventing texture. The loop, loss, caching, checkpoints and
-resume are the base fine-tune's own (dreambooth.training, dreambooth.finetune).
+resume are the base fine-tune's own (dreambooth.training).
 """
 
 from __future__ import annotations
@@ -19,20 +19,12 @@ from PIL import Image
 
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
-from dreambooth.finetune import (
-    DenoisingBatch,
-    FinetuneResult,
-    denoising_loss,
-    encode_views,
-    pixels,
-    save_trained_pipeline,
-    training_fingerprint,
-    training_views,
-)
 from dreambooth.images import list_images
 from dreambooth.priors import class_images_for
+from dreambooth.training.data import encode_views, pixels, training_fingerprint, training_views
 from dreambooth.training.loop import OnLog, process_state, split_batch, train
-from dreambooth.training.losses import LossTerms
+from dreambooth.training.losses import DenoisingBatch, LossTerms, denoising_loss
+from dreambooth.training.saving import FinetuneResult, save_trained_pipeline
 
 UPSCALE_FACTOR = 4
 

@@ -14,7 +14,8 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
 from dreambooth.errors import InputError
-from dreambooth.finetune import METADATA_FILE, finetune
+from dreambooth.finetune import finetune
+from dreambooth.models import METADATA_FILE
 from dreambooth.ingest import ingest_subject
 from dreambooth.priors import generate_class_priors
 

@@ -4,7 +4,7 @@ import shutil
 
 from PIL import Image
 
-from dreambooth.finetune import METADATA_FILE
+from dreambooth.models import METADATA_FILE
 from dreambooth.images import MIN_GRID_CELL as MIN_CELL
 from dreambooth.samples import render_samples
 

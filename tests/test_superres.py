@@ -6,7 +6,8 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionUpscalePipeline
 from PIL import Image
 
-from dreambooth.finetune import DenoisingBatch, denoising_loss, encode_views, training_views
+from dreambooth.training.data import encode_views, training_views
+from dreambooth.training.losses import DenoisingBatch, denoising_loss
 from dreambooth.images import list_images
 from dreambooth.ingest import ingest_subject
 from dreambooth.models import resolve_model_source

@@ -31,7 +31,7 @@ from dreambooth.evaluation.metrics import (
     mean_pairwise_similarity,
 )
 from dreambooth.evaluation.prompts import EvaluationPrompt, is_live_subject, load_prompts, without_identifier
-from dreambooth.finetune import METADATA_FILE
+from dreambooth.models import METADATA_FILE
 from dreambooth.generation import generate, generate_files, load_sampling_pipeline, planned_generators
 from dreambooth.images import labelled_grid, list_images, load_rgb
 

@@ -1,1 +1,2 @@
-"""Shared training machinery: the loop (loop.py) and the DreamBooth loss (losses.py)."""
+"""Shared training machinery: the loop (loop.py), the DreamBooth loss and batches (losses.py),
+prepared data and latent caches (data.py), LoRA adapters (lora.py) and saving results (saving.py)."""

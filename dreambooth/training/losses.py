@@ -1,4 +1,8 @@
-"""The DreamBooth objective: denoising loss on the subject plus the class-specific prior loss."""
+"""The DreamBooth objective: denoising loss on the subject plus the class-specific prior loss.
+
+A batch holds the subject examples first and the class examples after them; `denoising_loss`
+noises it, asks the denoiser and scores the prediction against its target (epsilon or v).
+"""
 
 from __future__ import annotations
 
@@ -58,3 +62,56 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
     snr = abar / (1.0 - abar)
     clipped = torch.clamp(snr, max=gamma)
     return (clipped / (snr + 1.0) if v_prediction else clipped / snr).float()
+
+
+@dataclass
+class DenoisingBatch:
+    """One training batch: subject examples first, then class examples."""
+
+    latents: torch.Tensor  # scaled by the VAE's scaling factor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    embeddings: torch.Tensor  # text-encoder hidden states, one row per example
+    num_instance: int
+    # Upscalers: the noised low-resolution image, concatenated to the latents, and its noise level.
+    condition: Optional[torch.Tensor] = None
+    class_labels: Optional[torch.Tensor] = None
+
+    @classmethod
+    def draw(
+        cls, latents, embeddings, num_instance: int, generator, num_train_timesteps: int, device,
+        noise_offset: float = 0.0, **conditioning,
+    ):
+        """Fresh noise and a uniform timestep per example, from the step's generator.
+
+        `noise_offset` adds a per-channel constant to the noise, so the model also learns to
+        change an image's overall brightness (very dark or light images).
+        """
+        noise = torch.randn(latents.shape, generator=generator)
+        if noise_offset:
+            noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
+        return cls(
+            latents=latents,
+            noise=noise.to(device),
+            timesteps=torch.randint(num_train_timesteps, (latents.shape[0],), generator=generator).to(device),
+            embeddings=embeddings,
+            num_instance=num_instance,
+            **conditioning,
+        )
+
+
+def denoising_loss(
+    unet, noise_scheduler, batch: DenoisingBatch, prior_weight: float, snr_gamma: Optional[float] = None
+) -> LossTerms:
+    """Noise the latents at their timesteps, predict, and apply the prior-preservation loss
+    (min-SNR weighted per example when `snr_gamma` is set)."""
+    noisy = noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+    if batch.condition is not None:
+        noisy = torch.cat([noisy, batch.condition], dim=1)
+    prediction = unet(noisy, batch.timesteps, batch.embeddings, class_labels=batch.class_labels).sample
+    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"  # SD 2.x 768 px models
+    target = noise_scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps) if v_prediction else batch.noise
+    weights = None
+    if snr_gamma is not None:
+        weights = min_snr_weights(noise_scheduler.alphas_cumprod, batch.timesteps, snr_gamma, v_prediction)
+    return prior_preservation_loss(prediction, target, batch.num_instance, prior_weight, weights)

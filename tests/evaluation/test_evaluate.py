@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from dreambooth.evaluation.evaluate import PRES_SEED_OFFSET, RESULTS_FILE, evaluate_model
-from dreambooth.finetune import METADATA_FILE
+from dreambooth.models import METADATA_FILE
 from dreambooth.generation import generate, load_sampling_pipeline
 
 

@@ -5,8 +5,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from dreambooth.finetune import DenoisingBatch, denoising_loss
-from dreambooth.training.losses import prior_preservation_loss
+from dreambooth.training.losses import DenoisingBatch, denoising_loss, prior_preservation_loss
 
 
 @pytest.fixture(scope="module")
