@@ -70,7 +70,7 @@ def validate_cron(expression: str) -> str:
 TOKEN_ENV = "KF_PIPELINES_TOKEN"  # a bearer token obtained elsewhere (e.g. gcloud auth print-identity-token)
 COOKIES_ENV = "KF_PIPELINES_COOKIES"  # a Dex/oauth2-proxy session, e.g. "authservice_session=..."
 TOKEN_FILE_ENV = "KF_PIPELINES_SA_TOKEN_PATH"  # kfp's own name for a service-account token file
-PROBE_SECONDS = 10
+PROBE_SECONDS = 10  # one request to a service preflight or submit checks
 WAIT_POLL_SECONDS = 15
 
 

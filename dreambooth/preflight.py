@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 from urllib.parse import quote, urlsplit
 
+from dreambooth.cluster import PROBE_SECONDS
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
 
 PLACEHOLDER_DIGEST = re.compile(r"@sha256:0{64}$")
-PROBE_SECONDS = 10
 
 
 @dataclass(frozen=True)
