@@ -32,6 +32,8 @@ class ModelSettings(Section):
     # offline random model built by dreambooth.tiny_models.
     base: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     revision: Optional[str] = None
+    # sd (1.x/2.x), sdxl or flux; None: read from the model's model_index.json. Picks the training recipe.
+    family: Optional[Literal["sd", "sdxl", "flux"]] = None
     # None: the model's native size (UNet sample size x VAE scale factor, 512 for SD 1.x).
     resolution: Optional[int] = Field(default=None, gt=0)
 
@@ -120,6 +122,8 @@ class TrainingSettings(Section):
     # Min-SNR-gamma loss weighting (5 is the paper's value); None: unweighted, as DreamBooth.
     snr_gamma: Optional[float] = Field(default=None, gt=0)
     noise_offset: float = Field(default=0.0, ge=0)  # e.g. 0.05: learns overall brightness too
+    # Flux: the value its guidance embedding gets while training (diffusers' example uses 3.5).
+    guidance_scale: float = Field(default=3.5, ge=0)
     train_text_encoder: bool = False
     text_encoder_learning_rate: Optional[float] = Field(default=None, gt=0)
     batch_size: int = Field(default=1, ge=1)

@@ -41,8 +41,8 @@ def _words(text: str) -> set[str]:
     return set(re.findall(r"[a-z]+", text.lower()))
 
 
-def rare_token_candidates(tokenizer, token_range: tuple[int, int], avoid: set[str]) -> list[tuple[int, str]]:
-    """(id, text) of usable rare tokens in `token_range`, in id order."""
+def rare_token_candidates(tokenizer, token_range: tuple[int, int], avoid: set[str], others: tuple = ()) -> list[tuple[int, str]]:
+    """(id, text) of usable rare tokens in `token_range`, in id order; one token in each of `others` too."""
     low, high = token_range
     ordinary = common_short_words()
     candidates = []
@@ -56,6 +56,8 @@ def rare_token_candidates(tokenizer, token_range: tuple[int, int], avoid: set[st
             continue
         if tokenizer(text, add_special_tokens=False)["input_ids"] != [token_id]:
             continue
+        if any(len(other(text, add_special_tokens=False)["input_ids"]) != 1 for other in others):
+            continue
         candidates.append((token_id, text))
     return sorted(candidates)
 
@@ -67,9 +69,11 @@ def select_rare_identifier(
     token_range: tuple[int, int],
     num_tokens: int = 1,
     seed: int = 0,
+    other_tokenizers: tuple = (),
 ) -> IdentifierChoice:
+    """A random pick among the rare tokens of `tokenizer` (and single tokens of `other_tokenizers`: SDXL's second)."""
     avoid = _words(class_noun) | set().union(*(_words(t.replace("{identifier}", "")) for t in prompt_templates))
-    candidates = rare_token_candidates(tokenizer, token_range, avoid)
+    candidates = rare_token_candidates(tokenizer, token_range, avoid, other_tokenizers)
     if len(candidates) < num_tokens:
         raise InputError(
             f"subject.identifier_token_range: [{token_range[0]}, {token_range[1]}) holds {len(candidates)} usable rare tokens "
@@ -86,15 +90,16 @@ def select_rare_identifier(
     return IdentifierChoice(identifier=identifier, token_ids=ids, source="selected", reason=reason)
 
 
-def check_user_identifier(tokenizer, identifier: str, class_noun: str) -> IdentifierChoice:
+def check_user_identifier(tokenizer, identifier: str, class_noun: str, other_tokenizers: tuple = ()) -> IdentifierChoice:
     identifier = identifier.strip()
     if not identifier:
         raise InputError("subject.identifier: empty; leave it unset to pick a rare token automatically")
     ids = tokenizer(identifier, add_special_tokens=False)["input_ids"]
-    if not 1 <= len(ids) <= 3:
-        raise InputError(
-            f"subject.identifier: {identifier!r} is {len(ids)} tokens of this model's tokenizer; use 1-3 tokens"
-        )
+    for index, checked in enumerate((tokenizer, *other_tokenizers)):
+        count = len(checked(identifier, add_special_tokens=False)["input_ids"])
+        if not 1 <= count <= 3:
+            which = "this model's tokenizer" if index == 0 else f"this model's tokenizer {index + 1}"
+            raise InputError(f"subject.identifier: {identifier!r} is {count} tokens of {which}; use 1-3 tokens")
     if _words(identifier) & _words(class_noun):
         raise InputError(f"subject.identifier: {identifier!r} overlaps the class noun {class_noun!r}")
     ordinary = sorted(_words(identifier) & common_short_words())

@@ -16,7 +16,7 @@ from dreambooth.config import RunConfig, require_subject
 from dreambooth.errors import InputError
 from dreambooth.identifiers import IdentifierChoice, check_user_identifier, select_rare_identifier
 from dreambooth.images import load_rgb
-from dreambooth.models import load_tokenizer
+from dreambooth.models import load_tokenizer, model_family
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,9 @@ def ingest_subject(subject_dir: Path, output_dir: Path, config: RunConfig) -> In
         )
         log.warning(warnings[-1])
 
-    tokenizer = load_tokenizer(config.model.base, config.model.revision)
+    tokenizer, *others = identifier_tokenizers(config)
     if settings.identifier:
-        choice = check_user_identifier(tokenizer, settings.identifier, settings.class_noun)
+        choice = check_user_identifier(tokenizer, settings.identifier, settings.class_noun, tuple(others))
     else:
         choice = select_rare_identifier(
             tokenizer,
@@ -111,6 +111,7 @@ def ingest_subject(subject_dir: Path, output_dir: Path, config: RunConfig) -> In
             settings.identifier_token_range,
             settings.identifier_num_tokens,
             settings.identifier_seed,
+            tuple(others),
         )
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -138,6 +139,15 @@ def ingest_subject(subject_dir: Path, output_dir: Path, config: RunConfig) -> In
     )
     (output_dir / MANIFEST_FILE).write_text(json.dumps(result.as_manifest(), indent=2))
     return result
+
+
+def identifier_tokenizers(config: RunConfig) -> list:
+    """The model's CLIP tokenizers the identifier must be one rare token of (SDXL has two)."""
+    from dreambooth.training.recipes import recipe_class
+
+    model = config.model
+    names = recipe_class(model_family(model.base, model.revision, declared=model.family)).identifier_tokenizers
+    return [load_tokenizer(config.model.base, config.model.revision, name) for name in names]
 
 
 def read_manifest(folder: Path) -> dict:

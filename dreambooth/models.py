@@ -25,6 +25,13 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' adapter file nam
 SINGLE_FILE_LORA = "lora_kohya.safetensors"  # the same adapter for web UIs (training.lora.export_single_file)
 HUB_PROBE_SECONDS = 8  # one metadata request; huggingface_hub may retry it once
 MIN_TOKENIZER_SIZE = 256  # a byte-level BPE has at least its 256 byte tokens; an empty load has 2
+# model_index.json's pipeline class -> model family (config model.family); each has a training recipe.
+FAMILIES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "FluxPipeline": "flux",
+    "StableDiffusionUpscalePipeline": "sd-upscaler",
+}
 _logger = logging.getLogger(__name__)
 
 
@@ -118,16 +125,42 @@ def _load_error(reference: str, what: str, error: Exception) -> InputError:
     return InputError(f"model.base: cannot load the {what} of {reference!r} ({reason})")
 
 
-def load_tokenizer(reference: str, revision: Optional[str] = None):
+def _model_index(reference: str, revision: Optional[str], setting: str) -> dict:
+    source = resolve_model_source(reference, revision, setting)
+    try:
+        if Path(source).is_dir():
+            return json.loads((Path(source) / "model_index.json").read_text())
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(source, "model_index.json", revision=revision)).read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"{setting}: {reference!r} has no readable model_index.json, so it is no diffusers pipeline ({error})") from None
+
+
+def model_family(reference: str, revision: Optional[str] = None, setting: str = "model.base", declared: Optional[str] = None) -> str:
+    """sd, sdxl, flux or sd-upscaler, from the pipeline class in model_index.json (a LoRA result: its base's);
+    a `declared` family (config model.family) must agree."""
+    if (base := adapter_base(reference)) is not None:
+        return model_family(base[0], base[1], setting, declared)
+    pipeline_class = _model_index(reference, revision, setting).get("_class_name")
+    if pipeline_class not in FAMILIES:
+        raise InputError(f"{setting}: {reference!r} is a {pipeline_class}; supported: {', '.join(FAMILIES)}")
+    if declared and declared != FAMILIES[pipeline_class]:
+        raise InputError(f"model.family: {declared}, but {reference!r} is a {FAMILIES[pipeline_class]} model")
+    return FAMILIES[pipeline_class]
+
+
+def load_tokenizer(reference: str, revision: Optional[str] = None, subfolder: str = "tokenizer"):
+    """A CLIP tokenizer of the model (`subfolder`: tokenizer, or SDXL's tokenizer_2)."""
     from transformers import CLIPTokenizer
 
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(resolve_model_source(reference, revision), subfolder="tokenizer", revision=revision)
+        tokenizer = CLIPTokenizer.from_pretrained(resolve_model_source(reference, revision), subfolder=subfolder, revision=revision)
     except (OSError, ValueError) as error:
-        raise _load_error(reference, "tokenizer", error) from None
+        raise _load_error(reference, subfolder, error) from None
     # transformers 5 builds an empty tokenizer when its files are missing instead of failing.
     if len(tokenizer) < MIN_TOKENIZER_SIZE:
-        raise InputError(f"model.base: the tokenizer of {reference!r} has {len(tokenizer)} tokens; its files are missing or broken")
+        raise InputError(f"model.base: the {subfolder} of {reference!r} has {len(tokenizer)} tokens; its files are missing or broken")
     return tokenizer
 
 
@@ -159,14 +192,11 @@ def load_pipeline(
         pipeline = load_pipeline(base[0], base[1], torch_dtype, device)
         pipeline.load_lora_weights(reference, weight_name=LORA_WEIGHTS)
         return pipeline
+    source = resolve_model_source(reference, revision)
+    # Only SD 1.x/2.x pipelines carry a safety checker (the others warn about the keyword).
+    no_checker = dict(safety_checker=None, requires_safety_checker=False) if model_family(source) == "sd" else {}
     try:
-        pipeline = DiffusionPipeline.from_pretrained(
-            resolve_model_source(reference, revision),
-            revision=revision,
-            dtype=torch_dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
+        pipeline = DiffusionPipeline.from_pretrained(source, revision=revision, dtype=torch_dtype, **no_checker)
     except (OSError, ValueError, EnvironmentError) as error:
         raise _load_error(reference, "pipeline", error) from None
     pipeline.set_progress_bar_config(disable=True)
@@ -180,6 +210,13 @@ def use_sampler(pipeline, scheduler_name: str) -> None:
     scheduler_class = getattr(diffusers, scheduler_name, None)
     if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
         raise InputError(f"sampler.scheduler: {scheduler_name!r} is not a diffusers scheduler class")
+    current, compatible = type(pipeline.scheduler), pipeline.scheduler.compatibles
+    if scheduler_class is not current and scheduler_class not in compatible:
+        # e.g. a DDPM-family sampler on a flow-matching model (Flux): it would draw noise
+        raise InputError(
+            f"sampler.scheduler: {scheduler_name} cannot sample this model (its scheduler is {current.__name__}; "
+            f"compatible: {', '.join(sorted(c.__name__ for c in compatible))})"
+        )
     pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
 
 
@@ -194,7 +231,10 @@ def inference_dtype(precision: str = "auto") -> torch.dtype:
 
 
 def native_resolution(pipeline) -> int:
-    return pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    """The size a pipeline draws by default: 512 for SD 1.x, 1024 for SDXL and Flux."""
+    if hasattr(pipeline, "unet"):
+        return pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    return pipeline.default_sample_size * pipeline.vae_scale_factor
 
 
 @dataclass(frozen=True)

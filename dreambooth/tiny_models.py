@@ -9,7 +9,9 @@ facebook/dino-vits16, openai/clip-vit-base-patch32 and an LPIPS AlexNet folder.
 
 `tiny://sd` is the fast test model (64 px, 0.8M-parameter UNet); `tiny://sd-bench` has
 Stable Diffusion's UNet layout (4 levels, 2 layers each) at 17.6M parameters (64 px), the
-CPU benchmark's model.
+CPU benchmark's model. `tiny://sdxl` and `tiny://flux` are the other families' layouts at 64 px:
+SDXL's two CLIP text encoders and time-conditioned UNet, Flux's CLIP + T5 encoders, guidance-
+embedding transformer, 16-channel packing VAE and flow-matching scheduler.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 TINY_SCHEME = "tiny://"
 # Bump when a builder changes, so cached folders are rebuilt.
 BUILDER_VERSION = 2
+TINY_T5_MAX_LENGTH = 512  # Flux's default max_sequence_length
 
 # Words the tiny tokenizer knows as whole tokens: enough for the shipped prompts.
 _COMMON_WORDS = (
@@ -96,6 +99,18 @@ def build_tiny_tokenizer():
     vocab["<|endoftext|>"] = len(vocab)
 
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def build_tiny_t5_tokenizer():
+    """A sentencepiece-style (Unigram) T5 tokenizer over the same words, in the layout Flux loads."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(char, -5.0) for char in string.ascii_lowercase + string.digits + string.punctuation]
+    vocab += [("\u2581" + word, -3.0) for word in _COMMON_WORDS]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=TINY_T5_MAX_LENGTH)
 
 
 def _tiny_text_config(tokenizer, hidden: int) -> dict:
@@ -182,6 +197,80 @@ def build_tiny_stable_diffusion(out_dir: Path, variant: str = "sd", seed: int = 
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def _tiny_vae(latent_channels: int = 4, **config):
+    """A two-level KL VAE (8x -> 2x downsampling): 64 px images, 32 px latents."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(32, 64),
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, sample_size=64, **config,
+    )
+
+
+def build_tiny_sdxl(out_dir: Path, seed: int = 0) -> Path:
+    """A random StableDiffusionXLPipeline: two CLIP text encoders (the second with a projection, whose
+    pooled output and the size/crop time ids condition the UNet), their hidden states concatenated."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer()
+    hidden, time_embed = 32, 8
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        cross_attention_dim=2 * hidden,  # both encoders' hidden states, side by side
+        addition_embed_type="text_time", addition_time_embed_dim=time_embed,
+        projection_class_embeddings_input_dim=6 * time_embed + hidden,  # 6 time ids + the pooled embedding
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=_tiny_vae(scaling_factor=0.13025),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**_tiny_text_config(tokenizer, hidden))),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**_tiny_text_config(tokenizer, hidden), projection_dim=hidden)),
+        tokenizer=tokenizer,
+        tokenizer_2=build_tiny_tokenizer(),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+        ),
+    )
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def build_tiny_flux(out_dir: Path, seed: int = 0) -> Path:
+    """A random FluxPipeline (FLUX.1-dev's layout): CLIP pooled + T5 sequence conditioning, a
+    guidance-embedding transformer over 2x2-packed latents, the flow-matching scheduler."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_t5_tokenizer()
+    hidden, latent_channels = 32, 4
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=hidden, d_kv=8, d_ff=64, num_layers=2, num_heads=4))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=hidden, pooled_projection_dim=hidden, axes_dims_rope=(4, 4, 8),
+        guidance_embeds=True,
+    )
+    pipeline = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+        ),
+        vae=_tiny_vae(latent_channels, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**_tiny_text_config(tokenizer, hidden))),
+        tokenizer=tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
     )
     pipeline.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
@@ -290,6 +379,8 @@ _BUILDERS = {
     "clip": build_tiny_clip,
     "lpips": build_tiny_lpips,
     "sd-upscaler": build_tiny_upscaler,
+    "sdxl": build_tiny_sdxl,
+    "flux": build_tiny_flux,
 }
 
 

@@ -30,12 +30,19 @@ def cli(*args, cwd, env=None, timeout=900):
     )
 
 
-def quick_config(folder: Path, experiment="dreambooth", gate=None, superres=True, **training) -> str:
-    """The tiny config, shrunk further so a whole pipeline run takes well under a minute per subject."""
+def quick_config(folder: Path, experiment="dreambooth", gate=None, superres=True, base="tiny", **training) -> str:
+    """The tiny config (or `base`, a tiny config extending it), shrunk further so a whole pipeline run
+    takes well under a minute per subject."""
     import yaml
+
+    from dreambooth.config import merge_settings
 
     path = folder / f"quick-{experiment}.yaml"
     raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    if base != "tiny":
+        family = yaml.safe_load((REPO / "configs" / f"{base}.yaml").read_text())
+        assert family.pop("extends") == "tiny"
+        raw = merge_settings(raw, family)
     raw["priors"]["num_class_images"] = 4
     raw["training"].update({"max_steps": 8, "checkpoint_every": 4, **training})
     raw["tracking"] = {"experiment": experiment}

@@ -192,20 +192,35 @@ def test_evaluate_alone_scores_a_model_trained_elsewhere(tiny_model_dir, tmp_pat
 
 
 @pytest.mark.slow
-def test_a_lora_run_goes_through_every_stage_and_registers_megabytes(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("family", ["tiny", "tiny-sdxl", "tiny-flux"])
+def test_a_lora_run_goes_through_every_stage_and_registers_megabytes(tmp_path, family):
+    """SD, SDXL and Flux: LoRA through every stage, an adapter diffusers loads, registered with MLflow's flavour."""
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline
+
     from conftest import run_without_repository
-    from dreambooth.models import LORA_WEIGHTS
+    from dreambooth.models import LORA_WEIGHTS, resolve_model_source
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = quick_config(tmp_path, experiment="lora", superres=False, method="lora", learning_rate=1e-3,
+    config = quick_config(tmp_path, experiment="lora", superres=False, base=family, method="lora", learning_rate=1e-3,
                           validation_every=4, validation_images=1, validation_inference_steps=2)
     result = cli("run", "--config", config, "--subject-dir", str(SAMPLE_SUBJECT), "--class-noun", "dog",
                  "--output-dir", str(tmp_path / "outputs"), "--tracking-uri", tracking, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     printed = _subject_lines(result.stdout)
     adapter = Path(printed["model"])
-    assert (adapter / LORA_WEIGHTS).is_file() and not (adapter / "unet").exists()
+    assert (adapter / LORA_WEIGHTS).is_file() and not (adapter / "unet").exists() and not (adapter / "transformer").exists()
     assert printed["quality gate"].startswith("passed")  # samples and evaluation ran on base + adapter
+
+    # diffusers' own loader applies it on the base, and it changes the image
+    base_dir = resolve_model_source(load_config(config).model.base)
+    base = DiffusionPipeline.from_pretrained(base_dir)
+    draw = dict(num_inference_steps=2, height=64, width=64, output_type="np")
+    plain = base("a dog", generator=torch.Generator().manual_seed(0), **draw).images[0]
+    base.load_lora_weights(adapter)
+    adapted = base("a dog", generator=torch.Generator().manual_seed(0), **draw).images[0]
+    assert np.abs(adapted - plain).max() > 1e-3
 
     import mlflow
 
@@ -219,7 +234,7 @@ def test_a_lora_run_goes_through_every_stage_and_registers_megabytes(tmp_path, t
     downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/dreambooth-dog/{version.version}", dst_path=str(tmp_path / "registered")))
     assert "diffusers" in yaml.safe_load((downloaded / "MLmodel").read_text())["flavors"]  # MLflow's own LoRA flavour
     registered_bytes = sum(p.stat().st_size for p in downloaded.rglob("*") if p.is_file())
-    full_bytes = sum(p.stat().st_size for p in tiny_model_dir.rglob("*") if p.is_file())
+    full_bytes = sum(p.stat().st_size for p in Path(base_dir).rglob("*") if p.is_file())
     assert registered_bytes < 0.05 * full_bytes, (registered_bytes, full_bytes)
 
     # In a process that cannot import this repository: MLflow and diffusers alone load it.

@@ -11,7 +11,8 @@ from dreambooth.training.losses import DenoisingBatch, denoising_loss
 from dreambooth.images import list_images
 from dreambooth.ingest import ingest_subject
 from dreambooth.models import resolve_model_source
-from dreambooth.superres import finetune_upscaler, low_resolution, noised_condition
+from dreambooth.superres import finetune_upscaler
+from dreambooth.training.recipes.upscaler import low_resolution, noised_condition
 
 
 @pytest.fixture
@@ -50,7 +51,7 @@ def _held_in_loss(model_dir, subject_dir, identifier, config) -> float:
                 embeddings=embeddings,
                 num_instance=count,
                 condition=noised_condition(low, torch.randn(low.shape, generator=generator), levels, pipeline.low_res_scheduler),
-                class_labels=levels,
+                denoiser_kwargs={"class_labels": levels},
             )
             total += denoising_loss(pipeline.unet, scheduler, batch, 0.0).total.item()
     return total / 3

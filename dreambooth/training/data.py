@@ -24,11 +24,11 @@ class LatentCache:
     mean: torch.Tensor
     std: torch.Tensor
 
-    def sample(self, indices: torch.Tensor, generator: torch.Generator, scaling_factor: float) -> torch.Tensor:
+    def sample(self, indices: torch.Tensor, generator: torch.Generator, scaling_factor: float, shift_factor: float = 0.0) -> torch.Tensor:
         # A fresh draw from the cached distribution each step, as encoding anew would give.
         mean, std = self.mean[indices], self.std[indices]
         eps = torch.randn(mean.shape, generator=generator).to(mean.device, mean.dtype)
-        return (mean + std * eps) * scaling_factor
+        return (mean + std * eps - shift_factor) * scaling_factor
 
     def __len__(self) -> int:
         return self.mean.shape[0]

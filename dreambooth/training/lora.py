@@ -10,8 +10,17 @@ import torch
 from dreambooth.models import LORA_WEIGHTS, SINGLE_FILE_LORA
 
 
-def add_lora_adapters(unet, text_encoder, settings) -> None:
-    """Freeze the weights and attach trainable low-rank adapters (peft) to the attention projections."""
+HALF_PRECISION = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def add_lora_adapters(denoiser, text_encoders: list, settings) -> None:
+    """Freeze the weights and attach trainable low-rank adapters (peft) to the attention projections
+    of the denoiser (UNet or transformer) and of `text_encoders`.
+
+    With mixed precision the frozen weights are stored in its half type (they only feed autocast):
+    half the memory, which is what fits SDXL or Flux on one GPU; the adapters stay float32.
+    """
+    from diffusers.training_utils import cast_training_params
     from peft import LoraConfig, inject_adapter_in_model
 
     lora = settings.lora
@@ -20,14 +29,19 @@ def add_lora_adapters(unet, text_encoder, settings) -> None:
         return LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, lora_dropout=lora.dropout,
                           target_modules=targets, use_dora=lora.use_dora, init_lora_weights="gaussian")
 
-    unet.requires_grad_(False)
+    frozen_dtype = HALF_PRECISION.get(settings.mixed_precision)
+    for module in (denoiser, *text_encoders):
+        module.requires_grad_(False)
+        if frozen_dtype is not None:
+            module.to(frozen_dtype)
     # The adapters' random initialisation follows training.seed, so a run is reproducible.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        unet.add_adapter(adapter(lora.target_modules))
-        if settings.train_text_encoder:
+        denoiser.add_adapter(adapter(lora.target_modules))
+        for text_encoder in text_encoders:
             # peft directly: transformers' own add_adapter wants a newer peft than the registry has
             inject_adapter_in_model(adapter(lora.text_encoder_target_modules), text_encoder)
+    cast_training_params([denoiser, *text_encoders], dtype=torch.float32)
 
 
 def save_lora_adapter(pipeline, modules: dict, output_dir: Path, single_file: bool) -> None:

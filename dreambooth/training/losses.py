@@ -1,12 +1,13 @@
 """The DreamBooth objective: denoising loss on the subject plus the class-specific prior loss.
 
 A batch holds the subject examples first and the class examples after them; `denoising_loss`
-noises it, asks the denoiser and scores the prediction against its target (epsilon or v).
+noises it, asks the denoiser and scores the prediction against its target (epsilon or v). Flux's
+flow-matching objective lives in its recipe and shares `prior_preservation_loss`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -73,9 +74,10 @@ class DenoisingBatch:
     timesteps: torch.Tensor
     embeddings: torch.Tensor  # text-encoder hidden states, one row per example
     num_instance: int
-    # Upscalers: the noised low-resolution image, concatenated to the latents, and its noise level.
+    # Channels concatenated to the noisy latents (the upscaler's noised low-resolution image).
     condition: Optional[torch.Tensor] = None
-    class_labels: Optional[torch.Tensor] = None
+    # More conditioning the denoiser takes by keyword: the upscaler's noise level, SDXL's pooled text and time ids.
+    denoiser_kwargs: dict = field(default_factory=dict)
 
     @classmethod
     def draw(
@@ -108,7 +110,7 @@ def denoising_loss(
     noisy = noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
     if batch.condition is not None:
         noisy = torch.cat([noisy, batch.condition], dim=1)
-    prediction = unet(noisy, batch.timesteps, batch.embeddings, class_labels=batch.class_labels).sample
+    prediction = unet(noisy, batch.timesteps, batch.embeddings, **batch.denoiser_kwargs).sample
     v_prediction = noise_scheduler.config.prediction_type == "v_prediction"  # SD 2.x 768 px models
     target = noise_scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps) if v_prediction else batch.noise
     weights = None

@@ -1,0 +1,75 @@
+"""The one fine-tune driver: every model family and method, through its recipe.
+
+The VAE never changes, so every image is encoded once up front and its latent distribution
+cached; with frozen text encoders the prompts' conditioning is cached too. A step then costs only
+the denoiser (and the text encoders that train). `training.method` picks what trains: every
+denoiser weight (full, the paper), or low-rank adapters on its attention projections (lora).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dreambooth.training.lora import add_lora_adapters
+from dreambooth.training.loop import OnLog, OnStep, TrainingResult, train
+from dreambooth.training.losses import LossTerms
+from dreambooth.training.recipes import Recipe
+
+
+@dataclass
+class FinetuneJob:
+    recipe: Recipe  # holds the loaded pipeline and the per-process training settings
+    instance_images: list[Path]
+    class_images: list[Path]  # empty: no prior preservation
+    instance_prompt: str
+    class_prompt: str
+    checkpoints: Path
+    description: str = "fine-tune"
+
+
+def run_finetune(job: FinetuneJob, on_log: Optional[OnLog] = None, on_step: Optional[OnStep] = None) -> TrainingResult:
+    """Train job.recipe's denoiser (and text encoders, when set) on the subject, resuming from job.checkpoints."""
+    recipe, settings = job.recipe, job.recipe.settings
+    pipeline = recipe.pipeline
+    pipeline.vae.requires_grad_(False)
+    instance = recipe.prepare_images(job.instance_images)
+    classes = recipe.prepare_images(job.class_images) if job.class_images else None
+    pipeline.vae.to("cpu")  # not needed again until the pipeline is saved
+
+    batch = settings.batch_size
+    prompts = [job.instance_prompt] * batch + ([job.class_prompt] * batch if classes else [])
+    training_encoders = recipe.trainable_text_encoders if settings.train_text_encoder else ()
+    for name in recipe.text_encoders:
+        getattr(pipeline, name).requires_grad_(name in training_encoders and settings.method == "full")
+    denoiser = getattr(pipeline, recipe.denoiser)
+    if settings.method == "lora":
+        add_lora_adapters(denoiser, [getattr(pipeline, name) for name in training_encoders], settings)
+    cached = None
+    if not training_encoders:
+        with torch.no_grad():
+            cached = recipe.encode_prompts({}, prompts)
+        for name in recipe.text_encoders:
+            getattr(pipeline, name).to("cpu")
+
+    if settings.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+        for name in training_encoders:
+            getattr(pipeline, name).gradient_checkpointing_enable()
+
+    def compute_loss(modules, step: int, generator: torch.Generator) -> LossTerms:
+        latents, extras = recipe.sample(instance, torch.randint(len(instance.latents), (batch,), generator=generator), generator)
+        if classes is not None:
+            class_latents, class_extras = recipe.sample(classes, torch.randint(len(classes.latents), (batch,), generator=generator), generator)
+            latents = torch.cat([latents, class_latents])
+            extras = None if extras is None else torch.cat([extras, class_extras])
+        conditioning = cached if cached is not None else recipe.encode_prompts(modules, prompts)
+        return recipe.loss(modules, latents.to(recipe.device), extras, conditioning, batch, generator)
+
+    modules = {recipe.denoiser: denoiser, **{name: getattr(pipeline, name) for name in training_encoders}}
+    text_rate = settings.text_encoder_learning_rate or settings.learning_rate
+    learning_rates = {name: settings.learning_rate if name == recipe.denoiser else text_rate for name in modules}
+    return train(modules, learning_rates, compute_loss, settings, job.checkpoints, on_log, job.description, on_step)

@@ -1,0 +1,78 @@
+"""Flux (FLUX.1-dev layout): a rectified-flow transformer over 2x2-packed latents, conditioned on T5's
+token embeddings, CLIP's pooled embedding and a guidance value; LoRA only (12B weights do not fit a
+full fine-tune on one GPU).
+
+The objective is diffusers' Flux DreamBooth example's: a timestep drawn uniformly from the scheduler's
+training timesteps (weighting scheme "none"), the sample moved along the straight path
+x_t = (1 - sigma) x + sigma noise, and the transformer asked for the velocity noise - x.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dreambooth.errors import InputError
+from dreambooth.training.losses import LossTerms, prior_preservation_loss
+from dreambooth.training.recipes.base import Recipe, tokenize
+
+
+def flow_matching_sample(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noisy input, target): the point at sigma on the straight path from data to noise, and its velocity."""
+    sigmas = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
+    return (1.0 - sigmas) * latents + sigmas * noise, noise - latents
+
+
+class FluxRecipe(Recipe):
+    family = "flux"
+    denoiser = "transformer"
+    text_encoders = ("text_encoder", "text_encoder_2")
+    trainable_text_encoders = ("text_encoder",)  # CLIP, as diffusers' example; T5 stays frozen
+    methods = ("lora",)
+
+    def __init__(self, pipeline, settings, device, resolution=None, setting: str = "training"):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        super().__init__(pipeline, settings, device, resolution, setting)
+        if settings.snr_gamma is not None:
+            raise InputError(f"{setting}.snr_gamma: min-SNR weights a noise-prediction loss; flux trains on flow matching")
+        self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+        self._t5: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def encode_prompts(self, modules, prompts):
+        pooled = self.module(modules, "text_encoder")(tokenize(self.pipeline.tokenizer, prompts).to(self.device)).pooler_output
+        key = tuple(prompts)
+        if key not in self._t5:  # T5 never trains: its embeddings are computed once
+            with torch.no_grad():
+                ids = tokenize(self.pipeline.tokenizer_2, prompts, self.pipeline.tokenizer_2.model_max_length).to(self.device)
+                self._t5[key] = self.pipeline.text_encoder_2(ids)[0]
+        embeddings = self._t5[key]
+        text_ids = torch.zeros(embeddings.shape[1], 3, device=self.device, dtype=embeddings.dtype)
+        return {"embeddings": embeddings, "pooled": pooled, "text_ids": text_ids}
+
+    def loss(self, modules, latents, extras, conditioning, num_instance, generator) -> LossTerms:
+        from diffusers import FluxPipeline
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        size, channels, height, width = latents.shape
+        noise = torch.randn(latents.shape, generator=generator)
+        if self.settings.noise_offset:
+            noise = noise + self.settings.noise_offset * torch.randn((size, channels, 1, 1), generator=generator)
+        drawn = compute_density_for_timestep_sampling("none", size, generator=generator)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = self.noise_scheduler.timesteps[(drawn * steps).long().clamp(max=steps - 1)].to(self.device)
+        noisy, target = flow_matching_sample(latents, noise.to(self.device), timesteps / steps)
+        transformer = modules[self.denoiser]
+        guidance = torch.full((size,), self.settings.guidance_scale, device=self.device)
+        prediction = transformer(
+            hidden_states=FluxPipeline._pack_latents(noisy, size, channels, height, width),
+            timestep=timesteps / steps,
+            guidance=guidance if self.pipeline.transformer.config.guidance_embeds else None,
+            pooled_projections=conditioning["pooled"],
+            encoder_hidden_states=conditioning["embeddings"],
+            txt_ids=conditioning["text_ids"],
+            img_ids=FluxPipeline._prepare_latent_image_ids(size, height // 2, width // 2, self.device, latents.dtype),
+            return_dict=False,
+        )[0]
+        scale = self.pipeline.vae_scale_factor
+        prediction = FluxPipeline._unpack_latents(prediction, height * scale, width * scale, scale)
+        return prior_preservation_loss(prediction, target, num_instance, self.settings.prior_loss_weight)
