@@ -2,6 +2,7 @@
 
     python bench/finetune_bench.py [--base-model DIR] [--steps 200] [--class-images 50] [--methods full,lora]
                                    [--reference-script PATH/TO/diffusers/examples/dreambooth/train_dreambooth.py]
+                                   [--reference-lora-script PATH/TO/.../train_dreambooth_lora.py]
 
 Every measurement runs in a fresh subprocess, so peak memory (max RSS, from wait4) belongs
 to that run alone. Steady-state steps/s is differential: two runs of the same job that
@@ -10,6 +11,9 @@ model loading, caching and saving for both tools alike.
 
 `--methods full,lora` measures the full fine-tune and the LoRA adapter (rank 4, lr 1e-4, as
 diffusers' LoRA example) side by side, with the size of what each saves.
+
+With --reference-lora-script, diffusers' LoRA DreamBooth example trains the same rank-4 adapter
+(lr 1e-4, its default target modules) beside ours, under the same differential measurement.
 
 With --reference-script, diffusers' reference DreamBooth example runs on the same model,
 subject, prompts and settings (batch 1 subject + 1 class image, fp32, AdamW, lr 5e-6,
@@ -116,10 +120,11 @@ def _run_ours(mode: str, base_model: str, root: Path, steps: int, class_images: 
     return seconds, peak, sum(p.stat().st_size for p in (run_dir / "model").rglob("*") if p.is_file())
 
 
-def _run_reference(args, model_dir: str, root: Path, steps: int, class_dir: Path, resolution: int):
-    out = Path(tempfile.mkdtemp(dir=root, prefix=f"reference-{steps}-"))
+def _run_reference(args, model_dir: str, root: Path, steps: int, class_dir: Path, resolution: int, method: str = "full"):
+    out = Path(tempfile.mkdtemp(dir=root, prefix=f"reference-{method}-{steps}-"))
+    script, learning_rate = (args.reference_script, "5e-6") if method == "full" else (args.reference_lora_script, "1e-4")
     command = [
-        args.reference_python, str(args.reference_script),
+        args.reference_python, str(script),
         "--pretrained_model_name_or_path", model_dir,
         "--instance_data_dir", str(args.subject_dir),
         "--instance_prompt", f"a {IDENTIFIER} {CLASS_NOUN}",
@@ -130,10 +135,10 @@ def _run_reference(args, model_dir: str, root: Path, steps: int, class_dir: Path
         "--output_dir", str(out / "model"),
         "--resolution", str(resolution), "--center_crop",
         "--train_batch_size", "1", "--sample_batch_size", "4",
-        "--learning_rate", "5e-6", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+        "--learning_rate", learning_rate, "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
         "--max_train_steps", str(steps), "--checkpointing_steps", "1000000",
         "--mixed_precision", "no", "--seed", "0",
-    ]
+    ] + (["--rank", "4"] if method == "lora" else [])
     return _measure(command, out / "log.txt")
 
 
@@ -154,6 +159,7 @@ def main() -> None:
     parser.add_argument("--prior-batch", type=int, default=10)
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--reference-script", type=Path, help="diffusers' examples/dreambooth/train_dreambooth.py")
+    parser.add_argument("--reference-lora-script", type=Path, help="diffusers' examples/dreambooth/train_dreambooth_lora.py")
     parser.add_argument("--reference-python", default=sys.executable, help="interpreter for the reference (it needs torchvision)")
     parser.add_argument("--skip-job", action="store_true", help="only the training-step measurement")
     parser.add_argument("--methods", default="full", help="training methods to measure, comma separated: full, lora")
@@ -181,20 +187,25 @@ def main() -> None:
         short = _run_ours("finetune", model_dir, root, args.short_steps, args.class_images, args, shared_work, method)
         long = _run_ours("finetune", model_dir, root, args.long_steps, args.class_images, args, shared_work, method)
         rows.append((f"ours ({method})", (args.long_steps - args.short_steps) / (long[0] - short[0]), long[1], long[2]))
-    if args.reference_script:
+    references = {"full": args.reference_script, "lora": args.reference_lora_script}
+    measured = [method for method in args.methods.split(",") if references.get(method)]
+    if measured:
         class_dir = next((shared_work / "class-priors").iterdir())  # the same images, as files the reference reads
         reference_classes = root / "reference-classes"
         shutil.copytree(class_dir, reference_classes)
-        ref_short = _run_reference(args, model_dir, root, args.short_steps, reference_classes, resolution)
-        ref_long = _run_reference(args, model_dir, root, args.long_steps, reference_classes, resolution)
-        rows.append(("diffusers reference", (args.long_steps - args.short_steps) / (ref_long[0] - ref_short[0]), ref_long[1], None))
+    for method in measured:
+        ref_short = _run_reference(args, model_dir, root, args.short_steps, reference_classes, resolution, method)
+        ref_long = _run_reference(args, model_dir, root, args.long_steps, reference_classes, resolution, method)
+        rows.append((f"diffusers ({method})", (args.long_steps - args.short_steps) / (ref_long[0] - ref_short[0]), ref_long[1], None))
 
     print(f"\nfine-tune step, steady state ({args.short_steps} vs {args.long_steps} steps, batch 1 subject + 1 class, fp32 AdamW)")
     print(f"{'':22}{'steps/s':>10}{'peak RSS GB':>14}{'saved MB':>12}")
     for name, rate, peak, saved in rows:
         print(f"{name:22}{rate:10.2f}{peak:14.2f}{saved / 1e6 if saved else float('nan'):12.3f}")
-    if rows[-1][0] == "diffusers reference":
-        print(f"{'ours / reference':22}{rows[0][1] / rows[-1][1]:10.2f}x{rows[0][2] / rows[-1][2]:13.2f}x")
+    by_name = {name: (rate, peak) for name, rate, peak, _ in rows}
+    for method in measured:
+        ours, reference = by_name[f"ours ({method})"], by_name[f"diffusers ({method})"]
+        print(f"{f'ours / diffusers ({method})':22}{ours[0] / reference[0]:10.2f}x{ours[1] / reference[1]:13.2f}x")
 
     if args.skip_job:
         return
