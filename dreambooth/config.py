@@ -34,6 +34,8 @@ class ModelSettings(Section):
     revision: Optional[str] = None
     # sd (1.x/2.x), sdxl or flux; None: read from the model's model_index.json. Picks the training recipe.
     family: Optional[Literal["sd", "sdxl", "flux"]] = None
+    # A VAE (hub id or folder) instead of the model's own, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16.
+    vae: Optional[str] = None
     # None: the model's native size (UNet sample size x VAE scale factor, 512 for SD 1.x).
     resolution: Optional[int] = Field(default=None, gt=0)
 

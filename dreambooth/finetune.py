@@ -48,7 +48,7 @@ def finetune(
 
     family = model_family(config.model.base, config.model.revision, declared=config.model.family)
     device = process_state().device
-    pipeline = load_pipeline(config.model.base, config.model.revision, device=device)
+    pipeline = load_pipeline(config.model.base, config.model.revision, device=device, vae=config.model.vae)
     recipe = recipe_class(family)(pipeline, settings, device, config.model.resolution)
 
     subject = config.subject
@@ -78,6 +78,7 @@ def finetune(
         "class_prompt": class_prompt if use_prior else None,
         "base_model": config.model.base,
         "base_revision": config.model.revision,
+        "vae": config.model.vae,
         "family": family,
         "method": settings.method,
         "single_file": settings.method == "lora" and settings.lora.export_single_file,

@@ -21,8 +21,8 @@ from dreambooth.config import SamplerSettings
 from dreambooth.models import inference_dtype, load_pipeline, native_resolution, use_sampler
 
 
-def load_sampling_pipeline(reference: str, sampler: SamplerSettings, revision: str | None = None):
-    pipeline = load_pipeline(reference, revision, torch_dtype=inference_dtype(sampler.precision))
+def load_sampling_pipeline(reference: str, sampler: SamplerSettings, revision: str | None = None, vae: str | None = None):
+    pipeline = load_pipeline(reference, revision, torch_dtype=inference_dtype(sampler.precision), vae=vae)
     use_sampler(pipeline, sampler.scheduler)
     return pipeline
 
@@ -65,6 +65,7 @@ def generate_files(
     sampler: SamplerSettings,
     resolution: Optional[int] = None,
     processes: int = 1,
+    vae: Optional[str] = None,
 ) -> None:
     """Draw requests[i] into folder/names[i] (PNG, written then renamed, so a file is whole or absent).
 
@@ -73,9 +74,9 @@ def generate_files(
     """
     folder.mkdir(parents=True, exist_ok=True)
     if processes > 1:
-        _generate_files_in_processes(reference, revision, requests, names, folder, sampler, resolution, processes)
+        _generate_files_in_processes(reference, revision, requests, names, folder, sampler, resolution, processes, vae)
         return
-    pipeline = load_sampling_pipeline(reference, sampler, revision)
+    pipeline = load_sampling_pipeline(reference, sampler, revision, vae)
     name_of = dict(zip(requests, names))
     for batch, images in generate_batches(pipeline, requests, sampler, resolution):
         for request, image in zip(batch, images):
@@ -84,7 +85,7 @@ def generate_files(
             partial.rename(folder / name_of[request])
 
 
-def _generate_files_in_processes(reference, revision, requests, names, folder, sampler, resolution, processes) -> None:
+def _generate_files_in_processes(reference, revision, requests, names, folder, sampler, resolution, processes, vae) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         workers = []
         for shard in range(processes):
@@ -92,7 +93,7 @@ def _generate_files_in_processes(reference, revision, requests, names, folder, s
             job.write_text(json.dumps({
                 "reference": reference, "revision": revision, "requests": requests[shard::processes],
                 "names": names[shard::processes], "folder": str(folder), "sampler": sampler.model_dump(),
-                "resolution": resolution,
+                "resolution": resolution, "vae": vae,
             }))
             env = dict(os.environ)
             if torch.cuda.is_available():
@@ -107,5 +108,5 @@ if __name__ == "__main__":  # one shard of generate_files
     shard = json.loads(Path(sys.argv[1]).read_text())
     generate_files(
         shard["reference"], shard["revision"], [tuple(r) for r in shard["requests"]], shard["names"],
-        Path(shard["folder"]), SamplerSettings(**shard["sampler"]), shard["resolution"],
+        Path(shard["folder"]), SamplerSettings(**shard["sampler"]), shard["resolution"], vae=shard["vae"],
     )

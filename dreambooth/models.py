@@ -165,7 +165,7 @@ def load_tokenizer(reference: str, revision: Optional[str] = None, subfolder: st
 
 
 def adapter_base(reference: str) -> Optional[tuple[str, Optional[str]]]:
-    """(base model, revision) when `reference` is a LoRA result folder, else None."""
+    """(base model, revision) when `reference` is a LoRA result folder, else None (its VAE: `adapter_vae`)."""
     folder = Path(reference)
     if not (folder / LORA_WEIGHTS).is_file():
         return None
@@ -175,28 +175,40 @@ def adapter_base(reference: str) -> Optional[tuple[str, Optional[str]]]:
     return metadata["base_model"], metadata.get("base_revision")
 
 
+def adapter_vae(reference: str) -> Optional[str]:
+    """The VAE a LoRA result was trained with when it replaced the base's own (model.vae)."""
+    return json.loads((Path(reference) / METADATA_FILE).read_text()).get("vae")
+
+
 def load_pipeline(
     reference: str,
     revision: Optional[str] = None,
     torch_dtype: torch.dtype = torch.float32,
     device: Optional[torch.device] = None,
+    vae: Optional[str] = None,
 ):
     """A text-to-image DiffusionPipeline without a safety checker (DreamBooth trains on user photos).
 
     `reference` is a full pipeline (hub id, folder, tiny://) or a LoRA result folder, which loads
-    as its base model with the adapter applied.
+    as its base model with the adapter applied (and the VAE it was trained with). `vae` (model.vae)
+    replaces the pipeline's own, e.g. SDXL's fp16-safe VAE.
     """
-    from diffusers import DiffusionPipeline
+    from diffusers import AutoencoderKL, DiffusionPipeline
 
     if (base := adapter_base(reference)) is not None:
-        pipeline = load_pipeline(base[0], base[1], torch_dtype, device)
+        pipeline = load_pipeline(base[0], base[1], torch_dtype, device, adapter_vae(reference))
         pipeline.load_lora_weights(reference, weight_name=LORA_WEIGHTS)
         return pipeline
     source = resolve_model_source(reference, revision)
     # Only SD 1.x/2.x pipelines carry a safety checker (the others warn about the keyword).
-    no_checker = dict(safety_checker=None, requires_safety_checker=False) if model_family(source) == "sd" else {}
+    components = dict(safety_checker=None, requires_safety_checker=False) if model_family(source) == "sd" else {}
+    if vae:
+        try:
+            components["vae"] = AutoencoderKL.from_pretrained(resolve_model_source(vae, setting="model.vae"), dtype=torch_dtype)
+        except (OSError, ValueError) as error:
+            raise InputError(f"model.vae: cannot load the VAE {vae!r} ({(str(error).strip().splitlines() or [''])[0]})") from None
     try:
-        pipeline = DiffusionPipeline.from_pretrained(source, revision=revision, dtype=torch_dtype, **no_checker)
+        pipeline = DiffusionPipeline.from_pretrained(source, revision=revision, dtype=torch_dtype, **components)
     except (OSError, ValueError, EnvironmentError) as error:
         raise _load_error(reference, "pipeline", error) from None
     pipeline.set_progress_bar_config(disable=True)
@@ -249,6 +261,8 @@ class ModelUse:
 
 def models_in_use(config) -> list[ModelUse]:
     uses = [ModelUse("model.base", config.model.base, config.model.revision, pipeline=True)]
+    if config.model.vae:
+        uses.append(ModelUse("model.vae", config.model.vae))
     if config.superres.enabled:
         uses.append(ModelUse("superres.base", config.superres.base, pipeline=True))
     if config.evaluation.enabled:

@@ -50,7 +50,7 @@ def prior_key(config: RunConfig) -> str:
     if config.priors.class_images:
         shaping = ["user", config.priors.class_images]
     else:
-        shaping = [config.model.model_dump(), config.subject.class_prompt(), config.priors.sampler.model_dump()]
+        shaping = [config.model.model_dump(exclude={"family"}), config.subject.class_prompt(), config.priors.sampler.model_dump()]
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -109,6 +109,7 @@ def generate_class_priors(config: RunConfig, output_dir: Path) -> PriorResult:
             settings.sampler,
             config.model.resolution,
             processes=planned_generators(settings.num_processes, len(missing)),
+            vae=config.model.vae,
         )
     _publish(cache, names, output_dir)
     seconds = time.perf_counter() - started

@@ -39,7 +39,8 @@ def render_samples(model_dir: Path, config: RunConfig, output_dir: Path) -> Samp
     images: dict[str, list[list[Image.Image]]] = {}
     files = []
     for label, reference in models:
-        pipeline = load_sampling_pipeline(reference, settings.sampler, config.model.revision if label == "base" else None)
+        base = label == "base"
+        pipeline = load_sampling_pipeline(reference, settings.sampler, config.model.revision if base else None, config.model.vae if base else None)
         requests = [(p, settings.sampler.seed + i) for p in prompts for i in range(settings.images_per_prompt)]
         flat = generate(pipeline, requests, settings.sampler, config.model.resolution)
         per_prompt = settings.images_per_prompt

@@ -195,3 +195,25 @@ def test_the_single_file_export_is_the_same_adapter_in_the_web_ui_layout(prepare
         return pipeline(f"a {identifier} dog", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
 
     assert np.abs(draw(SINGLE_FILE_LORA) - draw(LORA_WEIGHTS)).max() < 1e-4
+
+
+def test_a_separate_vae_replaces_the_models_own_and_travels_with_a_lora_result(prepared, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from dreambooth.models import load_pipeline, resolve_model_source
+
+    torch.manual_seed(5)
+    other = AutoencoderKL.from_config(AutoencoderKL.load_config(resolve_model_source("tiny://sd"), subfolder="vae"))
+    other.save_pretrained(tmp_path / "vae")
+    expected = load_file(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+
+    def uses_other_vae(pipeline) -> bool:
+        return all(torch.equal(pipeline.vae.state_dict()[key], value) for key, value in expected.items())
+
+    assert not uses_other_vae(load_pipeline("tiny://sd"))
+    config, identifier = prepared(model={"vae": str(tmp_path / "vae")},
+                                  training={"method": "lora", "max_steps": 2, "checkpoint_every": 2})
+    finetune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "adapter")
+    assert uses_other_vae(load_pipeline(str(tmp_path / "adapter")))  # the adapter loads with the VAE it trained with
+    with pytest.raises(InputError, match="model.vae: 'nowhere/vae-folder/x' is not a folder here"):
+        load_pipeline("tiny://sd", vae="nowhere/vae-folder/x")

@@ -100,16 +100,17 @@ def _model_identity(model: str, config: RunConfig, identifier: Optional[str], cl
     return identifier, class_noun, metadata.get("base_model") or config.model.base
 
 
-def _draw(reference: str, revision: Optional[str], requests: list[tuple[str, int]], config: RunConfig) -> list[Image.Image]:
+def _draw(reference: str, revision: Optional[str], requests: list[tuple[str, int]], config: RunConfig,
+          vae: Optional[str] = None) -> list[Image.Image]:
     """Generate in this process, or split across one process per GPU when there are several."""
     sampler = config.evaluation.sampler
     processes = planned_generators(config.evaluation.num_processes, len(requests))
     if processes == 1:
-        pipeline = load_sampling_pipeline(reference, sampler, revision)
+        pipeline = load_sampling_pipeline(reference, sampler, revision, vae)
         return generate(pipeline, requests, sampler, config.model.resolution)
     with tempfile.TemporaryDirectory() as scratch:
         names = [f"{i:06d}.png" for i in range(len(requests))]
-        generate_files(reference, revision, requests, names, Path(scratch), sampler, config.model.resolution, processes)
+        generate_files(reference, revision, requests, names, Path(scratch), sampler, config.model.resolution, processes, vae)
         return [load_rgb(Path(scratch) / name, 1 << 40).image for name in names]
 
 
@@ -189,7 +190,7 @@ def evaluate_model(
     pres_requests = [(class_prompt, sampler.seed + PRES_SEED_OFFSET + i) for i in range(settings.pres_images)]
     started = time.perf_counter()
     generated = _draw(model, None, requests + pres_requests, config)
-    pres_base_images = _draw(base_model, config.model.revision, pres_requests, config)
+    pres_base_images = _draw(base_model, config.model.revision, pres_requests, config, config.model.vae)
     images, pres_images = generated[: len(requests)], generated[len(requests) :]
     if upscaler:
         images = upscale_images(upscaler, [text for text, _ in requests], images, config)
