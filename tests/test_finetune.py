@@ -217,3 +217,19 @@ def test_a_separate_vae_replaces_the_models_own_and_travels_with_a_lora_result(p
     assert uses_other_vae(load_pipeline(str(tmp_path / "adapter")))  # the adapter loads with the VAE it trained with
     with pytest.raises(InputError, match="model.vae: 'nowhere/vae-folder/x' is not a folder here"):
         load_pipeline("tiny://sd", vae="nowhere/vae-folder/x")
+
+
+@pytest.mark.parametrize("family, encoders", [("sdxl", {"unet", "text_encoder", "text_encoder_2"}), ("flux", {"transformer", "text_encoder"})])
+def test_sdxl_and_flux_adapters_cover_their_text_encoders_and_load_on_the_base(prepared, tmp_path, family, encoders):
+    from dreambooth.models import LORA_WEIGHTS, load_pipeline
+
+    sampler = {"scheduler": "FlowMatchEulerDiscreteScheduler"} if family == "flux" else {}
+    config, identifier = prepared(model={"base": f"tiny://{family}"}, priors={"sampler": sampler},
+                                  training={"method": "lora", "max_steps": 2, "checkpoint_every": 2, "learning_rate": 1e-2,
+                                            "train_text_encoder": True})
+    finetune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "adapter")
+    assert {key.split(".")[0] for key in load_file(tmp_path / "adapter" / LORA_WEIGHTS)} == encoders
+    prompt = dict(prompt=f"a {identifier} dog", num_inference_steps=2, height=64, width=64, output_type="np")
+    plain = load_pipeline(f"tiny://{family}")(**prompt, generator=torch.Generator().manual_seed(0)).images[0]
+    adapted = load_pipeline(str(tmp_path / "adapter"))(**prompt, generator=torch.Generator().manual_seed(0)).images[0]
+    assert abs(adapted - plain).max() > 1e-3
