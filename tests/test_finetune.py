@@ -180,19 +180,23 @@ def test_validation_images_show_the_model_as_it_trains(prepared, tmp_path):
     assert np.abs(pixels[0] - pixels[1]).max() > 1  # two seeds
 
 
-def test_the_single_file_export_is_the_same_adapter_in_the_web_ui_layout(prepared, tmp_path, tiny_model_dir):
-    from dreambooth.models import LORA_WEIGHTS, SINGLE_FILE_LORA
+@pytest.mark.parametrize("family, prefixes", [("sd", {"unet", "te1"}), ("sdxl", {"unet", "te1", "te2"})])
+def test_the_single_file_export_is_the_same_adapter_in_the_web_ui_layout(prepared, tmp_path, family, prefixes):
+    from dreambooth.models import LORA_WEIGHTS, SINGLE_FILE_LORA, resolve_model_source
 
-    config, identifier = prepared(training={"method": "lora", "max_steps": 3, "checkpoint_every": 3, "learning_rate": 1e-2,
-                                            "train_text_encoder": True, "lora": {"export_single_file": True}})
+    # alpha 8 at rank 4: a scale of 2, which the kohya file must carry in its own alpha entries
+    lora = {"export_single_file": True, "rank": 4, "alpha": 8}
+    config, identifier = prepared(model={"base": f"tiny://{family}"}, training={
+        "method": "lora", "max_steps": 3, "checkpoint_every": 3, "learning_rate": 1e-2, "train_text_encoder": True, "lora": lora})
     finetune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "adapter")
     keys = load_file(tmp_path / "adapter" / SINGLE_FILE_LORA).keys()
-    assert {key.split("_")[1] for key in keys} == {"unet", "te1"}  # lora_unet_*, lora_te1_*: the kohya names
+    assert {key.split("_")[1] for key in keys} == prefixes  # lora_unet_*, lora_te1_*, lora_te2_*: the kohya names
 
     def draw(weight_name):
-        pipeline = DiffusionPipeline.from_pretrained(tiny_model_dir)
+        pipeline = DiffusionPipeline.from_pretrained(resolve_model_source(f"tiny://{family}"))
         pipeline.load_lora_weights(tmp_path / "adapter", weight_name=weight_name)
-        return pipeline(f"a {identifier} dog", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
+        return pipeline(f"a {identifier} dog", num_inference_steps=2, height=64, width=64, output_type="np",
+                        generator=torch.Generator().manual_seed(0)).images[0]
 
     assert np.abs(draw(SINGLE_FILE_LORA) - draw(LORA_WEIGHTS)).max() < 1e-4
 

@@ -46,15 +46,24 @@ def add_lora_adapters(denoiser, text_encoders: list, settings) -> None:
 
 def save_lora_adapter(pipeline, modules: dict, output_dir: Path, single_file: bool) -> None:
     """The adapters alone, in diffusers' layout: `pipe.load_lora_weights(output_dir)` applies them to
-    the base; with `single_file`, also in the kohya layout web UIs load."""
+    the base; with `single_file`, also in the kohya layout web UIs load.
+
+    Each adapter's LoRA config travels with it (diffusers' adapter metadata, the kohya `.alpha`
+    entries): without it a loader assumes alpha = rank, and an adapter trained at another alpha
+    would apply at the wrong scale.
+    """
+    from diffusers.training_utils import _collate_lora_metadata
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     peft_layers = {name: get_peft_model_state_dict(module) for name, module in modules.items()}
     layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(state) for name, state in peft_layers.items()}
-    type(pipeline).save_lora_weights(output_dir, **layers, weight_name=LORA_WEIGHTS, safe_serialization=True)
+    type(pipeline).save_lora_weights(output_dir, **layers, **_collate_lora_metadata(modules), weight_name=LORA_WEIGHTS,
+                                     safe_serialization=True)
     if single_file:
         prefixed = {f"{name}.{key}": tensor for name, state in peft_layers.items() for key, tensor in state.items()}
         kohya = {key: tensor.contiguous() for key, tensor in convert_state_dict_to_kohya(prefixed).items()}
+        alpha = next(iter(modules.values())).peft_config["default"].lora_alpha  # one LoRA config for every module
+        kohya.update({key: torch.tensor(alpha) for key in kohya if key.endswith(".alpha")})
         save_file(kohya, output_dir / SINGLE_FILE_LORA)

@@ -43,7 +43,7 @@ class Recipe:
         if settings.method not in self.methods:
             raise InputError(f"{setting}.method: {settings.method} is not available for {self.family} models ({', '.join(self.methods)})")
         if settings.method == "lora" and settings.lora.export_single_file and not self.single_file_export:
-            raise InputError(f"{setting}.lora.export_single_file: the kohya single-file layout is written for sd models only")
+            raise InputError(f"{setting}.lora.export_single_file: the kohya single-file layout is written for sd and sdxl models only")
 
     def resolution(self) -> int:
         return native_resolution(self.pipeline)

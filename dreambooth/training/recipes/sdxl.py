@@ -11,7 +11,6 @@ from dreambooth.training.recipes.sd import StableDiffusionRecipe
 
 class StableDiffusionXLRecipe(StableDiffusionRecipe):
     family = "sdxl"
-    single_file_export = False
     text_encoders = ("text_encoder", "text_encoder_2")
     trainable_text_encoders = ("text_encoder", "text_encoder_2")
     identifier_tokenizers = ("tokenizer", "tokenizer_2")
