@@ -7,7 +7,7 @@
 Every measurement runs in a fresh subprocess, so peak memory (max RSS, from wait4) belongs
 to that run alone. Steady-state steps/s is differential: two runs of the same job that
 differ only in step count, (long - short steps) / (long - short seconds), which cancels
-model loading, caching and saving for both tools alike.
+model loading, caching and saving for both tools alike (`--repeats N`: the median of N pairs).
 
 `--methods full,lora` measures the full fine-tune and the LoRA adapter (rank 4, lr 1e-4, as
 diffusers' LoRA example) side by side, with the size of what each saves.
@@ -161,6 +161,7 @@ def main() -> None:
     parser.add_argument("--reference-script", type=Path, help="diffusers' examples/dreambooth/train_dreambooth.py")
     parser.add_argument("--reference-lora-script", type=Path, help="diffusers' examples/dreambooth/train_dreambooth_lora.py")
     parser.add_argument("--reference-python", default=sys.executable, help="interpreter for the reference (it needs torchvision)")
+    parser.add_argument("--repeats", type=int, default=1, help="short/long pairs per tool; the median steps/s is reported")
     parser.add_argument("--skip-job", action="store_true", help="only the training-step measurement")
     parser.add_argument("--methods", default="full", help="training methods to measure, comma separated: full, lora")
     args = parser.parse_args()
@@ -183,10 +184,15 @@ def main() -> None:
     # 1. Training step: both tools train on the same, already generated class images.
     shared_work = root / "shared-work"
     _run_ours("finetune", model_dir, root, 1, args.class_images, args, shared_work)  # fills the prior cache
+    def differential(run) -> tuple[float, float, float]:
+        """(steps/s, peak GB, saved bytes): the median over --repeats pairs of a short and a long run."""
+        pairs = [(run(args.short_steps), run(args.long_steps)) for _ in range(args.repeats)]
+        rates = sorted((args.long_steps - args.short_steps) / (long[0] - short[0]) for short, long in pairs)
+        return rates[len(rates) // 2], max(long[1] for _, long in pairs), pairs[-1][1][2] if len(pairs[-1][1]) > 2 else None
+
     for method in args.methods.split(","):
-        short = _run_ours("finetune", model_dir, root, args.short_steps, args.class_images, args, shared_work, method)
-        long = _run_ours("finetune", model_dir, root, args.long_steps, args.class_images, args, shared_work, method)
-        rows.append((f"ours ({method})", (args.long_steps - args.short_steps) / (long[0] - short[0]), long[1], long[2]))
+        rate, peak, saved = differential(lambda steps: _run_ours("finetune", model_dir, root, steps, args.class_images, args, shared_work, method))
+        rows.append((f"ours ({method})", rate, peak, saved))
     references = {"full": args.reference_script, "lora": args.reference_lora_script}
     measured = [method for method in args.methods.split(",") if references.get(method)]
     if measured:
@@ -194,9 +200,8 @@ def main() -> None:
         reference_classes = root / "reference-classes"
         shutil.copytree(class_dir, reference_classes)
     for method in measured:
-        ref_short = _run_reference(args, model_dir, root, args.short_steps, reference_classes, resolution, method)
-        ref_long = _run_reference(args, model_dir, root, args.long_steps, reference_classes, resolution, method)
-        rows.append((f"diffusers ({method})", (args.long_steps - args.short_steps) / (ref_long[0] - ref_short[0]), ref_long[1], None))
+        rate, peak, _ = differential(lambda steps: _run_reference(args, model_dir, root, steps, reference_classes, resolution, method))
+        rows.append((f"diffusers ({method})", rate, peak, None))
 
     print(f"\nfine-tune step, steady state ({args.short_steps} vs {args.long_steps} steps, batch 1 subject + 1 class, fp32 AdamW)")
     print(f"{'':22}{'steps/s':>10}{'peak RSS GB':>14}{'saved MB':>12}")

@@ -13,7 +13,7 @@ import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
-from dreambooth.errors import InputError
+from dreambooth.errors import InputError, TrainingDiverged
 from dreambooth.finetune import finetune
 from dreambooth.models import METADATA_FILE
 from dreambooth.ingest import ingest_subject
@@ -237,3 +237,11 @@ def test_sdxl_and_flux_adapters_cover_their_text_encoders_and_load_on_the_base(p
     plain = load_pipeline(f"tiny://{family}")(**prompt, generator=torch.Generator().manual_seed(0)).images[0]
     adapted = load_pipeline(str(tmp_path / "adapter"))(**prompt, generator=torch.Generator().manual_seed(0)).images[0]
     assert abs(adapted - plain).max() > 1e-3
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_diverging_fine_tune_stops_at_its_step_and_saves_nothing(prepared, tmp_path, method):
+    config, identifier = prepared(training={"method": method, "learning_rate": 1e30, "max_steps": 6, "checkpoint_every": 1})
+    with pytest.raises(TrainingDiverged, match=r"training stopped at step [2-6]: loss is (nan|inf).*last checkpoint: .*step-00000[1-5]"):
+        finetune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "model")
+    assert not (tmp_path / "model").exists()
