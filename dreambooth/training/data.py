@@ -66,10 +66,6 @@ def encode_views(vae, views: list[Image.Image]) -> LatentCache:
     return LatentCache(mean=torch.cat(means), std=torch.cat(stds))
 
 
-def encode_latents(vae, images: list[Path], resolution: int, center_crop: bool, with_flips: bool) -> LatentCache:
-    return encode_views(vae, training_views(images, resolution, center_crop, with_flips))
-
-
 def training_fingerprint(settings: list, instance_images: list[Path], class_images: list[Path]) -> str:
     """Same inputs and settings -> same checkpoint folder, so a re-run resumes instead of restarting."""
     digest = hashlib.sha256()
