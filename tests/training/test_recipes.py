@@ -7,7 +7,7 @@ import torch
 
 from dreambooth.config import TrainingSettings
 from dreambooth.errors import InputError
-from dreambooth.identifiers import check_user_identifier
+from dreambooth.identifiers import check_user_identifier, select_rare_identifier
 from dreambooth.models import load_pipeline, model_family, use_sampler
 from dreambooth.tiny_models import build_tiny_t5_tokenizer
 from dreambooth.training.recipes import recipe_class
@@ -117,3 +117,10 @@ def test_an_identifier_must_be_short_in_every_tokenizer_the_model_reads(sdxl):
     check_user_identifier(sdxl.tokenizer, "fqs", "dog", (sdxl.tokenizer_2,))
     with pytest.raises(InputError, match="tokenizer 2; use 1-3 tokens"):
         check_user_identifier(sdxl.tokenizer, "fqs", "dog", (build_tiny_t5_tokenizer(),))  # f, q, s and a word start
+
+
+def test_a_rare_token_is_picked_only_if_every_tokenizer_reads_it_as_one_token(sdxl):
+    picked = select_rare_identifier(sdxl.tokenizer, "dog", [], (700, 1050), other_tokenizers=(sdxl.tokenizer_2,))
+    assert len(sdxl.tokenizer_2(picked.identifier, add_special_tokens=False)["input_ids"]) == 1
+    with pytest.raises(InputError, match="holds 0 usable rare tokens"):  # T5 spells every rare word in pieces
+        select_rare_identifier(sdxl.tokenizer, "dog", [], (700, 1050), other_tokenizers=(build_tiny_t5_tokenizer(),))
