@@ -65,6 +65,15 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
     return (clipped / (snr + 1.0) if v_prediction else clipped / snr).float()
 
 
+def draw_noise(shape, generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
+    """Gaussian noise; `noise_offset` adds a per-example, per-channel constant, so the model also learns
+    to change an image's overall brightness (very dark or light images)."""
+    noise = torch.randn(shape, generator=generator)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((*shape[:2], 1, 1), generator=generator)
+    return noise
+
+
 @dataclass
 class DenoisingBatch:
     """One training batch: subject examples first, then class examples."""
@@ -84,14 +93,8 @@ class DenoisingBatch:
         cls, latents, embeddings, num_instance: int, generator, num_train_timesteps: int, device,
         noise_offset: float = 0.0, **conditioning,
     ):
-        """Fresh noise and a uniform timestep per example, from the step's generator.
-
-        `noise_offset` adds a per-channel constant to the noise, so the model also learns to
-        change an image's overall brightness (very dark or light images).
-        """
-        noise = torch.randn(latents.shape, generator=generator)
-        if noise_offset:
-            noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
+        """Fresh noise (see `draw_noise`) and a uniform timestep per example, from the step's generator."""
+        noise = draw_noise(latents.shape, generator, noise_offset)
         return cls(
             latents=latents,
             noise=noise.to(device),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from dreambooth.errors import InputError
-from dreambooth.training.losses import LossTerms, prior_preservation_loss
+from dreambooth.training.losses import LossTerms, draw_noise, prior_preservation_loss
 from dreambooth.training.recipes.base import Recipe, tokenize
 
 
@@ -54,9 +54,7 @@ class FluxRecipe(Recipe):
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
         size, channels, height, width = latents.shape
-        noise = torch.randn(latents.shape, generator=generator)
-        if self.settings.noise_offset:
-            noise = noise + self.settings.noise_offset * torch.randn((size, channels, 1, 1), generator=generator)
+        noise = draw_noise(latents.shape, generator, self.settings.noise_offset)
         drawn = compute_density_for_timestep_sampling("none", size, generator=generator)
         steps = self.noise_scheduler.config.num_train_timesteps
         timesteps = self.noise_scheduler.timesteps[(drawn * steps).long().clamp(max=steps - 1)].to(self.device)
