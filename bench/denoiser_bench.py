@@ -132,11 +132,13 @@ def main() -> None:
     if args.child:
         print(json.dumps(_measure(*args.child.split(":"), args)))
         return
+    from dreambooth.training.recipes import recipe_class
+
     print(f"{'family':8}{'method':8}{'params':>10}{'trainable':>12}{'steps/s':>10}{'peak GPU GB':>13}")
     for family in args.families.split(","):
         for method in args.methods.split(","):
-            if family == "flux" and method == "full":
-                continue  # 12B weights with AdamW state do not fit one GPU; the project trains Flux with LoRA only
+            if method not in recipe_class(FULL_SIZE[family][0]).methods:
+                continue  # what the project does not train that way (Flux: LoRA only)
             command = [sys.executable, __file__, "--child", f"{family}:{method}", "--steps", str(args.steps),
                        "--mixed-precision", args.mixed_precision, "--optimizer", args.optimizer]
             command += ["--gradient-checkpointing"] * args.gradient_checkpointing + ["--tiny"] * args.tiny
