@@ -8,6 +8,7 @@
     preflight check in seconds what would fail after GPU time (submit and schedule run it first)
     warm-cache  download every model a run loads into the caches (the cluster's model-cache Job)
     compare   put runs side by side: a table, plots and an image sheet
+    sync-tracking  send the step metrics stages kept on disk while MLflow was unreachable
 
 Bad input or settings end in lines that name the file or setting and the reason, exit code 2.
 """
@@ -40,7 +41,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         overrides["model"]["base"] = args.base_model
     if getattr(args, "tracking_uri", None):
         overrides["tracking"]["uri"] = args.tracking_uri
-    if getattr(args, "output_dir", None) and args.command == "run":
+    if getattr(args, "output_dir", None) and args.command in ("run", "sync-tracking"):
         from dreambooth.storage import is_gcs
         from dreambooth.tiny_models import default_cache_dir
 
@@ -175,6 +176,20 @@ def _warm_cache(config: RunConfig) -> int:
     return 1 if failed else 0
 
 
+def _sync_tracking(config: RunConfig) -> int:
+    """Send the step metrics stages kept on disk while MLflow was unreachable."""
+    from dreambooth.tracking import SPOOL_FOLDER
+    from dreambooth.tracking.spool import sync_spooled
+
+    folder = Path(config.storage.work_dir) / SPOOL_FOLDER
+    outcomes = sync_spooled(folder)
+    for outcome in outcomes:
+        print(f"{'FAIL' if outcome.error else 'sent'}   run {outcome.run_id}: " + (outcome.error or f"{outcome.sent} step metrics"))
+    if not outcomes:
+        print(f"nothing to send: {folder} holds no step metrics")
+    return 1 if any(outcome.error for outcome in outcomes) else 0
+
+
 def _compare(args: argparse.Namespace, config: RunConfig) -> int:
     from dreambooth.compare import compare_runs
     from dreambooth.tracking import resolve_tracking_uri
@@ -253,6 +268,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate_cmd.add_argument("--model", required=True, help="the personalised model: a diffusers folder or hub id")
     evaluate_cmd.add_argument("--output-dir", default="outputs")
 
+    sync_cmd = with_config(commands.add_parser("sync-tracking", help="send step metrics kept on disk while MLflow was unreachable"))
+    sync_cmd.add_argument("--output-dir", help="the runs' --output-dir (default: the config's storage.work_dir holds the metrics)")
+
     compare_cmd = with_tracking(commands.add_parser("compare", help="compare runs: table, plots, image sheet"))
     compare_cmd.add_argument("--config", default=DEFAULT_CONFIG, help="only for tracking settings")
     compare_cmd.add_argument("--batch-run", help="the subjects of one batch run")
@@ -288,6 +306,8 @@ def main(build_pipeline: Callable, argv: Optional[list[str]] = None) -> int:
             return _evaluate_only(args, config)
         if args.command == "compare":
             return _compare(args, config)
+        if args.command == "sync-tracking":
+            return _sync_tracking(config)
         return _run(build_pipeline, args, config)
     except InputError as error:
         for line in str(error).splitlines():

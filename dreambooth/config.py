@@ -246,6 +246,9 @@ class TrackingSettings(Section):
     # None: $MLFLOW_TRACKING_URI, else a local sqlite file (MLflow's embedded default).
     uri: Optional[str] = None
     experiment: str = "dreambooth"
+    # At a stage's end, how long to wait for a tracking server that is away; after that the step
+    # metrics stay in a journal on the work disk for `pipeline.py sync-tracking`.
+    wait_seconds: float = Field(default=60.0, ge=0)
 
 
 class StageResources(Section):

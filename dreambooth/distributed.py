@@ -16,10 +16,11 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from dreambooth.errors import InputError, TrainingDiverged
+from dreambooth.errors import InputError, Preempted, TrackingUnavailable, TrainingDiverged
 from dreambooth.training.saving import FinetuneResult
 
 STAGES = ("finetune", "superres")
+ERRORS = {error.__name__: error for error in (InputError, TrainingDiverged, Preempted, TrackingUnavailable)}
 
 
 def _free_port() -> int:
@@ -30,7 +31,7 @@ def _free_port() -> int:
 
 def launch(stage: str, processes: int, arguments: dict) -> FinetuneResult:
     """Run `stage` with `processes` workers; arguments: config_json, instance_dir, class_dir, identifier,
-    output_dir, tracking_uri, run_id, parent_run_id."""
+    output_dir, tracking_uri, run_id, parent_run_id, spool_dir, wait_seconds."""
     with tempfile.TemporaryDirectory() as scratch:
         request, outcome = Path(scratch) / "request.json", Path(scratch) / "outcome.json"
         request.write_text(json.dumps({**arguments, "outcome": str(outcome)}))
@@ -42,8 +43,7 @@ def launch(stage: str, processes: int, arguments: dict) -> FinetuneResult:
         completed = subprocess.run(command)
         report = json.loads(outcome.read_text()) if outcome.is_file() else {}
     if "error" in report:
-        error_class = InputError if report["kind"] == "input" else TrainingDiverged
-        raise error_class(report["error"])
+        raise ERRORS[report["kind"]](report["error"])
     if completed.returncode != 0 or "result" not in report:
         raise RuntimeError(f"{stage} with {processes} processes failed (exit code {completed.returncode}); see the log above")
     return FinetuneResult(**report["result"])
@@ -60,7 +60,8 @@ def _worker(stage: str, request_file: str) -> None:
 
     request = json.loads(Path(request_file).read_text())
     state = process_state()
-    run = StageRun(MlflowClient(request["tracking_uri"]), request["run_id"], request["parent_run_id"], request["tracking_uri"])
+    run = StageRun(MlflowClient(request["tracking_uri"]), request["run_id"], request["parent_run_id"], request["tracking_uri"],
+                   Path(request["spool_dir"]), request["wait_seconds"])
     train_stage = finetune if stage == "finetune" else finetune_upscaler
     outcome = Path(request["outcome"])
     try:
@@ -71,13 +72,15 @@ def _worker(stage: str, request_file: str) -> None:
             RunConfig.from_json(request["config_json"]),
             Path(request["output_dir"]),
             on_log=run.log_step_metrics,  # called on the main process only
+            release=False,  # the task releases the checkpoints once the model is recorded
+            tracking_run=request["run_id"],
         )
         if state.is_main_process:
             run.flush()
             outcome.write_text(json.dumps({"result": asdict(result)}))
-    except (InputError, TrainingDiverged) as error:
+    except (InputError, TrainingDiverged, Preempted, TrackingUnavailable) as error:
         if state.is_main_process:
-            outcome.write_text(json.dumps({"error": str(error), "kind": "input" if isinstance(error, InputError) else "diverged"}))
+            outcome.write_text(json.dumps({"error": str(error), "kind": type(error).__name__}))
         raise SystemExit(2)
 
 

@@ -21,10 +21,10 @@ from dreambooth.images import list_images
 from dreambooth.models import load_pipeline, model_family
 from dreambooth.priors import class_images_for
 from dreambooth.training.data import training_fingerprint
-from dreambooth.training.driver import FinetuneJob, run_finetune
+from dreambooth.training.driver import FinetuneJob, train_and_save
 from dreambooth.training.loop import OnLog, process_state, split_batch
 from dreambooth.training.recipes import recipe_class
-from dreambooth.training.saving import FinetuneResult, save_trained_pipeline
+from dreambooth.training.saving import FinetuneResult, saved_result
 
 
 def finetune(
@@ -34,9 +34,12 @@ def finetune(
     config: RunConfig,
     output_dir: Path,
     on_log: Optional[OnLog] = None,
+    release: bool = True,
+    tracking_run: str = "",
 ) -> FinetuneResult:
     """Fine-tune config.model.base on the subject; write a full diffusers pipeline (or, for LoRA,
-    the adapter and its base-model reference) to output_dir."""
+    the adapter and its base-model reference) to output_dir. `release`: see train_and_save;
+    `tracking_run`: the run training, named in checkpoints."""
     settings = split_batch(config.training, process_state().num_processes)
     instance_images = list_images(instance_dir)
     if not instance_images:
@@ -46,11 +49,6 @@ def finetune(
     if use_prior and not class_images:
         raise InputError(f"{class_dir}: no class images for prior preservation (priors.enabled is true)")
 
-    family = model_family(config.model.base, config.model.revision, declared=config.model.family)
-    device = process_state().device
-    pipeline = load_pipeline(config.model.base, config.model.revision, device=device, vae=config.model.vae)
-    recipe = recipe_class(family)(pipeline, settings, device, config.model.resolution)
-
     subject = config.subject
     instance_prompt, class_prompt = subject.instance_prompt(identifier), subject.class_prompt()
     fingerprint = training_fingerprint(
@@ -58,6 +56,15 @@ def finetune(
     )
     checkpoints = Path(config.storage.work_dir) / "checkpoints" / fingerprint
     validation_dir = Path(config.storage.work_dir) / "validation" / fingerprint
+    drawn = sorted(validation_dir.glob("step-*.png")) if settings.validation_every else []
+    reused = saved_result(checkpoints, output_dir)
+    if reused is not None:
+        return replace(reused, validation_images=_steps_and_paths(drawn))
+
+    family = model_family(config.model.base, config.model.revision, declared=config.model.family)
+    device = process_state().device
+    pipeline = load_pipeline(config.model.base, config.model.revision, device=device, vae=config.model.vae)
+    recipe = recipe_class(family)(pipeline, settings, device, config.model.resolution)
     on_step = None
     if settings.validation_every:
         prompt = settings.validation_prompt.format(identifier=identifier, class_noun=subject.class_noun)
@@ -66,11 +73,7 @@ def finetune(
             if step % settings.validation_every == 0 or step == settings.max_steps:
                 draw_validation_images(recipe, prompt, config.samples.sampler.guidance_scale, validation_dir, step)
 
-    job = FinetuneJob(recipe, instance_images, class_images, instance_prompt, class_prompt, checkpoints)
-    result = run_finetune(job, on_log, on_step)
-
-    for name, module in result.modules.items():
-        setattr(pipeline, name, module)
+    job = FinetuneJob(recipe, instance_images, class_images, instance_prompt, class_prompt, checkpoints, owner=tracking_run)
     metadata = {
         "identifier": identifier,
         "class_noun": subject.class_noun,
@@ -85,11 +88,14 @@ def finetune(
         "resolution": recipe.training_resolution,
         "steps": settings.max_steps,
     }
-    images_per_step = settings.batch_size * settings.gradient_accumulation_steps * (2 if use_prior else 1)
-    saved = save_trained_pipeline(pipeline, result, output_dir, metadata, checkpoints, settings.keep_checkpoints, images_per_step)
+    saved = train_and_save(job, output_dir, metadata, on_log, on_step, release)
     # Steps of a killed attempt drew theirs before it was killed: the folder holds the whole curve.
     drawn = sorted(validation_dir.glob("step-*.png")) if settings.validation_every else []
-    return replace(saved, validation_images=[[int(path.name.split("-")[1]), str(path)] for path in drawn])
+    return replace(saved, validation_images=_steps_and_paths(drawn))
+
+
+def _steps_and_paths(drawn: list[Path]) -> list:
+    return [[int(path.name.split("-")[1]), str(path)] for path in drawn]
 
 
 VALIDATION_SEED = 8888

@@ -18,7 +18,8 @@ from dreambooth.config import RunConfig
 from dreambooth.models import LORA_WEIGHTS
 from dreambooth.storage import is_gcs, upload_folder
 from dreambooth.summary import UP_TO_DATE, SubjectRow, collect_rows, headline
-from dreambooth.tracking import FAILED, TAG_ERROR, experiment_id, find_batch_run, resolve_tracking_uri
+from dreambooth.tracking import FAILED, SPOOL_FOLDER, TAG_ERROR, experiment_id, find_batch_run, resolve_tracking_uri
+from dreambooth.tracking.spool import sync_spooled
 
 PIPELINE_PREFIX = "dreambooth-"
 PUBLISHED_FOLDERS = {"model": "model", "sample grid": "samples", "upscaler": "upscaler", "evaluation": "evaluation"}
@@ -59,6 +60,9 @@ def _run(
     config = config.model_copy(update={"tracking": config.tracking.model_copy(update={"uri": tracking_uri})})
     # Create the store and experiment once, here, before parallel tasks race to set up a fresh database.
     experiment_id(tracking_uri, config.tracking.experiment)
+    for outcome in sync_spooled(Path(config.storage.work_dir) / SPOOL_FOLDER, tracking_uri):
+        print(f"tracking: sent {outcome.sent} step metrics an earlier run kept on disk (run {outcome.run_id})" if not outcome.error
+              else f"tracking: could not yet send step metrics of run {outcome.run_id}: {outcome.error}")
     pipeline_root = output_dir.resolve() / "kfp"
     pipeline_root.mkdir(parents=True, exist_ok=True)
     before = set(pipeline_root.glob(f"{PIPELINE_PREFIX}*"))

@@ -19,10 +19,10 @@ from dreambooth.errors import InputError
 from dreambooth.images import list_images
 from dreambooth.priors import class_images_for
 from dreambooth.training.data import training_fingerprint, training_views
-from dreambooth.training.driver import FinetuneJob, run_finetune
+from dreambooth.training.driver import FinetuneJob, train_and_save
 from dreambooth.training.loop import OnLog, process_state, split_batch
 from dreambooth.training.recipes.upscaler import UPSCALE_FACTOR, UpscalerRecipe
-from dreambooth.training.saving import FinetuneResult, save_trained_pipeline
+from dreambooth.training.saving import FinetuneResult, saved_result
 
 
 def load_upscaler(reference: str, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32):
@@ -46,8 +46,12 @@ def finetune_upscaler(
     config: RunConfig,
     output_dir: Path,
     on_log: Optional[OnLog] = None,
+    release: bool = True,
+    tracking_run: str = "",
 ) -> FinetuneResult:
-    """Fine-tune config.superres.base on the subject; write a StableDiffusionUpscalePipeline folder."""
+    """Fine-tune config.superres.base on the subject; write a StableDiffusionUpscalePipeline folder.
+    `release`: see train_and_save;
+    `tracking_run`: the run training, named in checkpoints."""
     settings = config.superres
     training = split_batch(settings.training, process_state().num_processes)
     instance_images = list_images(instance_dir)
@@ -57,19 +61,20 @@ def finetune_upscaler(
     class_images = class_images_for(config, class_dir) if use_prior else []
     use_prior = use_prior and bool(class_images)
 
-    device = process_state().device
-    pipeline = load_upscaler(settings.base, device)
-    recipe = UpscalerRecipe(pipeline, training, device, settings.resolution, noise_levels=settings.train_noise_levels)
     subject = config.subject
     instance_prompt, class_prompt = subject.instance_prompt(identifier), subject.class_prompt()
     fingerprint = training_fingerprint(
         ["superres", settings.model_dump(), subject.class_noun, identifier], instance_images, class_images
     )
     checkpoints = Path(config.storage.work_dir) / "checkpoints" / fingerprint
-    job = FinetuneJob(recipe, instance_images, class_images, instance_prompt, class_prompt, checkpoints, "super-resolution")
-    result = run_finetune(job, on_log)
+    reused = saved_result(checkpoints, output_dir)
+    if reused is not None:
+        return reused
 
-    pipeline.unet = result.modules["unet"]
+    device = process_state().device
+    pipeline = load_upscaler(settings.base, device)
+    recipe = UpscalerRecipe(pipeline, training, device, settings.resolution, noise_levels=settings.train_noise_levels)
+    job = FinetuneJob(recipe, instance_images, class_images, instance_prompt, class_prompt, checkpoints, "super-resolution", owner=tracking_run)
     metadata = {
         "identifier": identifier,
         "class_noun": subject.class_noun,
@@ -80,8 +85,7 @@ def finetune_upscaler(
         "inference_noise_level": settings.inference_noise_level,
         "steps": training.max_steps,
     }
-    images_per_step = training.batch_size * training.gradient_accumulation_steps * (2 if use_prior else 1)
-    return save_trained_pipeline(pipeline, result, output_dir, metadata, checkpoints, training.keep_checkpoints, images_per_step)
+    return train_and_save(job, output_dir, metadata, on_log, release=release)
 
 
 def upscale(pipeline, prompts: list[str], images: list[Image.Image], noise_level: int, sampler, seed: int = 0) -> list[Image.Image]:

@@ -112,39 +112,55 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _serve_mlflow(root: Path, artifacts_destination: str):
-    """A real `mlflow server` process on 127.0.0.1 with a sqlite backend and proxied artifacts."""
-    port = _free_port()
-    log = open(root / "server.log", "w")
-    process = subprocess.Popen(
-        [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination", artifacts_destination,
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        ],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
+class MlflowServer:
+    """A real `mlflow server` process on 127.0.0.1 with a sqlite backend and proxied artifacts; a test
+    can stop it (an outage) and start it again on the same port and store."""
+
+    def __init__(self, root: Path, artifacts_destination: str):
+        self.root, self.artifacts_destination, self.port = root, artifacts_destination, _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self) -> "MlflowServer":
+        log = open(self.root / "server.log", "a")
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "mlflow", "server",
+                "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                "--artifacts-destination", self.artifacts_destination,
+                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            ],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.time() > deadline:
+                self.process.kill()
+                raise RuntimeError(f"mlflow server did not start; see {self.root / 'server.log'}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
         try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.time() > deadline:
-            process.kill()
-            raise RuntimeError(f"mlflow server did not start; see {root / 'server.log'}")
-        time.sleep(0.5)
-    yield uri
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.process = None
+
+
+def _serve_mlflow(root: Path, artifacts_destination: str):
+    server = MlflowServer(root, artifacts_destination).start()
+    yield server.uri
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -21,11 +21,13 @@ from PIL import Image
 
 from dreambooth.batch import PriorOutcome
 from dreambooth.config import RunConfig
-from dreambooth.errors import InputError, TrainingDiverged
+from dreambooth.errors import InputError, Preempted, TrackingUnavailable, TrainingDiverged
 from dreambooth.registry import log_pipeline_model, register_candidate
 from dreambooth.storage import local_folder
+from dreambooth.training.saving import release_checkpoints
 from dreambooth.tracking import (
     FAILED,
+    SPOOL_FOLDER,
     TAG_CLASS_NOUN,
     TAG_EVAL_PROTOCOL,
     TAG_GATE,
@@ -43,6 +45,7 @@ from dreambooth.tracking import (
     client,
     record_failure,
     stage_run,
+    unreachable,
 )
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -54,28 +57,45 @@ def subject_stage(stage: str):
     """Run the task inside the subject's `stage` run; skip it when the subject already failed.
 
     The task is called as task(config, run, *args) and this wrapper as
-    wrapper(config_json, tracking_uri, subject_run_id, *args).
+    wrapper(config_json, tracking_uri, subject_run_id, *args). A preempted or tracking-less task
+    exits non-zero with one line, leaving the subject to KFP's retry.
     """
 
     def decorate(task):
         @functools.wraps(task)
         def wrapper(config_json: str, tracking_uri: str, subject_run_id: str, *args, **kwargs):
-            subject = client(tracking_uri).get_run(subject_run_id)
-            if subject.data.tags.get(TAG_SUBJECT_STATUS) == FAILED:
-                print(f"{stage}: skipped, subject {subject.data.tags.get(TAG_SUBJECT)} already failed")
-                return None
             try:
+                subject = client(tracking_uri).get_run(subject_run_id)
+                if subject.data.tags.get(TAG_SUBJECT_STATUS) == FAILED:
+                    print(f"{stage}: skipped, subject {subject.data.tags.get(TAG_SUBJECT)} already failed")
+                    return None
                 config = RunConfig.from_json(config_json)
-                with stage_run(tracking_uri, subject_run_id, stage) as run:
+                with stage_run(tracking_uri, subject_run_id, stage, **_spool_settings(config)) as run:
                     return task(config, run, *args, **kwargs)
             except (InputError, TrainingDiverged) as error:
                 record_failure(tracking_uri, subject_run_id, stage, str(error).splitlines()[0])
                 print(f"error: {stage}: {error}", file=sys.stderr)
                 return None
+            except (Preempted, TrackingUnavailable) as error:
+                exit_for(stage, error)
+            except Exception as error:
+                if not unreachable(error):
+                    raise
+                exit_for(stage, TrackingUnavailable(f"tracking at {tracking_uri} unreachable: {error}"))
 
         return wrapper
 
     return decorate
+
+
+def _spool_settings(config: RunConfig) -> dict:
+    return {"spool_dir": Path(config.storage.work_dir) / SPOOL_FOLDER, "wait_seconds": config.tracking.wait_seconds}
+
+
+def exit_for(stage: str, error: Exception) -> None:
+    """One line and a non-zero exit: KFP retries the task (143 is a SIGTERM's usual code)."""
+    print(f"error: {stage}: {str(error).splitlines()[0]}", file=sys.stderr)
+    raise SystemExit(143 if isinstance(error, Preempted) else 3)
 
 
 def _identifier(subject_dir: Path) -> str:
@@ -106,17 +126,21 @@ def _train(stage, train_in_process, settings, run: StageRun, config, subject_dir
     from dreambooth.training.loop import planned_processes
 
     processes = planned_processes(settings)
+    # The checkpoint folder's marker stays until the model is recorded (release_checkpoints): a
+    # retry after a tracking outage reuses the saved model.
     if processes == 1:
-        return train_in_process(subject_dir, class_dir, identifier, config, output_dir, on_log=run.log_step_metrics)
-    return launch(
-        stage,
-        processes,
-        {
+        result = train_in_process(subject_dir, class_dir, identifier, config, output_dir, on_log=run.log_step_metrics,
+                                  release=False, tracking_run=run.run_id)
+    else:
+        result = launch(stage, processes, {
             "config_json": config.to_json(), "instance_dir": str(subject_dir),
             "class_dir": str(class_dir) if class_dir else "", "identifier": identifier, "output_dir": str(output_dir),
             "tracking_uri": run.tracking_uri, "run_id": run.run_id, "parent_run_id": run.parent_run_id,
-        },
-    )
+            "spool_dir": str(run.spool_dir), "wait_seconds": run.wait_seconds,
+        })
+    run.flush()  # every step metric in MLflow before the summary; TrackingUnavailable (model saved) if not
+    run.continue_from(result.resumed_from_run, result.resumed_from_step)
+    return result
 
 
 @contextmanager
@@ -139,7 +163,6 @@ def finetune_task(config: RunConfig, run: StageRun, subject_dir: str, class_imag
             "finetune", finetune, config.training, run, config,
             Path(subject_dir), class_dir, _identifier(Path(subject_dir)), Path(output_dir),
         )
-    run.flush()
     summary = {
         "train_steps": result.steps,
         "train_steps_per_second": result.steps_per_second,
@@ -156,6 +179,7 @@ def finetune_task(config: RunConfig, run: StageRun, subject_dir: str, class_imag
             run.client.log_image(run.run_id, image, key="validation", step=step)
     model_uri = log_pipeline_model(run.tracking_uri, run.run_id, Path(output_dir))
     run.set_tags({TAG_MODEL_URI: model_uri, TAG_MODEL_LOCATION: model_location or output_dir}, on_parent=True)
+    release_checkpoints(result, config.training.keep_checkpoints)
     return output_dir
 
 
@@ -264,7 +288,6 @@ def superres_task(config: RunConfig, run: StageRun, subject_dir: str, class_imag
             "superres", finetune_upscaler, config.superres.training, run, config,
             Path(subject_dir), class_dir, identifier, Path(output_dir),
         )
-    run.flush()
     run.log_metrics({
         "superres_steps_per_second": result.steps_per_second,
         "superres_seconds": result.seconds,
@@ -275,6 +298,7 @@ def superres_task(config: RunConfig, run: StageRun, subject_dir: str, class_imag
         upscale_comparison_grid(Path(subject_dir), Path(model_dir), Path(output_dir), identifier, config).save(grid)
         run.log_file(grid, on_parent=True)
     run.log_folder(Path(output_dir), "upscaler")
+    release_checkpoints(result, config.superres.training.keep_checkpoints)
     return output_dir
 
 
@@ -320,7 +344,7 @@ def priors_task(config_json: str, tracking_uri: str, batch_run_id: str, prior_ke
     noun = config.subject.class_noun
     tags = {TAG_CLASS_NOUN: noun, TAG_PRIOR_KEY: prior_key, TAG_RUN_NAME: f"class-priors-{noun}"}
     try:
-        with stage_run(tracking_uri, batch_run_id, "class-priors", tags) as run:
+        with stage_run(tracking_uri, batch_run_id, "class-priors", tags, **_spool_settings(config)) as run:
             result = generate_class_priors(config, Path(output_dir))
             run.set_tags({"dreambooth.class_prompt": result.class_prompt, "dreambooth.priors_source": result.source})
             _log_preview(run, Path(output_dir), result.class_prompt)

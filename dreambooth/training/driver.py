@@ -15,9 +15,10 @@ from typing import Optional
 import torch
 
 from dreambooth.training.lora import add_lora_adapters
-from dreambooth.training.loop import OnLog, OnStep, TrainingResult, train
+from dreambooth.training.loop import OnLog, OnStep, TrainingResult, process_state, train
 from dreambooth.training.losses import LossTerms
 from dreambooth.training.recipes import Recipe
+from dreambooth.training.saving import FinetuneResult, release_checkpoints, save_trained_pipeline
 
 
 @dataclass
@@ -29,6 +30,7 @@ class FinetuneJob:
     class_prompt: str
     checkpoints: Path
     description: str = "fine-tune"
+    owner: str = ""  # the tracking run training (written into checkpoints)
 
 
 def run_finetune(job: FinetuneJob, on_log: Optional[OnLog] = None, on_step: Optional[OnStep] = None) -> TrainingResult:
@@ -72,4 +74,23 @@ def run_finetune(job: FinetuneJob, on_log: Optional[OnLog] = None, on_step: Opti
     modules = {recipe.denoiser: denoiser, **{name: getattr(pipeline, name) for name in training_encoders}}
     text_rate = settings.text_encoder_learning_rate or settings.learning_rate
     learning_rates = {name: settings.learning_rate if name == recipe.denoiser else text_rate for name in modules}
-    return train(modules, learning_rates, compute_loss, settings, job.checkpoints, on_log, job.description, on_step)
+    return train(modules, learning_rates, compute_loss, settings, job.checkpoints, on_log, job.description, on_step, job.owner)
+
+
+def train_and_save(
+    job: FinetuneJob, output_dir: Path, metadata: dict, on_log: Optional[OnLog] = None,
+    on_step: Optional[OnStep] = None, release: bool = True,
+) -> FinetuneResult:
+    """Train, put the trained modules into the pipeline and save it. `release=False` keeps the
+    checkpoint folder's marker until the caller has recorded the model (see saving.py)."""
+    settings = job.recipe.settings
+    result = run_finetune(job, on_log, on_step)
+    for name, module in result.modules.items():
+        setattr(job.recipe.pipeline, name, module)
+    images_per_step = settings.batch_size * settings.gradient_accumulation_steps * (2 if job.class_images else 1)
+    saved = save_trained_pipeline(
+        job.recipe.pipeline, result, output_dir, metadata, job.checkpoints, settings.keep_checkpoints, images_per_step
+    )
+    if release and process_state().is_main_process:
+        release_checkpoints(saved, settings.keep_checkpoints)
+    return saved

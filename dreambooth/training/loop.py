@@ -3,7 +3,8 @@
 A stage hands it the modules to optimise and a `compute_loss(modules, step, generator)` that builds
 its own batch; the loop owns everything else: accelerate (CPU, CUDA, several GPUs, mixed
 precision), the optimizer and schedule, gradient accumulation and clipping, checkpoints
-with a retention limit, resume, the NaN/inf stop, the progress bar and step logging.
+with a retention limit, resume, the NaN/inf stop, a checkpoint on SIGTERM (preemption), the
+progress bar and step logging.
 
 Batches are drawn from a generator seeded by (seed, step, process), so a resumed run
 draws exactly the batches the interrupted one would have: no data-loader state to save.
@@ -11,20 +12,24 @@ draws exactly the batches the interrupted one would have: no data-loader state t
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from dreambooth.config import TrainingSettings
-from dreambooth.errors import InputError, TrainingDiverged
+from dreambooth.errors import InputError, Preempted, TrainingDiverged
 from dreambooth.training.losses import LossTerms
 
 log = logging.getLogger(__name__)
@@ -44,6 +49,7 @@ class TrainingResult:
     modules: dict[str, nn.Module]  # unwrapped, trained
     steps_completed: int
     resumed_from_step: int  # 0 when the run started fresh
+    resumed_from_run: str  # the tracking run whose checkpoint it resumed ("" when fresh or unknown)
     seconds: float
     steps_per_second: float  # steady state, after the first WARMUP_STEPS_EXCLUDED steps of this process
     final_loss: dict[str, float] = field(default_factory=dict)
@@ -110,14 +116,45 @@ def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
     return sorted(found, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX) :]))
 
 
-def _save_checkpoint(accelerator, checkpoint_dir: Path, step: int, keep: int) -> Path:
+def checkpoint_owner(checkpoint: Path) -> str:
+    """The tracking run that wrote the checkpoint ("" when it was not told)."""
+    try:
+        return json.loads((checkpoint / COMPLETE_MARKER).read_text()).get("run", "")
+    except (ValueError, AttributeError):
+        return ""
+
+
+def _save_checkpoint(accelerator, checkpoint_dir: Path, step: int, keep: int, owner: str) -> Path:
     target = checkpoint_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
     accelerator.save_state(str(target))
     if accelerator.is_main_process:
-        (target / COMPLETE_MARKER).write_text(str(step))
+        (target / COMPLETE_MARKER).write_text(json.dumps({"step": step, "run": owner}))
         for stale in list_checkpoints(checkpoint_dir)[:-keep]:
             shutil.rmtree(stale, ignore_errors=True)
     return target
+
+
+@contextmanager
+def stop_requests() -> Iterator[threading.Event]:
+    """An event set by SIGTERM (a preempted or drained node) while the loop runs; elsewhere the
+    signal keeps its usual meaning. Only the main thread can take signals: elsewhere it never sets."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: requested.set())
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_agreed(requested: threading.Event, accelerator) -> bool:
+    """Whether any process was asked to stop: all of them must checkpoint at the same step."""
+    if accelerator.num_processes == 1:
+        return requested.is_set()
+    flag = torch.tensor([1.0 if requested.is_set() else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def train(
@@ -129,8 +166,10 @@ def train(
     on_log: Optional[OnLog] = None,
     description: str = "fine-tune",
     on_step: Optional[OnStep] = None,
+    owner: str = "",
 ) -> TrainingResult:
-    """Optimise `modules` (name -> module; each gets its learning rate) for settings.max_steps steps."""
+    """Optimise `modules` (name -> module; each gets its learning rate) for settings.max_steps steps.
+    `owner`: the tracking run training, written into each checkpoint so a resume can name it."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from diffusers.optimization import get_scheduler
@@ -163,11 +202,11 @@ def train(
     wrapped = dict(zip(names, prepared[: len(names)]))
     optimizer, lr_schedule = prepared[len(names) :]
 
-    start_step = 0
+    start_step, resumed_from_run = 0, ""
     existing = list_checkpoints(checkpoint_dir)
     if existing:
         accelerator.load_state(str(existing[-1]))
-        start_step = int(existing[-1].name[len(CHECKPOINT_PREFIX) :])
+        start_step, resumed_from_run = int(existing[-1].name[len(CHECKPOINT_PREFIX) :]), checkpoint_owner(existing[-1])
         log.info("resuming %s from %s (step %d)", description, existing[-1], start_step)
 
     trainable_params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -182,37 +221,45 @@ def train(
     last_terms: dict[str, float] = {}
     last_checkpoint = existing[-1] if existing else None
     step = start_step
-    for step in range(start_step + 1, settings.max_steps + 1):
-        if step - start_step == WARMUP_STEPS_EXCLUDED + 1:
-            steady_started = time.perf_counter()
-        for micro_step in range(settings.gradient_accumulation_steps):
-            generator = torch.Generator(device="cpu").manual_seed(
-                hash((settings.seed, step, micro_step, accelerator.process_index)) & 0x7FFF_FFFF
-            )
-            with accelerator.accumulate(*wrapped.values()):
-                with accelerator.autocast():
-                    terms = compute_loss(wrapped, step, generator)
-                if not torch.isfinite(terms.total.detach()).all():
-                    raise TrainingDiverged(
-                        f"training stopped at step {step}: loss is {terms.total.item()} "
-                        f"(last checkpoint: {last_checkpoint or 'none'}); lower training.learning_rate "
-                        "or change training.mixed_precision"
-                    )
-                accelerator.backward(terms.total)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable_params, settings.max_grad_norm)
-                optimizer.step()
-                lr_schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-        last_terms = terms.as_floats()
-        progress.update(1)
-        progress.set_postfix(loss=f"{last_terms['loss']:.4f}")
-        if on_log and accelerator.is_main_process and (step % settings.log_every == 0 or step == settings.max_steps):
-            on_log(step, {**last_terms, "lr": lr_schedule.get_last_lr()[0]})
-        if on_step and accelerator.is_main_process:
-            on_step(step)
-        if step % settings.checkpoint_every == 0 and step < settings.max_steps:
-            last_checkpoint = _save_checkpoint(accelerator, checkpoint_dir, step, settings.checkpoints_total_limit)
+    with stop_requests() as stop_requested:
+        for step in range(start_step + 1, settings.max_steps + 1):
+            if step - start_step == WARMUP_STEPS_EXCLUDED + 1:
+                steady_started = time.perf_counter()
+            for micro_step in range(settings.gradient_accumulation_steps):
+                generator = torch.Generator(device="cpu").manual_seed(
+                    hash((settings.seed, step, micro_step, accelerator.process_index)) & 0x7FFF_FFFF
+                )
+                with accelerator.accumulate(*wrapped.values()):
+                    with accelerator.autocast():
+                        terms = compute_loss(wrapped, step, generator)
+                    if not torch.isfinite(terms.total.detach()).all():
+                        raise TrainingDiverged(
+                            f"training stopped at step {step}: loss is {terms.total.item()} "
+                            f"(last checkpoint: {last_checkpoint or 'none'}); lower training.learning_rate "
+                            "or change training.mixed_precision"
+                        )
+                    accelerator.backward(terms.total)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(trainable_params, settings.max_grad_norm)
+                    optimizer.step()
+                    lr_schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+            last_terms = terms.as_floats()
+            progress.update(1)
+            progress.set_postfix(loss=f"{last_terms['loss']:.4f}")
+            if on_log and accelerator.is_main_process and (step % settings.log_every == 0 or step == settings.max_steps):
+                on_log(step, {**last_terms, "lr": lr_schedule.get_last_lr()[0]})
+            if on_step and accelerator.is_main_process:
+                on_step(step)
+            if step % settings.checkpoint_every == 0 and step < settings.max_steps:
+                last_checkpoint = _save_checkpoint(accelerator, checkpoint_dir, step, settings.checkpoints_total_limit, owner)
+            if step < settings.max_steps and _stop_agreed(stop_requested, accelerator):  # the last step saves anyway
+                if step % settings.checkpoint_every:
+                    last_checkpoint = _save_checkpoint(accelerator, checkpoint_dir, step, settings.checkpoints_total_limit, owner)
+                raise Preempted(
+                    f"stopped by SIGTERM at step {step}/{settings.max_steps}; "
+                    f"checkpoint {last_checkpoint or 'none'}: a retry resumes there"
+                )
     progress.close()
     accelerator.wait_for_everyone()
 
@@ -227,6 +274,7 @@ def train(
         modules=unwrapped,
         steps_completed=settings.max_steps,
         resumed_from_step=start_step,
+        resumed_from_run=resumed_from_run,
         seconds=finished - started,
         steps_per_second=steps_per_second if math.isfinite(steps_per_second) else 0.0,
         final_loss=last_terms,

@@ -1,16 +1,24 @@
 """Saving a trained result: the whole pipeline folder, or for LoRA the adapter alone, with its
-metadata; then the checkpoints go, which only existed to survive a kill."""
+metadata. The training states go then; a marker stays in the checkpoint folder, naming the saved
+model, until the stage has recorded it in MLflow: a retry after a tracking outage or a kill at that
+point reuses the model instead of training again."""
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
 from dreambooth.models import METADATA_FILE
 from dreambooth.training.lora import save_lora_adapter
-from dreambooth.training.loop import process_state
+from dreambooth.training.loop import list_checkpoints, process_state
+
+log = logging.getLogger(__name__)
+
+TRAINED_MARKER = "trained.json"
 
 
 @dataclass(frozen=True)
@@ -24,24 +32,16 @@ class FinetuneResult:
     final_loss: dict
     processes: int = 1
     validation_images: list = field(default_factory=list)  # [step, image path] pairs, oldest first
+    checkpoints: str = ""  # the run's checkpoint folder, released once the model is recorded
+    resumed_from_run: str = ""  # the tracking run that wrote the checkpoint this training resumed
 
 
 def save_trained_pipeline(
     pipeline, result, output_dir: Path, metadata: dict, checkpoints: Path, keep_checkpoints: bool, images_per_step: int
 ) -> FinetuneResult:
     """On the main process: the whole pipeline folder (safetensors) or, for LoRA, the adapter alone,
-    with its metadata; then drop the checkpoints, which only existed to survive a kill."""
-    if process_state().is_main_process:
-        pipeline.to("cpu")
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if metadata.get("method") == "lora":
-            save_lora_adapter(pipeline, result.modules, output_dir, metadata.get("single_file", False))
-        else:
-            pipeline.save_pretrained(output_dir, safe_serialization=True)
-        (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-        if not keep_checkpoints:
-            shutil.rmtree(checkpoints, ignore_errors=True)
-    return FinetuneResult(
+    with its metadata; then the training states give way to the marker naming the model."""
+    saved = FinetuneResult(
         model_dir=str(output_dir),
         steps=result.steps_completed,
         resumed_from_step=result.resumed_from_step,
@@ -50,4 +50,45 @@ def save_trained_pipeline(
         seconds=result.seconds,
         final_loss=result.final_loss,
         processes=result.processes,
+        checkpoints=str(checkpoints),
+        resumed_from_run=result.resumed_from_run,
     )
+    if process_state().is_main_process:
+        pipeline.to("cpu")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if metadata.get("method") == "lora":
+            save_lora_adapter(pipeline, result.modules, output_dir, metadata.get("single_file", False))
+        else:
+            pipeline.save_pretrained(output_dir, safe_serialization=True)
+        (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        (checkpoints / TRAINED_MARKER).write_text(json.dumps(asdict(saved)))
+        if not keep_checkpoints:
+            for state in list_checkpoints(checkpoints):
+                shutil.rmtree(state, ignore_errors=True)
+    return saved
+
+
+def saved_result(checkpoints: Path, output_dir: Path) -> Optional[FinetuneResult]:
+    """The result an earlier attempt trained and saved but never recorded, its model now in output_dir; else None."""
+    marker = checkpoints / TRAINED_MARKER
+    if not marker.is_file():
+        return None
+    saved = FinetuneResult(**json.loads(marker.read_text()))
+    source = Path(saved.model_dir)
+    if not (source / METADATA_FILE).is_file():
+        return None  # the folder it names is gone: train again
+    if source.resolve() != output_dir.resolve():
+        shutil.copytree(source, output_dir, dirs_exist_ok=True)
+    log.warning("reusing the model an earlier attempt trained and saved (%s): nothing to train", source)
+    return replace(saved, model_dir=str(output_dir), resumed_from_step=saved.steps)
+
+
+def release_checkpoints(result: FinetuneResult, keep_checkpoints: bool) -> None:
+    """Once the model is recorded: the checkpoint folder goes (or, when kept, only the marker)."""
+    if not result.checkpoints:
+        return
+    if keep_checkpoints:
+        (Path(result.checkpoints) / TRAINED_MARKER).unlink(missing_ok=True)
+    else:
+        shutil.rmtree(result.checkpoints, ignore_errors=True)

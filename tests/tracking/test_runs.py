@@ -74,7 +74,7 @@ def test_the_exit_handler_closes_runs_a_crashed_stage_left_open(mlflow_server, m
     stage = client.create_run(client.get_run(subject_id).info.experiment_id,
                               tags={TAG_PARENT: subject_id, TAG_STAGE: "fine-tune", TAG_JOB_ID: "job-3"})  # as a killed pod leaves it
     finish_batch_run(mlflow_server, "crashed", "job-3", "FAILED")
-    assert client.get_run(stage.info.run_id).info.status == "FAILED"
+    assert client.get_run(stage.info.run_id).info.status == "KILLED"
     assert "while this stage ran" in client.get_run(stage.info.run_id).data.tags[TAG_ERROR]
     subject = client.get_run(subject_id)
     assert subject.info.status == "FAILED" and subject.data.tags[TAG_SUBJECT_STATUS] == "failed"

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from dreambooth.config import RunConfig
+from dreambooth.errors import Preempted, TrackingUnavailable
+from dreambooth.tracking.spool import MetricSpool, discard, send_pending
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +48,13 @@ TAG_EVAL_PROTOCOL = "dreambooth.eval_protocol"
 TAG_PRIOR_KEY = "dreambooth.prior_key"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
+TAG_ATTEMPT = "dreambooth.attempt"  # 2 and up: a retried task continued this run
+TAG_RESUMED_FROM = "dreambooth.resumed_from"  # "<run id> at step N": the run whose checkpoint this one resumed
 INHERITED_TAGS = (TAG_JOB_ID, TAG_JOB_NAME, TAG_SUBJECT, TAG_CLASS_NOUN, TAG_IDENTIFIER)
 STAGE_BATCH, STAGE_SUBJECT = "batch", "subject"
 RUNNING, TRAINED, FAILED = "running", "trained", "failed"
-METRIC_FLUSH_EVERY = 100
+SPOOL_FOLDER = "tracking-spool"
+DEFAULT_WAIT_SECONDS = 60.0  # at a stage's end, for a tracking server that is away (tracking.wait_seconds)
 
 
 def resolve_tracking_uri(configured: Optional[str] = None) -> str:
@@ -58,6 +63,14 @@ def resolve_tracking_uri(configured: Optional[str] = None) -> str:
     if uri:
         return uri
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def unreachable(error: BaseException) -> bool:
+    """An MLflow call that failed because the server could not be reached (after MLflow's retries)."""
+    text = str(error)
+    return type(error).__name__ == "MlflowException" and "API request to" in text and (
+        "Max retries exceeded" in text or "Connection" in text or "timed out" in text
+    )
 
 
 def client(tracking_uri: str):
@@ -188,28 +201,65 @@ def log_metrics(mlflow, run_id: str, values: dict[str, float]) -> None:
     mlflow.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in values.items()])
 
 
+def default_spool_dir() -> Path:
+    from dreambooth.tiny_models import default_cache_dir
+
+    return default_cache_dir() / "work" / SPOOL_FOLDER
+
+
 @dataclass
 class StageRun:
-    """A stage's run: per-step metrics are buffered and sent in batches; `on_parent` also logs to its parent."""
+    """A stage's run. Step metrics go through a journal on local disk (tracking.spool), so training
+    never waits on the server; `on_parent` also logs to the parent run."""
 
     client: object
     run_id: str
     parent_run_id: str
     tracking_uri: str
-    _pending: list = field(default_factory=list)
+    spool_dir: Path = field(default_factory=default_spool_dir)
+    wait_seconds: float = DEFAULT_WAIT_SECONDS
+    _spool: Optional[MetricSpool] = None
 
     def log_step_metrics(self, step: int, values: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self._pending.extend(Metric(key, float(value), now, step) for key, value in values.items())
-        if len(self._pending) >= METRIC_FLUSH_EVERY:
-            self.flush()
+        if self._spool is None:
+            self._spool = MetricSpool(self.client, self.tracking_uri, self.run_id, self.spool_dir)
+        self._spool.add(step, values)
 
     def flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending[:1000], self._pending[1000:]
-            self.client.log_batch(self.run_id, metrics=batch)
+        """Wait (at most wait_seconds) until every step metric is in MLflow; TrackingUnavailable if not."""
+        spool, self._spool = self._spool, None
+        if spool is None:
+            return
+        left = spool.close(self.wait_seconds)
+        if left:
+            raise TrackingUnavailable(
+                f"tracking at {self.tracking_uri} unreachable for {self.wait_seconds:.0f} s ({spool.last_error}); "
+                f"{left} step metrics kept in {spool.journal}: send them with `python pipeline.py sync-tracking`"
+            )
+
+    def continue_from(self, earlier_run_id: str, up_to_step: int) -> None:
+        """This run resumed a checkpoint `earlier_run_id` wrote (a run of an earlier, killed job):
+        link the two, copy its step metrics up to the checkpoint so this run's curves are whole,
+        and close it KILLED if nothing else did."""
+        from mlflow.entities import Metric
+
+        if not earlier_run_id or earlier_run_id == self.run_id:
+            return
+        send_pending(self.client, earlier_run_id, self.spool_dir)  # what it logged but never sent
+        discard(self.spool_dir, earlier_run_id)
+        earlier = self.client.get_run(earlier_run_id)
+        points = [
+            Metric(key, point.value, point.timestamp, point.step)
+            for key in earlier.data.metrics
+            for point in self.client.get_metric_history(earlier_run_id, key)
+            if 0 < point.step <= up_to_step
+        ]
+        for start in range(0, len(points), 1000):
+            self.client.log_batch(self.run_id, metrics=points[start : start + 1000])
+        self.set_tags({TAG_RESUMED_FROM: f"{earlier_run_id} at step {up_to_step}"})
+        if earlier.info.status == "RUNNING":
+            self.client.set_tag(earlier_run_id, TAG_ERROR, f"interrupted; run {self.run_id} resumed its checkpoint at step {up_to_step}")
+            self.client.set_terminated(earlier_run_id, "KILLED")
 
     def log_metrics(self, values: dict[str, float], on_parent: bool = False) -> None:
         log_metrics(self.client, self.run_id, values)
@@ -244,32 +294,63 @@ class StageRun:
             self.client.log_artifacts(self.parent_run_id, str(folder), artifact_path)
 
 
+def _earlier_attempt(mlflow, parent, stage: str, tags: dict) -> Optional[object]:
+    """The run an earlier attempt of this task opened (same parent, stage and identifying tags), if any."""
+    filters = [f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'", f"tags.`{TAG_STAGE}` = '{stage}'"]
+    filters += [f"tags.`{key}` = '{value}'" for key, value in tags.items() if key != TAG_RUN_NAME]
+    found = mlflow.search_runs([parent.info.experiment_id], " and ".join(filters), order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0] if found else None
+
+
 @contextmanager
-def stage_run(tracking_uri: str, parent_run_id: str, stage: str, tags: Optional[dict] = None) -> Iterator[StageRun]:
-    """Open a stage's run under its subject (or batch) run; a failure is recorded on both, then re-raised."""
+def stage_run(
+    tracking_uri: str, parent_run_id: str, stage: str, tags: Optional[dict] = None,
+    spool_dir: Optional[Path] = None, wait_seconds: float = DEFAULT_WAIT_SECONDS,
+) -> Iterator[StageRun]:
+    """Open a stage's run under its subject (or batch) run, or reopen the one an earlier attempt of
+    the task left, so a retry continues its curves. A failure is recorded on both runs and re-raised;
+    a preempted stage is closed KILLED and its subject left to the retry."""
     mlflow = client(tracking_uri)
     parent = mlflow.get_run(parent_run_id)
-    run_tags = {key: parent.data.tags[key] for key in INHERITED_TAGS if key in parent.data.tags}
-    run_tags.update({TAG_PARENT: parent_run_id, TAG_STAGE: stage, TAG_TASK_NAME: stage, TAG_RUN_NAME: stage, **(tags or {})})
-    child = mlflow.create_run(parent.info.experiment_id, tags=run_tags)
-    run = StageRun(client=mlflow, run_id=child.info.run_id, parent_run_id=parent_run_id, tracking_uri=tracking_uri)
+    earlier = _earlier_attempt(mlflow, parent, stage, tags or {})
+    if earlier is not None:
+        run_id = earlier.info.run_id
+        attempt = int(earlier.data.tags.get(TAG_ATTEMPT, "1")) + 1
+        mlflow.update_run(run_id, status="RUNNING")
+        mlflow.set_tag(run_id, TAG_ATTEMPT, str(attempt))
+        log.info("%s: attempt %d continues MLflow run %s", stage, attempt, run_id)
+    else:
+        run_tags = {key: parent.data.tags[key] for key in INHERITED_TAGS if key in parent.data.tags}
+        run_tags.update({TAG_PARENT: parent_run_id, TAG_STAGE: stage, TAG_TASK_NAME: stage, TAG_RUN_NAME: stage, **(tags or {})})
+        run_id = mlflow.create_run(parent.info.experiment_id, tags=run_tags).info.run_id
+    run = StageRun(mlflow, run_id, parent_run_id, tracking_uri, spool_dir or default_spool_dir(), wait_seconds)
     try:
         yield run
         run.flush()
+    except TrackingUnavailable:
+        raise  # any further call would wait on the server again; the message says what is kept where
     except BaseException as error:
         message = (str(error).splitlines() or [type(error).__name__])[0][:5000]
-        run.flush()
+        try:
+            run.flush()
+        except TrackingUnavailable as unsent:
+            log.warning("%s", unsent)
+            raise error from None
         run.set_tags({TAG_ERROR: message})
-        mlflow.set_terminated(run.run_id, "FAILED")
-        if parent.data.tags.get(TAG_STAGE) == STAGE_SUBJECT:
-            record_failure(tracking_uri, parent_run_id, stage, message)
+        if isinstance(error, Preempted):
+            mlflow.set_terminated(run.run_id, "KILLED")  # the retry reopens this run and resumes the checkpoint
+        else:
+            mlflow.set_terminated(run.run_id, "FAILED")
+            if parent.data.tags.get(TAG_STAGE) == STAGE_SUBJECT:
+                record_failure(tracking_uri, parent_run_id, stage, message)
         raise
     mlflow.set_terminated(run.run_id, "FINISHED")
 
 
 def finish_batch_run(tracking_uri: str, experiment: str, job_id: str, pipeline_state: str) -> Optional[str]:
     """Exit handler: close the batch run with the pipeline's final state, and every run under it
-    still open (a stage that crashed or was killed) as FAILED with the reason; returns its id."""
+    still open with the reason: a subject as FAILED, a stage that crashed or was killed as KILLED.
+    Returns the batch run's id."""
     batch = find_batch_run(tracking_uri, experiment, job_id)
     if batch is None:
         return None
@@ -282,9 +363,10 @@ def finish_batch_run(tracking_uri: str, experiment: str, job_id: str, pipeline_s
         if run.data.tags.get(TAG_STAGE) == STAGE_SUBJECT:
             if run.data.tags.get(TAG_SUBJECT_STATUS) != FAILED:
                 record_failure(tracking_uri, run.info.run_id, "pipeline", f"the pipeline ended ({pipeline_state}) before this subject finished")
-        else:
+            mlflow.set_terminated(run.info.run_id, "FAILED")
+        else:  # its pod was killed or crashed: nothing will close it
             mlflow.set_tag(run.info.run_id, TAG_ERROR, f"the pipeline ended ({pipeline_state}) while this stage ran")
-        mlflow.set_terminated(run.info.run_id, "FAILED")
+            mlflow.set_terminated(run.info.run_id, "KILLED")
     mlflow.set_terminated(batch.info.run_id, "FINISHED" if succeeded else "FAILED")
     return batch.info.run_id
 
