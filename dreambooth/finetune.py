@@ -24,7 +24,7 @@ from dreambooth.training.data import training_fingerprint
 from dreambooth.training.driver import FinetuneJob, train_and_save
 from dreambooth.training.loop import OnLog, process_state, split_batch
 from dreambooth.training.recipes import recipe_class
-from dreambooth.training.saving import FinetuneResult, saved_result
+from dreambooth.training.saving import FinetuneResult, claim_checkpoints, saved_result
 
 
 def finetune(
@@ -57,38 +57,39 @@ def finetune(
     checkpoints = Path(config.storage.work_dir) / "checkpoints" / fingerprint
     validation_dir = Path(config.storage.work_dir) / "validation" / fingerprint
     drawn = sorted(validation_dir.glob("step-*.png")) if settings.validation_every else []
-    reused = saved_result(checkpoints, output_dir)
-    if reused is not None:
-        return replace(reused, validation_images=_steps_and_paths(drawn))
+    with claim_checkpoints(checkpoints):  # one run at a time per checkpoint folder
+        reused = saved_result(checkpoints, output_dir)
+        if reused is not None:
+            return replace(reused, validation_images=_steps_and_paths(drawn))
 
-    family = model_family(config.model.base, config.model.revision, declared=config.model.family)
-    device = process_state().device
-    pipeline = load_pipeline(config.model.base, config.model.revision, device=device, vae=config.model.vae)
-    recipe = recipe_class(family)(pipeline, settings, device, config.model.resolution)
-    on_step = None
-    if settings.validation_every:
-        prompt = settings.validation_prompt.format(identifier=identifier, class_noun=subject.class_noun)
+        family = model_family(config.model.base, config.model.revision, declared=config.model.family)
+        device = process_state().device
+        pipeline = load_pipeline(config.model.base, config.model.revision, device=device, vae=config.model.vae)
+        recipe = recipe_class(family)(pipeline, settings, device, config.model.resolution)
+        on_step = None
+        if settings.validation_every:
+            prompt = settings.validation_prompt.format(identifier=identifier, class_noun=subject.class_noun)
 
-        def on_step(step: int) -> None:
-            if step % settings.validation_every == 0 or step == settings.max_steps:
-                draw_validation_images(recipe, prompt, config.samples.sampler.guidance_scale, validation_dir, step)
+            def on_step(step: int) -> None:
+                if step % settings.validation_every == 0 or step == settings.max_steps:
+                    draw_validation_images(recipe, prompt, config.samples.sampler.guidance_scale, validation_dir, step)
 
-    job = FinetuneJob(recipe, instance_images, class_images, instance_prompt, class_prompt, checkpoints, owner=tracking_run)
-    metadata = {
-        "identifier": identifier,
-        "class_noun": subject.class_noun,
-        "instance_prompt": instance_prompt,
-        "class_prompt": class_prompt if use_prior else None,
-        "base_model": config.model.base,
-        "base_revision": config.model.revision,
-        "vae": config.model.vae,
-        "family": family,
-        "method": settings.method,
-        "single_file": settings.method == "lora" and settings.lora.export_single_file,
-        "resolution": recipe.training_resolution,
-        "steps": settings.max_steps,
-    }
-    saved = train_and_save(job, output_dir, metadata, on_log, on_step, release)
+        job = FinetuneJob(recipe, instance_images, class_images, instance_prompt, class_prompt, checkpoints, owner=tracking_run)
+        metadata = {
+            "identifier": identifier,
+            "class_noun": subject.class_noun,
+            "instance_prompt": instance_prompt,
+            "class_prompt": class_prompt if use_prior else None,
+            "base_model": config.model.base,
+            "base_revision": config.model.revision,
+            "vae": config.model.vae,
+            "family": family,
+            "method": settings.method,
+            "single_file": settings.method == "lora" and settings.lora.export_single_file,
+            "resolution": recipe.training_resolution,
+            "steps": settings.max_steps,
+        }
+        saved = train_and_save(job, output_dir, metadata, on_log, on_step, release)
     # Steps of a killed attempt drew theirs before it was killed: the folder holds the whole curve.
     drawn = sorted(validation_dir.glob("step-*.png")) if settings.validation_every else []
     return replace(saved, validation_images=_steps_and_paths(drawn))

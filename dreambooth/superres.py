@@ -22,7 +22,7 @@ from dreambooth.training.data import training_fingerprint, training_views
 from dreambooth.training.driver import FinetuneJob, train_and_save
 from dreambooth.training.loop import OnLog, process_state, split_batch
 from dreambooth.training.recipes.upscaler import UPSCALE_FACTOR, UpscalerRecipe
-from dreambooth.training.saving import FinetuneResult, saved_result
+from dreambooth.training.saving import FinetuneResult, claim_checkpoints, saved_result
 
 
 def load_upscaler(reference: str, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32):
@@ -67,25 +67,26 @@ def finetune_upscaler(
         ["superres", settings.model_dump(), subject.class_noun, identifier], instance_images, class_images
     )
     checkpoints = Path(config.storage.work_dir) / "checkpoints" / fingerprint
-    reused = saved_result(checkpoints, output_dir)
-    if reused is not None:
-        return reused
+    with claim_checkpoints(checkpoints):  # one run at a time per checkpoint folder
+        reused = saved_result(checkpoints, output_dir)
+        if reused is not None:
+            return reused
 
-    device = process_state().device
-    pipeline = load_upscaler(settings.base, device)
-    recipe = UpscalerRecipe(pipeline, training, device, settings.resolution, noise_levels=settings.train_noise_levels)
-    job = FinetuneJob(recipe, instance_images, class_images, instance_prompt, class_prompt, checkpoints, "super-resolution", owner=tracking_run)
-    metadata = {
-        "identifier": identifier,
-        "class_noun": subject.class_noun,
-        "instance_prompt": instance_prompt,
-        "base_upscaler": settings.base,
-        "resolution": settings.resolution,
-        "train_noise_levels": list(settings.train_noise_levels),
-        "inference_noise_level": settings.inference_noise_level,
-        "steps": training.max_steps,
-    }
-    return train_and_save(job, output_dir, metadata, on_log, release=release)
+        device = process_state().device
+        pipeline = load_upscaler(settings.base, device)
+        recipe = UpscalerRecipe(pipeline, training, device, settings.resolution, noise_levels=settings.train_noise_levels)
+        job = FinetuneJob(recipe, instance_images, class_images, instance_prompt, class_prompt, checkpoints, "super-resolution", owner=tracking_run)
+        metadata = {
+            "identifier": identifier,
+            "class_noun": subject.class_noun,
+            "instance_prompt": instance_prompt,
+            "base_upscaler": settings.base,
+            "resolution": settings.resolution,
+            "train_noise_levels": list(settings.train_noise_levels),
+            "inference_noise_level": settings.inference_noise_level,
+            "steps": training.max_steps,
+        }
+        return train_and_save(job, output_dir, metadata, on_log, release=release)
 
 
 def upscale(pipeline, prompts: list[str], images: list[Image.Image], noise_level: int, sampler, seed: int = 0) -> list[Image.Image]:

@@ -115,6 +115,9 @@ def test_killed_training_resumes_from_the_last_checkpoint(prepared, tmp_path, me
         assert process.poll() is None, "training ended before its second checkpoint"
         assert time.time() < deadline, "no checkpoint within 180 s"
         time.sleep(0.2)
+    # A second run of the same subject and settings, while the first trains: refused, not interleaved.
+    with pytest.raises(InputError, match="another run is training this subject with the same settings"):
+        finetune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "second")
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (tmp_path / "model" / saved).exists()

@@ -73,21 +73,52 @@ def unreachable(error: BaseException) -> bool:
     )
 
 
+_READY_STORES: set[str] = set()
+
+
+def _sqlite_path(tracking_uri: str) -> Optional[Path]:
+    return Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
+
+
 def client(tracking_uri: str):
+    """An MlflowClient. A local sqlite store is created or upgraded under a file lock: two runs
+    started together on a fresh file would otherwise race MLflow's schema migrations."""
+    import fcntl
+
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri)
+    database = _sqlite_path(tracking_uri)
+    if database is None or tracking_uri in _READY_STORES:
+        return MlflowClient(tracking_uri=tracking_uri)
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        mlflow = MlflowClient(tracking_uri=tracking_uri)
+        mlflow._tracking_client.store  # noqa: B018 (opening the stores runs their migrations)
+        mlflow._get_registry_client().store  # noqa: B018
+    _READY_STORES.add(tracking_uri)
+    return mlflow
 
 
 def experiment_id(tracking_uri: str, name: str) -> str:
-    """The experiment's id, created if missing (which also sets up a fresh local store's schema)."""
+    """The experiment's id, created if missing. In a local sqlite store its artifacts go beside the
+    database file (`mlflow-artifacts/` next to `mlflow.db`), not into the current folder."""
+    from mlflow.exceptions import MlflowException
+
     mlflow = client(tracking_uri)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
+    database = _sqlite_path(tracking_uri)
+    location = None
+    if database is not None:
+        folder = database.parent / f"{database.stem}-artifacts" / "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+        location = folder.resolve().as_uri()
     try:
-        return mlflow.create_experiment(name)
-    except Exception:  # another process created it first
+        return mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":  # only the race with another process may pass
+            raise
         return mlflow.get_experiment_by_name(name).experiment_id
 
 

@@ -5,13 +5,16 @@ point reuses the model instead of training again."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import shutil
 from dataclasses import asdict, dataclass, field, replace
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
+from dreambooth.errors import InputError
 from dreambooth.models import METADATA_FILE
 from dreambooth.training.lora import save_lora_adapter
 from dreambooth.training.loop import list_checkpoints, process_state
@@ -67,6 +70,26 @@ def save_trained_pipeline(
             for state in list_checkpoints(checkpoints):
                 shutil.rmtree(state, ignore_errors=True)
     return saved
+
+
+@contextmanager
+def claim_checkpoints(checkpoints: Path) -> Iterator[None]:
+    """Hold the checkpoint folder for this run: a second run of the same subject with the same
+    settings (same fingerprint, same folder) is refused instead of writing the same checkpoints."""
+    if not process_state().is_main_process:
+        yield
+        return
+    checkpoints.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = checkpoints.parent / f"{checkpoints.name}.lock"
+    with open(lock_file, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(
+                f"{checkpoints}: another run is training this subject with the same settings right now; "
+                "let it finish (a re-run then finds its result), or change a setting"
+            ) from None
+        yield
 
 
 def saved_result(checkpoints: Path, output_dir: Path) -> Optional[FinetuneResult]:

@@ -13,6 +13,7 @@ from dreambooth.tracking import (
     TAG_STAGE,
     TAG_SUBJECT_STATUS,
     close_subject_run,
+    experiment_id,
     find_batch_run,
     find_trained_subject,
     finish_batch_run,
@@ -88,3 +89,35 @@ def test_the_tracking_uri_defaults_to_a_local_sqlite_file(monkeypatch, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     assert resolve_tracking_uri() == "http://mlflow:5000"
     assert resolve_tracking_uri("http://other:5000") == "http://other:5000"
+
+
+FIRST_USE = """
+import sys
+from dreambooth.tracking import experiment_id
+print(experiment_id(sys.argv[1], "dreambooth"))
+"""
+
+
+def test_runs_started_together_on_a_fresh_local_store_share_it(tmp_path):
+    import subprocess
+    import sys
+
+    for attempt in range(3):  # the schema race lost every time in three tries before the lock
+        uri = f"sqlite:///{tmp_path / f'fresh-{attempt}' / 'mlflow.db'}"
+        processes = [subprocess.Popen([sys.executable, "-c", FIRST_USE, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for _ in range(3)]
+        outcomes = [process.communicate(timeout=300) for process in processes]
+        assert [process.returncode for process in processes] == [0, 0, 0], [err[-2000:] for _, err in outcomes]
+        assert len({out.strip() for out, _ in outcomes}) == 1
+
+
+def test_a_local_store_keeps_its_artifacts_beside_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    experiment = experiment_id(uri, "beside")
+    client = MlflowClient(uri)
+    run = client.create_run(experiment)
+    (tmp_path / "note.txt").write_text("kept")
+    client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
+    assert list((tmp_path / "store" / "mlflow-artifacts" / "beside").rglob("note.txt"))
+    assert not (tmp_path / "mlruns").exists()
