@@ -51,8 +51,26 @@ def _overrides(args: argparse.Namespace) -> dict:
     return {section: values for section, values in overrides.items() if values}
 
 
+def _without_credentials(config: RunConfig) -> RunConfig:
+    """A tracking URI's `user:password@` never travels: locally it moves to MLflow's own variables;
+    a cluster's pods take them from a Kubernetes Secret instead."""
+    from dreambooth.tracking import adopt_credentials, has_credentials
+
+    uri = config.tracking.uri
+    if not uri or not has_credentials(uri):
+        return config
+    if config.cluster is not None:
+        raise InputError(
+            "tracking.uri: holds credentials, which would be written into the compiled pipeline; leave them out "
+            "and give the pods MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD from a Kubernetes Secret (cluster.secrets)"
+        )
+    return config.model_copy(update={"tracking": config.tracking.model_copy(update={"uri": adopt_credentials(uri)})})
+
+
 def _one_subject(args: argparse.Namespace, photos: str, config: RunConfig) -> SubjectEntry:
     """A single subject from the command line, checked like an entry of a subjects file."""
+    if args.identifier is not None and not args.identifier.strip():
+        raise InputError("--identifier: empty; leave it out to pick a rare token, or give one (e.g. sks)")
     subject_id = getattr(args, "subject_name", None) or photos.rstrip("/").rsplit("/", 1)[-1]
     raw = {"id": subject_id, "photos": photos, "class_noun": args.class_noun, "identifier": args.identifier}
     return validate_entries([("the command line", raw)], "subject", config)[0]
@@ -287,7 +305,10 @@ def main(build_pipeline: Callable, argv: Optional[list[str]] = None) -> int:
     # Reports read small artifacts (a plan, samples) back from MLflow: no progress bar per file.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        config = load_config(args.config, _overrides(args))
+        config = _without_credentials(load_config(args.config, _overrides(args)))
+        from dreambooth.models import allow_pickle_weights
+
+        allow_pickle_weights(config.model.allow_pickle)
         if args.command == "compile":
             from dreambooth.cluster import compile_pipeline
 

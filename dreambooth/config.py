@@ -38,6 +38,9 @@ class ModelSettings(Section):
     vae: Optional[str] = None
     # None: the model's native size (UNet sample size x VAE scale factor, 512 for SD 1.x).
     resolution: Optional[int] = Field(default=None, gt=0)
+    # Only safetensors weights load: pickle files (.bin, .pt) can run code when loaded. True lets
+    # them load, for every model of the run (base, VAE, upscaler, evaluation encoders); tagged on each stage run.
+    allow_pickle: bool = False
 
 
 class SubjectSettings(Section):
@@ -413,12 +416,15 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """A config file's settings, on top of the file it `extends` (e.g. a cluster config over sd15)."""
+    from dreambooth.storage import read_text
+
     if not path.is_file():
         raise InputError(f"{path}: config file not found")
     if path.resolve() in seen:
         raise InputError(f"{path}: `extends` loops back to itself")
+    text = read_text(str(path))
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         raise InputError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(raw, dict):

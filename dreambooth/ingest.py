@@ -57,6 +57,10 @@ def _candidate_files(subject_dir: Path) -> list[Path]:
     if not subject_dir.is_dir():
         raise InputError(f"{subject_dir}: subject folder not found")
     files = sorted(p for p in subject_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    inside = subject_dir.resolve()
+    for path in files:  # a link would make a file elsewhere on disk a training photo
+        if path.is_symlink() and not path.resolve().is_relative_to(inside):
+            raise InputError(f"{path}: links to {path.resolve()}, outside the subject folder; copy the photo in instead")
     if not files:
         raise InputError(f"{subject_dir}: no images in the subject folder")
     return files

@@ -120,9 +120,32 @@ def best_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# Pickle weights (.bin, .pt) can run code when loaded: only safetensors load unless the run's
+# settings say model.allow_pickle (each task and command applies its settings before loading).
+_PICKLE_ALLOWED = False
+
+
+def allow_pickle_weights(allowed: bool) -> None:
+    global _PICKLE_ALLOWED
+    _PICKLE_ALLOWED = allowed
+
+
+def weights_format() -> dict:
+    """The from_pretrained keyword (diffusers and transformers) that enforces the weights policy;
+    allowed, the loaders' default: safetensors where present, pickle otherwise."""
+    return {} if _PICKLE_ALLOWED else {"use_safetensors": True}
+
+
+def load_failure_reason(error: Exception) -> str:
+    """The first line of a loader's error; for weights refused as pickle, what to do about it."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if not _PICKLE_ALLOWED and "safetensors" in reason:
+        reason += "; only safetensors weights load, as pickle files can run code: convert them, or set model.allow_pickle: true for a model you trust"
+    return reason
+
+
 def _load_error(reference: str, what: str, error: Exception) -> InputError:
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return InputError(f"model.base: cannot load the {what} of {reference!r} ({reason})")
+    return InputError(f"model.base: cannot load the {what} of {reference!r} ({load_failure_reason(error)})")
 
 
 def _model_index(reference: str, revision: Optional[str], setting: str) -> dict:
@@ -204,11 +227,11 @@ def load_pipeline(
     components = dict(safety_checker=None, requires_safety_checker=False) if model_family(source) == "sd" else {}
     if vae:
         try:
-            components["vae"] = AutoencoderKL.from_pretrained(resolve_model_source(vae, setting="model.vae"), dtype=torch_dtype)
+            components["vae"] = AutoencoderKL.from_pretrained(resolve_model_source(vae, setting="model.vae"), dtype=torch_dtype, **weights_format())
         except (OSError, ValueError) as error:
-            raise InputError(f"model.vae: cannot load the VAE {vae!r} ({(str(error).strip().splitlines() or [''])[0]})") from None
+            raise InputError(f"model.vae: cannot load the VAE {vae!r} ({load_failure_reason(error)})") from None
     try:
-        pipeline = DiffusionPipeline.from_pretrained(source, revision=revision, dtype=torch_dtype, **components)
+        pipeline = DiffusionPipeline.from_pretrained(source, revision=revision, dtype=torch_dtype, **components, **weights_format())
     except (OSError, ValueError, EnvironmentError) as error:
         raise _load_error(reference, "pipeline", error) from None
     pipeline.set_progress_bar_config(disable=True)

@@ -110,17 +110,22 @@ def local_folder(uri: str, require_complete: bool = False) -> Iterator[Path]:
 
 
 def read_text(uri: str) -> str:
-    """A whole small file (a subjects list), local or gs://."""
+    """A whole small text file (a config, a subjects list), local or gs://."""
     if not is_gcs(uri):
         path = Path(uri)
         if not path.is_file():
             raise InputError(f"{uri}: file not found")
-        return path.read_text()
-    bucket_name, name = split_gcs(uri)
-    blob = _client().bucket(bucket_name).blob(name)
-    if not blob.exists():
-        raise InputError(f"{uri}: file not found")
-    return blob.download_as_bytes(retry=_retry()).decode()
+        data = path.read_bytes()
+    else:
+        bucket_name, name = split_gcs(uri)
+        blob = _client().bucket(bucket_name).blob(name)
+        if not blob.exists():
+            raise InputError(f"{uri}: file not found")
+        data = blob.download_as_bytes(retry=_retry())
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(f"{uri}: not a text file (byte {error.start} is not UTF-8)") from None
 
 
 def _visible(relative: str) -> bool:

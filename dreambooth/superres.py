@@ -28,13 +28,13 @@ from dreambooth.training.saving import FinetuneResult, claim_checkpoints, saved_
 def load_upscaler(reference: str, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32):
     from diffusers import StableDiffusionUpscalePipeline
 
-    from dreambooth.models import best_device, resolve_model_source
+    from dreambooth.models import best_device, load_failure_reason, resolve_model_source, weights_format
 
     try:
-        pipeline = StableDiffusionUpscalePipeline.from_pretrained(resolve_model_source(reference, setting="superres.base"), dtype=dtype)
+        source = resolve_model_source(reference, setting="superres.base")
+        pipeline = StableDiffusionUpscalePipeline.from_pretrained(source, dtype=dtype, **weights_format())
     except (OSError, ValueError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise InputError(f"superres.base: cannot load the upscaler {reference!r} ({reason})") from None
+        raise InputError(f"superres.base: cannot load the upscaler {reference!r} ({load_failure_reason(error)})") from None
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device or best_device())
 

@@ -62,6 +62,23 @@ def test_secrets_travel_by_reference_only(compiled):
         assert leak not in text
 
 
+def test_a_tracking_uri_with_credentials_is_never_compiled_in(tmp_path):
+    def compile_with(config: str):
+        return subprocess.run(
+            [sys.executable, str(REPO / "pipeline.py"), "compile", "--config", config, "--output", str(tmp_path / f"{config}.yaml"),
+             "--tracking-uri", "http://ops:p4ssw0rd@mlflow.example.com:5000"],
+            capture_output=True, text=True, timeout=300,
+        )
+
+    cluster = compile_with("gke-sd15")  # pods cannot get a local variable: refused, pointing at a Secret
+    assert cluster.returncode == 2 and cluster.stderr.startswith("error: tracking.uri: holds credentials")
+    assert len(cluster.stderr.splitlines()) == 1 and "p4ssw0rd" not in cluster.stderr
+    local = compile_with("tiny")  # kfp.local tasks inherit the variables; the YAML gets the bare URI
+    assert local.returncode == 0, local.stderr
+    text = (tmp_path / "tiny.yaml").read_text()
+    assert "p4ssw0rd" not in text and "http://mlflow.example.com:5000" in text
+
+
 def test_gpu_stages_retry_for_longer_than_they_run(compiled):
     _, pipeline_spec, _ = compiled
     _, finetune = dag_tasks(pipeline_spec)["finetune"]

@@ -73,3 +73,15 @@ def test_inconsistent_settings_are_refused_in_one_line(overrides, message):
     with pytest.raises(InputError) as caught:
         load_config("sd15", overrides)
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_binary_config_and_an_empty_identifier_end_in_one_line(tmp_path):
+    from conftest import SAMPLE_SUBJECT, cli
+
+    (tmp_path / "photo.yaml").write_bytes(bytes(range(256)) * 4)  # e.g. a photo passed as --config
+    binary = cli("compile", "--config", str(tmp_path / "photo.yaml"), cwd=tmp_path)
+    assert binary.returncode == 2 and binary.stderr == f"error: {tmp_path / 'photo.yaml'}: not a text file (byte 128 is not UTF-8)\n"
+    empty = cli("ingest", "--config", "tiny", "--subject-dir", str(SAMPLE_SUBJECT), "--class-noun", "dog", "--identifier", "",
+                "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert empty.returncode == 2 and empty.stderr.startswith("error: --identifier: empty") and len(empty.stderr.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

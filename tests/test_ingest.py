@@ -70,6 +70,20 @@ def test_an_empty_folder_and_a_missing_folder(tmp_path, config):
         ingest_subject(tmp_path / "absent", tmp_path / "out", config)
 
 
+def test_a_link_out_of_the_subject_folder_is_refused_and_one_inside_is_not(subject_dir, tmp_path, config):
+    elsewhere = tmp_path / "private"
+    elsewhere.mkdir()
+    _noise_photo(elsewhere / "not-a-subject.png", size=(128, 128))
+    (subject_dir / "extra.png").symlink_to(elsewhere / "not-a-subject.png")
+    with pytest.raises(InputError, match=r"extra.png: links to .*not-a-subject.png, outside the subject folder"):
+        ingest_subject(subject_dir, tmp_path / "out", config)
+    (subject_dir / "extra.png").unlink()
+    first = sorted(subject_dir.iterdir())[0]
+    (subject_dir / "same-photo.jpg").symlink_to(first.name)  # inside: an ordinary (duplicate) photo
+    result = ingest_subject(subject_dir, tmp_path / "out", config)
+    assert "same-photo.jpg" in result.duplicates_dropped or first.name in result.duplicates_dropped
+
+
 def test_a_too_small_image_is_named_with_the_limit(subject_dir, tmp_path, config):
     _photo(subject_dir / "tiny.png", size=(40, 300))
     with pytest.raises(InputError, match=r"tiny\.png: 40x300 is too small; .* at least 64 px \(subject\.min_image_size\)"):

@@ -144,3 +144,25 @@ def test_warm_cache_puts_every_model_of_a_config_in_the_caches(tmp_path):
     assert offline.returncode == 1
     assert [line.split()[1] for line in offline.stdout.splitlines() if line.startswith("FAIL")] == [
         "model.base", "superres.base", "evaluation.dino_model", "evaluation.clip_model", "evaluation.lpips_model"]
+
+
+def test_pickle_weights_load_only_when_a_setting_allows_them(tmp_path, tiny_model_dir):
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth.errors import InputError
+    from dreambooth.models import allow_pickle_weights, load_pipeline
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    unet = UNet2DConditionModel.from_pretrained(pickled / "unet")
+    for weights in (pickled / "unet").glob("*.safetensors"):
+        weights.unlink()
+    unet.save_pretrained(pickled / "unet", safe_serialization=False)  # a .bin: unpickled, it could run code
+
+    with pytest.raises(InputError, match=r"only safetensors weights load.*model.allow_pickle: true"):
+        load_pipeline(str(pickled))
+    allow_pickle_weights(True)
+    try:
+        assert load_pipeline(str(pickled)).unet.config.in_channels == unet.config.in_channels
+    finally:
+        allow_pickle_weights(False)

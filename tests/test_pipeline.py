@@ -152,14 +152,21 @@ def test_run_on_the_tiny_config_tracks_into_local_sqlite_by_default(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_tracks_into_an_mlflow_server(tmp_path, mlflow_server):
+def test_run_tracks_into_an_mlflow_server_and_its_credentials_go_nowhere(tmp_path, mlflow_server):
     config = quick_config(tmp_path, experiment="served")
+    with_credentials = mlflow_server.replace("http://", "http://dreambooth:s3cret-token@")
     result = cli("run", "--config", config, "--subject-dir", str(SAMPLE_SUBJECT), "--class-noun", "dog",
-                 "--output-dir", str(tmp_path / "outputs"), "--tracking-uri", mlflow_server, cwd=tmp_path)
+                 "--output-dir", str(tmp_path / "outputs"), "--tracking-uri", with_credentials, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"{mlflow_server}/#/experiments/" in result.stdout
     client = MlflowClient(mlflow_server)
     subject = _check_tracked_run(client, "served", stages=SUBJECT_STAGES + SUPERRES_STAGES)
+    # Not in the output, the task logs and settings kfp.local wrote, or any run's params and tags.
+    assert "s3cret" not in result.stdout + result.stderr
+    leaks = [path for path in (tmp_path / "outputs").rglob("*") if path.is_file() and b"s3cret" in path.read_bytes()]
+    assert leaks == []
+    for run in client.search_runs([subject.info.experiment_id]):
+        assert "s3cret" not in json.dumps({**run.data.params, **run.data.tags})
     assert subject.data.tags[TAG_GATE] == "passed"
     children = client.search_runs([subject.info.experiment_id], f"tags.`{TAG_PARENT}` = '{subject.info.run_id}'")
     upscaling = next(run for run in children if run.data.tags[TAG_STAGE] == "super-resolution")

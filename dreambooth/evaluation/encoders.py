@@ -20,7 +20,7 @@ from PIL import Image
 
 from dreambooth.errors import InputError
 from dreambooth.images import center_crop, resize_shorter_side
-from dreambooth.models import best_device, resolve_model_source
+from dreambooth.models import best_device, load_failure_reason, resolve_model_source, weights_format
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,8 +47,7 @@ class Preprocessing:
 
 
 def _load_error(setting: str, reference: str, error: Exception) -> InputError:
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return InputError(f"evaluation.{setting}: cannot load {reference!r} ({reason})")
+    return InputError(f"evaluation.{setting}: cannot load {reference!r} ({load_failure_reason(error)})")
 
 
 def _batched(items: list, size: int):
@@ -69,7 +68,7 @@ class DinoEncoder:
 
         self.name, self.batch_size, self.device = reference, batch_size, device or best_device()
         try:
-            self.model = ViTModel.from_pretrained(resolve_model_source(reference, setting="evaluation.dino_model"), add_pooling_layer=False)
+            self.model = ViTModel.from_pretrained(resolve_model_source(reference, setting="evaluation.dino_model"), add_pooling_layer=False, **weights_format())
         except (OSError, ValueError) as error:
             raise _load_error("dino_model", reference, error) from None
         self.model.eval().to(self.device)
@@ -90,7 +89,7 @@ class ClipEncoder:
         self.name, self.batch_size, self.device = reference, batch_size, device or best_device()
         self.source = source = resolve_model_source(reference, setting="evaluation.clip_model")
         try:
-            self.model = CLIPModel.from_pretrained(source)
+            self.model = CLIPModel.from_pretrained(source, **weights_format())
             self.tokenizer = CLIPTokenizer.from_pretrained(source)
         except (OSError, ValueError) as error:
             raise _load_error("clip_model", reference, error) from None

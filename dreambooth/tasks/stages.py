@@ -22,6 +22,7 @@ from PIL import Image
 from dreambooth.batch import PriorOutcome
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError, Preempted, TrackingUnavailable, TrainingDiverged
+from dreambooth.models import allow_pickle_weights
 from dreambooth.registry import log_pipeline_model, register_candidate
 from dreambooth.storage import local_folder
 from dreambooth.training.saving import release_checkpoints
@@ -35,6 +36,7 @@ from dreambooth.tracking import (
     TAG_IDENTIFIER,
     TAG_MODEL_LOCATION,
     TAG_MODEL_URI,
+    TAG_PICKLE_ALLOWED,
     TAG_PRIOR_KEY,
     TAG_REGISTERED,
     TAG_REGISTERED_VERSION,
@@ -71,6 +73,7 @@ def subject_stage(stage: str):
                     return None
                 config = RunConfig.from_json(config_json)
                 with stage_run(tracking_uri, subject_run_id, stage, **_spool_settings(config)) as run:
+                    _apply_weights_policy(config, run)
                     return task(config, run, *args, **kwargs)
             except (InputError, TrainingDiverged) as error:
                 record_failure(tracking_uri, subject_run_id, stage, str(error).splitlines()[0])
@@ -86,6 +89,12 @@ def subject_stage(stage: str):
         return wrapper
 
     return decorate
+
+
+def _apply_weights_policy(config: RunConfig, run: StageRun) -> None:
+    allow_pickle_weights(config.model.allow_pickle)
+    if config.model.allow_pickle:
+        run.set_tags({TAG_PICKLE_ALLOWED: "true"})
 
 
 def _spool_settings(config: RunConfig) -> dict:
@@ -345,6 +354,7 @@ def priors_task(config_json: str, tracking_uri: str, batch_run_id: str, prior_ke
     tags = {TAG_CLASS_NOUN: noun, TAG_PRIOR_KEY: prior_key, TAG_RUN_NAME: f"class-priors-{noun}"}
     try:
         with stage_run(tracking_uri, batch_run_id, "class-priors", tags, **_spool_settings(config)) as run:
+            _apply_weights_policy(config, run)
             result = generate_class_priors(config, Path(output_dir))
             run.set_tags({"dreambooth.class_prompt": result.class_prompt, "dreambooth.priors_source": result.source})
             _log_preview(run, Path(output_dir), result.class_prompt)

@@ -49,6 +49,7 @@ TAG_PRIOR_KEY = "dreambooth.prior_key"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
 TAG_ATTEMPT = "dreambooth.attempt"  # 2 and up: a retried task continued this run
+TAG_PICKLE_ALLOWED = "dreambooth.pickle_weights_allowed"  # model.allow_pickle: pickle weights could load
 TAG_RESUMED_FROM = "dreambooth.resumed_from"  # "<run id> at step N": the run whose checkpoint this one resumed
 INHERITED_TAGS = (TAG_JOB_ID, TAG_JOB_NAME, TAG_SUBJECT, TAG_CLASS_NOUN, TAG_IDENTIFIER)
 STAGE_BATCH, STAGE_SUBJECT = "batch", "subject"
@@ -58,11 +59,35 @@ DEFAULT_WAIT_SECONDS = 60.0  # at a stage's end, for a tracking server that is a
 
 
 def resolve_tracking_uri(configured: Optional[str] = None) -> str:
-    """--tracking-uri / config, else $MLFLOW_TRACKING_URI, else ./mlflow.db (MLflow's embedded default)."""
+    """--tracking-uri / config, else $MLFLOW_TRACKING_URI, else ./mlflow.db (MLflow's embedded default).
+    Credentials in the URI are moved to MLflow's own variables (see adopt_credentials)."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        return uri
+        return adopt_credentials(uri)
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def has_credentials(uri: str) -> bool:
+    from urllib.parse import urlsplit
+
+    return "@" in urlsplit(uri).netloc
+
+
+def adopt_credentials(uri: str) -> str:
+    """The URI without `user:password@`. The credentials go to MLFLOW_TRACKING_USERNAME/PASSWORD of this
+    process (and the local tasks it starts), where MLflow's client reads them, so they are never
+    written into a task's settings, a compiled pipeline, a log line or an MLflow param."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if not has_credentials(uri):
+        return uri
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+    if password:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+    return urlunsplit(parts._replace(netloc=host))
 
 
 def unreachable(error: BaseException) -> bool:
