@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -127,9 +128,13 @@ def _evaluate_only(args: argparse.Namespace, shared: RunConfig) -> int:
     subject_run_id = open_subject_run(tracking_uri, batch_run_id, config, fingerprint="")
     client(tracking_uri).set_tag(subject_run_id, TAG_MODEL_LOCATION, args.model)
     output_dir = Path(args.output_dir) / "evaluation"
-    outcome = evaluate_task(config.to_json(), tracking_uri, subject_run_id, args.model, args.subject_dir, str(output_dir))
-    row = subject_row(tracking_uri, subject_run_id, close=True)
-    finish_batch_run(tracking_uri, shared.tracking.experiment, job_id, "SUCCEEDED" if outcome else "FAILED")
+    outcome = None
+    try:
+        outcome = evaluate_task(config.to_json(), tracking_uri, subject_run_id, args.model, args.subject_dir, str(output_dir))
+    finally:  # a crash, Ctrl-C or SIGTERM too: no run is left RUNNING, the reason is on each
+        _unwinding()
+        row = subject_row(tracking_uri, subject_run_id, close=True)
+        finish_batch_run(tracking_uri, shared.tracking.experiment, job_id, "SUCCEEDED" if outcome else "FAILED", row.reason)
     if outcome is None:
         return 1
     print(outcome.report_markdown)
@@ -299,8 +304,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop(signum, frame) -> None:
+    # Raised between two bytecodes of the main thread. One that lands in a garbage-collection
+    # callback is swallowed by Python, so it is raised again each second until unwinding begins.
+    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    raise KeyboardInterrupt("stopped by SIGTERM")
+
+
+def _unwinding() -> None:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+
+
 def main(build_pipeline: Callable, argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the runs this command opened are closed with the reason.
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGALRM, _stop)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Reports read small artifacts (a plan, samples) back from MLflow: no progress bar per file.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -334,3 +353,7 @@ def main(build_pipeline: Callable, argv: Optional[list[str]] = None) -> int:
         for line in str(error).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:
+        _unwinding()
+        print(f"error: {args.command}: {str(stop) or 'interrupted'}", file=sys.stderr)
+        return 130

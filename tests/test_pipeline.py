@@ -10,9 +10,9 @@ from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 from mlflow.tracking import MlflowClient
 
-from conftest import SAMPLE_SUBJECT, cli, dag_tasks, quick_config
+from conftest import REPO, SAMPLE_SUBJECT, cli, dag_tasks, quick_config
 from dreambooth.config import RunConfig, load_config
-from dreambooth.tracking import TAG_GATE, TAG_GATE_REASON, TAG_MODEL_URI, TAG_PARENT, TAG_STAGE
+from dreambooth.tracking import TAG_ERROR, TAG_GATE, TAG_GATE_REASON, TAG_MODEL_URI, TAG_PARENT, TAG_STAGE, client
 
 
 def _parents(tasks: dict, name: str) -> list[str]:
@@ -186,6 +186,34 @@ def test_run_tracks_into_an_mlflow_server_and_its_credentials_go_nowhere(tmp_pat
     registered = mlflow.pyfunc.load_model("models:/dreambooth-dog@candidate")
     generated = registered.predict(pd.DataFrame({"prompt": ["a dog on the beach"], "num_inference_steps": [2]}))
     assert Image.open(io.BytesIO(generated["image_png"][0])).size == (64, 64)
+
+
+def test_an_evaluate_stopped_by_sigterm_leaves_no_run_running(tiny_model_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "pipeline.py"), "evaluate", "--config", "tiny", "--model", str(tiny_model_dir),
+         "--identifier", "fqs", "--subject-dir", str(SAMPLE_SUBJECT), "--class-noun", "dog",
+         "--output-dir", str(tmp_path / "out"), "--tracking-uri", store],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 300
+    while not (tmp_path / "mlflow.db").is_file() or not client(store).search_runs(  # client(): waits for the store's setup
+        ["1"], f"tags.`{TAG_STAGE}` = 'evaluate' and attributes.status = 'RUNNING'"
+    ):
+        assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)  # e.g. a CI job cancelled mid-evaluation
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and stderr.strip().splitlines()[-1] == "error: evaluate: stopped by SIGTERM", stderr[-4000:]
+    runs = MlflowClient(store).search_runs(["1"])
+    assert {run.data.tags[TAG_STAGE] for run in runs} == {"batch", "subject", "evaluate"}
+    for run in runs:
+        assert run.info.status == "FAILED" and "stopped by SIGTERM" in run.data.tags[TAG_ERROR], run.data.tags
 
 
 def test_evaluate_alone_scores_a_model_trained_elsewhere(tiny_model_dir, tmp_path):

@@ -403,7 +403,7 @@ def stage_run(
     mlflow.set_terminated(run.run_id, "FINISHED")
 
 
-def finish_batch_run(tracking_uri: str, experiment: str, job_id: str, pipeline_state: str) -> Optional[str]:
+def finish_batch_run(tracking_uri: str, experiment: str, job_id: str, pipeline_state: str, reason: str = "") -> Optional[str]:
     """Exit handler: close the batch run with the pipeline's final state, and every run under it
     still open with the reason: a subject as FAILED, a stage that crashed or was killed as KILLED.
     Returns the batch run's id."""
@@ -423,6 +423,8 @@ def finish_batch_run(tracking_uri: str, experiment: str, job_id: str, pipeline_s
         else:  # its pod was killed or crashed: nothing will close it
             mlflow.set_tag(run.info.run_id, TAG_ERROR, f"the pipeline ended ({pipeline_state}) while this stage ran")
             mlflow.set_terminated(run.info.run_id, "KILLED")
+    if reason and not succeeded:
+        mlflow.set_tag(batch.info.run_id, TAG_ERROR, reason[:5000])
     mlflow.set_terminated(batch.info.run_id, "FINISHED" if succeeded else "FAILED")
     return batch.info.run_id
 
