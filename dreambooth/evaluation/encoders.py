@@ -24,8 +24,6 @@ from dreambooth.models import best_device, load_failure_reason, resolve_model_so
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
@@ -98,24 +96,25 @@ class ClipEncoder:
 
     def _preprocessing(self, source: str) -> Preprocessing:
         size = self.model.config.vision_config.image_size
-        settings: dict = {}
         config_file = Path(source) / "preprocessor_config.json"
-        if not config_file.is_file():
-            try:
+        try:
+            if not config_file.is_file():
                 from huggingface_hub import hf_hub_download
 
                 config_file = Path(hf_hub_download(source, "preprocessor_config.json"))
-            except Exception:  # no processor config: the OpenAI CLIP defaults
-                config_file = None
-        if config_file is not None:
             settings = json.loads(config_file.read_text())
-        resize = settings.get("size", size)
-        crop = settings.get("crop_size", size)
+            resize, crop = settings["size"], settings["crop_size"]
+            mean, std = tuple(settings["image_mean"]), tuple(settings["image_std"])
+        except Exception as error:  # guessing another model's preprocessing would skew CLIP-I and CLIP-T
+            raise InputError(
+                f"evaluation.clip_model: {self.name!r} has no readable preprocessor_config.json with size, crop_size, "
+                f"image_mean and image_std ({load_failure_reason(error)})"
+            ) from None
         return Preprocessing(
             resize=resize.get("shortest_edge", size) if isinstance(resize, dict) else resize,
             crop=crop.get("height", size) if isinstance(crop, dict) else crop,
-            mean=tuple(settings.get("image_mean", CLIP_MEAN)),
-            std=tuple(settings.get("image_std", CLIP_STD)),
+            mean=mean,
+            std=std,
         )
 
     @torch.no_grad()

@@ -82,12 +82,16 @@ def test_clip_t_agrees_with_torchmetrics_clipscore(model_cache, dogs):
     from transformers import CLIPImageProcessorPil, CLIPProcessor
 
     clip = ClipEncoder("tiny://clip")
-    images = [image.resize((224, 224), Image.Resampling.BICUBIC) for image in dogs]  # no resize left to disagree on
+    # Photos of different shapes and sizes: the encoder's own resize, crop and normalisation are compared too.
+    images = [image.crop((0, 0, 320 - 40 * i, 320)).resize((300 + 50 * i, 260 + 30 * i), Image.Resampling.BICUBIC)
+              for i, image in enumerate(dogs)]
+    processor = CLIPProcessor(image_processor=CLIPImageProcessorPil.from_pretrained(clip.source), tokenizer=clip.tokenizer)
+    expected_pixels = processor.image_processor(images=images, return_tensors="pt").pixel_values
+    torch.testing.assert_close(clip.preprocessing(images), expected_pixels, atol=1e-4, rtol=0)
     prompts = ["a dog on the beach", "a dog in the snow", "a red dog", "a dog wearing a santa hat"]
     ours = image_text_similarity(clip.embed(images), clip.embed_texts(prompts))
     assert (ours > 0).any()  # CLIPScore clamps negatives to 0: at least one pair must test the value itself
 
-    processor = CLIPProcessor(image_processor=CLIPImageProcessorPil.from_pretrained(clip.source), tokenizer=clip.tokenizer)
     metric = CLIPScore(model_name_or_path=lambda: (_TensorFeaturesClip(clip.model), processor))
     for image, prompt, cosine in zip(images, prompts, ours):
         pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
@@ -108,3 +112,14 @@ def test_prompt_sets_follow_dreambench():
     assert (len(live), count(live, "recontextualization"), count(live, "accessorization"), count(live, "property")) == (25, 10, 10, 5)
     assert (len(objects), count(objects, "recontextualization"), count(objects, "property")) == (25, 20, 5)
     assert all(p.template.startswith("a ") and "{identifier} {class_noun}" in p.template for p in live + objects)
+
+
+def test_a_clip_model_without_its_preprocessing_settings_is_refused(model_cache, tmp_path):
+    import shutil
+
+    from dreambooth.errors import InputError
+
+    source = ClipEncoder("tiny://clip").source
+    shutil.copytree(source, tmp_path / "clip", ignore=shutil.ignore_patterns("preprocessor_config.json"))
+    with pytest.raises(InputError, match="evaluation.clip_model: .* has no readable preprocessor_config.json"):
+        ClipEncoder(str(tmp_path / "clip"))
