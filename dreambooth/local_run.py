@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +23,16 @@ from dreambooth.tracking import FAILED, SPOOL_FOLDER, TAG_ERROR, experiment_id, 
 from dreambooth.tracking.spool import sync_spooled
 
 PIPELINE_PREFIX = "dreambooth-"
+BATCH_FAILURES_TASK = "batch-failures"
 PUBLISHED_FOLDERS = {"model": "model", "sample grid": "samples", "upscaler": "upscaler", "evaluation": "evaluation"}
+
+
+def failed_task_chain(message: str) -> Optional[str]:
+    """From kfp.local's failure report, the failed task and the groups around it
+    ("batch-failures inside exit-handler-1"); None when the error is not a task failure."""
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", message)
+    found = re.search(r"Inner task failed: (.+)\.$", plain.strip())
+    return found.group(1).replace("'", "") if found else None
 
 
 def _latest_job_dir(pipeline_root: Path, before: set[Path]) -> Path:
@@ -66,10 +76,15 @@ def _run(
     pipeline_root = output_dir.resolve() / "kfp"
     pipeline_root.mkdir(parents=True, exist_ok=True)
     before = set(pipeline_root.glob(f"{PIPELINE_PREFIX}*"))
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=False)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
     print_function = builtins.print
+    failed_task = None
     try:
         build_pipeline(config)(**run_parameters(config, subjects_uri, subjects_json, force))  # local: no cluster settings
+    except RuntimeError as error:
+        failed_task = failed_task_chain(str(error))
+        if failed_task is None:
+            raise
     finally:
         # kfp.local indents task output by swapping builtins.print, and parallel tasks can leave it swapped.
         builtins.print = print_function
@@ -78,6 +93,10 @@ def _run(
     batch = find_batch_run(tracking_uri, config.tracking.experiment, job_name=job_dir.name)
     print()
     print(f"job:          {job_dir.name}")
+    # batch-failures fails the run on purpose when a subject failed: the subjects' lines say why.
+    broken = failed_task if failed_task and failed_task.split(" inside ")[0] != BATCH_FAILURES_TASK else None
+    if broken:
+        print(f"error: task {broken} failed (its log is above); outputs under {job_dir}", file=sys.stderr)
     if batch is None:
         print(f"error: the batch did not start; task logs are above, outputs under {job_dir}", file=sys.stderr)
         return 1
@@ -94,6 +113,8 @@ def _run(
     if tracking_uri.startswith("http"):
         print(f"\nmlflow ui:    {tracking_uri.rstrip('/')}/#/experiments/{batch.info.experiment_id}/runs/{batch.info.run_id}")
     failed = [row for row in rows if row.status == FAILED]
+    if broken:
+        return 1
     if failed:
         named = "; ".join(f"{row.subject} at {row.reason}" for row in failed)
         print(f"error: {len(failed)} of {len(rows)} subjects failed: {named}", file=sys.stderr)
