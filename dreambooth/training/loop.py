@@ -6,7 +6,7 @@ precision), the optimizer and schedule, gradient accumulation and clipping, chec
 with a retention limit, resume, the NaN/inf stop, a checkpoint on SIGTERM (preemption), the
 progress bar and step logging.
 
-Batches are drawn from a generator seeded by (seed, step, process), so a resumed run
+Batches are drawn from a generator seeded by (seed, step, micro-batch), so a resumed run
 draws exactly the batches the interrupted one would have: no data-loader state to save.
 """
 
@@ -47,7 +47,7 @@ OnStep = Callable[[int], None]  # after each completed step, on the main process
 @dataclass
 class TrainingResult:
     modules: dict[str, nn.Module]  # unwrapped, trained
-    steps_completed: int
+    steps_completed: int  # optimizer updates applied, counted by the optimizer
     resumed_from_step: int  # 0 when the run started fresh
     resumed_from_run: str  # the tracking run whose checkpoint it resumed ("" when fresh or unknown)
     seconds: float
@@ -102,6 +102,12 @@ def _make_optimizer(settings: TrainingSettings, param_groups: list[dict], on_cud
         return torch.optim.AdamW(param_groups, fused=True, **kwargs)
     except (RuntimeError, TypeError):  # a device or dtype the fused kernel does not cover
         return torch.optim.AdamW(param_groups, **kwargs)
+
+
+def _optimizer_steps(optimizer) -> int:
+    """Updates the optimizer has applied, by its own count (kept in checkpoints, so resumes add up)."""
+    counts = [state["step"] for state in optimizer.state.values() if "step" in state]
+    return int(max(counts)) if counts else 0
 
 
 def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
@@ -226,9 +232,10 @@ def train(
             if step - start_step == WARMUP_STEPS_EXCLUDED + 1:
                 steady_started = time.perf_counter()
             for micro_step in range(settings.gradient_accumulation_steps):
-                generator = torch.Generator(device="cpu").manual_seed(
-                    hash((settings.seed, step, micro_step, accelerator.process_index)) & 0x7FFF_FFFF
-                )
+                # Seeded by the micro-batch's place in the step's global batch: N processes draw what one
+                # process accumulating N micro-batches draws, so both train the same model.
+                micro_batch = micro_step * accelerator.num_processes + accelerator.process_index
+                generator = torch.Generator(device="cpu").manual_seed(hash((settings.seed, step, micro_batch)) & 0x7FFF_FFFF)
                 with accelerator.accumulate(*wrapped.values()):
                     with accelerator.autocast():
                         terms = compute_loss(wrapped, step, generator)
@@ -272,7 +279,7 @@ def train(
     unwrapped = {name: accelerator.unwrap_model(module) for name, module in wrapped.items()}
     return TrainingResult(
         modules=unwrapped,
-        steps_completed=settings.max_steps,
+        steps_completed=_optimizer_steps(optimizer),
         resumed_from_step=start_step,
         resumed_from_run=resumed_from_run,
         seconds=finished - started,

@@ -89,7 +89,11 @@ def claim_checkpoints(checkpoints: Path) -> Iterator[None]:
                 f"{checkpoints}: another run is training this subject with the same settings right now; "
                 "let it finish (a re-run then finds its result), or change a setting"
             ) from None
-        yield
+        try:
+            yield
+        finally:
+            if not checkpoints.exists():  # released: nothing left to guard
+                lock_file.unlink(missing_ok=True)
 
 
 def saved_result(checkpoints: Path, output_dir: Path) -> Optional[FinetuneResult]:
@@ -111,7 +115,9 @@ def release_checkpoints(result: FinetuneResult, keep_checkpoints: bool) -> None:
     """Once the model is recorded: the checkpoint folder goes (or, when kept, only the marker)."""
     if not result.checkpoints:
         return
+    folder = Path(result.checkpoints)
     if keep_checkpoints:
-        (Path(result.checkpoints) / TRAINED_MARKER).unlink(missing_ok=True)
+        (folder / TRAINED_MARKER).unlink(missing_ok=True)
     else:
-        shutil.rmtree(result.checkpoints, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        (folder.parent / f"{folder.name}.lock").unlink(missing_ok=True)
