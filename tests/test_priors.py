@@ -27,12 +27,15 @@ def test_a_retry_generates_only_the_missing_images(make_config, tmp_path):
     config = make_config(priors={"num_class_images": 3, "sampler": {"num_inference_steps": 2, "batch_size": 3}})
     generate_class_priors(config, tmp_path / "first")
     cache = next((tmp_path / "work" / "class-priors").iterdir())
-    kept = _pixels(cache / class_image_name(0))
+    kept, lost = _pixels(cache / class_image_name(0)), _pixels(cache / class_image_name(2))
     (cache / class_image_name(2)).unlink()  # as if the task died before writing it
 
     retried = generate_class_priors(config, tmp_path / "retried")
     assert retried.generated == 1
     assert np.array_equal(_pixels(cache / class_image_name(0)), kept)
+    regenerated = _pixels(cache / class_image_name(2))
+    assert np.abs(regenerated - lost).max() <= 2  # the image it replaces (drawn alone now, in a batch of 3 before)
+    assert np.abs(regenerated - kept).mean() > 5  # not merely any image
 
 
 def test_each_image_depends_on_its_index_not_the_batch(make_config, tmp_path):
