@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -248,3 +249,19 @@ def test_a_diverging_fine_tune_stops_at_its_step_and_saves_nothing(prepared, tmp
     with pytest.raises(TrainingDiverged, match=r"training stopped at step [2-6]: loss is (nan|inf).*last checkpoint: .*step-00000[1-5]"):
         finetune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "model")
     assert not (tmp_path / "model").exists()
+
+
+def test_a_changed_setting_or_photo_never_resumes_another_trainings_checkpoint(prepared, tmp_path):
+    config, identifier = prepared(training={"max_steps": 4, "checkpoint_every": 2, "keep_checkpoints": True})
+    classes = tmp_path / "classes"
+    assert finetune(tmp_path / "subject", classes, identifier, config, tmp_path / "first").resumed_from_step == 0
+
+    changed = config.model_copy(update={"training": config.training.model_copy(update={"learning_rate": 2e-4})})
+    assert finetune(tmp_path / "subject", classes, identifier, changed, tmp_path / "changed").resumed_from_step == 0
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    for photo in sorted((tmp_path / "subject").glob("*.png"))[:3]:
+        shutil.copyfile(photo, fewer / photo.name)
+    assert finetune(fewer, classes, identifier, config, tmp_path / "fewer-model").resumed_from_step == 0
+    # The same photos and settings do find the first training's step-2 checkpoint.
+    assert finetune(tmp_path / "subject", classes, identifier, config, tmp_path / "same").resumed_from_step == 2

@@ -35,7 +35,7 @@ def test_two_processes_write_one_model_and_one_run_like_one_process(make_config,
     config = make_config(
         # Adam's epsilon large: updates follow the gradients instead of amplifying float noise in tiny ones.
         training={"max_steps": 6, "checkpoint_every": 3, "keep_checkpoints": True, "method": method,
-                  "learning_rate": 1e-2, "adam_epsilon": 1.0},
+                  "learning_rate": 1e-2, "adam_epsilon": 1.0, "lr_scheduler": "linear", "lr_warmup_steps": 2},
         priors={"num_class_images": 4, "sampler": {"num_inference_steps": 2}},
     )
     single = _fine_tune(config, subject_dir, tmp_path, "single", 1, tracking_uri)
@@ -56,6 +56,7 @@ def test_two_processes_write_one_model_and_one_run_like_one_process(make_config,
 
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("dreambooth")
+    rates = {}
     for job in ("single", "double"):
         (parent,) = client.search_runs([experiment.experiment_id], f"tags.`kfp.job_id` = '{job}' and tags.`{TAG_STAGE}` = 'subject'")
         fine_tunes = client.search_runs(
@@ -65,3 +66,6 @@ def test_two_processes_write_one_model_and_one_run_like_one_process(make_config,
         assert fine_tunes[0].data.metrics["train_processes"] == (2 if job == "double" else 1)
         steps = [m.step for m in client.get_metric_history(fine_tunes[0].info.run_id, "loss")]
         assert steps == list(range(1, 7))  # logged once per step, by the main process only
+        rates[job] = [m.value for m in sorted(client.get_metric_history(fine_tunes[0].info.run_id, "lr"), key=lambda m: m.step)]
+    # Warmup and decay last as many steps with two processes as with one (accelerate steps the schedule per process).
+    assert rates["double"] == pytest.approx(rates["single"]) and rates["single"][0] < rates["single"][1] > rates["single"][-1]

@@ -77,3 +77,23 @@ def test_logged_metrics_include_the_learning_rate(tmp_path):
     assert [step for step, _ in logged] == [1, 2, 3, 4]
     assert logged[0][1]["lr"] > logged[-1][1]["lr"]
     assert set(logged[0][1]) == {"loss", "instance_loss", "lr"}
+
+
+@pytest.mark.parametrize(
+    "batch, accumulation, processes, per_process",
+    [(4, 1, 2, (2, 1)), (1, 4, 2, (1, 2)), (6, 2, 3, (2, 2)), (3, 1, 1, (3, 1))],
+)
+def test_the_effective_batch_is_shared_by_the_processes(batch, accumulation, processes, per_process):
+    from dreambooth.training.loop import split_batch
+
+    shared = split_batch(_settings(batch_size=batch, gradient_accumulation_steps=accumulation), processes)
+    assert (shared.batch_size, shared.gradient_accumulation_steps) == per_process
+    assert shared.batch_size * shared.gradient_accumulation_steps * processes == batch * accumulation
+
+
+def test_an_effective_batch_the_processes_cannot_share_is_refused():
+    from dreambooth.errors import InputError
+    from dreambooth.training.loop import split_batch
+
+    with pytest.raises(InputError, match="batch_size 3 x gradient_accumulation_steps 1 cannot be shared by 2 processes"):
+        split_batch(_settings(batch_size=3, gradient_accumulation_steps=1), 2)
