@@ -59,7 +59,8 @@ def finetune_upscaler(
         raise InputError(f"{instance_dir}: no subject images (run the ingest stage first)")
     use_prior = settings.prior_preservation and training.prior_loss_weight > 0 and class_dir is not None
     class_images = class_images_for(config, class_dir) if use_prior else []
-    use_prior = use_prior and bool(class_images)
+    if use_prior and not class_images:  # as the base fine-tune: never train without the prior it was asked for
+        raise InputError(f"{class_dir}: no class images for the upscaler's prior preservation (superres.prior_preservation is true)")
 
     subject = config.subject
     instance_prompt, class_prompt = subject.instance_prompt(identifier), subject.class_prompt()

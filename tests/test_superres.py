@@ -114,3 +114,13 @@ def test_upscaling_keeps_each_image_at_four_times_its_own_size(model_cache):
     sampler = SamplerSettings(scheduler="DDIMScheduler", num_inference_steps=2, batch_size=4)
     upscaled = upscale(pipeline, ["a dog"] * 3, images, noise_level=5, sampler=sampler)
     assert [image.size for image in upscaled] == [(64, 64), (64, 64), (96, 96)]
+
+
+def test_an_empty_class_folder_is_refused_like_the_base_fine_tune_refuses_it(subject, make_config, tmp_path):
+    from dreambooth.errors import InputError
+
+    subject_dir, identifier = subject
+    (tmp_path / "no-classes").mkdir()
+    config = _settings(make_config, prior_preservation=True)
+    with pytest.raises(InputError, match=r"no-classes: no class images for the upscaler's prior preservation"):
+        finetune_upscaler(subject_dir, tmp_path / "no-classes", identifier, config, tmp_path / "upscaler")

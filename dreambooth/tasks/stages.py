@@ -238,6 +238,11 @@ def evaluation_protocol(settings: dict, config: RunConfig) -> str:
     return json.dumps(protocol, sort_keys=True)
 
 
+def _evaluation_disabled(run: StageRun) -> EvaluationOutcome:
+    run.set_tags({"dreambooth.evaluation": "disabled"})
+    return EvaluationOutcome(metrics={}, report_markdown="Evaluation is switched off (evaluation.enabled).\n", registered=None)
+
+
 @subject_stage("evaluate")
 def evaluate_task(config: RunConfig, run: StageRun, model_dir: str, subject_dir: str, output_dir: str) -> Optional[EvaluationOutcome]:
     """Score the model by the DreamBench protocol; register it as `candidate` if it passes the gate."""
@@ -245,8 +250,7 @@ def evaluate_task(config: RunConfig, run: StageRun, model_dir: str, subject_dir:
     from dreambooth.evaluation.report import render_report
 
     if not config.evaluation.enabled:
-        run.set_tags({"dreambooth.evaluation": "disabled"})
-        return EvaluationOutcome(metrics={}, report_markdown="Evaluation is switched off (evaluation.enabled).\n", registered=None)
+        return _evaluation_disabled(run)
     result = evaluate_model(model_dir, Path(subject_dir), config, Path(output_dir))
     metrics = {f"eval/{name}": value for name, value in result.overall.items()}
     metrics.update({f"eval/real_images_{name}": value for name, value in result.real_images.items()})
@@ -317,6 +321,9 @@ def evaluate_upscaled_task(
 ) -> EvaluationOutcome:
     """Score the two-stage cascade with the generic and with the personalised upscaler."""
     from dreambooth.evaluation.evaluate import evaluate_model
+
+    if not config.evaluation.enabled:
+        return _evaluation_disabled(run)
 
     names = ("dino", "clip_i", "clip_t", "div")
     metrics: dict[str, float] = {}

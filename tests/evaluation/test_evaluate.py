@@ -81,3 +81,23 @@ def test_missing_encoder_weights_fail_before_any_image_is_generated(personalised
     with pytest.raises(InputError, match="evaluation.lpips_model: .*no-lpips-here"):
         evaluate_model(str(personalised_model), subject_dir, config, tmp_path / "eval")
     assert drawn == []  # the GPU time is not spent first
+
+
+def test_evaluation_switched_off_skips_both_evaluation_stages(make_config, subject_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from dreambooth.tasks.stages import evaluate_task, evaluate_upscaled_task
+    from dreambooth.tracking import TAG_PARENT, open_batch_run, open_subject_run
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = make_config(evaluation={"enabled": False})
+    subject_run = open_subject_run(tracking, open_batch_run(tracking, config, "job", "job"), config, "fingerprint")
+    nowhere = str(tmp_path / "no-model")  # evaluating would fail on it
+    base = evaluate_task(config.to_json(), tracking, subject_run, nowhere, str(subject_dir), str(tmp_path / "evaluation"))
+    upscaled = evaluate_upscaled_task(config.to_json(), tracking, subject_run, nowhere, nowhere, str(subject_dir), str(tmp_path / "upscaled"))
+    for outcome in (base, upscaled):
+        assert outcome.metrics == {} and "switched off" in outcome.report_markdown
+    assert not (tmp_path / "evaluation").exists() and not (tmp_path / "upscaled").exists()
+    client = MlflowClient(tracking)
+    stages = client.search_runs([client.get_run(subject_run).info.experiment_id], f"tags.`{TAG_PARENT}` = '{subject_run}'")
+    assert {run.data.tags["dreambooth.evaluation"] for run in stages} == {"disabled"} and len(stages) == 2
