@@ -113,7 +113,7 @@ def _subject_stages(subject, tracking_uri, superres_enabled, stage):
         with dsl.If(tuned.outputs["Output"] == OK, name="fine-tuned"):
             model = tuned.outputs["model"]
             stage(samples(**run, model=model))
-            stage(evaluate(**run, model=model, subject_images=images))
+            stage(evaluate(**run, model=model, subject_images=images, class_images=subject.class_images))
             with dsl.If(superres_enabled == True, name="superres-enabled"):  # noqa: E712 (a KFP condition)
                 upscaled = stage(superres(**run, subject_images=images, class_images=subject.class_images, model=model))
                 with dsl.If(upscaled.outputs["Output"] == OK, name="upscaler-trained"):

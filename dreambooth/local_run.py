@@ -157,6 +157,9 @@ def _print_subject(row: SubjectRow, publish_to: Optional[str]) -> None:
         print(f"  {label + ':':<14}{shown}")
     if row.model and is_gcs(row.model):
         print(f"  {'model:':<14}{row.model}")
+    if row.subject_loss_change is not None and row.status != UP_TO_DATE:
+        drift = "" if row.class_loss_change is None else f", class images {100 * row.class_loss_change:+.1f}%"
+        print(f"  learned:      denoising loss vs the base model: subject photos {100 * row.subject_loss_change:+.1f}%{drift}")
     if row.gate:
         gate = f"passed, registered as {row.registered}" if row.gate == "passed" else f"rejected ({row.reason.removeprefix('gate: ')})"
         print(f"  quality gate: {gate}")

@@ -34,7 +34,11 @@ from dreambooth.tracking import (
 )
 
 UP_TO_DATE = "up to date"
-METRICS = {"dino": "eval/dino", "clip_i": "eval/clip_i", "clip_t": "eval/clip_t", "pres": "eval/pres", "div": "eval/div"}
+METRICS = {
+    "dino": "eval/dino", "clip_i": "eval/clip_i", "clip_t": "eval/clip_t", "pres": "eval/pres", "div": "eval/div",
+    # The learning check: relative change of the denoising loss, fine-tuned vs base (negative: lower).
+    "subject_loss_change": "learn/subject_loss_change", "class_loss_change": "learn/class_loss_change",
+}
 GRID_ARTIFACT = "samples-grid.png"
 THUMBNAIL_WIDTH = 640
 
@@ -52,6 +56,8 @@ class SubjectRow:
     clip_t: Optional[float]
     pres: Optional[float]
     div: Optional[float]
+    subject_loss_change: Optional[float]
+    class_loss_change: Optional[float]
     gate: str  # passed, rejected, or "" when not evaluated
     registered: str  # "name@candidate (version N)" or ""
     registered_version: str
@@ -128,16 +134,21 @@ def headline(rows: list[SubjectRow]) -> str:
     return f"{len(rows)} subjects: {tally['trained']} trained, {tally[UP_TO_DATE]} up to date, {tally[FAILED]} failed"
 
 
+def _percent(change: Optional[float]) -> str:
+    return "" if change is None or math.isnan(change) else f"{100 * change:+.1f}%"
+
+
 def as_markdown(rows: list[SubjectRow], title: str) -> str:
     lines = [
         f"# {title}", "", headline(rows), "",
-        "| subject | class | status | steps | training s | DINO | CLIP-I | CLIP-T | PRES | DIV | registered | reason |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| subject | class | status | steps | training s | DINO | CLIP-I | CLIP-T | PRES | DIV | subject loss | class loss | registered | reason |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row.subject} | {row.class_noun} | **{row.status}** | {row.steps or ''} | {_number(row.training_seconds, 0)} | "
             f"{_number(row.dino)} | {_number(row.clip_i)} | {_number(row.clip_t)} | {_number(row.pres)} | {_number(row.div)} | "
+            f"{_percent(row.subject_loss_change)} | {_percent(row.class_loss_change)} | "
             f"{row.registered_version and 'v' + row.registered_version} | {row.reason.replace('|', '/')} |"
         )
     return "\n".join(lines) + "\n"

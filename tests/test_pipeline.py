@@ -161,6 +161,11 @@ def test_run_tracks_into_an_mlflow_server_and_its_credentials_go_nowhere(tmp_pat
     assert f"{mlflow_server}/#/experiments/" in result.stdout
     client = MlflowClient(mlflow_server)
     subject = _check_tracked_run(client, "served", stages=SUBJECT_STAGES + SUPERRES_STAGES)
+    # The learning check: 8 steps lowered the subject photos' denoising loss against the base model.
+    metrics = subject.data.metrics
+    assert metrics["learn/subject_loss_tuned"] < metrics["learn/subject_loss_base"] and metrics["learn/subject_loss_change"] < 0
+    assert {"learn/class_loss_base", "learn/class_loss_tuned"} <= set(metrics)  # measured on the class images too
+    assert _subject_lines(result.stdout)["learned"].startswith("denoising loss vs the base model: subject photos -")
     # Not in the output, the task logs and settings kfp.local wrote, or any run's params and tags.
     assert "s3cret" not in result.stdout + result.stderr
     leaks = [path for path in (tmp_path / "outputs").rglob("*") if path.is_file() and b"s3cret" in path.read_bytes()]

@@ -244,9 +244,13 @@ def _evaluation_disabled(run: StageRun) -> EvaluationOutcome:
 
 
 @subject_stage("evaluate")
-def evaluate_task(config: RunConfig, run: StageRun, model_dir: str, subject_dir: str, output_dir: str) -> Optional[EvaluationOutcome]:
-    """Score the model by the DreamBench protocol; register it as `candidate` if it passes the gate."""
+def evaluate_task(
+    config: RunConfig, run: StageRun, model_dir: str, subject_dir: str, output_dir: str, class_images: str = ""
+) -> Optional[EvaluationOutcome]:
+    """Score the model by the DreamBench protocol and the learning check (subject and class denoising
+    loss, base vs fine-tuned); register it as `candidate` if it passes the gate."""
     from dreambooth.evaluation.evaluate import evaluate_model
+    from dreambooth.evaluation.learning import learning_check
     from dreambooth.evaluation.report import render_report
 
     if not config.evaluation.enabled:
@@ -257,6 +261,9 @@ def evaluate_task(config: RunConfig, run: StageRun, model_dir: str, subject_dir:
     for category, values in result.by_category.items():
         metrics.update({f"eval/{category}/{name}": value for name, value in values.items()})
     metrics.update({f"eval/{name}": value for name, value in result.throughput.items()})
+    with _class_folder(config, class_images) as class_dir:
+        learned = learning_check(model_dir, Path(subject_dir), class_dir, result.identifier, config)
+    metrics.update(learned.metrics())
     run.log_metrics(metrics, on_parent=True)
     run.log_dict(result.settings, "evaluation_config.json")
     run.set_tags({TAG_EVAL_PROTOCOL: evaluation_protocol(result.settings, config)}, on_parent=True)
@@ -279,7 +286,7 @@ def evaluate_task(config: RunConfig, run: StageRun, model_dir: str, subject_dir:
         run.set_tags({TAG_GATE: "passed", TAG_REGISTERED: registered, TAG_REGISTERED_VERSION: version}, on_parent=True)
     else:
         run.set_tags({TAG_GATE: "rejected", TAG_GATE_REASON: "; ".join(result.gate.reasons)}, on_parent=True)
-    report = render_report(result, registered)
+    report = render_report(result, registered) + "\n" + learned.markdown()
     (Path(output_dir) / "report.md").write_text(report)
     run.log_file(Path(output_dir) / "report.md", on_parent=True)
     flat = {key.removeprefix("eval/").replace("/", "_"): value for key, value in metrics.items()}
