@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 
 from dreambooth.errors import InputError
-from dreambooth.tiny_models import TINY_SCHEME, resolve_tiny_model
+from dreambooth.storage import cached_folder, is_gcs
+from dreambooth.tiny_models import TINY_SCHEME, default_cache_dir, resolve_tiny_model
 
 METADATA_FILE = "dreambooth.json"  # beside every trained result: identifier, class noun, base model
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' adapter file name (load_lora_weights reads it)
@@ -95,6 +96,10 @@ def resolve_model_source(reference: str, revision: Optional[str] = None, setting
         return str(resolve_tiny_model(reference))
     if reference.startswith(LPIPS_SCHEME):
         return str(fetch_lpips(reference, setting))
+    if is_gcs(reference):  # only a complete upload, fetched once into the model cache
+        root = default_cache_dir() / "gcs"
+        root.mkdir(parents=True, exist_ok=True)
+        return str(cached_folder(reference, root))
     if _is_path(reference):
         if not Path(reference).expanduser().is_dir():
             raise InputError(f"{setting}: {reference!r} is not a folder here")
@@ -218,6 +223,8 @@ def load_pipeline(
     """
     from diffusers import AutoencoderKL, DiffusionPipeline
 
+    if is_gcs(reference):  # a result on a bucket: its local copy, which may be a LoRA folder
+        reference = resolve_model_source(reference)
     if (base := adapter_base(reference)) is not None:
         pipeline = load_pipeline(base[0], base[1], torch_dtype, device, adapter_vae(reference))
         pipeline.load_lora_weights(reference, weight_name=LORA_WEIGHTS)

@@ -4,7 +4,8 @@ Folders are what the stages exchange (subject photos, class images, models, samp
 folder uploaded to GCS becomes visible as complete only when its manifest (`_COMPLETE.json`,
 file names and sizes) is written, last; readers that need a whole folder (a model) check it,
 so an interrupted upload never passes for a model. Large files go up as resumable uploads in
-8 MiB chunks, and transient errors are retried. With STORAGE_EMULATOR_HOST set (tests), the
+8 MiB chunks; transient errors (429/5xx, dropped connections, requests that hang past
+DREAMBOOTH_GCS_TIMEOUT seconds) are retried. With STORAGE_EMULATOR_HOST set (tests), the
 client talks to that emulator with anonymous credentials.
 """
 
@@ -14,6 +15,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from contextlib import contextmanager
@@ -52,6 +54,11 @@ def _retry():
     return DEFAULT_RETRY.with_deadline(600)
 
 
+def _timeout() -> float:
+    """Seconds one request may take before it is retried (a hung connection, a stalled proxy)."""
+    return float(os.environ.get("DREAMBOOTH_GCS_TIMEOUT", "120"))
+
+
 def upload_folder(local_dir: Path, uri: str) -> str:
     """Upload every file under local_dir to uri, then the completion manifest; returns uri."""
     bucket_name, prefix = split_gcs(uri)
@@ -60,16 +67,16 @@ def upload_folder(local_dir: Path, uri: str) -> str:
     for path in files:
         relative = path.relative_to(local_dir).as_posix()
         blob = bucket.blob(f"{prefix}/{relative}" if prefix else relative, chunk_size=CHUNK_SIZE)
-        blob.upload_from_filename(str(path), retry=_retry())
+        blob.upload_from_filename(str(path), retry=_retry(), timeout=_timeout())
     manifest = {"files": {p.relative_to(local_dir).as_posix(): p.stat().st_size for p in files}}
     marker = bucket.blob(f"{prefix}/{COMPLETE_MARKER}" if prefix else COMPLETE_MARKER)
-    marker.upload_from_string(json.dumps(manifest), content_type="application/json", retry=_retry())
+    marker.upload_from_string(json.dumps(manifest), content_type="application/json", retry=_retry(), timeout=_timeout())
     return uri
 
 
 def is_complete(uri: str) -> bool:
     bucket_name, prefix = split_gcs(uri)
-    return _client().bucket(bucket_name).blob(f"{prefix}/{COMPLETE_MARKER}").exists()
+    return _client().bucket(bucket_name).blob(f"{prefix}/{COMPLETE_MARKER}").exists(retry=_retry(), timeout=_timeout())
 
 
 def download_folder(uri: str, local_dir: Path, require_complete: bool = True) -> Path:
@@ -79,12 +86,12 @@ def download_folder(uri: str, local_dir: Path, require_complete: bool = True) ->
     bucket = client.bucket(bucket_name)
     marker = bucket.blob(f"{prefix}/{COMPLETE_MARKER}")
     expected = None
-    if marker.exists():
-        expected = json.loads(marker.download_as_bytes())["files"]
+    if marker.exists(retry=_retry(), timeout=_timeout()):
+        expected = json.loads(marker.download_as_bytes(retry=_retry(), timeout=_timeout()))["files"]
     elif require_complete:
         raise InputError(f"{uri}: incomplete upload (no {COMPLETE_MARKER}); it is not a finished folder")
     found = False
-    for blob in client.list_blobs(bucket_name, prefix=f"{prefix}/" if prefix else None, retry=_retry()):
+    for blob in client.list_blobs(bucket_name, prefix=f"{prefix}/" if prefix else None, retry=_retry(), timeout=_timeout()):
         relative = blob.name[len(prefix) + 1 :] if prefix else blob.name
         if not relative or relative == COMPLETE_MARKER or relative.endswith("/"):
             continue
@@ -92,11 +99,33 @@ def download_folder(uri: str, local_dir: Path, require_complete: bool = True) ->
             continue  # written after the manifest by someone else: not part of this folder
         target = Path(local_dir) / relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        blob.download_to_filename(str(target), retry=_retry())
+        blob.download_to_filename(str(target), retry=_retry(), timeout=_timeout())
         found = True
     if not found:
         raise InputError(f"{uri}: no files under this prefix")
     return Path(local_dir)
+
+
+def cached_folder(uri: str, cache_root: Path) -> Path:
+    """A complete gs:// folder (a model) as a local copy under cache_root, fetched once per upload:
+    the copy is keyed by the folder's completion manifest, so a re-upload is fetched again."""
+    bucket_name, prefix = split_gcs(uri)
+    marker = _client().bucket(bucket_name).blob(f"{prefix}/{COMPLETE_MARKER}")
+    if not marker.exists(retry=_retry(), timeout=_timeout()):
+        raise InputError(f"{uri}: incomplete upload (no {COMPLETE_MARKER}); it is not a finished folder")
+    manifest = marker.download_as_bytes(retry=_retry(), timeout=_timeout())
+    target = cache_root / bucket_name / prefix / hashlib.sha256(manifest).hexdigest()[:16]
+    if (target / COMPLETE_MARKER).is_file():
+        return target
+    staging = Path(tempfile.mkdtemp(prefix=".fetching-", dir=cache_root))
+    download_folder(uri, staging, require_complete=True)
+    (staging / COMPLETE_MARKER).write_bytes(manifest)  # last: a half-fetched copy is never reused
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        staging.rename(target)
+    except OSError:  # another process fetched it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 @contextmanager
@@ -119,9 +148,9 @@ def read_text(uri: str) -> str:
     else:
         bucket_name, name = split_gcs(uri)
         blob = _client().bucket(bucket_name).blob(name)
-        if not blob.exists():
+        if not blob.exists(retry=_retry(), timeout=_timeout()):
             raise InputError(f"{uri}: file not found")
-        data = blob.download_as_bytes(retry=_retry())
+        data = blob.download_as_bytes(retry=_retry(), timeout=_timeout())
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:

@@ -187,6 +187,91 @@ def gcs_emulator():
     os.environ.pop("STORAGE_EMULATOR_HOST", None)
 
 
+class FaultyGcsProxy(ThreadingHTTPServer):
+    """A proxy on 127.0.0.1 in front of the GCS emulator that fails a bounded number of requests, in
+    turn: a 503, a request left hanging (past the client's timeout), a connection dropped unanswered.
+    Faults hit before the emulator sees the request; every other request is forwarded as it is, with
+    the emulator's address in headers and bodies (resumable session URLs, media links) rewritten."""
+
+    KINDS = ("503", "hang", "drop")
+    daemon_threads, block_on_close = True, False  # a hanging request never holds up the test's end
+
+    def __init__(self, upstream: str, faults: int, every: int = 2, hang_seconds: float = 20.0):
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        self.upstream, self.faults_left, self.every, self.hang_seconds = upstream, faults, every, hang_seconds
+        self.address = f"http://127.0.0.1:{self.server_address[1]}"
+        self.requests, self.injected = 0, {kind: 0 for kind in self.KINDS}
+        self.lock = threading.Lock()
+
+    def next_fault(self) -> Optional[str]:
+        with self.lock:
+            self.requests += 1
+            if self.faults_left <= 0 or self.requests % self.every:
+                return None
+            self.faults_left -= 1
+            kind = self.KINDS[sum(self.injected.values()) % len(self.KINDS)]
+            self.injected[kind] += 1
+            return kind
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _handle(self):
+        import http.client
+        from urllib.parse import urlsplit
+
+        proxy: FaultyGcsProxy = self.server
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        fault = proxy.next_fault()
+        if fault == "503":
+            payload = b'{"error": {"code": 503, "message": "injected"}}'
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            return
+        if fault in ("hang", "drop"):
+            if fault == "hang":
+                time.sleep(proxy.hang_seconds)
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        upstream = urlsplit(proxy.upstream)
+        connection = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=60)
+        headers = {key: value for key, value in self.headers.items() if key.lower() not in ("host", "content-length")}
+        connection.request(self.command, self.path, body=body or None, headers=headers)
+        response = connection.getresponse()
+        payload = response.read().replace(proxy.upstream.encode(), proxy.address.encode())
+        self.send_response(response.status)
+        for key, value in response.getheaders():
+            if key.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
+                self.send_header(key, value.replace(proxy.upstream, proxy.address))
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+        connection.close()
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def faulty_gcs(gcs_emulator, monkeypatch):
+    """The emulator behind FaultyGcsProxy for this test; storage calls time out after 1.5 s."""
+    proxy = FaultyGcsProxy(os.environ["STORAGE_EMULATOR_HOST"], faults=9)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.address)
+    monkeypatch.setenv("DREAMBOOTH_GCS_TIMEOUT", "1.5")
+    yield proxy
+    proxy.shutdown()
+    proxy.server_close()
+
+
 @pytest.fixture(scope="session")
 def mlflow_server_on_gcs(tmp_path_factory, gcs_emulator):
     """An mlflow server whose artifact destination is a bucket on the emulator."""

@@ -129,3 +129,40 @@ def test_a_run_writes_its_results_and_mlflow_artifacts_to_the_bucket(gcs_emulato
     experiment = client.get_experiment_by_name("on-gcs")
     (subject,) = client.search_runs([experiment.experiment_id], "tags.`dreambooth.stage` = 'subject'")
     assert any(name.endswith(f"{subject.info.run_id}/artifacts/samples-grid.png") for name in _blob_names(gcs_emulator, "mlflow/"))
+
+
+def test_uploads_and_downloads_ride_out_503s_hangs_and_dropped_connections(faulty_gcs, gcs_emulator, tmp_path):
+    folder = tmp_path / "model"
+    (folder / "unet").mkdir(parents=True)
+    big = os.urandom(9 * 1024 * 1024 + 7)  # two chunks of a resumable upload
+    (folder / "unet" / "weights.safetensors").write_bytes(big)
+    for index in range(4):
+        (folder / f"part-{index}.json").write_text(f'{{"part": {index}}}')
+    uri = f"gs://{gcs_emulator}/faulty/model"
+
+    started = time.time()
+    upload_folder(folder, uri)
+    copy = download_folder(uri, tmp_path / "copy")
+    assert time.time() - started < faulty_gcs.hang_seconds  # a hung request was given up on and retried, not waited out
+
+    assert (copy / "unet" / "weights.safetensors").read_bytes() == big
+    assert sorted(p.name for p in copy.glob("part-*.json")) == [f"part-{i}.json" for i in range(4)]
+    assert all(count >= 3 for count in faulty_gcs.injected.values()), faulty_gcs.injected  # every kind of fault was met
+    assert faulty_gcs.faults_left == 0
+
+
+def test_the_model_loader_reads_only_a_complete_gs_folder(gcs_emulator, tiny_model_dir, tmp_path, monkeypatch):
+    from dreambooth.models import load_pipeline
+
+    monkeypatch.setenv("DREAMBOOTH_CACHE", str(tmp_path / "cache"))  # nothing fetched before
+    uri = f"gs://{gcs_emulator}/models/tiny-sd"
+    upload_folder(tiny_model_dir, uri)
+    storage.Client(project="dreambooth-test").bucket(gcs_emulator).blob(f"models/tiny-sd/{COMPLETE_MARKER}").delete()
+    with pytest.raises(InputError, match=f"{uri}: incomplete upload"):
+        load_pipeline(uri)
+
+    upload_folder(tiny_model_dir, uri)
+    image = load_pipeline(uri)("a dog", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
+    [fetched] = (tmp_path / "cache" / "gcs").rglob(COMPLETE_MARKER)
+    assert (fetched.parent / "model_index.json").is_file()
