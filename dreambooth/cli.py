@@ -72,7 +72,12 @@ def _one_subject(args: argparse.Namespace, photos: str, config: RunConfig) -> Su
     """A single subject from the command line, checked like an entry of a subjects file."""
     if args.identifier is not None and not args.identifier.strip():
         raise InputError("--identifier: empty; leave it out to pick a rare token, or give one (e.g. sks)")
-    subject_id = getattr(args, "subject_name", None) or photos.rstrip("/").rsplit("/", 1)[-1]
+    from dreambooth.archives import ARCHIVE_SUFFIXES
+
+    folder_name = photos.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in ARCHIVE_SUFFIXES:  # dog.zip: the subject "dog"
+        folder_name = folder_name.removesuffix(suffix)
+    subject_id = getattr(args, "subject_name", None) or folder_name
     raw = {"id": subject_id, "photos": photos, "class_noun": args.class_noun, "identifier": args.identifier}
     return validate_entries([("the command line", raw)], "subject", config)[0]
 
@@ -237,7 +242,7 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     def with_subject(sub: argparse.ArgumentParser, required: bool = True) -> argparse.ArgumentParser:
-        sub.add_argument("--subject-dir", required=required, help="folder (or gs://bucket/prefix) of 3-5 photos of the subject")
+        sub.add_argument("--subject-dir", required=required, help="folder, .zip or .tar (local or gs://) of 3-5 photos of the subject")
         sub.add_argument("--class-noun", required=required, help="what the subject is: dog, backpack, teapot ...")
         sub.add_argument("--identifier", help="use this token as [V] instead of choosing a rare one (e.g. sks)")
         sub.add_argument("--subject-name", help="the subject's id for runs and models (default: the folder's name)")

@@ -130,12 +130,34 @@ def cached_folder(uri: str, cache_root: Path) -> Path:
 
 @contextmanager
 def local_folder(uri: str, require_complete: bool = False) -> Iterator[Path]:
-    """A local view of a folder: the path itself, or a temporary download of a gs:// folder."""
+    """A local view of a folder: the path itself, or a temporary download of a gs:// folder; a .zip or
+    .tar (local or gs://) is unpacked, safely, into a temporary folder (dreambooth.archives)."""
+    from dreambooth.archives import extract_photos, is_archive
+
+    if is_archive(uri):
+        with tempfile.TemporaryDirectory(prefix="dreambooth-archive-") as scratch:
+            yield extract_photos(_local_file(uri, Path(scratch)), Path(scratch) / "photos", uri)
+        return
     if not is_gcs(uri):
         yield Path(uri)
         return
     with tempfile.TemporaryDirectory(prefix="dreambooth-gcs-") as scratch:
         yield download_folder(uri, Path(scratch) / "folder", require_complete=require_complete)
+
+
+def _local_file(uri: str, scratch: Path) -> Path:
+    """A file as a local path: itself, or downloaded from gs:// into scratch."""
+    if not is_gcs(uri):
+        if not Path(uri).is_file():
+            raise InputError(f"{uri}: file not found")
+        return Path(uri)
+    bucket_name, name = split_gcs(uri)
+    blob = _client().bucket(bucket_name).blob(name)
+    if not blob.exists(retry=_retry(), timeout=_timeout()):
+        raise InputError(f"{uri}: file not found")
+    target = scratch / name.rsplit("/", 1)[-1]
+    blob.download_to_filename(str(target), retry=_retry(), timeout=_timeout())
+    return target
 
 
 def read_text(uri: str) -> str:
@@ -167,6 +189,11 @@ def content_digests(uri: str) -> dict[str, str]:
     MD5 because GCS keeps it for every uploaded object: a bucket's photos are fingerprinted
     without downloading them. Hidden files and our completion marker do not count.
     """
+    from dreambooth.archives import is_archive
+
+    if is_archive(uri):  # the archive's own bytes: a changed photo changes them
+        with tempfile.TemporaryDirectory() as scratch:
+            return {uri.rsplit("/", 1)[-1]: hashlib.md5(_local_file(uri, Path(scratch)).read_bytes()).hexdigest()}
     if not is_gcs(uri):
         folder = Path(uri)
         if not folder.is_dir():
