@@ -80,11 +80,11 @@ def subject_stage(stage: str):
                 print(f"error: {stage}: {error}", file=sys.stderr)
                 return None
             except (Preempted, TrackingUnavailable) as error:
-                exit_for(stage, error)
+                _exit_for(stage, error)
             except Exception as error:
                 if not unreachable(error):
                     raise
-                exit_for(stage, TrackingUnavailable(f"tracking at {tracking_uri} unreachable: {error}"))
+                _exit_for(stage, TrackingUnavailable(f"tracking at {tracking_uri} unreachable: {error}"))
 
         return wrapper
 
@@ -101,7 +101,7 @@ def _spool_settings(config: RunConfig) -> dict:
     return {"spool_dir": Path(config.storage.work_dir) / SPOOL_FOLDER, "wait_seconds": config.tracking.wait_seconds}
 
 
-def exit_for(stage: str, error: Exception) -> None:
+def _exit_for(stage: str, error: Exception) -> None:
     """One line and a non-zero exit: KFP retries the task (143 is a SIGTERM's usual code)."""
     print(f"error: {stage}: {str(error).splitlines()[0]}", file=sys.stderr)
     raise SystemExit(143 if isinstance(error, Preempted) else 3)

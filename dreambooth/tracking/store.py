@@ -1,0 +1,97 @@
+"""Where tracking goes: the tracking URI (its credentials kept out of everything recorded), the
+client, a local store's safe creation, and the experiment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+
+def resolve_tracking_uri(configured: Optional[str] = None) -> str:
+    """--tracking-uri / config, else $MLFLOW_TRACKING_URI, else ./mlflow.db (MLflow's embedded default).
+    Credentials in the URI are moved to MLflow's own variables (see adopt_credentials)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return adopt_credentials(uri)
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def has_credentials(uri: str) -> bool:
+    from urllib.parse import urlsplit
+
+    return "@" in urlsplit(uri).netloc
+
+
+def adopt_credentials(uri: str) -> str:
+    """The URI without `user:password@`. The credentials go to MLFLOW_TRACKING_USERNAME/PASSWORD of this
+    process (and the local tasks it starts), where MLflow's client reads them, so they are never
+    written into a task's settings, a compiled pipeline, a log line or an MLflow param."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if not has_credentials(uri):
+        return uri
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+    if password:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+    return urlunsplit(parts._replace(netloc=host))
+
+
+def unreachable(error: BaseException) -> bool:
+    """An MLflow call that failed because the server could not be reached (after MLflow's retries)."""
+    text = str(error)
+    return type(error).__name__ == "MlflowException" and "API request to" in text and (
+        "Max retries exceeded" in text or "Connection" in text or "timed out" in text
+    )
+
+
+_READY_STORES: set[str] = set()
+
+
+def _sqlite_path(tracking_uri: str) -> Optional[Path]:
+    return Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
+
+
+def client(tracking_uri: str):
+    """An MlflowClient. A local sqlite store is created or upgraded under a file lock: two runs
+    started together on a fresh file would otherwise race MLflow's schema migrations."""
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    database = _sqlite_path(tracking_uri)
+    if database is None or tracking_uri in _READY_STORES:
+        return MlflowClient(tracking_uri=tracking_uri)
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        mlflow = MlflowClient(tracking_uri=tracking_uri)
+        mlflow._tracking_client.store  # noqa: B018 (opening the stores runs their migrations)
+        mlflow._get_registry_client().store  # noqa: B018
+    _READY_STORES.add(tracking_uri)
+    return mlflow
+
+
+def experiment_id(tracking_uri: str, name: str) -> str:
+    """The experiment's id, created if missing. In a local sqlite store its artifacts go beside the
+    database file (`mlflow-artifacts/` next to `mlflow.db`), not into the current folder."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow = client(tracking_uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    database = _sqlite_path(tracking_uri)
+    location = None
+    if database is not None:
+        folder = database.parent / f"{database.stem}-artifacts" / "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+        location = folder.resolve().as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":  # only the race with another process may pass
+            raise
+        return mlflow.get_experiment_by_name(name).experiment_id
