@@ -68,8 +68,9 @@ def _losses(reference: str, revision: Optional[str], vae: Optional[str], groups:
     device, dtype = best_device(), inference_dtype(config.evaluation.sampler.precision)
     pipeline = load_pipeline(reference, revision, torch_dtype=dtype, device=device, vae=vae)
     family = model_family(config.model.base, config.model.revision, declared=config.model.family)
-    # The plain objective: no noise offset, no min-SNR weights, no flips, nothing trained.
-    settings = config.training.model_copy(update={"noise_offset": 0.0, "snr_gamma": None, "random_flip": False, "method": "full"})
+    # The plain objective: no noise offset, no min-SNR weights, no flips (the method only decides
+    # what would train; nothing does here).
+    settings = config.training.model_copy(update={"noise_offset": 0.0, "snr_gamma": None, "random_flip": False})
     recipe = recipe_class(family)(pipeline, settings, device, config.model.resolution)
     denoiser = {recipe.denoiser: getattr(pipeline, recipe.denoiser).eval()}
     losses = []
