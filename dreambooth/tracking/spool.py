@@ -39,16 +39,15 @@ def _sent_offset(offset_file: Path) -> int:
         return 0
 
 
-def _unsent_lines(journal: Path, offset: int) -> tuple[list[bytes], int]:
-    """Complete lines after `offset`, and the offset after the last of them (a half-written line waits)."""
+def _unsent_lines(journal: Path, offset: int) -> list[bytes]:
+    """The complete lines after `offset` (a half-written last line waits for its end)."""
     try:
         with journal.open("rb") as source:
             source.seek(offset)
             data = source.read()
     except FileNotFoundError:
-        return [], offset
-    end = data.rfind(b"\n") + 1
-    return data[:end].splitlines(), offset + end
+        return []
+    return data[: data.rfind(b"\n") + 1].splitlines()
 
 
 def send_pending(client, run_id: str, folder: Path) -> int:
@@ -56,21 +55,20 @@ def send_pending(client, run_id: str, folder: Path) -> int:
     from mlflow.entities import Metric
 
     journal, offset_file, _ = _paths(folder, run_id)
-    lines, end = _unsent_lines(journal, _sent_offset(offset_file))
     offset = _sent_offset(offset_file)
+    lines = _unsent_lines(journal, offset)
     for start in range(0, len(lines), SEND_BATCH):
         chunk = lines[start : start + SEND_BATCH]
         points = [json.loads(line) for line in chunk]
         client.log_batch(run_id, metrics=[Metric(p["key"], p["value"], p["time"], p["step"]) for p in points])
         offset += sum(len(line) + 1 for line in chunk)
-        offset_file.write_text(str(offset))
-    assert offset == end
+        offset_file.write_text(str(offset))  # after the send: a kill in between resends, which MLflow absorbs
     return len(lines)
 
 
 def unsent_points(folder: Path, run_id: str) -> int:
     journal, offset_file, _ = _paths(folder, run_id)
-    return len(_unsent_lines(journal, _sent_offset(offset_file))[0])
+    return len(_unsent_lines(journal, _sent_offset(offset_file)))
 
 
 def discard(folder: Path, run_id: str) -> None:
@@ -88,7 +86,7 @@ class MetricSpool:
         info.write_text(json.dumps({"tracking_uri": tracking_uri, "run_id": run_id}))
         # A reopened run (a retried task) continues its journal: steps an interrupted attempt
         # logged after its last checkpoint are computed again, but logged once.
-        self.last_step = max((json.loads(line)["step"] for line in _unsent_lines(self.journal, 0)[0]), default=0)
+        self.last_step = max((json.loads(line)["step"] for line in _unsent_lines(self.journal, 0)), default=0)
         self._file = self.journal.open("a")
         fcntl.flock(self._file, fcntl.LOCK_EX)  # held while this process writes: `sync-tracking` leaves the journal alone
         self._wake, self._closing = threading.Event(), threading.Event()

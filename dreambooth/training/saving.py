@@ -1,7 +1,7 @@
 """Saving a trained result: the whole pipeline folder, or for LoRA the adapter alone, with its
 metadata. The training states go then; a marker stays in the checkpoint folder, naming the saved
 model, until the stage has recorded it in MLflow: a retry after a tracking outage or a kill at that
-point reuses the model instead of training again."""
+point reuses the model instead of training again. One run at a time holds a checkpoint folder."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import fcntl
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass, field, replace
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
