@@ -95,12 +95,13 @@ def _run(build_pipeline: Callable, args: argparse.Namespace, config: RunConfig) 
     if args.subjects:
         uri = _local_photos(args.subjects)
         entries = read_subjects(uri, config)  # every problem of the file, before any task starts
-        return run_locally(build_pipeline, config, args.output_dir, len(entries), subjects_uri=uri, force=args.force)
+        return run_locally(build_pipeline, config, args.output_dir, entries, subjects_uri=uri, force=args.force, verbose=args.verbose)
     if not (args.subject_dir and args.class_noun):
         raise InputError("run: give --subjects FILE, or --subject-dir DIR with --class-noun NOUN")
     entry = _one_subject(args, _local_photos(args.subject_dir), config)
     _ingest(subject_config(config, entry), entry.photos, None)  # a bad upload fails here, in one line
-    return run_locally(build_pipeline, config, args.output_dir, 1, subjects_json=entries_to_json([entry]), force=args.force)
+    return run_locally(build_pipeline, config, args.output_dir, [entry], subjects_json=entries_to_json([entry]), force=args.force,
+                       verbose=args.verbose)
 
 
 def _ingest(config: RunConfig, photos: str, output_dir: Optional[Path]):
@@ -260,6 +261,7 @@ def _parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--output-dir", default="outputs", help="where results go: a folder, or gs://bucket/prefix")
     run_cmd.add_argument("--class-images", type=Path, help="your own class images for prior preservation (skips generating them)")
     run_cmd.add_argument("--force", action="store_true", help="train every subject, even those already up to date")
+    run_cmd.add_argument("--verbose", action="store_true", help="stream every task's whole output (kfp.local's), not one line per stage")
 
     ingest_cmd = with_subject(with_config(commands.add_parser("ingest", help="validate and normalise one upload only")))
     ingest_cmd.add_argument("--output-dir", required=True)

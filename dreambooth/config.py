@@ -245,6 +245,23 @@ class EvaluationSettings(Section):
     registered_model: str = "dreambooth-{subject}"
 
 
+class Webhook(Section):
+    """Where to say that a batch ended: a URL given here, or (on a cluster, from a Kubernetes
+    Secret) in an environment variable; Slack's incoming-webhook format or plain JSON."""
+
+    url: str = ""
+    url_env: str = ""
+    format: Literal["slack", "json"] = "json"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Webhook":
+        if bool(self.url) == bool(self.url_env):
+            raise ValueError("give exactly one of url (the webhook) or url_env (the variable that holds it)")
+        if self.url and not re.match(r"https?://", self.url):
+            raise ValueError(f"url: {self.url!r} is not an http(s) URL")
+        return self
+
+
 class TrackingSettings(Section):
     # None: $MLFLOW_TRACKING_URI, else a local sqlite file (MLflow's embedded default).
     uri: Optional[str] = None
@@ -252,6 +269,12 @@ class TrackingSettings(Section):
     # At a stage's end, how long to wait for a tracking server that is away; after that the step
     # metrics stay in a journal on the work disk for `pipeline.py sync-tracking`.
     wait_seconds: float = Field(default=60.0, ge=0)
+    # Webhooks told when a batch ends (the exit handler); a failure to tell never fails the run.
+    notify: list[Webhook] = []
+    # Links in notifications: the MLflow UI as people reach it (default: the tracking URI when it
+    # is http), and the KFP UI (e.g. https://kfp.example.com/pipeline).
+    ui_url: str = ""
+    kfp_ui_url: str = ""
 
 
 class StageResources(Section):
@@ -346,6 +369,14 @@ class RunConfig(Section):
     def _consistent(self) -> "RunConfig":
         if self.training.lr_warmup_steps >= self.training.max_steps and self.training.lr_warmup_steps:
             raise ValueError("training.lr_warmup_steps must be smaller than training.max_steps")
+        if self.cluster is not None:
+            secret_envs = {secret.env for secret in self.cluster.secrets}
+            for index, webhook in enumerate(self.tracking.notify):
+                if webhook.url:
+                    raise ValueError(f"tracking.notify.{index}.url: would be written into the compiled pipeline; give url_env "
+                                     "and a cluster.secrets entry that fills it from a Kubernetes Secret")
+                if webhook.url_env not in secret_envs:
+                    raise ValueError(f"tracking.notify.{index}.url_env: no cluster.secrets entry sets {webhook.url_env}")
         namespace = self.cluster.namespace if self.cluster else None
         service = re.match(r"https?://mlflow\.([^.:/]+)\.svc", self.tracking.uri or "")
         if namespace and service and service.group(1) != namespace:

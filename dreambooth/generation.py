@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from PIL import Image
@@ -47,8 +47,17 @@ def generate_batches(
         yield batch, images
 
 
-def generate(pipeline, requests: list[tuple[str, int]], sampler: SamplerSettings, resolution: int | None = None) -> list[Image.Image]:
-    return [image for _, images in generate_batches(pipeline, requests, sampler, resolution) for image in images]
+OnImages = Callable[[int], None]  # n more images drawn
+
+
+def generate(pipeline, requests: list[tuple[str, int]], sampler: SamplerSettings, resolution: int | None = None,
+             on_images: Optional[OnImages] = None) -> list[Image.Image]:
+    drawn = []
+    for _, images in generate_batches(pipeline, requests, sampler, resolution):
+        drawn.extend(images)
+        if on_images:
+            on_images(len(images))
+    return drawn
 
 
 def planned_generators(configured: Optional[int], work: int) -> int:
@@ -66,6 +75,7 @@ def generate_files(
     resolution: Optional[int] = None,
     processes: int = 1,
     vae: Optional[str] = None,
+    on_images: Optional[OnImages] = None,
 ) -> None:
     """Draw requests[i] into folder/names[i] (PNG, written then renamed, so a file is whole or absent).
 
@@ -75,6 +85,8 @@ def generate_files(
     folder.mkdir(parents=True, exist_ok=True)
     if processes > 1:
         _generate_files_in_processes(reference, revision, requests, names, folder, sampler, resolution, processes, vae)
+        if on_images:
+            on_images(len(requests))
         return
     pipeline = load_sampling_pipeline(reference, sampler, revision, vae)
     name_of = dict(zip(requests, names))
@@ -83,6 +95,8 @@ def generate_files(
             partial = folder / (name_of[request] + ".partial")
             image.save(partial, format="PNG")
             partial.rename(folder / name_of[request])
+        if on_images:
+            on_images(len(batch))
 
 
 def _generate_files_in_processes(reference, revision, requests, names, folder, sampler, resolution, processes, vae) -> None:

@@ -1,12 +1,14 @@
 """Run the whole DAG on this machine through kfp.local, then report what the batch did.
 
 Every task runs as its own process, exactly as its component would in a container. Results land
-under `{output}/kfp/{job}/`; with a gs:// output they are published to the bucket afterwards.
+under `{output}/kfp/{job}/`, each task's log under `{job}/logs/`; with a gs:// output they are
+published to the bucket afterwards. While it runs, `run_console` shows one line per stage.
 """
 
 from __future__ import annotations
 
 import builtins
+import functools
 import os
 import re
 import sys
@@ -17,7 +19,10 @@ from typing import Callable, Optional
 from dreambooth.cluster import run_parameters
 from dreambooth.config import RunConfig
 from dreambooth.models import LORA_WEIGHTS
+from dreambooth.progress import INTERVAL_ENV
+from dreambooth.run_console import RunConsole, planned_rows
 from dreambooth.storage import is_gcs, upload_folder
+from dreambooth.subjects import SubjectEntry
 from dreambooth.summary import UP_TO_DATE, SubjectRow, collect_rows, headline
 from dreambooth.tracking import FAILED, SPOOL_FOLDER, TAG_ERROR, experiment_id, find_batch_run, resolve_tracking_uri
 from dreambooth.tracking.spool import sync_spooled
@@ -35,32 +40,37 @@ def failed_task_chain(message: str) -> Optional[str]:
     return found.group(1).replace("'", "") if found else None
 
 
-def _latest_job_dir(pipeline_root: Path, before: set[Path]) -> Path:
+def _new_job_dir(pipeline_root: Path, before: set[Path]) -> Optional[Path]:
     created = [p for p in pipeline_root.glob(f"{PIPELINE_PREFIX}*") if p.is_dir() and p not in before]
-    if not created:
-        raise RuntimeError(f"{pipeline_root}: the local run wrote no job folder")
-    return max(created, key=lambda p: p.stat().st_mtime)
+    return max(created, key=lambda p: p.stat().st_mtime) if created else None
 
 
 def run_locally(
-    build_pipeline: Callable, config: RunConfig, output: str, subjects: int,
-    subjects_uri: str = "", subjects_json: str = "", force: bool = False,
+    build_pipeline: Callable, config: RunConfig, output: str, entries: list[SubjectEntry],
+    subjects_uri: str = "", subjects_json: str = "", force: bool = False, verbose: bool = False,
 ) -> int:
-    """Run the DAG through kfp.local for `subjects` subjects; print each one's outcome; 1 when any failed."""
+    """Run the DAG through kfp.local for these subjects; print each one's outcome; 1 when any failed."""
     # Tasks that run side by side share this machine's cores; unbounded, each task's torch would
     # take them all and the oversubscribed threads run several times slower than one at a time.
-    side_by_side = max(1, min(config.batch.parallelism, subjects))
+    side_by_side = max(1, min(config.batch.parallelism, len(entries)))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // side_by_side)))
+    # A live view redraws every second; a log gets the tasks' default (a line per 10 s).
+    if not verbose and sys.stdout.isatty():
+        os.environ.setdefault(INTERVAL_ENV, "1")
+    rows = planned_rows([entry.id for entry in entries], [entry.class_noun for entry in entries] if config.priors.enabled else [],
+                        config.superres.enabled)
+    run = functools.partial(_run, build_pipeline, config, rows=rows, subjects_uri=subjects_uri, subjects_json=subjects_json,
+                            force=force, verbose=verbose)
     if not is_gcs(output):
-        return _run(build_pipeline, config, Path(output), subjects_uri, subjects_json, force)
+        return run(Path(output))
     # kfp.local writes task outputs to a local pipeline root; results are published to GCS after.
     with tempfile.TemporaryDirectory(prefix="dreambooth-run-") as staging:
-        return _run(build_pipeline, config, Path(staging), subjects_uri, subjects_json, force, publish_to=output.rstrip("/"))
+        return run(Path(staging), publish_to=output.rstrip("/"))
 
 
 def _run(
-    build_pipeline: Callable, config: RunConfig, output_dir: Path, subjects_uri: str, subjects_json: str, force: bool,
-    publish_to: Optional[str] = None,
+    build_pipeline: Callable, config: RunConfig, output_dir: Path, rows: list, subjects_uri: str, subjects_json: str,
+    force: bool, verbose: bool, publish_to: Optional[str] = None,
 ) -> int:
     from kfp import local
 
@@ -79,8 +89,10 @@ def _run(
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
     print_function = builtins.print
     failed_task = None
+    console = RunConsole(lambda: _new_job_dir(pipeline_root, before), rows, verbose)
     try:
-        build_pipeline(config)(**run_parameters(config, subjects_uri, subjects_json, force))  # local: no cluster settings
+        with console:
+            build_pipeline(config)(**run_parameters(config, subjects_uri, subjects_json, force))  # local: no cluster settings
     except RuntimeError as error:
         failed_task = failed_task_chain(str(error))
         if failed_task is None:
@@ -89,16 +101,20 @@ def _run(
         # kfp.local indents task output by swapping builtins.print, and parallel tasks can leave it swapped.
         builtins.print = print_function
 
-    job_dir = _latest_job_dir(pipeline_root, before)
+    job_dir = _new_job_dir(pipeline_root, before)
+    if job_dir is None:
+        raise RuntimeError(f"{pipeline_root}: the local run wrote no job folder")
     batch = find_batch_run(tracking_uri, config.tracking.experiment, job_name=job_dir.name)
     print()
     print(f"job:          {job_dir.name}")
+    print(f"task logs:    {job_dir / 'logs'}")
     # batch-failures fails the run on purpose when a subject failed: the subjects' lines say why.
     broken = failed_task if failed_task and failed_task.split(" inside ")[0] != BATCH_FAILURES_TASK else None
     if broken:
-        print(f"error: task {broken} failed (its log is above); outputs under {job_dir}", file=sys.stderr)
+        log = console.output.log_of(broken.split(" inside ")[0]) or job_dir / "logs" / "pipeline.log"
+        print(f"error: task {broken} failed; its log: {log}", file=sys.stderr)
     if batch is None:
-        print(f"error: the batch did not start; task logs are above, outputs under {job_dir}", file=sys.stderr)
+        print(f"error: the batch did not start; task logs under {job_dir / 'logs'}", file=sys.stderr)
         return 1
     print(f"mlflow run:   {batch.info.run_id} ({tracking_uri}, experiment {config.tracking.experiment!r})")
     if TAG_ERROR in batch.data.tags:

@@ -15,12 +15,14 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
 from dreambooth.images import list_images, load_rgb
 from dreambooth.storage import local_folder
 from dreambooth.generation import generate_files, planned_generators
+from dreambooth.progress import OnProgress, counter
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,7 @@ def _use_supplied_images(source: Path, output_dir: Path, config: RunConfig) -> i
     return len(files)
 
 
-def generate_class_priors(config: RunConfig, output_dir: Path) -> PriorResult:
+def generate_class_priors(config: RunConfig, output_dir: Path, on_progress: Optional[OnProgress] = None) -> PriorResult:
     settings = config.priors
     prompt = config.subject.class_prompt()
     started = time.perf_counter()
@@ -98,6 +100,8 @@ def generate_class_priors(config: RunConfig, output_dir: Path) -> PriorResult:
     cache.mkdir(parents=True, exist_ok=True)
     names = [class_image_name(i) for i in range(settings.num_class_images)]
     missing = [i for i, name in enumerate(names) if not (cache / name).is_file()]
+    advance = counter(len(names), on_progress)
+    advance(len(names) - len(missing))  # kept from an earlier run
     if missing:
         log.info("generating %d of %d class images for %r", len(missing), len(names), prompt)
         generate_files(
@@ -110,6 +114,7 @@ def generate_class_priors(config: RunConfig, output_dir: Path) -> PriorResult:
             config.model.resolution,
             processes=planned_generators(settings.num_processes, len(missing)),
             vae=config.model.vae,
+            on_images=advance,
         )
     _publish(cache, names, output_dir)
     seconds = time.perf_counter() - started

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -28,6 +29,19 @@ def cli(*args, cwd, env=None, timeout=900):
     return subprocess.run(
         [sys.executable, str(REPO / "pipeline.py"), *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout
     )
+
+
+STATE_LINE = re.compile(r"^\d\d:\d\d:\d\d  (\S+)\s+(\S+)\s+(running|done|failed|skipped)\b")
+
+
+def stage_states(stdout: str) -> dict[tuple[str, str], list[str]]:
+    """`run`'s compact output as {(subject or batch, stage): the states it printed, in order}."""
+    states: dict[tuple[str, str], list[str]] = {}
+    for line in stdout.splitlines():
+        found = STATE_LINE.match(line)
+        if found:
+            states.setdefault((found[1], found[2]), []).append(found[3])
+    return states
 
 
 def quick_config(folder: Path, experiment="dreambooth", gate=None, superres=True, base="tiny", **training) -> str:
@@ -448,6 +462,43 @@ def kfp_api():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}", RecordingKfpApi.requests, RecordingKfpApi
     server.shutdown()
+
+
+class WebhookReceiver(BaseHTTPRequestHandler):
+    """A webhook endpoint (Slack's or anyone's): keeps (path, JSON body) of each POST, answers 200."""
+
+    received: list = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        self.received.append((self.path, body))
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def webhooks():
+    """A local webhook server: yields (its base URL, the (path, body) list it received)."""
+    WebhookReceiver.received = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), WebhookReceiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", WebhookReceiver.received
+    server.shutdown()
+
+
+def with_notify(config_path: str, *webhooks: dict) -> str:
+    """The config file with tracking.notify set to these webhooks."""
+    import yaml
+
+    raw = yaml.safe_load(Path(config_path).read_text())
+    raw["tracking"]["notify"] = list(webhooks)
+    Path(config_path).write_text(yaml.safe_dump(raw))
+    return config_path
 
 
 # The child forgets every way to this checkout (the editable install's finder, the repository on

@@ -17,7 +17,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import SAMPLE_OBJECT, SAMPLE_SUBJECT, cli, copy_photos, quick_config
+from conftest import SAMPLE_OBJECT, SAMPLE_SUBJECT, cli, copy_photos, quick_config, stage_states, with_notify
 from dreambooth.compare import RUN_COLOUR
 from dreambooth.images import GRID_LABEL_HEIGHT, MIN_GRID_CELL
 from dreambooth.tracking import (
@@ -200,9 +200,10 @@ def test_compare_over_the_batch_renders_a_table_plots_and_an_image_sheet(batch_r
     assert {"comparison.md", "sample_sheet.png"} <= {a.path for a in client.list_artifacts(comparison.info.run_id)}
 
 
-def test_a_subject_that_fails_ends_alone_and_the_batch_says_so(batch_root, first_batch):
+def test_a_subject_that_fails_ends_alone_and_the_batch_says_so(batch_root, first_batch, webhooks):
     root, _, _ = batch_root
-    config = quick_config(root, experiment="failures", superres=False)
+    hooks, received = webhooks
+    config = with_notify(quick_config(root, experiment="failures", superres=False), {"url": f"{hooks}/batch"})
     corrupt = copy_photos(SAMPLE_SUBJECT, root / "photos" / "corrupt", ["00.jpg", "01.jpg", "02.jpg"])
     (corrupt / "scan.jpg").write_bytes(b"%PDF-1.4 not an image")
     subjects = _write_subjects(root, [
@@ -215,6 +216,16 @@ def test_a_subject_that_fails_ends_alone_and_the_batch_says_so(batch_root, first
     assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-4000:]
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: 2 of 4 subjects failed: corrupt at ingest:") and "diverging at fine-tune: training stopped at step" in error
+    # The compact view: the failed stages, the stages after them skipped, and each failure's last log lines.
+    states = stage_states(result.stdout)
+    assert states[("corrupt", "ingest")] == ["running", "failed"] and states[("corrupt", "fine-tune")] == ["skipped"]
+    assert states[("diverging", "fine-tune")] == ["running", "failed"] and states[("diverging", "evaluate")] == ["skipped"]
+    assert states[("backpack", "evaluate")] == ["running", "done"]
+    printed = result.stdout.splitlines()
+    tail = printed.index("--- corrupt ingest failed; the last lines of its log:")
+    log = Path(next(line for line in printed[tail:] if line.startswith("--- full log: ")).removeprefix("--- full log: "))
+    assert any("scan.jpg: not an image Pillow can read" in line for line in printed[tail:tail + 16])
+    assert log.parts[-2:] == ("corrupt", "ingest.log") and "scan.jpg: not an image Pillow can read" in log.read_text()
 
     client = _client(root)
     batch = _batch_of(client, result.stdout, "failures")
@@ -228,6 +239,13 @@ def test_a_subject_that_fails_ends_alone_and_the_batch_says_so(batch_root, first
     assert failed.info.status == "FAILED" and failed.data.tags[TAG_FAILED_STAGE] == "fine-tune" and "loss is" in failed.data.tags[TAG_ERROR]
     assert client.get_run(rows["backpack"]["mlflow_run"]).info.status == "FINISHED"
     assert client.get_run(batch.info.run_id).info.status == "FAILED"
+
+    # The webhook heard the same: two of four failed, each with its reason, the others with their figures.
+    ((_, report),) = received
+    assert report["succeeded"] is False and report["counts"] == {"trained": 2, "failed": 2, "up to date": 0}
+    told = {subject["subject"]: subject for subject in report["subjects"]}
+    assert told["corrupt"]["reason"] == rows["corrupt"]["reason"] and told["diverging"]["status"] == "failed"
+    assert told["backpack"]["gate"] == "passed" and "clip_t" in told["backpack"]["metrics"]
 
 
 def test_a_subjects_file_with_five_mistakes_gives_five_lines_and_starts_nothing(tmp_path):

@@ -67,6 +67,13 @@ def test_flat_params_cover_every_setting():
         ({"training": {"snr_gamma": 0}}, "training.snr_gamma: Input should be greater than 0"),
         ({"cluster": {"image": "r/i@sha256:" + "a" * 64, "namespace": "team-a"},
           "tracking": {"uri": "http://mlflow.team-b.svc.cluster.local:5000"}}, "tracking.uri: http://mlflow.team-b"),
+        ({"tracking": {"notify": [{"url": "http://hooks.example/x", "url_env": "HOOK"}]}}, "tracking.notify.0: give exactly one of url"),
+        ({"tracking": {"notify": [{"url": "hooks.example/x"}]}}, "is not an http(s) URL"),
+        # On a cluster the URL is a secret: never in the compiled YAML, always from a Kubernetes Secret.
+        ({"cluster": {"image": "r/i@sha256:" + "a" * 64}, "tracking": {"notify": [{"url": "https://hooks.slack.com/services/T/B/x"}]}},
+         "tracking.notify.0.url: would be written into the compiled pipeline"),
+        ({"cluster": {"image": "r/i@sha256:" + "a" * 64}, "tracking": {"notify": [{"url_env": "SLACK_HOOK"}]}},
+         "tracking.notify.0.url_env: no cluster.secrets entry sets SLACK_HOOK"),
     ],
 )
 def test_inconsistent_settings_are_refused_in_one_line(overrides, message):

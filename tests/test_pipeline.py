@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, SAMPLE_SUBJECT, cli, dag_tasks, quick_config
+from conftest import REPO, SAMPLE_SUBJECT, _free_port, cli, dag_tasks, quick_config, stage_states, with_notify
 from dreambooth.config import RunConfig, load_config
 from dreambooth.tracking import TAG_ERROR, TAG_GATE, TAG_GATE_REASON, TAG_MODEL_URI, TAG_PARENT, TAG_STAGE, client
 
@@ -135,6 +136,23 @@ def test_run_on_the_tiny_config_tracks_into_local_sqlite_by_default(tmp_path):
     assert "upscaler" not in printed  # superres.enabled: false, so the DAG skipped the stage
     model_dir = printed["model"]
 
+    # Not a terminal: one line per stage state change, none of kfp.local's stream; each task's log in a file.
+    assert stage_states(result.stdout) == {
+        ("batch", "plan"): ["running", "done"], ("class:dog", "class-priors"): ["running", "done"],
+        **{("dog", stage): ["running", "done"] for stage in SUBJECT_STAGES},
+        ("batch", "summary"): ["running", "done"], ("batch", "close-runs"): ["running", "done"],
+    }
+    assert "Executing task" not in result.stdout and "executor_input" not in result.stdout
+    done = next(line for line in result.stdout.splitlines() if re.search(r" dog +fine-tune +done ", line))
+    assert re.search(r"step 8/8 · loss \d\.\d{4}", done), done
+    assert len(result.stdout.split("\njob:")[0].splitlines()) < 40
+    logs = Path(next(line for line in result.stdout.splitlines() if line.startswith("task logs:")).split(":", 1)[1].strip())
+    assert "Got executor_input" in (logs / "dog" / "finetune.log").read_text()
+    assert "Executing task 'ingest'" in (logs / "dog" / "ingest.log").read_text()
+    assert "Executing task 'finetune'" not in (logs / "dog" / "ingest.log").read_text()
+    assert "[progress] dog evaluate done" in (logs / "dog" / "evaluate.log").read_text()
+    assert (logs / "pipeline.log").read_text().count("Executing task") >= 9
+
     from diffusers import DiffusionPipeline
 
     image = DiffusionPipeline.from_pretrained(model_dir)("a dog", num_inference_steps=2, output_type="np").images[0]
@@ -150,10 +168,20 @@ def test_run_on_the_tiny_config_tracks_into_local_sqlite_by_default(tmp_path):
     _check_kfp_outputs(iteration_dir)
     assert "**rejected** - DINO" in (iteration_dir / "evaluate" / "report").read_text()
 
+    # --verbose: everything, as kfp.local prints it (the subject is up to date now, so this is quick)
+    again = cli("run", "--config", quick_config(tmp_path, gate=strict, superres=False), "--subject-dir", str(SAMPLE_SUBJECT),
+                "--class-noun", "dog", "--output-dir", str(tmp_path / "outputs"), "--verbose", cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Executing task" in again.stdout and "Got executor_input" in again.stdout
+    assert "dog (dog): up to date" in again.stdout
+
 
 @pytest.mark.slow
-def test_run_tracks_into_an_mlflow_server_and_its_credentials_go_nowhere(tmp_path, mlflow_server):
-    config = quick_config(tmp_path, experiment="served")
+def test_run_tracks_into_an_mlflow_server_and_its_credentials_go_nowhere(tmp_path, mlflow_server, webhooks):
+    hooks, received = webhooks
+    dead = f"http://127.0.0.1:{_free_port()}/hook"  # nothing listens there
+    config = with_notify(quick_config(tmp_path, experiment="served"), {"url": f"{hooks}/generic"},
+                         {"url": f"{hooks}/slack", "format": "slack"}, {"url": dead})
     with_credentials = mlflow_server.replace("http://", "http://dreambooth:s3cret-token@")
     result = cli("run", "--config", config, "--subject-dir", str(SAMPLE_SUBJECT), "--class-noun", "dog",
                  "--output-dir", str(tmp_path / "outputs"), "--tracking-uri", with_credentials, cwd=tmp_path)
@@ -167,7 +195,7 @@ def test_run_tracks_into_an_mlflow_server_and_its_credentials_go_nowhere(tmp_pat
     assert {"learn/class_loss_base", "learn/class_loss_tuned"} <= set(metrics)  # measured on the class images too
     assert _subject_lines(result.stdout)["learned"].startswith("denoising loss vs the base model: subject photos -")
     # Not in the output, the task logs and settings kfp.local wrote, or any run's params and tags.
-    assert "s3cret" not in result.stdout + result.stderr
+    assert "s3cret" not in result.stdout + result.stderr + json.dumps(received)
     leaks = [path for path in (tmp_path / "outputs").rglob("*") if path.is_file() and b"s3cret" in path.read_bytes()]
     assert leaks == []
     for run in client.search_runs([subject.info.experiment_id]):
@@ -181,6 +209,21 @@ def test_run_tracks_into_an_mlflow_server_and_its_credentials_go_nowhere(tmp_pat
         assert f"eval/upscaled_{label}/dino" in subject.data.metrics
     assert "upscaler" in _subject_lines(result.stdout)
 
+    # The exit handler told both live webhooks, each in its format; the dead one changed nothing but its line.
+    bodies = dict(received)
+    assert sorted(bodies) == ["/generic", "/slack"]
+    report = bodies["/generic"]
+    assert report["succeeded"] is True and report["counts"] == {"trained": 1, "failed": 0, "up to date": 0}
+    (dog,) = report["subjects"]
+    assert dog["subject"] == "dog" and dog["gate"] == "passed" and dog["registered"].startswith("dreambooth-dog@candidate")
+    assert dog["metrics"]["dino"] == pytest.approx(subject.data.metrics["eval/dino"])
+    assert report["mlflow_url"].startswith(f"{mlflow_server}/#/experiments/{subject.info.experiment_id}/runs/")
+    slack = bodies["/slack"]["text"].splitlines()
+    assert slack[0].startswith(":white_check_mark: DreamBooth batch") and slack[1].startswith("• dog (dog): trained; DINO ")
+    assert slack[-1].startswith(f"<{mlflow_server}/#/experiments/")
+    assert stage_states(result.stdout)[("batch", "notify")] == ["failed"]
+    assert f"not sent to {dead.split('/')[2]}" in next(line for line in result.stdout.splitlines() if " notify " in line)
+
     import io
 
     import mlflow
@@ -191,6 +234,21 @@ def test_run_tracks_into_an_mlflow_server_and_its_credentials_go_nowhere(tmp_pat
     registered = mlflow.pyfunc.load_model("models:/dreambooth-dog@candidate")
     generated = registered.predict(pd.DataFrame({"prompt": ["a dog on the beach"], "num_inference_steps": [2]}))
     assert Image.open(io.BytesIO(generated["image_png"][0])).size == (64, 64)
+
+
+@pytest.mark.slow
+def test_a_failed_run_is_reported_to_the_webhooks_with_its_reason(tmp_path, webhooks):
+    hooks, received = webhooks
+    config = with_notify(quick_config(tmp_path, superres=False, learning_rate=1.0e30), {"url": f"{hooks}/generic"})
+    result = cli("run", "--config", config, "--subject-dir", str(SAMPLE_SUBJECT), "--class-noun", "dog",
+                 "--output-dir", str(tmp_path / "outputs"), cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    ((path, report),) = received
+    assert report["succeeded"] is False and report["counts"] == {"trained": 0, "failed": 1, "up to date": 0}
+    assert report["subjects"][0]["status"] == "failed" and report["subjects"][0]["reason"].startswith("fine-tune: training stopped at step")
+    assert report["text"].startswith(f"DreamBooth batch {report['job_name']} ended ")
+    assert stage_states(result.stdout)[("dog", "fine-tune")] == ["running", "failed"]
+    assert stage_states(result.stdout)[("batch", "notify")] == ["done"]
 
 
 def test_an_evaluate_stopped_by_sigterm_leaves_no_run_running(tiny_model_dir, tmp_path):

@@ -32,8 +32,9 @@ from dreambooth.evaluation.metrics import (
 )
 from dreambooth.evaluation.prompts import EvaluationPrompt, is_live_subject, load_prompts, without_identifier
 from dreambooth.models import METADATA_FILE
-from dreambooth.generation import generate, generate_files, load_sampling_pipeline, planned_generators
+from dreambooth.generation import OnImages, generate, generate_files, load_sampling_pipeline, planned_generators
 from dreambooth.images import labelled_grid, list_images, load_rgb
+from dreambooth.progress import OnProgress, counter
 
 RESULTS_FILE = "evaluation.json"
 PROMPT_SEED_STRIDE = 1000
@@ -101,16 +102,16 @@ def _model_identity(model: str, config: RunConfig, identifier: Optional[str], cl
 
 
 def _draw(reference: str, revision: Optional[str], requests: list[tuple[str, int]], config: RunConfig,
-          vae: Optional[str] = None) -> list[Image.Image]:
+          vae: Optional[str] = None, on_images: Optional[OnImages] = None) -> list[Image.Image]:
     """Generate in this process, or split across one process per GPU when there are several."""
     sampler = config.evaluation.sampler
     processes = planned_generators(config.evaluation.num_processes, len(requests))
     if processes == 1:
         pipeline = load_sampling_pipeline(reference, sampler, revision, vae)
-        return generate(pipeline, requests, sampler, config.model.resolution)
+        return generate(pipeline, requests, sampler, config.model.resolution, on_images)
     with tempfile.TemporaryDirectory() as scratch:
         names = [f"{i:06d}.png" for i in range(len(requests))]
-        generate_files(reference, revision, requests, names, Path(scratch), sampler, config.model.resolution, processes, vae)
+        generate_files(reference, revision, requests, names, Path(scratch), sampler, config.model.resolution, processes, vae, on_images)
         return [load_rgb(Path(scratch) / name, 1 << 40).image for name in names]
 
 
@@ -160,6 +161,7 @@ def evaluate_model(
     identifier: Optional[str] = None,
     class_noun: Optional[str] = None,
     upscaler: Optional[str] = None,
+    on_progress: Optional[OnProgress] = None,
 ) -> EvaluationResult:
     """Generate, score and write images, grids and evaluation.json to output_dir.
 
@@ -189,11 +191,13 @@ def evaluate_model(
     requests = [(text, sampler.seed + PROMPT_SEED_STRIDE * p + i) for p, text in enumerate(rendered) for i in range(per_prompt)]
     pres_requests = [(class_prompt, sampler.seed + PRES_SEED_OFFSET + i) for i in range(settings.pres_images)]
     started = time.perf_counter()
-    generated = _draw(model, None, requests + pres_requests, config)
-    pres_base_images = _draw(base_model, config.model.revision, pres_requests, config, config.model.vae)
+    advance = counter(len(requests) * (2 if upscaler else 1) + 2 * len(pres_requests), on_progress)
+    generated = _draw(model, None, requests + pres_requests, config, on_images=advance)
+    pres_base_images = _draw(base_model, config.model.revision, pres_requests, config, config.model.vae, advance)
     images, pres_images = generated[: len(requests)], generated[len(requests) :]
     if upscaler:
         images = upscale_images(upscaler, [text for text, _ in requests], images, config)
+        advance(len(images))
     generation_seconds = time.perf_counter() - started
 
     # 2. Scoring: every encoder call is batched; the real photos are embedded once.

@@ -19,6 +19,7 @@ from dreambooth.summary import as_html, as_markdown, as_table, collect_rows, cou
 from dreambooth.tracking import (
     FAILED,
     TAG_ERROR,
+    TAG_JOB_NAME,
     client,
     find_trained_subject,
     finish_batch_run,
@@ -133,9 +134,49 @@ def batch_failures_task(tracking_uri: str, plan_path: str) -> None:
 
 
 def finish_task(config_json: str, tracking_uri: str, job_id: str, pipeline_state: str) -> None:
-    """Exit handler: close the batch run, and any run a crashed or killed stage left open."""
+    """Exit handler: close the batch run, and any run a crashed or killed stage left open; then
+    tell the webhooks of tracking.notify how the batch ended."""
     config = RunConfig.from_json(config_json)
-    finish_batch_run(tracking_uri, config.tracking.experiment, job_id, pipeline_state)
+    batch_run_id = finish_batch_run(tracking_uri, config.tracking.experiment, job_id, pipeline_state)
+    if not config.tracking.notify:
+        return
+    from dreambooth.tracking.notify import send
+
+    try:
+        report = batch_report(config, tracking_uri, job_id, pipeline_state, batch_run_id)
+    except Exception as error:  # a report with less in it beats no word at all
+        report = batch_report(config, tracking_uri, job_id, pipeline_state, None, f"the batch summary could not be read: {error}")
+    from dreambooth.progress import DONE, FAILED as NOT_SENT, StageProgress
+
+    outcomes = send(config.tracking.notify, report)
+    sent = all(outcome.startswith("sent") for outcome in outcomes)
+    StageProgress("batch", "notify").state(DONE if sent else NOT_SENT, "; ".join(outcomes))
+
+
+def batch_report(config: RunConfig, tracking_uri: str, job_id: str, pipeline_state: str, batch_run_id, error: str = ""):
+    """What the notification says: the final state, each subject's outcome and headline figures, links."""
+    from dreambooth.tracking.notify import BatchReport, SubjectOutcome
+
+    settings = config.tracking
+    if batch_run_id is None:
+        return BatchReport(pipeline_state, job_id, job_id, settings.experiment, {}, [], kfp_url=_kfp_link(config, job_id),
+                           error=error or "the batch did not start (planning failed)")
+    batch = client(tracking_uri).get_run(batch_run_id)
+    rows = collect_rows(tracking_uri, read_plan(tracking_uri, batch_run_id))
+    subjects = [
+        SubjectOutcome(row.subject, row.class_noun, row.status, row.reason, row.gate, row.registered,
+                       {name: getattr(row, name) for name in ("dino", "clip_i", "clip_t", "pres") if getattr(row, name) is not None},
+                       row.mlflow_run)
+        for row in rows
+    ]
+    ui = settings.ui_url or (tracking_uri if tracking_uri.startswith("http") else "")
+    mlflow_url = f"{ui.rstrip('/')}/#/experiments/{batch.info.experiment_id}/runs/{batch_run_id}" if ui else ""
+    return BatchReport(pipeline_state, job_id, batch.data.tags.get(TAG_JOB_NAME, job_id), settings.experiment, counts(rows),
+                       subjects, mlflow_url, _kfp_link(config, job_id), batch.data.tags.get(TAG_ERROR, ""))
+
+
+def _kfp_link(config: RunConfig, job_id: str) -> str:
+    return f"{config.tracking.kfp_ui_url.rstrip('/')}/#/runs/details/{job_id}" if config.tracking.kfp_ui_url else ""
 
 
 def read_plan(tracking_uri: str, batch_run_id: str) -> BatchPlan:

@@ -23,6 +23,7 @@ from dreambooth.batch import PriorOutcome
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError, Preempted, TrackingUnavailable, TrainingDiverged
 from dreambooth.models import allow_pickle_weights
+from dreambooth.progress import SKIPPED, StageProgress
 from dreambooth.registry import log_pipeline_model, register_candidate
 from dreambooth.storage import local_folder
 from dreambooth.training.saving import release_checkpoints
@@ -69,7 +70,7 @@ def subject_stage(stage: str):
             try:
                 subject = client(tracking_uri).get_run(subject_run_id)
                 if subject.data.tags.get(TAG_SUBJECT_STATUS) == FAILED:
-                    print(f"{stage}: skipped, subject {subject.data.tags.get(TAG_SUBJECT)} already failed")
+                    StageProgress(subject.data.tags.get(TAG_SUBJECT, ""), stage).state(SKIPPED, "the subject already failed")
                     return None
                 config = RunConfig.from_json(config_json)
                 with stage_run(tracking_uri, subject_run_id, stage, **_spool_settings(config)) as run:
@@ -129,6 +130,16 @@ def ingest_task(config: RunConfig, run: StageRun, photos: str, output_dir: str) 
     return result.identifier.identifier
 
 
+def training_log(run: StageRun, total_steps: int):
+    """The loop's on_log: the step's losses as the run's curves, and a progress line."""
+
+    def on_log(step: int, values: dict[str, float]) -> None:
+        run.log_step_metrics(step, values)
+        run.report(step, total_steps, "steps", f"loss {values['loss']:.4f}" if "loss" in values else "")
+
+    return on_log
+
+
 def _train(stage, train_in_process, settings, run: StageRun, config, subject_dir, class_dir, identifier, output_dir):
     """One process, or one per GPU through dreambooth.distributed; the same result either way."""
     from dreambooth.distributed import launch
@@ -138,7 +149,7 @@ def _train(stage, train_in_process, settings, run: StageRun, config, subject_dir
     # The checkpoint folder's marker stays until the model is recorded (release_checkpoints): a
     # retry after a tracking outage reuses the saved model.
     if processes == 1:
-        result = train_in_process(subject_dir, class_dir, identifier, config, output_dir, on_log=run.log_step_metrics,
+        result = train_in_process(subject_dir, class_dir, identifier, config, output_dir, on_log=training_log(run, settings.max_steps),
                                   release=False, tracking_run=run.run_id)
     else:
         result = launch(stage, processes, {
@@ -146,6 +157,7 @@ def _train(stage, train_in_process, settings, run: StageRun, config, subject_dir
             "class_dir": str(class_dir) if class_dir else "", "identifier": identifier, "output_dir": str(output_dir),
             "tracking_uri": run.tracking_uri, "run_id": run.run_id, "parent_run_id": run.parent_run_id,
             "spool_dir": str(run.spool_dir), "wait_seconds": run.wait_seconds,
+            "scope": run.progress.scope, "stage": run.progress.stage, "total_steps": settings.max_steps,
         })
     run.flush()  # every step metric in MLflow before the summary; TrackingUnavailable (model saved) if not
     run.continue_from(result.resumed_from_run, result.resumed_from_step)
@@ -205,6 +217,10 @@ def samples_task(config: RunConfig, run: StageRun, model_dir: str, output_dir: s
     return result.grid_path
 
 
+def _images_progress(run: StageRun, label: str = ""):
+    return lambda done, total: run.report(done, total, "images", label)
+
+
 @dataclass(frozen=True)
 class EvaluationOutcome:
     metrics: dict[str, float]  # flat, for KFP's Metrics output
@@ -255,7 +271,7 @@ def evaluate_task(
 
     if not config.evaluation.enabled:
         return _evaluation_disabled(run)
-    result = evaluate_model(model_dir, Path(subject_dir), config, Path(output_dir))
+    result = evaluate_model(model_dir, Path(subject_dir), config, Path(output_dir), on_progress=_images_progress(run))
     metrics = {f"eval/{name}": value for name, value in result.overall.items()}
     metrics.update({f"eval/real_images_{name}": value for name, value in result.real_images.items()})
     for category, values in result.by_category.items():
@@ -336,7 +352,8 @@ def evaluate_upscaled_task(
     metrics: dict[str, float] = {}
     lines = ["# DreamBench evaluation of the upscaled cascade", "", "| upscaler | resolution | DINO | CLIP-I | CLIP-T | DIV |", "|---|---|---|---|---|---|"]
     for label, upscaler in (("generic", config.superres.base), ("personalised", upscaler_dir)):
-        result = evaluate_model(model_dir, Path(subject_dir), config, Path(output_dir) / label, upscaler=upscaler)
+        result = evaluate_model(model_dir, Path(subject_dir), config, Path(output_dir) / label, upscaler=upscaler,
+                                on_progress=_images_progress(run, label))
         values = {name: result.overall[name] for name in names}
         metrics.update({f"eval/upscaled_{label}/{name}": value for name, value in values.items()})
         lines.append(
@@ -369,7 +386,7 @@ def priors_task(config_json: str, tracking_uri: str, batch_run_id: str, prior_ke
     try:
         with stage_run(tracking_uri, batch_run_id, "class-priors", tags, **_spool_settings(config)) as run:
             _apply_weights_policy(config, run)
-            result = generate_class_priors(config, Path(output_dir))
+            result = generate_class_priors(config, Path(output_dir), on_progress=_images_progress(run))
             run.set_tags({"dreambooth.class_prompt": result.class_prompt, "dreambooth.priors_source": result.source})
             _log_preview(run, Path(output_dir), result.class_prompt)
             run.log_metrics({

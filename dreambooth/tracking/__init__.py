@@ -24,6 +24,7 @@ from typing import Iterator, Optional
 
 from dreambooth.config import RunConfig
 from dreambooth.errors import Preempted, TrackingUnavailable
+from dreambooth.progress import DONE, FAILED as STAGE_FAILED, RUNNING as STAGE_RUNNING, StageProgress
 from dreambooth.tracking.spool import MetricSpool, discard, send_pending
 from dreambooth.tracking.store import (  # noqa: F401 (the package's interface)
     adopt_credentials,
@@ -194,7 +195,14 @@ class StageRun:
     tracking_uri: str
     spool_dir: Path = field(default_factory=default_spool_dir)
     wait_seconds: float = DEFAULT_WAIT_SECONDS
+    progress: Optional[StageProgress] = None  # the stage's progress lines (stdout: the pod's log, `run`'s view)
     _spool: Optional[MetricSpool] = None
+
+    def report(self, done: int, total: int, unit: str, detail: str = "") -> None:
+        """How far the stage is: a progress line, and the fraction as the run's `progress` curve."""
+        if self.progress is not None:
+            self.progress.update(done, total, unit, detail)
+        self.log_step_metrics(done, {"progress": done / max(total, 1)})
 
     def log_step_metrics(self, step: int, values: dict[str, float]) -> None:
         if self._spool is None:
@@ -299,14 +307,19 @@ def stage_run(
         run_tags = {key: parent.data.tags[key] for key in INHERITED_TAGS if key in parent.data.tags}
         run_tags.update({TAG_PARENT: parent_run_id, TAG_STAGE: stage, TAG_TASK_NAME: stage, TAG_RUN_NAME: stage, **(tags or {})})
         run_id = mlflow.create_run(parent.info.experiment_id, tags=run_tags).info.run_id
-    run = StageRun(mlflow, run_id, parent_run_id, tracking_uri, spool_dir or default_spool_dir(), wait_seconds)
+    scope = parent.data.tags.get(TAG_SUBJECT) or f"class:{(tags or {}).get(TAG_CLASS_NOUN, 'batch')}"
+    progress = StageProgress(scope, stage)
+    progress.state(STAGE_RUNNING)
+    run = StageRun(mlflow, run_id, parent_run_id, tracking_uri, spool_dir or default_spool_dir(), wait_seconds, progress)
     try:
         yield run
         run.flush()
-    except TrackingUnavailable:
+    except TrackingUnavailable as error:
+        progress.state(STAGE_FAILED, str(error).splitlines()[0])
         raise  # any further call would wait on the server again; the message says what is kept where
     except BaseException as error:
         message = (str(error).splitlines() or [type(error).__name__])[0][:5000]
+        progress.state(STAGE_FAILED, message)
         try:
             run.flush()
         except TrackingUnavailable as unsent:
@@ -321,6 +334,7 @@ def stage_run(
                 record_failure(tracking_uri, parent_run_id, stage, message)
         raise
     mlflow.set_terminated(run.run_id, "FINISHED")
+    progress.state(DONE)
 
 
 def finish_batch_run(tracking_uri: str, experiment: str, job_id: str, pipeline_state: str, reason: str = "") -> Optional[str]:

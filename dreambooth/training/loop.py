@@ -17,6 +17,7 @@ import logging
 import math
 import shutil
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -220,7 +221,8 @@ def train(
         total=settings.max_steps,
         initial=start_step,
         desc=description,
-        disable=not accelerator.is_local_main_process,
+        # Only on a terminal: a pod's log or `run`'s view get progress lines from the stage (dreambooth.progress).
+        disable=not (accelerator.is_local_main_process and sys.stderr.isatty()),
     )
     started = time.perf_counter()
     steady_started: Optional[float] = None

@@ -1,0 +1,364 @@
+"""What `pipeline.py run` shows: one line per stage, and each task's whole log in a file.
+
+kfp.local runs every task as a subprocess and prints its output from the thread that runs the
+task (loop iterations share a thread pool). While the pipeline runs, sys.stdout and sys.stderr
+are a TaskOutput that knows which task each thread is on: each line lands in that task's log
+under `{job}/logs/`, the whole stream in `{job}/logs/pipeline.log`, and the tasks' `[progress]`
+lines (dreambooth.progress) move a Board of stage rows. On a terminal the board redraws in
+place (rich); in a log file or CI each state change is one plain line, progress at most every
+30 s. `--verbose` echoes the whole stream as well.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, TextIO
+
+from dreambooth.progress import DONE, FAILED, RUNNING, SKIPPED, ProgressEvent, parse
+
+WAITING = "waiting"
+BATCH = "batch"
+KFP_STARTED = re.compile(r"Executing task '([^']+)'")
+KFP_FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+BATCH_TASKS = {"plan-batch": "plan", "summarize": "summary", "finish-tracking": "close-runs"}  # shown as batch rows
+SAME_COMPONENT_AGAIN = re.compile(r"-\d+$")  # kfp names a component's second task `summarize-2`
+TAIL_LINES = 15
+PLAIN_PROGRESS_SECONDS = 30.0
+SUBJECT_STAGES = ("ingest", "fine-tune", "samples", "evaluate")
+SUPERRES_STAGES = ("super-resolution", "evaluate-upscaled")
+
+
+@dataclass
+class Row:
+    scope: str
+    stage: str
+    state: str = WAITING
+    started: Optional[float] = None
+    ended: Optional[float] = None
+    progress: Optional[ProgressEvent] = None
+    printed: float = 0.0  # when the plain view last printed this row's progress
+
+    def elapsed(self) -> str:
+        if self.started is None:
+            return ""
+        seconds = int((self.ended or time.monotonic()) - self.started)
+        return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+    def how_far(self) -> str:
+        return self.progress.counted() if self.progress else ""
+
+
+def planned_rows(subjects: list[str], class_nouns: list[str], superres: bool) -> list[Row]:
+    """The rows a run starts with, all waiting: the plan, each class's priors, each subject's stages."""
+    rows = [Row(BATCH, "plan")] + [Row(f"class:{noun}", "class-priors") for noun in dict.fromkeys(class_nouns)]
+    for subject in subjects:
+        rows += [Row(subject, stage) for stage in SUBJECT_STAGES + (SUPERRES_STAGES if superres else ())]
+    return rows + [Row(BATCH, "summary")]
+
+
+class Board:
+    """Stage rows and their states; a view is told of every change."""
+
+    def __init__(self, rows: list[Row], view: "View"):
+        self.rows = {(row.scope, row.stage): row for row in rows}
+        self.view = view
+        self._lock = threading.Lock()
+
+    def row(self, scope: str, stage: str) -> Row:
+        key = (scope, stage)
+        if key not in self.rows:
+            self.rows[key] = Row(scope, stage)
+        return self.rows[key]
+
+    def apply(self, event: ProgressEvent) -> Row:
+        with self._lock:
+            row = self.row(event.scope, event.stage)
+            now = time.monotonic()
+            if event.state == RUNNING and event.total is not None:
+                row.progress = event
+                self.view.progressed(row)
+                return row
+            if event.state == RUNNING and row.state == RUNNING:
+                return row  # a retry in the same task: still the same stage
+            row.state = event.state
+            if event.state == RUNNING:
+                row.started, row.ended = now, None
+            else:
+                row.ended = now
+                if row.started is None and event.state != SKIPPED:
+                    row.started = now
+            if event.detail and event.state in (FAILED, SKIPPED):
+                row.progress = ProgressEvent(row.scope, row.stage, event.state, detail=event.detail)
+            self.view.changed(row)
+            return row
+
+    def close(self) -> None:
+        """The pipeline ended: what never ran was skipped; what never ended failed."""
+        for row in list(self.rows.values()):
+            if row.state == WAITING:
+                self.apply(ProgressEvent(row.scope, row.stage, SKIPPED))
+            elif row.state == RUNNING:
+                self.apply(ProgressEvent(row.scope, row.stage, FAILED, detail="ended without finishing"))
+
+
+class View:
+    def changed(self, row: Row) -> None: ...
+    def progressed(self, row: Row) -> None: ...
+    def failure(self, row: Row, tail: list[str], log: Optional[Path]) -> None: ...
+    def start(self, board: Board) -> None: ...
+    def stop(self) -> None: ...
+
+
+def _columns(row: Row, state: str) -> str:
+    return f"{time.strftime('%H:%M:%S')}  {row.scope:<16} {row.stage:<18} {state:<8} {row.elapsed():>7}  {row.how_far()}".rstrip()
+
+
+def _failure_lines(row: Row, tail: list[str], log: Optional[Path]) -> list[str]:
+    lines = [f"--- {row.scope} {row.stage} failed; the last lines of its log:"]
+    lines += [f"    {line}" for line in tail]
+    if log is not None:
+        lines.append(f"--- full log: {log}")
+    return lines
+
+
+class PlainView(View):
+    """For log files and CI: a line per state change, a progress line per stage at most every 30 s."""
+
+    def __init__(self, out: TextIO):
+        self.out = out
+
+    def _print(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def changed(self, row: Row) -> None:
+        self._print(_columns(row, row.state))
+
+    def progressed(self, row: Row) -> None:
+        now = time.monotonic()
+        if now - row.printed >= PLAIN_PROGRESS_SECONDS:
+            row.printed = now
+            self._print(_columns(row, ""))
+
+    def failure(self, row: Row, tail: list[str], log: Optional[Path]) -> None:
+        for line in _failure_lines(row, tail, log):
+            self._print(line)
+
+
+class LiveView(View):
+    """For a terminal: the board redrawn in place, four times a second."""
+
+    STYLES = {WAITING: "dim", RUNNING: "bold cyan", DONE: "green", FAILED: "bold red", SKIPPED: "yellow"}
+
+    def __init__(self, out: TextIO):
+        from rich.console import Console
+
+        self.console = Console(file=out)
+        self.board: Optional[Board] = None
+        self.live = None
+
+    def _table(self):
+        from rich.table import Table
+
+        table = Table(box=None, pad_edge=False, show_header=False)
+        for _ in range(5):
+            table.add_column(no_wrap=True)
+        for row in self.board.rows.values():
+            table.add_row(row.scope, row.stage, f"[{self.STYLES[row.state]}]{row.state}", row.elapsed(), row.how_far())
+        return table
+
+    def start(self, board: Board) -> None:
+        from rich.live import Live
+
+        self.board = board
+        self.live = Live(get_renderable=self._table, console=self.console, refresh_per_second=4)
+        self.live.start()
+
+    def failure(self, row: Row, tail: list[str], log: Optional[Path]) -> None:
+        for line in _failure_lines(row, tail, log):
+            self.console.print(line, markup=False, highlight=False)
+
+    def stop(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+
+@dataclass
+class TaskLog:
+    """One task's output: kept in memory until the job folder exists, then in its file."""
+
+    task: str
+    scope: str = ""
+    stage: str = ""
+    path: Optional[Path] = None
+    failed: bool = False
+    pending: list[str] = field(default_factory=list)
+    tail: deque = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+
+    def add(self, line: str) -> None:
+        self.tail.append(line)
+        if self.path is None:
+            self.pending.append(line)
+        else:
+            with self.path.open("a") as log:
+                log.write(line + "\n")
+
+    def settle(self, path: Path) -> None:
+        """Give the log its file, once the job folder and (where there is one) the subject are known."""
+        if self.path is not None:
+            return
+        self.path = path
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as log:
+            log.writelines(line + "\n" for line in self.pending)
+        self.pending.clear()
+
+
+class TaskOutput(io.TextIOBase):
+    """sys.stdout / sys.stderr while the pipeline runs: each thread's lines to its task's log."""
+
+    def __init__(self, find_job_dir: Callable[[], Optional[Path]], board: Optional[Board], echo: Optional[TextIO]):
+        self.find_job_dir = find_job_dir
+        self.board = board
+        self.echo = echo
+        self.logs_dir: Optional[Path] = None
+        self.pipeline_log = TaskLog("pipeline")
+        self.failed_logs: list[TaskLog] = []
+        self._current: dict[int, TaskLog] = {}
+        self._partial: dict[int, str] = {}
+        self._lock = threading.RLock()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            if self.echo is not None:
+                self.echo.write(text)
+            thread = threading.get_ident()
+            buffered = self._partial.pop(thread, "") + text
+            *lines, rest = buffered.split("\n")
+            if rest:
+                self._partial[thread] = rest
+            for line in lines:
+                self._line(thread, line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.echo is not None:
+            self.echo.flush()
+
+    def _logs_dir(self) -> Optional[Path]:
+        if self.logs_dir is None:
+            job_dir = self.find_job_dir()
+            if job_dir is not None:
+                self.logs_dir = job_dir / "logs"
+                self.pipeline_log.settle(self.logs_dir / "pipeline.log")
+        return self.logs_dir
+
+    def _settle(self, task: TaskLog) -> None:
+        logs_dir = self._logs_dir()
+        if logs_dir is not None:
+            task.settle(logs_dir / (task.scope or BATCH).replace(":", "-") / f"{task.task}.log")
+
+    def _line(self, thread: int, line: str) -> None:
+        plain = ANSI.sub("", line).rstrip()
+        started = KFP_STARTED.search(plain)
+        if started:
+            self._end_task(thread, succeeded=False)  # the thread moved on: the task before raised
+            name = started.group(1)
+            shown = BATCH_TASKS.get(SAME_COMPONENT_AGAIN.sub("", name))
+            self._current[thread] = TaskLog(name, *((BATCH, shown) if shown else ()))
+            self._batch_row(name, RUNNING)
+        task = self._current.get(thread)
+        self.pipeline_log.add(plain)
+        if task is not None:
+            task.add(plain)
+            event = parse(plain)
+            if event is not None:
+                task.scope, task.stage = event.scope, event.stage
+                row = self.board.apply(event) if self.board else None
+                task.failed = task.failed or (row is not None and event.state == FAILED)
+        if task is not None and task.scope:
+            self._settle(task)
+        else:
+            self._logs_dir()
+        finished = KFP_FINISHED.search(plain)
+        if finished:
+            self._end_task(thread, succeeded=finished.group(2) == "SUCCESS")
+
+    def _batch_row(self, task: str, state: str) -> None:
+        shown = BATCH_TASKS.get(SAME_COMPONENT_AGAIN.sub("", task))
+        if self.board is not None and shown:
+            self.board.apply(ProgressEvent(BATCH, shown, state))
+
+    def _end_task(self, thread: int, succeeded: bool) -> None:
+        task = self._current.pop(thread, None)
+        if task is None:
+            return
+        self._batch_row(task.task, DONE if succeeded else FAILED)
+        if not succeeded and self.board is not None and task.scope and task.stage:
+            row = self.board.row(task.scope, task.stage)
+            if row.state not in (FAILED, SKIPPED):
+                self.board.apply(ProgressEvent(task.scope, task.stage, FAILED, detail="the task exited with an error"))
+        if not succeeded or task.failed:
+            self.failed_logs.append(task)
+        self._settle(task)
+        if (task.failed or not succeeded) and self.board is not None and task.scope and task.stage:
+            self.board.view.failure(self.board.row(task.scope, task.stage), list(task.tail), task.path)
+
+    def close(self) -> None:
+        """The pipeline returned: partial lines out, open tasks ended (they failed), logs written."""
+        with self._lock:
+            for thread, rest in list(self._partial.items()):
+                self._line(thread, rest)
+            self._partial.clear()
+            for thread in list(self._current):
+                self._end_task(thread, succeeded=False)
+            self._logs_dir()
+
+    def log_of(self, task: str) -> Optional[Path]:
+        """The log of the last failed run of `task` (kfp's name for it)."""
+        return next((log.path for log in reversed(self.failed_logs) if log.task == task), None)
+
+
+class RunConsole:
+    """While the pipeline runs: stdout and stderr through a TaskOutput, a view on the real ones."""
+
+    def __init__(self, find_job_dir: Callable[[], Optional[Path]], rows: list[Row], verbose: bool, out: TextIO = None):
+        self.out = out or sys.stdout
+        self.verbose = verbose
+        self.view: Optional[View] = None
+        self.board: Optional[Board] = None
+        if not verbose:
+            self.view = LiveView(self.out) if self.out.isatty() else PlainView(self.out)
+            self.board = Board(rows, self.view)
+        self.output = TaskOutput(find_job_dir, self.board, self.out if verbose else None)
+        self._saved: tuple = ()
+
+    def __enter__(self) -> "RunConsole":
+        self._saved = (sys.stdout, sys.stderr)
+        if self.view is not None:
+            self.view.start(self.board)
+        sys.stdout = sys.stderr = self.output
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.stdout, sys.stderr = self._saved
+        self.output.close()
+        if self.board is not None:
+            self.board.close()
+        if self.view is not None:
+            self.view.stop()
+
+    @property
+    def logs_dir(self) -> Optional[Path]:
+        return self.output.logs_dir

@@ -1,0 +1,81 @@
+"""What `run` shows: progress lines as tasks print them, and the console that turns kfp.local's
+stream (threads of tasks writing at once) into task logs and one line per stage state change."""
+
+import io
+import threading
+
+from dreambooth.progress import DONE, FAILED, RUNNING, ProgressEvent, StageProgress, parse
+from dreambooth.run_console import Board, PlainView, Row, TaskOutput
+
+
+def test_a_progress_line_reads_back_even_after_a_progress_bar():
+    event = ProgressEvent("dog", "fine-tune", RUNNING, 120, 1000, "steps", "loss 0.1234 · 3.21 steps/s")
+    assert event.line() == "[progress] dog fine-tune running 120/1000 steps · loss 0.1234 · 3.21 steps/s"
+    assert parse("    fine-tune:  12%|█▎   | 120/1000 [00:37<04:34]" + event.line()) == event
+    assert parse("[progress] class:dog class-priors done · 61.0 s") == ProgressEvent("class:dog", "class-priors", DONE, detail="61.0 s")
+    assert parse("progress: something else") is None
+    assert event.counted() == "step 120/1000 · loss 0.1234 · 3.21 steps/s"
+
+
+def test_a_stage_prints_its_counts_at_most_once_an_interval_but_always_the_last(monkeypatch):
+    monkeypatch.setenv("DREAMBOOTH_PROGRESS_SECONDS", "3600")
+    printed = []
+    progress = StageProgress("dog", "evaluate", printed.append)
+    progress.state(RUNNING)
+    for done in range(1, 11):
+        progress.update(done, 10, "images")
+    progress.state(DONE)
+    states = [parse(line) for line in printed]
+    assert [(event.state, event.done) for event in states] == [(RUNNING, None), (RUNNING, 1), (RUNNING, 10), (DONE, None)]
+    assert states[2].detail.endswith("images/s")  # the rate since the line before
+
+
+def _kfp_task(output: TaskOutput, task: str, lines: list[str], status: str, ready: threading.Barrier) -> None:
+    """What kfp.local prints for one task, from the thread that runs it."""
+    print(f"12:00:00.000 - INFO - Executing task \x1b[96m'{task}'\x1b[0m", file=output)
+    ready.wait()  # both tasks started: their lines interleave from here
+    for line in lines:
+        print(f"    {line}", file=output)
+    if status:
+        print(f"12:00:01.000 - INFO - Task \x1b[96m'{task}'\x1b[0m finished with status \x1b[92m{status}\x1b[0m", file=output)
+
+
+def test_lines_of_tasks_running_at_once_go_to_each_task_log_and_a_failure_shows_its_tail(tmp_path):
+    job_dir = tmp_path / "dreambooth-job"
+    shown = io.StringIO()
+    board = Board([Row("dog", "fine-tune"), Row("cat", "ingest"), Row("cat", "fine-tune")], PlainView(shown))
+    output = TaskOutput(lambda: job_dir if job_dir.exists() else None, board, echo=None)
+    dog = ["[progress] dog fine-tune running"] + [f"dog step {i}" for i in range(50)] + [
+        "[progress] dog fine-tune running 8/8 steps · loss 0.5000", "[progress] dog fine-tune done · 2.0 s"]
+    cat = ["[progress] cat ingest running"] + [f"cat line {i}" for i in range(50)] + [
+        "[progress] cat ingest failed · scan.jpg: not an image Pillow can read", "error: ingest: scan.jpg: not an image"]
+    ready = threading.Barrier(2)
+    threads = [threading.Thread(target=_kfp_task, args=(output, "finetune", dog, "SUCCESS", ready)),
+               threading.Thread(target=_kfp_task, args=(output, "ingest", cat, "SUCCESS", ready))]
+    for thread in threads:
+        thread.start()
+    job_dir.mkdir()  # kfp.local creates the job folder once tasks run: earlier lines wait in memory
+    for thread in threads:
+        thread.join()
+    crashed = threading.Thread(target=_kfp_task, args=(output, "finetune", ["[progress] cat fine-tune running", "Traceback"], "", threading.Barrier(1)))
+    crashed.start()
+    crashed.join()
+    output.close()  # the pipeline returned: the task that never finished failed
+    board.close()
+
+    dog_log = (job_dir / "logs" / "dog" / "finetune.log").read_text()
+    assert dog_log.count("dog step") == 50 and "cat line" not in dog_log and "Executing task 'finetune'" in dog_log
+    cat_log = (job_dir / "logs" / "cat" / "ingest.log").read_text()
+    assert cat_log.count("cat line") == 50 and "dog step" not in cat_log
+    assert (job_dir / "logs" / "pipeline.log").read_text().count("step") >= 50
+    assert {key: row.state for key, row in board.rows.items()} == {
+        ("dog", "fine-tune"): DONE, ("cat", "ingest"): FAILED, ("cat", "fine-tune"): FAILED}
+
+    printed = shown.getvalue().splitlines()
+    states = [line.split()[1:4] for line in printed if line[:2].isdigit() and len(line.split()) > 3 and line.split()[3] in ("running", "done", "failed")]
+    assert sorted(map(tuple, states)) == sorted([("dog", "fine-tune", "running"), ("dog", "fine-tune", "done"), ("cat", "ingest", "running"),
+                                                 ("cat", "ingest", "failed"), ("cat", "fine-tune", "running"), ("cat", "fine-tune", "failed")])
+    tail = printed.index("--- cat ingest failed; the last lines of its log:")
+    full = printed.index(f"--- full log: {job_dir / 'logs' / 'cat' / 'ingest.log'}")
+    assert full - tail - 1 == 15 and "        error: ingest: scan.jpg: not an image" in printed[tail:full]  # the last 15 lines
+    assert output.log_of("finetune") == job_dir / "logs" / "cat" / "finetune.log"
