@@ -9,6 +9,8 @@
     warm-cache  download every model a run loads into the caches (the cluster's model-cache Job)
     compare   put runs side by side: a table, plots and an image sheet
     sync-tracking  send the step metrics stages kept on disk while MLflow was unreachable
+    models    the registered subject models: versions, aliases, headline figures
+    promote   point an alias (champion) at a reviewed version, with the reviewer's note
 
 Bad input or settings end in lines that name the file or setting and the reason, exit code 2.
 """
@@ -233,6 +235,37 @@ def _compare(args: argparse.Namespace, config: RunConfig) -> int:
     )
 
 
+def _promote(args: argparse.Namespace, config: RunConfig) -> int:
+    import getpass
+
+    from dreambooth.registry import promote
+    from dreambooth.tracking import resolve_tracking_uri
+
+    version, before = promote(resolve_tracking_uri(config.tracking.uri), args.model, args.to, args.version, args.alias,
+                              args.note, os.environ.get("USER") or getpass.getuser())
+    was = f" (was version {before})" if before and before != version else ""
+    print(f"{args.model}@{args.to}: version {version}{was}" + (f"; note kept on version {version}" if args.note else ""))
+    return 0
+
+
+def _models(args: argparse.Namespace, config: RunConfig) -> int:
+    from dreambooth.registry import registered_versions
+    from dreambooth.tracking import resolve_tracking_uri
+
+    versions = registered_versions(resolve_tracking_uri(config.tracking.uri), args.name)
+    if not versions:
+        print("no registered models yet: a subject that passes the quality gate is registered as <name>@candidate")
+    shown = None
+    for version in versions:
+        if version.name != shown:
+            print(version.name)
+            shown = version.name
+        aliases = " ".join(f"@{alias}" for alias in version.aliases)
+        note = f'  "{version.note}"' if version.note else ""
+        print(f"  version {version.version:<4} {aliases:<24} {version.figures():<48} run {version.subject_run}{note}".rstrip())
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline.py", description="DreamBooth personalisation as a Kubeflow pipeline")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -301,6 +334,19 @@ def _parser() -> argparse.ArgumentParser:
     sync_cmd = with_config(commands.add_parser("sync-tracking", help="send step metrics kept on disk while MLflow was unreachable"))
     sync_cmd.add_argument("--output-dir", help="the runs' --output-dir (default: the config's storage.work_dir holds the metrics)")
 
+    models_cmd = with_tracking(commands.add_parser("models", help="registered subject models: versions, aliases, figures"))
+    models_cmd.add_argument("name", nargs="?", help="one registered model (default: all)")
+    models_cmd.add_argument("--config", default=DEFAULT_CONFIG, help="only for tracking settings")
+
+    promote_cmd = with_tracking(commands.add_parser("promote", help="point an alias (e.g. champion) at a reviewed version"))
+    promote_cmd.add_argument("--config", default=DEFAULT_CONFIG, help="only for tracking settings")
+    promote_cmd.add_argument("--model", required=True, help="the registered model, e.g. dreambooth-dog")
+    chosen = promote_cmd.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--version", help="the version to promote")
+    chosen.add_argument("--alias", help="the version this alias points at now, e.g. candidate")
+    promote_cmd.add_argument("--to", required=True, help="the alias to move, e.g. champion")
+    promote_cmd.add_argument("--note", default="", help="the reviewer's note, kept on the version")
+
     compare_cmd = with_tracking(commands.add_parser("compare", help="compare runs: table, plots, image sheet"))
     compare_cmd.add_argument("--config", default=DEFAULT_CONFIG, help="only for tracking settings")
     compare_cmd.add_argument("--batch-run", help="the subjects of one batch run")
@@ -355,6 +401,10 @@ def main(build_pipeline: Callable, argv: Optional[list[str]] = None) -> int:
             return _compare(args, config)
         if args.command == "sync-tracking":
             return _sync_tracking(config)
+        if args.command == "promote":
+            return _promote(args, config)
+        if args.command == "models":
+            return _models(args, config)
         return _run(build_pipeline, args, config)
     except InputError as error:
         for line in str(error).splitlines():

@@ -1,4 +1,5 @@
-"""Fine-tuned pipelines as MLflow models: logged once, registered as `candidate` when they pass the gate.
+"""Fine-tuned pipelines as MLflow models: logged once, registered as `candidate` when they pass the
+gate, promoted (an alias such as `champion`) by a reviewer.
 
 The diffusers folder travels inside an MLflow pyfunc model, so `mlflow.pyfunc.load_model`
 gives back something that generates: a DataFrame of prompts in, PNG bytes out. The model is
@@ -10,11 +11,15 @@ repository), and its signature says what goes in and out.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Optional
 
 import mlflow.diffusers
 import mlflow.pyfunc
+
+from dreambooth.errors import InputError
 
 CANDIDATE_ALIAS = "candidate"
 PIPELINE_ARTIFACT = "pipeline"
@@ -25,6 +30,10 @@ RUNTIME_DISTRIBUTIONS = ("torch", "diffusers", "transformers", "accelerate", "pe
 
 class DiffusersPipelineModel(mlflow.pyfunc.PythonModel):
     """predict(DataFrame[prompt, seed?, num_inference_steps?, guidance_scale?]) -> DataFrame[prompt, image_png]."""
+
+    # The signature is given when the model is logged (model_signature); without this MLflow warns,
+    # on every import, that predict has no type hints.
+    _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
         from dreambooth.models import load_pipeline
@@ -107,3 +116,89 @@ def register_candidate(tracking_uri: str, model_uri: str, name: str, tags: dict[
     version = mlflow.register_model(model_uri, name, tags=tags)
     MlflowClient(tracking_uri=tracking_uri).set_registered_model_alias(name, CANDIDATE_ALIAS, version.version)
     return str(version.version)
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """One version of a registered subject model, with what a reviewer decides by."""
+
+    name: str
+    version: str
+    aliases: list[str]
+    subject_run: str
+    metrics: dict[str, float]  # the subject run's headline evaluation figures
+    note: str  # the last review note
+
+    def figures(self) -> str:
+        return "  ".join(f"{label} {self.metrics[key]:.3f}" for key, label in HEADLINE_METRICS.items() if key in self.metrics)
+
+
+HEADLINE_METRICS = {"eval/dino": "DINO", "eval/clip_i": "CLIP-I", "eval/clip_t": "CLIP-T", "eval/pres": "PRES"}
+TAG_REVIEW_NOTE = "dreambooth.review_note"
+TAG_PROMOTED = "dreambooth.promoted"  # "<alias> by <who> at <UTC time>"
+
+
+def _registry_client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _version(mlflow, name: str, version: Optional[str], alias: Optional[str]):
+    """The model version asked for, by number or by alias; one line naming what is missing."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.get_registered_model(name)
+    except MlflowException:
+        known = ", ".join(sorted(model.name for model in mlflow.search_registered_models())) or "none"
+        raise InputError(f"--model: no registered model {name!r} (registered: {known})") from None
+    try:
+        return mlflow.get_model_version(name, version) if version else mlflow.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        what = f"version {version}" if version else f"alias @{alias}"
+        raise InputError(f"--{'version' if version else 'alias'}: {name} has no {what}") from None
+
+
+def promote(tracking_uri: str, name: str, to_alias: str, version: Optional[str] = None, from_alias: Optional[str] = None,
+            note: str = "", reviewer: str = "") -> tuple[str, Optional[str]]:
+    """Point `to_alias` (e.g. champion) at a version, chosen by number or by the alias it holds now;
+    the reviewer's note goes on the version. Returns (version now, version it pointed at before)."""
+    import datetime
+
+    from mlflow.exceptions import MlflowException
+
+    mlflow = _registry_client(tracking_uri)
+    chosen = _version(mlflow, name, version, from_alias)
+    try:
+        before = mlflow.get_model_version_by_alias(name, to_alias).version
+    except MlflowException:
+        before = None
+    mlflow.set_registered_model_alias(name, to_alias, chosen.version)
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    mlflow.set_model_version_tag(name, chosen.version, TAG_PROMOTED, f"{to_alias} by {reviewer or 'unknown'} at {when}")
+    if note:
+        mlflow.set_model_version_tag(name, chosen.version, TAG_REVIEW_NOTE, note)
+    return str(chosen.version), (str(before) if before is not None else None)
+
+
+def registered_versions(tracking_uri: str, name: Optional[str] = None) -> list[RegisteredVersion]:
+    """Every version of every registered model (or of `name`), newest first, with aliases and figures."""
+    mlflow = _registry_client(tracking_uri)
+    models = mlflow.search_registered_models(filter_string=f"name = '{name}'" if name else None)
+    if name and not models:
+        known = ", ".join(sorted(model.name for model in mlflow.search_registered_models())) or "none"
+        raise InputError(f"models: no registered model {name!r} (registered: {known})")
+    found = []
+    for model in sorted(models, key=lambda m: m.name):
+        aliases_of: dict[str, list[str]] = {}
+        for alias, number in (model.aliases or {}).items():
+            aliases_of.setdefault(str(number), []).append(alias)
+        for version in sorted(mlflow.search_model_versions(f"name = '{model.name}'"), key=lambda v: -int(v.version)):
+            subject_run = version.tags.get("subject_run") or version.run_id or ""
+            metrics = {}
+            if subject_run:
+                metrics = {key: value for key, value in mlflow.get_run(subject_run).data.metrics.items() if key in HEADLINE_METRICS}
+            found.append(RegisteredVersion(model.name, str(version.version), sorted(aliases_of.get(str(version.version), [])),
+                                           subject_run, metrics, version.tags.get(TAG_REVIEW_NOTE, "")))
+    return found
