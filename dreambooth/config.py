@@ -269,6 +269,8 @@ class TrackingSettings(Section):
     # At a stage's end, how long to wait for a tracking server that is away; after that the step
     # metrics stay in a journal on the work disk for `pipeline.py sync-tracking`.
     wait_seconds: float = Field(default=60.0, ge=0)
+    # How often each stage's run samples CPU, memory (and GPU with nvidia-ml-py); 0 switches it off.
+    system_metrics_seconds: float = Field(default=10.0, ge=0)
     # Webhooks told when a batch ends (the exit handler); a failure to tell never fails the run.
     notify: list[Webhook] = []
     # Links in notifications: the MLflow UI as people reach it (default: the tracking URI when it

@@ -114,6 +114,15 @@ def _check_tracked_run(client, experiment_name="dreambooth", steps=8, stages=tup
     assert {"eval_prompts.json", "evaluation_config.json", "report.md", "eval_grids"} <= evaluation_files
     grids = {a.path for a in client.list_artifacts(evaluation.info.run_id, "eval_grids")}
     assert {"eval_grids/grid-recontextualization.png", "eval_grids/grid-accessorization.png"} <= grids
+
+    # Every stage run: the settings people compare as params, the photos as its input, system metrics.
+    photos = subject.inputs.dataset_inputs
+    assert [(d.dataset.name, d.dataset.source_type, len(d.dataset.digest)) for d in photos] == [("dog-photos", "local", 32)]
+    for run in children:
+        assert run.data.params["training.method"] == "full" and run.data.params["training.max_steps"] == str(steps)
+        assert {"model.base", "training.learning_rate", "training.prior_loss_weight", "priors.num_class_images", "model.resolution"} <= set(run.data.params)
+        assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [photos[0].dataset.digest], run.data.tags[TAG_STAGE]
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics), run.data.tags[TAG_STAGE]
     return subject
 
 

@@ -9,6 +9,7 @@ the reason goes on its run, the task returns None (KFP: status `failed`) and the
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from dreambooth.errors import InputError, Preempted, TrackingUnavailable, Traini
 from dreambooth.models import allow_pickle_weights
 from dreambooth.progress import SKIPPED, StageProgress
 from dreambooth.registry import log_pipeline_model, register_candidate
-from dreambooth.storage import local_folder
+from dreambooth.storage import content_digests, local_folder
 from dreambooth.training.saving import release_checkpoints
 from dreambooth.tracking import (
     FAILED,
@@ -37,6 +38,7 @@ from dreambooth.tracking import (
     TAG_IDENTIFIER,
     TAG_MODEL_LOCATION,
     TAG_MODEL_URI,
+    TAG_PHOTOS,
     TAG_PICKLE_ALLOWED,
     TAG_PRIOR_KEY,
     TAG_REGISTERED,
@@ -46,6 +48,9 @@ from dreambooth.tracking import (
     TAG_SUBJECT_STATUS,
     StageRun,
     client,
+    headline_params,
+    log_photos_input,
+    photos_dataset,
     record_failure,
     stage_run,
     unreachable,
@@ -73,7 +78,7 @@ def subject_stage(stage: str):
                     StageProgress(subject.data.tags.get(TAG_SUBJECT, ""), stage).state(SKIPPED, "the subject already failed")
                     return None
                 config = RunConfig.from_json(config_json)
-                with stage_run(tracking_uri, subject_run_id, stage, **_spool_settings(config)) as run:
+                with stage_run(tracking_uri, subject_run_id, stage, **_run_settings(config)) as run:
                     _apply_weights_policy(config, run)
                     return task(config, run, *args, **kwargs)
             except (InputError, TrainingDiverged) as error:
@@ -98,8 +103,12 @@ def _apply_weights_policy(config: RunConfig, run: StageRun) -> None:
         run.set_tags({TAG_PICKLE_ALLOWED: "true"})
 
 
-def _spool_settings(config: RunConfig) -> dict:
-    return {"spool_dir": Path(config.storage.work_dir) / SPOOL_FOLDER, "wait_seconds": config.tracking.wait_seconds}
+def _run_settings(config: RunConfig) -> dict:
+    """What every stage run gets from the config: the step-metric journal, headline params, system metrics."""
+    return {
+        "spool_dir": Path(config.storage.work_dir) / SPOOL_FOLDER, "wait_seconds": config.tracking.wait_seconds,
+        "params": headline_params(config), "system_metrics_seconds": config.tracking.system_metrics_seconds,
+    }
 
 
 def _exit_for(stage: str, error: Exception) -> None:
@@ -121,8 +130,14 @@ def ingest_task(config: RunConfig, run: StageRun, photos: str, output_dir: str) 
 
     with local_folder(photos) as folder:
         result = ingest_subject(folder, Path(output_dir), config)
+    # The uploaded bytes, names aside: two runs on the same photos share the digest.
+    digest = hashlib.sha256("".join(sorted(content_digests(photos).values())).encode()).hexdigest()[:32]
+    dataset = photos_dataset(f"{config.subject.name}-photos", photos, digest, len(result.images))
+    for run_id in (run.run_id, run.parent_run_id):  # later stages take it from the subject run's tag
+        log_photos_input(run.client, run_id, dataset)
     run.set_tags(
-        {TAG_IDENTIFIER: result.identifier.identifier, "dreambooth.identifier_reason": result.identifier.reason},
+        {TAG_IDENTIFIER: result.identifier.identifier, "dreambooth.identifier_reason": result.identifier.reason,
+         TAG_PHOTOS: dataset},
         on_parent=True,
     )
     run.log_metrics({"subject_images": len(result.images), "duplicates_dropped": len(result.duplicates_dropped)})
@@ -384,7 +399,7 @@ def priors_task(config_json: str, tracking_uri: str, batch_run_id: str, prior_ke
     noun = config.subject.class_noun
     tags = {TAG_CLASS_NOUN: noun, TAG_PRIOR_KEY: prior_key, TAG_RUN_NAME: f"class-priors-{noun}"}
     try:
-        with stage_run(tracking_uri, batch_run_id, "class-priors", tags, **_spool_settings(config)) as run:
+        with stage_run(tracking_uri, batch_run_id, "class-priors", tags, **_run_settings(config)) as run:
             _apply_weights_policy(config, run)
             result = generate_class_priors(config, Path(output_dir), on_progress=_images_progress(run))
             run.set_tags({"dreambooth.class_prompt": result.class_prompt, "dreambooth.priors_source": result.source})

@@ -61,11 +61,20 @@ TAG_RUN_NAME = "mlflow.runName"
 TAG_ATTEMPT = "dreambooth.attempt"  # 2 and up: a retried task continued this run
 TAG_PICKLE_ALLOWED = "dreambooth.pickle_weights_allowed"  # model.allow_pickle: pickle weights could load
 TAG_RESUMED_FROM = "dreambooth.resumed_from"  # "<run id> at step N": the run whose checkpoint this one resumed
+TAG_PHOTOS = "dreambooth.photos"  # the subject's photos as an MLflow dataset (JSON), logged as each stage's input
+# The settings people compare runs by: a param of every run, stage runs included.
+HEADLINE_SETTINGS = ("model.base", "training.method", "training.max_steps", "training.learning_rate",
+                     "training.prior_loss_weight", "priors.num_class_images", "model.resolution")
 INHERITED_TAGS = (TAG_JOB_ID, TAG_JOB_NAME, TAG_SUBJECT, TAG_CLASS_NOUN, TAG_IDENTIFIER)
 STAGE_BATCH, STAGE_SUBJECT = "batch", "subject"
 RUNNING, TRAINED, FAILED = "running", "trained", "failed"
 SPOOL_FOLDER = "tracking-spool"
 DEFAULT_WAIT_SECONDS = 60.0  # at a stage's end, for a tracking server that is away (tracking.wait_seconds)
+
+
+def headline_params(config: RunConfig) -> dict[str, str]:
+    flat = config.flat_params()
+    return {key: flat[key] for key in HEADLINE_SETTINGS}
 
 
 def _log_params(mlflow, run_id: str, config: RunConfig) -> None:
@@ -290,10 +299,14 @@ def _earlier_attempt(mlflow, parent, stage: str, tags: dict) -> Optional[object]
 def stage_run(
     tracking_uri: str, parent_run_id: str, stage: str, tags: Optional[dict] = None,
     spool_dir: Optional[Path] = None, wait_seconds: float = DEFAULT_WAIT_SECONDS,
+    params: Optional[dict[str, str]] = None, system_metrics_seconds: float = 0.0,
 ) -> Iterator[StageRun]:
     """Open a stage's run under its subject (or batch) run, or reopen the one an earlier attempt of
     the task left, so a retry continues its curves. A failure is recorded on both runs and re-raised;
-    a preempted stage is closed KILLED and its subject left to the retry."""
+    a preempted stage is closed KILLED and its subject left to the retry. The run gets `params`,
+    the subject's photos as its input dataset, and system metrics while it runs."""
+    from dreambooth.tracking.system import system_metrics
+
     mlflow = client(tracking_uri)
     parent = mlflow.get_run(parent_run_id)
     earlier = _earlier_attempt(mlflow, parent, stage, tags or {})
@@ -307,12 +320,14 @@ def stage_run(
         run_tags = {key: parent.data.tags[key] for key in INHERITED_TAGS if key in parent.data.tags}
         run_tags.update({TAG_PARENT: parent_run_id, TAG_STAGE: stage, TAG_TASK_NAME: stage, TAG_RUN_NAME: stage, **(tags or {})})
         run_id = mlflow.create_run(parent.info.experiment_id, tags=run_tags).info.run_id
+        _log_headline(mlflow, run_id, params or {}, parent.data.tags.get(TAG_PHOTOS))
     scope = parent.data.tags.get(TAG_SUBJECT) or f"class:{(tags or {}).get(TAG_CLASS_NOUN, 'batch')}"
     progress = StageProgress(scope, stage)
     progress.state(STAGE_RUNNING)
     run = StageRun(mlflow, run_id, parent_run_id, tracking_uri, spool_dir or default_spool_dir(), wait_seconds, progress)
     try:
-        yield run
+        with system_metrics(tracking_uri, run_id, system_metrics_seconds, resume=earlier is not None):
+            yield run
         run.flush()
     except TrackingUnavailable as error:
         progress.state(STAGE_FAILED, str(error).splitlines()[0])
@@ -335,6 +350,35 @@ def stage_run(
         raise
     mlflow.set_terminated(run.run_id, "FINISHED")
     progress.state(DONE)
+
+
+def _log_headline(mlflow, run_id: str, params: dict[str, str], photos: Optional[str]) -> None:
+    from mlflow.entities import Param
+
+    if params:
+        mlflow.log_batch(run_id, params=[Param(key, value) for key, value in params.items()])
+    if photos:
+        log_photos_input(mlflow, run_id, photos)
+
+
+def photos_dataset(name: str, source: str, digest: str, count: int) -> str:
+    """The subject's photos as an MLflow dataset, in the JSON a subject run's TAG_PHOTOS holds."""
+    import json
+
+    source_type = "gcs" if source.startswith("gs://") else "local"
+    return json.dumps({"name": name, "digest": digest, "source_type": source_type, "source": json.dumps({"uri": source}),
+                       "profile": json.dumps({"images": count})})
+
+
+def log_photos_input(mlflow, run_id: str, photos: str) -> None:
+    """The photos as the run's input dataset (MLflow's Datasets column): runs on the same photos share the digest."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    dataset = Dataset(**json.loads(photos))
+    mlflow.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
 
 
 def finish_batch_run(tracking_uri: str, experiment: str, job_id: str, pipeline_state: str, reason: str = "") -> Optional[str]:
