@@ -64,12 +64,22 @@ def build_pipeline(config: RunConfig, on_cluster: bool = False):
         subjects_json: str = "",
         force: bool = False,
         superres_enabled: bool = True,
+        # The settings people compare, as parameters of their own (defaults: the compiled config's).
+        base_model: str = "",
+        training_method: str = "full",
+        max_steps: int = 1000,
+        learning_rate: float = 5e-6,
+        prior_loss_weight: float = 1.0,
+        num_class_images: int = 200,
+        resolution: int = 0,
     ):
         close_runs = stage(finish_tracking(config_json=config_json, tracking_uri=tracking_uri, job_id=JOB_ID))
         with dsl.ExitHandler(close_runs, name="dreambooth-batch"):
             plan = stage(plan_batch(
                 config_json=config_json, tracking_uri=tracking_uri, subjects_uri=subjects_uri, subjects_json=subjects_json,
-                force=force, job_id=JOB_ID, job_name=JOB_NAME,
+                force=force, job_id=JOB_ID, job_name=JOB_NAME, base_model=base_model, training_method=training_method,
+                max_steps=max_steps, learning_rate=learning_rate, prior_loss_weight=prior_loss_weight,
+                num_class_images=num_class_images, resolution=resolution,
             ))
             batch_plan = plan.outputs["batch_plan"]
             # kfp.local cannot collect from an empty loop, and a cluster should not start GPU pods

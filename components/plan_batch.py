@@ -12,9 +12,19 @@ def plan_batch(
     force: bool,
     job_id: str,
     job_name: str,
+    base_model: str,
+    training_method: str,
+    max_steps: int,
+    learning_rate: float,
+    prior_loss_weight: float,
+    num_class_images: int,
+    resolution: int,
     batch_plan: dsl.Output[dsl.Artifact],
 ) -> int:
-    """Read the subjects (when the run starts), skip those already trained, group their class priors; returns how many train."""
+    """Read the subjects (when the run starts), skip those already trained, group their class priors; returns how many train.
+    The run's own setting parameters (max_steps, learning_rate, ...) apply over config_json."""
     from dreambooth.tasks.batch import plan_task
 
-    return plan_task(config_json, tracking_uri, subjects_uri, subjects_json, force, job_id, job_name, batch_plan.path)
+    settings = dict(base_model=base_model, training_method=training_method, max_steps=max_steps, learning_rate=learning_rate,
+                    prior_loss_weight=prior_loss_weight, num_class_images=num_class_images, resolution=resolution)
+    return plan_task(config_json, tracking_uri, subjects_uri, subjects_json, force, job_id, job_name, batch_plan.path, settings)

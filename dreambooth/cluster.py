@@ -38,6 +38,7 @@ def run_parameters(config: RunConfig, subjects_uri: str = "", subjects_json: str
         "subjects_json": subjects_json,
         "force": force,
         "superres_enabled": config.superres.enabled,
+        **config.run_settings(),
     }
 
 

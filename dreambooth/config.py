@@ -341,6 +341,18 @@ class StorageSettings(Section):
     work_dir: str = "outputs/work"
 
 
+# KFP run parameters of their own (the KFP UI shows and edits them), and the setting each sets.
+RUN_SETTINGS = {
+    "base_model": ("model", "base"),
+    "training_method": ("training", "method"),
+    "max_steps": ("training", "max_steps"),
+    "learning_rate": ("training", "learning_rate"),
+    "prior_loss_weight": ("training", "prior_loss_weight"),
+    "num_class_images": ("priors", "num_class_images"),
+    "resolution": ("model", "resolution"),
+}
+
+
 class RunConfig(Section):
     version: Literal[1] = 1  # config schema version; bumped when settings change meaning
     name: str = "custom"
@@ -390,6 +402,26 @@ class RunConfig(Section):
 
     def to_json(self) -> str:
         return self.model_dump_json()
+
+    def run_settings(self) -> dict:
+        """The settings a KFP run takes as parameters of their own (RUN_SETTINGS), typed."""
+        return {parameter: getattr(getattr(self, section), key) if key != "resolution" else (self.model.resolution or 0)
+                for parameter, (section, key) in RUN_SETTINGS.items()}
+
+    def with_run_settings(self, values: dict) -> "RunConfig":
+        """These settings as a run's parameters gave them (resolution 0: the model's own); checked
+        like the config file; a bad value ends in one line naming the parameter."""
+        raw = self.model_dump()
+        for parameter, value in values.items():
+            section, key = RUN_SETTINGS[parameter]
+            raw[section][key] = None if (parameter == "resolution" and not value) else value
+        try:
+            return RunConfig.model_validate(raw)
+        except ValidationError as error:
+            problem = error.errors()[0]
+            where = ".".join(str(part) for part in problem["loc"])
+            named = next((name for name, path in RUN_SETTINGS.items() if ".".join(path) == where), where)
+            raise InputError(f"run parameter {named}: {problem['msg']}") from None
 
     @classmethod
     def from_json(cls, text: str) -> "RunConfig":

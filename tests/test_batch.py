@@ -84,3 +84,25 @@ def test_without_any_prior_group_one_empty_group_keeps_the_loop_collectable(tmp_
     path = tmp_path / "plan.json"
     path.write_text(BatchPlan("batch-1", planned, group_priors(planned)).to_json())
     assert [group["prior_key"] for group in prior_groups_task(str(path))] == [""]
+
+
+def test_the_runs_setting_parameters_shape_every_subject_of_the_plan(tmp_path, shared):
+    """What a KFP user edits in the run's parameters (max_steps, learning_rate...) is what trains, and what is tracked."""
+    from mlflow.tracking import MlflowClient
+
+    from dreambooth.subjects import entries_to_json
+    from dreambooth.tasks.batch import plan_task
+
+    photos = copy_photos(SAMPLE_SUBJECT, tmp_path / "dog", ["00.jpg", "01.jpg", "02.jpg"])
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    subjects = entries_to_json([SubjectEntry(id="dog", photos=str(photos), class_noun="dog")])
+    edited = {**shared.run_settings(), "max_steps": 3, "learning_rate": 2e-4}
+    plan_path = tmp_path / "plan.json"
+    assert plan_task(shared.to_json(), tracking, "", subjects, False, "job-1", "job-1", str(plan_path), edited) == 1
+    plan = BatchPlan.from_json(plan_path.read_text())
+    from dreambooth.config import RunConfig
+
+    trained_with = RunConfig.from_json(plan.subjects[0].config_json).training
+    assert (trained_with.max_steps, trained_with.learning_rate) == (3, 2e-4) and shared.training.max_steps != 3
+    params = MlflowClient(tracking).get_run(plan.subjects[0].subject_run_id).data.params
+    assert (params["training.max_steps"], params["training.learning_rate"]) == ("3", "0.0002")

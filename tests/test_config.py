@@ -82,6 +82,20 @@ def test_inconsistent_settings_are_refused_in_one_line(overrides, message):
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_run_parameters_set_their_settings_and_a_bad_one_is_refused_in_one_line():
+    config = load_config("sd15")
+    assert config.run_settings()["max_steps"] == 1000 and config.with_run_settings(config.run_settings()) == config
+    changed = config.with_run_settings({"max_steps": 400, "learning_rate": 2e-6, "training_method": "lora", "resolution": 0})
+    assert (changed.training.max_steps, changed.training.learning_rate, changed.training.method) == (400, 2e-6, "lora")
+    assert changed.model.resolution is None  # 0: the model's own resolution
+    with pytest.raises(InputError) as caught:
+        config.with_run_settings({"training_method": "dora"})
+    assert str(caught.value) == "run parameter training_method: Input should be 'full' or 'lora'"
+    with pytest.raises(InputError) as caught:
+        config.with_run_settings({"max_steps": 0})
+    assert str(caught.value) == "run parameter max_steps: Input should be greater than or equal to 1"
+
+
 def test_a_binary_config_and_an_empty_identifier_end_in_one_line(tmp_path):
     from conftest import SAMPLE_SUBJECT, cli
 

@@ -55,6 +55,16 @@ def test_compile_writes_a_batch_dag_priors_fan_out_before_subjects_fan_out(tmp_p
     parameters = spec["root"]["inputDefinitions"]["parameters"]
     assert RunConfig.from_json(parameters["config_json"]["defaultValue"]) == load_config("sd15")
     assert {"subjects_uri", "subjects_json", "force", "superres_enabled"} <= set(parameters)
+    # The settings people compare are run parameters of their own, typed, defaulting to the config's.
+    typed = {name: (parameters[name]["parameterType"], parameters[name]["defaultValue"]) for name in
+             ("base_model", "training_method", "max_steps", "learning_rate", "prior_loss_weight", "num_class_images", "resolution")}
+    assert typed == {
+        "base_model": ("STRING", "stable-diffusion-v1-5/stable-diffusion-v1-5"), "training_method": ("STRING", "full"),
+        "max_steps": ("NUMBER_INTEGER", 1000), "learning_rate": ("NUMBER_DOUBLE", 5e-06), "prior_loss_weight": ("NUMBER_DOUBLE", 1.0),
+        "num_class_images": ("NUMBER_INTEGER", 200), "resolution": ("NUMBER_INTEGER", 512),
+    }
+    plan_task = tasks["plan-batch"][1]["inputs"]["parameters"]  # the plan applies them over config_json
+    assert plan_task["max_steps"]["componentInputParameter"] == "pipelinechannel--max_steps"
 
 
 def test_ingest_alone_validates_an_upload(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 from dreambooth.batch import BatchPlan, group_priors, plan_batch, subjects_with_priors
 from dreambooth.config import RunConfig
@@ -35,11 +36,15 @@ SUMMARY_TABLE = "batch_summary.json"
 
 def plan_task(
     config_json: str, tracking_uri: str, subjects_uri: str, subjects_json: str, force: bool,
-    job_id: str, job_name: str, plan_path: str,
+    job_id: str, job_name: str, plan_path: str, run_settings: Optional[dict] = None,
 ) -> int:
     """Read and validate the subjects (the file is read now, when the run starts), fingerprint them,
     open the batch run and a run per subject to train; returns how many subjects will train."""
-    shared = RunConfig.from_json(config_json)
+    try:
+        shared = RunConfig.from_json(config_json).with_run_settings(run_settings or {})
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     batch_run_id = open_batch_run(tracking_uri, shared, job_id, job_name)
     mlflow = client(tracking_uri)
     try:
