@@ -14,6 +14,7 @@ def evaluate_upscaled(
     evaluation: dsl.Output[dsl.Artifact],
     metrics: dsl.Output[dsl.Metrics],
     report: dsl.Output[dsl.Markdown],
+    grids: dsl.Output[dsl.HTML],
 ) -> str:
     """DreamBench scores of the cascade at 4x resolution, with the generic and the personalised upscaler."""
     from dreambooth.tasks.stages import FAILED_STATUS, OK, evaluate_upscaled_task, write_kfp_evaluation
@@ -21,4 +22,4 @@ def evaluate_upscaled(
     outcome = evaluate_upscaled_task(
         config_json, tracking_uri, subject_run_id, model.path, upscaler.path, subject_images.path, evaluation.path
     )
-    return OK if write_kfp_evaluation(outcome, metrics.log_metric, report.path) else FAILED_STATUS
+    return OK if write_kfp_evaluation(outcome, metrics.log_metric, report.path, grids.path) else FAILED_STATUS

@@ -10,9 +10,13 @@ def samples(
     subject_run_id: str,
     model: dsl.Input[dsl.Model],
     sample_images: dsl.Output[dsl.Artifact],
+    sample_page: dsl.Output[dsl.HTML],
 ) -> str:
-    """Sample the fine-tuned and base models from the same seeds; save a labelled grid; returns `ok` or `failed`."""
+    """Sample the fine-tuned and base models from the same seeds; save a labelled grid (shown in the KFP UI); returns `ok` or `failed`."""
+    from dreambooth.pages import write_page
     from dreambooth.tasks.stages import FAILED_STATUS, OK, samples_task
 
-    grid = samples_task(config_json, tracking_uri, subject_run_id, model.path, sample_images.path)
+    grid = samples_task(config_json, tracking_uri, subject_run_id, model.path, sample_images.path, sample_page.path)
+    if grid is None:
+        write_page(sample_page.path, None, "samples")
     return OK if grid is not None else FAILED_STATUS

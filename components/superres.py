@@ -12,11 +12,16 @@ def superres(
     class_images: str,
     model: dsl.Input[dsl.Model],
     upscaler: dsl.Output[dsl.Model],
+    comparison: dsl.Output[dsl.HTML],
 ) -> str:
-    """Personalised super-resolution: the x4 upscaler fine-tuned on the subject with low noise augmentation."""
+    """Personalised super-resolution: the x4 upscaler fine-tuned on the subject with low noise augmentation;
+    a low-res / generic / personalised comparison shown in the KFP UI."""
+    from dreambooth.pages import write_page
     from dreambooth.tasks.stages import FAILED_STATUS, OK, superres_task
 
     saved = superres_task(
-        config_json, tracking_uri, subject_run_id, subject_images.path, class_images, model.path, upscaler.path
+        config_json, tracking_uri, subject_run_id, subject_images.path, class_images, model.path, upscaler.path, comparison.path
     )
+    if saved is None:
+        write_page(comparison.path, None, "super-resolution")
     return OK if saved is not None else FAILED_STATUS

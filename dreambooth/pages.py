@@ -10,7 +10,7 @@ import base64
 import html
 import io
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from PIL import Image
 
@@ -36,6 +36,15 @@ def inline_image(jpeg: bytes, alt: str) -> str:
 def page(title: str, body: str) -> str:
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style>"
             f"</head><body><h2>{html.escape(title)}</h2>{body}</body></html>")
+
+
+NOT_RUN = "This stage did not run for the subject (it failed or was skipped); the reason is on the subject's MLflow run."
+
+
+def write_page(path: str, html_page: Optional[str], title: str) -> None:
+    """An HTML output of a task: the page, or a note saying why there is none."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(html_page or page(title, f"<p>{html.escape(NOT_RUN)}</p>"))
 
 
 def image_page(title: str, images: list[tuple[str, Path]], intro: str = "") -> str:

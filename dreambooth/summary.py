@@ -6,9 +6,7 @@ The same rows become the batch run's MLflow table and Markdown, the KFP Markdown
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
 import tempfile
 from dataclasses import asdict, dataclass
@@ -16,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from dreambooth.batch import BatchPlan
+from dreambooth.pages import inline_image, page, thumbnail_jpeg
 from dreambooth.tracking import (
     FAILED,
     TAG_CLASS_NOUN,
@@ -156,8 +155,6 @@ def as_markdown(rows: list[SubjectRow], title: str) -> str:
 
 def sample_grids(tracking_uri: str, rows: list[SubjectRow]) -> dict[str, bytes]:
     """Each subject's sample grid as a JPEG thumbnail (a page of many subjects stays small), where its run has one."""
-    from PIL import Image
-
     mlflow = client(tracking_uri)
     grids = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -168,13 +165,7 @@ def sample_grids(tracking_uri: str, rows: list[SubjectRow]) -> dict[str, bytes]:
                 path = mlflow.download_artifacts(row.mlflow_run, GRID_ARTIFACT, str(Path(scratch) / row.subject))
             except Exception:  # no samples stage ran for it (evaluated elsewhere, or a run from before grids)
                 continue
-            with Image.open(path) as grid:
-                grid = grid.convert("RGB")
-                if grid.width > THUMBNAIL_WIDTH:
-                    grid = grid.resize((THUMBNAIL_WIDTH, round(grid.height * THUMBNAIL_WIDTH / grid.width)))
-                buffer = io.BytesIO()
-                grid.save(buffer, format="JPEG", quality=85)
-                grids[row.subject] = buffer.getvalue()
+            grids[row.subject] = thumbnail_jpeg(Path(path), THUMBNAIL_WIDTH)
     return grids
 
 
@@ -187,17 +178,8 @@ def as_html(rows: list[SubjectRow], title: str, grids: dict[str, bytes]) -> str:
         values = asdict(row)
         rendered = [_number(values[name]) if name in METRICS else html.escape(str(values[name] or "")) for name in cells]
         body.append("<tr>" + "".join(f"<td>{value}</td>" for value in rendered) + "</tr>")
-    sections = []
-    for row in rows:
-        if row.subject in grids:
-            data = base64.b64encode(grids[row.subject]).decode()
-            sections.append(
-                f"<h3>{html.escape(row.subject)} ({html.escape(row.class_noun)})</h3>"
-                f'<img alt="{html.escape(row.subject)} samples" src="data:image/jpeg;base64,{data}">'
-            )
-    return (
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px}</style>"
-        f"</head><body><h2>{html.escape(title)}</h2><p>{html.escape(headline(rows))}</p>"
-        f"<table><tr>{header}</tr>{''.join(body)}</table>{''.join(sections)}</body></html>"
-    )
+    sections = [
+        f"<h3>{html.escape(row.subject)} ({html.escape(row.class_noun)})</h3>{inline_image(grids[row.subject], row.subject + ' samples')}"
+        for row in rows if row.subject in grids
+    ]
+    return page(title, f"<p>{html.escape(headline(rows))}</p><table><tr>{header}</tr>{''.join(body)}</table>{''.join(sections)}")

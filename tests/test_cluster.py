@@ -109,3 +109,24 @@ def test_the_dockerfiles_pass_hadolint(dockerfile):
     hadolint = shutil.which("hadolint") or str(REPO / ".venv" / "bin" / "hadolint")
     result = subprocess.run([hadolint, str(REPO / "docker" / dockerfile)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_webhook_reaches_the_exit_handler_from_a_secret_never_through_the_yaml(tmp_path):
+    config = tmp_path / "gke-notify.yaml"
+    config.write_text(yaml.safe_dump({
+        "extends": str(REPO / "configs" / "gke-sd15.yaml"),
+        "tracking": {"notify": [{"url_env": "DREAMBOOTH_SLACK_WEBHOOK", "format": "slack"}]},
+        "cluster": {"secrets": [{"name": "huggingface", "key": "token", "env": "HF_TOKEN"},
+                                {"name": "dreambooth-notify", "key": "slack-url", "env": "DREAMBOOTH_SLACK_WEBHOOK"}]},
+    }))
+    out = tmp_path / "dreambooth.yaml"
+    env = {**os.environ, "DREAMBOOTH_SLACK_WEBHOOK": "https://hooks.slack.com/services/T000/B000/do-not-leak"}
+    result = subprocess.run([sys.executable, str(REPO / "pipeline.py"), "compile", "--config", str(config), "--output", str(out)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    assert "do-not-leak" not in text and "hooks.slack.com" not in text
+    executors = list(yaml.safe_load_all(text))[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    handler = executors["exec-finish-tracking"]["secretAsEnv"]
+    assert [(ref["secretName"], ref["keyToEnv"]) for ref in handler if ref["secretName"] == "dreambooth-notify"] == [
+        ("dreambooth-notify", [{"secretKey": "slack-url", "envVar": "DREAMBOOTH_SLACK_WEBHOOK"}])]

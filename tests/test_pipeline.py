@@ -136,6 +136,24 @@ def _check_tracked_run(client, experiment_name="dreambooth", steps=8, stages=tup
     return subject
 
 
+def _check_kfp_pages(iteration_dir):
+    """The KFP UI renders HTML outputs inline: the sample grid, the evaluation grids and the upscaler comparison, images inside."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    expected = {"samples/sample_page": 1, "evaluate/grids": 3, "superres/comparison": 1, "evaluate-upscaled/grids": 6}
+    for output, count in expected.items():
+        page = (iteration_dir / output).read_text()
+        images = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', page)
+        assert len(images) >= count, (output, len(images))
+        for data in images:
+            with Image.open(io.BytesIO(base64.b64decode(data))) as image:
+                assert image.format == "JPEG" and min(image.size) >= 64
+    assert "DINO" in (iteration_dir / "evaluate" / "grids").read_text()  # the headline figures above the grids
+
+
 def _check_kfp_outputs(iteration_dir):
     """The evaluation shows in KFP too: a Metrics output (in the executor metadata) and a Markdown report."""
     executor_output = json.loads((iteration_dir / "evaluate" / "executor_output.json").read_text())
@@ -227,6 +245,7 @@ def test_run_tracks_into_an_mlflow_server_and_its_credentials_go_nowhere(tmp_pat
     for label in ("generic", "personalised"):
         assert f"eval/upscaled_{label}/dino" in subject.data.metrics
     assert "upscaler" in _subject_lines(result.stdout)
+    _check_kfp_pages(Path(_subject_lines(result.stdout)["model"]).parent.parent)
 
     # The exit handler told both live webhooks, each in its format; the dead one changed nothing but its line.
     bodies = dict(received)

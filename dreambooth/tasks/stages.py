@@ -220,11 +220,15 @@ def finetune_task(config: RunConfig, run: StageRun, subject_dir: str, class_imag
 
 
 @subject_stage("samples")
-def samples_task(config: RunConfig, run: StageRun, model_dir: str, output_dir: str) -> str:
-    """Render the base-vs-fine-tuned comparison grid; returns its path."""
+def samples_task(config: RunConfig, run: StageRun, model_dir: str, output_dir: str, page_path: str = "") -> str:
+    """Render the base-vs-fine-tuned comparison grid (also as an HTML page for KFP); returns its path."""
+    from dreambooth.pages import image_page, write_page
     from dreambooth.samples import render_samples
 
     result = render_samples(Path(model_dir), config, Path(output_dir))
+    if page_path:
+        title = f"{config.subject.name}: fine-tuned vs base, same prompts and seeds"
+        write_page(page_path, image_page(title, [("samples", Path(result.grid_path))]), title)
     run.log_file(Path(result.grid_path), on_parent=True)
     # On the subject's run too: `compare` puts the same prompt and seed of different runs side by side.
     run.log_folder(Path(output_dir), "samples", on_parent=True)
@@ -241,15 +245,28 @@ class EvaluationOutcome:
     metrics: dict[str, float]  # flat, for KFP's Metrics output
     report_markdown: str
     registered: Optional[str]  # "name@candidate (version N)", or None when rejected
+    page_html: str = ""  # the grids inline, for KFP's HTML output
 
 
-def write_kfp_evaluation(outcome: Optional[EvaluationOutcome], log_metric, report_path: str) -> bool:
-    """An evaluation's KFP outputs: its metrics and Markdown report (a pointer to MLflow when it failed)."""
+def write_kfp_evaluation(outcome: Optional[EvaluationOutcome], log_metric, report_path: str, page_path: str = "") -> bool:
+    """An evaluation's KFP outputs: its metrics, Markdown report and page of grids (a pointer to MLflow when it failed)."""
+    from dreambooth.pages import write_page
+
     with open(report_path, "w") as markdown:
         markdown.write(outcome.report_markdown if outcome else "The evaluation failed; the reason is on the subject's MLflow run.\n")
     for name, value in (outcome.metrics if outcome else {}).items():
         log_metric(name, value)
+    if page_path:
+        write_page(page_path, outcome.page_html if outcome else None, "evaluation")
     return outcome is not None
+
+
+def _grid_images(folder: Path, metrics: dict[str, float], label: str = "") -> tuple[str, list[tuple[str, Path]]]:
+    """The evaluation's grids (one per prompt category) as captioned images, and a line of headline figures."""
+    figures = ", ".join(f"{name.upper().replace('_', '-')} {metrics[name]:.3f}" for name in ("dino", "clip_i", "clip_t", "pres", "div")
+                        if name in metrics)
+    grids = [(f"{label}{grid.stem.removeprefix('grid-')}", grid) for grid in sorted(folder.glob("grid-*.png"))]
+    return figures, grids
 
 
 def evaluation_protocol(settings: dict, config: RunConfig) -> str:
@@ -283,6 +300,7 @@ def evaluate_task(
     from dreambooth.evaluation.evaluate import evaluate_model
     from dreambooth.evaluation.learning import learning_check
     from dreambooth.evaluation.report import render_report
+    from dreambooth.pages import image_page
 
     if not config.evaluation.enabled:
         return _evaluation_disabled(run)
@@ -321,12 +339,19 @@ def evaluate_task(
     (Path(output_dir) / "report.md").write_text(report)
     run.log_file(Path(output_dir) / "report.md", on_parent=True)
     flat = {key.removeprefix("eval/").replace("/", "_"): value for key, value in metrics.items()}
-    return EvaluationOutcome(metrics=flat, report_markdown=report, registered=registered)
+    title = f"{config.subject.name}: DreamBench evaluation"
+    figures, grids = _grid_images(Path(output_dir), result.overall)
+    gate = f"gate passed, registered as {registered}" if registered else f"gate rejected: {'; '.join(result.gate.reasons)}"
+    return EvaluationOutcome(metrics=flat, report_markdown=report, registered=registered,
+                             page_html=image_page(title, grids, f"{figures}; {gate}"))
 
 
 @subject_stage("super-resolution")
-def superres_task(config: RunConfig, run: StageRun, subject_dir: str, class_images: str, model_dir: str, output_dir: str) -> str:
-    """Fine-tune the upscaler on the subject; log its loss curves and a low-res / generic / personalised grid."""
+def superres_task(config: RunConfig, run: StageRun, subject_dir: str, class_images: str, model_dir: str, output_dir: str,
+                  page_path: str = "") -> str:
+    """Fine-tune the upscaler on the subject; log its loss curves and a low-res / generic / personalised grid
+    (also as an HTML page for KFP)."""
+    from dreambooth.pages import image_page, write_page
     from dreambooth.superres import finetune_upscaler, upscale_comparison_grid
 
     identifier = _identifier(Path(subject_dir))
@@ -348,6 +373,9 @@ def superres_task(config: RunConfig, run: StageRun, subject_dir: str, class_imag
         grid = Path(scratch) / "superres-comparison.png"
         upscale_comparison_grid(Path(subject_dir), Path(model_dir), Path(output_dir), identifier, config).save(grid)
         run.log_file(grid, on_parent=True)
+        if page_path:
+            title = f"{config.subject.name}: low resolution, generic upscaler, personalised upscaler"
+            write_page(page_path, image_page(title, [("super-resolution", grid)]), title)
     run.log_folder(Path(output_dir), "upscaler")
     release_checkpoints(result, config.superres.training.keep_checkpoints)
     return output_dir
@@ -363,8 +391,11 @@ def evaluate_upscaled_task(
     if not config.evaluation.enabled:
         return _evaluation_disabled(run)
 
+    from dreambooth.pages import image_page
+
     names = ("dino", "clip_i", "clip_t", "div")
     metrics: dict[str, float] = {}
+    page_images: list[tuple[str, Path]] = []
     lines = ["# DreamBench evaluation of the upscaled cascade", "", "| upscaler | resolution | DINO | CLIP-I | CLIP-T | DIV |", "|---|---|---|---|---|---|"]
     for label, upscaler in (("generic", config.superres.base), ("personalised", upscaler_dir)):
         result = evaluate_model(model_dir, Path(subject_dir), config, Path(output_dir) / label, upscaler=upscaler,
@@ -376,12 +407,15 @@ def evaluate_upscaled_task(
         )
         for grid in sorted((Path(output_dir) / label).glob("grid-*.png")):
             run.log_file(grid, f"eval_grids_{label}")
+        figures, grids = _grid_images(Path(output_dir) / label, result.overall, f"{label} upscaler: ")
+        page_images += [(f"{caption} ({figures})", grid) for caption, grid in grids]
     run.log_metrics(metrics, on_parent=True)
     report = "\n".join(lines) + "\n"
     (Path(output_dir) / "report.md").write_text(report)
     run.log_file(Path(output_dir) / "report.md", "upscaled")
     flat = {key.removeprefix("eval/").replace("/", "_"): value for key, value in metrics.items()}
-    return EvaluationOutcome(metrics=flat, report_markdown=report, registered=None)
+    page_html = image_page(f"{config.subject.name}: the cascade, generic vs personalised upscaler", page_images)
+    return EvaluationOutcome(metrics=flat, report_markdown=report, registered=None, page_html=page_html)
 
 
 def priors_task(config_json: str, tracking_uri: str, batch_run_id: str, prior_key: str, output_dir: str, output_uri: str) -> dict:
