@@ -29,4 +29,4 @@ bench: setup
 	$(BIN)/python bench/batch_bench.py
 
 clean:
-	rm -rf outputs mlruns mlflow.db dreambooth.yaml
+	rm -rf outputs mlruns mlflow.db mlflow-artifacts dreambooth.yaml

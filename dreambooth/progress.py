@@ -89,9 +89,9 @@ class StageProgress:
         now = time.monotonic()
         if self._last is not None and done < total and now - self._last[0] < self._interval:
             return
-        since, done_before = self._last or (self._started, 0)
-        if now > since and done > done_before:
-            detail = " · ".join(part for part in (detail, f"{(done - done_before) / (now - since):.2f} {unit}/s") if part)
+        if self._last is not None and now > self._last[0] and done > self._last[1]:  # the first line: loading, not the rate
+            rate = (done - self._last[1]) / (now - self._last[0])
+            detail = " · ".join(part for part in (detail, f"{rate:.2f} {unit}/s") if part)
         self._last = (now, done)
         self._emit(ProgressEvent(self.scope, self.stage, RUNNING, done, total, unit, detail).line())
 

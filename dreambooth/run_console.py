@@ -25,10 +25,13 @@ from dreambooth.progress import DONE, FAILED, RUNNING, SKIPPED, ProgressEvent, p
 
 WAITING = "waiting"
 BATCH = "batch"
+# Where a task's output begins and ends. kfp.local's own lines go through the root logger, which
+# its parallel threads reconfigure under each other, so one can be lost: a task also begins at its
+# executor's first line (printed by the task's own process), and ends where the next one begins.
 KFP_STARTED = re.compile(r"Executing task '([^']+)'")
+EXECUTOR_STARTED = re.compile(r"Looking for component `([^`]+)`")
 KFP_FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-BATCH_TASKS = {"plan-batch": "plan", "summarize": "summary", "finish-tracking": "close-runs"}  # shown as batch rows
 SAME_COMPONENT_AGAIN = re.compile(r"-\d+$")  # kfp names a component's second task `summarize-2`
 TAIL_LINES = 15
 PLAIN_PROGRESS_SECONDS = 30.0
@@ -202,6 +205,7 @@ class TaskLog:
     failed: bool = False
     pending: list[str] = field(default_factory=list)
     tail: deque = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    executor_seen: bool = False
 
     def add(self, line: str) -> None:
         self.tail.append(line)
@@ -269,15 +273,22 @@ class TaskOutput(io.TextIOBase):
         if logs_dir is not None:
             task.settle(logs_dir / (task.scope or BATCH).replace(":", "-") / f"{task.task}.log")
 
+    def _starts_task(self, thread: int, plain: str) -> None:
+        started, executor = KFP_STARTED.search(plain), EXECUTOR_STARTED.search(plain)
+        current = self._current.get(thread)
+        if started:
+            self._end_task(thread)
+            self._current[thread] = TaskLog(started.group(1))
+        elif executor:
+            component = executor.group(1).replace("_", "-")
+            if current is None or current.executor_seen or SAME_COMPONENT_AGAIN.sub("", current.task) != component:
+                self._end_task(thread)  # kfp's line for this task was lost
+                self._current[thread] = TaskLog(component)
+            self._current[thread].executor_seen = True
+
     def _line(self, thread: int, line: str) -> None:
         plain = ANSI.sub("", line).rstrip()
-        started = KFP_STARTED.search(plain)
-        if started:
-            self._end_task(thread, succeeded=False)  # the thread moved on: the task before raised
-            name = started.group(1)
-            shown = BATCH_TASKS.get(SAME_COMPONENT_AGAIN.sub("", name))
-            self._current[thread] = TaskLog(name, *((BATCH, shown) if shown else ()))
-            self._batch_row(name, RUNNING)
+        self._starts_task(thread, plain)
         task = self._current.get(thread)
         self.pipeline_log.add(plain)
         if task is not None:
@@ -291,28 +302,21 @@ class TaskOutput(io.TextIOBase):
             self._settle(task)
         else:
             self._logs_dir()
-        finished = KFP_FINISHED.search(plain)
-        if finished:
-            self._end_task(thread, succeeded=finished.group(2) == "SUCCESS")
+        if KFP_FINISHED.search(plain):
+            self._end_task(thread)
 
-    def _batch_row(self, task: str, state: str) -> None:
-        shown = BATCH_TASKS.get(SAME_COMPONENT_AGAIN.sub("", task))
-        if self.board is not None and shown:
-            self.board.apply(ProgressEvent(BATCH, shown, state))
-
-    def _end_task(self, thread: int, succeeded: bool) -> None:
+    def _end_task(self, thread: int) -> None:
+        """A task's output ended. Its stage said done, failed or skipped itself; one still running
+        at its end died without a word (a crash, a kill), and failed."""
         task = self._current.pop(thread, None)
         if task is None:
             return
-        self._batch_row(task.task, DONE if succeeded else FAILED)
-        if not succeeded and self.board is not None and task.scope and task.stage:
-            row = self.board.row(task.scope, task.stage)
-            if row.state not in (FAILED, SKIPPED):
-                self.board.apply(ProgressEvent(task.scope, task.stage, FAILED, detail="the task exited with an error"))
-        if not succeeded or task.failed:
-            self.failed_logs.append(task)
+        if self.board is not None and task.scope and task.stage and self.board.row(task.scope, task.stage).state == RUNNING:
+            self.board.apply(ProgressEvent(task.scope, task.stage, FAILED, detail="the task ended without finishing"))
+            task.failed = True
         self._settle(task)
-        if (task.failed or not succeeded) and self.board is not None and task.scope and task.stage:
+        if task.failed:
+            self.failed_logs.append(task)
             self.board.view.failure(self.board.row(task.scope, task.stage), list(task.tail), task.path)
 
     def close(self) -> None:
@@ -322,7 +326,7 @@ class TaskOutput(io.TextIOBase):
                 self._line(thread, rest)
             self._partial.clear()
             for thread in list(self._current):
-                self._end_task(thread, succeeded=False)
+                self._end_task(thread)
             self._logs_dir()
 
     def log_of(self, task: str) -> Optional[Path]:

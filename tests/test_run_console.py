@@ -30,9 +30,12 @@ def test_a_stage_prints_its_counts_at_most_once_an_interval_but_always_the_last(
     assert states[2].detail.endswith("images/s")  # the rate since the line before
 
 
-def _kfp_task(output: TaskOutput, task: str, lines: list[str], status: str, ready: threading.Barrier) -> None:
-    """What kfp.local prints for one task, from the thread that runs it."""
-    print(f"12:00:00.000 - INFO - Executing task \x1b[96m'{task}'\x1b[0m", file=output)
+def _kfp_task(output: TaskOutput, task: str, lines: list[str], status: str, ready: threading.Barrier, announced=True) -> None:
+    """What kfp.local prints for one task, from the thread that runs it (its own announcement can be lost)."""
+    if announced:
+        print(f"12:00:00.000 - INFO - Executing task \x1b[96m'{task}'\x1b[0m", file=output)
+    print(f"    [KFP Executor 2026-11-26 12:00:00,001 INFO]: Looking for component `{task.replace('-', '_')}` in --component_module_path `/tmp/x.py`",
+          file=output)
     ready.wait()  # both tasks started: their lines interleave from here
     for line in lines:
         print(f"    {line}", file=output)
@@ -57,7 +60,11 @@ def test_lines_of_tasks_running_at_once_go_to_each_task_log_and_a_failure_shows_
     job_dir.mkdir()  # kfp.local creates the job folder once tasks run: earlier lines wait in memory
     for thread in threads:
         thread.join()
-    crashed = threading.Thread(target=_kfp_task, args=(output, "finetune", ["[progress] cat fine-tune running", "Traceback"], "", threading.Barrier(1)))
+    def one_thread_two_tasks():  # the second one's "Executing task" line lost; its executor's first line tells
+        _kfp_task(output, "samples", ["[progress] dog samples running", "[progress] dog samples done · 1.0 s"], "", threading.Barrier(1))
+        _kfp_task(output, "finetune", ["[progress] cat fine-tune running", "Traceback"], "", threading.Barrier(1), announced=False)
+
+    crashed = threading.Thread(target=one_thread_two_tasks)
     crashed.start()
     crashed.join()
     output.close()  # the pipeline returned: the task that never finished failed
@@ -69,12 +76,15 @@ def test_lines_of_tasks_running_at_once_go_to_each_task_log_and_a_failure_shows_
     assert cat_log.count("cat line") == 50 and "dog step" not in cat_log
     assert (job_dir / "logs" / "pipeline.log").read_text().count("step") >= 50
     assert {key: row.state for key, row in board.rows.items()} == {
-        ("dog", "fine-tune"): DONE, ("cat", "ingest"): FAILED, ("cat", "fine-tune"): FAILED}
+        ("dog", "fine-tune"): DONE, ("cat", "ingest"): FAILED, ("cat", "fine-tune"): FAILED, ("dog", "samples"): DONE}
+    assert "Traceback" not in (job_dir / "logs" / "dog" / "samples.log").read_text()
+    assert "Traceback" in (job_dir / "logs" / "cat" / "finetune.log").read_text()
 
     printed = shown.getvalue().splitlines()
     states = [line.split()[1:4] for line in printed if line[:2].isdigit() and len(line.split()) > 3 and line.split()[3] in ("running", "done", "failed")]
     assert sorted(map(tuple, states)) == sorted([("dog", "fine-tune", "running"), ("dog", "fine-tune", "done"), ("cat", "ingest", "running"),
-                                                 ("cat", "ingest", "failed"), ("cat", "fine-tune", "running"), ("cat", "fine-tune", "failed")])
+                                                 ("cat", "ingest", "failed"), ("cat", "fine-tune", "running"), ("cat", "fine-tune", "failed"),
+                                                 ("dog", "samples", "running"), ("dog", "samples", "done")])
     tail = printed.index("--- cat ingest failed; the last lines of its log:")
     full = printed.index(f"--- full log: {job_dir / 'logs' / 'cat' / 'ingest.log'}")
     assert full - tail - 1 == 15 and "        error: ingest: scan.jpg: not an image" in printed[tail:full]  # the last 15 lines

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import tempfile
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Optional
 from dreambooth.batch import BatchPlan, group_priors, plan_batch, subjects_with_priors
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
+from dreambooth.progress import DONE, FAILED as STAGE_FAILED, RUNNING, StageProgress
 from dreambooth.storage import content_digests, read_text
 from dreambooth.subjects import entries_from_json, parse_subjects
 from dreambooth.summary import as_html, as_markdown, as_table, collect_rows, counts, headline, sample_grids
@@ -34,6 +36,29 @@ PLAN_ARTIFACT = "batch_plan.json"
 SUMMARY_TABLE = "batch_summary.json"
 
 
+def batch_stage(stage: str):
+    """The task's progress lines as the batch's `stage`: running, then done or failed with the reason."""
+
+    def decorate(task):
+        @functools.wraps(task)
+        def wrapper(*args, **kwargs):
+            progress = StageProgress("batch", stage)
+            progress.state(RUNNING)
+            try:
+                result = task(*args, **kwargs)
+            except BaseException as error:
+                exit_code = isinstance(error, SystemExit)  # the task printed its reason already
+                progress.state(STAGE_FAILED, f"exited ({error})" if exit_code else (str(error).splitlines() or [type(error).__name__])[0])
+                raise
+            progress.state(DONE)
+            return result
+
+        return wrapper
+
+    return decorate
+
+
+@batch_stage("plan")
 def plan_task(
     config_json: str, tracking_uri: str, subjects_uri: str, subjects_json: str, force: bool,
     job_id: str, job_name: str, plan_path: str, run_settings: Optional[dict] = None,
@@ -108,6 +133,7 @@ def assign_priors_task(tracking_uri: str, plan_path: str, prior_outcomes: list) 
     return items
 
 
+@batch_stage("summary")
 def summary_task(tracking_uri: str, plan_path: str, job_name: str, subject_statuses: list, markdown_path: str, html_path: str) -> int:
     """Close the subject runs, log the summary (table, Markdown, HTML with the sample grids) on the
     batch run and write the KFP outputs; returns how many subjects failed."""
@@ -138,6 +164,7 @@ def batch_failures_task(tracking_uri: str, plan_path: str) -> None:
     raise SystemExit(1)
 
 
+@batch_stage("close-runs")
 def finish_task(config_json: str, tracking_uri: str, job_id: str, pipeline_state: str) -> None:
     """Exit handler: close the batch run, and any run a crashed or killed stage left open; then
     tell the webhooks of tracking.notify how the batch ended."""
@@ -151,11 +178,9 @@ def finish_task(config_json: str, tracking_uri: str, job_id: str, pipeline_state
         report = batch_report(config, tracking_uri, job_id, pipeline_state, batch_run_id)
     except Exception as error:  # a report with less in it beats no word at all
         report = batch_report(config, tracking_uri, job_id, pipeline_state, None, f"the batch summary could not be read: {error}")
-    from dreambooth.progress import DONE, FAILED as NOT_SENT, StageProgress
-
     outcomes = send(config.tracking.notify, report)
     sent = all(outcome.startswith("sent") for outcome in outcomes)
-    StageProgress("batch", "notify").state(DONE if sent else NOT_SENT, "; ".join(outcomes))
+    StageProgress("batch", "notify").state(DONE if sent else STAGE_FAILED, "; ".join(outcomes))
 
 
 def batch_report(config: RunConfig, tracking_uri: str, job_id: str, pipeline_state: str, batch_run_id, error: str = ""):

@@ -397,9 +397,9 @@ def evaluate_upscaled_task(
     metrics: dict[str, float] = {}
     page_images: list[tuple[str, Path]] = []
     lines = ["# DreamBench evaluation of the upscaled cascade", "", "| upscaler | resolution | DINO | CLIP-I | CLIP-T | DIV |", "|---|---|---|---|---|---|"]
-    for label, upscaler in (("generic", config.superres.base), ("personalised", upscaler_dir)):
+    for part, (label, upscaler) in enumerate((("generic", config.superres.base), ("personalised", upscaler_dir)), 1):
         result = evaluate_model(model_dir, Path(subject_dir), config, Path(output_dir) / label, upscaler=upscaler,
-                                on_progress=_images_progress(run, label))
+                                on_progress=_images_progress(run, f"{part} of 2: {label} upscaler"))
         values = {name: result.overall[name] for name in names}
         metrics.update({f"eval/upscaled_{label}/{name}": value for name, value in values.items()})
         lines.append(
