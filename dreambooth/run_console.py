@@ -4,9 +4,9 @@ kfp.local runs every task as a subprocess and prints its output from the thread 
 task (loop iterations share a thread pool). While the pipeline runs, sys.stdout and sys.stderr
 are a TaskOutput that knows which task each thread is on: each line lands in that task's log
 under `{job}/logs/`, the whole stream in `{job}/logs/pipeline.log`, and the tasks' `[progress]`
-lines (dreambooth.progress) move a Board of stage rows. On a terminal the board redraws in
-place (rich); in a log file or CI each state change is one plain line, progress at most every
-30 s. `--verbose` echoes the whole stream as well.
+lines (dreambooth.progress) move a Board of stage rows. On a terminal a line per subject (the
+stage it is on) redraws in place (rich); in a log file or CI each state change is one plain
+line, progress at most every 30 s. `--verbose` echoes the whole stream as well.
 """
 
 from __future__ import annotations
@@ -156,8 +156,25 @@ class PlainView(View):
             self._print(line)
 
 
+def current_rows(rows: list[Row]) -> list[tuple[Row, str]]:
+    """One row per subject (and for the batch, and each class's priors): the stage it is on, or the
+    one it failed at, or its last; with how many of its stages have ended."""
+    by_scope: dict[str, list[Row]] = {}
+    for row in rows:
+        by_scope.setdefault(row.scope, []).append(row)
+    shown = []
+    for scope_rows in by_scope.values():
+        ended = sum(row.state in (DONE, FAILED, SKIPPED) for row in scope_rows)
+        current = (next((row for row in scope_rows if row.state == RUNNING), None)
+                   or next((row for row in scope_rows if row.state == FAILED), None)
+                   or next((row for row in scope_rows if row.state == WAITING), None)
+                   or next((row for row in reversed(scope_rows) if row.state == DONE), scope_rows[-1]))
+        shown.append((current, f"{ended}/{len(scope_rows)}"))
+    return shown
+
+
 class LiveView(View):
-    """For a terminal: the board redrawn in place, four times a second."""
+    """For a terminal: a line per subject, redrawn in place four times a second."""
 
     STYLES = {WAITING: "dim", RUNNING: "bold cyan", DONE: "green", FAILED: "bold red", SKIPPED: "yellow"}
 
@@ -172,10 +189,10 @@ class LiveView(View):
         from rich.table import Table
 
         table = Table(box=None, pad_edge=False, show_header=False)
-        for _ in range(5):
+        for _ in range(6):
             table.add_column(no_wrap=True)
-        for row in self.board.rows.values():
-            table.add_row(row.scope, row.stage, f"[{self.STYLES[row.state]}]{row.state}", row.elapsed(), row.how_far())
+        for row, stages in current_rows(list(self.board.rows.values())):
+            table.add_row(row.scope, stages, row.stage, f"[{self.STYLES[row.state]}]{row.state}", row.elapsed(), row.how_far())
         return table
 
     def start(self, board: Board) -> None:

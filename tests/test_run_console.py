@@ -89,3 +89,26 @@ def test_lines_of_tasks_running_at_once_go_to_each_task_log_and_a_failure_shows_
     full = printed.index(f"--- full log: {job_dir / 'logs' / 'cat' / 'ingest.log'}")
     assert full - tail - 1 == 15 and "        error: ingest: scan.jpg: not an image" in printed[tail:full]  # the last 15 lines
     assert output.log_of("finetune") == job_dir / "logs" / "cat" / "finetune.log"
+
+
+def test_on_a_terminal_each_subject_is_one_line_on_the_stage_it_is_at():
+    """The live view of a batch: a line per subject (and for the batch and each class's priors), however many stages."""
+    from rich.console import Console
+
+    from dreambooth.run_console import LiveView, planned_rows
+
+    screen = io.StringIO()
+    view = LiveView(screen)
+    view.console = Console(file=screen, force_terminal=True, width=120, color_system=None)
+    board = Board(planned_rows(["dog", "cat", "bag"], ["dog", "cat", "backpack"], superres=True), view)
+    view.board = board
+    for event in ("batch plan running", "batch plan done", "dog ingest running", "dog ingest done", "dog fine-tune running",
+                  "dog fine-tune running 120/1000 steps · loss 0.1234", "cat ingest running", "cat ingest failed · scan.jpg: not an image"):
+        board.apply(parse(f"[progress] {event}"))
+    view.console.print(view._table())
+    lines = [line.split() for line in screen.getvalue().splitlines()]
+    by_scope = {words[0]: words[1:] for words in lines}
+    assert len(lines) == 7  # batch, three classes' priors, three subjects: not 3 x 6 stage rows
+    assert by_scope["dog"][:4] == ["1/6", "fine-tune", "running", "0s"] and " ".join(by_scope["dog"][4:]) == "step 120/1000 · loss 0.1234"
+    assert by_scope["cat"][:3] == ["1/6", "ingest", "failed"] and by_scope["bag"][:3] == ["0/6", "ingest", "waiting"]
+    assert by_scope["batch"][:3] == ["1/2", "summary", "waiting"]
