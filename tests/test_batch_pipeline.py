@@ -239,13 +239,14 @@ def test_a_subject_that_fails_ends_alone_and_the_batch_says_so(batch_root, first
     assert failed.info.status == "FAILED" and failed.data.tags[TAG_FAILED_STAGE] == "fine-tune" and "loss is" in failed.data.tags[TAG_ERROR]
     assert client.get_run(rows["backpack"]["mlflow_run"]).info.status == "FINISHED"
 
-    # Runs on the same photos share their input's digest, across batches: MLflow finds them by it.
+    # Runs on the same photos share their input's digest, across batches and names: MLflow finds them by it.
+    # dog-a has 00, 01, 02; dog-b had 01, 02, 03, and since its photos changed, 00, 01, 02 as well.
     digest = client.get_run(rows["dog-a"]["mlflow_run"]).inputs.dataset_inputs[0].dataset.digest
-    same_photos = _runs(client, "dreambooth", f"dataset.digest = '{digest}' and tags.`{TAG_STAGE}` = 'subject'")
-    assert [run.data.tags[TAG_SUBJECT] for run in same_photos] == ["dog-a"]  # the first batch's dog-a
     assert client.get_run(rows["diverging"]["mlflow_run"]).inputs.dataset_inputs[0].dataset.digest == digest  # photos/dog-a too
+    same_photos = _runs(client, "dreambooth", f"dataset.digest = '{digest}' and tags.`{TAG_STAGE}` = 'subject'")
+    assert sorted(run.data.tags[TAG_SUBJECT] for run in same_photos) == ["dog-a", "dog-b"]
     dog_b = _runs(client, "dreambooth", f"tags.`{TAG_SUBJECT}` = 'dog-b' and tags.`{TAG_STAGE}` = 'subject'")
-    assert dog_b and all(run.inputs.dataset_inputs[0].dataset.digest != digest for run in dog_b)  # other photos
+    assert sorted(run.inputs.dataset_inputs[0].dataset.digest == digest for run in dog_b) == [False, True]
     assert client.get_run(batch.info.run_id).info.status == "FAILED"
 
     # The webhook heard the same: two of four failed, each with its reason, the others with their figures.
