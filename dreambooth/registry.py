@@ -144,6 +144,11 @@ def _registry_client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
+def _unknown_model(mlflow, name: str, where: str) -> InputError:
+    known = ", ".join(sorted(model.name for model in mlflow.search_registered_models())) or "none"
+    return InputError(f"{where}: no registered model {name!r} (registered: {known})")
+
+
 def _version(mlflow, name: str, version: Optional[str], alias: Optional[str]):
     """The model version asked for, by number or by alias; one line naming what is missing."""
     from mlflow.exceptions import MlflowException
@@ -151,8 +156,7 @@ def _version(mlflow, name: str, version: Optional[str], alias: Optional[str]):
     try:
         mlflow.get_registered_model(name)
     except MlflowException:
-        known = ", ".join(sorted(model.name for model in mlflow.search_registered_models())) or "none"
-        raise InputError(f"--model: no registered model {name!r} (registered: {known})") from None
+        raise _unknown_model(mlflow, name, "--model") from None
     try:
         return mlflow.get_model_version(name, version) if version else mlflow.get_model_version_by_alias(name, alias)
     except MlflowException:
@@ -187,8 +191,7 @@ def registered_versions(tracking_uri: str, name: Optional[str] = None) -> list[R
     mlflow = _registry_client(tracking_uri)
     models = mlflow.search_registered_models(filter_string=f"name = '{name}'" if name else None)
     if name and not models:
-        known = ", ".join(sorted(model.name for model in mlflow.search_registered_models())) or "none"
-        raise InputError(f"models: no registered model {name!r} (registered: {known})")
+        raise _unknown_model(mlflow, name, "models")
     found = []
     for model in sorted(models, key=lambda m: m.name):
         aliases_of: dict[str, list[str]] = {}

@@ -223,14 +223,14 @@ class TaskLog:
     pending: list[str] = field(default_factory=list)
     tail: deque = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
     executor_seen: bool = False
+    _file: Optional[TextIO] = None
 
     def add(self, line: str) -> None:
         self.tail.append(line)
-        if self.path is None:
+        if self._file is None:
             self.pending.append(line)
         else:
-            with self.path.open("a") as log:
-                log.write(line + "\n")
+            self._file.write(line + "\n")
 
     def settle(self, path: Path) -> None:
         """Give the log its file, once the job folder and (where there is one) the subject are known."""
@@ -238,9 +238,14 @@ class TaskLog:
             return
         self.path = path
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as log:
-            log.writelines(line + "\n" for line in self.pending)
+        self._file = self.path.open("a", buffering=1)  # line-buffered: the file is current while the task runs
+        self._file.writelines(line + "\n" for line in self.pending)
         self.pending.clear()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class TaskOutput(io.TextIOBase):
@@ -332,6 +337,7 @@ class TaskOutput(io.TextIOBase):
             self.board.apply(ProgressEvent(task.scope, task.stage, FAILED, detail="the task ended without finishing"))
             task.failed = True
         self._settle(task)
+        task.close()
         if task.failed:
             self.failed_logs.append(task)
             self.board.view.failure(self.board.row(task.scope, task.stage), list(task.tail), task.path)
@@ -345,6 +351,7 @@ class TaskOutput(io.TextIOBase):
             for thread in list(self._current):
                 self._end_task(thread)
             self._logs_dir()
+            self.pipeline_log.close()
 
     def log_of(self, task: str) -> Optional[Path]:
         """The log of the last failed run of `task` (kfp's name for it)."""
@@ -379,7 +386,3 @@ class RunConsole:
             self.board.close()
         if self.view is not None:
             self.view.stop()
-
-    @property
-    def logs_dir(self) -> Optional[Path]:
-        return self.output.logs_dir

@@ -149,8 +149,7 @@ def training_log(run: StageRun, total_steps: int):
     """The loop's on_log: the step's losses as the run's curves, and a progress line."""
 
     def on_log(step: int, values: dict[str, float]) -> None:
-        run.log_step_metrics(step, values)
-        run.report(step, total_steps, "steps", f"loss {values['loss']:.4f}" if "loss" in values else "")
+        run.report(step, total_steps, "steps", f"loss {values['loss']:.4f}" if "loss" in values else "", metrics=values)
 
     return on_log
 

@@ -207,11 +207,12 @@ class StageRun:
     progress: Optional[StageProgress] = None  # the stage's progress lines (stdout: the pod's log, `run`'s view)
     _spool: Optional[MetricSpool] = None
 
-    def report(self, done: int, total: int, unit: str, detail: str = "") -> None:
-        """How far the stage is: a progress line, and the fraction as the run's `progress` curve."""
+    def report(self, done: int, total: int, unit: str, detail: str = "", metrics: Optional[dict[str, float]] = None) -> None:
+        """How far the stage is: a progress line, and the fraction as the run's `progress` curve
+        (with the step's other `metrics`, in one journal line)."""
         if self.progress is not None:
             self.progress.update(done, total, unit, detail)
-        self.log_step_metrics(done, {"progress": done / max(total, 1)})
+        self.log_step_metrics(done, {**(metrics or {}), "progress": done / max(total, 1)})
 
     def log_step_metrics(self, step: int, values: dict[str, float]) -> None:
         if self._spool is None:
