@@ -2,7 +2,7 @@
 
     python bench/batch_bench.py [--base-model tiny://sd-bench] [--class-images 50] [--steps 200]
 
-Both sides run the whole pipeline (`pipeline.py run` through kfp.local: plan, class priors,
+Both sides run the whole pipeline (`dreambooth run` through kfp.local: plan, class priors,
 ingest, fine-tune, samples) with the same settings; evaluation and super-resolution are off so
 the figures are about what batching changes. Each single run starts from nothing (its own work
 folder and MLflow store), as four separate runs of a one-subject tool would; the batch generates

@@ -1,4 +1,4 @@
-"""The command line behind `python pipeline.py ...`.
+"""The command line: `dreambooth ...` (installed), or `python pipeline.py ...` in a checkout.
 
     compile   write the KFP pipeline YAML
     run       run the whole pipeline locally (kfp.local) on a subjects file or one subject folder
@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from dreambooth.cluster import COOKIES_ENV, TOKEN_ENV, TOKEN_FILE_ENV
 from dreambooth.config import RunConfig, load_config
@@ -90,19 +90,19 @@ def _local_photos(path: str) -> str:
     return path if is_gcs(path) else str(Path(path).resolve())
 
 
-def _run(build_pipeline: Callable, args: argparse.Namespace, config: RunConfig) -> int:
+def _run(args: argparse.Namespace, config: RunConfig) -> int:
     from dreambooth.local_run import run_locally
     from dreambooth.subjects import read_subjects
 
     if args.subjects:
         uri = _local_photos(args.subjects)
         entries = read_subjects(uri, config)  # every problem of the file, before any task starts
-        return run_locally(build_pipeline, config, args.output_dir, entries, subjects_uri=uri, force=args.force, verbose=args.verbose)
+        return run_locally(config, args.output_dir, entries, subjects_uri=uri, force=args.force, verbose=args.verbose)
     if not (args.subject_dir and args.class_noun):
         raise InputError("run: give --subjects FILE, or --subject-dir DIR with --class-noun NOUN")
     entry = _one_subject(args, _local_photos(args.subject_dir), config)
     _ingest(subject_config(config, entry), entry.photos, None)  # a bad upload fails here, in one line
-    return run_locally(build_pipeline, config, args.output_dir, [entry], subjects_json=entries_to_json([entry]), force=args.force,
+    return run_locally(config, args.output_dir, [entry], subjects_json=entries_to_json([entry]), force=args.force,
                        verbose=args.verbose)
 
 
@@ -181,7 +181,7 @@ def _preflight(args: argparse.Namespace, config: RunConfig) -> bool:
     return report(checks)
 
 
-def _submit(build_pipeline: Callable, args: argparse.Namespace, config: RunConfig) -> int:
+def _submit(args: argparse.Namespace, config: RunConfig) -> int:
     from dreambooth.cluster import check_submission, submit
 
     cron = args.cron if args.command == "schedule" else None
@@ -190,7 +190,7 @@ def _submit(build_pipeline: Callable, args: argparse.Namespace, config: RunConfi
     if not args.skip_preflight and not _preflight(args, config):
         raise InputError(f"{args.command}: preflight failed (above); nothing was submitted. Fix it, or pass --skip-preflight")
     wait = args.wait if args.command == "submit" else None
-    return submit(build_pipeline, config, _kfp_target(args, config), args.experiment, parameters, args.run_name or name,
+    return submit(config, _kfp_target(args, config), args.experiment, parameters, args.run_name or name,
                   cron, wait, args.mlflow_via)
 
 
@@ -267,11 +267,11 @@ def _models(args: argparse.Namespace, config: RunConfig) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipeline.py", description="DreamBooth personalisation as a Kubeflow pipeline")
+    parser = argparse.ArgumentParser(prog="dreambooth", description="DreamBooth personalisation as a Kubeflow pipeline")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sub.add_argument("--config", default=DEFAULT_CONFIG, help="config name under configs/ or a YAML path")
+        sub.add_argument("--config", default=DEFAULT_CONFIG, help="a shipped config's name (sd15, tiny, gke-sd15...) or a YAML path")
         sub.add_argument("--base-model", help="hub id, local diffusers folder or tiny://sd (overrides model.base)")
         return sub
 
@@ -368,7 +368,7 @@ def _unwinding() -> None:
     signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def main(build_pipeline: Callable, argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the runs this command opened are closed with the reason.
     signal.signal(signal.SIGTERM, _stop)
@@ -384,11 +384,11 @@ def main(build_pipeline: Callable, argv: Optional[list[str]] = None) -> int:
         if args.command == "compile":
             from dreambooth.cluster import compile_pipeline
 
-            path = compile_pipeline(build_pipeline, config, args.output, on_cluster=config.cluster is not None)
+            path = compile_pipeline(config, args.output, on_cluster=config.cluster is not None)
             print(f"wrote {path} (config {config.name!r})")
             return 0
         if args.command in ("submit", "schedule"):
-            return _submit(build_pipeline, args, config)
+            return _submit(args, config)
         if args.command == "preflight":
             return 0 if _preflight(args, config) else 1
         if args.command == "warm-cache":
@@ -405,7 +405,7 @@ def main(build_pipeline: Callable, argv: Optional[list[str]] = None) -> int:
             return _promote(args, config)
         if args.command == "models":
             return _models(args, config)
-        return _run(build_pipeline, args, config)
+        return _run(args, config)
     except InputError as error:
         for line in str(error).splitlines():
             print(f"error: {line}", file=sys.stderr)

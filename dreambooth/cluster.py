@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
@@ -42,9 +42,11 @@ def run_parameters(config: RunConfig, subjects_uri: str = "", subjects_json: str
     }
 
 
-def compile_pipeline(build_pipeline: Callable, config: RunConfig, output: Path, on_cluster: bool = False) -> Path:
+def compile_pipeline(config: RunConfig, output: Path, on_cluster: bool = False) -> Path:
     """Write the KFP IR YAML; the config becomes the default parameters, so a run changes by parameters only."""
     from kfp import compiler
+
+    from dreambooth.pipeline import build_pipeline
 
     if on_cluster and config.cluster is None:
         raise InputError(f"config {config.name!r}: no `cluster` section; use a cluster config (e.g. --config gke-sd15)")
@@ -151,7 +153,7 @@ def check_submission(config: RunConfig, cron: Optional[str] = None) -> None:
 
 
 def submit(
-    build_pipeline: Callable, config: RunConfig, target: KfpTarget, experiment: str, parameters: dict,
+    config: RunConfig, target: KfpTarget, experiment: str, parameters: dict,
     run_name: str, cron: Optional[str] = None, wait_seconds: Optional[int] = None, mlflow_via: Optional[str] = None,
 ) -> int:
     """Compile with the cluster settings and create a run (or, with cron, a recurring run) on a KFP v2 host.
@@ -165,7 +167,7 @@ def submit(
     account = config.cluster.service_account or ""
     host = target.host.rstrip("/")
     with tempfile.TemporaryDirectory() as scratch:
-        package = compile_pipeline(build_pipeline, config, Path(scratch) / "dreambooth.yaml", on_cluster=True)
+        package = compile_pipeline(config, Path(scratch) / "dreambooth.yaml", on_cluster=True)
         if cron is not None:
             experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
             recurring = client.create_recurring_run(

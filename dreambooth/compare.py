@@ -1,4 +1,4 @@
-"""`pipeline.py compare`: evaluated subject runs side by side, from MLflow.
+"""`dreambooth compare`: evaluated subject runs side by side, from MLflow.
 
 Writes, and logs to an MLflow run of its own: a table (Markdown and CSV) of DINO, CLIP-I, CLIP-T,
 PRES, DIV, steps, learning rate, method and training time with the paper's rows for orientation;

@@ -1,9 +1,9 @@
 """Typed run configuration, validated when it is loaded.
 
-A config is a YAML file under `configs/` (versioned with the code) plus the few
-per-run values a user passes on the command line (subject, class noun, ...).
-The resolved config travels to every pipeline task as one JSON string, so a
-task on a cluster sees exactly what the local run saw.
+A config is a YAML file, one shipped in the package (`dreambooth/configs/`, by name: sd15,
+tiny, gke-sd15 ...) or any path, plus the few per-run values a user passes on the command
+line (subject, class noun, ...). The resolved config travels to every pipeline task as one
+JSON string, so a task on a cluster sees exactly what the local run saw.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dreambooth.errors import InputError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Shipped configs are package data: they resolve by name wherever the package is installed.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # The MLflow Service of manifests/ as pipeline pods reach it, in the namespace the overlay deploys to.
 IN_CLUSTER_MLFLOW = "http://mlflow.{namespace}.svc.cluster.local:5000"
 
@@ -44,7 +45,7 @@ class ModelSettings(Section):
 
 
 class SubjectSettings(Section):
-    # A label for runs and tags; `pipeline.py run` defaults it to the subject folder's name.
+    # A label for runs and tags; `dreambooth run` defaults it to the subject folder's name.
     name: str = "subject"
     class_noun: str = ""
     # None: pick a rare token of the model's own tokenizer (dreambooth.identifiers).
@@ -267,7 +268,7 @@ class TrackingSettings(Section):
     uri: Optional[str] = None
     experiment: str = "dreambooth"
     # At a stage's end, how long to wait for a tracking server that is away; after that the step
-    # metrics stay in a journal on the work disk for `pipeline.py sync-tracking`.
+    # metrics stay in a journal on the work disk for `dreambooth sync-tracking`.
     wait_seconds: float = Field(default=60.0, ge=0)
     # How often each stage's run samples CPU, memory (and GPU with nvidia-ml-py); 0 switches it off.
     system_metrics_seconds: float = Field(default=10.0, ge=0)
@@ -329,7 +330,7 @@ class ClusterSettings(Section):
 
 
 class BatchSettings(Section):
-    """How a batch of subjects runs (pipeline.py run --subjects, submit/schedule --subjects-uri)."""
+    """How a batch of subjects runs (dreambooth run --subjects, submit/schedule --subjects-uri)."""
 
     # Subjects trained at once, and class-prior groups generated at once (KFP ParallelFor parallelism).
     parallelism: int = Field(default=2, ge=1)
@@ -472,7 +473,7 @@ def _describe(error: ValidationError, source: str) -> str:
 
 
 def resolve_config_path(name_or_path: str) -> Path:
-    """`tiny` -> configs/tiny.yaml; anything with a slash or suffix is a path."""
+    """`tiny` -> the shipped dreambooth/configs/tiny.yaml; anything with a slash or suffix is a path."""
     candidate = Path(name_or_path)
     if candidate.suffix in {".yaml", ".yml"} or "/" in name_or_path:
         return candidate

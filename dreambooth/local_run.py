@@ -14,7 +14,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from dreambooth.cluster import run_parameters
 from dreambooth.config import RunConfig
@@ -46,7 +46,7 @@ def _new_job_dir(pipeline_root: Path, before: set[Path]) -> Optional[Path]:
 
 
 def run_locally(
-    build_pipeline: Callable, config: RunConfig, output: str, entries: list[SubjectEntry],
+    config: RunConfig, output: str, entries: list[SubjectEntry],
     subjects_uri: str = "", subjects_json: str = "", force: bool = False, verbose: bool = False,
 ) -> int:
     """Run the DAG through kfp.local for these subjects; print each one's outcome; 1 when any failed."""
@@ -59,7 +59,7 @@ def run_locally(
         os.environ.setdefault(INTERVAL_ENV, "1")
     rows = planned_rows([entry.id for entry in entries], [entry.class_noun for entry in entries] if config.priors.enabled else [],
                         config.superres.enabled)
-    run = functools.partial(_run, build_pipeline, config, rows=rows, subjects_uri=subjects_uri, subjects_json=subjects_json,
+    run = functools.partial(_run, config, rows=rows, subjects_uri=subjects_uri, subjects_json=subjects_json,
                             force=force, verbose=verbose)
     if not is_gcs(output):
         return run(Path(output))
@@ -69,11 +69,12 @@ def run_locally(
 
 
 def _run(
-    build_pipeline: Callable, config: RunConfig, output_dir: Path, rows: list, subjects_uri: str, subjects_json: str,
+    config: RunConfig, output_dir: Path, rows: list, subjects_uri: str, subjects_json: str,
     force: bool, verbose: bool, publish_to: Optional[str] = None,
 ) -> int:
     from kfp import local
 
+    from dreambooth.pipeline import build_pipeline
     from dreambooth.tasks.batch import read_plan
 
     tracking_uri = resolve_tracking_uri(config.tracking.uri)

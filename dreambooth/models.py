@@ -63,7 +63,7 @@ def _hub_source(repo_id: str, revision: Optional[str], setting: str) -> str:
             return cached
         raise InputError(
             f"{setting}: {repo_id!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; "
-            f"run `pipeline.py warm-cache` where the hub is reachable, {way_out}"
+            f"run `dreambooth warm-cache` where the hub is reachable, {way_out}"
         )
     try:
         HfApi().model_info(repo_id, revision=revision, timeout=HUB_PROBE_SECONDS)

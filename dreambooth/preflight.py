@@ -1,4 +1,4 @@
-"""`pipeline.py preflight`: in seconds, what would otherwise fail after GPU time.
+"""`dreambooth preflight`: in seconds, what would otherwise fail after GPU time.
 
 Each check is one line: the models every stage loads (a folder here, the hub reachable, or a
 cached copy; HF_HUB_OFFLINE honoured), MLflow reachable *and accepting the host name the

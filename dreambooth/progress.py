@@ -5,7 +5,7 @@
 
 A line names who the stage is for (a subject, or `class:<noun>` for a class-prior group), the
 stage, its state and, while it runs, how far it is. Tasks print them on stdout: in a container
-they are the pod's log; locally `pipeline.py run` turns them into its live view.
+they are the pod's log; locally `dreambooth run` turns them into its live view.
 """
 
 from __future__ import annotations

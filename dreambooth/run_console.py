@@ -1,4 +1,4 @@
-"""What `pipeline.py run` shows: one line per stage, and each task's whole log in a file.
+"""What `dreambooth run` shows: one line per stage, and each task's whole log in a file.
 
 kfp.local runs every task as a subprocess and prints its output from the thread that runs the
 task (loop iterations share a thread pool). While the pipeline runs, sys.stdout and sys.stderr

@@ -1,7 +1,7 @@
 """The batch summary: one row per subject, read from the subject runs in MLflow.
 
 The same rows become the batch run's MLflow table and Markdown, the KFP Markdown and HTML outputs
-(the HTML shows each subject's sample grid inline), and the lines `pipeline.py run` prints.
+(the HTML shows each subject's sample grid inline), and the lines `dreambooth run` prints.
 """
 
 from __future__ import annotations

@@ -49,12 +49,12 @@ def quick_config(folder: Path, experiment="dreambooth", gate=None, superres=True
     takes well under a minute per subject."""
     import yaml
 
-    from dreambooth.config import merge_settings
+    from dreambooth.config import CONFIG_DIR, merge_settings
 
     path = folder / f"quick-{experiment}.yaml"
-    raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    raw = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
     if base != "tiny":
-        family = yaml.safe_load((REPO / "configs" / f"{base}.yaml").read_text())
+        family = yaml.safe_load((CONFIG_DIR / f"{base}.yaml").read_text())
         assert family.pop("extends") == "tiny"
         raw = merge_settings(raw, family)
     raw["priors"]["num_class_images"] = 4

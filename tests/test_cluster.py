@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import REPO, dag_tasks
-from dreambooth.config import load_config
+from dreambooth.config import CONFIG_DIR, load_config
 from dreambooth.errors import InputError
 
 GPU_STAGES = ["class-priors", "finetune", "superres", "samples", "evaluate", "evaluate-upscaled"]
@@ -114,7 +114,7 @@ def test_the_dockerfiles_pass_hadolint(dockerfile):
 def test_a_webhook_reaches_the_exit_handler_from_a_secret_never_through_the_yaml(tmp_path):
     config = tmp_path / "gke-notify.yaml"
     config.write_text(yaml.safe_dump({
-        "extends": str(REPO / "configs" / "gke-sd15.yaml"),
+        "extends": str(CONFIG_DIR / "gke-sd15.yaml"),
         "tracking": {"notify": [{"url_env": "DREAMBOOTH_SLACK_WEBHOOK", "format": "slack"}]},
         "cluster": {"secrets": [{"name": "huggingface", "key": "token", "env": "HF_TOKEN"},
                                 {"name": "dreambooth-notify", "key": "slack-url", "env": "DREAMBOOTH_SLACK_WEBHOOK"}]},

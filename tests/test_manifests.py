@@ -105,7 +105,7 @@ def test_the_cache_volume_is_made_writable_for_the_pipeline_user_before_it_is_fi
     assert f"chown {config.cluster.run_as_user}:{config.cluster.run_as_user} /cache " in script
     warm = container(job, "warm-cache")
     assert warm["securityContext"]["runAsUser"] == config.cluster.run_as_user
-    assert warm["command"][-1] == "warm-cache" and warm["args"] == ["--config", "/app/configs/gke-sd15.yaml"]
+    assert warm["command"] == ["dreambooth", "warm-cache"] and warm["args"] == ["--config", "gke-sd15"]
 
 
 def test_mlflow_reads_its_database_from_a_secret_and_no_secret_is_shipped():

@@ -57,7 +57,7 @@ def test_offline_without_a_cached_copy_says_so_at_once(tmp_path):
     result = cli("ingest", "--config", "sd15", "--subject-dir", str(SAMPLE_SUBJECT), "--class-noun", "dog", "--identifier", "sks",
                  "--output-dir", str(tmp_path / "out"), cwd=tmp_path, env=_env(tmp_path, HF_HUB_OFFLINE="1"), timeout=60)
     assert result.returncode == 2
-    assert "is not in the Hugging Face cache" in result.stderr and "pipeline.py warm-cache" in result.stderr
+    assert "is not in the Hugging Face cache" in result.stderr and "dreambooth warm-cache" in result.stderr
     assert not (tmp_path / "out").exists()  # nothing was checked against an empty tokenizer
 
 

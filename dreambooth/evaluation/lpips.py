@@ -7,7 +7,7 @@ plain layers with torchvision's exact module indices: its `alexnet` state dict a
 
 `lpips://alexnet-v0.1` (the default `evaluation.lpips_model`) names those weights by their public
 sources: on first use both files are downloaded, checked and converted into the model cache
-($DREAMBOOTH_CACHE/lpips/alexnet-v0.1), where `pipeline.py warm-cache` puts them on a cluster.
+($DREAMBOOTH_CACHE/lpips/alexnet-v0.1), where `dreambooth warm-cache` puts them on a cluster.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def _download(url: str, target: Path, setting: str) -> Path:
             while chunk := response.read(1 << 20):
                 out.write(chunk)
     except OSError as error:
-        raise InputError(f"{setting}: cannot download {url} ({error}); run `pipeline.py warm-cache` where it is reachable") from None
+        raise InputError(f"{setting}: cannot download {url} ({error}); run `dreambooth warm-cache` where it is reachable") from None
     return target
 
 
@@ -143,7 +143,7 @@ def fetch_lpips(reference: str, setting: str = "evaluation.lpips_model") -> Path
         return folder
     if _offline():
         raise InputError(f"{setting}: {reference} is not in the model cache ({folder}) and HF_HUB_OFFLINE is set; "
-                         "run `pipeline.py warm-cache` where the network is reachable")
+                         "run `dreambooth warm-cache` where the network is reachable")
     alexnet_url, alexnet_sha, heads_url = LPIPS_SOURCES[name]
     with tempfile.TemporaryDirectory() as scratch:
         alexnet = _download(alexnet_url, Path(scratch) / "alexnet.pth", setting)

@@ -228,7 +228,7 @@ class StageRun:
         if left:
             raise TrackingUnavailable(
                 f"tracking at {self.tracking_uri} unreachable for {self.wait_seconds:.0f} s ({spool.last_error}); "
-                f"{left} step metrics kept in {spool.journal}: send them with `python pipeline.py sync-tracking`"
+                f"{left} step metrics kept in {spool.journal}: send them with `dreambooth sync-tracking`"
             )
 
     def continue_from(self, earlier_run_id: str, up_to_step: int) -> None:

@@ -4,7 +4,7 @@ Each point is appended to a local journal first (`<run id>.jsonl` in the spool f
 disk), and a background thread sends what is new in batches, writing how far it got to
 `<run id>.sent`. Training never waits on the server: while it is away the journal grows, and it is
 sent when the server is back, by this process, by a retried task that reopens the run, or by
-`pipeline.py sync-tracking`. Points keep the timestamp they were made with and MLflow stores an
+`dreambooth sync-tracking`. Points keep the timestamp they were made with and MLflow stores an
 exact duplicate once, so a batch sent twice (a kill between the send and the offset write) is
 still logged once.
 """

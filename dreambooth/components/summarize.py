@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from components.image import COMPONENT_IMAGE
+from dreambooth.components.image import COMPONENT_IMAGE
 
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
