@@ -46,7 +46,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         overrides["tracking"]["uri"] = args.tracking_uri
     if getattr(args, "output_dir", None) and args.command in ("run", "sync-tracking"):
         from dreambooth.storage import is_gcs
-        from dreambooth.tiny_models import default_cache_dir
+        from dreambooth.cache import default_cache_dir
 
         # Prior caches and checkpoints stay on local disk, next to local outputs when there are some.
         local = default_cache_dir() if is_gcs(args.output_dir) else Path(args.output_dir).resolve()

@@ -50,19 +50,16 @@ def launch(stage: str, processes: int, arguments: dict) -> FinetuneResult:
 
 
 def _worker(stage: str, request_file: str) -> None:
-    from mlflow.tracking import MlflowClient
-
     from dreambooth.config import RunConfig
     from dreambooth.finetune import finetune
     from dreambooth.superres import finetune_upscaler
     from dreambooth.progress import StageProgress
-    from dreambooth.tasks.stages import training_log
-    from dreambooth.tracking import StageRun
+    from dreambooth.tracking import StageRun, client
     from dreambooth.training.loop import process_state
 
     request = json.loads(Path(request_file).read_text())
     state = process_state()
-    run = StageRun(MlflowClient(request["tracking_uri"]), request["run_id"], request["parent_run_id"], request["tracking_uri"],
+    run = StageRun(client(request["tracking_uri"]), request["run_id"], request["parent_run_id"], request["tracking_uri"],
                    Path(request["spool_dir"]), request["wait_seconds"], StageProgress(request["scope"], request["stage"]))
     train_stage = finetune if stage == "finetune" else finetune_upscaler
     outcome = Path(request["outcome"])
@@ -73,7 +70,7 @@ def _worker(stage: str, request_file: str) -> None:
             request["identifier"],
             RunConfig.from_json(request["config_json"]),
             Path(request["output_dir"]),
-            on_log=training_log(run, request["total_steps"]),  # called on the main process only
+            on_log=run.training_log(request["total_steps"]),  # called on the main process only
             release=False,  # the task releases the checkpoints once the model is recorded
             tracking_run=request["run_id"],
         )

@@ -19,7 +19,8 @@ import torch
 
 from dreambooth.errors import InputError
 from dreambooth.storage import cached_folder, is_gcs
-from dreambooth.tiny_models import TINY_SCHEME, default_cache_dir, resolve_tiny_model
+from dreambooth.cache import default_cache_dir
+from dreambooth.tiny_models import TINY_SCHEME, resolve_tiny_model
 
 METADATA_FILE = "dreambooth.json"  # beside every trained result: identifier, class noun, base model
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' adapter file name (load_lora_weights reads it)

@@ -16,10 +16,11 @@ embedding transformer, 16-channel packing VAE and flow-matching scheduler.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from dreambooth.cache import default_cache_dir
 
 TINY_SCHEME = "tiny://"
 # Bump when a builder changes, so cached folders are rebuilt.
@@ -33,10 +34,6 @@ _COMMON_WORDS = (
     "top mountain river sunset desert water pool lake sea sky night rainbow hat santa chef outfit "
     "sleeping bag jacket sunglasses crown wizard police firefighter toy bear plush bowl boot vase"
 ).split()
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DREAMBOOTH_CACHE", Path.home() / ".cache" / "dreambooth-kfp"))
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -116,7 +116,7 @@ def _lpips_name(reference: str, setting: str) -> str:
 
 
 def lpips_cache_folder(name: str) -> Path:
-    from dreambooth.tiny_models import default_cache_dir
+    from dreambooth.cache import default_cache_dir
 
     return default_cache_dir() / "lpips" / name
 

@@ -145,15 +145,6 @@ def ingest_task(config: RunConfig, run: StageRun, photos: str, output_dir: str) 
     return result.identifier.identifier
 
 
-def training_log(run: StageRun, total_steps: int):
-    """The loop's on_log: the step's losses as the run's curves, and a progress line."""
-
-    def on_log(step: int, values: dict[str, float]) -> None:
-        run.report(step, total_steps, "steps", f"loss {values['loss']:.4f}" if "loss" in values else "", metrics=values)
-
-    return on_log
-
-
 def _train(stage, train_in_process, settings, run: StageRun, config, subject_dir, class_dir, identifier, output_dir):
     """One process, or one per GPU through dreambooth.distributed; the same result either way."""
     from dreambooth.distributed import launch
@@ -163,7 +154,7 @@ def _train(stage, train_in_process, settings, run: StageRun, config, subject_dir
     # The checkpoint folder's marker stays until the model is recorded (release_checkpoints): a
     # retry after a tracking outage reuses the saved model.
     if processes == 1:
-        result = train_in_process(subject_dir, class_dir, identifier, config, output_dir, on_log=training_log(run, settings.max_steps),
+        result = train_in_process(subject_dir, class_dir, identifier, config, output_dir, on_log=run.training_log(settings.max_steps),
                                   release=False, tracking_run=run.run_id)
     else:
         result = launch(stage, processes, {

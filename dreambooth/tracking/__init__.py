@@ -188,7 +188,7 @@ def log_metrics(mlflow, run_id: str, values: dict[str, float]) -> None:
 
 
 def default_spool_dir() -> Path:
-    from dreambooth.tiny_models import default_cache_dir
+    from dreambooth.cache import default_cache_dir
 
     return default_cache_dir() / "work" / SPOOL_FOLDER
 
@@ -213,6 +213,14 @@ class StageRun:
         if self.progress is not None:
             self.progress.update(done, total, unit, detail)
         self.log_step_metrics(done, {**(metrics or {}), "progress": done / max(total, 1)})
+
+    def training_log(self, total_steps: int):
+        """The training loop's on_log: the step's losses as the run's curves, and a progress line."""
+
+        def on_log(step: int, values: dict[str, float]) -> None:
+            self.report(step, total_steps, "steps", f"loss {values['loss']:.4f}" if "loss" in values else "", metrics=values)
+
+        return on_log
 
     def log_step_metrics(self, step: int, values: dict[str, float]) -> None:
         if self._spool is None:

@@ -157,7 +157,7 @@ class SyncOutcome:
 
 def sync_spooled(folder: Path, tracking_uri: Optional[str] = None) -> list[SyncOutcome]:
     """Send every journal left in `folder` (all of them, or those of `tracking_uri`); sent journals are removed."""
-    from dreambooth.tracking import client
+    from dreambooth.tracking.store import client
 
     outcomes = []
     for info_file in sorted(folder.glob(f"*{INFO_SUFFIX}")) if folder.is_dir() else []:
