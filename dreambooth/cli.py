@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ from typing import Optional
 from dreambooth.cluster import COOKIES_ENV, TOKEN_ENV, TOKEN_FILE_ENV
 from dreambooth.config import RunConfig, load_config
 from dreambooth.errors import InputError
+from dreambooth.process import configure_process, unwinding
 from dreambooth.subjects import SubjectEntry, entries_to_json, subject_config, validate_entries
 
 DEFAULT_CONFIG = "sd15"
@@ -140,7 +140,7 @@ def _evaluate_only(args: argparse.Namespace, shared: RunConfig) -> int:
     try:
         outcome = evaluate_task(config.to_json(), tracking_uri, subject_run_id, args.model, args.subject_dir, str(output_dir))
     finally:  # a crash, Ctrl-C or SIGTERM too: no run is left RUNNING, the reason is on each
-        _unwinding()
+        unwinding()
         row = subject_row(tracking_uri, subject_run_id, close=True)
         finish_batch_run(tracking_uri, shared.tracking.experiment, job_id, "SUCCEEDED" if outcome else "FAILED", row.reason)
     if outcome is None:
@@ -357,25 +357,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stop(signum, frame) -> None:
-    # Raised between two bytecodes of the main thread. One that lands in a garbage-collection
-    # callback is swallowed by Python, so it is raised again each second until unwinding begins.
-    signal.setitimer(signal.ITIMER_REAL, 1.0)
-    raise KeyboardInterrupt("stopped by SIGTERM")
-
-
-def _unwinding() -> None:
-    signal.setitimer(signal.ITIMER_REAL, 0)
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    # SIGTERM unwinds like Ctrl-C, so the runs this command opened are closed with the reason.
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGALRM, _stop)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # Reports read small artifacts (a plan, samples) back from MLflow: no progress bar per file.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    configure_process(logging.WARNING, stop_on_sigterm=True)
     try:
         config = _without_credentials(load_config(args.config, _overrides(args)))
         from dreambooth.models import allow_pickle_weights
@@ -411,6 +395,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
-        _unwinding()
+        unwinding()
         print(f"error: {args.command}: {str(stop) or 'interrupted'}", file=sys.stderr)
         return 130

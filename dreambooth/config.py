@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dreambooth.errors import InputError
+from dreambooth.stages import COMPONENT_STAGES
 
 # Shipped configs are package data: they resolve by name wherever the package is installed.
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -316,7 +317,16 @@ class ClusterSettings(Section):
     secrets: list[SecretReference] = []
     run_as_user: int = 1000
     service_account: Optional[str] = None  # the Workload Identity KSA runs are submitted with
+    # By stage name (dreambooth.stages: plan-batch, class-priors, fine-tune, super-resolution ...).
     stages: dict[str, StageResources] = {}
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, stages: dict) -> dict:
+        unknown = sorted(set(stages) - set(COMPONENT_STAGES))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not a stage of the pipeline; the stages are {', '.join(COMPONENT_STAGES)}")
+        return stages
 
     @field_validator("image")
     @classmethod

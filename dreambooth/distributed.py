@@ -17,9 +17,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dreambooth.errors import InputError, Preempted, TrackingUnavailable, TrainingDiverged
+from dreambooth.process import configure_process
+from dreambooth.stages import FINE_TUNE, SUPER_RESOLUTION
 from dreambooth.training.saving import FinetuneResult
 
-STAGES = ("finetune", "superres")
+STAGES = (FINE_TUNE.name, SUPER_RESOLUTION.name)
 ERRORS = {error.__name__: error for error in (InputError, TrainingDiverged, Preempted, TrackingUnavailable)}
 
 
@@ -61,7 +63,7 @@ def _worker(stage: str, request_file: str) -> None:
     state = process_state()
     run = StageRun(client(request["tracking_uri"]), request["run_id"], request["parent_run_id"], request["tracking_uri"],
                    Path(request["spool_dir"]), request["wait_seconds"], StageProgress(request["scope"], request["stage"]))
-    train_stage = finetune if stage == "finetune" else finetune_upscaler
+    train_stage = finetune if stage == FINE_TUNE.name else finetune_upscaler
     outcome = Path(request["outcome"])
     try:
         result = train_stage(
@@ -84,6 +86,7 @@ def _worker(stage: str, request_file: str) -> None:
 
 
 if __name__ == "__main__":
+    configure_process()
     if len(sys.argv) != 3 or sys.argv[1] not in STAGES:
         raise SystemExit(f"usage: python -m dreambooth.distributed {{{','.join(STAGES)}}} REQUEST.json")
     _worker(sys.argv[1], sys.argv[2])

@@ -19,6 +19,7 @@ from PIL import Image
 
 from dreambooth.config import SamplerSettings
 from dreambooth.models import inference_dtype, load_pipeline, native_resolution, use_sampler
+from dreambooth.process import configure_process
 
 
 def load_sampling_pipeline(reference: str, sampler: SamplerSettings, revision: str | None = None, vae: str | None = None):
@@ -119,6 +120,7 @@ def _generate_files_in_processes(reference, revision, requests, names, folder, s
 
 
 if __name__ == "__main__":  # one shard of generate_files
+    configure_process()
     shard = json.loads(Path(sys.argv[1]).read_text())
     generate_files(
         shard["reference"], shard["revision"], [tuple(r) for r in shard["requests"]], shard["names"],

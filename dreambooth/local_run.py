@@ -7,10 +7,8 @@ published to the bucket afterwards. While it runs, `run_console` shows one line 
 
 from __future__ import annotations
 
-import builtins
 import functools
 import os
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -18,9 +16,11 @@ from typing import Optional
 
 from dreambooth.cluster import run_parameters
 from dreambooth.config import RunConfig
+from dreambooth.kfp_local import local_pipelines
 from dreambooth.models import LORA_WEIGHTS
 from dreambooth.progress import INTERVAL_ENV
 from dreambooth.run_console import RunConsole, planned_rows
+from dreambooth.stages import BATCH_FAILURES, EVALUATE, SAMPLES, SUPER_RESOLUTION
 from dreambooth.storage import is_gcs, upload_folder
 from dreambooth.subjects import SubjectEntry
 from dreambooth.summary import UP_TO_DATE, SubjectRow, collect_rows, headline
@@ -28,16 +28,8 @@ from dreambooth.tracking import FAILED, SPOOL_FOLDER, TAG_ERROR, experiment_id, 
 from dreambooth.tracking.spool import sync_spooled
 
 PIPELINE_PREFIX = "dreambooth-"
-BATCH_FAILURES_TASK = "batch-failures"
+
 PUBLISHED_FOLDERS = {"model": "model", "sample grid": "samples", "upscaler": "upscaler", "evaluation": "evaluation"}
-
-
-def failed_task_chain(message: str) -> Optional[str]:
-    """From kfp.local's failure report, the failed task and the groups around it
-    ("batch-failures inside exit-handler-1"); None when the error is not a task failure."""
-    plain = re.sub(r"\x1b\[[0-9;]*m", "", message)
-    found = re.search(r"Inner task failed: (.+)\.$", plain.strip())
-    return found.group(1).replace("'", "") if found else None
 
 
 def _new_job_dir(pipeline_root: Path, before: set[Path]) -> Optional[Path]:
@@ -72,8 +64,6 @@ def _run(
     config: RunConfig, output_dir: Path, rows: list, subjects_uri: str, subjects_json: str,
     force: bool, verbose: bool, publish_to: Optional[str] = None,
 ) -> int:
-    from kfp import local
-
     from dreambooth.pipeline import build_pipeline
     from dreambooth.tasks.batch import read_plan
 
@@ -87,20 +77,10 @@ def _run(
     pipeline_root = output_dir.resolve() / "kfp"
     pipeline_root.mkdir(parents=True, exist_ok=True)
     before = set(pipeline_root.glob(f"{PIPELINE_PREFIX}*"))
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
-    print_function = builtins.print
-    failed_task = None
     console = RunConsole(lambda: _new_job_dir(pipeline_root, before), rows, verbose)
-    try:
-        with console:
-            build_pipeline(config)(**run_parameters(config, subjects_uri, subjects_json, force))  # local: no cluster settings
-    except RuntimeError as error:
-        failed_task = failed_task_chain(str(error))
-        if failed_task is None:
-            raise
-    finally:
-        # kfp.local indents task output by swapping builtins.print, and parallel tasks can leave it swapped.
-        builtins.print = print_function
+    with local_pipelines(pipeline_root) as run_pipeline, console:
+        # Locally, no cluster settings: kfp.local ignores them.
+        failed_task = run_pipeline(build_pipeline(config), run_parameters(config, subjects_uri, subjects_json, force))
 
     job_dir = _new_job_dir(pipeline_root, before)
     if job_dir is None:
@@ -110,7 +90,7 @@ def _run(
     print(f"job:          {job_dir.name}")
     print(f"task logs:    {job_dir / 'logs'}")
     # batch-failures fails the run on purpose when a subject failed: the subjects' lines say why.
-    broken = failed_task if failed_task and failed_task.split(" inside ")[0] != BATCH_FAILURES_TASK else None
+    broken = failed_task if failed_task and failed_task.split(" inside ")[0] != BATCH_FAILURES.name else None
     if broken:
         log = console.output.log_of(broken.split(" inside ")[0]) or job_dir / "logs" / "pipeline.log"
         print(f"error: task {broken} failed; its log: {log}", file=sys.stderr)
@@ -148,9 +128,9 @@ def _local_outputs(row: SubjectRow) -> dict[str, Path]:
     if row.status != UP_TO_DATE:  # kfp.local puts every task of a subject under one iteration folder
         iteration = model.parent.parent
         found.update({
-            "sample grid": iteration / "samples" / "sample_images" / "samples-grid.png",
-            "upscaler": iteration / "superres" / "upscaler",
-            "evaluation": iteration / "evaluate" / "evaluation" / "report.md",
+            "sample grid": iteration / SAMPLES.name / "sample_images" / "samples-grid.png",
+            "upscaler": iteration / SUPER_RESOLUTION.name / "upscaler",
+            "evaluation": iteration / EVALUATE.name / "evaluation" / "report.md",
         })
     def present(path: Path) -> bool:  # a file, a pipeline folder or a LoRA adapter folder
         return path.is_file() or (path / "model_index.json").is_file() or (path / LORA_WEIGHTS).is_file()

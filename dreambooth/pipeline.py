@@ -21,7 +21,7 @@ from dreambooth.components.batch_failures import batch_failures
 from dreambooth.components.class_priors import class_priors
 from dreambooth.components.evaluate import evaluate
 from dreambooth.components.evaluate_upscaled import evaluate_upscaled
-from dreambooth.components.finetune import finetune
+from dreambooth.components.fine_tune import fine_tune
 from dreambooth.components.finish_tracking import finish_tracking
 from dreambooth.components.ingest import ingest
 from dreambooth.components.plan_batch import plan_batch
@@ -29,8 +29,9 @@ from dreambooth.components.platform import apply_cluster_settings
 from dreambooth.components.prior_groups import prior_groups
 from dreambooth.components.samples import samples
 from dreambooth.components.summarize import summarize
-from dreambooth.components.superres import superres
+from dreambooth.components.super_resolution import super_resolution
 from dreambooth.config import RunConfig
+from dreambooth.stages import BY_NAME
 
 PIPELINE_NAME = "dreambooth"
 JOB_ID = dsl.PIPELINE_JOB_ID_PLACEHOLDER
@@ -43,10 +44,12 @@ def build_pipeline(config: RunConfig, on_cluster: bool = False):
     parallelism = config.batch.parallelism
 
     def stage(task):
-        """Every task: never cached (each reads or writes MLflow); on a cluster, its stage's Kubernetes settings."""
+        """Every task is a stage of the table (dreambooth.stages): never cached (each reads or writes
+        MLflow); on a cluster, its stage's Kubernetes settings."""
+        name = BY_NAME[task.component_spec.name].name
         task.set_caching_options(False)
         if on_cluster:
-            apply_cluster_settings(task, task.component_spec.name, config.cluster)
+            apply_cluster_settings(task, name, config.cluster)
         return task
 
     pipeline_root = config.cluster.pipeline_root if on_cluster and config.cluster else None
@@ -117,13 +120,13 @@ def _subject_stages(subject, tracking_uri, superres_enabled, stage):
     ingested = stage(ingest(**run, photos=subject.photos))
     with dsl.If(ingested.outputs["Output"] == OK, name="ingested"):
         images = ingested.outputs["subject_images"]
-        tuned = stage(finetune(**run, subject_images=images, class_images=subject.class_images))
+        tuned = stage(fine_tune(**run, subject_images=images, class_images=subject.class_images))
         with dsl.If(tuned.outputs["Output"] == OK, name="fine-tuned"):
             model = tuned.outputs["model"]
             stage(samples(**run, model=model))
             stage(evaluate(**run, model=model, subject_images=images, class_images=subject.class_images))
             with dsl.If(superres_enabled == True, name="superres-enabled"):  # noqa: E712 (a KFP condition)
-                upscaled = stage(superres(**run, subject_images=images, class_images=subject.class_images, model=model))
+                upscaled = stage(super_resolution(**run, subject_images=images, class_images=subject.class_images, model=model))
                 with dsl.If(upscaled.outputs["Output"] == OK, name="upscaler-trained"):
                     stage(evaluate_upscaled(**run, model=model, upscaler=upscaled.outputs["upscaler"], subject_images=images))
     return ingested

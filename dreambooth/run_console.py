@@ -12,7 +12,6 @@ line, progress at most every 30 s. `--verbose` echoes the whole stream as well.
 from __future__ import annotations
 
 import io
-import re
 import sys
 import threading
 import time
@@ -21,22 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, TextIO
 
+from dreambooth.kfp_local import component_of, finished_task, plain, started_component, started_task
 from dreambooth.progress import DONE, FAILED, RUNNING, SKIPPED, ProgressEvent, parse
+from dreambooth.stages import BY_NAME, CLASS_PRIORS, PLAN_BATCH, SUBJECT_STAGES, SUMMARIZE, SUPERRES_STAGES
 
 WAITING = "waiting"
 BATCH = "batch"
-# Where a task's output begins and ends. kfp.local's own lines go through the root logger, which
-# its parallel threads reconfigure under each other, so one can be lost: a task also begins at its
-# executor's first line (printed by the task's own process), and ends where the next one begins.
-KFP_STARTED = re.compile(r"Executing task '([^']+)'")
-EXECUTOR_STARTED = re.compile(r"Looking for component `([^`]+)`")
-KFP_FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-SAME_COMPONENT_AGAIN = re.compile(r"-\d+$")  # kfp names a component's second task `summarize-2`
 TAIL_LINES = 15
 PLAIN_PROGRESS_SECONDS = 30.0
-SUBJECT_STAGES = ("ingest", "fine-tune", "samples", "evaluate")
-SUPERRES_STAGES = ("super-resolution", "evaluate-upscaled")
 
 
 @dataclass
@@ -61,10 +52,10 @@ class Row:
 
 def planned_rows(subjects: list[str], class_nouns: list[str], superres: bool) -> list[Row]:
     """The rows a run starts with, all waiting: the plan, each class's priors, each subject's stages."""
-    rows = [Row(BATCH, "plan")] + [Row(f"class:{noun}", "class-priors") for noun in dict.fromkeys(class_nouns)]
+    rows = [Row(BATCH, PLAN_BATCH.name)] + [Row(f"class:{noun}", CLASS_PRIORS.name) for noun in dict.fromkeys(class_nouns)]
     for subject in subjects:
-        rows += [Row(subject, stage) for stage in SUBJECT_STAGES + (SUPERRES_STAGES if superres else ())]
-    return rows + [Row(BATCH, "summary")]
+        rows += [Row(subject, stage.name) for stage in SUBJECT_STAGES + (SUPERRES_STAGES if superres else ())]
+    return rows + [Row(BATCH, SUMMARIZE.name)]
 
 
 class Board:
@@ -225,6 +216,11 @@ class TaskLog:
     executor_seen: bool = False
     _file: Optional[TextIO] = None
 
+    @property
+    def component(self) -> str:
+        """The stage the task runs."""
+        return component_of(self.task)
+
     def add(self, line: str) -> None:
         self.tail.append(line)
         if self._file is None:
@@ -293,29 +289,31 @@ class TaskOutput(io.TextIOBase):
     def _settle(self, task: TaskLog) -> None:
         logs_dir = self._logs_dir()
         if logs_dir is not None:
-            task.settle(logs_dir / (task.scope or BATCH).replace(":", "-") / f"{task.task}.log")
+            task.settle(BY_NAME[task.component].log_file(logs_dir, task.scope or BATCH))
 
-    def _starts_task(self, thread: int, plain: str) -> None:
-        started, executor = KFP_STARTED.search(plain), EXECUTOR_STARTED.search(plain)
+    def _starts_task(self, thread: int, line: str) -> None:
+        # Where a task's output begins and ends. kfp.local's own lines go through the root logger, which
+        # its parallel threads reconfigure under each other, so one can be lost: a task also begins at its
+        # executor's first line (printed by the task's own process), and ends where the next one begins.
+        started, component = started_task(line), started_component(line)
         current = self._current.get(thread)
         if started:
             self._end_task(thread)
-            self._current[thread] = TaskLog(started.group(1))
-        elif executor:
-            component = executor.group(1).replace("_", "-")
-            if current is None or current.executor_seen or SAME_COMPONENT_AGAIN.sub("", current.task) != component:
+            self._current[thread] = TaskLog(started)
+        elif component:
+            if current is None or current.executor_seen or current.component != component:
                 self._end_task(thread)  # kfp's line for this task was lost
                 self._current[thread] = TaskLog(component)
             self._current[thread].executor_seen = True
 
     def _line(self, thread: int, line: str) -> None:
-        plain = ANSI.sub("", line).rstrip()
-        self._starts_task(thread, plain)
+        line = plain(line)
+        self._starts_task(thread, line)
         task = self._current.get(thread)
-        self.pipeline_log.add(plain)
+        self.pipeline_log.add(line)
         if task is not None:
-            task.add(plain)
-            event = parse(plain)
+            task.add(line)
+            event = parse(line)
             if event is not None:
                 task.scope, task.stage = event.scope, event.stage
                 row = self.board.apply(event) if self.board else None
@@ -324,7 +322,7 @@ class TaskOutput(io.TextIOBase):
             self._settle(task)
         else:
             self._logs_dir()
-        if KFP_FINISHED.search(plain):
+        if finished_task(line):
             self._end_task(thread)
 
     def _end_task(self, thread: int) -> None:

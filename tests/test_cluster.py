@@ -12,7 +12,7 @@ from conftest import REPO, dag_tasks
 from dreambooth.config import CONFIG_DIR, load_config
 from dreambooth.errors import InputError
 
-GPU_STAGES = ["class-priors", "finetune", "superres", "samples", "evaluate", "evaluate-upscaled"]
+GPU_STAGES = ["class-priors", "fine-tune", "super-resolution", "samples", "evaluate", "evaluate-upscaled"]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_every_stage_is_non_root_time_limited_and_pinned(compiled):
 
 def test_secrets_travel_by_reference_only(compiled):
     text, _, executors = compiled
-    reference = executors["exec-finetune"]["secretAsEnv"][0]
+    reference = executors["exec-fine-tune"]["secretAsEnv"][0]
     assert reference["secretName"] == "huggingface" and reference["keyToEnv"] == [{"secretKey": "token", "envVar": "HF_TOKEN"}]
     assert "hf_live_secret_value_do_not_leak" not in text
     for leak in ("private_key", "BEGIN PRIVATE KEY", "GOOGLE_APPLICATION_CREDENTIALS", "service_account.json"):
@@ -81,7 +81,7 @@ def test_a_tracking_uri_with_credentials_is_never_compiled_in(tmp_path):
 
 def test_gpu_stages_retry_for_longer_than_they_run(compiled):
     _, pipeline_spec, _ = compiled
-    _, finetune = dag_tasks(pipeline_spec)["finetune"]
+    _, finetune = dag_tasks(pipeline_spec)["fine-tune"]
     policy = finetune["retryPolicy"]
     assert policy["maxRetryCount"] == 2
     window = int(policy["backoffMaxDuration"].rstrip("s"))

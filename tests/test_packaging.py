@@ -81,4 +81,4 @@ def test_the_installed_command_compiles_the_cluster_pipeline(installed, tmp_path
     result = _run(installed, "dreambooth", "compile", "--config", "gke-sd15", "--output", "dreambooth.yaml", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     spec = next(yaml.safe_load_all((tmp_path / "dreambooth.yaml").read_text()))
-    assert spec["pipelineInfo"]["name"] == "dreambooth" and "comp-finetune" in spec["components"]
+    assert spec["pipelineInfo"]["name"] == "dreambooth" and "comp-fine-tune" in spec["components"]

@@ -41,11 +41,11 @@ def test_compile_writes_a_batch_dag_priors_fan_out_before_subjects_fan_out(tmp_p
     assert tasks[subjects_loop][1]["dependentTasks"] == ["assign-priors"]  # the subjects start after every prior
     assert tasks["summarize"][1]["dependentTasks"] == [subjects_loop]
     # Within a subject: each stage runs only when the one before succeeded for that subject.
-    finetune_gate = tasks[_parents(tasks, "finetune")[0]][1]["triggerPolicy"]["condition"]
+    finetune_gate = tasks[_parents(tasks, "fine-tune")[0]][1]["triggerPolicy"]["condition"]
     assert finetune_gate == "inputs.parameter_values['pipelinechannel--ingest-Output'] == 'ok'"
     assert _parents(tasks, "samples") == _parents(tasks, "evaluate")
-    assert "finetune-Output" in tasks[_parents(tasks, "evaluate")[0]][1]["triggerPolicy"]["condition"]
-    assert "superres_enabled" in tasks[_parents(tasks, "superres")[0]][1]["triggerPolicy"]["condition"]
+    assert "fine-tune-Output" in tasks[_parents(tasks, "evaluate")[0]][1]["triggerPolicy"]["condition"]
+    assert "superres_enabled" in tasks[_parents(tasks, "super-resolution")[0]][1]["triggerPolicy"]["condition"]
     # Nothing to train: only the summary runs.
     assert "plan-batch-Output" in tasks[_parents(tasks, "summarize-2")[0]][1]["triggerPolicy"]["condition"]
     assert all(not task.get("cachingOptions", {}).get("enableCache") for _, task in tasks.values())
@@ -143,7 +143,7 @@ def _check_kfp_pages(iteration_dir):
 
     from PIL import Image
 
-    expected = {"samples/sample_page": 1, "evaluate/grids": 3, "superres/comparison": 1, "evaluate-upscaled/grids": 6}
+    expected = {"samples/sample_page": 1, "evaluate/grids": 3, "super-resolution/comparison": 1, "evaluate-upscaled/grids": 6}
     for output, count in expected.items():
         page = (iteration_dir / output).read_text()
         images = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', page)
@@ -175,18 +175,18 @@ def test_run_on_the_tiny_config_tracks_into_local_sqlite_by_default(tmp_path):
 
     # Not a terminal: one line per stage state change, none of kfp.local's stream; each task's log in a file.
     assert stage_states(result.stdout) == {
-        ("batch", "plan"): ["running", "done"], ("class:dog", "class-priors"): ["running", "done"],
+        ("batch", "plan-batch"): ["running", "done"], ("class:dog", "class-priors"): ["running", "done"],
         **{("dog", stage): ["running", "done"] for stage in SUBJECT_STAGES},
-        ("batch", "summary"): ["running", "done"], ("batch", "close-runs"): ["running", "done"],
+        ("batch", "summarize"): ["running", "done"], ("batch", "finish-tracking"): ["running", "done"],
     }
     assert "Executing task" not in result.stdout and "executor_input" not in result.stdout
     done = next(line for line in result.stdout.splitlines() if re.search(r" dog +fine-tune +done ", line))
     assert re.search(r"step 8/8 · loss \d\.\d{4}", done), done
     assert len(result.stdout.split("\njob:")[0].splitlines()) < 40
     logs = Path(next(line for line in result.stdout.splitlines() if line.startswith("task logs:")).split(":", 1)[1].strip())
-    assert "Got executor_input" in (logs / "dog" / "finetune.log").read_text()
+    assert "Got executor_input" in (logs / "dog" / "fine-tune.log").read_text()
     assert "Executing task 'ingest'" in (logs / "dog" / "ingest.log").read_text()
-    assert "Executing task 'finetune'" not in (logs / "dog" / "ingest.log").read_text()
+    assert "Executing task 'fine-tune'" not in (logs / "dog" / "ingest.log").read_text()
     assert "[progress] dog evaluate done" in (logs / "dog" / "evaluate.log").read_text()
     assert (logs / "pipeline.log").read_text().count("Executing task") >= 9
 

@@ -53,7 +53,7 @@ def test_lines_of_tasks_running_at_once_go_to_each_task_log_and_a_failure_shows_
     cat = ["[progress] cat ingest running"] + [f"cat line {i}" for i in range(50)] + [
         "[progress] cat ingest failed · scan.jpg: not an image Pillow can read", "error: ingest: scan.jpg: not an image"]
     ready = threading.Barrier(2)
-    threads = [threading.Thread(target=_kfp_task, args=(output, "finetune", dog, "SUCCESS", ready)),
+    threads = [threading.Thread(target=_kfp_task, args=(output, "fine-tune", dog, "SUCCESS", ready)),
                threading.Thread(target=_kfp_task, args=(output, "ingest", cat, "SUCCESS", ready))]
     for thread in threads:
         thread.start()
@@ -62,7 +62,7 @@ def test_lines_of_tasks_running_at_once_go_to_each_task_log_and_a_failure_shows_
         thread.join()
     def one_thread_two_tasks():  # the second one's "Executing task" line lost; its executor's first line tells
         _kfp_task(output, "samples", ["[progress] dog samples running", "[progress] dog samples done · 1.0 s"], "", threading.Barrier(1))
-        _kfp_task(output, "finetune", ["[progress] cat fine-tune running", "Traceback"], "", threading.Barrier(1), announced=False)
+        _kfp_task(output, "fine-tune", ["[progress] cat fine-tune running", "Traceback"], "", threading.Barrier(1), announced=False)
 
     crashed = threading.Thread(target=one_thread_two_tasks)
     crashed.start()
@@ -70,15 +70,15 @@ def test_lines_of_tasks_running_at_once_go_to_each_task_log_and_a_failure_shows_
     output.close()  # the pipeline returned: the task that never finished failed
     board.close()
 
-    dog_log = (job_dir / "logs" / "dog" / "finetune.log").read_text()
-    assert dog_log.count("dog step") == 50 and "cat line" not in dog_log and "Executing task 'finetune'" in dog_log
+    dog_log = (job_dir / "logs" / "dog" / "fine-tune.log").read_text()
+    assert dog_log.count("dog step") == 50 and "cat line" not in dog_log and "Executing task 'fine-tune'" in dog_log
     cat_log = (job_dir / "logs" / "cat" / "ingest.log").read_text()
     assert cat_log.count("cat line") == 50 and "dog step" not in cat_log
     assert (job_dir / "logs" / "pipeline.log").read_text().count("step") >= 50
     assert {key: row.state for key, row in board.rows.items()} == {
         ("dog", "fine-tune"): DONE, ("cat", "ingest"): FAILED, ("cat", "fine-tune"): FAILED, ("dog", "samples"): DONE}
     assert "Traceback" not in (job_dir / "logs" / "dog" / "samples.log").read_text()
-    assert "Traceback" in (job_dir / "logs" / "cat" / "finetune.log").read_text()
+    assert "Traceback" in (job_dir / "logs" / "cat" / "fine-tune.log").read_text()
 
     printed = shown.getvalue().splitlines()
     states = [line.split()[1:4] for line in printed if line[:2].isdigit() and len(line.split()) > 3 and line.split()[3] in ("running", "done", "failed")]
@@ -88,7 +88,7 @@ def test_lines_of_tasks_running_at_once_go_to_each_task_log_and_a_failure_shows_
     tail = printed.index("--- cat ingest failed; the last lines of its log:")
     full = printed.index(f"--- full log: {job_dir / 'logs' / 'cat' / 'ingest.log'}")
     assert full - tail - 1 == 15 and "        error: ingest: scan.jpg: not an image" in printed[tail:full]  # the last 15 lines
-    assert output.log_of("finetune") == job_dir / "logs" / "cat" / "finetune.log"
+    assert output.log_of("fine-tune") == job_dir / "logs" / "cat" / "fine-tune.log"
 
 
 def test_on_a_terminal_each_subject_is_one_line_on_the_stage_it_is_at():
@@ -102,7 +102,7 @@ def test_on_a_terminal_each_subject_is_one_line_on_the_stage_it_is_at():
     view.console = Console(file=screen, force_terminal=True, width=120, color_system=None)
     board = Board(planned_rows(["dog", "cat", "bag"], ["dog", "cat", "backpack"], superres=True), view)
     view.board = board
-    for event in ("batch plan running", "batch plan done", "dog ingest running", "dog ingest done", "dog fine-tune running",
+    for event in ("batch plan-batch running", "batch plan-batch done", "dog ingest running", "dog ingest done", "dog fine-tune running",
                   "dog fine-tune running 120/1000 steps · loss 0.1234", "cat ingest running", "cat ingest failed · scan.jpg: not an image"):
         board.apply(parse(f"[progress] {event}"))
     view.console.print(view._table())
@@ -111,4 +111,4 @@ def test_on_a_terminal_each_subject_is_one_line_on_the_stage_it_is_at():
     assert len(lines) == 7  # batch, three classes' priors, three subjects: not 3 x 6 stage rows
     assert by_scope["dog"][:4] == ["1/6", "fine-tune", "running", "0s"] and " ".join(by_scope["dog"][4:]) == "step 120/1000 · loss 0.1234"
     assert by_scope["cat"][:3] == ["1/6", "ingest", "failed"] and by_scope["bag"][:3] == ["0/6", "ingest", "waiting"]
-    assert by_scope["batch"][:3] == ["1/2", "summary", "waiting"]
+    assert by_scope["batch"][:3] == ["1/2", "summarize", "waiting"]

@@ -82,3 +82,33 @@ def test_no_module_imports_itself_back_through_others():
     graph = import_graph()
     assert "dreambooth.pipeline" in graph and graph["dreambooth.pipeline"], "the graph was read"
     assert cycles(graph) == []
+
+
+_IMPORT_EVERY_MODULE = """
+import importlib, logging, os, pkgutil, signal
+import accelerate, diffusers, kfp, mlflow, peft, torch, transformers  # their own import-time settings are theirs
+
+def process_wide():
+    root = logging.getLogger()
+    return dict(os.environ), list(root.handlers), root.level, signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGALRM)
+
+import dreambooth
+before = process_wide()
+modules = [found.name for found in pkgutil.walk_packages(dreambooth.__path__, "dreambooth.")]
+for name in modules:
+    importlib.import_module(name)
+after = process_wide()
+changed = [label for label, old, new in zip(("environment", "log handlers", "log level", "SIGTERM", "SIGALRM"), before, after) if old != new]
+print(len(modules), changed)
+"""
+
+
+def test_importing_every_module_changes_nothing_process_wide():
+    """Settings belong to dreambooth.process.configure_process, called where a process starts."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _IMPORT_EVERY_MODULE], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    count, changed = result.stdout.split(" ", 1)
+    assert int(count) > 50 and changed.strip() == "[]"

@@ -33,7 +33,7 @@ def test_submit_uploads_the_cluster_pipeline_with_its_parameters(kfp_api):
     assert spec["pipelineInfo"]["name"] == "dreambooth"
     assert all("@sha256:" in e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values())
     platform = run["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert platform["exec-finetune"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert platform["exec-fine-tune"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     parameters = run["runtime_config"]["parameters"]
     assert parameters["superres_enabled"] is True and parameters["subjects_uri"] == "" and parameters["force"] is False
     # The subject is its own parameter (a batch of one), apart from the shared settings.

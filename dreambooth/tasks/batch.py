@@ -15,7 +15,9 @@ from typing import Optional
 from dreambooth.batch import BatchPlan, group_priors, plan_batch, subjects_with_priors
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
+from dreambooth.process import task_entry
 from dreambooth.progress import DONE, FAILED as STAGE_FAILED, RUNNING, StageProgress
+from dreambooth.stages import BATCH, CLASS_PRIORS, FINISH_TRACKING, NOTIFY, PLAN_BATCH, SUMMARIZE, Stage
 from dreambooth.storage import content_digests, read_text
 from dreambooth.subjects import entries_from_json, parse_subjects
 from dreambooth.summary import as_html, as_markdown, as_table, collect_rows, counts, headline, sample_grids
@@ -36,13 +38,14 @@ PLAN_ARTIFACT = "batch_plan.json"
 SUMMARY_TABLE = "batch_summary.json"
 
 
-def batch_stage(stage: str):
+def batch_stage(stage: Stage):
     """The task's progress lines as the batch's `stage`: running, then done or failed with the reason."""
 
     def decorate(task):
+        @task_entry
         @functools.wraps(task)
         def wrapper(*args, **kwargs):
-            progress = StageProgress("batch", stage)
+            progress = StageProgress(BATCH, stage.name)
             progress.state(RUNNING)
             try:
                 result = task(*args, **kwargs)
@@ -58,7 +61,7 @@ def batch_stage(stage: str):
     return decorate
 
 
-@batch_stage("plan")
+@batch_stage(PLAN_BATCH)
 def plan_task(
     config_json: str, tracking_uri: str, subjects_uri: str, subjects_json: str, force: bool,
     job_id: str, job_name: str, plan_path: str, run_settings: Optional[dict] = None,
@@ -111,6 +114,7 @@ def _plan(plan_path: str) -> BatchPlan:
     return BatchPlan.from_json(Path(plan_path).read_text())
 
 
+@task_entry
 def prior_groups_task(plan_path: str) -> list:
     """The class-prior fan-out's items: one per group of subjects that share class images."""
     plan = _plan(plan_path)
@@ -123,17 +127,18 @@ def prior_groups_task(plan_path: str) -> list:
     return groups or [{"prior_key": "", "class_noun": "", "config_json": "{}", "batch_run_id": plan.batch_run_id}]
 
 
+@task_entry
 def assign_priors_task(tracking_uri: str, plan_path: str, prior_outcomes: list) -> list:
     """The subject fan-out's items, each with its group's class images; a failed group fails its subjects."""
     plan = _plan(plan_path)
     items, failed = subjects_with_priors(plan, prior_outcomes)
     run_ids = {subject.subject_id: subject.subject_run_id for subject in plan.to_train}
     for subject_id, reason in failed.items():
-        record_failure(tracking_uri, run_ids[subject_id], "class-priors", reason)
+        record_failure(tracking_uri, run_ids[subject_id], CLASS_PRIORS.name, reason)
     return items
 
 
-@batch_stage("summary")
+@batch_stage(SUMMARIZE)
 def summary_task(tracking_uri: str, plan_path: str, job_name: str, subject_statuses: list, markdown_path: str, html_path: str) -> int:
     """Close the subject runs, log the summary (table, Markdown, HTML with the sample grids) on the
     batch run and write the KFP outputs; returns how many subjects failed."""
@@ -156,6 +161,7 @@ def summary_task(tracking_uri: str, plan_path: str, job_name: str, subject_statu
     return tally[FAILED]
 
 
+@task_entry
 def batch_failures_task(tracking_uri: str, plan_path: str) -> None:
     """Fail the pipeline run, naming the subjects that failed (the others finished)."""
     rows = collect_rows(tracking_uri, _plan(plan_path))
@@ -164,7 +170,7 @@ def batch_failures_task(tracking_uri: str, plan_path: str) -> None:
     raise SystemExit(1)
 
 
-@batch_stage("close-runs")
+@batch_stage(FINISH_TRACKING)
 def finish_task(config_json: str, tracking_uri: str, job_id: str, pipeline_state: str) -> None:
     """Exit handler: close the batch run, and any run a crashed or killed stage left open; then
     tell the webhooks of tracking.notify how the batch ended."""
@@ -180,7 +186,7 @@ def finish_task(config_json: str, tracking_uri: str, job_id: str, pipeline_state
         report = batch_report(config, tracking_uri, job_id, pipeline_state, None, f"the batch summary could not be read: {error}")
     outcomes = send(config.tracking.notify, report)
     sent = all(outcome.startswith("sent") for outcome in outcomes)
-    StageProgress("batch", "notify").state(DONE if sent else STAGE_FAILED, "; ".join(outcomes))
+    StageProgress(BATCH, NOTIFY.name).state(DONE if sent else STAGE_FAILED, "; ".join(outcomes))
 
 
 def batch_report(config: RunConfig, tracking_uri: str, job_id: str, pipeline_state: str, batch_run_id, error: str = ""):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -24,7 +23,18 @@ from dreambooth.batch import PriorOutcome
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError, Preempted, TrackingUnavailable, TrainingDiverged
 from dreambooth.models import allow_pickle_weights
+from dreambooth.process import task_entry
 from dreambooth.progress import SKIPPED, StageProgress
+from dreambooth.stages import (
+    CLASS_PRIORS,
+    EVALUATE,
+    EVALUATE_UPSCALED,
+    FINE_TUNE,
+    INGEST,
+    SAMPLES,
+    SUPER_RESOLUTION,
+    Stage,
+)
 from dreambooth.registry import log_pipeline_model, register_candidate
 from dreambooth.storage import content_digests, local_folder
 from dreambooth.training.saving import release_checkpoints
@@ -56,12 +66,10 @@ from dreambooth.tracking import (
     unreachable,
 )
 
-logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
 OK, FAILED_STATUS = "ok", "failed"  # what a stage reports to the DAG
 
 
-def subject_stage(stage: str):
+def subject_stage(stage: Stage):
     """Run the task inside the subject's `stage` run; skip it when the subject already failed.
 
     The task is called as task(config, run, *args) and this wrapper as
@@ -70,27 +78,28 @@ def subject_stage(stage: str):
     """
 
     def decorate(task):
+        @task_entry
         @functools.wraps(task)
         def wrapper(config_json: str, tracking_uri: str, subject_run_id: str, *args, **kwargs):
             try:
                 subject = client(tracking_uri).get_run(subject_run_id)
                 if subject.data.tags.get(TAG_SUBJECT_STATUS) == FAILED:
-                    StageProgress(subject.data.tags.get(TAG_SUBJECT, ""), stage).state(SKIPPED, "the subject already failed")
+                    StageProgress(subject.data.tags.get(TAG_SUBJECT, ""), stage.name).state(SKIPPED, "the subject already failed")
                     return None
                 config = RunConfig.from_json(config_json)
                 with stage_run(tracking_uri, subject_run_id, stage, **_run_settings(config)) as run:
                     _apply_weights_policy(config, run)
                     return task(config, run, *args, **kwargs)
             except (InputError, TrainingDiverged) as error:
-                record_failure(tracking_uri, subject_run_id, stage, str(error).splitlines()[0])
-                print(f"error: {stage}: {error}", file=sys.stderr)
+                record_failure(tracking_uri, subject_run_id, stage.name, str(error).splitlines()[0])
+                print(f"error: {stage.name}: {error}", file=sys.stderr)
                 return None
             except (Preempted, TrackingUnavailable) as error:
-                _exit_for(stage, error)
+                _exit_for(stage.name, error)
             except Exception as error:
                 if not unreachable(error):
                     raise
-                _exit_for(stage, TrackingUnavailable(f"tracking at {tracking_uri} unreachable: {error}"))
+                _exit_for(stage.name, TrackingUnavailable(f"tracking at {tracking_uri} unreachable: {error}"))
 
         return wrapper
 
@@ -123,7 +132,7 @@ def _identifier(subject_dir: Path) -> str:
     return read_manifest(subject_dir)["identifier"]["identifier"]
 
 
-@subject_stage("ingest")
+@subject_stage(INGEST)
 def ingest_task(config: RunConfig, run: StageRun, photos: str, output_dir: str) -> str:
     """Validate and normalise the subject photos; returns the identifier chosen."""
     from dreambooth.ingest import MANIFEST_FILE, ingest_subject
@@ -145,7 +154,7 @@ def ingest_task(config: RunConfig, run: StageRun, photos: str, output_dir: str) 
     return result.identifier.identifier
 
 
-def _train(stage, train_in_process, settings, run: StageRun, config, subject_dir, class_dir, identifier, output_dir):
+def _train(stage: Stage, train_in_process, settings, run: StageRun, config, subject_dir, class_dir, identifier, output_dir):
     """One process, or one per GPU through dreambooth.distributed; the same result either way."""
     from dreambooth.distributed import launch
     from dreambooth.training.loop import planned_processes
@@ -157,7 +166,7 @@ def _train(stage, train_in_process, settings, run: StageRun, config, subject_dir
         result = train_in_process(subject_dir, class_dir, identifier, config, output_dir, on_log=run.training_log(settings.max_steps),
                                   release=False, tracking_run=run.run_id)
     else:
-        result = launch(stage, processes, {
+        result = launch(stage.name, processes, {
             "config_json": config.to_json(), "instance_dir": str(subject_dir),
             "class_dir": str(class_dir) if class_dir else "", "identifier": identifier, "output_dir": str(output_dir),
             "tracking_uri": run.tracking_uri, "run_id": run.run_id, "parent_run_id": run.parent_run_id,
@@ -179,14 +188,14 @@ def _class_folder(config: RunConfig, class_images: str) -> Iterator[Optional[Pat
         yield folder
 
 
-@subject_stage("fine-tune")
-def finetune_task(config: RunConfig, run: StageRun, subject_dir: str, class_images: str, output_dir: str, model_location: str) -> str:
+@subject_stage(FINE_TUNE)
+def fine_tune_task(config: RunConfig, run: StageRun, subject_dir: str, class_images: str, output_dir: str, model_location: str) -> str:
     """Fine-tune the base model; log loss curves, throughput and the model; returns the model folder."""
     from dreambooth.finetune import finetune
 
     with _class_folder(config, class_images) as class_dir:
         result = _train(
-            "finetune", finetune, config.training, run, config,
+            FINE_TUNE, finetune, config.training, run, config,
             Path(subject_dir), class_dir, _identifier(Path(subject_dir)), Path(output_dir),
         )
     summary = {
@@ -209,7 +218,7 @@ def finetune_task(config: RunConfig, run: StageRun, subject_dir: str, class_imag
     return output_dir
 
 
-@subject_stage("samples")
+@subject_stage(SAMPLES)
 def samples_task(config: RunConfig, run: StageRun, model_dir: str, output_dir: str, page_path: str = "") -> str:
     """Render the base-vs-fine-tuned comparison grid (also as an HTML page for KFP); returns its path."""
     from dreambooth.pages import image_page, write_page
@@ -281,7 +290,7 @@ def _evaluation_disabled(run: StageRun) -> EvaluationOutcome:
     return EvaluationOutcome(metrics={}, report_markdown="Evaluation is switched off (evaluation.enabled).\n", registered=None)
 
 
-@subject_stage("evaluate")
+@subject_stage(EVALUATE)
 def evaluate_task(
     config: RunConfig, run: StageRun, model_dir: str, subject_dir: str, output_dir: str, class_images: str = ""
 ) -> Optional[EvaluationOutcome]:
@@ -336,8 +345,8 @@ def evaluate_task(
                              page_html=image_page(title, grids, f"{figures}; {gate}"))
 
 
-@subject_stage("super-resolution")
-def superres_task(config: RunConfig, run: StageRun, subject_dir: str, class_images: str, model_dir: str, output_dir: str,
+@subject_stage(SUPER_RESOLUTION)
+def super_resolution_task(config: RunConfig, run: StageRun, subject_dir: str, class_images: str, model_dir: str, output_dir: str,
                   page_path: str = "") -> str:
     """Fine-tune the upscaler on the subject; log its loss curves and a low-res / generic / personalised grid
     (also as an HTML page for KFP)."""
@@ -351,7 +360,7 @@ def superres_task(config: RunConfig, run: StageRun, subject_dir: str, class_imag
     })
     with _class_folder(config, class_images) as class_dir:
         result = _train(
-            "superres", finetune_upscaler, config.superres.training, run, config,
+            SUPER_RESOLUTION, finetune_upscaler, config.superres.training, run, config,
             Path(subject_dir), class_dir, identifier, Path(output_dir),
         )
     run.log_metrics({
@@ -371,7 +380,7 @@ def superres_task(config: RunConfig, run: StageRun, subject_dir: str, class_imag
     return output_dir
 
 
-@subject_stage("evaluate-upscaled")
+@subject_stage(EVALUATE_UPSCALED)
 def evaluate_upscaled_task(
     config: RunConfig, run: StageRun, model_dir: str, upscaler_dir: str, subject_dir: str, output_dir: str
 ) -> EvaluationOutcome:
@@ -408,6 +417,7 @@ def evaluate_upscaled_task(
     return EvaluationOutcome(metrics=flat, report_markdown=report, registered=None, page_html=page_html)
 
 
+@task_entry
 def priors_task(config_json: str, tracking_uri: str, batch_run_id: str, prior_key: str, output_dir: str, output_uri: str) -> dict:
     """Generate (or take the user's) class images for one prior group, under the batch run.
 
@@ -421,9 +431,9 @@ def priors_task(config_json: str, tracking_uri: str, batch_run_id: str, prior_ke
         return asdict(PriorOutcome(prior_key))
     config = RunConfig.from_json(config_json)
     noun = config.subject.class_noun
-    tags = {TAG_CLASS_NOUN: noun, TAG_PRIOR_KEY: prior_key, TAG_RUN_NAME: f"class-priors-{noun}"}
+    tags = {TAG_CLASS_NOUN: noun, TAG_PRIOR_KEY: prior_key, TAG_RUN_NAME: CLASS_PRIORS.run_name(noun)}
     try:
-        with stage_run(tracking_uri, batch_run_id, "class-priors", tags, **_run_settings(config)) as run:
+        with stage_run(tracking_uri, batch_run_id, CLASS_PRIORS, tags, **_run_settings(config)) as run:
             _apply_weights_policy(config, run)
             result = generate_class_priors(config, Path(output_dir), on_progress=_images_progress(run))
             run.set_tags({"dreambooth.class_prompt": result.class_prompt, "dreambooth.priors_source": result.source})

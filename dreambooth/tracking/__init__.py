@@ -24,6 +24,7 @@ from typing import Iterator, Optional
 
 from dreambooth.config import RunConfig
 from dreambooth.errors import Preempted, TrackingUnavailable
+from dreambooth.stages import FINE_TUNE, Stage
 from dreambooth.progress import DONE, FAILED as STAGE_FAILED, RUNNING as STAGE_RUNNING, StageProgress
 from dreambooth.tracking.spool import MetricSpool, discard, send_pending
 from dreambooth.tracking.store import (  # noqa: F401 (the package's interface)
@@ -170,7 +171,7 @@ def close_subject_run(tracking_uri: str, run) -> str:
     mlflow = client(tracking_uri)
     status = run.data.tags.get(TAG_SUBJECT_STATUS)
     if status != FAILED and TAG_MODEL_LOCATION not in run.data.tags:
-        record_failure(tracking_uri, run.info.run_id, "fine-tune", "the pipeline ended before the model was saved")
+        record_failure(tracking_uri, run.info.run_id, FINE_TUNE.name, "the pipeline ended before the model was saved")
         status = FAILED
     elif status != FAILED:
         mlflow.set_tag(run.info.run_id, TAG_SUBJECT_STATUS, TRAINED)
@@ -306,7 +307,7 @@ def _earlier_attempt(mlflow, parent, stage: str, tags: dict) -> Optional[object]
 
 @contextmanager
 def stage_run(
-    tracking_uri: str, parent_run_id: str, stage: str, tags: Optional[dict] = None,
+    tracking_uri: str, parent_run_id: str, stage: Stage, tags: Optional[dict] = None,
     spool_dir: Optional[Path] = None, wait_seconds: float = DEFAULT_WAIT_SECONDS,
     params: Optional[dict[str, str]] = None, system_metrics_seconds: float = 0.0,
 ) -> Iterator[StageRun]:
@@ -318,20 +319,20 @@ def stage_run(
 
     mlflow = client(tracking_uri)
     parent = mlflow.get_run(parent_run_id)
-    earlier = _earlier_attempt(mlflow, parent, stage, tags or {})
+    earlier = _earlier_attempt(mlflow, parent, stage.name, tags or {})
     if earlier is not None:
         run_id = earlier.info.run_id
         attempt = int(earlier.data.tags.get(TAG_ATTEMPT, "1")) + 1
         mlflow.update_run(run_id, status="RUNNING")
         mlflow.set_tag(run_id, TAG_ATTEMPT, str(attempt))
-        log.info("%s: attempt %d continues MLflow run %s", stage, attempt, run_id)
+        log.info("%s: attempt %d continues MLflow run %s", stage.name, attempt, run_id)
     else:
         run_tags = {key: parent.data.tags[key] for key in INHERITED_TAGS if key in parent.data.tags}
-        run_tags.update({TAG_PARENT: parent_run_id, TAG_STAGE: stage, TAG_TASK_NAME: stage, TAG_RUN_NAME: stage, **(tags or {})})
+        run_tags.update({TAG_PARENT: parent_run_id, TAG_STAGE: stage.name, TAG_TASK_NAME: stage.name, TAG_RUN_NAME: stage.run_name(), **(tags or {})})
         run_id = mlflow.create_run(parent.info.experiment_id, tags=run_tags).info.run_id
         _log_headline(mlflow, run_id, params or {}, parent.data.tags.get(TAG_PHOTOS))
     scope = parent.data.tags.get(TAG_SUBJECT) or f"class:{(tags or {}).get(TAG_CLASS_NOUN, 'batch')}"
-    progress = StageProgress(scope, stage)
+    progress = StageProgress(scope, stage.name)
     progress.state(STAGE_RUNNING)
     run = StageRun(mlflow, run_id, parent_run_id, tracking_uri, spool_dir or default_spool_dir(), wait_seconds, progress)
     try:
@@ -355,7 +356,7 @@ def stage_run(
         else:
             mlflow.set_terminated(run.run_id, "FAILED")
             if parent.data.tags.get(TAG_STAGE) == STAGE_SUBJECT:
-                record_failure(tracking_uri, parent_run_id, stage, message)
+                record_failure(tracking_uri, parent_run_id, stage.name, message)
         raise
     mlflow.set_terminated(run.run_id, "FINISHED")
     progress.state(DONE)

@@ -32,9 +32,9 @@ from tests.conftest import REPO, SAMPLE_SUBJECT, MlflowServer, cli
 FINETUNE_TASK = """
 import sys
 from pathlib import Path
-from dreambooth.tasks.stages import finetune_task
+from dreambooth.tasks.stages import fine_tune_task
 config_file, tracking_uri, subject_run, subject_dir, output_dir = sys.argv[1:]
-finetune_task(Path(config_file).read_text(), tracking_uri, subject_run, subject_dir, "", output_dir, "")
+fine_tune_task(Path(config_file).read_text(), tracking_uri, subject_run, subject_dir, "", output_dir, "")
 """
 
 

@@ -3,6 +3,7 @@
 import pytest
 from mlflow.tracking import MlflowClient
 
+from dreambooth.stages import FINE_TUNE, INGEST
 from dreambooth.tracking import (
     TAG_ERROR,
     TAG_FAILED_STAGE,
@@ -30,9 +31,9 @@ def test_stages_log_under_their_subject_and_subjects_under_the_batch(mlflow_serv
     assert open_batch_run(mlflow_server, config, "job-1", "dreambooth-job-1") == batch_id  # a retried plan finds it
     subject_id = open_subject_run(mlflow_server, batch_id, config, "fingerprint-1")
     assert open_subject_run(mlflow_server, batch_id, config, "fingerprint-1") == subject_id
-    with stage_run(mlflow_server, subject_id, "ingest") as ingest:
+    with stage_run(mlflow_server, subject_id, INGEST) as ingest:
         ingest.set_tags({TAG_IDENTIFIER: "fqs"}, on_parent=True)
-    with stage_run(mlflow_server, subject_id, "fine-tune") as training:
+    with stage_run(mlflow_server, subject_id, FINE_TUNE) as training:
         for step in range(1, 151):
             training.log_step_metrics(step, {"loss": 1.0 / step})
         training.set_tags({TAG_MODEL_LOCATION: "/models/dog"}, on_parent=True)
@@ -57,7 +58,7 @@ def test_a_failing_stage_fails_its_subject_with_the_reason(mlflow_server, make_c
     batch_id = open_batch_run(mlflow_server, config, "job-2", "dreambooth-job-2")
     subject_id = open_subject_run(mlflow_server, batch_id, config, "fingerprint-3")
     with pytest.raises(ValueError):
-        with stage_run(mlflow_server, subject_id, "fine-tune"):
+        with stage_run(mlflow_server, subject_id, FINE_TUNE):
             raise ValueError("loss exploded\nsecond line")
     client = MlflowClient(mlflow_server)
     subject = client.get_run(subject_id)

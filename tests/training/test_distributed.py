@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from dreambooth.models import LORA_WEIGHTS, resolve_model_source
 from dreambooth.priors import prior_key
-from dreambooth.tasks.stages import finetune_task, ingest_task, priors_task
+from dreambooth.tasks.stages import fine_tune_task, ingest_task, priors_task
 from dreambooth.tracking import TAG_PARENT, TAG_STAGE, open_batch_run, open_subject_run
 
 
@@ -25,7 +25,7 @@ def _fine_tune(config, subject_dir: Path, tmp_path: Path, job: str, processes: i
     arguments = (config.to_json(), tracking_uri, subject_run)
     assert ingest_task(*arguments, str(subject_dir), str(root / "subject"))
     priors = priors_task(config.to_json(), tracking_uri, batch_run, prior_key(config), str(root / "classes"), "")
-    assert finetune_task(*arguments, str(root / "subject"), priors["class_images"], str(root / "model"), "")
+    assert fine_tune_task(*arguments, str(root / "subject"), priors["class_images"], str(root / "model"), "")
     return root
 
 

@@ -4,7 +4,7 @@ from dreambooth.components.image import COMPONENT_IMAGE
 
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
-def superres(
+def super_resolution(
     config_json: str,
     tracking_uri: str,
     subject_run_id: str,
@@ -17,9 +17,9 @@ def superres(
     """Personalised super-resolution: the x4 upscaler fine-tuned on the subject with low noise augmentation;
     a low-res / generic / personalised comparison shown in the KFP UI."""
     from dreambooth.pages import write_page
-    from dreambooth.tasks.stages import FAILED_STATUS, OK, superres_task
+    from dreambooth.tasks.stages import FAILED_STATUS, OK, super_resolution_task
 
-    saved = superres_task(
+    saved = super_resolution_task(
         config_json, tracking_uri, subject_run_id, subject_images.path, class_images, model.path, upscaler.path, comparison.path
     )
     if saved is None:

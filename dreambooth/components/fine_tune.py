@@ -4,7 +4,7 @@ from dreambooth.components.image import COMPONENT_IMAGE
 
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
-def finetune(
+def fine_tune(
     config_json: str,
     tracking_uri: str,
     subject_run_id: str,
@@ -13,7 +13,7 @@ def finetune(
     model: dsl.Output[dsl.Model],
 ) -> str:
     """DreamBooth fine-tune with prior preservation; writes a diffusers pipeline folder; returns `ok` or `failed`."""
-    from dreambooth.tasks.stages import FAILED_STATUS, OK, finetune_task
+    from dreambooth.tasks.stages import FAILED_STATUS, OK, fine_tune_task
 
-    saved = finetune_task(config_json, tracking_uri, subject_run_id, subject_images.path, class_images, model.path, model.uri)
+    saved = fine_tune_task(config_json, tracking_uri, subject_run_id, subject_images.path, class_images, model.path, model.uri)
     return OK if saved is not None else FAILED_STATUS

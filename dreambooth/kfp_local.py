@@ -1,0 +1,82 @@
+"""What the local run knows of kfp.local beyond its public calls, in one place.
+
+kfp.local reports a task's start, its executor's start and its end only as log text, and a failed
+task only in its RuntimeError's message; it also swaps `builtins.print` to indent task output.
+Everything that depends on that wording is here; tests/test_kfp_local.py runs real local
+pipelines and fails when kfp changes it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_TASK_STARTED = re.compile(r"Executing task '([^']+)'")
+_EXECUTOR_STARTED = re.compile(r"Looking for component `([^`]+)`")
+_TASK_FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
+_TASK_FAILED = re.compile(r"Inner task failed: (.+)\.$")
+_SAME_COMPONENT_AGAIN = re.compile(r"-\d+$")
+
+
+def plain(line: str) -> str:
+    """The line without kfp's colours."""
+    return _ANSI.sub("", line).rstrip()
+
+
+def started_task(line: str) -> Optional[str]:
+    """kfp's own line as a task starts: the task's name (`summarize-2` for a component's second task)."""
+    found = _TASK_STARTED.search(line)
+    return found.group(1) if found else None
+
+
+def component_of(task: str) -> str:
+    """The component a task runs: kfp names a component's second task `summarize-2`."""
+    return _SAME_COMPONENT_AGAIN.sub("", task)
+
+
+def started_component(line: str) -> Optional[str]:
+    """The task process's first line (kfp's executor): the component's name, `fine-tune`."""
+    found = _EXECUTOR_STARTED.search(line)
+    return found.group(1).replace("_", "-") if found else None
+
+
+def finished_task(line: str) -> Optional[str]:
+    found = _TASK_FINISHED.search(line)
+    return found.group(1) if found else None
+
+
+def failed_task_chain(message: str) -> Optional[str]:
+    """From kfp.local's failure report, the failed task and the groups around it
+    ("batch-failures inside exit-handler-1"); None when the error is not a task failure."""
+    found = _TASK_FAILED.search(plain(message).strip())
+    return found.group(1).replace("'", "") if found else None
+
+
+@contextmanager
+def local_pipelines(pipeline_root: Path) -> Iterator[Callable[[Callable, dict], Optional[str]]]:
+    """Pipelines run here, each task a subprocess of this environment, outputs under pipeline_root.
+    Yields run(pipeline, arguments) -> None, or the failed task's chain when a task failed."""
+    from kfp import local
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
+    print_function = builtins.print
+
+    def run(pipeline: Callable, arguments: dict) -> Optional[str]:
+        try:
+            pipeline(**arguments)
+        except RuntimeError as error:
+            chain = failed_task_chain(str(error))
+            if chain is None:
+                raise
+            return chain
+        return None
+
+    try:
+        yield run
+    finally:
+        # kfp.local indents task output by swapping builtins.print, and parallel tasks can leave it swapped.
+        builtins.print = print_function
