@@ -69,8 +69,9 @@ def client(tracking_uri: str):
     with open(f"{database}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         mlflow = MlflowClient(tracking_uri=tracking_uri)
-        mlflow._tracking_client.store  # noqa: B018 (opening the stores runs their migrations)
-        mlflow._get_registry_client().store  # noqa: B018
+        # The first call to each store opens it, which creates or migrates its schema.
+        mlflow.search_experiments(max_results=1)
+        mlflow.search_registered_models(max_results=1)
     _READY_STORES.add(tracking_uri)
     return mlflow
 

@@ -64,6 +64,25 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def fresh_accelerator(settings: TrainingSettings):
+    """An Accelerator with these settings' precision and accumulation, even when this process trained before.
+
+    accelerate keeps both in process-wide singletons that only its private `_reset_state` clears (a
+    notebook, the benchmark and the tests train several times in one process); the process group is
+    kept. tests/training/test_loop.py fails when accelerate changes that.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=settings.mixed_precision,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+    )
+
+
 def planned_processes(settings: TrainingSettings) -> int:
     return settings.num_processes or max(torch.cuda.device_count(), 1)
 
@@ -177,19 +196,9 @@ def train(
 ) -> TrainingResult:
     """Optimise `modules` (name -> module; each gets its learning rate) for settings.max_steps steps.
     `owner`: the tracking run training, written into each checkpoint so a resume can name it."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
     from diffusers.optimization import get_scheduler
 
-    # accelerate keeps precision and accumulation in process-wide singletons; each call sets its own,
-    # so one process can train twice (a notebook, the benchmark). The process group is kept.
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=settings.mixed_precision,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-    )
+    accelerator = fresh_accelerator(settings)
     names = list(modules)
     for module in modules.values():
         module.train()

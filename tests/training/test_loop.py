@@ -97,3 +97,13 @@ def test_an_effective_batch_the_processes_cannot_share_is_refused():
 
     with pytest.raises(InputError, match="batch_size 3 x gradient_accumulation_steps 1 cannot be shared by 2 processes"):
         split_batch(_settings(batch_size=3, gradient_accumulation_steps=1), 2)
+
+
+def test_a_process_that_trained_before_trains_again_with_its_new_precision_and_accumulation():
+    """accelerate keeps both process-wide; fresh_accelerator clears them (through accelerate's private reset)."""
+    from dreambooth.training.loop import fresh_accelerator
+
+    first = fresh_accelerator(_settings(gradient_accumulation_steps=4, mixed_precision="bf16"))
+    assert (first.gradient_accumulation_steps, first.mixed_precision) == (4, "bf16")
+    again = fresh_accelerator(_settings(gradient_accumulation_steps=1, mixed_precision="no"))
+    assert (again.gradient_accumulation_steps, again.mixed_precision) == (1, "no")

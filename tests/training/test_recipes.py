@@ -124,3 +124,17 @@ def test_a_rare_token_is_picked_only_if_every_tokenizer_reads_it_as_one_token(sd
     assert len(sdxl.tokenizer_2(picked.identifier, add_special_tokens=False)["input_ids"]) == 1
     with pytest.raises(InputError, match="holds 0 usable rare tokens"):  # T5 spells every rare word in pieces
         select_rare_identifier(sdxl.tokenizer, "dog", [], (700, 1050), other_tokenizers=(build_tiny_t5_tokenizer(),))
+
+
+def test_flux_latents_are_packed_as_diffusers_flux_pipeline_packs_them():
+    """The recipe packs latents itself; this fails when diffusers' (private) layout moves away from it."""
+    from diffusers import FluxPipeline
+
+    from dreambooth.training.recipes.flux import latent_token_ids, pack_latents, unpack_latents
+
+    latents = torch.randn(2, 16, 8, 12, generator=torch.Generator().manual_seed(0))
+    packed = pack_latents(latents)
+    assert torch.equal(packed, FluxPipeline._pack_latents(latents, 2, 16, 8, 12))
+    assert torch.equal(unpack_latents(packed, 8, 12), latents)
+    assert torch.equal(unpack_latents(packed, 8, 12), FluxPipeline._unpack_latents(packed, 8 * 8, 12 * 8, 8))
+    assert torch.equal(latent_token_ids(8, 12, "cpu", torch.float32), FluxPipeline._prepare_latent_image_ids(2, 4, 6, "cpu", torch.float32))

@@ -22,6 +22,27 @@ def flow_matching_sample(latents: torch.Tensor, noise: torch.Tensor, sigmas: tor
     return (1.0 - sigmas) * latents + sigmas * noise, noise - latents
 
 
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) latents as the transformer reads them: one token per 2x2 patch, (B, H/2 * W/2, 4C)."""
+    size, channels, height, width = latents.shape
+    patches = latents.view(size, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(size, (height // 2) * (width // 2), channels * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """pack_latents undone: tokens back to (B, C, H, W) latents of that height and width."""
+    size, _, features = tokens.shape
+    patches = tokens.view(size, height // 2, width // 2, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(size, features // 4, height, width)
+
+
+def latent_token_ids(height: int, width: int, device, dtype) -> torch.Tensor:
+    """Each packed token's (0, row, column) position, for the transformer's rotary embedding."""
+    rows, columns = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
+    ids = torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(-1, 3)
+    return ids.to(device=device, dtype=dtype)
+
+
 class FluxRecipe(Recipe):
     family = "flux"
     denoiser = "transformer"
@@ -50,7 +71,6 @@ class FluxRecipe(Recipe):
         return {"embeddings": embeddings, "pooled": pooled, "text_ids": text_ids}
 
     def loss(self, modules, latents, extras, conditioning, num_instance, generator) -> LossTerms:
-        from diffusers import FluxPipeline
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
         size, channels, height, width = latents.shape
@@ -62,15 +82,14 @@ class FluxRecipe(Recipe):
         transformer = modules[self.denoiser]
         guidance = torch.full((size,), self.settings.guidance_scale, device=self.device)
         prediction = transformer(
-            hidden_states=FluxPipeline._pack_latents(noisy, size, channels, height, width),
+            hidden_states=pack_latents(noisy),
             timestep=timesteps / steps,
             guidance=guidance if self.pipeline.transformer.config.guidance_embeds else None,
             pooled_projections=conditioning["pooled"],
             encoder_hidden_states=conditioning["embeddings"],
             txt_ids=conditioning["text_ids"],
-            img_ids=FluxPipeline._prepare_latent_image_ids(size, height // 2, width // 2, self.device, latents.dtype),
+            img_ids=latent_token_ids(height, width, self.device, latents.dtype),
             return_dict=False,
         )[0]
-        scale = self.pipeline.vae_scale_factor
-        prediction = FluxPipeline._unpack_latents(prediction, height * scale, width * scale, scale)
+        prediction = unpack_latents(prediction, height, width)
         return prior_preservation_loss(prediction, target, num_instance, self.settings.prior_loss_weight)
