@@ -62,12 +62,11 @@ def _pipeline(cwd: Path, *args: str) -> float:
 
 def _stage_seconds(cwd: Path) -> tuple[float, float]:
     """(seconds the class-priors stages took, seconds the fine-tunes trained), summed over the store in cwd."""
-    from mlflow.tracking import MlflowClient
+    from dreambooth.stages import CLASS_PRIORS
+    from dreambooth.tracking import STAGE_SUBJECT, stage_runs
 
-    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("dreambooth")
-    priors = client.search_runs([experiment.experiment_id], "tags.`dreambooth.stage` = 'class-priors'")
-    subjects = client.search_runs([experiment.experiment_id], "tags.`dreambooth.stage` = 'subject'")
+    store = f"sqlite:///{cwd / 'mlflow.db'}"
+    priors, subjects = stage_runs(store, "dreambooth", CLASS_PRIORS.name), stage_runs(store, "dreambooth", STAGE_SUBJECT)
     return (sum(run.data.metrics.get("priors_seconds", 0.0) for run in priors),
             sum(run.data.metrics.get("train_seconds", 0.0) for run in subjects))
 

@@ -19,8 +19,11 @@ from typing import Optional
 
 from dreambooth.errors import InputError
 from dreambooth.tracking import (
+    STAGE_COMPARE,
     STAGE_SUBJECT,
     TAG_CLASS_NOUN,
+    TAG_COMPARED_RUNS,
+    TAG_COMPARED_SUBJECTS,
     TAG_EVAL_PROTOCOL,
     TAG_JOB_NAME,
     TAG_PARENT,
@@ -28,6 +31,8 @@ from dreambooth.tracking import (
     TAG_STAGE,
     TAG_SUBJECT,
     client,
+    compare_run_name,
+    stage_runs,
     subject_runs,
 )
 
@@ -96,7 +101,7 @@ def select_runs(tracking_uri: str, batch_run: Optional[str] = None, experiment: 
         found = mlflow.get_experiment_by_name(experiment)
         if found is None:
             raise InputError(f"--experiment: no MLflow experiment named {experiment!r}")
-        runs = list(mlflow.search_runs([found.experiment_id], f"tags.`{TAG_STAGE}` = '{STAGE_SUBJECT}'", max_results=1000))
+        runs = stage_runs(tracking_uri, experiment, STAGE_SUBJECT)
     else:
         runs = []
         for run_id in run_ids or []:
@@ -245,9 +250,9 @@ def _log_comparison(tracking_uri: str, runs: list[ComparedRun], files: list[Path
     mlflow = client(tracking_uri)
     first = mlflow.get_run(runs[0].run_id)
     tags = {
-        TAG_STAGE: "compare", TAG_RUN_NAME: f"compare-{len(runs)}-runs",
-        "dreambooth.compared_runs": ",".join(r.run_id for r in runs),
-        "dreambooth.compared_subjects": ",".join(sorted({r.subject for r in runs})),
+        TAG_STAGE: STAGE_COMPARE, TAG_RUN_NAME: compare_run_name(len(runs)),
+        TAG_COMPARED_RUNS: ",".join(r.run_id for r in runs),
+        TAG_COMPARED_SUBJECTS: ",".join(sorted({r.subject for r in runs})),
     }
     if batch_run:
         tags[TAG_PARENT] = batch_run

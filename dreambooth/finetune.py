@@ -16,15 +16,11 @@ from typing import Optional
 import torch
 
 from dreambooth.config import RunConfig, SamplerSettings
-from dreambooth.errors import InputError
-from dreambooth.images import list_images
 from dreambooth.models import load_pipeline, model_family
-from dreambooth.priors import class_images_for
-from dreambooth.training.data import training_fingerprint
-from dreambooth.training.driver import FinetuneJob, train_and_save
-from dreambooth.training.loop import OnLog, process_state, split_batch
+from dreambooth.training.driver import subject_training
+from dreambooth.training.loop import OnLog, OnStep
 from dreambooth.training.recipes import recipe_class
-from dreambooth.training.saving import FinetuneResult, claim_checkpoints, saved_result
+from dreambooth.training.saving import FinetuneResult
 
 
 def finetune(
@@ -40,56 +36,43 @@ def finetune(
     """Fine-tune config.model.base on the subject; write a full diffusers pipeline (or, for LoRA,
     the adapter and its base-model reference) to output_dir. `release`: see train_and_save;
     `tracking_run`: the run training, named in checkpoints."""
-    settings = split_batch(config.training, process_state().num_processes)
-    instance_images = list_images(instance_dir)
-    if not instance_images:
-        raise InputError(f"{instance_dir}: no subject images (run the ingest stage first)")
-    use_prior = config.priors.enabled and settings.prior_loss_weight > 0
-    class_images = class_images_for(config, class_dir) if use_prior and class_dir else []
-    if use_prior and not class_images:
-        raise InputError(f"{class_dir}: no class images for prior preservation (priors.enabled is true)")
+    subject = subject_training(instance_dir, class_dir, identifier, config, config.training, config.priors.enabled, "priors.enabled",
+                               [config.model.model_dump(), config.training.model_dump()])
+    settings = subject.settings
+    validation_dir = Path(config.storage.work_dir) / "validation" / subject.fingerprint
 
-    subject = config.subject
-    instance_prompt, class_prompt = subject.instance_prompt(identifier), subject.class_prompt()
-    fingerprint = training_fingerprint(
-        [config.model.model_dump(), config.training.model_dump(), subject.class_noun, identifier], instance_images, class_images
-    )
-    checkpoints = Path(config.storage.work_dir) / "checkpoints" / fingerprint
-    validation_dir = Path(config.storage.work_dir) / "validation" / fingerprint
-    drawn = sorted(validation_dir.glob("step-*.png")) if settings.validation_every else []
-    with claim_checkpoints(checkpoints):  # one run at a time per checkpoint folder
-        reused = saved_result(checkpoints, output_dir)
-        if reused is not None:
-            return replace(reused, validation_images=_steps_and_paths(drawn))
-
+    def make_recipe(training, device):
         family = model_family(config.model.base, config.model.revision, declared=config.model.family)
-        device = process_state().device
         pipeline = load_pipeline(config.model.base, config.model.revision, device=device, vae=config.model.vae)
-        recipe = recipe_class(family)(pipeline, settings, device, config.model.resolution)
-        on_step = None
-        if settings.validation_every:
-            prompt = settings.validation_prompt.format(identifier=identifier, class_noun=subject.class_noun)
+        return recipe_class(family)(pipeline, training, device, config.model.resolution)
 
-            def on_step(step: int) -> None:
-                if step % settings.validation_every == 0 or step == settings.max_steps:
-                    draw_validation_images(recipe, prompt, config.samples.sampler.guidance_scale, validation_dir, step)
+    def draw_validation(recipe) -> OnStep:
+        prompt = settings.validation_prompt.format(identifier=identifier, class_noun=config.subject.class_noun)
 
-        job = FinetuneJob(recipe, instance_images, class_images, instance_prompt, class_prompt, checkpoints, owner=tracking_run)
-        metadata = {
+        def on_step(step: int) -> None:
+            if step % settings.validation_every == 0 or step == settings.max_steps:
+                draw_validation_images(recipe, prompt, config.samples.sampler.guidance_scale, validation_dir, step)
+
+        return on_step
+
+    def describe(recipe) -> dict:
+        return {
             "identifier": identifier,
-            "class_noun": subject.class_noun,
-            "instance_prompt": instance_prompt,
-            "class_prompt": class_prompt if use_prior else None,
+            "class_noun": config.subject.class_noun,
+            "instance_prompt": subject.instance_prompt,
+            "class_prompt": subject.class_prompt if subject.class_images else None,
             "base_model": config.model.base,
             "base_revision": config.model.revision,
             "vae": config.model.vae,
-            "family": family,
+            "family": recipe.family,
             "method": settings.method,
             "single_file": settings.method == "lora" and settings.lora.export_single_file,
             "resolution": recipe.training_resolution,
             "steps": settings.max_steps,
         }
-        saved = train_and_save(job, output_dir, metadata, on_log, on_step, release)
+
+    saved = subject.train(make_recipe, output_dir, describe, on_log, draw_validation if settings.validation_every else None, release,
+                          owner=tracking_run)
     # Steps of a killed attempt drew theirs before it was killed: the folder holds the whole curve.
     drawn = sorted(validation_dir.glob("step-*.png")) if settings.validation_every else []
     return replace(saved, validation_images=_steps_and_paths(drawn))

@@ -19,7 +19,7 @@ from typing import Optional
 
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
-from dreambooth.images import list_images, load_rgb
+from dreambooth.images import load_rgb
 from dreambooth.storage import local_folder
 from dreambooth.generation import generate_files, planned_generators
 from dreambooth.progress import OnProgress, counter
@@ -54,12 +54,6 @@ def prior_key(config: RunConfig) -> str:
     else:
         shaping = [config.model.model_dump(exclude={"family"}), config.subject.class_prompt(), config.priors.sampler.model_dump()]
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def class_images_for(config: RunConfig, class_dir: Path) -> list[Path]:
-    """The class images a subject trains with: its own count of a shared generated set, or all supplied ones."""
-    images = list_images(class_dir)
-    return images if config.priors.class_images else images[: config.priors.num_class_images]
 
 
 def _publish(cache: Path, names: list[str], output_dir: Path) -> None:

@@ -20,6 +20,7 @@ import mlflow.diffusers
 import mlflow.pyfunc
 
 from dreambooth.errors import InputError
+from dreambooth.tracking import TAG_PROMOTED, TAG_REVIEW_NOTE, client
 
 CANDIDATE_ALIAS = "candidate"
 PIPELINE_ARTIFACT = "pipeline"
@@ -108,13 +109,11 @@ def log_pipeline_model(tracking_uri: str, run_id: str, model_dir: Path) -> str:
 
 def register_candidate(tracking_uri: str, model_uri: str, name: str, tags: dict[str, str]) -> str:
     """Register `model_uri` under `name`, point the `candidate` alias at it; returns the version."""
-    from mlflow.tracking import MlflowClient
-
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
     version = mlflow.register_model(model_uri, name, tags=tags)
-    MlflowClient(tracking_uri=tracking_uri).set_registered_model_alias(name, CANDIDATE_ALIAS, version.version)
+    client(tracking_uri).set_registered_model_alias(name, CANDIDATE_ALIAS, version.version)
     return str(version.version)
 
 
@@ -134,14 +133,6 @@ class RegisteredVersion:
 
 
 HEADLINE_METRICS = {"eval/dino": "DINO", "eval/clip_i": "CLIP-I", "eval/clip_t": "CLIP-T", "eval/pres": "PRES"}
-TAG_REVIEW_NOTE = "dreambooth.review_note"
-TAG_PROMOTED = "dreambooth.promoted"  # "<alias> by <who> at <UTC time>"
-
-
-def _registry_client(tracking_uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def _unknown_model(mlflow, name: str, where: str) -> InputError:
@@ -172,7 +163,7 @@ def promote(tracking_uri: str, name: str, to_alias: str, version: Optional[str] 
 
     from mlflow.exceptions import MlflowException
 
-    mlflow = _registry_client(tracking_uri)
+    mlflow = client(tracking_uri)
     chosen = _version(mlflow, name, version, from_alias)
     try:
         before = mlflow.get_model_version_by_alias(name, to_alias).version
@@ -188,7 +179,7 @@ def promote(tracking_uri: str, name: str, to_alias: str, version: Optional[str] 
 
 def registered_versions(tracking_uri: str, name: Optional[str] = None) -> list[RegisteredVersion]:
     """Every version of every registered model (or of `name`), newest first, with aliases and figures."""
-    mlflow = _registry_client(tracking_uri)
+    mlflow = client(tracking_uri)
     models = mlflow.search_registered_models(filter_string=f"name = '{name}'" if name else None)
     if name and not models:
         raise _unknown_model(mlflow, name, "models")

@@ -17,12 +17,11 @@ from PIL import Image
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
 from dreambooth.images import list_images
-from dreambooth.priors import class_images_for
-from dreambooth.training.data import training_fingerprint, training_views
-from dreambooth.training.driver import FinetuneJob, train_and_save
-from dreambooth.training.loop import OnLog, process_state, split_batch
+from dreambooth.training.data import training_views
+from dreambooth.training.driver import subject_training
+from dreambooth.training.loop import OnLog
 from dreambooth.training.recipes.upscaler import UPSCALE_FACTOR, UpscalerRecipe
-from dreambooth.training.saving import FinetuneResult, claim_checkpoints, saved_result
+from dreambooth.training.saving import FinetuneResult
 
 
 def load_upscaler(reference: str, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32):
@@ -50,44 +49,28 @@ def finetune_upscaler(
     tracking_run: str = "",
 ) -> FinetuneResult:
     """Fine-tune config.superres.base on the subject; write a StableDiffusionUpscalePipeline folder.
-    `release`: see train_and_save;
-    `tracking_run`: the run training, named in checkpoints."""
+    `release`: see train_and_save; `tracking_run`: the run training, named in checkpoints."""
     settings = config.superres
-    training = split_batch(settings.training, process_state().num_processes)
-    instance_images = list_images(instance_dir)
-    if not instance_images:
-        raise InputError(f"{instance_dir}: no subject images (run the ingest stage first)")
-    use_prior = settings.prior_preservation and training.prior_loss_weight > 0 and class_dir is not None
-    class_images = class_images_for(config, class_dir) if use_prior else []
-    if use_prior and not class_images:  # as the base fine-tune: never train without the prior it was asked for
-        raise InputError(f"{class_dir}: no class images for the upscaler's prior preservation (superres.prior_preservation is true)")
+    subject = subject_training(instance_dir, class_dir, identifier, config, settings.training,
+                               settings.prior_preservation and class_dir is not None, "superres.prior_preservation",
+                               ["superres", settings.model_dump()])
 
-    subject = config.subject
-    instance_prompt, class_prompt = subject.instance_prompt(identifier), subject.class_prompt()
-    fingerprint = training_fingerprint(
-        ["superres", settings.model_dump(), subject.class_noun, identifier], instance_images, class_images
-    )
-    checkpoints = Path(config.storage.work_dir) / "checkpoints" / fingerprint
-    with claim_checkpoints(checkpoints):  # one run at a time per checkpoint folder
-        reused = saved_result(checkpoints, output_dir)
-        if reused is not None:
-            return reused
+    def make_recipe(training, device):
+        return UpscalerRecipe(load_upscaler(settings.base, device), training, device, settings.resolution, noise_levels=settings.train_noise_levels)
 
-        device = process_state().device
-        pipeline = load_upscaler(settings.base, device)
-        recipe = UpscalerRecipe(pipeline, training, device, settings.resolution, noise_levels=settings.train_noise_levels)
-        job = FinetuneJob(recipe, instance_images, class_images, instance_prompt, class_prompt, checkpoints, "super-resolution", owner=tracking_run)
-        metadata = {
+    def describe(recipe) -> dict:
+        return {
             "identifier": identifier,
-            "class_noun": subject.class_noun,
-            "instance_prompt": instance_prompt,
+            "class_noun": config.subject.class_noun,
+            "instance_prompt": subject.instance_prompt,
             "base_upscaler": settings.base,
             "resolution": settings.resolution,
             "train_noise_levels": list(settings.train_noise_levels),
             "inference_noise_level": settings.inference_noise_level,
-            "steps": training.max_steps,
+            "steps": subject.settings.max_steps,
         }
-        return train_and_save(job, output_dir, metadata, on_log, release=release)
+
+    return subject.train(make_recipe, output_dir, describe, on_log, release=release, description="super-resolution", owner=tracking_run)
 
 
 def upscale(pipeline, prompts: list[str], images: list[Image.Image], noise_level: int, sampler, seed: int = 0) -> list[Image.Image]:

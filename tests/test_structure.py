@@ -1,4 +1,5 @@
-"""The package's shape: its modules import each other in one direction only.
+"""The package's shape: its modules import each other in one direction only, importing one changes
+nothing process-wide, and the MLflow run layout is written in one module.
 
 Every import of a `dreambooth` module counts, the ones inside functions too: a lazy import only
 hides a cycle until the day someone moves it to the top of the file.
@@ -7,6 +8,7 @@ hides a cycle until the day someone moves it to the top of the file.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from conftest import REPO
@@ -112,3 +114,41 @@ def test_importing_every_module_changes_nothing_process_wide():
     assert result.returncode == 0, result.stderr
     count, changed = result.stdout.split(" ", 1)
     assert int(count) > 50 and changed.strip() == "[]"
+
+
+LAYOUT = PACKAGE / "tracking" / "layout.py"
+STORE = PACKAGE / "tracking" / "store.py"
+TAG = re.compile(r"^(dreambooth|kfp|mlflow)\.[a-zA-Z_]+$")
+NOT_TAGS = {"dreambooth.json", "dreambooth.yaml", "mlflow.db", "dreambooth.batch_finished"}  # file names, the webhook event
+
+
+def layout_written_outside(paths: list[Path]) -> list[str]:
+    """Tag names, run searches and MLflow clients made anywhere but the layout module and the store."""
+    modules = set(import_graph())
+    found = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            where = f"{path.name}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if path != LAYOUT and TAG.match(node.value) and node.value not in NOT_TAGS | modules:
+                    found.append(f"{where} tag {node.value!r}")
+                if path != LAYOUT and "tags.`" in node.value:
+                    found.append(f"{where} search filter")
+            elif isinstance(node, ast.Attribute) and node.attr == "search_runs" and path != LAYOUT:
+                found.append(f"{where} search_runs")
+            elif isinstance(node, (ast.Name, ast.alias)) and "MlflowClient" in (getattr(node, "id", None), getattr(node, "name", None)) \
+                    and path != STORE:
+                found.append(f"{where} MlflowClient")
+    return found
+
+
+def test_the_run_layout_and_the_client_have_one_home_each():
+    assert layout_written_outside(sorted([*PACKAGE.rglob("*.py"), *(REPO / "bench").glob("*.py")])) == []
+
+
+def test_a_tag_a_search_or_a_client_written_elsewhere_is_found(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("from mlflow.tracking import MlflowClient\n"
+                       "def f(c): return c.search_runs(['1'], f\"tags.`dreambooth.stage` = 'x'\", {'dreambooth.gate': 1})\n")
+    kinds = sorted(line.split(" ")[1] for line in layout_written_outside([planted]))
+    assert kinds == ["MlflowClient", "search", "search_runs", "tag"]

@@ -122,5 +122,5 @@ def test_an_empty_class_folder_is_refused_like_the_base_fine_tune_refuses_it(sub
     subject_dir, identifier = subject
     (tmp_path / "no-classes").mkdir()
     config = _settings(make_config, prior_preservation=True)
-    with pytest.raises(InputError, match=r"no-classes: no class images for the upscaler's prior preservation"):
+    with pytest.raises(InputError, match=r"no-classes: no class images for prior preservation \(superres.prior_preservation is true\)"):
         finetune_upscaler(subject_dir, tmp_path / "no-classes", identifier, config, tmp_path / "upscaler")

@@ -91,7 +91,7 @@ def _losses(reference: str, revision: Optional[str], vae: Optional[str], groups:
 
 def learning_check(model_dir: str, subject_dir: Path, class_dir: Optional[Path], identifier: str, config: RunConfig) -> LearningCheck:
     """Base vs fine-tuned denoising loss on the subject photos (and on the class images when given)."""
-    from dreambooth.priors import class_images_for
+    from dreambooth.training.data import class_images_for
 
     groups = [(list_images(subject_dir), config.subject.instance_prompt(identifier))]
     class_images = class_images_for(config, class_dir)[:MAX_CLASS_IMAGES] if class_dir else []

@@ -42,20 +42,26 @@ from dreambooth.tracking import (
     FAILED,
     SPOOL_FOLDER,
     TAG_CLASS_NOUN,
+    TAG_CLASS_PROMPT,
+    TAG_EVALUATION,
     TAG_EVAL_PROTOCOL,
     TAG_GATE,
     TAG_GATE_REASON,
     TAG_IDENTIFIER,
+    TAG_IDENTIFIER_REASON,
     TAG_MODEL_LOCATION,
     TAG_MODEL_URI,
     TAG_PHOTOS,
     TAG_PICKLE_ALLOWED,
     TAG_PRIOR_KEY,
+    TAG_PRIORS_SOURCE,
     TAG_REGISTERED,
     TAG_REGISTERED_VERSION,
     TAG_RUN_NAME,
     TAG_SUBJECT,
     TAG_SUBJECT_STATUS,
+    TAG_SUPERRES_INFERENCE_NOISE_LEVEL,
+    TAG_SUPERRES_NOISE_LEVELS,
     StageRun,
     client,
     headline_params,
@@ -145,7 +151,7 @@ def ingest_task(config: RunConfig, run: StageRun, photos: str, output_dir: str) 
     for run_id in (run.run_id, run.parent_run_id):  # later stages take it from the subject run's tag
         log_photos_input(run.client, run_id, dataset)
     run.set_tags(
-        {TAG_IDENTIFIER: result.identifier.identifier, "dreambooth.identifier_reason": result.identifier.reason,
+        {TAG_IDENTIFIER: result.identifier.identifier, TAG_IDENTIFIER_REASON: result.identifier.reason,
          TAG_PHOTOS: dataset},
         on_parent=True,
     )
@@ -286,7 +292,7 @@ def evaluation_protocol(settings: dict, config: RunConfig) -> str:
 
 
 def _evaluation_disabled(run: StageRun) -> EvaluationOutcome:
-    run.set_tags({"dreambooth.evaluation": "disabled"})
+    run.set_tags({TAG_EVALUATION: "disabled"})
     return EvaluationOutcome(metrics={}, report_markdown="Evaluation is switched off (evaluation.enabled).\n", registered=None)
 
 
@@ -355,8 +361,8 @@ def super_resolution_task(config: RunConfig, run: StageRun, subject_dir: str, cl
 
     identifier = _identifier(Path(subject_dir))
     run.set_tags({
-        "dreambooth.superres_noise_levels": str(list(config.superres.train_noise_levels)),
-        "dreambooth.superres_inference_noise_level": str(config.superres.inference_noise_level),
+        TAG_SUPERRES_NOISE_LEVELS: str(list(config.superres.train_noise_levels)),
+        TAG_SUPERRES_INFERENCE_NOISE_LEVEL: str(config.superres.inference_noise_level),
     })
     with _class_folder(config, class_images) as class_dir:
         result = _train(
@@ -436,7 +442,7 @@ def priors_task(config_json: str, tracking_uri: str, batch_run_id: str, prior_ke
         with stage_run(tracking_uri, batch_run_id, CLASS_PRIORS, tags, **_run_settings(config)) as run:
             _apply_weights_policy(config, run)
             result = generate_class_priors(config, Path(output_dir), on_progress=_images_progress(run))
-            run.set_tags({"dreambooth.class_prompt": result.class_prompt, "dreambooth.priors_source": result.source})
+            run.set_tags({TAG_CLASS_PROMPT: result.class_prompt, TAG_PRIORS_SOURCE: result.source})
             _log_preview(run, Path(output_dir), result.class_prompt)
             run.log_metrics({
                 "class_images": result.count,

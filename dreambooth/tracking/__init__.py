@@ -1,16 +1,9 @@
-"""The one place that knows the MLflow run layout.
+"""Tracking in MLflow: each stage inside its run, and the batch closed at the end.
 
-    batch run (one per pipeline run, found by its KFP job id)
-      ├── class-priors runs (one per class-prior group)
-      └── subject run (one per subject trained)
-            └── stage runs (ingest, fine-tune, samples, evaluate, super-resolution, ...)
-
-The plan task opens the batch run and the subject runs, so later tasks are handed a subject
-run's id instead of searching for it. A subject run carries the subject's fingerprint (photos,
-settings, base model) and its outcome, which is how a later batch knows it is up to date.
-Everything goes through MlflowClient with explicit run ids: no process-global active run.
-Where tracking goes (URI, credentials, the store) is `store`; step metrics that outlive an
-outage are `spool`.
+The names of the runs and tags, and every search, are `layout` (re-exported here); where tracking
+goes (URI, credentials, the store, the one client) is `store`; step metrics that outlive an
+outage are `spool`; system metrics `system`; webhooks when a batch ends `notify`. Everything goes
+through MlflowClient with explicit run ids: no process-global active run.
 """
 
 from __future__ import annotations
@@ -26,6 +19,62 @@ from dreambooth.config import RunConfig
 from dreambooth.errors import Preempted, TrackingUnavailable
 from dreambooth.stages import FINE_TUNE, Stage
 from dreambooth.progress import DONE, FAILED as STAGE_FAILED, RUNNING as STAGE_RUNNING, StageProgress
+from dreambooth.tracking.layout import (  # noqa: F401
+    FAILED,
+    INHERITED_TAGS,
+    PAGE_SIZE,
+    RUNNING,
+    STAGE_BATCH,
+    STAGE_COMPARE,
+    STAGE_SUBJECT,
+    TAG_ATTEMPT,
+    TAG_CLASS_NOUN,
+    TAG_CLASS_PROMPT,
+    TAG_COMPARED_RUNS,
+    TAG_COMPARED_SUBJECTS,
+    TAG_ERROR,
+    TAG_EVALUATION,
+    TAG_EVAL_PROTOCOL,
+    TAG_FAILED_STAGE,
+    TAG_FINGERPRINT,
+    TAG_GATE,
+    TAG_GATE_REASON,
+    TAG_IDENTIFIER,
+    TAG_IDENTIFIER_REASON,
+    TAG_JOB_ID,
+    TAG_JOB_NAME,
+    TAG_MODEL_LOCATION,
+    TAG_MODEL_URI,
+    TAG_PARENT,
+    TAG_PHOTOS,
+    TAG_PICKLE_ALLOWED,
+    TAG_PRIORS_SOURCE,
+    TAG_PRIOR_KEY,
+    TAG_PROMOTED,
+    TAG_REGISTERED,
+    TAG_REGISTERED_VERSION,
+    TAG_RESUMED_FROM,
+    TAG_REVIEW_NOTE,
+    TAG_RUN_NAME,
+    TAG_STAGE,
+    TAG_SUBJECT,
+    TAG_SUBJECT_STATUS,
+    TAG_SUPERRES_INFERENCE_NOISE_LEVEL,
+    TAG_SUPERRES_NOISE_LEVELS,
+    TAG_TASK_NAME,
+    TRAINED,
+    batch_run_name,
+    compare_run_name,
+    earlier_attempt,
+    find_batch_run,
+    find_trained_subject,
+    open_batch_run,
+    open_subject_run,
+    runs_still_open,
+    search_all,
+    stage_runs,
+    subject_runs,
+)
 from dreambooth.tracking.spool import MetricSpool, discard, send_pending
 from dreambooth.tracking.store import (  # noqa: F401 (the package's interface)
     adopt_credentials,
@@ -38,37 +87,9 @@ from dreambooth.tracking.store import (  # noqa: F401 (the package's interface)
 
 log = logging.getLogger(__name__)
 
-TAG_JOB_ID = "kfp.job_id"
-TAG_JOB_NAME = "kfp.job_name"
-TAG_TASK_NAME = "kfp.task_name"
-TAG_STAGE = "dreambooth.stage"
-TAG_SUBJECT = "dreambooth.subject"
-TAG_CLASS_NOUN = "dreambooth.class_noun"
-TAG_IDENTIFIER = "dreambooth.identifier"
-TAG_FINGERPRINT = "dreambooth.fingerprint"
-TAG_SUBJECT_STATUS = "dreambooth.subject_status"  # running, trained or failed
-TAG_ERROR = "dreambooth.error"
-TAG_FAILED_STAGE = "dreambooth.failed_stage"
-TAG_MODEL_URI = "dreambooth.model_uri"  # the MLflow model (models:/...)
-TAG_MODEL_LOCATION = "dreambooth.model_location"  # the diffusers folder the fine-tune wrote (path or gs://)
-TAG_GATE = "dreambooth.gate"
-TAG_GATE_REASON = "dreambooth.gate_reason"
-TAG_REGISTERED = "dreambooth.registered_model"
-TAG_REGISTERED_VERSION = "dreambooth.registered_version"
-TAG_EVAL_PROTOCOL = "dreambooth.eval_protocol"
-TAG_PRIOR_KEY = "dreambooth.prior_key"
-TAG_PARENT = "mlflow.parentRunId"
-TAG_RUN_NAME = "mlflow.runName"
-TAG_ATTEMPT = "dreambooth.attempt"  # 2 and up: a retried task continued this run
-TAG_PICKLE_ALLOWED = "dreambooth.pickle_weights_allowed"  # model.allow_pickle: pickle weights could load
-TAG_RESUMED_FROM = "dreambooth.resumed_from"  # "<run id> at step N": the run whose checkpoint this one resumed
-TAG_PHOTOS = "dreambooth.photos"  # the subject's photos as an MLflow dataset (JSON), logged as each stage's input
 # The settings people compare runs by: a param of every run, stage runs included.
 HEADLINE_SETTINGS = ("model.base", "training.method", "training.max_steps", "training.learning_rate",
                      "training.prior_loss_weight", "priors.num_class_images", "model.resolution")
-INHERITED_TAGS = (TAG_JOB_ID, TAG_JOB_NAME, TAG_SUBJECT, TAG_CLASS_NOUN, TAG_IDENTIFIER)
-STAGE_BATCH, STAGE_SUBJECT = "batch", "subject"
-RUNNING, TRAINED, FAILED = "running", "trained", "failed"
 SPOOL_FOLDER = "tracking-spool"
 DEFAULT_WAIT_SECONDS = 60.0  # at a stage's end, for a tracking server that is away (tracking.wait_seconds)
 
@@ -76,86 +97,6 @@ DEFAULT_WAIT_SECONDS = 60.0  # at a stage's end, for a tracking server that is a
 def headline_params(config: RunConfig) -> dict[str, str]:
     flat = config.flat_params()
     return {key: flat[key] for key in HEADLINE_SETTINGS}
-
-
-def _log_params(mlflow, run_id: str, config: RunConfig) -> None:
-    from mlflow.entities import Param
-
-    params = [Param(key, value[:6000]) for key, value in config.flat_params().items()]
-    for start in range(0, len(params), 100):
-        mlflow.log_batch(run_id, params=params[start : start + 100])
-
-
-def _search(tracking_uri: str, experiment: str, filter_string: str, newest_first: bool = False) -> list:
-    mlflow = client(tracking_uri)
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is None:
-        return []
-    order = ["attributes.start_time DESC"] if newest_first else None
-    return list(mlflow.search_runs([found.experiment_id], filter_string=filter_string, order_by=order, max_results=1000))
-
-
-def find_batch_run(tracking_uri: str, experiment: str, job_id: str = "", job_name: str = ""):
-    """The pipeline run's batch run, by KFP job id or job name; None if never opened."""
-    key, value = (TAG_JOB_ID, job_id) if job_id else (TAG_JOB_NAME, job_name)
-    runs = _search(tracking_uri, experiment, f"tags.`{key}` = '{value}' and tags.`{TAG_STAGE}` = '{STAGE_BATCH}'")
-    return runs[0] if runs else None
-
-
-def open_batch_run(tracking_uri: str, config: RunConfig, job_id: str, job_name: str) -> str:
-    """Find or create the job's batch run (a retried plan task finds the one it made)."""
-    existing = find_batch_run(tracking_uri, config.tracking.experiment, job_id)
-    if existing is not None:
-        return existing.info.run_id
-    mlflow = client(tracking_uri)
-    tags = {TAG_JOB_ID: job_id, TAG_JOB_NAME: job_name, TAG_STAGE: STAGE_BATCH, TAG_RUN_NAME: f"batch-{job_name}"}
-    run = mlflow.create_run(experiment_id(tracking_uri, config.tracking.experiment), tags=tags)
-    _log_params(mlflow, run.info.run_id, config)
-    return run.info.run_id
-
-
-def subject_runs(tracking_uri: str, batch_run_id: str) -> list:
-    mlflow = client(tracking_uri)
-    batch = mlflow.get_run(batch_run_id)
-    return list(mlflow.search_runs(
-        [batch.info.experiment_id],
-        filter_string=f"tags.`{TAG_PARENT}` = '{batch_run_id}' and tags.`{TAG_STAGE}` = '{STAGE_SUBJECT}'",
-        max_results=1000,
-    ))
-
-
-def open_subject_run(tracking_uri: str, batch_run_id: str, config: RunConfig, fingerprint: str) -> str:
-    """Find or create the subject's run under the batch run."""
-    subject = config.subject.name
-    for run in subject_runs(tracking_uri, batch_run_id):
-        if run.data.tags.get(TAG_SUBJECT) == subject:
-            return run.info.run_id
-    mlflow = client(tracking_uri)
-    batch = mlflow.get_run(batch_run_id)
-    tags = {
-        **{key: batch.data.tags[key] for key in (TAG_JOB_ID, TAG_JOB_NAME) if key in batch.data.tags},
-        TAG_PARENT: batch_run_id,
-        TAG_STAGE: STAGE_SUBJECT,
-        TAG_SUBJECT: subject,
-        TAG_CLASS_NOUN: config.subject.class_noun,
-        TAG_FINGERPRINT: fingerprint,
-        TAG_SUBJECT_STATUS: RUNNING,
-        TAG_RUN_NAME: subject,
-    }
-    run = mlflow.create_run(batch.info.experiment_id, tags=tags)
-    _log_params(mlflow, run.info.run_id, config)
-    return run.info.run_id
-
-
-def find_trained_subject(tracking_uri: str, experiment: str, fingerprint: str):
-    """The newest finished subject run with this fingerprint whose training succeeded, or None."""
-    runs = _search(
-        tracking_uri, experiment,
-        f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}' and tags.`{TAG_SUBJECT_STATUS}` = '{TRAINED}' "
-        f"and attributes.status = 'FINISHED'",
-        newest_first=True,
-    )
-    return runs[0] if runs else None
 
 
 def record_failure(tracking_uri: str, run_id: str, stage: str, message: str) -> None:
@@ -297,14 +238,6 @@ class StageRun:
             self.client.log_artifacts(self.parent_run_id, str(folder), artifact_path)
 
 
-def _earlier_attempt(mlflow, parent, stage: str, tags: dict) -> Optional[object]:
-    """The run an earlier attempt of this task opened (same parent, stage and identifying tags), if any."""
-    filters = [f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'", f"tags.`{TAG_STAGE}` = '{stage}'"]
-    filters += [f"tags.`{key}` = '{value}'" for key, value in tags.items() if key != TAG_RUN_NAME]
-    found = mlflow.search_runs([parent.info.experiment_id], " and ".join(filters), order_by=["attributes.start_time DESC"], max_results=1)
-    return found[0] if found else None
-
-
 @contextmanager
 def stage_run(
     tracking_uri: str, parent_run_id: str, stage: Stage, tags: Optional[dict] = None,
@@ -319,7 +252,7 @@ def stage_run(
 
     mlflow = client(tracking_uri)
     parent = mlflow.get_run(parent_run_id)
-    earlier = _earlier_attempt(mlflow, parent, stage.name, tags or {})
+    earlier = earlier_attempt(mlflow, parent, stage.name, tags or {})
     if earlier is not None:
         run_id = earlier.info.run_id
         attempt = int(earlier.data.tags.get(TAG_ATTEMPT, "1")) + 1
@@ -400,7 +333,7 @@ def finish_batch_run(tracking_uri: str, experiment: str, job_id: str, pipeline_s
         return None
     mlflow = client(tracking_uri)
     succeeded = pipeline_state.upper() in ("SUCCEEDED", "SUCCESS")
-    still_running = _search(tracking_uri, experiment, f"tags.`{TAG_JOB_ID}` = '{job_id}' and attributes.status = 'RUNNING'")
+    still_running = runs_still_open(tracking_uri, experiment, job_id)
     for run in still_running:
         if run.info.run_id == batch.info.run_id:
             continue

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dreambooth.images import load_rgb, resize_and_crop
+from dreambooth.config import RunConfig
+from dreambooth.images import list_images, load_rgb, resize_and_crop
 
 VAE_ENCODE_BATCH = 8
 
@@ -64,6 +65,12 @@ def encode_views(vae, views: list[Image.Image]) -> LatentCache:
         means.append(distribution.mean.float())
         stds.append(distribution.std.float())
     return LatentCache(mean=torch.cat(means), std=torch.cat(stds))
+
+
+def class_images_for(config: RunConfig, class_dir: Path) -> list[Path]:
+    """The class images a subject trains with: its own count of a shared generated set, or all supplied ones."""
+    images = list_images(class_dir)
+    return images if config.priors.class_images else images[: config.priors.num_class_images]
 
 
 def training_fingerprint(settings: list, instance_images: list[Path], class_images: list[Path]) -> str:

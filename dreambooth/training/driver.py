@@ -10,15 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
+from dreambooth.config import RunConfig, TrainingSettings
+from dreambooth.errors import InputError
+from dreambooth.images import list_images
+from dreambooth.training.data import class_images_for, training_fingerprint
 from dreambooth.training.lora import add_lora_adapters
-from dreambooth.training.loop import OnLog, OnStep, TrainingResult, process_state, train
+from dreambooth.training.loop import OnLog, OnStep, TrainingResult, process_state, split_batch, train
 from dreambooth.training.losses import LossTerms
 from dreambooth.training.recipes import Recipe
-from dreambooth.training.saving import FinetuneResult, release_checkpoints, save_trained_pipeline
+from dreambooth.training.saving import FinetuneResult, claim_checkpoints, release_checkpoints, save_trained_pipeline, saved_result
 
 
 @dataclass
@@ -94,3 +98,55 @@ def train_and_save(
     if release and process_state().is_main_process:
         release_checkpoints(saved, settings.keep_checkpoints)
     return saved
+
+
+@dataclass(frozen=True)
+class SubjectTraining:
+    """What both fine-tunes (the base model, the upscaler) train on: the subject's photos captioned
+    `a [V] noun`, the class images captioned `a noun` (none without prior preservation), and the
+    checkpoint folder their fingerprint names, so a re-run with the same inputs resumes."""
+
+    settings: TrainingSettings  # this process's share of the batch
+    instance_images: list[Path]
+    class_images: list[Path]
+    instance_prompt: str
+    class_prompt: str
+    fingerprint: str
+    checkpoints: Path
+
+    def train(
+        self, make_recipe: Callable[[TrainingSettings, torch.device], Recipe], output_dir: Path, describe: Callable[[Recipe], dict],
+        on_log: Optional[OnLog] = None, on_step: Optional[Callable[[Recipe], OnStep]] = None, release: bool = True,
+        description: str = "fine-tune", owner: str = "",
+    ) -> FinetuneResult:
+        """Train and save, or return the model an earlier attempt saved here; one run at a time per folder.
+        `describe(recipe)`: what the saved folder records (dreambooth.json); `on_step(recipe)`: a per-step
+        hook for the loaded recipe; `owner`: the tracking run training."""
+        with claim_checkpoints(self.checkpoints):
+            reused = saved_result(self.checkpoints, output_dir)
+            if reused is not None:
+                return reused
+            recipe = make_recipe(self.settings, process_state().device)
+            job = FinetuneJob(recipe, self.instance_images, self.class_images, self.instance_prompt, self.class_prompt,
+                              self.checkpoints, description, owner)
+            return train_and_save(job, output_dir, describe(recipe), on_log, on_step(recipe) if on_step else None, release)
+
+
+def subject_training(
+    instance_dir: Path, class_dir: Optional[Path], identifier: str, config: RunConfig, training: TrainingSettings,
+    prior_preservation: bool, prior_setting: str, fingerprint_settings: list,
+) -> SubjectTraining:
+    """The subject's photos and class images, checked; `prior_setting` names the setting that asked
+    for prior preservation, in the refusal when there are no class images."""
+    settings = split_batch(training, process_state().num_processes)
+    instance_images = list_images(instance_dir)
+    if not instance_images:
+        raise InputError(f"{instance_dir}: no subject images (run the ingest stage first)")
+    use_prior = prior_preservation and settings.prior_loss_weight > 0
+    class_images = class_images_for(config, class_dir) if use_prior and class_dir else []
+    if use_prior and not class_images:  # never train without the prior that was asked for
+        raise InputError(f"{class_dir}: no class images for prior preservation ({prior_setting} is true)")
+    subject = config.subject
+    fingerprint = training_fingerprint([*fingerprint_settings, subject.class_noun, identifier], instance_images, class_images)
+    return SubjectTraining(settings, instance_images, class_images, subject.instance_prompt(identifier), subject.class_prompt(),
+                           fingerprint, Path(config.storage.work_dir) / "checkpoints" / fingerprint)

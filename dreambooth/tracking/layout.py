@@ -1,0 +1,178 @@
+"""The MLflow run layout, in one place: every tag, run name, parent link and search filter.
+
+    batch run (one per pipeline run, found by its KFP job id)
+      ├── class-priors runs (one per class-prior group)
+      ├── compare runs (`dreambooth compare --batch-run`)
+      └── subject run (one per subject trained)
+            └── stage runs (ingest, fine-tune, samples, evaluate, super-resolution, ...)
+
+The plan task opens the batch run and the subject runs, so later tasks are handed a subject
+run's id instead of searching for it. A subject run carries the subject's fingerprint (photos,
+settings, base model) and its outcome, which is how a later batch knows it is up to date.
+Every reader and writer of these runs uses the names and searches below; tests/test_structure.py
+fails when a tag or a search is written anywhere else. Searches page through every result.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from dreambooth.config import RunConfig
+from dreambooth.tracking.store import client, experiment_id
+
+TAG_JOB_ID = "kfp.job_id"
+TAG_JOB_NAME = "kfp.job_name"
+TAG_TASK_NAME = "kfp.task_name"
+TAG_STAGE = "dreambooth.stage"
+TAG_SUBJECT = "dreambooth.subject"
+TAG_CLASS_NOUN = "dreambooth.class_noun"
+TAG_IDENTIFIER = "dreambooth.identifier"
+TAG_FINGERPRINT = "dreambooth.fingerprint"
+TAG_SUBJECT_STATUS = "dreambooth.subject_status"  # running, trained or failed
+TAG_ERROR = "dreambooth.error"
+TAG_FAILED_STAGE = "dreambooth.failed_stage"
+TAG_MODEL_URI = "dreambooth.model_uri"  # the MLflow model (models:/...)
+TAG_MODEL_LOCATION = "dreambooth.model_location"  # the diffusers folder the fine-tune wrote (path or gs://)
+TAG_GATE = "dreambooth.gate"
+TAG_GATE_REASON = "dreambooth.gate_reason"
+TAG_REGISTERED = "dreambooth.registered_model"
+TAG_REGISTERED_VERSION = "dreambooth.registered_version"
+TAG_EVAL_PROTOCOL = "dreambooth.eval_protocol"
+TAG_PRIOR_KEY = "dreambooth.prior_key"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_RUN_NAME = "mlflow.runName"
+TAG_ATTEMPT = "dreambooth.attempt"  # 2 and up: a retried task continued this run
+TAG_PICKLE_ALLOWED = "dreambooth.pickle_weights_allowed"  # model.allow_pickle: pickle weights could load
+TAG_RESUMED_FROM = "dreambooth.resumed_from"  # "<run id> at step N": the run whose checkpoint this one resumed
+TAG_PHOTOS = "dreambooth.photos"  # the subject's photos as an MLflow dataset (JSON), logged as each stage's input
+# Set by single stages: what they chose and why.
+TAG_IDENTIFIER_REASON = "dreambooth.identifier_reason"
+TAG_EVALUATION = "dreambooth.evaluation"  # "disabled" when evaluation.enabled is false
+TAG_SUPERRES_NOISE_LEVELS = "dreambooth.superres_noise_levels"
+TAG_SUPERRES_INFERENCE_NOISE_LEVEL = "dreambooth.superres_inference_noise_level"
+TAG_CLASS_PROMPT = "dreambooth.class_prompt"
+TAG_PRIORS_SOURCE = "dreambooth.priors_source"  # generated, cached or the user's folder
+TAG_COMPARED_RUNS = "dreambooth.compared_runs"
+TAG_COMPARED_SUBJECTS = "dreambooth.compared_subjects"
+# On registered model versions.
+TAG_REVIEW_NOTE = "dreambooth.review_note"
+TAG_PROMOTED = "dreambooth.promoted"  # "<alias> by <who> at <UTC time>"
+
+INHERITED_TAGS = (TAG_JOB_ID, TAG_JOB_NAME, TAG_SUBJECT, TAG_CLASS_NOUN, TAG_IDENTIFIER)
+STAGE_BATCH, STAGE_SUBJECT = "batch", "subject"
+RUNNING, TRAINED, FAILED = "running", "trained", "failed"
+STAGE_COMPARE = "compare"
+PAGE_SIZE = 1000
+
+
+def _log_params(mlflow, run_id: str, config: RunConfig) -> None:
+    from mlflow.entities import Param
+
+    params = [Param(key, value[:6000]) for key, value in config.flat_params().items()]
+    for start in range(0, len(params), 100):
+        mlflow.log_batch(run_id, params=params[start : start + 100])
+
+
+def batch_run_name(job_name: str) -> str:
+    return f"batch-{job_name}"
+
+
+def compare_run_name(count: int) -> str:
+    return f"compare-{count}-runs"
+
+
+def search_all(mlflow, experiment_ids: list[str], filter_string: str, order_by: Optional[list[str]] = None) -> list:
+    """Every run that matches, page after page (one page would silently stop at PAGE_SIZE runs)."""
+    runs, token = [], None
+    while True:
+        page = mlflow.search_runs(experiment_ids, filter_string, order_by=order_by, max_results=PAGE_SIZE, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _search(tracking_uri: str, experiment: str, filter_string: str, newest_first: bool = False) -> list:
+    mlflow = client(tracking_uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    order = ["attributes.start_time DESC"] if newest_first else None
+    return search_all(mlflow, [found.experiment_id], filter_string, order)
+
+
+def find_batch_run(tracking_uri: str, experiment: str, job_id: str = "", job_name: str = ""):
+    """The pipeline run's batch run, by KFP job id or job name; None if never opened."""
+    key, value = (TAG_JOB_ID, job_id) if job_id else (TAG_JOB_NAME, job_name)
+    runs = _search(tracking_uri, experiment, f"tags.`{key}` = '{value}' and tags.`{TAG_STAGE}` = '{STAGE_BATCH}'")
+    return runs[0] if runs else None
+
+
+def open_batch_run(tracking_uri: str, config: RunConfig, job_id: str, job_name: str) -> str:
+    """Find or create the job's batch run (a retried plan task finds the one it made)."""
+    existing = find_batch_run(tracking_uri, config.tracking.experiment, job_id)
+    if existing is not None:
+        return existing.info.run_id
+    mlflow = client(tracking_uri)
+    tags = {TAG_JOB_ID: job_id, TAG_JOB_NAME: job_name, TAG_STAGE: STAGE_BATCH, TAG_RUN_NAME: batch_run_name(job_name)}
+    run = mlflow.create_run(experiment_id(tracking_uri, config.tracking.experiment), tags=tags)
+    _log_params(mlflow, run.info.run_id, config)
+    return run.info.run_id
+
+
+def subject_runs(tracking_uri: str, batch_run_id: str) -> list:
+    mlflow = client(tracking_uri)
+    batch = mlflow.get_run(batch_run_id)
+    return search_all(mlflow, [batch.info.experiment_id], f"tags.`{TAG_PARENT}` = '{batch_run_id}' and tags.`{TAG_STAGE}` = '{STAGE_SUBJECT}'")
+
+
+def open_subject_run(tracking_uri: str, batch_run_id: str, config: RunConfig, fingerprint: str) -> str:
+    """Find or create the subject's run under the batch run."""
+    subject = config.subject.name
+    for run in subject_runs(tracking_uri, batch_run_id):
+        if run.data.tags.get(TAG_SUBJECT) == subject:
+            return run.info.run_id
+    mlflow = client(tracking_uri)
+    batch = mlflow.get_run(batch_run_id)
+    tags = {
+        **{key: batch.data.tags[key] for key in (TAG_JOB_ID, TAG_JOB_NAME) if key in batch.data.tags},
+        TAG_PARENT: batch_run_id,
+        TAG_STAGE: STAGE_SUBJECT,
+        TAG_SUBJECT: subject,
+        TAG_CLASS_NOUN: config.subject.class_noun,
+        TAG_FINGERPRINT: fingerprint,
+        TAG_SUBJECT_STATUS: RUNNING,
+        TAG_RUN_NAME: subject,
+    }
+    run = mlflow.create_run(batch.info.experiment_id, tags=tags)
+    _log_params(mlflow, run.info.run_id, config)
+    return run.info.run_id
+
+
+def find_trained_subject(tracking_uri: str, experiment: str, fingerprint: str):
+    """The newest finished subject run with this fingerprint whose training succeeded, or None."""
+    runs = _search(
+        tracking_uri, experiment,
+        f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}' and tags.`{TAG_SUBJECT_STATUS}` = '{TRAINED}' "
+        f"and attributes.status = 'FINISHED'",
+        newest_first=True,
+    )
+    return runs[0] if runs else None
+
+
+def runs_still_open(tracking_uri: str, experiment: str, job_id: str) -> list:
+    """Every run of the job that is still RUNNING (the batch run included)."""
+    return _search(tracking_uri, experiment, f"tags.`{TAG_JOB_ID}` = '{job_id}' and attributes.status = 'RUNNING'")
+
+
+def stage_runs(tracking_uri: str, experiment: str, stage: str) -> list:
+    """Every run of one stage (`subject`, `class-priors` ...) in the experiment."""
+    return _search(tracking_uri, experiment, f"tags.`{TAG_STAGE}` = '{stage}'")
+
+
+def earlier_attempt(mlflow, parent, stage: str, tags: dict) -> Optional[object]:
+    """The run an earlier attempt of this task opened (same parent, stage and identifying tags), if any."""
+    filters = [f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'", f"tags.`{TAG_STAGE}` = '{stage}'"]
+    filters += [f"tags.`{key}` = '{value}'" for key, value in tags.items() if key != TAG_RUN_NAME]
+    found = mlflow.search_runs([parent.info.experiment_id], " and ".join(filters), order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0] if found else None
