@@ -1,10 +1,11 @@
 # Two entry points: `make demo` (set up, then run the pipeline on the tiny model) and `make test`.
+# `make test-fast` skips the whole-pipeline runs (the edit-test loop); `make docs` builds the site.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test compile bench clean
+.PHONY: setup demo test test-fast docs compile bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,13 +16,22 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/python pipeline.py run --config tiny --subjects examples/subjects.yaml --output-dir outputs
+	$(BIN)/dreambooth run --config tiny --subjects examples/subjects.yaml --output-dir outputs
+
+# Two workers; tests that share a fixed port (the manifest's MLflow) stay on one (xdist_group).
+PYTEST := $(BIN)/python -m pytest -n 2 --dist loadgroup
 
 test: setup
-	$(BIN)/python -m pytest
+	$(PYTEST)
+
+test-fast: setup
+	$(PYTEST) -m "not slow"
+
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 compile: setup
-	$(BIN)/python pipeline.py compile --config sd15 --output dreambooth.yaml
+	$(BIN)/dreambooth compile --config sd15 --output dreambooth.yaml
 
 bench: setup
 	$(BIN)/python bench/finetune_bench.py
@@ -29,4 +39,4 @@ bench: setup
 	$(BIN)/python bench/batch_bench.py
 
 clean:
-	rm -rf outputs mlruns mlflow.db mlflow-artifacts dreambooth.yaml
+	rm -rf outputs mlruns mlflow.db mlflow-artifacts dreambooth.yaml site

@@ -56,16 +56,24 @@ def failed_task_chain(message: str) -> Optional[str]:
     return found.group(1).replace("'", "") if found else None
 
 
-@contextmanager
-def local_pipelines(pipeline_root: Path) -> Iterator[Callable[[Callable, dict], Optional[str]]]:
-    """Pipelines run here, each task a subprocess of this environment, outputs under pipeline_root.
-    Yields run(pipeline, arguments) -> None, or the failed task's chain when a task failed."""
-    from kfp import local
+class LocalRuns:
+    """Pipelines run here through kfp.local, each task a subprocess of this environment."""
 
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
-    print_function = builtins.print
+    def __init__(self, pipeline_root: Path, pipeline_name: str):
+        self.pipeline_root, self.pipeline_name = pipeline_root, pipeline_name
+        self._before = set(self._job_folders())
 
-    def run(pipeline: Callable, arguments: dict) -> Optional[str]:
+    def _job_folders(self) -> list[Path]:
+        # kfp.local writes a run's outputs to {pipeline_root}/{pipeline name}-{timestamp}/{task}/{output}.
+        return [path for path in self.pipeline_root.glob(f"{self.pipeline_name}-*") if path.is_dir()]
+
+    def job_folder(self) -> Optional[Path]:
+        """The folder of the run started since, once kfp.local has made it."""
+        created = [path for path in self._job_folders() if path not in self._before]
+        return max(created, key=lambda path: path.stat().st_mtime) if created else None
+
+    def run(self, pipeline: Callable, arguments: dict) -> Optional[str]:
+        """None, or the failed task's chain when a task failed (any other error is raised)."""
         try:
             pipeline(**arguments)
         except RuntimeError as error:
@@ -75,8 +83,16 @@ def local_pipelines(pipeline_root: Path) -> Iterator[Callable[[Callable, dict], 
             return chain
         return None
 
+
+@contextmanager
+def local_pipelines(pipeline_root: Path, pipeline_name: str) -> Iterator[LocalRuns]:
+    """kfp.local set up to run pipelines here, with outputs under pipeline_root."""
+    from kfp import local
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
+    print_function = builtins.print
     try:
-        yield run
+        yield LocalRuns(pipeline_root, pipeline_name)
     finally:
         # kfp.local indents task output by swapping builtins.print, and parallel tasks can leave it swapped.
         builtins.print = print_function

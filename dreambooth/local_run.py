@@ -27,14 +27,8 @@ from dreambooth.summary import UP_TO_DATE, SubjectRow, collect_rows, headline
 from dreambooth.tracking import FAILED, SPOOL_FOLDER, TAG_ERROR, experiment_id, find_batch_run, resolve_tracking_uri
 from dreambooth.tracking.spool import sync_spooled
 
-PIPELINE_PREFIX = "dreambooth-"
 
 PUBLISHED_FOLDERS = {"model": "model", "sample grid": "samples", "upscaler": "upscaler", "evaluation": "evaluation"}
-
-
-def _new_job_dir(pipeline_root: Path, before: set[Path]) -> Optional[Path]:
-    created = [p for p in pipeline_root.glob(f"{PIPELINE_PREFIX}*") if p.is_dir() and p not in before]
-    return max(created, key=lambda p: p.stat().st_mtime) if created else None
 
 
 def run_locally(
@@ -64,7 +58,7 @@ def _run(
     config: RunConfig, output_dir: Path, rows: list, subjects_uri: str, subjects_json: str,
     force: bool, verbose: bool, publish_to: Optional[str] = None,
 ) -> int:
-    from dreambooth.pipeline import build_pipeline
+    from dreambooth.pipeline import PIPELINE_NAME, build_pipeline
     from dreambooth.tasks.batch import read_plan
 
     tracking_uri = resolve_tracking_uri(config.tracking.uri)
@@ -76,13 +70,11 @@ def _run(
               else f"tracking: could not yet send step metrics of run {outcome.run_id}: {outcome.error}")
     pipeline_root = output_dir.resolve() / "kfp"
     pipeline_root.mkdir(parents=True, exist_ok=True)
-    before = set(pipeline_root.glob(f"{PIPELINE_PREFIX}*"))
-    console = RunConsole(lambda: _new_job_dir(pipeline_root, before), rows, verbose)
-    with local_pipelines(pipeline_root) as run_pipeline, console:
+    with local_pipelines(pipeline_root, PIPELINE_NAME) as runs, RunConsole(runs.job_folder, rows, verbose) as console:
         # Locally, no cluster settings: kfp.local ignores them.
-        failed_task = run_pipeline(build_pipeline(config), run_parameters(config, subjects_uri, subjects_json, force))
+        failed_task = runs.run(build_pipeline(config), run_parameters(config, subjects_uri, subjects_json, force))
 
-    job_dir = _new_job_dir(pipeline_root, before)
+    job_dir = runs.job_folder()
     if job_dir is None:
         raise RuntimeError(f"{pipeline_root}: the local run wrote no job folder")
     batch = find_batch_run(tracking_uri, config.tracking.experiment, job_name=job_dir.name)

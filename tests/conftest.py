@@ -86,8 +86,10 @@ def copy_photos(source: Path, target: Path, names: list[str]) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory) -> Path:
-    """Tiny models are built once per test session, in a private cache (subprocesses inherit it)."""
-    cache = Path(os.environ.get("DREAMBOOTH_TEST_CACHE") or tmp_path_factory.mktemp("model-cache"))
+    """Tiny models are built once per test session, in a private cache (subprocesses inherit it); under
+    pytest-xdist the workers share one (a model folder appears only complete, by rename)."""
+    shared = tmp_path_factory.getbasetemp().parent / "model-cache" if os.environ.get("PYTEST_XDIST_WORKER") else None
+    cache = Path(os.environ.get("DREAMBOOTH_TEST_CACHE") or shared or tmp_path_factory.mktemp("model-cache"))
     os.environ["DREAMBOOTH_CACHE"] = str(cache)
     return cache
 
@@ -284,13 +286,6 @@ def faulty_gcs(gcs_emulator, monkeypatch):
     yield proxy
     proxy.shutdown()
     proxy.server_close()
-
-
-@pytest.fixture(scope="session")
-def mlflow_server_on_gcs(tmp_path_factory, gcs_emulator):
-    """An mlflow server whose artifact destination is a bucket on the emulator."""
-    root = tmp_path_factory.mktemp("mlflow-server-gcs")
-    yield from _serve_mlflow(root, f"gs://{gcs_emulator}/mlflow")
 
 
 @pytest.fixture(scope="session")

@@ -255,6 +255,9 @@ def test_a_subject_that_fails_ends_alone_and_the_batch_says_so(batch_root, first
     told = {subject["subject"]: subject for subject in report["subjects"]}
     assert told["corrupt"]["reason"] == rows["corrupt"]["reason"] and told["diverging"]["status"] == "failed"
     assert told["backpack"]["gate"] == "passed" and "clip_t" in told["backpack"]["metrics"]
+    assert told["diverging"]["reason"].startswith("fine-tune: training stopped at step")
+    assert report["text"].startswith(f"DreamBooth batch {report['job_name']} ended ")
+    assert states[("batch", "notify")] == ["done"]
 
 
 def test_a_subjects_file_with_five_mistakes_gives_five_lines_and_starts_nothing(tmp_path):

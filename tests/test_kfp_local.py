@@ -40,8 +40,9 @@ def test_the_tasks_lines_and_the_failed_task_are_read_from_a_real_local_run(tmp_
     saved = sys.stdout, sys.stderr, builtins.print
     sys.stdout = sys.stderr = printed
     try:
-        with local_pipelines(tmp_path) as run:
-            failed = run(toy, {})
+        with local_pipelines(tmp_path, "toy") as runs:
+            assert runs.job_folder() is None
+            failed = runs.run(toy, {})
     finally:
         sys.stdout, sys.stderr, restored = saved[0], saved[1], builtins.print
     assert restored is saved[2]  # kfp.local's print swap undone
@@ -52,4 +53,5 @@ def test_the_tasks_lines_and_the_failed_task_are_read_from_a_real_local_run(tmp_
     assert {finished_task(line) for line in lines} >= {"succeed", "succeed-2", "refuse"}
     assert component_of("succeed-2") == "succeed"
     assert failed is not None and failed.split(" inside ")[0] == "refuse"
+    assert (runs.job_folder() / "succeed" / "executor_output.json").is_file()  # kfp.local's folder for the run
     assert failed_task_chain("CUDA out of memory") is None  # not a task failure: re-raised as it is

@@ -14,6 +14,9 @@ import pytest
 
 from conftest import SAMPLE_SUBJECT, cli, quick_config
 
+# The manifest's MLflow listens on its fixed port: its tests share one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("deployed-mlflow")
+
 
 def _get(address: str, path: str, host: str) -> int:
     target = urlsplit(address)
@@ -67,9 +70,14 @@ class ClusterDns(BaseHTTPRequestHandler):
 
 
 @pytest.mark.slow
-def test_a_pipeline_run_tracks_to_the_deployed_mlflow_by_its_cluster_name(deployed_mlflow, postgres, gcs_emulator, tmp_path):
+def test_a_pipeline_run_tracks_to_the_deployed_mlflow_by_its_cluster_name_and_writes_to_the_bucket(
+        deployed_mlflow, postgres, gcs_emulator, tmp_path):
+    """The manifest's MLflow (PostgreSQL, artifacts on the bucket) reached by its in-cluster name, results to gs://."""
     import psycopg
+    from diffusers import DiffusionPipeline
     from google.cloud import storage
+
+    from dreambooth.storage import COMPLETE_MARKER, is_complete, local_folder
 
     namespace, address, log_path = deployed_mlflow
     tracking_uri = f"http://mlflow.{namespace}.svc.cluster.local:5000"
@@ -85,7 +93,7 @@ def test_a_pipeline_run_tracks_to_the_deployed_mlflow_by_its_cluster_name(deploy
     try:
         result = cli("run", "--config", quick_config(tmp_path, experiment="deployed", superres=False),
                      "--subject-dir", str(SAMPLE_SUBJECT), "--class-noun", "dog", "--tracking-uri", tracking_uri,
-                     "--output-dir", str(tmp_path / "outputs"), cwd=tmp_path, env=env)
+                     "--output-dir", f"gs://{gcs_emulator}/runs", cwd=tmp_path, env=env)
     finally:
         proxy.shutdown()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + log_path.read_text()[-2000:]
@@ -108,3 +116,18 @@ def test_a_pipeline_run_tracks_to_the_deployed_mlflow_by_its_cluster_name(deploy
     assert "dreambooth-dog" in registered
     artifacts = [blob.name for blob in storage.Client().list_blobs(gcs_emulator, prefix="mlflow-artifacts/")]
     assert any(name.endswith("MLmodel") for name in artifacts)
+    assert any(name.endswith("/artifacts/samples-grid.png") for name in artifacts)  # proxied into the bucket
+
+    # The results went to the bucket, each folder complete, and the model loads from there.
+    printed = {key.strip(): value.strip() for key, value in
+               (line.split(":", 1) for line in result.stdout.splitlines() if line.startswith("  ") and ":" in line)}
+    model_uri = printed["model"]
+    assert model_uri.startswith(f"gs://{gcs_emulator}/runs/dreambooth-") and model_uri.endswith("/dog/model") and is_complete(model_uri)
+    assert printed["sample grid"].endswith("/dog/samples/samples-grid.png")
+    subject_folder = model_uri.removeprefix(f"gs://{gcs_emulator}/").removesuffix("/model")
+    stored = {blob.name for blob in storage.Client().list_blobs(gcs_emulator, prefix=f"{subject_folder}/")}
+    for expected in ("model/model_index.json", "model/unet/diffusion_pytorch_model.safetensors",
+                     "samples/samples-grid.png", "evaluation/report.md", f"model/{COMPLETE_MARKER}"):
+        assert f"{subject_folder}/{expected}" in stored
+    with local_folder(model_uri, require_complete=True) as model:
+        assert DiffusionPipeline.from_pretrained(model)("a dog", num_inference_steps=2, output_type="np").images[0].shape == (64, 64, 3)

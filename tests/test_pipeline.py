@@ -12,8 +12,8 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, SAMPLE_SUBJECT, _free_port, cli, dag_tasks, quick_config, stage_states, with_notify
-from dreambooth.config import RunConfig, load_config
-from dreambooth.tracking import TAG_ERROR, TAG_GATE, TAG_GATE_REASON, TAG_MODEL_URI, TAG_PARENT, TAG_STAGE, client
+from dreambooth.config import CONFIG_DIR, RunConfig, load_config
+from dreambooth.tracking import TAG_ERROR, TAG_GATE, TAG_GATE_REASON, TAG_MODEL_URI, TAG_PARENT, TAG_STAGE, TAG_SUBJECT, client
 
 
 def _parents(tasks: dict, name: str) -> list[str]:
@@ -274,21 +274,6 @@ def test_run_tracks_into_an_mlflow_server_and_its_credentials_go_nowhere(tmp_pat
     assert Image.open(io.BytesIO(generated["image_png"][0])).size == (64, 64)
 
 
-@pytest.mark.slow
-def test_a_failed_run_is_reported_to_the_webhooks_with_its_reason(tmp_path, webhooks):
-    hooks, received = webhooks
-    config = with_notify(quick_config(tmp_path, superres=False, learning_rate=1.0e30), {"url": f"{hooks}/generic"})
-    result = cli("run", "--config", config, "--subject-dir", str(SAMPLE_SUBJECT), "--class-noun", "dog",
-                 "--output-dir", str(tmp_path / "outputs"), cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
-    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    ((path, report),) = received
-    assert report["succeeded"] is False and report["counts"] == {"trained": 0, "failed": 1, "up to date": 0}
-    assert report["subjects"][0]["status"] == "failed" and report["subjects"][0]["reason"].startswith("fine-tune: training stopped at step")
-    assert report["text"].startswith(f"DreamBooth batch {report['job_name']} ended ")
-    assert stage_states(result.stdout)[("dog", "fine-tune")] == ["running", "failed"]
-    assert stage_states(result.stdout)[("batch", "notify")] == ["done"]
-
-
 def test_an_evaluate_stopped_by_sigterm_leaves_no_run_running(tiny_model_dir, tmp_path):
     import signal
     import subprocess
@@ -327,9 +312,46 @@ def test_evaluate_alone_scores_a_model_trained_elsewhere(tiny_model_dir, tmp_pat
     assert "quality gate: passed, registered as dreambooth-dog@candidate (version 1)" in result.stdout
 
 
+LORA_SUBJECTS = {"dog-sd": "tiny", "dog-sdxl": "tiny-sdxl", "dog-flux": "tiny-flux"}
+
+
+def _subject_blocks(stdout: str) -> dict[str, dict]:
+    """{subject: its indented `label: value` lines} from `run`'s report of a batch."""
+    blocks: dict[str, dict] = {}
+    current = None
+    for line in stdout.split("\nbatch:", 1)[-1].splitlines():
+        found = re.match(r"^(\S+) \(\w+\): ", line)
+        if found:
+            current = blocks.setdefault(found[1], {})
+        elif current is not None and line.startswith("  ") and ":" in line:
+            key, value = line.split(":", 1)
+            current[key.strip()] = value.strip()
+    return blocks
+
+
+@pytest.fixture(scope="module")
+def lora_batch(tmp_path_factory):
+    """One batch, one subject per model family (its shipped tiny config as the subject's overrides), LoRA."""
+    root = tmp_path_factory.mktemp("lora")
+    tracking = f"sqlite:///{root / 'mlflow.db'}"
+    config = quick_config(root, experiment="lora", superres=False, method="lora", learning_rate=1e-3,
+                          validation_every=4, validation_images=1, validation_inference_steps=2)
+    entries = []
+    for subject, family in LORA_SUBJECTS.items():
+        overrides = yaml.safe_load((CONFIG_DIR / f"{family}.yaml").read_text()) if family != "tiny" else {}
+        overrides.pop("extends", None)
+        entries.append({"id": subject, "photos": str(SAMPLE_SUBJECT), "class_noun": "dog", "overrides": overrides})
+    subjects = root / "subjects.yaml"
+    subjects.write_text(yaml.safe_dump({"subjects": entries}))
+    result = cli("run", "--config", config, "--subjects", str(subjects), "--output-dir", str(root / "outputs"),
+                 "--tracking-uri", tracking, cwd=root)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return root, tracking, _subject_blocks(result.stdout), {entry["id"]: entry["overrides"] for entry in entries}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["tiny", "tiny-sdxl", "tiny-flux"])
-def test_a_lora_run_goes_through_every_stage_and_registers_megabytes(tmp_path, family):
+@pytest.mark.parametrize("subject", list(LORA_SUBJECTS))
+def test_a_lora_run_goes_through_every_stage_and_registers_megabytes(lora_batch, subject):
     """SD, SDXL and Flux: LoRA through every stage, an adapter diffusers loads, registered with MLflow's flavour."""
     import numpy as np
     import torch
@@ -338,19 +360,14 @@ def test_a_lora_run_goes_through_every_stage_and_registers_megabytes(tmp_path, f
     from conftest import run_without_repository
     from dreambooth.models import LORA_WEIGHTS, resolve_model_source
 
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = quick_config(tmp_path, experiment="lora", superres=False, base=family, method="lora", learning_rate=1e-3,
-                          validation_every=4, validation_images=1, validation_inference_steps=2)
-    result = cli("run", "--config", config, "--subject-dir", str(SAMPLE_SUBJECT), "--class-noun", "dog",
-                 "--output-dir", str(tmp_path / "outputs"), "--tracking-uri", tracking, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    printed = _subject_lines(result.stdout)
+    root, tracking, blocks, overrides = lora_batch
+    printed = blocks[subject]
     adapter = Path(printed["model"])
     assert (adapter / LORA_WEIGHTS).is_file() and not (adapter / "unet").exists() and not (adapter / "transformer").exists()
     assert printed["quality gate"].startswith("passed")  # samples and evaluation ran on base + adapter
 
     # diffusers' own loader applies it on the base, and it changes the image
-    base_dir = resolve_model_source(load_config(config).model.base)
+    base_dir = resolve_model_source(overrides[subject].get("model", {}).get("base", load_config("tiny").model.base))
     base = DiffusionPipeline.from_pretrained(base_dir)
     draw = dict(num_inference_steps=2, height=64, width=64, output_type="np")
     plain = base("a dog", generator=torch.Generator().manual_seed(0), **draw).images[0]
@@ -362,21 +379,22 @@ def test_a_lora_run_goes_through_every_stage_and_registers_megabytes(tmp_path, f
 
     client = MlflowClient(tracking)
     experiment = client.get_experiment_by_name("lora").experiment_id
-    (fine_tune,) = client.search_runs([experiment], f"tags.`{TAG_STAGE}` = 'fine-tune'")
+    (fine_tune,) = client.search_runs([experiment], f"tags.`{TAG_STAGE}` = 'fine-tune' and tags.`{TAG_SUBJECT}` = '{subject}'")
     validation = [a.path for a in client.list_artifacts(fine_tune.info.run_id, "images") if "validation" in a.path]
     assert sorted(int(path.split("+step+")[1].split("+")[0]) for path in validation if path.endswith(".png")) == [4, 8]
-    version = client.get_model_version_by_alias("dreambooth-dog", "candidate")
+    name = f"dreambooth-{subject}"
+    version = client.get_model_version_by_alias(name, "candidate")
     mlflow.set_tracking_uri(tracking)
-    downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/dreambooth-dog/{version.version}", dst_path=str(tmp_path / "registered")))
+    downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=str(root / "registered" / subject)))
     assert "diffusers" in yaml.safe_load((downloaded / "MLmodel").read_text())["flavors"]  # MLflow's own LoRA flavour
     registered_bytes = sum(p.stat().st_size for p in downloaded.rglob("*") if p.is_file())
     full_bytes = sum(p.stat().st_size for p in Path(base_dir).rglob("*") if p.is_file())
     assert registered_bytes < 0.05 * full_bytes, (registered_bytes, full_bytes)
 
     # In a process that cannot import this repository: MLflow and diffusers alone load it.
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    loaded = run_without_repository(LOAD_ADAPTER_ELSEWHERE.format(tracking=tracking, name="dreambooth-dog"), elsewhere)
+    elsewhere = root / "elsewhere" / subject
+    elsewhere.mkdir(parents=True)
+    loaded = run_without_repository(LOAD_ADAPTER_ELSEWHERE.format(tracking=tracking, name=name), elsewhere)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert "generated (64, 64)" in loaded.stdout
 

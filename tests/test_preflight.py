@@ -12,6 +12,9 @@ import yaml
 
 from conftest import SAMPLE_SUBJECT, cli
 
+# The manifest's MLflow listens on its fixed port: its tests share one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("deployed-mlflow")
+
 PINNED = "registry.example/dreambooth-kfp@sha256:" + "ab" * 32
 
 

@@ -1,0 +1,105 @@
+"""mkdocs hook: the configuration reference, generated from the typed settings (dreambooth.config)
+every time the site is built, so it cannot drift from the code.
+
+Each setting's comment is the one written beside it in config.py (the lines just above it and the
+end of its own line); its type is its annotation as written, its default the model's.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import io
+import tokenize
+import typing
+from typing import Optional
+
+from pydantic import BaseModel
+
+PLACEHOLDER = "<!-- settings reference -->"
+
+
+def _comments(cls: type) -> dict[str, str]:
+    """{field: its comment} from the class's source."""
+    source = inspect.getsource(cls)
+    lines = source.splitlines()
+    notes: dict[int, str] = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            notes[token.start[0]] = token.string.lstrip("#").strip()
+    found = {}
+    body = ast.parse(source).body[0].body
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        above, line = [], node.lineno - 1
+        while line >= 1 and lines[line - 1].strip().startswith("#"):
+            above.insert(0, notes[line])
+            line -= 1
+        trailing = [notes[n] for n in range(node.lineno, node.end_lineno + 1) if n in notes]
+        found[node.target.id] = " ".join(part for part in above + trailing if part and not part.startswith("noqa"))
+    return found
+
+
+def _annotations(cls: type) -> dict[str, str]:
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {node.target.id: ast.unparse(node.annotation) for node in body
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
+
+
+def _section_of(annotation) -> Optional[type]:
+    """The settings class a field holds: itself, inside Optional, or as the items of a list or dict."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in typing.get_args(annotation):
+        found = _section_of(argument)
+        if found is not None:
+            return found
+    return None
+
+
+def _default(field) -> str:
+    if field.is_required():
+        return "required"
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return "(section)"
+    text = repr(value.value if hasattr(value, "value") else value)
+    return f"`{text}`" if len(text) < 60 else f"`{text[:57]}...`"
+
+
+def _section(cls: type, prefix: str, out: list[str]) -> None:
+    comments, annotations, nested = _comments(cls), _annotations(cls), []
+    title = prefix or "top level"
+    out += [f"## `{title}`", ""]
+    doc = inspect.getdoc(cls)
+    if doc and cls.__doc__ and cls.__doc__ is not BaseModel.__doc__ and "Usage docs" not in doc:
+        out += [doc, ""]
+    out += ["| setting | type | default | what it does |", "|---|---|---|---|"]
+    for name, field in cls.model_fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        inner = _section_of(field.annotation)
+        if inner is not None:
+            origin = typing.get_origin(field.annotation)
+            shape = {list: f"{key}[]", dict: f"{key}.<name>"}.get(origin, key)
+            nested.append((inner, shape))
+        note = comments.get(name, "").replace("|", "\\|")
+        out.append(f"| `{key}` | `{annotations.get(name, '')}` | {_default(field)} | {note} |")
+    out.append("")
+    for inner, shape in nested:
+        _section(inner, shape, out)
+
+
+def settings_reference() -> str:
+    """Every setting of a run's config: its key, type, default and comment, a table per section."""
+    from dreambooth.config import RunConfig
+
+    out: list[str] = []
+    _section(RunConfig, "", out)
+    return "\n".join(out)
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    if PLACEHOLDER in markdown:
+        return markdown.replace(PLACEHOLDER, settings_reference())
+    return markdown
