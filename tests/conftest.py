@@ -24,11 +24,51 @@ SAMPLE_SUBJECT = REPO / "examples" / "subjects" / "dog"
 SAMPLE_OBJECT = REPO / "examples" / "subjects" / "backpack"
 
 
-def cli(*args, cwd, env=None, timeout=900):
-    """`python pipeline.py ...` as a user runs it, in its own process."""
-    return subprocess.run(
-        [sys.executable, str(REPO / "pipeline.py"), *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout
-    )
+def cli(*args, cwd=None, env=None, timeout=900, in_process=None) -> subprocess.CompletedProcess:
+    """`dreambooth ...` as a user runs it: its exit status, stdout and stderr.
+
+    A whole `run` (kfp.local, its own stdout handling) and a command whose environment changes what
+    huggingface_hub reads when it is imported (HF_*) run in their own process, as `python pipeline.py`;
+    the others run in this one (an interpreter start, with torch and MLflow imported, costs seconds),
+    in `cwd` with `env`, both restored after. `in_process=False` forces the subprocess: the smoke tests.
+    """
+    environment = dict(os.environ) if env is None else dict(env)
+    hub_changed = any(environment.get(key) != os.environ.get(key) for key in {*environment, *os.environ} if key.startswith("HF_"))
+    if in_process is None:
+        in_process = args[0] != "run" and not hub_changed
+    if not in_process:
+        return subprocess.run([sys.executable, str(REPO / "pipeline.py"), *args], cwd=cwd, capture_output=True, text=True,
+                              env=environment, timeout=timeout)
+    return _cli_in_process(list(args), cwd, environment)
+
+
+def _cli_in_process(args: list[str], cwd, environment: dict) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+    import signal
+
+    from dreambooth.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_environment, saved_cwd = dict(os.environ), os.getcwd()
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGALRM)}
+    os.environ.clear()
+    os.environ.update(environment)
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(args)
+            except SystemExit as exit:  # argparse's refusals
+                code = exit.code if isinstance(exit.code, int) else 2
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_environment)
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    return subprocess.CompletedProcess(["dreambooth", *args], code, out.getvalue(), err.getvalue())
 
 
 STATE_LINE = re.compile(r"^\d\d:\d\d:\d\d  (\S+)\s+(\S+)\s+(running|done|failed|skipped)\b")

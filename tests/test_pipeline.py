@@ -69,7 +69,7 @@ def test_compile_writes_a_batch_dag_priors_fan_out_before_subjects_fan_out(tmp_p
 
 def test_ingest_alone_validates_an_upload(tmp_path):
     result = cli("ingest", "--config", "tiny", "--subject-dir", str(SAMPLE_SUBJECT), "--class-noun", "dog",
-                 "--output-dir", str(tmp_path / "checked"), cwd=tmp_path)
+                 "--output-dir", str(tmp_path / "checked"), cwd=tmp_path, in_process=False)  # the command's smoke test
     assert result.returncode == 0, result.stderr
     assert "identifier" in result.stdout
     assert json.loads((tmp_path / "checked" / "manifest.json").read_text())["class_noun"] == "dog"

@@ -78,7 +78,7 @@ def test_promote_moves_an_alias_after_review_and_models_lists_it(tmp_path):
     assert promoted.returncode == 0, promoted.stderr
     assert promoted.stdout.strip() == "dreambooth-dog@champion: version 2; note kept on version 2"
     assert mlflow_client.get_model_version_by_alias("dreambooth-dog", "champion").version == 2
-    listed = command("models").stdout.splitlines()
+    listed = cli("models", "--tracking-uri", tracking, cwd=tmp_path, in_process=False).stdout.splitlines()  # its smoke test
     assert listed[0] == "dreambooth-dog"
     assert listed[1].split()[:5] == ["version", "2", "@candidate", "@champion", "DINO"] and listed[1].endswith('"eyes right; approved"')
     assert "DINO 0.630" in listed[1] and "DINO 0.410" in listed[2] and "@" not in listed[2]

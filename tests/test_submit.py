@@ -1,17 +1,15 @@
 """submit and schedule against a local HTTP server that speaks KFP's v2beta1 REST shape and records requests."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import cli
 from dreambooth.config import RunConfig, load_config
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, str(REPO / "pipeline.py"), *args], capture_output=True, text=True, timeout=300, env=env)
+    return cli(*args, env=env, timeout=300)
 
 
 def _posted(requests, prefix):
@@ -20,8 +18,8 @@ def _posted(requests, prefix):
 
 def test_submit_uploads_the_cluster_pipeline_with_its_parameters(kfp_api):
     host, requests, _ = kfp_api
-    result = _cli("submit", "--skip-preflight", "--host", host, "--config", "gke-sd15", "--experiment", "pets",
-                  "--subject-uri", "gs://photos/dog", "--class-noun", "dog")
+    result = cli("submit", "--skip-preflight", "--host", host, "--config", "gke-sd15", "--experiment", "pets",
+                 "--subject-uri", "gs://photos/dog", "--class-noun", "dog", in_process=False)  # the command's smoke test
     assert result.returncode == 0, result.stderr
     assert f"{host}/#/runs/details/run-42" in result.stdout
 
