@@ -68,26 +68,40 @@ def _default(field) -> str:
     return f"`{text}`" if len(text) < 60 else f"`{text[:57]}...`"
 
 
-def _section(cls: type, prefix: str, out: list[str]) -> None:
+def _summary(cls: type) -> str:
+    """The first paragraph of a settings class's docstring (pydantic's own docstring does not count)."""
+    return inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].replace("\n", " ")
+
+
+def _section(cls: type, prefix: str, out: list[str], shown: dict) -> None:
+    """A table of the class's settings under `prefix`, then each nested section's (each class once: a
+    class met again, e.g. the samplers, points at the table that lists its keys)."""
+    shown[cls] = prefix
     comments, annotations, nested = _comments(cls), _annotations(cls), []
     title = prefix or "top level"
     out += [f"## `{title}`", ""]
-    doc = inspect.getdoc(cls)
-    if doc and cls.__doc__ and cls.__doc__ is not BaseModel.__doc__ and "Usage docs" not in doc:
+    doc = inspect.cleandoc(cls.__doc__) if cls.__doc__ else None  # pydantic sets an empty one
+    if doc:
         out += [doc, ""]
     out += ["| setting | type | default | what it does |", "|---|---|---|---|"]
     for name, field in cls.model_fields.items():
         key = f"{prefix}.{name}" if prefix else name
         inner = _section_of(field.annotation)
+        note = comments.get(name, "")
         if inner is not None:
-            origin = typing.get_origin(field.annotation)
-            shape = {list: f"{key}[]", dict: f"{key}.<name>"}.get(origin, key)
-            nested.append((inner, shape))
-        note = comments.get(name, "").replace("|", "\\|")
+            shape = {list: f"{key}[]", dict: f"{key}.<name>"}.get(typing.get_origin(field.annotation), key)
+            if inner in shown or inner in [found for found, _ in nested]:
+                earlier = shown.get(inner) or next(where for found, where in nested if found is inner)
+                note = f"{note} The keys of `{earlier}`.".strip()
+            else:
+                nested.append((inner, shape))
+            note = note or _summary(inner)
+        note = note.replace("|", "\\|")
         out.append(f"| `{key}` | `{annotations.get(name, '')}` | {_default(field)} | {note} |")
     out.append("")
     for inner, shape in nested:
-        _section(inner, shape, out)
+        if inner not in shown:
+            _section(inner, shape, out, shown)
 
 
 def settings_reference() -> str:
@@ -95,7 +109,7 @@ def settings_reference() -> str:
     from dreambooth.config import RunConfig
 
     out: list[str] = []
-    _section(RunConfig, "", out)
+    _section(RunConfig, "", out, {})
     return "\n".join(out)
 
 

@@ -30,9 +30,12 @@ class Section(BaseModel):
 
 
 class ModelSettings(Section):
+    """The base text-to-image model that is personalised."""
+
     # A hub id, a local folder in the diffusers layout, or `tiny://NAME` for an
     # offline random model built by dreambooth.tiny_models.
     base: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    # A hub revision (branch, tag or commit) of model.base; None: the default branch.
     revision: Optional[str] = None
     # sd (1.x/2.x), sdxl or flux; None: read from the model's model_index.json. Picks the training recipe.
     family: Optional[Literal["sd", "sdxl", "flux"]] = None
@@ -46,18 +49,29 @@ class ModelSettings(Section):
 
 
 class SubjectSettings(Section):
+    """The subject: its class noun, its identifier [V], its captions and what its photos must be."""
+
     # A label for runs and tags; `dreambooth run` defaults it to the subject folder's name.
     name: str = "subject"
+    # What the subject is (dog, backpack): `a [V] <class noun>`; usually given per subject.
     class_noun: str = ""
     # None: pick a rare token of the model's own tokenizer (dreambooth.identifiers).
     identifier: Optional[str] = None
+    # Token ids [low, high) the rare identifier is drawn from (the paper's rare-token range for CLIP).
     identifier_token_range: tuple[int, int] = (5000, 10000)
+    # How many rare tokens make up [V].
     identifier_num_tokens: int = Field(default=1, ge=1, le=3)
+    # Seeds the choice of the identifier, so a re-run picks the same one.
     identifier_seed: int = 0
+    # The subject photos' caption (the instance prompt).
     prompt_template: str = "a {identifier} {class_noun}"
+    # The class images' caption (the class prompt of prior preservation).
     class_prompt_template: str = "a {class_noun}"
+    # Photos whose shorter side is smaller are refused.
     min_image_size: int = Field(default=256, gt=0)
+    # More photos than this are refused (3-5 is the paper's number).
     max_images: int = Field(default=20, ge=1)
+    # Fewer photos than this train, with a warning.
     recommended_min_images: int = Field(default=3, ge=1)
     # Larger images are refused as decompression bombs.
     max_image_pixels: int = Field(default=89_478_485, gt=0)
@@ -82,21 +96,34 @@ class SubjectSettings(Section):
 
 
 class SamplerSettings(Section):
+    """How a model draws images."""
+
+    # A diffusers scheduler class name, configured from the model's own scheduler.
     scheduler: str = "DPMSolverMultistepScheduler"
     # auto: float16 on CUDA, bfloat16 on CPUs with native bf16 (AMX / AVX512-BF16), float32 otherwise.
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Denoising steps per image.
     num_inference_steps: int = Field(default=25, ge=1)
+    # Classifier-free guidance.
     guidance_scale: float = Field(default=7.5, ge=0)
+    # Images drawn at once.
     batch_size: int = Field(default=4, ge=1)
+    # Image i is drawn from seed + i, so a set can be regenerated image by image.
     seed: int = 0
+    # What guidance steers away from; empty: none.
     negative_prompt: str = ""
 
 
 class PriorSettings(Section):
+    """Class-specific prior preservation: the class images the frozen model draws (paper sec. 4.2)."""
+
+    # Class-specific prior preservation (paper sec. 4.2); false trains on the subject photos alone.
     enabled: bool = True
+    # Class images per class (the paper: about 200 for 1000 steps).
     num_class_images: int = Field(default=200, ge=1)
     # A folder (or gs:// prefix) of user-supplied class images: used instead of generating.
     class_images: Optional[str] = None
+    # How the frozen base model draws the class images.
     sampler: SamplerSettings = SamplerSettings()
     # Generating processes, one per GPU, each drawing every N-th image. None: every visible GPU.
     num_processes: Optional[int] = Field(default=None, ge=1)
@@ -105,9 +132,12 @@ class PriorSettings(Section):
 class LoraSettings(Section):
     """A low-rank adapter (peft) on the denoiser's attention projections instead of full weights."""
 
+    # The adapters' rank: larger learns more, in more megabytes.
     rank: int = Field(default=4, ge=1)
     alpha: Optional[float] = Field(default=None, gt=0)  # None: the rank (scale 1)
+    # Dropout on the adapters' input while training.
     dropout: float = Field(default=0.0, ge=0, lt=1)
+    # The denoiser's modules that get an adapter (peft names).
     target_modules: list[str] = ["to_k", "to_q", "to_v", "to_out.0"]
     use_dora: bool = False  # weight-decomposed LoRA (DoRA)
     # With training.train_text_encoder: the text encoder's attention projections get an adapter too.
@@ -118,45 +148,70 @@ class LoraSettings(Section):
 
 
 class TrainingSettings(Section):
+    """The DreamBooth fine-tune: what trains, for how long, and how."""
+
     # full: every denoiser weight (the paper); lora: a low-rank adapter, megabytes per subject.
     method: Literal["full", "lora"] = "full"
+    # The adapter, with method: lora.
     lora: LoraSettings = LoraSettings()
+    # Optimizer steps (the paper: about 1000 for Stable Diffusion).
     max_steps: int = Field(default=1000, ge=1)
+    # The denoiser's learning rate (the paper: 5e-6 for full fine-tuning; LoRA takes about 1e-4).
     learning_rate: float = Field(default=5e-6, gt=0)
+    # How the learning rate changes over the steps (diffusers' schedulers).
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    # Steps over which the learning rate rises from 0 (must be fewer than max_steps).
     lr_warmup_steps: int = Field(default=0, ge=0)
+    # λ: the class images' loss weight (the paper: 1); 0 trains without prior preservation.
     prior_loss_weight: float = Field(default=1.0, ge=0)
     # Min-SNR-gamma loss weighting (5 is the paper's value); None: unweighted, as DreamBooth.
     snr_gamma: Optional[float] = Field(default=None, gt=0)
     noise_offset: float = Field(default=0.0, ge=0)  # e.g. 0.05: learns overall brightness too
     # Flux: the value its guidance embedding gets while training (diffusers' example uses 3.5).
     guidance_scale: float = Field(default=3.5, ge=0)
+    # Also fine-tune the text encoder(s) the family trains (CLIP; never T5).
     train_text_encoder: bool = False
+    # None: learning_rate.
     text_encoder_learning_rate: Optional[float] = Field(default=None, gt=0)
+    # Subject photos per step (as many class images are added with prior preservation).
     batch_size: int = Field(default=1, ge=1)
+    # Micro-batches per optimizer step.
     gradient_accumulation_steps: int = Field(default=1, ge=1)
+    # accelerate's mixed precision; the trained weights stay float32.
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # Recompute activations in the backward pass: less memory, about a third slower.
     gradient_checkpointing: bool = False
     # auto: bitsandbytes' 8-bit AdamW when it and CUDA are present, torch AdamW otherwise.
     optimizer: Literal["auto", "adamw", "adamw_8bit"] = "auto"
+    # AdamW's first-moment decay (AdamW's settings are diffusers' DreamBooth example's).
     adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
+    adam_beta2: float = 0.999  # AdamW's second-moment decay
+    adam_weight_decay: float = 1e-2  # AdamW's decoupled weight decay
+    adam_epsilon: float = 1e-8  # AdamW's epsilon
+    # Gradients are clipped to this norm.
     max_grad_norm: float = Field(default=1.0, gt=0)
+    # Mirror each photo half the time.
     random_flip: bool = True
+    # Crop each photo's centre to the training square; false: its top-left square.
     center_crop: bool = True
+    # Steps between checkpoints; a re-run or a retried task resumes from the newest.
     checkpoint_every: int = Field(default=500, ge=1)
+    # Checkpoints kept; older ones are deleted.
     checkpoints_total_limit: int = Field(default=2, ge=1)
     # Checkpoints exist to survive a kill; once the model is saved they are deleted unless kept.
     keep_checkpoints: bool = False
+    # Seeds each step's noise and picks from (seed, step, micro-batch): a resumed run matches an unbroken one.
     seed: int = 0
+    # Steps between loss points in MLflow.
     log_every: int = Field(default=1, ge=1)
     # Base fine-tune only: every N steps, images of a fixed prompt and seeds from the model being
     # trained, logged to MLflow at their step (the subject appearing). None: no validation images.
     validation_every: Optional[int] = Field(default=None, ge=1)
+    # The prompt of the validation images.
     validation_prompt: str = "a {identifier} {class_noun} on the beach"
+    # Validation images per validation step.
     validation_images: int = Field(default=2, ge=1)
+    # Denoising steps of each validation image.
     validation_inference_steps: int = Field(default=25, ge=1)
     # Processes (one per GPU). None: every visible GPU. The effective batch stays
     # batch_size x gradient_accumulation_steps whatever the count.
@@ -170,14 +225,20 @@ class SuperResSettings(Section):
     generic upscaler, trained with heavier augmentation, hallucinates texture instead.
     """
 
+    # Run the super-resolution and evaluate-upscaled stages (batch-wide).
     enabled: bool = True
+    # The x4 upscaler: a hub id, a folder, or tiny://sd-upscaler.
     base: str = "stabilityai/stable-diffusion-x4-upscaler"
     resolution: int = Field(default=512, gt=0)  # the high-resolution target; the condition is 4x smaller
     # Noise levels (low-res scheduler timesteps) drawn per example when training; the upscaler's default is 20.
     train_noise_levels: tuple[int, int] = (0, 8)
+    # The noise level the personalised upscaler draws at (within train_noise_levels).
     inference_noise_level: int = Field(default=5, ge=0)
+    # Train the upscaler on the class images too (with priors.enabled).
     prior_preservation: bool = True
+    # The upscaler's fine-tune: the same settings as `training` (full only, no validation images).
     training: TrainingSettings = TrainingSettings(max_steps=500, learning_rate=5e-6)
+    # How the upscalers draw the comparison and the evaluation's images.
     sampler: SamplerSettings = SamplerSettings(scheduler="DDIMScheduler", num_inference_steps=30, guidance_scale=7.5, batch_size=4)
 
     @field_validator("training")
@@ -198,13 +259,19 @@ class SuperResSettings(Section):
 
 
 class SampleSettings(Section):
+    """The sample grid drawn after the fine-tune."""
+
+    # The sample prompts, each with {identifier} (and usually {class_noun}).
     prompts: list[str] = [
         "a {identifier} {class_noun} on the beach",
         "a {identifier} {class_noun} in the snow",
         "a {identifier} {class_noun} in the jungle",
     ]
+    # Images per prompt and model.
     images_per_prompt: int = Field(default=2, ge=1)
+    # How the samples are drawn.
     sampler: SamplerSettings = SamplerSettings(num_inference_steps=30, seed=1234)
+    # Also draw the base model with the same seeds, beside the fine-tuned one in the grid.
     compare_with_base: bool = True
 
     @field_validator("prompts")
@@ -221,29 +288,41 @@ class SampleSettings(Section):
 class GateSettings(Section):
     """A model is registered as a candidate only when all of these hold (paper's SD figures: DINO 0.668, CLIP-T 0.305)."""
 
+    # Subject fidelity: the mean DINO similarity to the subject photos must reach this.
     min_dino: float = 0.5
+    # Prompt fidelity: the mean CLIP-T must reach this.
     min_clip_t: float = 0.25
     # PRES is lower-is-better: above this, the class has collapsed onto the subject.
     max_pres: float = 0.75
 
 
 class EvaluationSettings(Section):
+    """The DreamBench evaluation (DINO, CLIP-I, CLIP-T, PRES, DIV), its quality gate and the registry."""
+
+    # Run the evaluate stage (and evaluate-upscaled); false: nothing is scored or registered.
     enabled: bool = True
     # None: live (pets: accessorisation prompts) when the class noun is a DreamBench live class.
     live_subject: Optional[bool] = None
     prompt_file: Optional[str] = None  # a JSON list of {category, template}; default: the DreamBench set
     max_prompts_per_category: Optional[int] = Field(default=None, ge=1)  # the first N of each category (smoke runs)
     images_per_prompt: int = Field(default=4, ge=2)  # DIV needs at least two per prompt
+    # Images of the class prompt per model for PRES (prior preservation).
     pres_images: int = Field(default=16, ge=1)
+    # How the evaluation's images are drawn (the same seeds for every model).
     sampler: SamplerSettings = SamplerSettings(num_inference_steps=30, seed=2024, batch_size=8)
+    # DINO ViT-S/16, as the paper, for DINO (subject fidelity).
     dino_model: str = "facebook/dino-vits16"
+    # CLIP for CLIP-I (subject fidelity) and CLIP-T (prompt fidelity).
     clip_model: str = "openai/clip-vit-base-patch32"
     # lpips://alexnet-v0.1: torchvision's AlexNet + LPIPS v0.1 heads, fetched into the model cache on
     # first use (dreambooth.evaluation.lpips); or a folder made by `python -m dreambooth.evaluation.lpips`.
     lpips_model: str = "lpips://alexnet-v0.1"
+    # Images per encoder batch.
     encoder_batch_size: int = Field(default=32, ge=1)
     num_processes: Optional[int] = Field(default=None, ge=1)  # generating processes; None: one per visible GPU
+    # The quality gate before the registry.
     gate: GateSettings = GateSettings()
+    # The registered model's name; {subject} is the subject's id.
     registered_model: str = "dreambooth-{subject}"
 
 
@@ -251,8 +330,11 @@ class Webhook(Section):
     """Where to say that a batch ended: a URL given here, or (on a cluster, from a Kubernetes
     Secret) in an environment variable; Slack's incoming-webhook format or plain JSON."""
 
+    # The webhook's URL (local runs; refused on a cluster, where it would be compiled in).
     url: str = ""
+    # The environment variable that holds the URL (filled from a Secret by cluster.secrets).
     url_env: str = ""
+    # slack: Slack's incoming-webhook text; json: the whole report.
     format: Literal["slack", "json"] = "json"
 
     @model_validator(mode="after")
@@ -265,8 +347,11 @@ class Webhook(Section):
 
 
 class TrackingSettings(Section):
+    """Where the runs are tracked (MLflow) and who is told when a batch ends."""
+
     # None: $MLFLOW_TRACKING_URI, else a local sqlite file (MLflow's embedded default).
     uri: Optional[str] = None
+    # The MLflow experiment every run of the batch goes into.
     experiment: str = "dreambooth"
     # At a stage's end, how long to wait for a tracking server that is away; after that the step
     # metrics stay in a journal on the work disk for `dreambooth sync-tracking`.
@@ -278,25 +363,34 @@ class TrackingSettings(Section):
     # Links in notifications: the MLflow UI as people reach it (default: the tracking URI when it
     # is http), and the KFP UI (e.g. https://kfp.example.com/pipeline).
     ui_url: str = ""
-    kfp_ui_url: str = ""
+    kfp_ui_url: str = ""  # the KFP UI, for links in notifications
 
 
 class StageResources(Section):
     """What one pipeline stage asks of the cluster."""
 
+    # GPUs (cluster.gpu_type); a GPU stage also gets the node selector, toleration and /dev/shm.
     gpus: int = Field(default=0, ge=0)
+    # CPU request (Kubernetes quantity).
     cpu: str = "2"
+    # Memory request and limit (Kubernetes quantity).
     memory: str = "8G"
+    # The task is stopped after this long.
     timeout_seconds: int = Field(default=3600, gt=0)
+    # KFP retries of a failed task (a preempted node, a tracking outage).
     retries: int = Field(default=0, ge=0)
+    # The first retry's wait, doubled for each later one.
     retry_backoff_seconds: int = Field(default=60, ge=0)
 
 
 class SecretReference(Section):
     """A key of a Kubernetes Secret: the name travels in the YAML, never the value."""
 
+    # The Secret's name.
     name: str
+    # The key within it.
     key: str
+    # The environment variable the task sees it as.
     env: str
 
 
@@ -309,12 +403,17 @@ class ClusterSettings(Section):
     # PVC, the secrets and the service account; the in-cluster tracking URI derives from it.
     namespace: Optional[str] = None
     pipeline_root: Optional[str] = None  # gs://... for task artifacts; None: the namespace's kfp-launcher default
+    # The accelerator resource GPU stages ask for.
     gpu_type: str = "nvidia.com/gpu"
+    # Node labels GPU stages need, e.g. cloud.google.com/gke-accelerator: nvidia-l4.
     node_selector: dict[str, str] = {}
     gpu_toleration_key: Optional[str] = "nvidia.com/gpu"  # tolerated (Exists, NoSchedule) by GPU stages
+    # /dev/shm of GPU stages (data loaders and NCCL share memory through it).
     shm_size: str = "8Gi"
     model_cache_pvc: Optional[str] = None  # mounted at /cache (HF_HOME lives there in the image)
+    # Secrets every task sees as environment variables.
     secrets: list[SecretReference] = []
+    # The uid tasks run as (the image's user).
     run_as_user: int = 1000
     service_account: Optional[str] = None  # the Workload Identity KSA runs are submitted with
     # By stage name (dreambooth.stages: plan-batch, class-priors, fine-tune, super-resolution ...).
@@ -347,6 +446,8 @@ class BatchSettings(Section):
 
 
 class StorageSettings(Section):
+    """Where work that outlives a task is kept."""
+
     # Stable across runs: class-prior caches and training checkpoints live here so a
     # re-run or a retried task resumes instead of starting over.
     work_dir: str = "outputs/work"
@@ -365,7 +466,10 @@ RUN_SETTINGS = {
 
 
 class RunConfig(Section):
+    """A run's whole configuration: a shipped config or a file of yours, with the per-run values on top."""
+
     version: Literal[1] = 1  # config schema version; bumped when settings change meaning
+    # The config's name (a shipped config: its file name).
     name: str = "custom"
     model: ModelSettings = ModelSettings()
     subject: SubjectSettings = SubjectSettings()

@@ -24,7 +24,7 @@ from dreambooth.cache import default_cache_dir
 
 TINY_SCHEME = "tiny://"
 # Bump when a builder changes, so cached folders are rebuilt.
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 TINY_T5_MAX_LENGTH = 512  # Flux's default max_sequence_length
 
 # Words the tiny tokenizer knows as whole tokens: enough for the shipped prompts.
@@ -338,8 +338,10 @@ def build_tiny_upscaler(out_dir: Path, seed: int = 0) -> Path:
         out_channels=4,
         sample_size=16,
         block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        # Attention below the top resolution only, as the real upscaler: at the top (the low-res
+        # input's own size) it would cost as much as everything else together.
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         layers_per_block=1,
         attention_head_dim=8,
         cross_attention_dim=32,
