@@ -21,7 +21,6 @@ from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
 from dreambooth.images import load_rgb
 from dreambooth.storage import local_folder
-from dreambooth.generation import generate_files, planned_generators
 from dreambooth.progress import OnProgress, counter
 
 log = logging.getLogger(__name__)
@@ -97,6 +96,9 @@ def generate_class_priors(config: RunConfig, output_dir: Path, on_progress: Opti
     advance = counter(len(names), on_progress)
     advance(len(names) - len(missing))  # kept from an earlier run
     if missing:
+        # Here, not at the top: planning a batch reads prior_key without loading torch.
+        from dreambooth.generation import generate_files, planned_generators
+
         log.info("generating %d of %d class images for %r", len(missing), len(names), prompt)
         generate_files(
             config.model.base,

@@ -19,6 +19,12 @@ from typing import Optional
 
 import pytest
 
+# Under pytest-xdist every worker (and each process it starts) gets one thread for torch's math:
+# two workers of the default two threads each on two cores run slower than one worker alone.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_SUBJECT = REPO / "examples" / "subjects" / "dog"
 SAMPLE_OBJECT = REPO / "examples" / "subjects" / "backpack"

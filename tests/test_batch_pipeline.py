@@ -31,7 +31,8 @@ from dreambooth.tracking import (
     TAG_SUBJECT_STATUS,
 )
 
-pytestmark = pytest.mark.slow
+# One worker runs the module: its tests share the first batch's runs (module fixtures).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("batch-pipeline")]
 
 SUBJECTS = {"dog-a": ("dog", ["00.jpg", "01.jpg", "02.jpg"]), "dog-b": ("dog", ["01.jpg", "02.jpg", "03.jpg"]), "backpack": ("backpack", None)}
 
@@ -75,7 +76,9 @@ def _summary(client, batch) -> list[dict]:
     return [dict(zip(columns, row)) for row in rows]
 
 
-@pytest.fixture(scope="module")
+# Session scope, and one worker for the module (xdist_group): a module fixture is set up again
+# whenever a worker runs another module's test in between, and these are whole batches.
+@pytest.fixture(scope="session")
 def batch_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("batch")
     for subject, (_, names) in SUBJECTS.items():
@@ -89,7 +92,7 @@ def batch_root(tmp_path_factory):
     return root, config, subjects
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def first_batch(batch_root):
     root, config, subjects = batch_root
     result, seconds = _run_batch(root, config, subjects)
@@ -147,10 +150,12 @@ def test_the_same_batch_again_trains_nothing(batch_root, first_batch):
 
 
 def test_changed_photos_retrain_only_that_subject(batch_root, first_batch):
-    root, config, subjects = batch_root
-    (root / "photos" / "dog-b" / "03.jpg").unlink()
-    copy_photos(SAMPLE_SUBJECT, root / "photos" / "dog-b", ["00.jpg"])
-    result, _ = _run_batch(root, config, subjects)
+    root, config, _ = batch_root
+    # dog-b's photos change from 01, 02, 03 to 00, 01, 02 (a new folder: the first batch's stay as they were).
+    copy_photos(SAMPLE_SUBJECT, root / "photos" / "dog-b-changed", ["00.jpg", "01.jpg", "02.jpg"])
+    entries = [{"id": subject, "photos": f"photos/{'dog-b-changed' if subject == 'dog-b' else subject}", "class_noun": noun}
+               for subject, (noun, _) in SUBJECTS.items()]
+    result, _ = _run_batch(root, config, _write_subjects(root, entries, name="changed.yaml"))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     client = _client(root)
     batch = _batch_of(client, result.stdout)
@@ -160,6 +165,17 @@ def test_changed_photos_retrain_only_that_subject(batch_root, first_batch):
     # Its class priors come from yesterday's cache: nothing generated.
     (priors,) = _runs(client, "dreambooth", f"tags.`{TAG_PARENT}` = '{batch.info.run_id}' and tags.`{TAG_STAGE}` = 'class-priors'")
     assert priors.data.metrics["class_images_generated"] == 0
+
+    # Runs on the same photos share their input's digest, across batches and names: MLflow finds them by it.
+    # dog-a has 00, 01, 02; dog-b had 01, 02, 03, and now 00, 01, 02 as well.
+    rows = {row["subject"]: row for row in _summary(client, batch)}
+    dog_a = _runs(client, "dreambooth", f"tags.`{TAG_SUBJECT}` = 'dog-a' and tags.`{TAG_STAGE}` = 'subject'")[0]
+    digest = dog_a.inputs.dataset_inputs[0].dataset.digest
+    same_photos = _runs(client, "dreambooth", f"dataset.digest = '{digest}' and tags.`{TAG_STAGE}` = 'subject'")
+    assert sorted(run.data.tags[TAG_SUBJECT] for run in same_photos) == ["dog-a", "dog-b"]
+    dog_b = _runs(client, "dreambooth", f"tags.`{TAG_SUBJECT}` = 'dog-b' and tags.`{TAG_STAGE}` = 'subject'")
+    assert sorted(run.inputs.dataset_inputs[0].dataset.digest == digest for run in dog_b) == [False, True]
+    assert client.get_run(rows["dog-b"]["mlflow_run"]).inputs.dataset_inputs[0].dataset.digest == digest
 
 
 def _marker_blobs(png: Path, colour: str) -> int:
@@ -201,8 +217,11 @@ def test_compare_over_the_batch_renders_a_table_plots_and_an_image_sheet(batch_r
     assert {"comparison.md", "sample_sheet.png"} <= {a.path for a in client.list_artifacts(comparison.info.run_id)}
 
 
-def test_a_subject_that_fails_ends_alone_and_the_batch_says_so(batch_root, first_batch, webhooks):
-    root, _, _ = batch_root
+@pytest.mark.xdist_group("batch-failures")  # a batch of its own, in parallel with the first batch's tests
+def test_a_subject_that_fails_ends_alone_and_the_batch_says_so(tmp_path, webhooks):
+    root = tmp_path
+    copy_photos(SAMPLE_SUBJECT, root / "photos" / "dog-a", ["00.jpg", "01.jpg", "02.jpg"])
+    shutil.copytree(SAMPLE_OBJECT, root / "photos" / "backpack")
     hooks, received = webhooks
     config = with_notify(quick_config(root, experiment="failures", superres=False), {"url": f"{hooks}/batch"})
     corrupt = copy_photos(SAMPLE_SUBJECT, root / "photos" / "corrupt", ["00.jpg", "01.jpg", "02.jpg"])
@@ -240,14 +259,9 @@ def test_a_subject_that_fails_ends_alone_and_the_batch_says_so(batch_root, first
     assert failed.info.status == "FAILED" and failed.data.tags[TAG_FAILED_STAGE] == "fine-tune" and "loss is" in failed.data.tags[TAG_ERROR]
     assert client.get_run(rows["backpack"]["mlflow_run"]).info.status == "FINISHED"
 
-    # Runs on the same photos share their input's digest, across batches and names: MLflow finds them by it.
-    # dog-a has 00, 01, 02; dog-b had 01, 02, 03, and since its photos changed, 00, 01, 02 as well.
+    # Runs on the same photos share their input's digest (here photos/dog-a under two names).
     digest = client.get_run(rows["dog-a"]["mlflow_run"]).inputs.dataset_inputs[0].dataset.digest
-    assert client.get_run(rows["diverging"]["mlflow_run"]).inputs.dataset_inputs[0].dataset.digest == digest  # photos/dog-a too
-    same_photos = _runs(client, "dreambooth", f"dataset.digest = '{digest}' and tags.`{TAG_STAGE}` = 'subject'")
-    assert sorted(run.data.tags[TAG_SUBJECT] for run in same_photos) == ["dog-a", "dog-b"]
-    dog_b = _runs(client, "dreambooth", f"tags.`{TAG_SUBJECT}` = 'dog-b' and tags.`{TAG_STAGE}` = 'subject'")
-    assert sorted(run.inputs.dataset_inputs[0].dataset.digest == digest for run in dog_b) == [False, True]
+    assert client.get_run(rows["diverging"]["mlflow_run"]).inputs.dataset_inputs[0].dataset.digest == digest
     assert client.get_run(batch.info.run_id).info.status == "FAILED"
 
     # The webhook heard the same: two of four failed, each with its reason, the others with their figures.

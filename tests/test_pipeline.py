@@ -329,7 +329,7 @@ def _subject_blocks(stdout: str) -> dict[str, dict]:
     return blocks
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: a module fixture is set up again when a worker interleaves modules
 def lora_batch(tmp_path_factory):
     """One batch, one subject per model family (its shipped tiny config as the subject's overrides), LoRA."""
     root = tmp_path_factory.mktemp("lora")
@@ -350,6 +350,7 @@ def lora_batch(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("lora-batch")  # one worker: the three share the batch (a module fixture)
 @pytest.mark.parametrize("subject", list(LORA_SUBJECTS))
 def test_a_lora_run_goes_through_every_stage_and_registers_megabytes(lora_batch, subject):
     """SD, SDXL and Flux: LoRA through every stage, an adapter diffusers loads, registered with MLflow's flavour."""

@@ -160,14 +160,28 @@ def evaluate_model(
     output_dir: Path,
     identifier: Optional[str] = None,
     class_noun: Optional[str] = None,
-    upscaler: Optional[str] = None,
     on_progress: Optional[OnProgress] = None,
 ) -> EvaluationResult:
-    """Generate, score and write images, grids and evaluation.json to output_dir.
+    """Generate, score and write images, grids and evaluation.json to output_dir."""
+    return _evaluate(model, subject_dir, config, {"": (output_dir, None)}, identifier, class_noun, on_progress)[""]
 
-    With `upscaler` (a StableDiffusionUpscalePipeline folder or hub id), every prompt image is
-    upscaled 4x before it is scored: the two-stage cascade, measured at the higher resolution.
-    """
+
+def evaluate_cascade(
+    model: str, subject_dir: Path, config: RunConfig, output_dir: Path, upscalers: dict[str, str],
+    on_progress: Optional[OnProgress] = None,
+) -> dict[str, EvaluationResult]:
+    """The two-stage cascade, once per upscaler (label -> a StableDiffusionUpscalePipeline folder or hub
+    id): the model's images, drawn once, upscaled 4x by each and scored at the higher resolution;
+    each upscaler's results under output_dir/label."""
+    variants = {label: (output_dir / label, upscaler) for label, upscaler in upscalers.items()}
+    return _evaluate(model, subject_dir, config, variants, None, None, on_progress)
+
+
+def _evaluate(
+    model: str, subject_dir: Path, config: RunConfig, variants: dict[str, tuple[Path, Optional[str]]],
+    identifier: Optional[str], class_noun: Optional[str], on_progress: Optional[OnProgress],
+) -> dict[str, EvaluationResult]:
+    """Draw the protocol's images once; score them as drawn (upscaler None) or as each upscaler upscales them."""
     settings = config.evaluation
     identifier, class_noun, base_model = _model_identity(model, config, identifier, class_noun)
     live = settings.live_subject if settings.live_subject is not None else is_live_subject(class_noun)
@@ -191,104 +205,112 @@ def evaluate_model(
     requests = [(text, sampler.seed + PROMPT_SEED_STRIDE * p + i) for p, text in enumerate(rendered) for i in range(per_prompt)]
     pres_requests = [(class_prompt, sampler.seed + PRES_SEED_OFFSET + i) for i in range(settings.pres_images)]
     started = time.perf_counter()
-    advance = counter(len(requests) * (2 if upscaler else 1) + 2 * len(pres_requests), on_progress)
+    upscaled = sum(1 for _, upscaler in variants.values() if upscaler)
+    advance = counter(len(requests) * (1 + upscaled) + 2 * len(pres_requests), on_progress)
     generated = _draw(model, None, requests + pres_requests, config, on_images=advance)
     pres_base_images = _draw(base_model, config.model.revision, pres_requests, config, config.model.vae, advance)
-    images, pres_images = generated[: len(requests)], generated[len(requests) :]
-    if upscaler:
-        images = upscale_images(upscaler, [text for text, _ in requests], images, config)
-        advance(len(images))
+    drawn, pres_images = generated[: len(requests)], generated[len(requests) :]
     generation_seconds = time.perf_counter() - started
-
-    # 2. Scoring: every encoder call is batched; the real photos are embedded once.
-    started = time.perf_counter()
     real_images = [load_rgb(path, 1 << 40).image for path in real_files]
     reference = SubjectReference(real_images, dino.embed(real_images), clip.embed(real_images))
-    dino_generated = dino.embed(images + pres_images + pres_base_images)
-    clip_generated = clip.embed(images)
     texts = clip.embed_texts([without_identifier(text, identifier) for text in rendered])
-    pair_index = [(p * per_prompt + a, p * per_prompt + b) for p in range(len(prompts)) for a, b in distinct_pairs(per_prompt)]
-    distances = lpips.pairwise([(images[a], images[b]) for a, b in pair_index])
-    scoring_seconds = time.perf_counter() - started
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    scores: list[PromptScores] = []
-    pairs_per_prompt = len(distinct_pairs(per_prompt))
-    for p, (prompt, text) in enumerate(zip(prompts, rendered)):
-        rows = slice(p * per_prompt, (p + 1) * per_prompt)
-        files = []
-        for i, image in enumerate(images[rows]):
-            name = f"images/{prompt.category}/p{p:02d}-{i}.png"
-            (output_dir / name).parent.mkdir(parents=True, exist_ok=True)
-            image.save(output_dir / name)
-            files.append(name)
-        scores.append(
-            PromptScores(
-                prompt=text,
-                category=prompt.category,
-                dino=mean_pairwise_similarity(dino_generated[rows], reference.dino),
-                clip_i=mean_pairwise_similarity(clip_generated[rows], reference.clip),
-                clip_t=image_text_similarity(clip_generated[rows], texts[p].expand(per_prompt, -1)).mean().item(),
-                div=distances[p * pairs_per_prompt : (p + 1) * pairs_per_prompt].mean().item(),
-                image_files=files,
+    results = {}
+    for label, (output_dir, upscaler) in variants.items():
+        started = time.perf_counter()
+        images = drawn
+        if upscaler:
+            images = upscale_images(upscaler, [text for text, _ in requests], drawn, config)
+            advance(len(images))
+        upscaling_seconds = time.perf_counter() - started
+
+        # 2. Scoring: every encoder call is batched; the real photos are embedded once.
+        started = time.perf_counter()
+        dino_generated = dino.embed(images + pres_images + pres_base_images)
+        clip_generated = clip.embed(images)
+        pair_index = [(p * per_prompt + a, p * per_prompt + b) for p in range(len(prompts)) for a, b in distinct_pairs(per_prompt)]
+        distances = lpips.pairwise([(images[a], images[b]) for a, b in pair_index])
+        scoring_seconds = time.perf_counter() - started
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        scores: list[PromptScores] = []
+        pairs_per_prompt = len(distinct_pairs(per_prompt))
+        for p, (prompt, text) in enumerate(zip(prompts, rendered)):
+            rows = slice(p * per_prompt, (p + 1) * per_prompt)
+            files = []
+            for i, image in enumerate(images[rows]):
+                name = f"images/{prompt.category}/p{p:02d}-{i}.png"
+                (output_dir / name).parent.mkdir(parents=True, exist_ok=True)
+                image.save(output_dir / name)
+                files.append(name)
+            scores.append(
+                PromptScores(
+                    prompt=text,
+                    category=prompt.category,
+                    dino=mean_pairwise_similarity(dino_generated[rows], reference.dino),
+                    clip_i=mean_pairwise_similarity(clip_generated[rows], reference.clip),
+                    clip_t=image_text_similarity(clip_generated[rows], texts[p].expand(per_prompt, -1)).mean().item(),
+                    div=distances[p * pairs_per_prompt : (p + 1) * pairs_per_prompt].mean().item(),
+                    image_files=files,
+                )
             )
-        )
 
-    count = len(images)
-    pres = mean_pairwise_similarity(dino_generated[count : count + len(pres_images)], reference.dino)
-    pres_base = mean_pairwise_similarity(dino_generated[count + len(pres_images) :], reference.dino)
-    metric_names = ("dino", "clip_i", "clip_t", "div")
-    overall = {name: _mean([getattr(s, name) for s in scores]) for name in metric_names}
-    overall.update(pres=pres, pres_base=pres_base)
-    grouped: dict[str, list[PromptScores]] = defaultdict(list)
-    for score in scores:
-        grouped[score.category].append(score)
-    by_category = {
-        category: {name: _mean([getattr(s, name) for s in members]) for name in metric_names}
-        for category, members in grouped.items()
-    }
-    result = EvaluationResult(
-        model=str(model),
-        identifier=identifier,
-        class_noun=class_noun,
-        class_prompt=class_prompt,
-        live_subject=live,
-        overall=overall,
-        by_category=by_category,
-        prompts=scores,
-        real_images={
-            "dino": mean_distinct_pair_similarity(reference.dino),
-            "clip_i": mean_distinct_pair_similarity(reference.clip),
-        },
-        gate=gate_decision(overall, config),
-        settings={
-            "dino_model": settings.dino_model,
-            "clip_model": settings.clip_model,
-            "lpips_model": settings.lpips_model,
-            "prompts": len(prompts),
-            "images_per_prompt": per_prompt,
-            "pres_images": settings.pres_images,
-            "seed": sampler.seed,
-            "scheduler": sampler.scheduler,
-            "num_inference_steps": sampler.num_inference_steps,
-            "guidance_scale": sampler.guidance_scale,
-            "base_model": base_model,
-            "upscaler": upscaler,
-            "resolution": images[0].width,
-        },
-        throughput={
-            "generation_images_per_second": (len(generated) + len(pres_base_images)) / max(generation_seconds, 1e-9),
-            "scoring_images_per_second": (len(dino_generated) + len(real_images)) / max(scoring_seconds, 1e-9),
-        },
-    )
-    for label, batch in (("fine-tuned", pres_images), ("base", pres_base_images)):
-        for i, image in enumerate(batch):
-            name = output_dir / "images" / "prior-preservation" / f"{label}-{i}.png"
-            name.parent.mkdir(parents=True, exist_ok=True)
-            image.save(name)
-    _write_grids(result, images, per_prompt, pres_images, pres_base_images, output_dir)
-    (output_dir / RESULTS_FILE).write_text(result.to_json())
-    return result
+        count = len(images)
+        pres = mean_pairwise_similarity(dino_generated[count : count + len(pres_images)], reference.dino)
+        pres_base = mean_pairwise_similarity(dino_generated[count + len(pres_images) :], reference.dino)
+        metric_names = ("dino", "clip_i", "clip_t", "div")
+        overall = {name: _mean([getattr(s, name) for s in scores]) for name in metric_names}
+        overall.update(pres=pres, pres_base=pres_base)
+        grouped: dict[str, list[PromptScores]] = defaultdict(list)
+        for score in scores:
+            grouped[score.category].append(score)
+        by_category = {
+            category: {name: _mean([getattr(s, name) for s in members]) for name in metric_names}
+            for category, members in grouped.items()
+        }
+        result = EvaluationResult(
+            model=str(model),
+            identifier=identifier,
+            class_noun=class_noun,
+            class_prompt=class_prompt,
+            live_subject=live,
+            overall=overall,
+            by_category=by_category,
+            prompts=scores,
+            real_images={
+                "dino": mean_distinct_pair_similarity(reference.dino),
+                "clip_i": mean_distinct_pair_similarity(reference.clip),
+            },
+            gate=gate_decision(overall, config),
+            settings={
+                "dino_model": settings.dino_model,
+                "clip_model": settings.clip_model,
+                "lpips_model": settings.lpips_model,
+                "prompts": len(prompts),
+                "images_per_prompt": per_prompt,
+                "pres_images": settings.pres_images,
+                "seed": sampler.seed,
+                "scheduler": sampler.scheduler,
+                "num_inference_steps": sampler.num_inference_steps,
+                "guidance_scale": sampler.guidance_scale,
+                "base_model": base_model,
+                "upscaler": upscaler,
+                "resolution": images[0].width,
+            },
+            throughput={
+                "generation_images_per_second": (len(generated) + len(pres_base_images)) / max(generation_seconds + upscaling_seconds, 1e-9),
+                "scoring_images_per_second": (len(dino_generated) + len(real_images)) / max(scoring_seconds, 1e-9),
+            },
+        )
+        for name, images_of in (("fine-tuned", pres_images), ("base", pres_base_images)):
+            for i, image in enumerate(images_of):
+                path = output_dir / "images" / "prior-preservation" / f"{name}-{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                image.save(path)
+        _write_grids(result, images, per_prompt, pres_images, pres_base_images, output_dir)
+        (output_dir / RESULTS_FILE).write_text(result.to_json())
+        results[label] = result
+    return results
 
 
 def _write_grids(result: EvaluationResult, images, per_prompt: int, pres_images, pres_base_images, output_dir: Path) -> None:

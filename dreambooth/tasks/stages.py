@@ -391,7 +391,7 @@ def evaluate_upscaled_task(
     config: RunConfig, run: StageRun, model_dir: str, upscaler_dir: str, subject_dir: str, output_dir: str
 ) -> EvaluationOutcome:
     """Score the two-stage cascade with the generic and with the personalised upscaler."""
-    from dreambooth.evaluation.evaluate import evaluate_model
+    from dreambooth.evaluation.evaluate import evaluate_cascade
 
     if not config.evaluation.enabled:
         return _evaluation_disabled(run)
@@ -402,9 +402,12 @@ def evaluate_upscaled_task(
     metrics: dict[str, float] = {}
     page_images: list[tuple[str, Path]] = []
     lines = ["# DreamBench evaluation of the upscaled cascade", "", "| upscaler | resolution | DINO | CLIP-I | CLIP-T | DIV |", "|---|---|---|---|---|---|"]
-    for part, (label, upscaler) in enumerate((("generic", config.superres.base), ("personalised", upscaler_dir)), 1):
-        result = evaluate_model(model_dir, Path(subject_dir), config, Path(output_dir) / label, upscaler=upscaler,
-                                on_progress=_images_progress(run, f"{part} of 2: {label} upscaler"))
+    # The model's images are drawn once and upscaled by each upscaler, so the two differ in the upscaler alone.
+    results = evaluate_cascade(model_dir, Path(subject_dir), config, Path(output_dir),
+                               {"generic": config.superres.base, "personalised": upscaler_dir},
+                               on_progress=_images_progress(run, "generic and personalised upscalers"))
+    for label, result in results.items():
+        upscaler = result.settings["upscaler"]
         values = {name: result.overall[name] for name in names}
         metrics.update({f"eval/upscaled_{label}/{name}": value for name, value in values.items()})
         lines.append(
