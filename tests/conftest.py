@@ -25,6 +25,26 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """`--dist loadgroup` (make test): tests marked xdist_group("name") run on one worker.
+
+    pytest-xdist 3.8 tags a grouped test by rewriting `item._nodeid`, which pytest 9 no longer reads
+    (a node keeps its id as `item._id`), so its groups are silently ignored and a whole batch built by
+    a session fixture is built again on the other worker. This tags them the way pytest 9 keeps ids;
+    `coerce_node_id` is pytest's own, and its import fails loudly if pytest moves it.
+    """
+    if not (os.environ.get("PYTEST_XDIST_WORKER") and config.getvalue("loadgroup")):
+        return
+    from _pytest.nodeid import coerce_node_id
+
+    for item in items:
+        names = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default")) for mark in item.iter_markers("xdist_group")})
+        if names and "@" not in item.nodeid:
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
+
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_SUBJECT = REPO / "examples" / "subjects" / "dog"
 SAMPLE_OBJECT = REPO / "examples" / "subjects" / "backpack"
