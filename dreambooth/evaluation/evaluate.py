@@ -214,6 +214,10 @@ def _evaluate(
     real_images = [load_rgb(path, 1 << 40).image for path in real_files]
     reference = SubjectReference(real_images, dino.embed(real_images), clip.embed(real_images))
     texts = clip.embed_texts([without_identifier(text, identifier) for text in rendered])
+    # PRES compares the class prompt's images, which no upscaler touches: scored once for every variant.
+    pres_embeddings = dino.embed(pres_images + pres_base_images)
+    pres = mean_pairwise_similarity(pres_embeddings[: len(pres_images)], reference.dino)
+    pres_base = mean_pairwise_similarity(pres_embeddings[len(pres_images) :], reference.dino)
 
     results = {}
     for label, (output_dir, upscaler) in variants.items():
@@ -226,7 +230,7 @@ def _evaluate(
 
         # 2. Scoring: every encoder call is batched; the real photos are embedded once.
         started = time.perf_counter()
-        dino_generated = dino.embed(images + pres_images + pres_base_images)
+        dino_generated = dino.embed(images)
         clip_generated = clip.embed(images)
         pair_index = [(p * per_prompt + a, p * per_prompt + b) for p in range(len(prompts)) for a, b in distinct_pairs(per_prompt)]
         distances = lpips.pairwise([(images[a], images[b]) for a, b in pair_index])
@@ -255,9 +259,6 @@ def _evaluate(
                 )
             )
 
-        count = len(images)
-        pres = mean_pairwise_similarity(dino_generated[count : count + len(pres_images)], reference.dino)
-        pres_base = mean_pairwise_similarity(dino_generated[count + len(pres_images) :], reference.dino)
         metric_names = ("dino", "clip_i", "clip_t", "div")
         overall = {name: _mean([getattr(s, name) for s in scores]) for name in metric_names}
         overall.update(pres=pres, pres_base=pres_base)
@@ -299,7 +300,7 @@ def _evaluate(
             },
             throughput={
                 "generation_images_per_second": (len(generated) + len(pres_base_images)) / max(generation_seconds + upscaling_seconds, 1e-9),
-                "scoring_images_per_second": (len(dino_generated) + len(real_images)) / max(scoring_seconds, 1e-9),
+                "scoring_images_per_second": (len(images) + len(pres_embeddings) + len(real_images)) / max(scoring_seconds, 1e-9),
             },
         )
         for name, images_of in (("fine-tuned", pres_images), ("base", pres_base_images)):
