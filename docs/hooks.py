@@ -17,6 +17,7 @@ from typing import Optional
 from pydantic import BaseModel
 
 PLACEHOLDER = "<!-- settings reference -->"
+STAGES_PLACEHOLDER = "<!-- stages -->"
 
 
 def _comments(cls: type) -> dict[str, str]:
@@ -113,7 +114,13 @@ def settings_reference() -> str:
     return "\n".join(out)
 
 
+def stages_table() -> str:
+    """The table of stages (dreambooth.stages) as the code holds it: name, whose stage, what it does."""
+    from dreambooth.stages import STAGES
+
+    rows = [f"| `{stage.name}` | {stage.scope} | {stage.does}{'' if stage.component else ' (a step of finish-tracking)'} |" for stage in STAGES]
+    return "\n".join(["| stage | for | what it does |", "|---|---|---|", *rows])
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
-    if PLACEHOLDER in markdown:
-        return markdown.replace(PLACEHOLDER, settings_reference())
-    return markdown
+    return markdown.replace(PLACEHOLDER, settings_reference()).replace(STAGES_PLACEHOLDER, stages_table())
