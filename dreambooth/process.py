@@ -5,6 +5,7 @@ Importing a module of the package changes nothing process-wide."""
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import signal
@@ -31,9 +32,22 @@ def task_entry(task):
     @functools.wraps(task)
     def configured(*args, **kwargs):
         configure_process()
-        return task(*args, **kwargs)
+        try:
+            return task(*args, **kwargs)
+        finally:
+            skip_teardown_collection()
 
     return configured
+
+
+def skip_teardown_collection() -> None:
+    """The process is about to end: its objects are not garbage-collected one last time.
+
+    With torch, diffusers and MLflow imported, the collections during interpreter teardown take
+    about a second, paid by every KFP task and command; frozen objects are left to the exit.
+    Nothing is skipped: atexit handlers, flushes and finalizers all still run.
+    """
+    gc.freeze()
 
 
 def _stop(signum, frame) -> None:

@@ -1,12 +1,13 @@
 """Whole batches through kfp.local on the tiny model, tracked in the default local MLflow store.
 
-Three subjects of two classes; the same batch again (nothing to train); one subject's photos
-changed (only it trains); a batch where subjects fail alone; a subjects file full of mistakes;
-and `compare` over the first batch.
+Three subjects of two classes (one held back by a strict quality gate); the same batch again
+(nothing to train, printed verbosely); one subject's photos changed (only it trains) beside two
+subjects that fail alone; a subjects file full of mistakes; and `compare` over the first batch.
 """
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from dreambooth.images import GRID_LABEL_HEIGHT, MIN_GRID_CELL
 from dreambooth.tracking import (
     TAG_ERROR,
     TAG_FAILED_STAGE,
+    TAG_GATE,
+    TAG_GATE_REASON,
     TAG_JOB_NAME,
     TAG_PARENT,
     TAG_REGISTERED,
@@ -30,11 +33,13 @@ from dreambooth.tracking import (
     TAG_SUBJECT,
     TAG_SUBJECT_STATUS,
 )
+from pipeline_checks import SUBJECT_STAGES, check_kfp_outputs, check_kfp_pages, check_tracked_subject, report_lines, subject_blocks
 
 # One worker runs the module: its tests share the first batch's runs (module fixtures).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("batch-pipeline")]
 
 SUBJECTS = {"dog-a": ("dog", ["00.jpg", "01.jpg", "02.jpg"]), "dog-b": ("dog", ["01.jpg", "02.jpg", "03.jpg"]), "backpack": ("backpack", None)}
+STRICT_GATE = {"min_dino": 2.0, "min_clip_t": -1.0, "max_pres": 1.0}  # no model reaches DINO 2: rejected
 
 
 def _environment():
@@ -87,6 +92,7 @@ def batch_root(tmp_path_factory):
         else:
             shutil.copytree(SAMPLE_OBJECT, root / "photos" / subject)
     entries = [{"id": subject, "photos": f"photos/{subject}", "class_noun": noun} for subject, (noun, _) in SUBJECTS.items()]
+    entries[-1]["overrides"] = {"evaluation": {"gate": STRICT_GATE}}
     subjects = _write_subjects(root, entries)
     config = quick_config(root, superres=False)
     return root, config, subjects
@@ -104,8 +110,10 @@ def test_a_batch_generates_class_priors_once_per_class_and_tracks_each_subject(b
     root, _, _ = batch_root
     result, _ = first_batch
     assert "database is locked" not in result.stdout + result.stderr  # parallel subjects share one sqlite store
+    assert (root / "mlflow.db").is_file()  # no tracking URI set: a local store in the working folder
     client = _client(root)
     batch = _batch_of(client, result.stdout)
+    assert report_lines(result.stdout)["mlflow run"].startswith(batch.info.run_id)
 
     # Two classes, so two prior groups: what the class-priors stages did, not what the config says.
     priors = _runs(client, "dreambooth", f"tags.`{TAG_PARENT}` = '{batch.info.run_id}' and tags.`{TAG_STAGE}` = 'class-priors'")
@@ -115,13 +123,27 @@ def test_a_batch_generates_class_priors_once_per_class_and_tracks_each_subject(b
 
     subjects = _runs(client, "dreambooth", f"tags.`{TAG_PARENT}` = '{batch.info.run_id}' and tags.`{TAG_STAGE}` = 'subject'")
     assert sorted(run.data.tags[TAG_SUBJECT] for run in subjects) == sorted(SUBJECTS)
+    printed = subject_blocks(result.stdout)
     for subject in subjects:
+        name = subject.data.tags[TAG_SUBJECT]
         assert subject.info.status == "FINISHED" and subject.data.tags[TAG_SUBJECT_STATUS] == "trained"
+        assert printed[name]["mlflow run"] == subject.info.run_id
         stages = _runs(client, "dreambooth", f"tags.`{TAG_PARENT}` = '{subject.info.run_id}'")
         assert sorted(run.data.tags[TAG_STAGE] for run in stages) == ["evaluate", "fine-tune", "ingest", "samples"]
         fine_tune = next(run for run in stages if run.data.tags[TAG_STAGE] == "fine-tune")
         assert [m.step for m in client.get_metric_history(fine_tune.info.run_id, "loss")] == list(range(1, 9))
-        assert "eval/dino" in subject.data.metrics and subject.data.tags[TAG_REGISTERED].endswith("(version 1)")
+        assert "eval/dino" in subject.data.metrics
+    check_tracked_subject(client, printed["dog-a"]["mlflow run"])
+
+    # The quality gate: the dogs passed and were registered; the backpack's own strict gate held it back.
+    by_name = {run.data.tags[TAG_SUBJECT]: run for run in subjects}
+    for name in ("dog-a", "dog-b"):
+        assert by_name[name].data.tags[TAG_GATE] == "passed" and by_name[name].data.tags[TAG_REGISTERED].endswith("(version 1)")
+    rejected = by_name["backpack"]
+    assert rejected.data.tags[TAG_GATE] == "rejected" and rejected.data.tags[TAG_GATE_REASON].startswith("DINO")
+    assert TAG_REGISTERED not in rejected.data.tags
+    assert sorted(model.name for model in client.search_registered_models()) == ["dreambooth-dog-a", "dreambooth-dog-b"]
+    assert printed["backpack"]["quality gate"].startswith("rejected (DINO")
 
     rows = _summary(client, batch)
     assert [row["subject"] for row in rows] == list(SUBJECTS)  # the subjects file's order
@@ -134,13 +156,53 @@ def test_a_batch_generates_class_priors_once_per_class_and_tracks_each_subject(b
     assert "3 subjects: 3 trained, 0 up to date, 0 failed" in markdown and markdown.count("**trained**") == 3
     page = (job_dir / "summarize" / "summary_page").read_text()
     assert page.count('src="data:image/jpeg;base64,') == 3
+    # Each subject's evaluation and pages in its loop iteration's outputs.
+    dog_a = Path(printed["dog-a"]["model"]).parent.parent
+    check_kfp_outputs(dog_a)
+    check_kfp_pages(dog_a, superres=False)
+    backpack = Path(printed["backpack"]["model"]).parent.parent
+    assert "**rejected** - DINO" in (backpack / "evaluate" / "report").read_text()
+
+
+def test_the_batch_prints_one_line_per_stage_change_and_keeps_each_tasks_log(batch_root, first_batch):
+    result, _ = first_batch
+    assert "upscaler" not in subject_blocks(result.stdout)["dog-a"]  # superres.enabled: false, so the DAG skipped the stage
+    # Not a terminal: one line per stage state change, none of kfp.local's stream; each task's log in a file.
+    states = stage_states(result.stdout)
+    assert states == {
+        ("batch", "plan-batch"): ["running", "done"],
+        **{(f"class:{noun}", "class-priors"): ["running", "done"] for noun in ("dog", "backpack")},
+        **{(subject, stage): ["running", "done"] for subject in SUBJECTS for stage in SUBJECT_STAGES},
+        ("batch", "summarize"): ["running", "done"], ("batch", "finish-tracking"): ["running", "done"],
+    }
+    progress = result.stdout.split("\njob:")[0].splitlines()
+    assert [line for line in progress if not re.match(r"\d\d:\d\d:\d\d  \S+ +\S+ ", line)] == []
+    assert "Executing task" not in result.stdout and "executor_input" not in result.stdout
+    done = next(line for line in progress if re.search(r" dog-a +fine-tune +done ", line))
+    assert re.search(r"step 8/8 · loss \d\.\d{4}", done), done
+
+    logs = Path(report_lines(result.stdout)["task logs"])
+    assert "Got executor_input" in (logs / "dog-a" / "fine-tune.log").read_text()
+    assert "Executing task 'ingest'" in (logs / "dog-a" / "ingest.log").read_text()
+    assert "Executing task 'fine-tune'" not in (logs / "dog-a" / "ingest.log").read_text()
+    assert "[progress] dog-a evaluate done" in (logs / "dog-a" / "evaluate.log").read_text()
+    assert (logs / "pipeline.log").read_text().count("Executing task") == 5 + 2 + 3 * len(SUBJECT_STAGES)  # batch, priors, subjects
+
+    from diffusers import DiffusionPipeline
+
+    model = subject_blocks(result.stdout)["dog-a"]["model"]
+    image = DiffusionPipeline.from_pretrained(model)("a dog", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
 
 
 def test_the_same_batch_again_trains_nothing(batch_root, first_batch):
     root, config, subjects = batch_root
     _, first_seconds = first_batch
-    result, seconds = _run_batch(root, config, subjects)
+    result, seconds = _run_batch(root, config, subjects, "--verbose")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "dog-a (dog): up to date" in result.stdout
+    # --verbose: everything, as kfp.local prints it.
+    assert "Executing task" in result.stdout and "Got executor_input" in result.stdout
     client = _client(root)
     rows = _summary(client, _batch_of(client, result.stdout))
     assert [row["status"] for row in rows] == ["up to date"] * 3
@@ -149,33 +211,71 @@ def test_the_same_batch_again_trains_nothing(batch_root, first_batch):
     assert seconds < 0.5 * first_seconds
 
 
-def test_changed_photos_retrain_only_that_subject(batch_root, first_batch):
+def test_changed_photos_retrain_only_that_subject_and_failing_subjects_end_alone(batch_root, first_batch, webhooks):
     root, config, _ = batch_root
+    hooks, received = webhooks
+    notifying = with_notify(str(shutil.copy(config, root / "notify.yaml")), {"url": f"{hooks}/batch"})
     # dog-b's photos change from 01, 02, 03 to 00, 01, 02 (a new folder: the first batch's stay as they were).
     copy_photos(SAMPLE_SUBJECT, root / "photos" / "dog-b-changed", ["00.jpg", "01.jpg", "02.jpg"])
     entries = [{"id": subject, "photos": f"photos/{'dog-b-changed' if subject == 'dog-b' else subject}", "class_noun": noun}
                for subject, (noun, _) in SUBJECTS.items()]
-    result, _ = _run_batch(root, config, _write_subjects(root, entries, name="changed.yaml"))
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    entries[-1]["overrides"] = {"evaluation": {"gate": STRICT_GATE}}
+    # Two new subjects that fail, each alone: a photo that is no image, and a learning rate that diverges.
+    corrupt = copy_photos(SAMPLE_SUBJECT, root / "photos" / "corrupt", ["00.jpg", "01.jpg", "02.jpg"])
+    (corrupt / "scan.jpg").write_bytes(b"%PDF-1.4 not an image")
+    entries += [{"id": "corrupt", "photos": "photos/corrupt", "class_noun": "dog"},
+                {"id": "diverging", "photos": "photos/dog-a", "class_noun": "dog", "overrides": {"training": {"learning_rate": 1.0e30}}}]
+    result, _ = _run_batch(root, notifying, _write_subjects(root, entries, name="changed.yaml"))
+    assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-4000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: 2 of 5 subjects failed: corrupt at ingest:") and "diverging at fine-tune: training stopped at step" in error
     client = _client(root)
     batch = _batch_of(client, result.stdout)
-    assert {row["subject"]: row["status"] for row in _summary(client, batch)} == {
-        "dog-a": "up to date", "dog-b": "trained", "backpack": "up to date"
+    rows = {row["subject"]: row for row in _summary(client, batch)}
+    assert {name: row["status"] for name, row in rows.items()} == {
+        "dog-a": "up to date", "dog-b": "trained", "backpack": "up to date", "corrupt": "failed", "diverging": "failed"
     }
     # Its class priors come from yesterday's cache: nothing generated.
     (priors,) = _runs(client, "dreambooth", f"tags.`{TAG_PARENT}` = '{batch.info.run_id}' and tags.`{TAG_STAGE}` = 'class-priors'")
     assert priors.data.metrics["class_images_generated"] == 0
 
     # Runs on the same photos share their input's digest, across batches and names: MLflow finds them by it.
-    # dog-a has 00, 01, 02; dog-b had 01, 02, 03, and now 00, 01, 02 as well.
-    rows = {row["subject"]: row for row in _summary(client, batch)}
+    # dog-a has 00, 01, 02; dog-b had 01, 02, 03, and now 00, 01, 02 as well; diverging trained on photos/dog-a.
     dog_a = _runs(client, "dreambooth", f"tags.`{TAG_SUBJECT}` = 'dog-a' and tags.`{TAG_STAGE}` = 'subject'")[0]
     digest = dog_a.inputs.dataset_inputs[0].dataset.digest
     same_photos = _runs(client, "dreambooth", f"dataset.digest = '{digest}' and tags.`{TAG_STAGE}` = 'subject'")
-    assert sorted(run.data.tags[TAG_SUBJECT] for run in same_photos) == ["dog-a", "dog-b"]
+    assert sorted(run.data.tags[TAG_SUBJECT] for run in same_photos) == ["diverging", "dog-a", "dog-b"]
     dog_b = _runs(client, "dreambooth", f"tags.`{TAG_SUBJECT}` = 'dog-b' and tags.`{TAG_STAGE}` = 'subject'")
     assert sorted(run.inputs.dataset_inputs[0].dataset.digest == digest for run in dog_b) == [False, True]
     assert client.get_run(rows["dog-b"]["mlflow_run"]).inputs.dataset_inputs[0].dataset.digest == digest
+
+    # The compact view: the failed stages, the stages after them skipped, and each failure's last log lines.
+    states = stage_states(result.stdout)
+    assert states[("corrupt", "ingest")] == ["running", "failed"] and states[("corrupt", "fine-tune")] == ["skipped"]
+    assert states[("diverging", "fine-tune")] == ["running", "failed"] and states[("diverging", "evaluate")] == ["skipped"]
+    assert states[("dog-b", "evaluate")] == ["running", "done"]
+    printed = result.stdout.splitlines()
+    tail = printed.index("--- corrupt ingest failed; the last lines of its log:")
+    log = Path(next(line for line in printed[tail:] if line.startswith("--- full log: ")).removeprefix("--- full log: "))
+    assert any("scan.jpg: not an image Pillow can read" in line for line in printed[tail:tail + 16])
+    assert log.parts[-2:] == ("corrupt", "ingest.log") and "scan.jpg: not an image Pillow can read" in log.read_text()
+
+    assert rows["corrupt"]["reason"] == f"ingest: {corrupt / 'scan.jpg'}: not an image Pillow can read"
+    assert rows["diverging"]["reason"].startswith("fine-tune: training stopped at step")
+    failed = client.get_run(rows["diverging"]["mlflow_run"])
+    assert failed.info.status == "FAILED" and failed.data.tags[TAG_FAILED_STAGE] == "fine-tune" and "loss is" in failed.data.tags[TAG_ERROR]
+    assert client.get_run(rows["dog-b"]["mlflow_run"]).info.status == "FINISHED"
+    assert client.get_run(batch.info.run_id).info.status == "FAILED"
+
+    # The webhook heard the same: two of five failed, each with its reason, the others with their figures.
+    ((_, report),) = received
+    assert report["succeeded"] is False and report["counts"] == {"trained": 1, "failed": 2, "up to date": 2}
+    told = {subject["subject"]: subject for subject in report["subjects"]}
+    assert told["corrupt"]["reason"] == rows["corrupt"]["reason"] and told["diverging"]["status"] == "failed"
+    assert told["dog-b"]["gate"] == "passed" and "clip_t" in told["dog-b"]["metrics"]
+    assert told["diverging"]["reason"].startswith("fine-tune: training stopped at step")
+    assert report["text"].startswith(f"DreamBooth batch {report['job_name']} ended ")
+    assert states[("batch", "notify")] == ["done"]
 
 
 def _marker_blobs(png: Path, colour: str) -> int:
@@ -215,64 +315,6 @@ def test_compare_over_the_batch_renders_a_table_plots_and_an_image_sheet(batch_r
             assert tile.std() > 10
     (comparison,) = _runs(client, "dreambooth", f"tags.`{TAG_STAGE}` = 'compare'")
     assert {"comparison.md", "sample_sheet.png"} <= {a.path for a in client.list_artifacts(comparison.info.run_id)}
-
-
-@pytest.mark.xdist_group("batch-failures")  # a batch of its own, in parallel with the first batch's tests
-def test_a_subject_that_fails_ends_alone_and_the_batch_says_so(tmp_path, webhooks):
-    root = tmp_path
-    copy_photos(SAMPLE_SUBJECT, root / "photos" / "dog-a", ["00.jpg", "01.jpg", "02.jpg"])
-    shutil.copytree(SAMPLE_OBJECT, root / "photos" / "backpack")
-    hooks, received = webhooks
-    config = with_notify(quick_config(root, experiment="failures", superres=False), {"url": f"{hooks}/batch"})
-    corrupt = copy_photos(SAMPLE_SUBJECT, root / "photos" / "corrupt", ["00.jpg", "01.jpg", "02.jpg"])
-    (corrupt / "scan.jpg").write_bytes(b"%PDF-1.4 not an image")
-    subjects = _write_subjects(root, [
-        {"id": "dog-a", "photos": "photos/dog-a", "class_noun": "dog"},
-        {"id": "corrupt", "photos": "photos/corrupt", "class_noun": "dog"},
-        {"id": "diverging", "photos": "photos/dog-a", "class_noun": "dog", "overrides": {"training": {"learning_rate": 1.0e30}}},
-        {"id": "backpack", "photos": "photos/backpack", "class_noun": "backpack"},
-    ], name="failing.yaml")
-    result, _ = _run_batch(root, config, subjects)
-    assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-4000:]
-    error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith("error: 2 of 4 subjects failed: corrupt at ingest:") and "diverging at fine-tune: training stopped at step" in error
-    # The compact view: the failed stages, the stages after them skipped, and each failure's last log lines.
-    states = stage_states(result.stdout)
-    assert states[("corrupt", "ingest")] == ["running", "failed"] and states[("corrupt", "fine-tune")] == ["skipped"]
-    assert states[("diverging", "fine-tune")] == ["running", "failed"] and states[("diverging", "evaluate")] == ["skipped"]
-    assert states[("backpack", "evaluate")] == ["running", "done"]
-    printed = result.stdout.splitlines()
-    tail = printed.index("--- corrupt ingest failed; the last lines of its log:")
-    log = Path(next(line for line in printed[tail:] if line.startswith("--- full log: ")).removeprefix("--- full log: "))
-    assert any("scan.jpg: not an image Pillow can read" in line for line in printed[tail:tail + 16])
-    assert log.parts[-2:] == ("corrupt", "ingest.log") and "scan.jpg: not an image Pillow can read" in log.read_text()
-
-    client = _client(root)
-    batch = _batch_of(client, result.stdout, "failures")
-    rows = {row["subject"]: row for row in _summary(client, batch)}
-    assert {name: row["status"] for name, row in rows.items()} == {
-        "dog-a": "trained", "corrupt": "failed", "diverging": "failed", "backpack": "trained"
-    }
-    assert rows["corrupt"]["reason"] == f"ingest: {corrupt / 'scan.jpg'}: not an image Pillow can read"
-    assert rows["diverging"]["reason"].startswith("fine-tune: training stopped at step")
-    failed = client.get_run(rows["diverging"]["mlflow_run"])
-    assert failed.info.status == "FAILED" and failed.data.tags[TAG_FAILED_STAGE] == "fine-tune" and "loss is" in failed.data.tags[TAG_ERROR]
-    assert client.get_run(rows["backpack"]["mlflow_run"]).info.status == "FINISHED"
-
-    # Runs on the same photos share their input's digest (here photos/dog-a under two names).
-    digest = client.get_run(rows["dog-a"]["mlflow_run"]).inputs.dataset_inputs[0].dataset.digest
-    assert client.get_run(rows["diverging"]["mlflow_run"]).inputs.dataset_inputs[0].dataset.digest == digest
-    assert client.get_run(batch.info.run_id).info.status == "FAILED"
-
-    # The webhook heard the same: two of four failed, each with its reason, the others with their figures.
-    ((_, report),) = received
-    assert report["succeeded"] is False and report["counts"] == {"trained": 2, "failed": 2, "up to date": 0}
-    told = {subject["subject"]: subject for subject in report["subjects"]}
-    assert told["corrupt"]["reason"] == rows["corrupt"]["reason"] and told["diverging"]["status"] == "failed"
-    assert told["backpack"]["gate"] == "passed" and "clip_t" in told["backpack"]["metrics"]
-    assert told["diverging"]["reason"].startswith("fine-tune: training stopped at step")
-    assert report["text"].startswith(f"DreamBooth batch {report['job_name']} ended ")
-    assert states[("batch", "notify")] == ["done"]
 
 
 def test_a_subjects_file_with_five_mistakes_gives_five_lines_and_starts_nothing(tmp_path):

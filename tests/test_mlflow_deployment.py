@@ -6,13 +6,20 @@ proxy plays the cluster's DNS, so every request keeps the Host header a pod woul
 from __future__ import annotations
 
 import http.client
+import io
+import json
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from mlflow.tracking import MlflowClient
 
-from conftest import SAMPLE_SUBJECT, cli, quick_config
+from conftest import SAMPLE_SUBJECT, _free_port, cli, quick_config, stage_states, with_notify
+from dreambooth.tracking import TAG_GATE, TAG_PARENT, TAG_STAGE
+from pipeline_checks import SUBJECT_STAGES, SUPERRES_STAGES, check_kfp_pages, check_tracked_subject, subject_blocks
 
 # The manifest's MLflow listens on its fixed port: its tests share one pytest-xdist worker.
 pytestmark = pytest.mark.xdist_group("deployed-mlflow")
@@ -70,35 +77,38 @@ class ClusterDns(BaseHTTPRequestHandler):
 
 
 @pytest.mark.slow
-def test_a_pipeline_run_tracks_to_the_deployed_mlflow_by_its_cluster_name_and_writes_to_the_bucket(
-        deployed_mlflow, postgres, gcs_emulator, tmp_path):
-    """The manifest's MLflow (PostgreSQL, artifacts on the bucket) reached by its in-cluster name, results to gs://."""
+def test_a_pipeline_run_tracks_to_the_deployed_mlflow_by_its_cluster_name_and_its_credentials_go_nowhere(
+        deployed_mlflow, postgres, gcs_emulator, webhooks, tmp_path):
+    """The manifest's MLflow (PostgreSQL, artifacts on the bucket) reached by its in-cluster name with
+    credentials in the URI; one subject through every stage, the personalised upscaler included."""
     import psycopg
-    from diffusers import DiffusionPipeline
     from google.cloud import storage
-
-    from dreambooth.storage import COMPLETE_MARKER, is_complete, local_folder
 
     namespace, address, log_path = deployed_mlflow
     tracking_uri = f"http://mlflow.{namespace}.svc.cluster.local:5000"
+    hooks, received = webhooks
+    dead = f"http://127.0.0.1:{_free_port()}/hook"  # nothing listens there
+    config = with_notify(quick_config(tmp_path, experiment="deployed"), {"url": f"{hooks}/generic"},
+                         {"url": f"{hooks}/slack", "format": "slack"}, {"url": dead})
     local = urlsplit(address)
     ClusterDns.routes = {urlsplit(tracking_uri).netloc: (local.hostname, local.port)}
     ClusterDns.seen = []
     proxy = ThreadingHTTPServer(("127.0.0.1", 0), ClusterDns)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    env = {**__import__("os").environ, "HTTP_PROXY": f"http://127.0.0.1:{proxy.server_address[1]}",
-           "NO_PROXY": "127.0.0.1,localhost"}
+    env = {**os.environ, "HTTP_PROXY": f"http://127.0.0.1:{proxy.server_address[1]}", "NO_PROXY": "127.0.0.1,localhost"}
     env.pop("http_proxy", None)
     env.pop("no_proxy", None)
+    with_credentials = tracking_uri.replace("http://", "http://dreambooth:s3cret-token@")
     try:
-        result = cli("run", "--config", quick_config(tmp_path, experiment="deployed", superres=False),
-                     "--subject-dir", str(SAMPLE_SUBJECT), "--class-noun", "dog", "--tracking-uri", tracking_uri,
-                     "--output-dir", f"gs://{gcs_emulator}/runs", cwd=tmp_path, env=env)
+        result = cli("run", "--config", config, "--subject-dir", str(SAMPLE_SUBJECT), "--class-noun", "dog",
+                     "--tracking-uri", with_credentials, "--output-dir", str(tmp_path / "outputs"), cwd=tmp_path, env=env)
     finally:
         proxy.shutdown()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + log_path.read_text()[-2000:]
     assert ClusterDns.seen and set(ClusterDns.seen) == {f"mlflow.{namespace}.svc.cluster.local:5000"}
+    assert f"{tracking_uri}/#/experiments/" in result.stdout
 
+    # In the server's PostgreSQL and, through the server, on the bucket.
     with psycopg.connect(postgres) as connection, connection.cursor() as cursor:
         cursor.execute(
             "SELECT r.name, r.status FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id "
@@ -118,16 +128,53 @@ def test_a_pipeline_run_tracks_to_the_deployed_mlflow_by_its_cluster_name_and_wr
     assert any(name.endswith("MLmodel") for name in artifacts)
     assert any(name.endswith("/artifacts/samples-grid.png") for name in artifacts)  # proxied into the bucket
 
-    # The results went to the bucket, each folder complete, and the model loads from there.
-    printed = {key.strip(): value.strip() for key, value in
-               (line.split(":", 1) for line in result.stdout.splitlines() if line.startswith("  ") and ":" in line)}
-    model_uri = printed["model"]
-    assert model_uri.startswith(f"gs://{gcs_emulator}/runs/dreambooth-") and model_uri.endswith("/dog/model") and is_complete(model_uri)
-    assert printed["sample grid"].endswith("/dog/samples/samples-grid.png")
-    subject_folder = model_uri.removeprefix(f"gs://{gcs_emulator}/").removesuffix("/model")
-    stored = {blob.name for blob in storage.Client().list_blobs(gcs_emulator, prefix=f"{subject_folder}/")}
-    for expected in ("model/model_index.json", "model/unet/diffusion_pytorch_model.safetensors",
-                     "samples/samples-grid.png", "evaluation/report.md", f"model/{COMPLETE_MARKER}"):
-        assert f"{subject_folder}/{expected}" in stored
-    with local_folder(model_uri, require_complete=True) as model:
-        assert DiffusionPipeline.from_pretrained(model)("a dog", num_inference_steps=2, output_type="np").images[0].shape == (64, 64, 3)
+    printed = subject_blocks(result.stdout)["dog"]
+    client = MlflowClient(address)
+    subject = check_tracked_subject(client, printed["mlflow run"], stages=SUBJECT_STAGES + SUPERRES_STAGES)
+    # The learning check: 8 steps lowered the subject photos' denoising loss against the base model.
+    metrics = subject.data.metrics
+    assert metrics["learn/subject_loss_tuned"] < metrics["learn/subject_loss_base"] and metrics["learn/subject_loss_change"] < 0
+    assert {"learn/class_loss_base", "learn/class_loss_tuned"} <= set(metrics)  # measured on the class images too
+    assert printed["learned"].startswith("denoising loss vs the base model: subject photos -")
+    # The credentials: not in the output, the task logs and settings kfp.local wrote, or any run's params and tags.
+    assert "s3cret" not in result.stdout + result.stderr + json.dumps(received)
+    leaks = [path for path in (tmp_path / "outputs").rglob("*") if path.is_file() and b"s3cret" in path.read_bytes()]
+    assert leaks == []
+    for run in client.search_runs([subject.info.experiment_id]):
+        assert "s3cret" not in json.dumps({**run.data.params, **run.data.tags})
+
+    # The personalised upscaler: its own fine-tune run, the comparison, and the cascade's scores.
+    assert subject.data.tags[TAG_GATE] == "passed"
+    children = client.search_runs([subject.info.experiment_id], f"tags.`{TAG_PARENT}` = '{subject.info.run_id}'")
+    upscaling = next(run for run in children if run.data.tags[TAG_STAGE] == "super-resolution")
+    assert [m.step for m in client.get_metric_history(upscaling.info.run_id, "loss")] == list(range(1, 7))
+    assert "superres-comparison.png" in {a.path for a in client.list_artifacts(subject.info.run_id)}
+    for label in ("generic", "personalised"):
+        assert f"eval/upscaled_{label}/dino" in subject.data.metrics
+    assert "upscaler" in printed
+    check_kfp_pages(Path(printed["model"]).parent.parent, superres=True)
+
+    # The exit handler told both live webhooks, each in its format; the dead one changed nothing but its line.
+    bodies = dict(received)
+    assert sorted(bodies) == ["/generic", "/slack"]
+    report = bodies["/generic"]
+    assert report["succeeded"] is True and report["counts"] == {"trained": 1, "failed": 0, "up to date": 0}
+    (dog,) = report["subjects"]
+    assert dog["subject"] == "dog" and dog["gate"] == "passed" and dog["registered"].startswith("dreambooth-dog@candidate")
+    assert dog["metrics"]["dino"] == pytest.approx(subject.data.metrics["eval/dino"])
+    assert report["mlflow_url"].startswith(f"{tracking_uri}/#/experiments/{subject.info.experiment_id}/runs/")
+    slack = bodies["/slack"]["text"].splitlines()
+    assert slack[0].startswith(":white_check_mark: DreamBooth batch") and slack[1].startswith("• dog (dog): trained; DINO ")
+    assert slack[-1].startswith(f"<{tracking_uri}/#/experiments/")
+    assert stage_states(result.stdout)[("batch", "notify")] == ["failed"]
+    assert f"not sent to {dead.split('/')[2]}" in next(line for line in result.stdout.splitlines() if " notify " in line)
+
+    # The registered model serves from the registry, its files read through the server from the bucket.
+    import mlflow
+    import pandas as pd
+    from PIL import Image
+
+    mlflow.set_tracking_uri(address)
+    registered = mlflow.pyfunc.load_model("models:/dreambooth-dog@candidate")
+    generated = registered.predict(pd.DataFrame({"prompt": ["a dog on the beach"], "num_inference_steps": [2]}))
+    assert Image.open(io.BytesIO(generated["image_png"][0])).size == (64, 64)
