@@ -35,6 +35,9 @@ def pytest_collection_modifyitems(config, items):
     a session fixture is built again on the other worker. This tags them the way pytest 9 keeps ids;
     `coerce_node_id` is pytest's own, and its import fails loudly if pytest moves it.
     """
+    # The long tests first (a stable sort: a module's order stays): the workers then end together
+    # instead of one waiting on a long test handed out last.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if not (os.environ.get("PYTEST_XDIST_WORKER") and config.getvalue("loadgroup")):
         return
     from _pytest.nodeid import coerce_node_id
@@ -124,6 +127,9 @@ def quick_config(folder: Path, experiment="dreambooth", gate=None, superres=True
         assert family.pop("extends") == "tiny"
         raw = merge_settings(raw, family)
     raw["priors"]["num_class_images"] = 4
+    # The tiny model draws noise whatever the steps: two are enough to run every sampler's code.
+    raw["priors"]["sampler"]["num_inference_steps"] = 2
+    raw["samples"]["sampler"]["num_inference_steps"] = 2
     raw["training"].update({"max_steps": 8, "checkpoint_every": 4, **training})
     raw["tracking"] = {"experiment": experiment}
     raw["superres"].update({"enabled": superres, "training": {"max_steps": 6, "learning_rate": 1.0e-4, "checkpoint_every": 3}})

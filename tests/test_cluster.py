@@ -15,7 +15,7 @@ from dreambooth.errors import InputError
 GPU_STAGES = ["class-priors", "fine-tune", "super-resolution", "samples", "evaluate", "evaluate-upscaled"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: under xdist a module fixture is built again whenever a worker interleaves modules
 def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("compiled") / "dreambooth.yaml"
     # A token in the environment must never reach the YAML: only the Secret's name and key may.

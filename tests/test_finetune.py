@@ -101,11 +101,12 @@ finetune(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], config, Path(sys.arg
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_killed_training_resumes_from_the_last_checkpoint(prepared, tmp_path, method):
     from dreambooth.models import LORA_WEIGHTS
 
-    config, identifier = prepared(training={"max_steps": 60, "checkpoint_every": 5, "checkpoints_total_limit": 2, "method": method})
+    config, identifier = prepared(training={"max_steps": 30, "checkpoint_every": 5, "checkpoints_total_limit": 2, "method": method})
     saved = "model_index.json" if method == "full" else LORA_WEIGHTS
     (tmp_path / "config.json").write_text(config.to_json())
     args = [str(tmp_path / p) for p in ("config.json", "subject", "classes")] + [identifier, str(tmp_path / "model")]

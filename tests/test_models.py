@@ -41,6 +41,7 @@ def _env(tmp_path: Path, **extra) -> dict:
     return {**env, "HF_HOME": str(tmp_path / "hf-home"), **extra}
 
 
+@pytest.mark.slow  # waits out the hub's timeouts
 def test_an_unreachable_hub_fails_ingest_within_30_seconds_naming_the_model_and_the_way_out(tmp_path, silent_hub):
     started = time.monotonic()
     result = cli("ingest", "--config", "sd15", "--subject-dir", str(SAMPLE_SUBJECT), "--class-noun", "dog",
@@ -80,6 +81,7 @@ def test_offline_a_cached_hub_model_loads_from_the_cache(tmp_path, tiny_model_di
     assert "images ready" in result.stdout
 
 
+@pytest.mark.slow  # waits out the hub's timeouts
 def test_an_unreachable_hub_falls_back_to_a_cached_copy(tmp_path, tiny_model_dir, silent_hub, monkeypatch):
     from huggingface_hub import constants
 

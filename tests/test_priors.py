@@ -64,6 +64,7 @@ def test_a_missing_class_image_folder_is_named(make_config, tmp_path):
         generate_class_priors(config, tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_several_processes_share_the_work_and_draw_the_same_images(make_config, tmp_path):
     settings = {"num_class_images": 4, "sampler": {"num_inference_steps": 2, "batch_size": 2}}
     alone = make_config(priors=settings)

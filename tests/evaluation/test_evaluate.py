@@ -2,60 +2,79 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from dreambooth.evaluation.evaluate import PRES_SEED_OFFSET, RESULTS_FILE, evaluate_model
+from conftest import SAMPLE_SUBJECT
+from dreambooth.config import GateSettings, load_config
+from dreambooth.evaluation.evaluate import PRES_SEED_OFFSET, RESULTS_FILE, evaluate_model, gate_decision
 from dreambooth.models import METADATA_FILE
 from dreambooth.generation import generate, load_sampling_pipeline
 
 
-@pytest.fixture
-def personalised_model(tiny_model_dir, tmp_path):
+def _personalised(base: Path, model: Path) -> Path:
     """A folder in the fine-tuned layout (the tiny base weights stand in for trained ones)."""
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, model)
-    (model / METADATA_FILE).write_text(json.dumps({"identifier": "fqs", "class_noun": "dog", "base_model": str(tiny_model_dir)}))
+    shutil.copytree(base, model)
+    (model / METADATA_FILE).write_text(json.dumps({"identifier": "fqs", "class_noun": "dog", "base_model": str(base)}))
     return model
 
 
-def test_a_live_subject_is_scored_per_category_and_written_out(personalised_model, subject_dir, make_config, tmp_path):
-    result = evaluate_model(str(personalised_model), subject_dir, make_config(), tmp_path / "eval")
+@pytest.fixture
+def personalised_model(tiny_model_dir, tmp_path):
+    return _personalised(tiny_model_dir, tmp_path / "model")
 
+
+@pytest.fixture(scope="session")  # session: the slow test runs first, apart from the module's others
+def evaluated(tiny_model_dir, tmp_path_factory):
+    """One evaluation of a live subject with the tiny config's settings, read by several tests:
+    (the model, the config, the result, the folder it wrote)."""
+    root = tmp_path_factory.mktemp("evaluated")
+    model = _personalised(tiny_model_dir, root / "model")
+    config = load_config("tiny", {"subject": {"class_noun": "dog", "name": "dog"}, "storage": {"work_dir": str(root / "work")}})
+    return model, config, evaluate_model(str(model), SAMPLE_SUBJECT, config, root / "eval"), root / "eval"
+
+
+@pytest.mark.xdist_group("evaluated")  # one worker evaluates once for these
+def test_a_live_subject_is_scored_per_category_and_written_out(evaluated):
+    _, _, result, written_to = evaluated
     assert result.live_subject and result.identifier == "fqs"
     assert sorted(result.by_category) == ["accessorization", "property", "recontextualization"]
     assert len(result.prompts) == 6 and all("fqs dog" in score.prompt for score in result.prompts)
     assert set(result.overall) == {"dino", "clip_i", "clip_t", "div", "pres", "pres_base"}
     assert all(np.isfinite(value) for value in result.overall.values())
     assert set(result.real_images) == {"dino", "clip_i"}
-    written = json.loads((tmp_path / "eval" / RESULTS_FILE).read_text())
+    written = json.loads((written_to / RESULTS_FILE).read_text())
     assert written["settings"]["dino_model"] == "tiny://dino" and written["settings"]["images_per_prompt"] == 2
     for category in result.by_category:
-        assert (tmp_path / "eval" / f"grid-{category}.png").is_file()
-    assert (tmp_path / "eval" / result.prompts[0].image_files[0]).is_file()
+        assert (written_to / f"grid-{category}.png").is_file()
+    assert (written_to / result.prompts[0].image_files[0]).is_file()
 
 
-def test_prior_preservation_images_come_from_the_class_prompt(personalised_model, subject_dir, make_config, tmp_path):
-    config = make_config()
-    result = evaluate_model(str(personalised_model), subject_dir, config, tmp_path / "eval")
+@pytest.mark.xdist_group("evaluated")  # one worker evaluates once for these
+def test_prior_preservation_images_come_from_the_class_prompt(evaluated):
+    model, config, result, written_to = evaluated
     assert result.class_prompt == "a dog"
 
     sampler = config.evaluation.sampler
-    pipeline = load_sampling_pipeline(str(personalised_model), sampler)
+    pipeline = load_sampling_pipeline(str(model), sampler)
     expected = generate(pipeline, [("a dog", sampler.seed + PRES_SEED_OFFSET + i) for i in range(2)], sampler)
     for i, image in enumerate(expected):
-        with Image.open(tmp_path / "eval" / "images" / "prior-preservation" / f"fine-tuned-{i}.png") as saved:
+        with Image.open(written_to / "images" / "prior-preservation" / f"fine-tuned-{i}.png") as saved:
             assert np.array_equal(np.asarray(saved), np.asarray(image))
 
 
-def test_the_gate_names_every_failed_threshold(personalised_model, subject_dir, make_config, tmp_path):
-    config = make_config(evaluation={"gate": {"min_dino": 2.0, "min_clip_t": 2.0, "max_pres": -2.0}})
-    result = evaluate_model(str(personalised_model), subject_dir, config, tmp_path / "eval")
-    assert not result.gate.passed
-    assert [reason.split()[0] for reason in result.gate.reasons] == ["DINO", "CLIP-T", "PRES"]
-    assert evaluate_model(str(personalised_model), subject_dir, make_config(), tmp_path / "eval2").gate.passed
+@pytest.mark.xdist_group("evaluated")  # one worker evaluates once for these
+def test_the_gate_names_every_failed_threshold(evaluated):
+    _, config, result, _ = evaluated
+    assert result.gate.passed and result.gate == gate_decision(result.overall, config)  # the config's gate, applied
+    strict = config.model_copy(update={"evaluation": config.evaluation.model_copy(
+        update={"gate": GateSettings(min_dino=2.0, min_clip_t=2.0, max_pres=-2.0)})})
+    decision = gate_decision(result.overall, strict)
+    assert not decision.passed
+    assert [reason.split()[0] for reason in decision.reasons] == ["DINO", "CLIP-T", "PRES"]
 
 
 def test_an_object_subject_gets_the_object_prompts(personalised_model, subject_dir, make_config, tmp_path):
@@ -64,9 +83,11 @@ def test_an_object_subject_gets_the_object_prompts(personalised_model, subject_d
     assert sorted(result.by_category) == ["property", "recontextualization"]
 
 
-def test_generation_split_across_processes_scores_the_same(personalised_model, subject_dir, make_config, tmp_path):
-    alone = evaluate_model(str(personalised_model), subject_dir, make_config(), tmp_path / "alone")
-    split = evaluate_model(str(personalised_model), subject_dir, make_config(evaluation={"num_processes": 2}), tmp_path / "split")
+@pytest.mark.slow
+@pytest.mark.xdist_group("evaluated")
+def test_generation_split_across_processes_scores_the_same(evaluated, make_config, tmp_path):
+    model, _, alone, _ = evaluated
+    split = evaluate_model(str(model), SAMPLE_SUBJECT, make_config(evaluation={"num_processes": 2}), tmp_path / "split")
     for name, value in alone.overall.items():
         assert split.overall[name] == pytest.approx(value, abs=0.02)  # the same seeds, drawn in two processes
 

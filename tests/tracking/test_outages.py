@@ -29,6 +29,8 @@ from dreambooth.tracking import (
 )
 from tests.conftest import REPO, SAMPLE_SUBJECT, MlflowServer, cli
 
+pytestmark = pytest.mark.slow  # each test runs the fine-tune task in processes of its own, a server stopped and started
+
 FINETUNE_TASK = """
 import sys
 from pathlib import Path
@@ -38,13 +40,20 @@ fine_tune_task(Path(config_file).read_text(), tracking_uri, subject_run, subject
 """
 
 
-@pytest.fixture
-def server(tmp_path):
-    root = tmp_path / "mlflow"
-    root.mkdir()
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
     running = MlflowServer(root, str(root / "artifacts")).start()
     yield running
     running.stop()
+
+
+@pytest.fixture
+def server(module_server):
+    """The module's server, up when the test starts (a test stops it; each job has runs of its own)."""
+    if module_server.process is None:
+        module_server.start()
+    return module_server
 
 
 @pytest.fixture
@@ -53,7 +62,7 @@ def job(tmp_path, make_config, server):
 
     def make(job_id: str = "job-1", **training):
         config = make_config(
-            priors={"enabled": False}, tracking={"wait_seconds": 2},
+            priors={"enabled": False}, tracking={"wait_seconds": 2, "experiment": tmp_path.name},  # the server is shared
             training={"checkpoint_every": 50, "log_every": 1, **training},
         )
         config_file = tmp_path / "config.json"
@@ -103,7 +112,7 @@ def _error_lines(stderr: str) -> list[str]:
 
 
 def test_training_outlives_a_tracking_outage_and_its_retry_reuses_the_saved_model(job, server, tmp_path):
-    config, subject_run, model, start = job(max_steps=40)
+    config, subject_run, model, start = job(max_steps=20)
     spool = Path(config.storage.work_dir) / SPOOL_FOLDER
     started = time.time()
     task = start()
@@ -119,7 +128,7 @@ def test_training_outlives_a_tracking_outage_and_its_retry_reuses_the_saved_mode
     assert (model / "model_index.json").is_file()
     [journal] = spool.glob("*.jsonl")
     kept = [json.loads(line) for line in journal.read_text().splitlines()]
-    assert sorted(point["step"] for point in kept if point["key"] == "loss") == list(range(1, 41))
+    assert sorted(point["step"] for point in kept if point["key"] == "loss") == list(range(1, 21))
     # MLflow's own retries alone would hold one call for ~4 min; training did not wait on any.
     assert elapsed < 150, f"the task took {elapsed:.0f} s with tracking away"
 
@@ -127,7 +136,7 @@ def test_training_outlives_a_tracking_outage_and_its_retry_reuses_the_saved_mode
     synced = cli("sync-tracking", "--config", str(tmp_path / "config.json"), cwd=tmp_path)
     assert synced.returncode == 0, synced.stderr
     [stage] = _stage_runs(server, subject_run)
-    assert _loss_steps(server, stage.info.run_id) == list(range(1, 41))  # each step once
+    assert _loss_steps(server, stage.info.run_id) == list(range(1, 21))  # each step once
     assert not list(spool.iterdir())
 
     # KFP's retry: the same MLflow run goes on, and the saved model is recorded instead of retrained.
@@ -136,23 +145,23 @@ def test_training_outlives_a_tracking_outage_and_its_retry_reuses_the_saved_mode
     assert retry.returncode == 0, stderr[-3000:]
     [stage] = _stage_runs(server, subject_run)
     assert stage.info.status == "FINISHED" and stage.data.tags[TAG_ATTEMPT] == "2"
-    assert stage.data.metrics["resumed_from_step"] == 40  # nothing trained again
-    assert _loss_steps(server, stage.info.run_id) == list(range(1, 41))
+    assert stage.data.metrics["resumed_from_step"] == 20  # nothing trained again
+    assert _loss_steps(server, stage.info.run_id) == list(range(1, 21))
     assert MlflowClient(server.uri).get_run(subject_run).data.tags[TAG_MODEL_LOCATION] == str(model)
     assert not (Path(config.storage.work_dir) / "checkpoints").exists() or not any((Path(config.storage.work_dir) / "checkpoints").iterdir())
 
 
 def test_sigterm_checkpoints_and_the_retry_continues_the_same_run(job, server):
-    config, subject_run, model, start = job(max_steps=40)
+    config, subject_run, model, start = job(max_steps=20)
     task = start()
-    _wait_for_step(Path(config.storage.work_dir) / SPOOL_FOLDER, 12, task)
+    _wait_for_step(Path(config.storage.work_dir) / SPOOL_FOLDER, 6, task)
     task.send_signal(signal.SIGTERM)
     _, stderr = task.communicate(timeout=300)
 
     assert task.returncode == 143, stderr[-3000:]
     [error] = _error_lines(stderr)
     stopped = int(error.split("stopped by SIGTERM at step ")[1].split("/")[0])
-    assert 12 <= stopped < 40
+    assert 6 <= stopped < 20
     assert list((Path(config.storage.work_dir) / "checkpoints").glob(f"*/step-{stopped:06d}/checkpoint-complete"))
     [stage] = _stage_runs(server, subject_run)
     assert stage.info.status == "KILLED" and "SIGTERM" in stage.data.tags[TAG_ERROR]
@@ -165,11 +174,11 @@ def test_sigterm_checkpoints_and_the_retry_continues_the_same_run(job, server):
     [stage] = _stage_runs(server, subject_run)
     assert stage.info.status == "FINISHED" and stage.data.tags[TAG_ATTEMPT] == "2"
     assert stage.data.metrics["resumed_from_step"] == stopped
-    assert _loss_steps(server, stage.info.run_id) == list(range(1, 41))  # the first attempt's steps kept, none twice
+    assert _loss_steps(server, stage.info.run_id) == list(range(1, 21))  # the first attempt's steps kept, none twice
 
 
 def test_a_new_job_resuming_a_killed_jobs_checkpoint_links_its_run_and_closes_the_old_one(job, server):
-    config, first_subject, _, start = job("job-1", max_steps=40, checkpoint_every=10)
+    config, first_subject, _, start = job("job-1", max_steps=30, checkpoint_every=10)
     task = start()
     _wait_for_step(Path(config.storage.work_dir) / SPOOL_FOLDER, 22, task)
     os.kill(task.pid, signal.SIGKILL)  # no handler runs: the run stays RUNNING
@@ -177,12 +186,12 @@ def test_a_new_job_resuming_a_killed_jobs_checkpoint_links_its_run_and_closes_th
     [killed] = _stage_runs(server, first_subject)
     assert killed.info.status == "RUNNING"
 
-    _, second_subject, _, start_again = job("job-2", max_steps=40, checkpoint_every=10)
+    _, second_subject, _, start_again = job("job-2", max_steps=30, checkpoint_every=10)
     rerun = start_again()
     _, stderr = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, stderr[-3000:]
     [resumed] = _stage_runs(server, second_subject)
     assert resumed.data.tags[TAG_RESUMED_FROM] == f"{killed.info.run_id} at step 20"
-    assert _loss_steps(server, resumed.info.run_id) == list(range(1, 41))  # steps 1-20 copied from the killed run
+    assert _loss_steps(server, resumed.info.run_id) == list(range(1, 31))  # steps 1-20 copied from the killed run
     old = MlflowClient(server.uri).get_run(killed.info.run_id)
     assert old.info.status == "KILLED" and resumed.info.run_id in old.data.tags[TAG_ERROR]

@@ -99,6 +99,7 @@ print(experiment_id(sys.argv[1], "dreambooth"))
 """
 
 
+@pytest.mark.slow
 def test_runs_started_together_on_a_fresh_local_store_share_it(tmp_path):
     import subprocess
     import sys

@@ -29,6 +29,7 @@ def _fine_tune(config, subject_dir: Path, tmp_path: Path, job: str, processes: i
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_two_processes_write_one_model_and_one_run_like_one_process(make_config, subject_dir, tmp_path, method):
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
