@@ -256,6 +256,7 @@ class TaskOutput(io.TextIOBase):
         self.failed_logs: list[TaskLog] = []
         self._current: dict[int, TaskLog] = {}
         self._partial: dict[int, str] = {}
+        self._ended_early: list[TaskLog] = []  # tasks that ended before the job folder existed
         self._lock = threading.RLock()
 
     def writable(self) -> bool:
@@ -284,6 +285,10 @@ class TaskOutput(io.TextIOBase):
             if job_dir is not None:
                 self.logs_dir = job_dir / "logs"
                 self.pipeline_log.settle(self.logs_dir / "pipeline.log")
+                for task in self._ended_early:
+                    self._settle(task)
+                    task.close()
+                self._ended_early.clear()
         return self.logs_dir
 
     def _settle(self, task: TaskLog) -> None:
@@ -335,6 +340,8 @@ class TaskOutput(io.TextIOBase):
             self.board.apply(ProgressEvent(task.scope, task.stage, FAILED, detail="the task ended without finishing"))
             task.failed = True
         self._settle(task)
+        if task.path is None:
+            self._ended_early.append(task)  # its lines wait in memory for the job folder
         task.close()
         if task.failed:
             self.failed_logs.append(task)
