@@ -1,5 +1,5 @@
 # Two entry points: `make demo` (set up, then run the pipeline on the tiny model) and `make test`.
-# `make test-fast` skips the whole-pipeline runs (the edit-test loop); `make docs` builds the site.
+# `make test-fast` skips the tests marked slow (whole-pipeline runs, fault scenarios); `make docs` builds the site.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
