@@ -46,7 +46,7 @@ def check_tracked_subject(client, subject_run_id: str, stages=tuple(SUBJECT_STAG
     name, class_noun = subject.data.tags[TAG_SUBJECT], subject.data.params["subject.class_noun"]
     assert subject.info.status == "FINISHED"
     batch = client.get_run(subject.data.tags[TAG_PARENT])
-    assert batch.data.tags[TAG_STAGE] == "batch"
+    assert batch.data.tags[TAG_STAGE] == "batch" and batch.info.status == "FINISHED"
     below_batch = client.search_runs([experiment], f"tags.`{TAG_PARENT}` = '{batch.info.run_id}'")
     assert {run.data.tags[TAG_STAGE] for run in below_batch} == {"class-priors", "subject"}
     (priors,) = [run for run in below_batch if run.data.tags[TAG_STAGE] == "class-priors" and run.data.tags[TAG_CLASS_NOUN] == class_noun]

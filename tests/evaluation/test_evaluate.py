@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import SAMPLE_SUBJECT
 from dreambooth.config import GateSettings, load_config
-from dreambooth.evaluation.evaluate import PRES_SEED_OFFSET, RESULTS_FILE, evaluate_model, gate_decision
+from dreambooth.evaluation.evaluate import PRES_SEED_OFFSET, RESULTS_FILE, evaluate_model
 from dreambooth.models import METADATA_FILE
 from dreambooth.generation import generate, load_sampling_pipeline
 
@@ -67,14 +67,14 @@ def test_prior_preservation_images_come_from_the_class_prompt(evaluated):
 
 
 @pytest.mark.xdist_group("evaluated")  # one worker evaluates once for these
-def test_the_gate_names_every_failed_threshold(evaluated):
-    _, config, result, _ = evaluated
-    assert result.gate.passed and result.gate == gate_decision(result.overall, config)  # the config's gate, applied
+def test_the_gate_names_every_failed_threshold(evaluated, tmp_path):
+    model, config, passed, _ = evaluated
+    assert passed.gate.passed  # the tiny config's gate
     strict = config.model_copy(update={"evaluation": config.evaluation.model_copy(
         update={"gate": GateSettings(min_dino=2.0, min_clip_t=2.0, max_pres=-2.0)})})
-    decision = gate_decision(result.overall, strict)
-    assert not decision.passed
-    assert [reason.split()[0] for reason in decision.reasons] == ["DINO", "CLIP-T", "PRES"]
+    result = evaluate_model(str(model), SAMPLE_SUBJECT, strict, tmp_path / "eval")
+    assert not result.gate.passed
+    assert [reason.split()[0] for reason in result.gate.reasons] == ["DINO", "CLIP-T", "PRES"]
 
 
 def test_an_object_subject_gets_the_object_prompts(personalised_model, subject_dir, make_config, tmp_path):
