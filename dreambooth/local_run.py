@@ -80,7 +80,10 @@ def _run(
     batch = find_batch_run(tracking_uri, config.tracking.experiment, job_name=job_dir.name)
     print()
     print(f"job:          {job_dir.name}")
-    print(f"task logs:    {job_dir / 'logs'}")
+    logs = job_dir / "logs"
+    if publish_to:  # the local folder is a staging folder that goes when the run ends
+        logs = upload_folder(logs, f"{publish_to}/{job_dir.name}/logs")
+    print(f"task logs:    {logs}")
     # batch-failures fails the run on purpose when a subject failed: the subjects' lines say why.
     broken = failed_task if failed_task and failed_task.split(" inside ")[0] != BATCH_FAILURES.name else None
     if broken:

@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO, SAMPLE_SUBJECT, cli, dag_tasks, quick_config
 from dreambooth.config import CONFIG_DIR, RunConfig, load_config
 from dreambooth.tracking import TAG_ERROR, TAG_STAGE, TAG_SUBJECT, client
-from pipeline_checks import subject_blocks
+from dreambooth.storage import is_complete, read_text
+from pipeline_checks import report_lines, subject_blocks
 
 
 def _parents(tasks: dict, name: str) -> list[str]:
@@ -143,6 +144,10 @@ def lora_batch(tmp_path_factory, gcs_emulator):
     result = cli("run", "--config", config, "--subjects", str(subjects), "--output-dir", f"gs://{gcs_emulator}/lora",
                  "--tracking-uri", tracking, cwd=root)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # kfp.local's folder was a staging folder: the task logs went to the bucket beside the results.
+    logs = report_lines(result.stdout)["task logs"]
+    assert logs.startswith(f"gs://{gcs_emulator}/lora/dreambooth-") and logs.endswith("/logs")
+    assert is_complete(logs) and "Executing task" in read_text(f"{logs}/dog-flux/fine-tune.log")
     return root, tracking, subject_blocks(result.stdout), {entry["id"]: entry["overrides"] for entry in entries}, gcs_emulator
 
 
@@ -159,7 +164,7 @@ def test_a_lora_run_goes_through_every_stage_and_registers_megabytes(lora_batch,
 
     from conftest import run_without_repository
     from dreambooth.models import LORA_WEIGHTS, resolve_model_source
-    from dreambooth.storage import COMPLETE_MARKER, is_complete, local_folder
+    from dreambooth.storage import COMPLETE_MARKER, local_folder
 
     root, tracking, blocks, overrides, bucket = lora_batch
     printed = blocks[subject]
