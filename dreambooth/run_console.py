@@ -285,10 +285,11 @@ class TaskOutput(io.TextIOBase):
             if job_dir is not None:
                 self.logs_dir = job_dir / "logs"
                 self.pipeline_log.settle(self.logs_dir / "pipeline.log")
-                for task in self._ended_early:
+                ended, self._ended_early = self._ended_early, []
+                for task in ended:
                     self._settle(task)
                     task.close()
-                self._ended_early.clear()
+                    self._report_end(task)
         return self.logs_dir
 
     def _settle(self, task: TaskLog) -> None:
@@ -340,9 +341,13 @@ class TaskOutput(io.TextIOBase):
             self.board.apply(ProgressEvent(task.scope, task.stage, FAILED, detail="the task ended without finishing"))
             task.failed = True
         self._settle(task)
-        if task.path is None:
-            self._ended_early.append(task)  # its lines wait in memory for the job folder
         task.close()
+        if task.path is None:
+            self._ended_early.append(task)  # its lines, and a failure's report, wait for the job folder
+        else:
+            self._report_end(task)
+
+    def _report_end(self, task: TaskLog) -> None:
         if task.failed:
             self.failed_logs.append(task)
             self.board.view.failure(self.board.row(task.scope, task.stage), list(task.tail), task.path)
@@ -356,6 +361,9 @@ class TaskOutput(io.TextIOBase):
             for thread in list(self._current):
                 self._end_task(thread)
             self._logs_dir()
+            for task in self._ended_early:  # no job folder ever appeared: report them without a log file
+                self._report_end(task)
+            self._ended_early.clear()
             self.pipeline_log.close()
 
     def log_of(self, task: str) -> Optional[Path]:

@@ -43,14 +43,21 @@ def _kfp_task(output: TaskOutput, task: str, lines: list[str], status: str, read
         print(f"12:00:01.000 - INFO - Task \x1b[96m'{task}'\x1b[0m finished with status \x1b[92m{status}\x1b[0m", file=output)
 
 
-def test_a_task_that_ends_before_the_job_folder_exists_keeps_its_log(tmp_path):
+def test_a_task_that_ends_before_the_job_folder_exists_keeps_its_log_and_reports_where_it_is(tmp_path):
     job_dir = tmp_path / "dreambooth-job"
-    output = TaskOutput(lambda: job_dir if job_dir.exists() else None, None, echo=None)
-    _kfp_task(output, "ingest", ["[progress] cat ingest running", "cat line", "[progress] cat ingest done · 1.0 s"], "SUCCESS",
-              threading.Barrier(1))
+    shown = io.StringIO()
+    board = Board([Row("cat", "ingest"), Row("dog", "ingest")], PlainView(shown))
+    output = TaskOutput(lambda: job_dir if job_dir.exists() else None, board, echo=None)
+    _kfp_task(output, "ingest", ["[progress] cat ingest running", "cat line", "[progress] cat ingest failed · not an image"],
+              "SUCCESS", threading.Barrier(1))
     job_dir.mkdir()  # a busy machine: kfp.local's folder appears after the task's last line
+    _kfp_task(output, "ingest", ["[progress] dog ingest running", "[progress] dog ingest done · 1.0 s"], "SUCCESS", threading.Barrier(1))
     output.close()
-    assert "cat line" in (job_dir / "logs" / "cat" / "ingest.log").read_text()
+    board.close()
+    log = job_dir / "logs" / "cat" / "ingest.log"
+    assert "cat line" in log.read_text()
+    printed = shown.getvalue().splitlines()
+    assert printed.index("--- cat ingest failed; the last lines of its log:") < printed.index(f"--- full log: {log}")
 
 
 def test_lines_of_tasks_running_at_once_go_to_each_task_log_and_a_failure_shows_its_tail(tmp_path):
