@@ -1,0 +1,39 @@
+"""The checkpoint-selection rule on constructed score tables."""
+
+import pytest
+
+from dreambooth.evaluation.select import CheckpointScore, choose_checkpoint
+
+# DINO rises with training while CLIP-T and PRES get worse: the shape the rule is for.
+OVERFITTING = [
+    CheckpointScore(step=200, dino=0.50, clip_i=0.70, clip_t=0.310, pres=0.40),
+    CheckpointScore(step=400, dino=0.60, clip_i=0.76, clip_t=0.305, pres=0.45),
+    CheckpointScore(step=600, dino=0.66, clip_i=0.79, clip_t=0.302, pres=0.52),
+    CheckpointScore(step=800, dino=0.70, clip_i=0.81, clip_t=0.280, pres=0.60),
+    CheckpointScore(step=1000, dino=0.72, clip_i=0.82, clip_t=0.260, pres=0.70),
+]
+
+
+def test_the_best_dino_among_checkpoints_that_keep_prompt_fidelity():
+    chosen = choose_checkpoint(OVERFITTING, clip_t_margin=0.01)
+    assert chosen.step == 600  # 800 and 1000 have more DINO but lost CLIP-T beyond the margin
+    assert chosen.reason == "step 600: the best DINO (0.660) of 3 checkpoints with CLIP-T within 0.01 of the best (0.310)"
+    assert choose_checkpoint(OVERFITTING, clip_t_margin=0.0).step == 200
+    assert choose_checkpoint(OVERFITTING, clip_t_margin=1.0).step == 1000  # no constraint: the last, most faithful to the subject
+
+
+def test_a_pres_bound_narrows_the_choice_and_says_so_when_nothing_meets_it():
+    chosen = choose_checkpoint(OVERFITTING, clip_t_margin=0.01, max_pres=0.5)
+    assert chosen.step == 400 and "and PRES <= 0.5" in chosen.reason
+    fallback = choose_checkpoint(OVERFITTING, clip_t_margin=0.01, max_pres=0.1)
+    assert fallback.step == 200 and "no checkpoint" in fallback.reason and "the lowest PRES among them (0.400)" in fallback.reason
+
+
+def test_a_tie_goes_to_the_earlier_step():
+    tied = [CheckpointScore(step, 0.6, 0.8, 0.3, 0.4) for step in (300, 100, 200)]
+    assert choose_checkpoint(tied, clip_t_margin=0.01).step == 100
+
+
+def test_nothing_to_choose_from_is_an_error():
+    with pytest.raises(ValueError, match="no scored checkpoints"):
+        choose_checkpoint([], clip_t_margin=0.01)
