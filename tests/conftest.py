@@ -128,8 +128,8 @@ def quick_config(folder: Path, experiment="dreambooth", gate=None, superres=True
         raw = merge_settings(raw, family)
     raw["priors"]["num_class_images"] = 4
     # The tiny model draws noise whatever the steps: two are enough to run every sampler's code.
-    for sampler in (raw["priors"], raw["samples"], raw["evaluation"], raw["superres"]):
-        sampler["sampler"]["num_inference_steps"] = 2
+    for section in ("priors", "samples", "evaluation", "superres"):
+        raw[section]["sampler"]["num_inference_steps"] = 2
     raw["training"].update({"max_steps": 8, "checkpoint_every": 4, **training})
     raw["tracking"] = {"experiment": experiment}
     raw["superres"].update({"enabled": superres, "training": {"max_steps": 6, "learning_rate": 1.0e-4, "checkpoint_every": 3}})

@@ -47,6 +47,14 @@ def _environment():
     return {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
 
 
+def _first_batch_entries(moved: tuple[str, str] = ("", "")) -> list[dict]:
+    """The three subjects, the backpack under a strict gate; `moved`: (a subject, its new photo folder)."""
+    entries = [{"id": subject, "photos": f"photos/{moved[1] if subject == moved[0] else subject}", "class_noun": noun}
+               for subject, (noun, _) in SUBJECTS.items()]
+    entries[-1]["overrides"] = {"evaluation": {"gate": STRICT_GATE}}
+    return entries
+
+
 def _write_subjects(root: Path, entries: list[dict], name="subjects.yaml") -> Path:
     path = root / name
     path.write_text(yaml.safe_dump({"subjects": entries}))
@@ -91,9 +99,7 @@ def batch_root(tmp_path_factory):
             copy_photos(SAMPLE_SUBJECT, root / "photos" / subject, names)
         else:
             shutil.copytree(SAMPLE_OBJECT, root / "photos" / subject)
-    entries = [{"id": subject, "photos": f"photos/{subject}", "class_noun": noun} for subject, (noun, _) in SUBJECTS.items()]
-    entries[-1]["overrides"] = {"evaluation": {"gate": STRICT_GATE}}
-    subjects = _write_subjects(root, entries)
+    subjects = _write_subjects(root, _first_batch_entries())
     config = quick_config(root, superres=False)
     return root, config, subjects
 
@@ -217,9 +223,7 @@ def test_changed_photos_retrain_only_that_subject_and_failing_subjects_end_alone
     notifying = with_notify(str(shutil.copy(config, root / "notify.yaml")), {"url": f"{hooks}/batch"})
     # dog-b's photos change from 01, 02, 03 to 00, 01, 02 (a new folder: the first batch's stay as they were).
     copy_photos(SAMPLE_SUBJECT, root / "photos" / "dog-b-changed", ["00.jpg", "01.jpg", "02.jpg"])
-    entries = [{"id": subject, "photos": f"photos/{'dog-b-changed' if subject == 'dog-b' else subject}", "class_noun": noun}
-               for subject, (noun, _) in SUBJECTS.items()]
-    entries[-1]["overrides"] = {"evaluation": {"gate": STRICT_GATE}}
+    entries = _first_batch_entries(("dog-b", "dog-b-changed"))
     # Two new subjects that fail, each alone: a photo that is no image, and a learning rate that diverges.
     corrupt = copy_photos(SAMPLE_SUBJECT, root / "photos" / "corrupt", ["00.jpg", "01.jpg", "02.jpg"])
     (corrupt / "scan.jpg").write_bytes(b"%PDF-1.4 not an image")
