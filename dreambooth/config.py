@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dreambooth.errors import InputError
 from dreambooth.stages import COMPONENT_STAGES
@@ -147,13 +147,32 @@ class LoraSettings(Section):
     export_single_file: bool = False
 
 
+class TextualInversionSettings(Section):
+    """The new token's embedding, with method textual_inversion or pivotal (Gal et al. 2022; the paper's baseline)."""
+
+    # Vectors the new token stands for (per text encoder): more capture more detail, and take
+    # that many places of the prompt's 77 tokens.
+    num_vectors: int = Field(default=1, ge=1, le=16)
+    # The word(s) whose embedding every vector starts from; None: the subject's class noun.
+    initializer: Optional[str] = None
+    # The embedding's learning rate (diffusers' textual_inversion example: 5e-4).
+    learning_rate: float = Field(default=5e-4, gt=0)
+    # pivotal: the share of training.max_steps the embedding trains with the adapter before it
+    # freezes and the adapter trains on alone (diffusers' advanced SDXL script: 0.5).
+    train_fraction: float = Field(default=0.5, gt=0, le=1)
+
+
 class TrainingSettings(Section):
     """The DreamBooth fine-tune: what trains, for how long, and how."""
 
-    # full: every denoiser weight (the paper); lora: a low-rank adapter, megabytes per subject.
-    method: Literal["full", "lora"] = "full"
-    # The adapter, with method: lora.
+    # full: every denoiser weight (the paper); lora: a low-rank adapter, megabytes per subject;
+    # textual_inversion: only a new token's embedding, kilobytes (the paper's baseline);
+    # pivotal: that embedding and a LoRA adapter together (the embedding freezes part way).
+    method: Literal["full", "lora", "textual_inversion", "pivotal"] = "full"
+    # The adapter, with method lora or pivotal.
     lora: LoraSettings = LoraSettings()
+    # The new token's embedding, with method textual_inversion or pivotal.
+    textual_inversion: TextualInversionSettings = TextualInversionSettings()
     # Optimizer steps (the paper: about 1000 for Stable Diffusion).
     max_steps: int = Field(default=1000, ge=1)
     # The denoiser's learning rate (the paper: 5e-6 for full fine-tuning; LoRA takes about 1e-4).
@@ -217,6 +236,24 @@ class TrainingSettings(Section):
     # batch_size x gradient_accumulation_steps whatever the count.
     num_processes: Optional[int] = Field(default=None, ge=1)
 
+    @field_validator("train_text_encoder")
+    @classmethod
+    def _method_fits(cls, train_text_encoder: bool, info: ValidationInfo) -> bool:
+        method = info.data.get("method")
+        if train_text_encoder and method in ("textual_inversion", "pivotal"):
+            raise ValueError(f"{method} trains the new token's embedding, not the text encoder; set it false")
+        return train_text_encoder
+
+    @property
+    def learns_embedding(self) -> bool:
+        """Whether a new token's embedding trains (textual_inversion, pivotal)."""
+        return self.method in ("textual_inversion", "pivotal")
+
+    @property
+    def trains_adapter(self) -> bool:
+        """Whether LoRA adapters train (lora, pivotal)."""
+        return self.method in ("lora", "pivotal")
+
 
 class SuperResSettings(Section):
     """Personalised super-resolution (paper sec. 4.2): the x4 upscaler fine-tuned on the subject.
@@ -245,7 +282,7 @@ class SuperResSettings(Section):
     @classmethod
     def _full_only(cls, training: TrainingSettings) -> TrainingSettings:
         if training.method != "full":
-            raise ValueError("method: the upscaler is fine-tuned in full (LoRA covers the base model)")
+            raise ValueError("method: the upscaler is fine-tuned in full (the other methods cover the base model)")
         if training.validation_every is not None:
             raise ValueError("validation_every: validation images are drawn by the base fine-tune only")
         return training

@@ -4,7 +4,8 @@ Subject images are captioned `a [V] [class noun]`, the frozen model's class imag
 `a [class noun]`; each step denoises one batch holding both (paper sec. 4.2). The model family
 (sd, sdxl, flux: config model.family, else read from model_index.json) picks the training recipe;
 the driver (dreambooth.training.driver) does the rest. `training.method` picks what trains: every
-denoiser weight (full, the paper), or low-rank adapters on its attention projections (lora).
+denoiser weight (full, the paper), low-rank adapters (lora), a new token's embedding
+(textual_inversion, the paper's baseline), or both of those (pivotal).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def finetune(
     release: bool = True,
     tracking_run: str = "",
 ) -> FinetuneResult:
-    """Fine-tune config.model.base on the subject; write a full diffusers pipeline (or, for LoRA,
-    the adapter and its base-model reference) to output_dir. `release`: see train_and_save;
+    """Fine-tune config.model.base on the subject; write a full diffusers pipeline (or what loads on
+    the base: an adapter, an embedding, with its base-model reference) to output_dir. `release`: see train_and_save;
     `tracking_run`: the run training, named in checkpoints."""
     subject = subject_training(instance_dir, class_dir, identifier, config, config.training, config.priors.enabled, "priors.enabled",
                                [config.model.model_dump(), config.training.model_dump()])
@@ -66,7 +67,7 @@ def finetune(
             "vae": config.model.vae,
             "family": recipe.family,
             "method": settings.method,
-            "single_file": settings.method == "lora" and settings.lora.export_single_file,
+            "single_file": settings.trains_adapter and settings.lora.export_single_file,
             "resolution": recipe.training_resolution,
             "steps": settings.max_steps,
         }

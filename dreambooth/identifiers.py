@@ -107,3 +107,19 @@ def check_user_identifier(tokenizer, identifier: str, class_noun: str, other_tok
     return IdentifierChoice(
         identifier=identifier, token_ids=ids, source="user", reason=f"given by the user ({len(ids)} tokens){note}"
     )
+
+
+def new_token_identifier(tokenizers: list, subject_name: str, user_identifier: str | None) -> IdentifierChoice:
+    """[V] for methods that learn an embedding (textual_inversion, pivotal): a token the tokenizers
+    do not have yet, added to them with its own trained embedding; `<subject-name>` unless given."""
+    token = (user_identifier or "").strip() or f"<{re.sub(r'[^a-z0-9]+', '-', subject_name.lower()).strip('-') or 'subject'}>"
+    if re.search(r"\s", token):
+        raise InputError(f"subject.identifier: {token!r} has white space; a learned embedding's token is one word, e.g. <my-dog>")
+    for index, tokenizer in enumerate(tokenizers):
+        if token in tokenizer.get_vocab():
+            which = "this model's tokenizer" if index == 0 else f"this model's tokenizer {index + 1}"
+            raise InputError(f"subject.identifier: {token!r} is already a token of {which}; a learned embedding needs a new one")
+    return IdentifierChoice(
+        identifier=token, token_ids=[], source="user" if user_identifier else "selected",
+        reason=f"a new token {token}, added to the tokenizer; its embedding is what trains",
+    )

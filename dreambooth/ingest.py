@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dreambooth.config import RunConfig, require_subject
 from dreambooth.errors import InputError
-from dreambooth.identifiers import IdentifierChoice, check_user_identifier, select_rare_identifier
+from dreambooth.identifiers import IdentifierChoice, check_user_identifier, new_token_identifier, select_rare_identifier
 from dreambooth.images import load_rgb
 from dreambooth.models import load_tokenizer, model_family
 
@@ -105,7 +105,9 @@ def ingest_subject(subject_dir: Path, output_dir: Path, config: RunConfig) -> In
         log.warning(warnings[-1])
 
     tokenizer, *others = identifier_tokenizers(config)
-    if settings.identifier:
+    if config.training.learns_embedding:
+        choice = new_token_identifier([tokenizer, *others], settings.name, settings.identifier)
+    elif settings.identifier:
         choice = check_user_identifier(tokenizer, settings.identifier, settings.class_noun, tuple(others))
     else:
         choice = select_rare_identifier(
@@ -150,8 +152,9 @@ def identifier_tokenizers(config: RunConfig) -> list:
     from dreambooth.training.recipes import recipe_class
 
     model = config.model
-    names = recipe_class(model_family(model.base, model.revision, declared=model.family)).identifier_tokenizers
-    return [load_tokenizer(config.model.base, config.model.revision, name) for name in names]
+    recipe = recipe_class(model_family(model.base, model.revision, declared=model.family))
+    recipe.check_settings(config.training)  # what the family cannot train is refused before any work
+    return [load_tokenizer(config.model.base, config.model.revision, name) for name in recipe.identifier_tokenizers]
 
 
 def read_manifest(folder: Path) -> dict:

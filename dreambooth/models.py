@@ -25,6 +25,12 @@ from dreambooth.tiny_models import TINY_SCHEME, resolve_tiny_model
 METADATA_FILE = "dreambooth.json"  # beside every trained result: identifier, class noun, base model
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' adapter file name (load_lora_weights reads it)
 SINGLE_FILE_LORA = "lora_kohya.safetensors"  # the same adapter for web UIs (training.lora.export_single_file)
+# A learned token's embedding (textual_inversion, pivotal), by diffusers' default name, so that
+# `pipe.load_textual_inversion(folder)` finds it.
+EMBEDDINGS_FILE = "learned_embeds.safetensors"
+# SDXL's embedding file holds one tensor per text encoder, under the names web UIs read.
+WEB_UI_EMBEDDING_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+RESULT_ON_BASE_FILES = (LORA_WEIGHTS, EMBEDDINGS_FILE)  # a result that loads on top of its base model
 HUB_PROBE_SECONDS = 8  # one metadata request; huggingface_hub may retry it once
 MIN_TOKENIZER_SIZE = 256  # a byte-level BPE has at least its 256 byte tokens; an empty load has 2
 # model_index.json's pipeline class -> model family (config model.family); each has a training recipe.
@@ -194,14 +200,35 @@ def load_tokenizer(reference: str, revision: Optional[str] = None, subfolder: st
 
 
 def adapter_base(reference: str) -> Optional[tuple[str, Optional[str]]]:
-    """(base model, revision) when `reference` is a LoRA result folder, else None (its VAE: `adapter_vae`)."""
+    """(base model, revision) when `reference` is a result that loads on its base (a LoRA adapter, a
+    learned embedding, or both), else None (its VAE: `adapter_vae`)."""
     folder = Path(reference)
-    if not (folder / LORA_WEIGHTS).is_file():
+    if not any((folder / name).is_file() for name in RESULT_ON_BASE_FILES):
         return None
     metadata = json.loads((folder / METADATA_FILE).read_text()) if (folder / METADATA_FILE).is_file() else {}
     if not metadata.get("base_model"):
-        raise InputError(f"{reference}: a LoRA adapter without {METADATA_FILE} naming its base model")
+        raise InputError(f"{reference}: an adapter or embedding without {METADATA_FILE} naming its base model")
     return metadata["base_model"], metadata.get("base_revision")
+
+
+def learned_token_names(token: str, num_vectors: int) -> list[str]:
+    """The tokens a learned embedding of several vectors takes, named as diffusers' loader names them."""
+    return [token] + [f"{token}_{index}" for index in range(1, num_vectors)]
+
+
+def load_learned_token(pipeline, folder: Path) -> None:
+    """Add a result's learned token to the pipeline's tokenizers and text encoders, through diffusers'
+    own loader: the token is the identifier in the result's metadata."""
+    from safetensors.torch import load_file
+
+    token = json.loads((folder / METADATA_FILE).read_text())["identifier"]
+    tensors = load_file(folder / EMBEDDINGS_FILE)
+    if token in tensors:  # one text encoder (SD)
+        pipeline.load_textual_inversion(tensors[token], token=token)
+        return
+    for encoder_name, key in WEB_UI_EMBEDDING_KEYS.items():
+        tokenizer = getattr(pipeline, encoder_name.replace("text_encoder", "tokenizer"))
+        pipeline.load_textual_inversion(tensors[key], token=token, text_encoder=getattr(pipeline, encoder_name), tokenizer=tokenizer)
 
 
 def adapter_vae(reference: str) -> Optional[str]:
@@ -218,8 +245,8 @@ def load_pipeline(
 ):
     """A text-to-image DiffusionPipeline without a safety checker (DreamBooth trains on user photos).
 
-    `reference` is a full pipeline (hub id, folder, tiny://) or a LoRA result folder, which loads
-    as its base model with the adapter applied (and the VAE it was trained with). `vae` (model.vae)
+    `reference` is a full pipeline (hub id, folder, tiny://) or a result folder that loads on its
+    base model: a LoRA adapter applied, a learned token added (and the VAE it was trained with). `vae` (model.vae)
     replaces the pipeline's own, e.g. SDXL's fp16-safe VAE.
     """
     from diffusers import AutoencoderKL, DiffusionPipeline
@@ -228,7 +255,10 @@ def load_pipeline(
         reference = resolve_model_source(reference)
     if (base := adapter_base(reference)) is not None:
         pipeline = load_pipeline(base[0], base[1], torch_dtype, device, adapter_vae(reference))
-        pipeline.load_lora_weights(reference, weight_name=LORA_WEIGHTS)
+        if (Path(reference) / LORA_WEIGHTS).is_file():
+            pipeline.load_lora_weights(reference, weight_name=LORA_WEIGHTS)
+        if (Path(reference) / EMBEDDINGS_FILE).is_file():
+            load_learned_token(pipeline, Path(reference))
         return pipeline
     source = resolve_model_source(reference, revision)
     # Only SD 1.x/2.x pipelines carry a safety checker (the others warn about the keyword).

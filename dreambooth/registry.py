@@ -80,18 +80,20 @@ def model_signature():
 def log_pipeline_model(tracking_uri: str, run_id: str, model_dir: Path) -> str:
     """Log a trained result on `run_id`; returns its model URI.
 
-    A full pipeline folder becomes a pyfunc model carrying this package; a LoRA adapter is logged
-    with MLflow's own diffusers flavour (the adapter file plus a base-model reference, megabytes),
-    which loads anywhere MLflow and diffusers are installed.
+    A full pipeline folder becomes a pyfunc model carrying this package, and so does a learned
+    embedding (kilobytes, with or without an adapter: its folder names its base, which loads where
+    the model is served); a LoRA adapter alone is logged with MLflow's own diffusers flavour (the
+    adapter file plus a base-model reference, megabytes), which loads anywhere MLflow and diffusers
+    are installed.
     """
     import mlflow
 
-    from dreambooth.models import LORA_WEIGHTS, adapter_base, resolve_model_source
+    from dreambooth.models import EMBEDDINGS_FILE, LORA_WEIGHTS, adapter_base, resolve_model_source
 
     mlflow.set_tracking_uri(tracking_uri)
     base = adapter_base(str(model_dir))
     with mlflow.start_run(run_id=run_id):
-        if base is not None:
+        if base is not None and not (model_dir / EMBEDDINGS_FILE).is_file():
             # tiny:// exists only for this project: the flavour gets the folder it resolves to.
             reference = resolve_model_source(base[0], base[1]) if base[0].startswith("tiny://") else base[0]
             info = mlflow.diffusers.log_model(model_dir / LORA_WEIGHTS, base_model=reference, name="model")

@@ -90,7 +90,7 @@ def test_run_parameters_set_their_settings_and_a_bad_one_is_refused_in_one_line(
     assert changed.model.resolution is None  # 0: the model's own resolution
     with pytest.raises(InputError) as caught:
         config.with_run_settings({"training_method": "dora"})
-    assert str(caught.value) == "run parameter training_method: Input should be 'full' or 'lora'"
+    assert str(caught.value) == "run parameter training_method: Input should be 'full', 'lora', 'textual_inversion' or 'pivotal'"
     with pytest.raises(InputError) as caught:
         config.with_run_settings({"max_steps": 0})
     assert str(caught.value) == "run parameter max_steps: Input should be greater than or equal to 1"

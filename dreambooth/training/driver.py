@@ -3,7 +3,9 @@
 The VAE never changes, so every image is encoded once up front and its latent distribution
 cached; with frozen text encoders the prompts' conditioning is cached too. A step then costs only
 the denoiser (and the text encoders that train). `training.method` picks what trains: every
-denoiser weight (full, the paper), or low-rank adapters on its attention projections (lora).
+denoiser weight (full, the paper), low-rank adapters on its attention projections (lora), a new
+token's embedding alone (textual_inversion), or that embedding and the adapters (pivotal: the
+embedding freezes after training.textual_inversion.train_fraction of the steps).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from dreambooth.config import RunConfig, TrainingSettings
 from dreambooth.errors import InputError
 from dreambooth.images import list_images
 from dreambooth.training.data import class_images_for, training_fingerprint
-from dreambooth.training.lora import add_lora_adapters
+from dreambooth.training.embeddings import LearnedToken
+from dreambooth.training.lora import add_lora_adapters, freeze
 from dreambooth.training.loop import OnLog, OnStep, TrainingResult, process_state, split_batch, train
 from dreambooth.training.losses import LossTerms
 from dreambooth.training.recipes import Recipe
@@ -35,6 +38,8 @@ class FinetuneJob:
     checkpoints: Path
     description: str = "fine-tune"
     owner: str = ""  # the tracking run training (written into checkpoints)
+    identifier: str = ""  # [V]: the new token, for the methods that learn its embedding
+    initializer: str = ""  # the word(s) a learned embedding starts from
 
 
 def run_finetune(job: FinetuneJob, on_log: Optional[OnLog] = None, on_step: Optional[OnStep] = None) -> TrainingResult:
@@ -52,8 +57,16 @@ def run_finetune(job: FinetuneJob, on_log: Optional[OnLog] = None, on_step: Opti
     for name in recipe.text_encoders:
         getattr(pipeline, name).requires_grad_(name in training_encoders and settings.method == "full")
     denoiser = getattr(pipeline, recipe.denoiser)
-    if settings.method == "lora":
+    if settings.trains_adapter:
         add_lora_adapters(denoiser, [getattr(pipeline, name) for name in training_encoders], settings)
+    elif settings.method == "textual_inversion":
+        freeze(denoiser, settings)
+    learned = None
+    if settings.learns_embedding:
+        inversion = settings.textual_inversion
+        learned = LearnedToken.add(pipeline, recipe.embedding_encoders, job.identifier, inversion.initializer or job.initializer,
+                                   inversion.num_vectors)
+        training_encoders = tuple(learned.rows)
     cached = None
     if not training_encoders:
         with torch.no_grad():
@@ -66,19 +79,32 @@ def run_finetune(job: FinetuneJob, on_log: Optional[OnLog] = None, on_step: Opti
         for name in training_encoders:
             getattr(pipeline, name).gradient_checkpointing_enable()
 
+    # pivotal: past this step the embedding gets no gradient, so the optimizer leaves it where it is
+    embedding_steps = settings.max_steps
+    if settings.method == "pivotal":
+        embedding_steps = max(1, int(settings.textual_inversion.train_fraction * settings.max_steps))
+
     def compute_loss(modules, step: int, generator: torch.Generator) -> LossTerms:
         latents, extras = recipe.sample(instance, torch.randint(len(instance.latents), (batch,), generator=generator), generator)
         if classes is not None:
             class_latents, class_extras = recipe.sample(classes, torch.randint(len(classes.latents), (batch,), generator=generator), generator)
             latents = torch.cat([latents, class_latents])
             extras = None if extras is None else torch.cat([extras, class_extras])
-        conditioning = cached if cached is not None else recipe.encode_prompts(modules, prompts)
+        if cached is not None:
+            conditioning = cached
+        else:
+            with torch.set_grad_enabled(step <= embedding_steps):
+                conditioning = recipe.encode_prompts(modules, prompts)
         return recipe.loss(modules, latents.to(recipe.device), extras, conditioning, batch, generator)
 
-    modules = {recipe.denoiser: denoiser, **{name: getattr(pipeline, name) for name in training_encoders}}
-    text_rate = settings.text_encoder_learning_rate or settings.learning_rate
+    trains_denoiser = settings.method != "textual_inversion"
+    modules = {**({recipe.denoiser: denoiser} if trains_denoiser else {}), **{name: getattr(pipeline, name) for name in training_encoders}}
+    text_rate = settings.textual_inversion.learning_rate if learned else settings.text_encoder_learning_rate or settings.learning_rate
     learning_rates = {name: settings.learning_rate if name == recipe.denoiser else text_rate for name in modules}
-    return train(modules, learning_rates, compute_loss, settings, job.checkpoints, on_log, job.description, on_step, job.owner)
+    result = train(modules, learning_rates, compute_loss, settings, job.checkpoints, on_log, job.description, on_step, job.owner)
+    if learned:
+        result.embedding = learned.finish(pipeline)
+    return result
 
 
 def train_and_save(
@@ -92,8 +118,11 @@ def train_and_save(
     for name, module in result.modules.items():
         setattr(job.recipe.pipeline, name, module)
     images_per_step = settings.batch_size * settings.gradient_accumulation_steps * (2 if job.class_images else 1)
+    # The modules that carry adapters: with pivotal tuning the text encoders only learned the token.
+    adapters = {name: module for name, module in result.modules.items() if name == job.recipe.denoiser or not settings.learns_embedding}
     saved = save_trained_pipeline(
-        job.recipe.pipeline, result, output_dir, metadata, job.checkpoints, settings.keep_checkpoints, images_per_step
+        job.recipe.pipeline, result, output_dir, metadata, job.checkpoints, settings.keep_checkpoints, images_per_step,
+        adapters if settings.trains_adapter else {},
     )
     if release and process_state().is_main_process:
         release_checkpoints(saved, settings.keep_checkpoints)
@@ -113,6 +142,8 @@ class SubjectTraining:
     class_prompt: str
     fingerprint: str
     checkpoints: Path
+    identifier: str = ""
+    initializer: str = ""  # what a learned embedding starts from: the class noun
 
     def train(
         self, make_recipe: Callable[[TrainingSettings, torch.device], Recipe], output_dir: Path, describe: Callable[[Recipe], dict],
@@ -128,7 +159,7 @@ class SubjectTraining:
                 return reused
             recipe = make_recipe(self.settings, process_state().device)
             job = FinetuneJob(recipe, self.instance_images, self.class_images, self.instance_prompt, self.class_prompt,
-                              self.checkpoints, description, owner)
+                              self.checkpoints, description, owner, self.identifier, self.initializer)
             return train_and_save(job, output_dir, describe(recipe), on_log, on_step(recipe) if on_step else None, release)
 
 
@@ -149,4 +180,4 @@ def subject_training(
     subject = config.subject
     fingerprint = training_fingerprint([*fingerprint_settings, subject.class_noun, identifier], instance_images, class_images)
     return SubjectTraining(settings, instance_images, class_images, subject.instance_prompt(identifier), subject.class_prompt(),
-                           fingerprint, Path(config.storage.work_dir) / "checkpoints" / fingerprint)
+                           fingerprint, Path(config.storage.work_dir) / "checkpoints" / fingerprint, identifier, subject.class_noun)

@@ -55,6 +55,7 @@ class TrainingResult:
     steps_per_second: float  # steady state, after the first WARMUP_STEPS_EXCLUDED steps of this process
     final_loss: dict[str, float] = field(default_factory=dict)
     processes: int = 1
+    embedding: dict = field(default_factory=dict)  # a learned token's embedding file's tensors (textual_inversion, pivotal)
 
 
 def process_state():

@@ -13,12 +13,20 @@ from dreambooth.models import LORA_WEIGHTS, SINGLE_FILE_LORA
 HALF_PRECISION = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def freeze(module, settings) -> None:
+    """No gradients for the module's weights; under mixed precision they are stored in its half
+    type, as they only feed autocast (half the memory)."""
+    module.requires_grad_(False)
+    if (frozen_dtype := HALF_PRECISION.get(settings.mixed_precision)) is not None:
+        module.to(frozen_dtype)
+
+
 def add_lora_adapters(denoiser, text_encoders: list, settings) -> None:
     """Freeze the weights and attach trainable low-rank adapters (peft) to the attention projections
     of the denoiser (UNet or transformer) and of `text_encoders`.
 
-    With mixed precision the frozen weights are stored in its half type (they only feed autocast):
-    half the memory, which is what fits SDXL or Flux on one GPU; the adapters stay float32.
+    With mixed precision the frozen weights are stored in its half type (`freeze`), which is what
+    fits SDXL or Flux on one GPU; the adapters stay float32.
     """
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig, inject_adapter_in_model
@@ -29,11 +37,8 @@ def add_lora_adapters(denoiser, text_encoders: list, settings) -> None:
         return LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, lora_dropout=lora.dropout,
                           target_modules=targets, use_dora=lora.use_dora, init_lora_weights="gaussian")
 
-    frozen_dtype = HALF_PRECISION.get(settings.mixed_precision)
     for module in (denoiser, *text_encoders):
-        module.requires_grad_(False)
-        if frozen_dtype is not None:
-            module.to(frozen_dtype)
+        freeze(module, settings)
     # The adapters' random initialisation follows training.seed, so a run is reproducible.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)

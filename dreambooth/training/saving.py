@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 
 from dreambooth.errors import InputError
 from dreambooth.models import METADATA_FILE
+from dreambooth.training.embeddings import save_learned_token
 from dreambooth.training.lora import save_lora_adapter
 from dreambooth.training.loop import list_checkpoints, process_state
 
@@ -40,10 +41,12 @@ class FinetuneResult:
 
 
 def save_trained_pipeline(
-    pipeline, result, output_dir: Path, metadata: dict, checkpoints: Path, keep_checkpoints: bool, images_per_step: int
+    pipeline, result, output_dir: Path, metadata: dict, checkpoints: Path, keep_checkpoints: bool, images_per_step: int,
+    adapters: Optional[dict] = None,
 ) -> FinetuneResult:
-    """On the main process: the whole pipeline folder (safetensors) or, for LoRA, the adapter alone,
-    with its metadata; then the training states give way to the marker naming the model."""
+    """On the main process: the whole pipeline folder (safetensors), or what loads on the base alone:
+    the LoRA `adapters` (modules by name) and the learned token's embedding (result.embedding);
+    with its metadata. Then the training states give way to the marker naming the model."""
     saved = FinetuneResult(
         model_dir=str(output_dir),
         steps=result.steps_completed,
@@ -59,9 +62,11 @@ def save_trained_pipeline(
     if process_state().is_main_process:
         pipeline.to("cpu")
         output_dir.mkdir(parents=True, exist_ok=True)
-        if metadata.get("method") == "lora":
-            save_lora_adapter(pipeline, result.modules, output_dir, metadata.get("single_file", False))
-        else:
+        if adapters:
+            save_lora_adapter(pipeline, adapters, output_dir, metadata.get("single_file", False))
+        if result.embedding:
+            save_learned_token(result.embedding, output_dir)
+        if not adapters and not result.embedding:
             pipeline.save_pretrained(output_dir, safe_serialization=True)
         (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
         checkpoints.mkdir(parents=True, exist_ok=True)

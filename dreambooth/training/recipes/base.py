@@ -33,17 +33,34 @@ class Recipe:
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # every text encoder of the pipeline
     trainable_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # those training.train_text_encoder trains
     identifier_tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)  # CLIP tokenizers the identifier is one token of
-    methods: ClassVar[tuple[str, ...]] = ("full", "lora")
+    methods: ClassVar[tuple[str, ...]] = ("full", "lora", "textual_inversion", "pivotal")
     single_file_export: ClassVar[bool] = False  # the kohya layout web UIs load
 
     def __init__(self, pipeline, settings: TrainingSettings, device: torch.device, resolution: Optional[int] = None,
                  setting: str = "training"):
         self.pipeline, self.settings, self.device, self.setting = pipeline, settings, device, setting
         self.training_resolution = resolution or self.resolution()
-        if settings.method not in self.methods:
-            raise InputError(f"{setting}.method: {settings.method} is not available for {self.family} models ({', '.join(self.methods)})")
-        if settings.method == "lora" and settings.lora.export_single_file and not self.single_file_export:
+        self.check_settings(settings, setting)
+
+    @classmethod
+    def check_settings(cls, settings: TrainingSettings, setting: str = "training") -> None:
+        """InputError when this family cannot train these settings (ingest checks before anything runs)."""
+        if settings.method not in cls.methods:
+            raise InputError(f"{setting}.method: {settings.method} is not available for {cls.family} models ({', '.join(cls.methods)})")
+        if settings.trains_adapter and settings.lora.export_single_file and not cls.single_file_export:
             raise InputError(f"{setting}.lora.export_single_file: the kohya single-file layout is written for sd and sdxl models only")
+
+    @property
+    def embedding_encoders(self) -> tuple[tuple[str, str], ...]:
+        """(tokenizer, text encoder) pairs a learned token is added to: where the identifier lives."""
+        return tuple(zip(self.identifier_tokenizers, self.trainable_text_encoders))
+
+    def token_ids(self, tokenizer_name: str, prompts: list[str], max_length: Optional[int] = None) -> torch.Tensor:
+        """The prompts as the tokenizer's ids on the device; a learned token of several vectors, written
+        once in a prompt, is spelt out as diffusers' pipelines do (`<tok> <tok>_1 ...`)."""
+        tokenizer = getattr(self.pipeline, tokenizer_name)
+        convert = getattr(self.pipeline, "maybe_convert_prompt", None)
+        return tokenize(tokenizer, convert(prompts, tokenizer) if convert else prompts, max_length).to(self.device)
 
     def resolution(self) -> int:
         return native_resolution(self.pipeline)

@@ -13,7 +13,7 @@ import torch
 
 from dreambooth.errors import InputError
 from dreambooth.training.losses import LossTerms, draw_noise, prior_preservation_loss
-from dreambooth.training.recipes.base import Recipe, tokenize
+from dreambooth.training.recipes.base import Recipe
 
 
 def flow_matching_sample(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,11 +60,11 @@ class FluxRecipe(Recipe):
         self._t5: dict[tuple[str, ...], torch.Tensor] = {}
 
     def encode_prompts(self, modules, prompts):
-        pooled = self.module(modules, "text_encoder")(tokenize(self.pipeline.tokenizer, prompts).to(self.device)).pooler_output
+        pooled = self.module(modules, "text_encoder")(self.token_ids("tokenizer", prompts)).pooler_output
         key = tuple(prompts)
         if key not in self._t5:  # T5 never trains: its embeddings are computed once
             with torch.no_grad():
-                ids = tokenize(self.pipeline.tokenizer_2, prompts, self.pipeline.tokenizer_2.model_max_length).to(self.device)
+                ids = self.token_ids("tokenizer_2", prompts, self.pipeline.tokenizer_2.model_max_length)
                 self._t5[key] = self.pipeline.text_encoder_2(ids)[0]
         embeddings = self._t5[key]
         text_ids = torch.zeros(embeddings.shape[1], 3, device=self.device, dtype=embeddings.dtype)
@@ -79,7 +79,7 @@ class FluxRecipe(Recipe):
         steps = self.noise_scheduler.config.num_train_timesteps
         timesteps = self.noise_scheduler.timesteps[(drawn * steps).long().clamp(max=steps - 1)].to(self.device)
         noisy, target = flow_matching_sample(latents, noise.to(self.device), timesteps / steps)
-        transformer = modules[self.denoiser]
+        transformer = self.module(modules, self.denoiser)
         guidance = torch.full((size,), self.settings.guidance_scale, device=self.device)
         prediction = transformer(
             hidden_states=pack_latents(noisy),

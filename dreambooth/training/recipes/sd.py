@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from dreambooth.training.losses import DenoisingBatch, LossTerms, denoising_loss
-from dreambooth.training.recipes.base import Recipe, tokenize
+from dreambooth.training.recipes.base import Recipe
 
 
 class StableDiffusionRecipe(Recipe):
@@ -22,8 +22,7 @@ class StableDiffusionRecipe(Recipe):
         self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
 
     def encode_prompts(self, modules, prompts):
-        ids = tokenize(self.pipeline.tokenizer, prompts).to(self.device)
-        return {"embeddings": self.module(modules, "text_encoder")(ids)[0]}
+        return {"embeddings": self.module(modules, "text_encoder")(self.token_ids("tokenizer", prompts))[0]}
 
     def batch_condition(self, extras, conditioning: dict, generator) -> tuple[Optional[torch.Tensor], dict]:
         """What the denoiser gets beside the noisy latents and the text: (channels concatenated to its input, keywords)."""
@@ -35,4 +34,4 @@ class StableDiffusionRecipe(Recipe):
             latents, conditioning["embeddings"], num_instance, generator, self.noise_scheduler.config.num_train_timesteps,
             self.device, self.settings.noise_offset, condition=condition, denoiser_kwargs=denoiser_kwargs,
         )
-        return denoising_loss(modules[self.denoiser], self.noise_scheduler, batch, self.settings.prior_loss_weight, self.settings.snr_gamma)
+        return denoising_loss(self.module(modules, self.denoiser), self.noise_scheduler, batch, self.settings.prior_loss_weight, self.settings.snr_gamma)

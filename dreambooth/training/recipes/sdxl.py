@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from dreambooth.training.recipes.base import tokenize
 from dreambooth.training.recipes.sd import StableDiffusionRecipe
 
 
@@ -18,8 +17,7 @@ class StableDiffusionXLRecipe(StableDiffusionRecipe):
     def encode_prompts(self, modules, prompts):
         hidden, pooled = [], None
         for tokenizer_name, encoder_name in zip(("tokenizer", "tokenizer_2"), self.text_encoders):
-            ids = tokenize(getattr(self.pipeline, tokenizer_name), prompts).to(self.device)
-            output = self.module(modules, encoder_name)(ids, output_hidden_states=True)
+            output = self.module(modules, encoder_name)(self.token_ids(tokenizer_name, prompts), output_hidden_states=True)
             hidden.append(output.hidden_states[-2])  # the penultimate layer, as SDXL was trained
             pooled = output[0]  # the second encoder's projected pooled embedding
         # (original size, crop top-left, target size): views are resized and cropped to the training size.
