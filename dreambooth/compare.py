@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from dreambooth.errors import InputError
+from dreambooth.summary import steps_cell
 from dreambooth.tracking import (
     STAGE_COMPARE,
     STAGE_SUBJECT,
@@ -28,6 +29,7 @@ from dreambooth.tracking import (
     TAG_JOB_NAME,
     TAG_PARENT,
     TAG_RUN_NAME,
+    TAG_SELECTED_STEP,
     TAG_STAGE,
     TAG_SUBJECT,
     client,
@@ -56,7 +58,7 @@ class ComparedRun:
     batch: str  # the KFP job it ran in
     started: int
     metrics: dict[str, float]
-    steps: str
+    steps: str  # trained, or `400 of 1000` when evaluation.select kept an earlier step
     learning_rate: str
     method: str
     training_seconds: Optional[float]
@@ -77,7 +79,7 @@ def _compared(run) -> ComparedRun:
         batch=tags.get(TAG_JOB_NAME, ""),
         started=run.info.start_time,
         metrics={name: metrics[f"eval/{name}"] for name, _ in METRICS if f"eval/{name}" in metrics},
-        steps=params.get("training.max_steps", ""),
+        steps=steps_cell(params.get("training.max_steps", ""), tags.get(TAG_SELECTED_STEP)),
         learning_rate=params.get("training.learning_rate", ""),
         method=params.get("training.method", "full"),
         training_seconds=metrics.get("train_seconds"),

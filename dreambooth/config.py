@@ -333,6 +333,37 @@ class GateSettings(Section):
     max_pres: float = 0.75
 
 
+class SelectSettings(Section):
+    """Choosing the training step to keep before the subject takes over every prompt: the model is
+    scored quickly at the named steps (same prompts and seeds each time) and a rule picks one; the
+    full evaluation, the gate and the registry then use that step's model."""
+
+    # The steps scored (the last step always is); e.g. [200, 400, 600, 800] of 1000.
+    steps: list[int] = []
+    # Or every N steps (N, 2N, ... and the last).
+    every: Optional[int] = Field(default=None, ge=1)
+    # The quick evaluation: the first N DreamBench prompts of each category,
+    prompts_per_category: int = Field(default=2, ge=1)
+    images_per_prompt: int = Field(default=2, ge=2)  # images of each (DIV needs two),
+    pres_images: int = Field(default=4, ge=1)  # and class-prompt images for PRES.
+    # The rule: the best DINO among the steps whose CLIP-T is within this margin of the best CLIP-T,
+    clip_t_margin: float = Field(default=0.01, ge=0)
+    # and, when set, whose PRES is at most this (none: the lowest PRES among them).
+    max_pres: Optional[float] = Field(default=None, ge=0, le=1)
+
+    def scored_steps(self, max_steps: int) -> list[int]:
+        named = set(self.steps) | (set(range(self.every, max_steps, self.every)) if self.every else set())
+        return sorted({step for step in named if step < max_steps} | {max_steps})
+
+    @model_validator(mode="after")
+    def _some_steps(self) -> "SelectSettings":
+        if not self.steps and self.every is None:
+            raise ValueError("name the steps to score: steps: [200, 400, ...] or every: 200")
+        if any(step < 1 for step in self.steps):
+            raise ValueError("steps: training steps count from 1")
+        return self
+
+
 class EvaluationSettings(Section):
     """The DreamBench evaluation (DINO, CLIP-I, CLIP-T, PRES, DIV), its quality gate and the registry."""
 
@@ -357,6 +388,8 @@ class EvaluationSettings(Section):
     # Images per encoder batch.
     encoder_batch_size: int = Field(default=32, ge=1)
     num_processes: Optional[int] = Field(default=None, ge=1)  # generating processes; None: one per visible GPU
+    # Choose the training step to keep by quick scores along the way; None: the last step's model.
+    select: Optional[SelectSettings] = None
     # The quality gate before the registry.
     gate: GateSettings = GateSettings()
     # The registered model's name; {subject} is the subject's id.
@@ -535,6 +568,11 @@ class RunConfig(Section):
     def _consistent(self) -> "RunConfig":
         if self.training.lr_warmup_steps >= self.training.max_steps and self.training.lr_warmup_steps:
             raise ValueError("training.lr_warmup_steps must be smaller than training.max_steps")
+        select = self.evaluation.select
+        if select and any(step > self.training.max_steps for step in select.steps):
+            raise ValueError(f"evaluation.select.steps: past training.max_steps ({self.training.max_steps})")
+        if select and not self.evaluation.enabled:
+            raise ValueError("evaluation.select: scores checkpoints with the evaluation's encoders; evaluation.enabled is false")
         if self.cluster is not None:
             secret_envs = {secret.env for secret in self.cluster.secrets}
             for index, webhook in enumerate(self.tracking.notify):

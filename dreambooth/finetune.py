@@ -17,11 +17,12 @@ from typing import Optional
 import torch
 
 from dreambooth.config import RunConfig, SamplerSettings
-from dreambooth.models import load_pipeline, model_family
+from dreambooth.errors import InputError
+from dreambooth.models import METADATA_FILE, load_pipeline, model_family
 from dreambooth.training.driver import subject_training
-from dreambooth.training.loop import OnLog, OnStep
+from dreambooth.training.loop import OnLog, OnStep, process_state
 from dreambooth.training.recipes import recipe_class
-from dreambooth.training.saving import FinetuneResult
+from dreambooth.training.saving import FinetuneResult, keep_step, release_checkpoints, snapshot_folder
 
 
 def finetune(
@@ -37,8 +38,12 @@ def finetune(
     """Fine-tune config.model.base on the subject; write a full diffusers pipeline (or what loads on
     the base: an adapter, an embedding, with its base-model reference) to output_dir. `release`: see train_and_save;
     `tracking_run`: the run training, named in checkpoints."""
+    select = config.evaluation.select
+    snapshot_steps = select.scored_steps(config.training.max_steps) if select else []
     subject = subject_training(instance_dir, class_dir, identifier, config, config.training, config.priors.enabled, "priors.enabled",
-                               [config.model.model_dump(), config.training.model_dump()])
+                               # a run that keeps steps aside never resumes one that did not
+                               [config.model.model_dump(), config.training.model_dump(), *([snapshot_steps] if select else [])],
+                               snapshot_steps)
     settings = subject.settings
     validation_dir = Path(config.storage.work_dir) / "validation" / subject.fingerprint
 
@@ -72,11 +77,31 @@ def finetune(
             "steps": settings.max_steps,
         }
 
-    saved = subject.train(make_recipe, output_dir, describe, on_log, draw_validation if settings.validation_every else None, release,
-                          owner=tracking_run)
+    # With a selection to make, the checkpoint folder (which holds the steps' models) outlives training.
+    saved = subject.train(make_recipe, output_dir, describe, on_log, draw_validation if settings.validation_every else None,
+                          release and not select, owner=tracking_run)
+    if select and process_state().is_main_process:
+        if not saved.selection:
+            saved = _keep_selected_step(saved, subject, instance_dir, config)
+        if release:
+            release_checkpoints(saved, settings.keep_checkpoints)
     # Steps of a killed attempt drew theirs before it was killed: the folder holds the whole curve.
     drawn = sorted(validation_dir.glob("step-*.png")) if settings.validation_every else []
     return replace(saved, validation_images=_steps_and_paths(drawn))
+
+
+def _keep_selected_step(saved: FinetuneResult, subject, instance_dir: Path, config: RunConfig) -> FinetuneResult:
+    """Score the model of each step evaluation.select names and keep the one its rule picks."""
+    from dreambooth.evaluation.select import score_checkpoints, selection_record
+
+    select = config.evaluation.select
+    snapshots = {step: snapshot_folder(subject.checkpoints, step) for step in select.scored_steps(config.training.max_steps)}
+    missing = [step for step, folder in snapshots.items() if not (folder / METADATA_FILE).is_file()]
+    if missing:  # e.g. training.keep_checkpoints false and an earlier attempt's folder released
+        raise InputError(f"{subject.checkpoints}: the models of steps {missing} are gone; delete the folder to train again")
+    scores = score_checkpoints(snapshots, instance_dir, config, subject.checkpoints / "selection")
+    selection = selection_record(scores, select)
+    return keep_step(saved, snapshots[selection["step"]], selection)
 
 
 def _steps_and_paths(drawn: list[Path]) -> list:

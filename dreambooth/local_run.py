@@ -23,7 +23,7 @@ from dreambooth.run_console import RunConsole, planned_rows
 from dreambooth.stages import BATCH_FAILURES, EVALUATE, SAMPLES, SUPER_RESOLUTION
 from dreambooth.storage import is_gcs, upload_folder
 from dreambooth.subjects import SubjectEntry
-from dreambooth.summary import UP_TO_DATE, SubjectRow, collect_rows, headline
+from dreambooth.summary import UP_TO_DATE, SubjectRow, collect_rows, headline, steps_cell
 from dreambooth.tracking import FAILED, SPOOL_FOLDER, TAG_ERROR, experiment_id, find_batch_run, resolve_tracking_uri
 from dreambooth.tracking.spool import sync_spooled
 
@@ -152,6 +152,8 @@ def _print_subject(row: SubjectRow, publish_to: Optional[str]) -> None:
     if row.subject_loss_change is not None and row.status != UP_TO_DATE:
         drift = "" if row.class_loss_change is None else f", class images {100 * row.class_loss_change:+.1f}%"
         print(f"  learned:      denoising loss vs the base model: subject photos {100 * row.subject_loss_change:+.1f}%{drift}")
+    if row.selected_step is not None and row.status != UP_TO_DATE:
+        print(f"  checkpoint:   step {steps_cell(row.steps, row.selected_step)}, chosen by evaluation.select (reason on the run)")
     if row.gate:
         gate = f"passed, registered as {row.registered}" if row.gate == "passed" else f"rejected ({row.reason.removeprefix('gate: ')})"
         print(f"  quality gate: {gate}")

@@ -25,6 +25,7 @@ from dreambooth.tracking import (
     TAG_MODEL_LOCATION,
     TAG_REGISTERED,
     TAG_REGISTERED_VERSION,
+    TAG_SELECTED_STEP,
     TAG_SUBJECT,
     TAG_SUBJECT_STATUS,
     client,
@@ -49,6 +50,7 @@ class SubjectRow:
     status: str  # trained, failed or up to date
     reason: str  # why it failed (stage: message), or why the gate rejected it
     steps: Optional[int]
+    selected_step: Optional[int]  # evaluation.select: the step whose model was kept
     training_seconds: Optional[float]
     dino: Optional[float]
     clip_i: Optional[float]
@@ -78,6 +80,7 @@ def row_from_run(run, status: str) -> SubjectRow:
         status=status,
         reason=reason,
         steps=int(steps) if steps is not None else None,
+        selected_step=int(tags[TAG_SELECTED_STEP]) if TAG_SELECTED_STEP in tags else None,
         training_seconds=metrics.get("train_seconds"),
         **{name: metrics.get(key) for name, key in METRICS.items()},
         gate=tags.get(TAG_GATE, ""),
@@ -113,7 +116,7 @@ def as_table(rows: list[SubjectRow]) -> dict[str, list]:
     columns: dict[str, list] = {name: [] for name in asdict(rows[0])} if rows else {}
     for row in rows:
         for name, value in asdict(row).items():
-            columns[name].append(float("nan") if value is None and name in (*METRICS, "steps", "training_seconds") else value)
+            columns[name].append(float("nan") if value is None and name in (*METRICS, "steps", "selected_step", "training_seconds") else value)
     return columns
 
 
@@ -133,6 +136,13 @@ def headline(rows: list[SubjectRow]) -> str:
     return f"{len(rows)} subjects: {tally['trained']} trained, {tally[UP_TO_DATE]} up to date, {tally[FAILED]} failed"
 
 
+def steps_cell(steps, selected_step) -> str:
+    """Steps trained, and the one kept when evaluation.select chose an earlier one: `400 of 1000`."""
+    if selected_step is None or str(selected_step) == str(steps):
+        return str(steps or "")
+    return f"{selected_step} of {steps}"
+
+
 def _percent(change: Optional[float]) -> str:
     return "" if change is None or math.isnan(change) else f"{100 * change:+.1f}%"
 
@@ -145,7 +155,7 @@ def as_markdown(rows: list[SubjectRow], title: str) -> str:
     ]
     for row in rows:
         lines.append(
-            f"| {row.subject} | {row.class_noun} | **{row.status}** | {row.steps or ''} | {_number(row.training_seconds, 0)} | "
+            f"| {row.subject} | {row.class_noun} | **{row.status}** | {steps_cell(row.steps, row.selected_step)} | {_number(row.training_seconds, 0)} | "
             f"{_number(row.dino)} | {_number(row.clip_i)} | {_number(row.clip_t)} | {_number(row.pres)} | {_number(row.div)} | "
             f"{_percent(row.subject_loss_change)} | {_percent(row.class_loss_change)} | "
             f"{row.registered_version and 'v' + row.registered_version} | {row.reason.replace('|', '/')} |"
@@ -176,6 +186,7 @@ def as_html(rows: list[SubjectRow], title: str, grids: dict[str, bytes]) -> str:
     body = []
     for row in rows:
         values = asdict(row)
+        values["steps"] = steps_cell(row.steps, row.selected_step)
         rendered = [_number(values[name]) if name in METRICS else html.escape(str(values[name] or "")) for name in cells]
         body.append("<tr>" + "".join(f"<td>{value}</td>" for value in rendered) + "</tr>")
     sections = [

@@ -113,9 +113,9 @@ def stage_states(stdout: str) -> dict[tuple[str, str], list[str]]:
     return states
 
 
-def quick_config(folder: Path, experiment="dreambooth", gate=None, superres=True, base="tiny", **training) -> str:
+def quick_config(folder: Path, experiment="dreambooth", gate=None, superres=True, base="tiny", select=None, **training) -> str:
     """The tiny config (or `base`, a tiny config extending it), shrunk further so a whole pipeline run
-    takes well under a minute per subject."""
+    takes well under a minute per subject; `select`: evaluation.select."""
     import yaml
 
     from dreambooth.config import CONFIG_DIR, merge_settings
@@ -133,7 +133,7 @@ def quick_config(folder: Path, experiment="dreambooth", gate=None, superres=True
     raw["training"].update({"max_steps": 8, "checkpoint_every": 4, **training})
     raw["tracking"] = {"experiment": experiment}
     raw["superres"].update({"enabled": superres, "training": {"max_steps": 6, "learning_rate": 1.0e-4, "checkpoint_every": 3}})
-    raw["evaluation"].update({"max_prompts_per_category": 1, "gate": gate or raw["evaluation"]["gate"]})
+    raw["evaluation"].update({"max_prompts_per_category": 1, "gate": gate or raw["evaluation"]["gate"], "select": select})
     raw["samples"].update({"images_per_prompt": 1, "prompts": ["a {identifier} {class_noun} on the beach", "a {identifier} {class_noun} in the snow"]})
     path.write_text(yaml.safe_dump(raw))
     return str(path)

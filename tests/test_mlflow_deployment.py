@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import SAMPLE_SUBJECT, _free_port, cli, quick_config, stage_states, with_notify
-from dreambooth.tracking import TAG_GATE, TAG_PARENT, TAG_STAGE
+from dreambooth.tracking import TAG_GATE, TAG_PARENT, TAG_SELECTED_STEP, TAG_SELECTION_REASON, TAG_STAGE
 from pipeline_checks import SUBJECT_STAGES, SUPERRES_STAGES, check_kfp_pages, check_tracked_subject, subject_blocks
 
 # The manifest's MLflow listens on its fixed port: its tests share one pytest-xdist worker.
@@ -88,7 +88,9 @@ def test_a_pipeline_run_tracks_to_the_deployed_mlflow_by_its_cluster_name_and_it
     tracking_uri = f"http://mlflow.{namespace}.svc.cluster.local:5000"
     hooks, received = webhooks
     dead = f"http://127.0.0.1:{_free_port()}/hook"  # nothing listens there
-    config = with_notify(quick_config(tmp_path, experiment="deployed"), {"url": f"{hooks}/generic"},
+    # evaluation.select scores the model of steps 4 and 8; a CLIP-T margin of 0 keeps the better CLIP-T.
+    select = {"every": 4, "prompts_per_category": 1, "images_per_prompt": 2, "pres_images": 2, "clip_t_margin": 0.0}
+    config = with_notify(quick_config(tmp_path, experiment="deployed", select=select), {"url": f"{hooks}/generic"},
                          {"url": f"{hooks}/slack", "format": "slack"}, {"url": dead})
     local = urlsplit(address)
     ClusterDns.routes = {urlsplit(tracking_uri).netloc: (local.hostname, local.port)}
@@ -147,6 +149,13 @@ def test_a_pipeline_run_tracks_to_the_deployed_mlflow_by_its_cluster_name_and_it
     assert subject.data.tags[TAG_GATE] == "passed"
     children = client.search_runs([subject.info.experiment_id], f"tags.`{TAG_PARENT}` = '{subject.info.run_id}'")
     upscaling = next(run for run in children if run.data.tags[TAG_STAGE] == "super-resolution")
+    fine_tune = next(run for run in children if run.data.tags[TAG_STAGE] == "fine-tune")
+    clip_t = {point.step: point.value for point in client.get_metric_history(fine_tune.info.run_id, "select/clip_t")}
+    assert sorted(clip_t) == [4, 8] and len(client.get_metric_history(fine_tune.info.run_id, "select/dino")) == 2
+    chosen = int(subject.data.tags[TAG_SELECTED_STEP])
+    assert chosen == max(clip_t, key=clip_t.get) and subject.data.metrics["selected_step"] == chosen
+    assert subject.data.tags[TAG_SELECTION_REASON].startswith(f"step {chosen}: the best DINO")
+    assert printed["checkpoint"].startswith(f"step {chosen if chosen == 8 else f'{chosen} of 8'}, chosen by evaluation.select")
     assert [m.step for m in client.get_metric_history(upscaling.info.run_id, "loss")] == list(range(1, 7))
     assert "superres-comparison.png" in {a.path for a in client.list_artifacts(subject.info.run_id)}
     for label in ("generic", "personalised"):
@@ -176,5 +185,7 @@ def test_a_pipeline_run_tracks_to_the_deployed_mlflow_by_its_cluster_name_and_it
 
     mlflow.set_tracking_uri(address)
     registered = mlflow.pyfunc.load_model("models:/dreambooth-dog@candidate")
+    kept = mlflow.artifacts.download_artifacts("models:/dreambooth-dog@candidate", dst_path=str(tmp_path / "registered"))
+    assert json.loads(next(Path(kept).rglob("dreambooth.json")).read_text())["step"] == chosen  # the selected step's model
     generated = registered.predict(pd.DataFrame({"prompt": ["a dog on the beach"], "num_inference_steps": [2]}))
     assert Image.open(io.BytesIO(generated["image_png"][0])).size == (64, 64)

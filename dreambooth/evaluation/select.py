@@ -1,15 +1,20 @@
-"""Choosing the checkpoint before it overfits (issue 20's `evaluation.select`, the rule alone).
+"""Choosing the checkpoint before it overfits (`evaluation.select`).
 
 Subject fidelity (DINO) keeps rising with training while prompt fidelity (CLIP-T) and prior
-preservation (PRES) get worse. Given the quick scores of each checkpoint, the rule keeps the
-checkpoints whose CLIP-T is within a margin of the best one (and whose PRES is under a bound, when
-one is set) and picks the best DINO among them; a tie goes to the earlier step, the less trained.
+preservation (PRES) get worse. The fine-tune keeps the model of each named step aside; each is
+scored by a quick evaluation (the first prompts of each category, few images, the same seeds for
+every step). The rule keeps the checkpoints whose CLIP-T is within a margin of the best one (and
+whose PRES is under a bound, when one is set) and picks the best DINO among them; a tie goes to the
+earlier step, the less trained.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional
+
+from dreambooth.config import RunConfig, SelectSettings
 
 
 @dataclass(frozen=True)
@@ -48,3 +53,31 @@ def choose_checkpoint(scores: list[CheckpointScore], clip_t_margin: float, max_p
     others = len(prompt_faithful) - 1
     return Selection(chosen.step, f"step {chosen.step}: the best DINO ({chosen.dino:.3f}) of {others + 1} checkpoint"
                                   f"{'s' if others else ''} with {rule}")
+
+
+def quick_protocol(config: RunConfig) -> RunConfig:
+    """The run's evaluation settings cut down to evaluation.select's sizes."""
+    select = config.evaluation.select
+    quick = config.evaluation.model_copy(update={
+        "max_prompts_per_category": select.prompts_per_category, "images_per_prompt": select.images_per_prompt,
+        "pres_images": select.pres_images, "num_processes": 1,
+    })
+    return config.model_copy(update={"evaluation": quick})
+
+
+def score_checkpoints(snapshots: dict[int, Path], subject_dir: Path, config: RunConfig, scratch: Path) -> list[CheckpointScore]:
+    """Each step's model (step -> result folder) by the quick protocol."""
+    from dreambooth.evaluation.evaluate import evaluate_model
+
+    quick = quick_protocol(config)
+    scores = []
+    for step, folder in sorted(snapshots.items()):
+        overall = evaluate_model(str(folder), subject_dir, quick, scratch / f"step-{step:06d}").overall
+        scores.append(CheckpointScore(step, overall["dino"], overall["clip_i"], overall["clip_t"], overall["pres"]))
+    return scores
+
+
+def selection_record(scores: list[CheckpointScore], select: SelectSettings) -> dict:
+    """The rule's choice with every step's scores: what the fine-tune records and the run shows."""
+    chosen = choose_checkpoint(scores, select.clip_t_margin, select.max_pres)
+    return {"step": chosen.step, "reason": chosen.reason, "scores": [asdict(score) for score in scores]}

@@ -58,6 +58,8 @@ from dreambooth.tracking import (
     TAG_REGISTERED,
     TAG_REGISTERED_VERSION,
     TAG_RUN_NAME,
+    TAG_SELECTED_STEP,
+    TAG_SELECTION_REASON,
     TAG_SUBJECT,
     TAG_SUBJECT_STATUS,
     TAG_SUPERRES_INFERENCE_NOISE_LEVEL,
@@ -215,6 +217,8 @@ def fine_tune_task(config: RunConfig, run: StageRun, subject_dir: str, class_ima
     }
     run.log_metrics(summary, on_parent=True)
     run.log_dict(asdict(result), "finetune_result.json")
+    if result.selection:
+        _record_selection(run, result.selection)
     for step, path in result.validation_images:  # the MLflow UI's image slider shows the subject appearing
         with Image.open(path) as image:
             run.client.log_image(run.run_id, image, key="validation", step=step)
@@ -222,6 +226,15 @@ def fine_tune_task(config: RunConfig, run: StageRun, subject_dir: str, class_ima
     run.set_tags({TAG_MODEL_URI: model_uri, TAG_MODEL_LOCATION: model_location or output_dir}, on_parent=True)
     release_checkpoints(result, config.training.keep_checkpoints)
     return output_dir
+
+
+def _record_selection(run: StageRun, selection: dict) -> None:
+    """evaluation.select: each scored step's quick figures as curves, and the step kept and why on the subject's run."""
+    for score in selection["scores"]:
+        run.log_step_metrics(score["step"], {f"select/{name}": score[name] for name in ("dino", "clip_i", "clip_t", "pres")})
+    run.flush()
+    run.log_metrics({"selected_step": selection["step"]}, on_parent=True)
+    run.set_tags({TAG_SELECTED_STEP: str(selection["step"]), TAG_SELECTION_REASON: selection["reason"]}, on_parent=True)
 
 
 @subject_stage(SAMPLES)

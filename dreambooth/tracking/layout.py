@@ -47,6 +47,8 @@ TAG_RESUMED_FROM = "dreambooth.resumed_from"  # "<run id> at step N": the run wh
 TAG_PHOTOS = "dreambooth.photos"  # the subject's photos as an MLflow dataset (JSON), logged as each stage's input
 # Set by single stages: what they chose and why.
 TAG_IDENTIFIER_REASON = "dreambooth.identifier_reason"
+TAG_SELECTED_STEP = "dreambooth.selected_step"  # evaluation.select: the training step whose model was kept
+TAG_SELECTION_REASON = "dreambooth.selection_reason"
 TAG_EVALUATION = "dreambooth.evaluation"  # "disabled" when evaluation.enabled is false
 TAG_SUPERRES_NOISE_LEVELS = "dreambooth.superres_noise_levels"
 TAG_SUPERRES_INFERENCE_NOISE_LEVEL = "dreambooth.superres_inference_noise_level"

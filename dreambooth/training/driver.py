@@ -25,7 +25,9 @@ from dreambooth.training.lora import add_lora_adapters, freeze
 from dreambooth.training.loop import OnLog, OnStep, TrainingResult, process_state, split_batch, train
 from dreambooth.training.losses import LossTerms
 from dreambooth.training.recipes import Recipe
-from dreambooth.training.saving import FinetuneResult, claim_checkpoints, release_checkpoints, save_trained_pipeline, saved_result
+from dreambooth.training.saving import (
+    FinetuneResult, claim_checkpoints, release_checkpoints, save_trained_pipeline, saved_result, write_snapshot,
+)
 
 
 @dataclass
@@ -40,10 +42,13 @@ class FinetuneJob:
     owner: str = ""  # the tracking run training (written into checkpoints)
     identifier: str = ""  # [V]: the new token, for the methods that learn its embedding
     initializer: str = ""  # the word(s) a learned embedding starts from
+    snapshot_steps: tuple[int, ...] = ()  # steps whose model is kept aside (evaluation.select)
 
 
-def run_finetune(job: FinetuneJob, on_log: Optional[OnLog] = None, on_step: Optional[OnStep] = None) -> TrainingResult:
-    """Train job.recipe's denoiser (and text encoders, when set) on the subject, resuming from job.checkpoints."""
+def run_finetune(job: FinetuneJob, on_log: Optional[OnLog] = None, on_step: Optional[OnStep] = None,
+                 metadata: Optional[dict] = None) -> TrainingResult:
+    """Train job.recipe's denoiser (and text encoders, when set) on the subject, resuming from job.checkpoints;
+    the model at each of job.snapshot_steps is written aside as a result folder with `metadata`."""
     recipe, settings = job.recipe, job.recipe.settings
     pipeline = recipe.pipeline
     pipeline.vae.requires_grad_(False)
@@ -101,7 +106,18 @@ def run_finetune(job: FinetuneJob, on_log: Optional[OnLog] = None, on_step: Opti
     modules = {**({recipe.denoiser: denoiser} if trains_denoiser else {}), **{name: getattr(pipeline, name) for name in training_encoders}}
     text_rate = settings.textual_inversion.learning_rate if learned else settings.text_encoder_learning_rate or settings.learning_rate
     learning_rates = {name: settings.learning_rate if name == recipe.denoiser else text_rate for name in modules}
-    result = train(modules, learning_rates, compute_loss, settings, job.checkpoints, on_log, job.description, on_step, job.owner)
+    # The modules that carry adapters: with pivotal tuning the text encoders only learn the token.
+    adapters = {name: module for name, module in modules.items() if name == recipe.denoiser or not learned} if settings.trains_adapter else {}
+
+    def after_step(step: int) -> None:
+        if step in job.snapshot_steps:
+            write_snapshot(pipeline, job.checkpoints, step, metadata or {}, adapters, learned.tensors() if learned else {})
+        if on_step:
+            on_step(step)
+
+    result = train(modules, learning_rates, compute_loss, settings, job.checkpoints, on_log, job.description,
+                   after_step if job.snapshot_steps or on_step else None, job.owner)
+    result.adapters = {name: result.modules[name] for name in adapters}
     if learned:
         result.embedding = learned.finish(pipeline)
     return result
@@ -114,15 +130,12 @@ def train_and_save(
     """Train, put the trained modules into the pipeline and save it. `release=False` keeps the
     checkpoint folder's marker until the caller has recorded the model (see saving.py)."""
     settings = job.recipe.settings
-    result = run_finetune(job, on_log, on_step)
+    result = run_finetune(job, on_log, on_step, metadata)
     for name, module in result.modules.items():
         setattr(job.recipe.pipeline, name, module)
     images_per_step = settings.batch_size * settings.gradient_accumulation_steps * (2 if job.class_images else 1)
-    # The modules that carry adapters: with pivotal tuning the text encoders only learned the token.
-    adapters = {name: module for name, module in result.modules.items() if name == job.recipe.denoiser or not settings.learns_embedding}
     saved = save_trained_pipeline(
         job.recipe.pipeline, result, output_dir, metadata, job.checkpoints, settings.keep_checkpoints, images_per_step,
-        adapters if settings.trains_adapter else {},
     )
     if release and process_state().is_main_process:
         release_checkpoints(saved, settings.keep_checkpoints)
@@ -144,6 +157,7 @@ class SubjectTraining:
     checkpoints: Path
     identifier: str = ""
     initializer: str = ""  # what a learned embedding starts from: the class noun
+    snapshot_steps: tuple[int, ...] = ()  # steps whose model is kept aside (evaluation.select)
 
     def train(
         self, make_recipe: Callable[[TrainingSettings, torch.device], Recipe], output_dir: Path, describe: Callable[[Recipe], dict],
@@ -159,16 +173,17 @@ class SubjectTraining:
                 return reused
             recipe = make_recipe(self.settings, process_state().device)
             job = FinetuneJob(recipe, self.instance_images, self.class_images, self.instance_prompt, self.class_prompt,
-                              self.checkpoints, description, owner, self.identifier, self.initializer)
+                              self.checkpoints, description, owner, self.identifier, self.initializer, self.snapshot_steps)
             return train_and_save(job, output_dir, describe(recipe), on_log, on_step(recipe) if on_step else None, release)
 
 
 def subject_training(
     instance_dir: Path, class_dir: Optional[Path], identifier: str, config: RunConfig, training: TrainingSettings,
-    prior_preservation: bool, prior_setting: str, fingerprint_settings: list,
+    prior_preservation: bool, prior_setting: str, fingerprint_settings: list, snapshot_steps: list[int] = (),
 ) -> SubjectTraining:
     """The subject's photos and class images, checked; `prior_setting` names the setting that asked
-    for prior preservation, in the refusal when there are no class images."""
+    for prior preservation, in the refusal when there are no class images; the model of each of
+    `snapshot_steps` is kept aside (evaluation.select)."""
     settings = split_batch(training, process_state().num_processes)
     instance_images = list_images(instance_dir)
     if not instance_images:
@@ -180,4 +195,5 @@ def subject_training(
     subject = config.subject
     fingerprint = training_fingerprint([*fingerprint_settings, subject.class_noun, identifier], instance_images, class_images)
     return SubjectTraining(settings, instance_images, class_images, subject.instance_prompt(identifier), subject.class_prompt(),
-                           fingerprint, Path(config.storage.work_dir) / "checkpoints" / fingerprint, identifier, subject.class_noun)
+                           fingerprint, Path(config.storage.work_dir) / "checkpoints" / fingerprint, identifier, subject.class_noun,
+                           tuple(snapshot_steps))

@@ -67,18 +67,22 @@ class LearnedToken:
             encoder.set_input_embeddings(rows[encoder_name])
         return cls(token, rows)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The embedding file's tensors as the rows are now: {token: rows} for one encoder (SD),
+        {clip_l, clip_g} for SDXL."""
+        trained = {name: rows.rows.detach().float().cpu().contiguous() for name, rows in self.rows.items()}
+        if len(trained) == 1:
+            return {self.token: next(iter(trained.values()))}
+        return {WEB_UI_EMBEDDING_KEYS[name]: tensor for name, tensor in trained.items()}
+
     def finish(self, pipeline) -> dict[str, torch.Tensor]:
-        """Write the trained rows into each encoder's table, put the plain table back, and return the
-        embedding file's tensors: {token: rows} for one encoder (SD), {clip_l, clip_g} for SDXL."""
-        trained = {}
+        """Write the trained rows into each encoder's table and put the plain table back; returns `tensors()`."""
+        trained = self.tensors()
         for encoder_name, rows in self.rows.items():
             with torch.no_grad():
                 rows.table.weight[rows.first : rows.first + len(rows.rows)] = rows.rows.to(rows.table.weight.dtype)
             getattr(pipeline, encoder_name).set_input_embeddings(rows.table)
-            trained[encoder_name] = rows.rows.detach().float().cpu().contiguous()
-        if len(trained) == 1:
-            return {self.token: next(iter(trained.values()))}
-        return {WEB_UI_EMBEDDING_KEYS[name]: tensor for name, tensor in trained.items()}
+        return trained
 
 
 def save_learned_token(tensors: dict[str, torch.Tensor], output_dir: Path) -> None:

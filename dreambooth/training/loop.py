@@ -56,6 +56,7 @@ class TrainingResult:
     final_loss: dict[str, float] = field(default_factory=dict)
     processes: int = 1
     embedding: dict = field(default_factory=dict)  # a learned token's embedding file's tensors (textual_inversion, pivotal)
+    adapters: dict = field(default_factory=dict)  # the trained modules that carry LoRA adapters, by name
 
 
 def process_state():

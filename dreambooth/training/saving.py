@@ -23,6 +23,7 @@ from dreambooth.training.loop import list_checkpoints, process_state
 log = logging.getLogger(__name__)
 
 TRAINED_MARKER = "trained.json"
+SNAPSHOTS = "snapshots"  # the model at each step evaluation.select scores
 
 
 @dataclass(frozen=True)
@@ -38,15 +39,15 @@ class FinetuneResult:
     validation_images: list = field(default_factory=list)  # [step, image path] pairs, oldest first
     checkpoints: str = ""  # the run's checkpoint folder, released once the model is recorded
     resumed_from_run: str = ""  # the tracking run that wrote the checkpoint this training resumed
+    selection: dict = field(default_factory=dict)  # evaluation.select: the step kept, why, and every step's scores
 
 
 def save_trained_pipeline(
     pipeline, result, output_dir: Path, metadata: dict, checkpoints: Path, keep_checkpoints: bool, images_per_step: int,
-    adapters: Optional[dict] = None,
 ) -> FinetuneResult:
     """On the main process: the whole pipeline folder (safetensors), or what loads on the base alone:
-    the LoRA `adapters` (modules by name) and the learned token's embedding (result.embedding);
-    with its metadata. Then the training states give way to the marker naming the model."""
+    the LoRA adapters (result.adapters) and the learned token's embedding (result.embedding); with
+    its metadata. Then the training states give way to the marker naming the model."""
     saved = FinetuneResult(
         model_dir=str(output_dir),
         steps=result.steps_completed,
@@ -61,20 +62,44 @@ def save_trained_pipeline(
     )
     if process_state().is_main_process:
         pipeline.to("cpu")
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if adapters:
-            save_lora_adapter(pipeline, adapters, output_dir, metadata.get("single_file", False))
-        if result.embedding:
-            save_learned_token(result.embedding, output_dir)
-        if not adapters and not result.embedding:
-            pipeline.save_pretrained(output_dir, safe_serialization=True)
-        (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+        write_result(pipeline, output_dir, metadata, result.adapters, result.embedding)
         checkpoints.mkdir(parents=True, exist_ok=True)
         (checkpoints / TRAINED_MARKER).write_text(json.dumps(asdict(saved)))
         if not keep_checkpoints:
             for state in list_checkpoints(checkpoints):
                 shutil.rmtree(state, ignore_errors=True)
     return saved
+
+
+def write_result(pipeline, output_dir: Path, metadata: dict, adapters: dict, embedding: dict) -> None:
+    """A result folder: the whole pipeline, or the LoRA `adapters` and/or the learned token's
+    `embedding` that load on the base; its metadata last (a folder without it is incomplete)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if adapters:
+        save_lora_adapter(pipeline, adapters, output_dir, metadata.get("single_file", False))
+    if embedding:
+        save_learned_token(embedding, output_dir)
+    if not adapters and not embedding:
+        pipeline.save_pretrained(output_dir, safe_serialization=True)
+    (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+
+
+def snapshot_folder(checkpoints: Path, step: int) -> Path:
+    """Where the model as it was at `step` is kept for evaluation.select (beside the checkpoints, released with them)."""
+    return checkpoints / SNAPSHOTS / f"step-{step:06d}"
+
+
+def write_snapshot(pipeline, checkpoints: Path, step: int, metadata: dict, adapters: dict, embedding: dict) -> None:
+    """The model being trained, as a result folder of its own; written aside and renamed, so a kill
+    leaves either a whole snapshot or none. One already there (a resumed run) is kept."""
+    target = snapshot_folder(checkpoints, step)
+    if (target / METADATA_FILE).is_file():
+        return
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    write_result(pipeline, partial, {**metadata, "step": step}, adapters, embedding)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
 
 
 @contextmanager
@@ -114,6 +139,19 @@ def saved_result(checkpoints: Path, output_dir: Path) -> Optional[FinetuneResult
         shutil.copytree(source, output_dir, dirs_exist_ok=True)
     log.warning("reusing the model an earlier attempt trained and saved (%s): nothing to train", source)
     return replace(saved, model_dir=str(output_dir), resumed_from_step=saved.steps)
+
+
+def keep_step(result: FinetuneResult, step_model: Path, selection: dict) -> FinetuneResult:
+    """The model of the selected step becomes the result (its folder replaces the last step's);
+    the marker records the selection, so a retry reuses it instead of choosing again."""
+    chosen = replace(result, selection=selection)
+    if process_state().is_main_process:
+        output_dir = Path(result.model_dir)
+        shutil.rmtree(output_dir)
+        shutil.copytree(step_model, output_dir)
+        if result.checkpoints:
+            (Path(result.checkpoints) / TRAINED_MARKER).write_text(json.dumps(asdict(chosen)))
+    return chosen
 
 
 def release_checkpoints(result: FinetuneResult, keep_checkpoints: bool) -> None:

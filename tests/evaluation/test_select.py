@@ -37,3 +37,33 @@ def test_a_tie_goes_to_the_earlier_step():
 def test_nothing_to_choose_from_is_an_error():
     with pytest.raises(ValueError, match="no scored checkpoints"):
         choose_checkpoint([], clip_t_margin=0.01)
+
+
+def test_a_fine_tune_with_select_keeps_the_model_of_the_step_the_rule_picks(make_config, subject_dir, tmp_path):
+    import json
+    from pathlib import Path
+
+    from dreambooth.finetune import finetune
+    from dreambooth.ingest import ingest_subject
+    from dreambooth.models import LORA_WEIGHTS, METADATA_FILE
+    from dreambooth.training.saving import snapshot_folder
+
+    select = {"every": 2, "prompts_per_category": 1, "images_per_prompt": 2, "pres_images": 2, "clip_t_margin": 0.0}
+    config = make_config(priors={"enabled": False}, evaluation={"select": select},
+                         training={"method": "lora", "max_steps": 5, "learning_rate": 5e-2, "checkpoint_every": 100, "keep_checkpoints": True})
+    identifier = ingest_subject(subject_dir, tmp_path / "subject", config).identifier.identifier
+    result = finetune(tmp_path / "subject", None, identifier, config, tmp_path / "model")
+
+    scores = [CheckpointScore(**score) for score in result.selection["scores"]]
+    assert [score.step for score in scores] == [2, 4, 5]  # every 2 steps, and the last
+    assert len({score.dino for score in scores}) == 3  # three different models were scored
+    chosen = result.selection["step"]
+    assert chosen == max(scores, key=lambda score: score.clip_t).step  # a margin of 0 leaves the best CLIP-T
+    assert result.selection["reason"].startswith(f"step {chosen}: the best DINO")
+    assert chosen < 5, "these seeds should make an earlier step the choice, so the kept model is not the last one"
+    # The result is that step's model, not the last step's.
+    kept = snapshot_folder(Path(result.checkpoints), chosen)  # kept with training.keep_checkpoints
+    assert (tmp_path / "model" / LORA_WEIGHTS).read_bytes() == (kept / LORA_WEIGHTS).read_bytes()
+    assert json.loads((tmp_path / "model" / METADATA_FILE).read_text())["step"] == chosen
+    others = [snapshot_folder(Path(result.checkpoints), score.step) for score in scores if score.step != chosen]
+    assert all((other / LORA_WEIGHTS).read_bytes() != (kept / LORA_WEIGHTS).read_bytes() for other in others)
