@@ -331,6 +331,13 @@ class GateSettings(Section):
     min_clip_t: float = 0.25
     # PRES is lower-is-better: above this, the class has collapsed onto the subject.
     max_pres: float = 0.75
+    # thresholds: the three figures above decide. champion: the candidate must also be no worse than
+    # the subject's champion (its registered model's `champion` alias) scored on the same protocol.
+    against: Literal["thresholds", "champion"] = "thresholds"
+    # With against: champion, how far below the champion's DINO a candidate may be,
+    dino_margin: float = Field(default=0.0, ge=0)
+    clip_t_margin: float = Field(default=0.0, ge=0)  # below its CLIP-T,
+    pres_margin: float = Field(default=0.0, ge=0)  # and above its PRES.
 
 
 class SelectSettings(Section):

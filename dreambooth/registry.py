@@ -23,6 +23,7 @@ from dreambooth.errors import InputError
 from dreambooth.tracking import TAG_PROMOTED, TAG_REVIEW_NOTE, client
 
 CANDIDATE_ALIAS = "candidate"
+CHAMPION_ALIAS = "champion"  # the version a reviewer promoted; evaluation.gate.against champion compares with it
 PIPELINE_ARTIFACT = "pipeline"
 PACKAGE_DIR = Path(__file__).resolve().parent
 # What loading and sampling a pipeline imports (pandas comes with mlflow itself).
@@ -107,6 +108,23 @@ def log_pipeline_model(tracking_uri: str, run_id: str, model_dir: Path) -> str:
             pip_requirements=runtime_requirements(),  # listed, not inferred: inference would load the model
         )
     return info.model_uri
+
+
+def current_champion(tracking_uri: str, name: str):
+    """The `champion` version of registered model `name` with its subject run's figures and protocol; None when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    from dreambooth.evaluation.evaluate import Champion
+    from dreambooth.tracking import TAG_EVAL_PROTOCOL
+
+    mlflow = client(tracking_uri)
+    try:
+        version = mlflow.get_model_version_by_alias(name, CHAMPION_ALIAS)
+    except MlflowException:  # no such model, or no version holds the alias
+        return None
+    run = mlflow.get_run(version.tags.get("subject_run") or version.run_id)
+    overall = {name: run.data.metrics[f"eval/{name}"] for name in ("dino", "clip_t", "pres") if f"eval/{name}" in run.data.metrics}
+    return Champion(str(version.version), overall, run.data.tags.get(TAG_EVAL_PROTOCOL, ""))
 
 
 def register_candidate(tracking_uri: str, model_uri: str, name: str, tags: dict[str, str]) -> str:

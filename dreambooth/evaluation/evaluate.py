@@ -149,6 +149,40 @@ def gate_decision(overall: dict[str, float], config: RunConfig) -> GateDecision:
     return GateDecision(passed=not reasons, reasons=reasons)
 
 
+@dataclass(frozen=True)
+class Champion:
+    """The subject's current champion: its registered version, evaluation figures and protocol."""
+
+    version: str
+    overall: dict[str, float]
+    protocol: str
+
+
+def champion_decision(overall: dict[str, float], protocol: str, champion: Optional[Champion], gate) -> GateDecision:
+    """evaluation.gate.against champion: no worse than the champion on DINO, CLIP-T and PRES, by the
+    gate's margins, on the same protocol. The reasons say why either way (they go on the run)."""
+    if champion is None:
+        return GateDecision(True, ["no champion yet: the thresholds alone decide"])
+    if champion.protocol != protocol:
+        return GateDecision(False, [f"champion v{champion.version} was scored on another protocol; evaluate it on this "
+                                    "one (or set evaluation.gate.against: thresholds)"])
+    checks = [  # (label, candidate, champion's, margin, higher is better)
+        ("DINO", overall["dino"], champion.overall["dino"], gate.dino_margin, True),
+        ("CLIP-T", overall["clip_t"], champion.overall["clip_t"], gate.clip_t_margin, True),
+        ("PRES", overall["pres"], champion.overall["pres"], gate.pres_margin, False),
+    ]
+    worse = []
+    for label, value, theirs, margin, higher_better in checks:
+        bound = theirs - margin if higher_better else theirs + margin
+        if (value < bound) if higher_better else (value > bound):
+            worse.append(f"{label} {value:.3f} {'<' if higher_better else '>'} champion v{champion.version}'s {theirs:.3f} "
+                         f"{'-' if higher_better else '+'} {margin:g}")
+    if worse:
+        return GateDecision(False, worse)
+    figures = ", ".join(f"{label} {value:.3f} vs {theirs:.3f}" for label, value, theirs, _, _ in checks)
+    return GateDecision(True, [f"no worse than champion v{champion.version} ({figures})"])
+
+
 def _mean(values: list[float]) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
 

@@ -35,7 +35,7 @@ from dreambooth.stages import (
     SUPER_RESOLUTION,
     Stage,
 )
-from dreambooth.registry import log_pipeline_model, register_candidate
+from dreambooth.registry import current_champion, log_pipeline_model, register_candidate
 from dreambooth.storage import content_digests, local_folder
 from dreambooth.training.saving import release_checkpoints
 from dreambooth.tracking import (
@@ -315,7 +315,7 @@ def evaluate_task(
 ) -> Optional[EvaluationOutcome]:
     """Score the model by the DreamBench protocol and the learning check (subject and class denoising
     loss, base vs fine-tuned); register it as `candidate` if it passes the gate."""
-    from dreambooth.evaluation.evaluate import evaluate_model
+    from dreambooth.evaluation.evaluate import champion_decision, evaluate_model
     from dreambooth.evaluation.learning import learning_check
     from dreambooth.evaluation.report import render_report
     from dreambooth.pages import image_page
@@ -333,7 +333,8 @@ def evaluate_task(
     metrics.update(learned.metrics())
     run.log_metrics(metrics, on_parent=True)
     run.log_dict(result.settings, "evaluation_config.json")
-    run.set_tags({TAG_EVAL_PROTOCOL: evaluation_protocol(result.settings, config)}, on_parent=True)
+    protocol = evaluation_protocol(result.settings, config)
+    run.set_tags({TAG_EVAL_PROTOCOL: protocol}, on_parent=True)
     run.log_table(
         {key: [getattr(score, key) for score in result.prompts] for key in ("prompt", "category", "dino", "clip_i", "clip_t", "div")},
         "eval_prompts.json",
@@ -341,8 +342,12 @@ def evaluate_task(
     for grid in sorted(Path(output_dir).glob("grid-*.png")):
         run.log_file(grid, "eval_grids")
     registered = None
-    if result.gate.passed:
-        name = config.evaluation.registered_model.format(subject=config.subject.name)
+    name = config.evaluation.registered_model.format(subject=config.subject.name)
+    gate, against_champion = result.gate, None
+    if gate.passed and config.evaluation.gate.against == "champion":
+        against_champion = champion_decision(result.overall, protocol, current_champion(run.tracking_uri, name), config.evaluation.gate)
+        gate = result.gate = against_champion  # what the report says
+    if gate.passed:
         # Logged by the fine-tune stage; a model trained elsewhere is logged here first.
         model_uri = run.parent_tag(TAG_MODEL_URI) or log_pipeline_model(run.tracking_uri, run.run_id, Path(model_dir))
         version = register_candidate(
@@ -350,18 +355,19 @@ def evaluate_task(
             {"identifier": result.identifier, "class_noun": result.class_noun, "subject_run": run.parent_run_id},
         )
         registered = f"{name}@candidate (version {version})"
-        run.set_tags({TAG_GATE: "passed", TAG_REGISTERED: registered, TAG_REGISTERED_VERSION: version}, on_parent=True)
+        why = {TAG_GATE_REASON: "; ".join(gate.reasons)} if against_champion else {}
+        run.set_tags({TAG_GATE: "passed", TAG_REGISTERED: registered, TAG_REGISTERED_VERSION: version, **why}, on_parent=True)
     else:
-        run.set_tags({TAG_GATE: "rejected", TAG_GATE_REASON: "; ".join(result.gate.reasons)}, on_parent=True)
+        run.set_tags({TAG_GATE: "rejected", TAG_GATE_REASON: "; ".join(gate.reasons)}, on_parent=True)
     report = render_report(result, registered) + "\n" + learned.markdown()
     (Path(output_dir) / "report.md").write_text(report)
     run.log_file(Path(output_dir) / "report.md", on_parent=True)
     flat = {key.removeprefix("eval/").replace("/", "_"): value for key, value in metrics.items()}
     title = f"{config.subject.name}: DreamBench evaluation"
     figures, grids = _grid_images(Path(output_dir), result.overall)
-    gate = f"gate passed, registered as {registered}" if registered else f"gate rejected: {'; '.join(result.gate.reasons)}"
+    verdict = f"gate passed, registered as {registered}" if registered else f"gate rejected: {'; '.join(gate.reasons)}"
     return EvaluationOutcome(metrics=flat, report_markdown=report, registered=registered,
-                             page_html=image_page(title, grids, f"{figures}; {gate}"))
+                             page_html=image_page(title, grids, f"{figures}; {verdict}"))
 
 
 @subject_stage(SUPER_RESOLUTION)
