@@ -1,6 +1,6 @@
-"""GPU benchmark: training steps/s and peak GPU memory of full-size denoisers, full fine-tune vs LoRA.
+"""GPU benchmark: training steps/s and peak GPU memory of full-size denoisers, by training method.
 
-    python bench/denoiser_bench.py [--families sd15,sdxl,flux] [--methods full,lora] [--steps 30]
+    python bench/denoiser_bench.py [--families sd15,sdxl,flux] [--methods full,lora,textual_inversion,pivotal] [--steps 30]
                                    [--mixed-precision bf16] [--gradient-checkpointing] [--optimizer auto]
     python bench/denoiser_bench.py --tiny   # the same code path on tiny denoisers, on any CPU
 
@@ -10,7 +10,10 @@ SDXL's UNet (2.6B, 1024 px) and FLUX.1-dev's transformer (12B, 512 px; LoRA only
 project trains it). Each (family, method) runs in a fresh process through this project's own
 training loop and recipe loss (batch 1 subject + 1 class example, text conditioning random
 but shaped as the family's encoders give it), so the figures are what `pipeline.py` pays per
-step. Peak memory is torch.cuda.max_memory_allocated.
+step. textual_inversion and pivotal also build the family's CLIP text encoders (SD 1.5's
+CLIP-L; SDXL's CLIP-L and OpenCLIP bigG) with one new token whose embedding row trains, as
+dreambooth.training.embeddings does: the text encoders run forward and backward every step.
+Peak memory is torch.cuda.max_memory_allocated.
 """
 
 from __future__ import annotations
@@ -45,6 +48,13 @@ FLUX_DEV_TRANSFORMER = dict(guidance_embeds=True)  # the class defaults are FLUX
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
 
+# The text encoders a learned token trains through: SD 1.5's CLIP-L (SDXL's first encoder too) and SDXL's OpenCLIP bigG.
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+CLIP_BIG_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                  max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+EMBEDDING_METHODS = ("textual_inversion", "pivotal")
+
 # family: (recipe, latent channels, latent size, text tokens, text width, pooled width)
 FULL_SIZE = {"sd15": ("sd", 4, 64, 77, 768, None), "sdxl": ("sdxl", 4, 128, 77, 2048, 1280), "flux": ("flux", 16, 64, 512, 4096, 768)}
 TINY = {"sd15": ("sd", 4, 32, 77, 32, None), "sdxl": ("sdxl", 4, 32, 77, 64, 32), "flux": ("flux", 4, 32, 77, 32, 32)}
@@ -63,20 +73,57 @@ def _denoiser(family: str, tiny: bool):
     return UNet2DConditionModel(**(SD15_UNET if family == "sd15" else SDXL_UNET))
 
 
+def _text_encoders(family: str, tiny: bool) -> list:
+    """The family's CLIP text encoders (random weights), as the pipeline holds them."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if tiny:
+        from dreambooth.models import load_pipeline
+
+        pipeline = load_pipeline("tiny://sd" if family == "sd15" else "tiny://sdxl")
+        return [pipeline.text_encoder] + ([pipeline.text_encoder_2] if family == "sdxl" else [])
+    if family == "sd15":
+        return [CLIPTextModel(CLIPTextConfig(**CLIP_L))]
+    return [CLIPTextModel(CLIPTextConfig(**CLIP_L)), CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIG_G))]
+
+
+def _learned_token(encoders: list, device):
+    """One new token per encoder whose embedding row alone trains (dreambooth.training.embeddings.NewTokenRows);
+    returns prompt ids (77 tokens, the new token among them) for each encoder."""
+    import torch
+
+    from dreambooth.training.embeddings import NewTokenRows
+
+    ids = []
+    for encoder in encoders:
+        encoder.requires_grad_(False)
+        table = encoder.get_input_embeddings()
+        new_id = table.num_embeddings
+        encoder.resize_token_embeddings(new_id + 1, mean_resizing=False)
+        table = encoder.get_input_embeddings()
+        table.requires_grad_(False)
+        encoder.set_input_embeddings(NewTokenRows(table, new_id, table.weight[:1].detach().clone()))
+        encoder.to(device)
+        prompt = torch.randint(new_id, (2, 77), generator=torch.Generator().manual_seed(1))
+        prompt[:, 2] = new_id
+        ids.append(prompt.to(device))
+    return ids
+
+
 def _measure(family: str, method: str, args) -> dict:
     """One (family, method) in this process: build, train args.steps steps, report."""
     import torch
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     from dreambooth.config import TrainingSettings
-    from dreambooth.training.lora import add_lora_adapters
+    from dreambooth.training.lora import add_lora_adapters, freeze
     from dreambooth.training.loop import train
     from dreambooth.training.recipes import recipe_class
 
     recipe_name, channels, size, tokens, width, pooled = (TINY if args.tiny else FULL_SIZE)[family]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     settings = TrainingSettings(
-        method=method, max_steps=args.steps, learning_rate=1e-4 if method == "lora" else 5e-6, checkpoint_every=10**9,
+        method=method, max_steps=args.steps, learning_rate=1e-4 if method in ("lora", "pivotal") else 5e-6, checkpoint_every=10**9,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
     )
     denoiser = _denoiser(family, args.tiny).to(device)
@@ -87,8 +134,10 @@ def _measure(family: str, method: str, args) -> dict:
     pipeline = SimpleNamespace(**{name: denoiser}, scheduler=scheduler, vae_scale_factor=vae_scale,
                                vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=1.0, shift_factor=0.0)))
     recipe = recipe_class(recipe_name)(pipeline, settings, device, resolution=size * vae_scale)
-    if method == "lora":
+    if method in ("lora", "pivotal"):
         add_lora_adapters(denoiser, [], settings)
+    elif method == "textual_inversion":
+        freeze(denoiser, settings)
     else:
         denoiser.requires_grad_(True)
     if settings.gradient_checkpointing:
@@ -105,14 +154,29 @@ def _measure(family: str, method: str, args) -> dict:
         conditioning["pooled"] = torch.randn(batch, pooled, generator=generator).to(device)
         conditioning["text_ids"] = torch.zeros(tokens, 3, device=device)
 
+    modules = {} if method == "textual_inversion" else {name: denoiser}
+    encoders = _text_encoders(family, args.tiny) if method in EMBEDDING_METHODS else []
+    prompt_ids = _learned_token(encoders, device) if encoders else []
+    modules.update({f"text_encoder_{index}": encoder for index, encoder in enumerate(encoders)})
+    trainable += sum(p.numel() for encoder in encoders for p in encoder.parameters() if p.requires_grad)
+
+    def text_conditioning(modules) -> dict:
+        """What the family's encoders give the denoiser, through the new token's trainable row."""
+        if recipe_name == "sd":
+            return {**conditioning, "embeddings": modules["text_encoder_0"](prompt_ids[0])[0]}
+        outputs = [modules[f"text_encoder_{i}"](prompt_ids[i], output_hidden_states=True) for i in range(2)]
+        return {**conditioning, "embeddings": torch.cat([output.hidden_states[-2] for output in outputs], dim=-1),
+                "text_embeds": outputs[1][0]}
+
     def compute_loss(modules, step, step_generator):
         latents = torch.randn(batch, channels, size, size, generator=step_generator).to(device)
-        return recipe.loss(modules, latents, None, conditioning, 1, step_generator)
+        return recipe.loss(modules, latents, None, text_conditioning(modules) if encoders else conditioning, 1, step_generator)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    rates = {key: 5e-4 if key.startswith("text_encoder") else settings.learning_rate for key in modules}
     with tempfile.TemporaryDirectory() as checkpoints:
-        result = train({name: denoiser}, {name: settings.learning_rate}, compute_loss, settings, Path(checkpoints))
+        result = train(modules, rates, compute_loss, settings, Path(checkpoints))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return {"family": family, "method": method, "parameters": parameters, "trainable": trainable,
             "steps_per_second": result.steps_per_second, "peak_gb": peak, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
@@ -121,7 +185,7 @@ def _measure(family: str, method: str, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", default="sd15,sdxl,flux")
-    parser.add_argument("--methods", default="full,lora")
+    parser.add_argument("--methods", default="full,lora,textual_inversion,pivotal")
     parser.add_argument("--steps", type=int, default=30, help="training steps per run (the first 3 are not timed)")
     parser.add_argument("--mixed-precision", default="bf16", choices=["no", "fp16", "bf16"])
     parser.add_argument("--gradient-checkpointing", action="store_true")
@@ -134,7 +198,7 @@ def main() -> None:
         return
     from dreambooth.training.recipes import recipe_class
 
-    print(f"{'family':8}{'method':8}{'params':>10}{'trainable':>12}{'steps/s':>10}{'peak GPU GB':>13}")
+    print(f"{'family':8}{'method':19}{'params':>10}{'trainable':>15}{'steps/s':>10}{'peak GPU GB':>13}")
     for family in args.families.split(","):
         for method in args.methods.split(","):
             if method not in recipe_class(FULL_SIZE[family][0]).methods:
@@ -146,10 +210,10 @@ def main() -> None:
             run = subprocess.run(command, capture_output=True, text=True)
             if run.returncode != 0:
                 reason = "out of GPU memory" if "OutOfMemoryError" in run.stderr else run.stderr.strip().splitlines()[-1]
-                print(f"{family:8}{method:8}  failed: {reason}")
+                print(f"{family:8}{method:19}  failed: {reason}")
                 continue
             row = json.loads(run.stdout.strip().splitlines()[-1])
-            print(f"{family:8}{method:8}{row['parameters'] / 1e6:9.0f}M{row['trainable'] / 1e6:11.2f}M"
+            print(f"{family:8}{method:19}{row['parameters'] / 1e6:9.0f}M{row['trainable']:15,}"
                   f"{row['steps_per_second']:10.2f}{row['peak_gb']:13.1f}   ({row['device']}, {time.perf_counter() - started:.0f} s)")
 
 

@@ -31,6 +31,7 @@ class PlannedSubject:
     prior_key: str  # "" when it trains without prior preservation
     subject_run_id: str = ""  # the MLflow run its stages log under
     up_to_date_run_id: str = ""  # set when a finished run already trained it
+    experiment: dict = field(default_factory=dict)  # an experiment's: subject, variant and what it tests (roles)
 
     @property
     def up_to_date(self) -> bool:
@@ -117,6 +118,7 @@ def plan_batch(
                 prior_key=prior_key(config),
                 subject_run_id="" if existing else open_subject_run(config, fingerprint),
                 up_to_date_run_id=existing or "",
+                experiment=entry.experiment,
             )
         )
     return planned

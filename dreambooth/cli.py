@@ -7,6 +7,7 @@
     submit    compile and create a run on a KFP host       schedule  create a recurring run
     preflight check in seconds what would fail after GPU time (submit and schedule run it first)
     warm-cache  download every model a run loads into the caches (the cluster's model-cache Job)
+    experiment  the paper's comparisons and ablations: subjects x variants as one batch, and its tables
     compare   put runs side by side: a table, plots and an image sheet
     sync-tracking  send the step metrics stages kept on disk while MLflow was unreachable
     models    the registered subject models: versions, aliases, headline figures
@@ -44,7 +45,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         overrides["model"]["base"] = args.base_model
     if getattr(args, "tracking_uri", None):
         overrides["tracking"]["uri"] = args.tracking_uri
-    if getattr(args, "output_dir", None) and args.command in ("run", "sync-tracking"):
+    if getattr(args, "output_dir", None) and args.command in ("run", "experiment", "sync-tracking"):
         from dreambooth.storage import is_gcs
         from dreambooth.cache import default_cache_dir
 
@@ -189,9 +190,27 @@ def _submit(args: argparse.Namespace, config: RunConfig) -> int:
     parameters, name = _subjects_argument(args, config)
     if not args.skip_preflight and not _preflight(args, config):
         raise InputError(f"{args.command}: preflight failed (above); nothing was submitted. Fix it, or pass --skip-preflight")
-    wait = args.wait if args.command == "submit" else None
+    wait = args.wait if args.command in ("submit", "experiment") else None
     return submit(config, _kfp_target(args, config), args.experiment, parameters, args.run_name or name,
                   cron, wait, args.mlflow_via)
+
+
+def _experiment(args: argparse.Namespace, config: RunConfig) -> int:
+    """An experiment file through `run` (locally) or `submit` (with --host: the file as the cluster sees it)."""
+    from dreambooth.storage import read_text
+    from dreambooth.subjects import parse_subjects
+
+    source = args.file if args.host else _local_photos(args.file)
+    entries = parse_subjects(read_text(source), source, config)  # every problem of the file, before anything runs
+    if not any(entry.experiment for entry in entries):
+        raise InputError(f"{args.file}: no `variants:`; an experiment runs each subject once per variant "
+                         "(for subjects alone: run --subjects)")
+    if args.host:
+        args.subjects_uri, args.subject_uri = source, None
+        return _submit(args, config)
+    from dreambooth.local_run import run_locally
+
+    return run_locally(config, args.output_dir, entries, subjects_uri=source, force=args.force, verbose=args.verbose)
 
 
 def _warm_cache(config: RunConfig) -> int:
@@ -327,6 +346,21 @@ def _parser() -> argparse.ArgumentParser:
             cluster_cmd.add_argument("--wait", type=int, nargs="?", const=24 * 3600, metavar="SECONDS",
                                      help="follow the run to its end (at most SECONDS, default a day); exit 0 only if it succeeded")
 
+    experiment_cmd = with_tracking(with_config(commands.add_parser(
+        "experiment", help="subjects x variants as one batch (locally, or on a cluster with --host), and the paper's tables")))
+    experiment_cmd.add_argument("file", help="an experiment file: `subjects:` as a subjects file, and `variants:` (local or gs://)")
+    experiment_cmd.add_argument("--output-dir", default="outputs", help="where results go (local runs): a folder, or gs://bucket/prefix")
+    experiment_cmd.add_argument("--force", action="store_true", help="train every variant, even those already up to date")
+    experiment_cmd.add_argument("--verbose", action="store_true", help="stream every task's whole output (local runs)")
+    experiment_cmd.add_argument("--host", help="submit to this KFP endpoint instead of running locally (FILE as the cluster sees it)")
+    experiment_cmd.add_argument("--namespace", help="the Kubeflow profile namespace (default: cluster.namespace)")
+    experiment_cmd.add_argument("--token-file", help=f"a service-account token file (default: ${TOKEN_FILE_ENV}); or set ${TOKEN_ENV} / ${COOKIES_ENV}")
+    experiment_cmd.add_argument("--mlflow-via", help="reach MLflow here while sending the configured host name (preflight)")
+    experiment_cmd.add_argument("--experiment", default="dreambooth", help="the KFP experiment (with --host)")
+    experiment_cmd.add_argument("--run-name")
+    experiment_cmd.add_argument("--skip-preflight", action="store_true", help="submit without checking first")
+    experiment_cmd.add_argument("--wait", type=int, nargs="?", const=24 * 3600, metavar="SECONDS", help="follow the submitted run to its end")
+
     evaluate_cmd = with_tracking(with_subject(with_config(commands.add_parser("evaluate", help="score a trained model by the DreamBench protocol"))))
     evaluate_cmd.add_argument("--model", required=True, help="the personalised model: a diffusers folder or hub id")
     evaluate_cmd.add_argument("--output-dir", default="outputs")
@@ -383,6 +417,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _evaluate_only(args, config)
         if args.command == "compare":
             return _compare(args, config)
+        if args.command == "experiment":
+            return _experiment(args, config)
         if args.command == "sync-tracking":
             return _sync_tracking(config)
         if args.command == "promote":

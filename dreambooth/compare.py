@@ -265,6 +265,17 @@ def _log_comparison(tracking_uri: str, runs: list[ComparedRun], files: list[Path
     return run.info.run_id
 
 
+def _experiment_tables(tracking_uri: str, batch_run: str, output_dir: Path) -> list[Path]:
+    """An experiment batch's paper tables, rendered again from its runs (none for a plain batch)."""
+    from dreambooth.paper_tables import experiment_runs, fill_tables, write_tables
+    from dreambooth.tasks.batch import read_plan
+
+    plan = read_plan(tracking_uri, batch_run)
+    if not any(subject.experiment for subject in plan.subjects):
+        return []
+    return write_tables(fill_tables(experiment_runs(tracking_uri, plan)), f"Experiment (batch run {batch_run})", output_dir / "experiment")
+
+
 def compare_runs(tracking_uri: str, output_dir: Path, batch_run: Optional[str] = None, experiment: Optional[str] = None,
                  run_ids: Optional[list[str]] = None, force: bool = False) -> int:
     runs = select_runs(tracking_uri, batch_run, experiment, run_ids)
@@ -281,8 +292,12 @@ def compare_runs(tracking_uri: str, output_dir: Path, batch_run: Optional[str] =
     scatter = plot_scatter(runs, output_dir / SCATTER_PNG)
     per_subject = plot_per_subject(runs, output_dir / PER_SUBJECT_PNG)
     sheet, tiles = sample_sheet(tracking_uri, runs, output_dir / SHEET_PNG)
-    comparison_run = _log_comparison(tracking_uri, runs, [table_md, table_csv, scatter, per_subject, sheet], batch_run)
+    experiment_files = _experiment_tables(tracking_uri, batch_run, output_dir) if batch_run else []
+    comparison_run = _log_comparison(tracking_uri, runs, [table_md, table_csv, scatter, per_subject, sheet, *experiment_files], batch_run)
     print(table_md.read_text())
+    if experiment_files:
+        print(experiment_files[0].read_text())
+        print(f"{'experiment:':<14}{experiment_files[0].parent} (the paper's tables as Markdown, CSV and PNG)")
     if differences:
         print(f"warning: compared across {len(protocol_ids)} evaluation protocols (--force); rows are marked A, B, ...")
     for label, path in (("table", table_md), ("csv", table_csv), ("scatter", scatter), ("per subject", per_subject), ("sample sheet", sheet)):

@@ -75,9 +75,20 @@ class SubjectSettings(Section):
     recommended_min_images: int = Field(default=3, ge=1)
     # Larger images are refused as decompression bombs.
     max_image_pixels: int = Field(default=89_478_485, gt=0)
+    # Train on the first N photos only, in file-name order (the paper's number-of-photos ablation); None: all.
+    photos_limit: Optional[int] = Field(default=None, ge=1)
+    # false: the subject's captions and prompts leave the class noun out (`a [V]`, the paper's no-class
+    # ablation); the class noun still names the class images and picks the evaluation's prompt set.
+    class_noun_in_prompts: bool = True
+
+    def render(self, template: str, identifier: str = "") -> str:
+        """A prompt template with this subject's identifier and class noun (none, without
+        class_noun_in_prompts), spaces tidied."""
+        noun = self.class_noun if self.class_noun_in_prompts else ""
+        return " ".join(template.format(identifier=identifier, class_noun=noun).split())
 
     def instance_prompt(self, identifier: str) -> str:
-        return self.prompt_template.format(identifier=identifier, class_noun=self.class_noun)
+        return self.render(self.prompt_template, identifier)
 
     def class_prompt(self) -> str:
         return self.class_prompt_template.format(class_noun=self.class_noun)

@@ -53,7 +53,7 @@ def finetune(
         return recipe_class(family)(pipeline, training, device, config.model.resolution)
 
     def draw_validation(recipe) -> OnStep:
-        prompt = settings.validation_prompt.format(identifier=identifier, class_noun=config.subject.class_noun)
+        prompt = config.subject.render(settings.validation_prompt, identifier)
 
         def on_step(step: int) -> None:
             if step % settings.validation_every == 0 or step == settings.max_steps:

@@ -70,7 +70,7 @@ def ingest_subject(subject_dir: Path, output_dir: Path, config: RunConfig) -> In
     """Check every photo, write the normalised RGB PNGs and manifest.json to output_dir."""
     require_subject(config)
     settings = config.subject
-    files = _candidate_files(subject_dir)
+    files = _candidate_files(subject_dir)[: settings.photos_limit]
 
     loaded = []
     seen_pixels: dict[str, str] = {}

@@ -97,11 +97,14 @@ def _run(
         for line in batch.data.tags[TAG_ERROR].splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2
-    rows = collect_rows(tracking_uri, read_plan(tracking_uri, batch.info.run_id))
+    plan = read_plan(tracking_uri, batch.info.run_id)
+    rows = collect_rows(tracking_uri, plan)
     print(f"batch:        {headline(rows)}")
     for row in rows:
         print()
         _print_subject(row, publish_to and f"{publish_to}/{job_dir.name}/{row.subject}")
+    if any(subject.experiment for subject in plan.subjects):
+        _print_experiment_tables(tracking_uri, batch.info.run_id)
     if tracking_uri.startswith("http"):
         print(f"\nmlflow ui:    {tracking_uri.rstrip('/')}/#/experiments/{batch.info.experiment_id}/runs/{batch.info.run_id}")
     failed = [row for row in rows if row.status == FAILED]
@@ -112,6 +115,22 @@ def _run(
         print(f"error: {len(failed)} of {len(rows)} subjects failed: {named}", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_experiment_tables(tracking_uri: str, batch_run_id: str) -> None:
+    """The paper's tables the batch logged (experiment/ on its run), as Markdown."""
+    from dreambooth.tasks.batch import EXPERIMENT_ARTIFACTS
+    from dreambooth.tracking import client
+
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            folder = Path(client(tracking_uri).download_artifacts(batch_run_id, EXPERIMENT_ARTIFACTS, scratch))
+        except Exception as error:  # the summary never logged them (it failed): say so, the subjects' lines stand
+            print(f"\nexperiment tables: not logged on the batch run ({str(error).splitlines()[0]})")
+            return
+        print()
+        print((folder / "tables.md").read_text())
+        print(f"experiment:   tables.md, tables.csv and a PNG per table under `{EXPERIMENT_ARTIFACTS}/` of mlflow run {batch_run_id}")
 
 
 def _local_outputs(row: SubjectRow) -> dict[str, Path]:

@@ -28,9 +28,9 @@ class SampleResult:
 
 def render_samples(model_dir: Path, config: RunConfig, output_dir: Path) -> SampleResult:
     metadata = json.loads((model_dir / METADATA_FILE).read_text())
-    identifier, class_noun = metadata["identifier"], metadata["class_noun"]
+    subject = config.subject.model_copy(update={"class_noun": metadata["class_noun"]})
     settings = config.samples
-    prompts = [p.format(identifier=identifier, class_noun=class_noun) for p in settings.prompts]
+    prompts = [subject.render(template, metadata["identifier"]) for template in settings.prompts]
     models = [("fine-tuned", str(model_dir))]
     if settings.compare_with_base:
         models.insert(0, ("base", config.model.base))

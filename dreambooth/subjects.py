@@ -15,51 +15,25 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
-from dreambooth.config import RunConfig, merge_settings, setting_problems
+from dreambooth.config import RunConfig, setting_problems
 from dreambooth.errors import InputError
 from dreambooth.storage import is_gcs, read_text
-
-ENTRY_FIELDS = ("id", "photos", "class_noun", "identifier", "live", "overrides")
-CSV_COLUMNS = ("id", "photos", "class_noun", "identifier", "live")
-# Settings that belong to the whole batch (where it runs, where it writes, which branches the DAG
-# takes), not to one subject.
-BATCH_WIDE_SECTIONS = ("tracking", "storage", "batch", "cluster")
-BATCH_WIDE_SETTINGS = (("superres", "enabled"),)
-# Set through the entry's own fields instead.
-IDENTITY_SETTINGS = {("subject", "name"): "id", ("subject", "class_noun"): "class_noun",
-                     ("subject", "identifier"): "identifier", ("evaluation", "live_subject"): "live"}
-SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-TRUE_WORDS, FALSE_WORDS = {"true", "yes", "1"}, {"false", "no", "0"}
-
-
-class SubjectEntry(BaseModel):
-    """One subject: its id (a folder and run name), its photos and class, and its own settings."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    id: str
-    photos: str
-    class_noun: str
-    identifier: Optional[str] = None
-    live: Optional[bool] = None
-    overrides: dict[str, Any] = {}
-
-
-def subject_config(shared: RunConfig, entry: SubjectEntry) -> RunConfig:
-    """The shared settings, the entry's overrides on top, and the subject's identity."""
-    identity: dict = {"subject": {"name": entry.id, "class_noun": entry.class_noun}}
-    if entry.identifier is not None:
-        identity["subject"]["identifier"] = entry.identifier
-    if entry.live is not None:
-        identity["evaluation"] = {"live_subject": entry.live}
-    merged = merge_settings(merge_settings(shared.model_dump(), entry.overrides), identity)
-    return RunConfig.model_validate(merged)
+from dreambooth.subject_entry import (  # noqa: F401 (SubjectEntry and subject_config are this module's interface too)
+    CSV_COLUMNS,
+    ENTRY_FIELDS,
+    FALSE_WORDS,
+    SAFE_ID,
+    TRUE_WORDS,
+    SubjectEntry,
+    override_problems,
+    subject_config,
+)
+from dreambooth.experiments import expand_variants
 
 
 def _parse_bool(value: str) -> Optional[bool]:
@@ -81,13 +55,20 @@ def _raw_entries(text: str, source: str) -> list[tuple[str, Any]]:
                 f"{source}: header {','.join(reader.fieldnames or [])!r} must use only the columns {','.join(CSV_COLUMNS)}"
             )
         return [(f"line {reader.line_num}", dict(row)) for row in reader]
+    document = _yaml_document(text, source)
+    return [(f"entry {index}", raw) for index, raw in enumerate(document["subjects"], start=1)]
+
+
+def _yaml_document(text: str, source: str) -> dict:
+    """The YAML file: `subjects` (a list), and for an experiment `variants` (see dreambooth.experiments)."""
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise InputError(f"{source}: not valid YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(document, dict) or set(document) != {"subjects"} or not isinstance(document["subjects"], list):
-        raise InputError(f"{source}: expected a mapping with one key, `subjects`, holding a list of subjects")
-    return [(f"entry {index}", raw) for index, raw in enumerate(document["subjects"], start=1)]
+    if not isinstance(document, dict) or not set(document) <= {"subjects", "variants"} or not isinstance(document.get("subjects"), list):
+        raise InputError(f"{source}: expected a mapping with the key `subjects` holding a list of subjects "
+                         "(and, for an experiment, `variants`)")
+    return document
 
 
 def _entry_problems(raw: Any, shared: RunConfig) -> tuple[Optional[SubjectEntry], list[str]]:
@@ -120,7 +101,7 @@ def _entry_problems(raw: Any, shared: RunConfig) -> tuple[Optional[SubjectEntry]
     identifier, class_noun = values.get("identifier"), values.get("class_noun")
     if identifier and class_noun and identifier.lower() in class_noun.lower().split():
         problems.append(f"identifier: {identifier!r} is the class noun; [V] must be a token the class noun does not already mean")
-    problems += _override_problems(values.get("overrides", {}))
+    problems += override_problems(values.get("overrides", {}))
     if problems:
         return None, problems
     entry = SubjectEntry(**values)
@@ -131,21 +112,6 @@ def _entry_problems(raw: Any, shared: RunConfig) -> tuple[Optional[SubjectEntry]
     return entry, []
 
 
-def _override_problems(overrides: Any) -> list[str]:
-    if not isinstance(overrides, dict):
-        return ["overrides: expected a mapping of settings, e.g. {training: {max_steps: 800}}"]
-    problems = [
-        f"overrides.{section}: a batch-wide setting; set it in the config, not per subject"
-        for section in overrides
-        if section in BATCH_WIDE_SECTIONS
-    ]
-    for section, key in BATCH_WIDE_SETTINGS:
-        if isinstance(overrides.get(section), dict) and key in overrides[section]:
-            problems.append(f"overrides.{section}.{key}: a batch-wide setting; set it in the config, not per subject")
-    for (section, key), field in IDENTITY_SETTINGS.items():
-        if isinstance(overrides.get(section), dict) and key in overrides[section]:
-            problems.append(f"overrides.{section}.{key}: set the entry's `{field}` field instead")
-    return problems
 
 
 def _resolve_photos(photos: str, source: str) -> str:
@@ -178,8 +144,12 @@ def validate_entries(raw_entries: list[tuple[str, Any]], source: str, shared: Ru
 
 
 def parse_subjects(text: str, source: str, shared: RunConfig) -> list[SubjectEntry]:
-    """A subjects file's text (YAML, or CSV when `source` ends in .csv), validated against the shared config."""
-    return validate_entries(_raw_entries(text, source), source, shared)
+    """A subjects file's text (YAML, or CSV when `source` ends in .csv), validated against the shared
+    config; an experiment's (`variants:`) one entry per subject and variant."""
+    entries = validate_entries(_raw_entries(text, source), source, shared)
+    if source.lower().endswith(".csv") or "variants" not in (document := _yaml_document(text, source)):
+        return entries
+    return expand_variants(entries, document["variants"], source, shared)
 
 
 def read_subjects(uri: str, shared: RunConfig) -> list[SubjectEntry]:

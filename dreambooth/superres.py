@@ -103,7 +103,7 @@ def upscale_comparison_grid(subject_dir: Path, model_dir: Path, upscaler_dir: Pa
     prompt = config.subject.instance_prompt(identifier)
     views = training_views(list_images(subject_dir)[:2], settings.resolution, True, False)
     inputs = [view.resize((view.width // UPSCALE_FACTOR, view.height // UPSCALE_FACTOR), Image.Resampling.BICUBIC) for view in views]
-    sample_prompt = config.samples.prompts[0].format(identifier=identifier, class_noun=config.subject.class_noun)
+    sample_prompt = config.subject.render(config.samples.prompts[0], identifier)
     base = load_sampling_pipeline(str(model_dir), config.samples.sampler)
     inputs += generate(base, [(sample_prompt, config.samples.sampler.seed)], config.samples.sampler, config.model.resolution)
     del base

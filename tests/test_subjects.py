@@ -76,7 +76,7 @@ def test_ids_must_be_safe_as_folder_and_run_names(tmp_path, shared):
 
 def test_a_file_that_is_not_a_subjects_list_is_one_line(tmp_path, shared):
     path = tmp_path / "subjects.yaml"
-    for text, message in (("- {id: a}\n", "expected a mapping with one key, `subjects`"), ("subjects: []\n", "lists no subjects"),
+    for text, message in (("- {id: a}\n", "expected a mapping with the key `subjects` holding a list of subjects"), ("subjects: []\n", "lists no subjects"),
                           ("subjects: [unclosed\n", "not valid YAML")):
         path.write_text(text)
         (problem,) = _problems(str(path), shared)

@@ -125,7 +125,7 @@ def upscale_images(upscaler: str, prompts: list[str], images: list[Image.Image],
     return upscale(pipeline, prompts, images, settings.inference_noise_level, settings.sampler, settings.sampler.seed)
 
 
-def _limit_per_category(prompts: list[EvaluationPrompt], limit: Optional[int]) -> list[EvaluationPrompt]:
+def limit_per_category(prompts: list[EvaluationPrompt], limit: Optional[int]) -> list[EvaluationPrompt]:
     if limit is None:
         return prompts
     taken: dict[str, int] = defaultdict(int)
@@ -219,7 +219,7 @@ def _evaluate(
     settings = config.evaluation
     identifier, class_noun, base_model = _model_identity(model, config, identifier, class_noun)
     live = settings.live_subject if settings.live_subject is not None else is_live_subject(class_noun)
-    prompts = _limit_per_category(load_prompts(class_noun, live, settings.prompt_file), settings.max_prompts_per_category)
+    prompts = limit_per_category(load_prompts(class_noun, live, settings.prompt_file), settings.max_prompts_per_category)
     class_prompt = config.subject.class_prompt_template.format(class_noun=class_noun)
     real_files = list_images(subject_dir)
     if not real_files:
@@ -235,7 +235,8 @@ def _evaluate(
 
     # 1. Generation, model by model, so only one pipeline is in memory at a time.
     sampler, per_prompt = settings.sampler, settings.images_per_prompt
-    rendered = [prompt.render(identifier, class_noun) for prompt in prompts]
+    subject = config.subject.model_copy(update={"class_noun": class_noun})
+    rendered = [subject.render(prompt.template, identifier) for prompt in prompts]
     requests = [(text, sampler.seed + PROMPT_SEED_STRIDE * p + i) for p, text in enumerate(rendered) for i in range(per_prompt)]
     pres_requests = [(class_prompt, sampler.seed + PRES_SEED_OFFSET + i) for i in range(settings.pres_images)]
     started = time.perf_counter()

@@ -22,9 +22,6 @@ class EvaluationPrompt:
     category: str
     template: str  # with {identifier} and {class_noun}
 
-    def render(self, identifier: str, class_noun: str) -> str:
-        return self.template.format(identifier=identifier, class_noun=class_noun)
-
 
 @lru_cache(maxsize=1)
 def dreambench() -> dict:

@@ -36,6 +36,7 @@ from dreambooth.tracking import (
 
 PLAN_ARTIFACT = "batch_plan.json"
 SUMMARY_TABLE = "batch_summary.json"
+EXPERIMENT_ARTIFACTS = "experiment"  # an experiment's tables, on its batch run
 
 
 def batch_stage(stage: Stage):
@@ -157,8 +158,21 @@ def summary_task(tracking_uri: str, plan_path: str, job_name: str, subject_statu
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)
     print(markdown)
+    if any(subject.experiment for subject in plan.subjects):
+        print(log_experiment_tables(tracking_uri, plan, f"Experiment {job_name}"))
     print(f"stage statuses reported by the subject fan-out: {', '.join(map(str, subject_statuses)) or 'none'}")
     return tally[FAILED]
+
+
+def log_experiment_tables(tracking_uri: str, plan: BatchPlan, title: str) -> str:
+    """The paper's tables from an experiment's runs, logged on its batch run (experiment/); returns the Markdown."""
+    from dreambooth.paper_tables import as_markdown, experiment_runs, fill_tables, write_tables
+
+    tables = fill_tables(experiment_runs(tracking_uri, plan))
+    with tempfile.TemporaryDirectory() as scratch:
+        for path in write_tables(tables, title, Path(scratch)):
+            client(tracking_uri).log_artifact(plan.batch_run_id, str(path), EXPERIMENT_ARTIFACTS)
+    return as_markdown(tables, title)
 
 
 @task_entry

@@ -157,7 +157,7 @@ def ingest_task(config: RunConfig, run: StageRun, photos: str, output_dir: str) 
          TAG_PHOTOS: dataset},
         on_parent=True,
     )
-    run.log_metrics({"subject_images": len(result.images), "duplicates_dropped": len(result.duplicates_dropped)})
+    run.log_metrics({"subject_images": len(result.images), "duplicates_dropped": len(result.duplicates_dropped)}, on_parent=True)
     run.log_file(Path(output_dir) / MANIFEST_FILE, on_parent=True)
     return result.identifier.identifier
 
