@@ -1,8 +1,9 @@
 """Fine-tune benchmark: training steps/s, peak memory and whole-job wall time.
 
-    python bench/finetune_bench.py [--base-model DIR] [--steps 200] [--class-images 50] [--methods full,lora]
+    python bench/finetune_bench.py [--base-model DIR] [--steps 200] [--class-images 50] [--methods full,lora,textual_inversion]
                                    [--reference-script PATH/TO/diffusers/examples/dreambooth/train_dreambooth.py]
                                    [--reference-lora-script PATH/TO/.../train_dreambooth_lora.py]
+                                   [--reference-ti-script PATH/TO/.../examples/textual_inversion/textual_inversion.py]
 
 Every measurement runs in a fresh subprocess, so peak memory (max RSS, from wait4) belongs
 to that run alone. Steady-state steps/s is differential: two runs of the same job that
@@ -14,6 +15,10 @@ diffusers' LoRA example) side by side, with the size of what each saves.
 
 With --reference-lora-script, diffusers' LoRA DreamBooth example trains the same rank-4 adapter
 (lr 1e-4, its default target modules) beside ours, under the same differential measurement.
+
+`textual_inversion` learns one new token's embedding (lr 5e-4, initialised from the class noun,
+no prior preservation, as diffusers' textual_inversion example trains); with --reference-ti-script
+that example trains the same token on the same model and photos beside ours.
 
 With --reference-script, diffusers' reference DreamBooth example runs on the same model,
 subject, prompts and settings (batch 1 subject + 1 class image, fp32, AdamW, lr 5e-6,
@@ -40,6 +45,7 @@ sys.path.insert(0, str(REPO))
 
 DEFAULT_SUBJECT = REPO / "examples" / "subjects" / "dog"
 IDENTIFIER = "fqs"
+NEW_TOKEN = "<fqs>"  # textual inversion's [V]: a token the tokenizer does not have
 CLASS_NOUN = "dog"
 
 
@@ -57,9 +63,10 @@ def _measure(command: list[str], log: Path, env: dict | None = None) -> tuple[fl
 
 
 def _our_config(base_model: str, work: Path, steps: int, class_images: int, args, method: str = "full") -> dict:
+    inversion = method == "textual_inversion"
     return {
         "model": {"base": base_model},
-        "subject": {"class_noun": CLASS_NOUN, "identifier": IDENTIFIER, "min_image_size": 64, "name": "bench"},
+        "subject": {"class_noun": CLASS_NOUN, "identifier": NEW_TOKEN if inversion else IDENTIFIER, "min_image_size": 64, "name": "bench"},
         "priors": {
             "num_class_images": class_images,
             "sampler": {
@@ -72,6 +79,8 @@ def _our_config(base_model: str, work: Path, steps: int, class_images: int, args
             "method": method,
             "max_steps": steps,
             "learning_rate": 5e-6 if method == "full" else 1e-4,
+            "prior_loss_weight": 0.0 if inversion else 1.0,  # diffusers' textual inversion has no class images
+            "textual_inversion": {"learning_rate": 5e-4},
             "batch_size": 1,
             "mixed_precision": "no",
             "optimizer": "adamw",
@@ -99,9 +108,9 @@ def _child(mode: str, config_path: str, subject: str, out: str) -> None:
     overrides = json.loads(Path(config_path).read_text())
     config = load_config("tiny", overrides)
     out_dir = Path(out)
-    ingest_subject(Path(subject), out_dir / "subject", config)
+    identifier = ingest_subject(Path(subject), out_dir / "subject", config).identifier.identifier
     generate_class_priors(config, out_dir / "classes")
-    finetune(out_dir / "subject", out_dir / "classes", IDENTIFIER, config, out_dir / "model")
+    finetune(out_dir / "subject", out_dir / "classes", identifier, config, out_dir / "model")
     if mode == "job":
         render_samples(out_dir / "model", config, out_dir / "samples")
 
@@ -122,6 +131,17 @@ def _run_ours(mode: str, base_model: str, root: Path, steps: int, class_images: 
 
 def _run_reference(args, model_dir: str, root: Path, steps: int, class_dir: Path, resolution: int, method: str = "full"):
     out = Path(tempfile.mkdtemp(dir=root, prefix=f"reference-{method}-{steps}-"))
+    if method == "textual_inversion":
+        command = [
+            args.reference_python, str(args.reference_ti_script),
+            "--pretrained_model_name_or_path", model_dir, "--train_data_dir", str(args.subject_dir),
+            "--learnable_property", "object", "--placeholder_token", NEW_TOKEN, "--initializer_token", CLASS_NOUN,
+            "--output_dir", str(out / "model"), "--resolution", str(resolution), "--center_crop",
+            "--train_batch_size", "1", "--learning_rate", "5e-4", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+            "--max_train_steps", str(steps), "--checkpointing_steps", "1000000", "--save_steps", "1000000",
+            "--mixed_precision", "no", "--seed", "0",
+        ]
+        return _measure(command, out / "log.txt")
     script, learning_rate = (args.reference_script, "5e-6") if method == "full" else (args.reference_lora_script, "1e-4")
     command = [
         args.reference_python, str(script),
@@ -160,10 +180,11 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--reference-script", type=Path, help="diffusers' examples/dreambooth/train_dreambooth.py")
     parser.add_argument("--reference-lora-script", type=Path, help="diffusers' examples/dreambooth/train_dreambooth_lora.py")
+    parser.add_argument("--reference-ti-script", type=Path, help="diffusers' examples/textual_inversion/textual_inversion.py")
     parser.add_argument("--reference-python", default=sys.executable, help="interpreter for the reference (it needs torchvision)")
     parser.add_argument("--repeats", type=int, default=1, help="short/long pairs per tool; the median steps/s is reported")
     parser.add_argument("--skip-job", action="store_true", help="only the training-step measurement")
-    parser.add_argument("--methods", default="full", help="training methods to measure, comma separated: full, lora")
+    parser.add_argument("--methods", default="full", help="training methods to measure, comma separated: full, lora, textual_inversion")
     args = parser.parse_args()
     args.subject_dir = args.subject_dir.resolve()
 
@@ -193,24 +214,25 @@ def main() -> None:
     for method in args.methods.split(","):
         rate, peak, saved = differential(lambda steps: _run_ours("finetune", model_dir, root, steps, args.class_images, args, shared_work, method))
         rows.append((f"ours ({method})", rate, peak, saved))
-    references = {"full": args.reference_script, "lora": args.reference_lora_script}
+    references = {"full": args.reference_script, "lora": args.reference_lora_script, "textual_inversion": args.reference_ti_script}
     measured = [method for method in args.methods.split(",") if references.get(method)]
-    if measured:
+    reference_classes = root / "reference-classes"
+    if any(method != "textual_inversion" for method in measured):
         class_dir = next((shared_work / "class-priors").iterdir())  # the same images, as files the reference reads
-        reference_classes = root / "reference-classes"
         shutil.copytree(class_dir, reference_classes)
     for method in measured:
         rate, peak, _ = differential(lambda steps: _run_reference(args, model_dir, root, steps, reference_classes, resolution, method))
         rows.append((f"diffusers ({method})", rate, peak, None))
 
-    print(f"\nfine-tune step, steady state ({args.short_steps} vs {args.long_steps} steps, batch 1 subject + 1 class, fp32 AdamW)")
-    print(f"{'':22}{'steps/s':>10}{'peak RSS GB':>14}{'saved MB':>12}")
+    print(f"\nfine-tune step, steady state ({args.short_steps} vs {args.long_steps} steps, batch 1 subject + 1 class "
+          f"(textual inversion: the subject only), fp32 AdamW)")
+    print(f"{'':38}{'steps/s':>10}{'peak RSS GB':>14}{'saved MB':>12}")
     for name, rate, peak, saved in rows:
-        print(f"{name:22}{rate:10.2f}{peak:14.2f}{saved / 1e6 if saved else float('nan'):12.3f}")
+        print(f"{name:38}{rate:10.2f}{peak:14.2f}{saved / 1e6 if saved else float('nan'):12.3f}")
     by_name = {name: (rate, peak) for name, rate, peak, _ in rows}
     for method in measured:
         ours, reference = by_name[f"ours ({method})"], by_name[f"diffusers ({method})"]
-        print(f"{f'ours / diffusers ({method})':22}{ours[0] / reference[0]:10.2f}x{ours[1] / reference[1]:13.2f}x")
+        print(f"{f'ours / diffusers ({method})':38}{ours[0] / reference[0]:10.2f}x{ours[1] / reference[1]:13.2f}x")
 
     if args.skip_job:
         return

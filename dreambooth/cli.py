@@ -197,9 +197,11 @@ def _submit(args: argparse.Namespace, config: RunConfig) -> int:
 
 def _experiment(args: argparse.Namespace, config: RunConfig) -> int:
     """An experiment file through `run` (locally) or `submit` (with --host: the file as the cluster sees it)."""
-    from dreambooth.storage import read_text
+    from dreambooth.storage import is_gcs, read_text
     from dreambooth.subjects import parse_subjects
 
+    if args.host and not is_gcs(args.file):
+        raise InputError(f"experiment: {args.file} is on this machine; with --host give the file where the cluster reads it (gs://...)")
     source = args.file if args.host else _local_photos(args.file)
     entries = parse_subjects(read_text(source), source, config)  # every problem of the file, before anything runs
     if not any(entry.experiment for entry in entries):

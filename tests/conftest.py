@@ -56,7 +56,7 @@ SAMPLE_OBJECT = REPO / "examples" / "subjects" / "backpack"
 def cli(*args, cwd=None, env=None, timeout=900, in_process=None) -> subprocess.CompletedProcess:
     """`dreambooth ...` as a user runs it: its exit status, stdout and stderr.
 
-    A whole `run` (kfp.local, its own stdout handling) and a command whose environment changes what
+    A whole `run` or `experiment` (kfp.local, its own stdout handling) and a command whose environment changes what
     huggingface_hub reads when it is imported (HF_*) run in their own process, as `python pipeline.py`;
     the others run in this one (an interpreter start, with torch and MLflow imported, costs seconds),
     in `cwd` with `env`, both restored after. `in_process=False` forces the subprocess: the smoke tests.
@@ -64,7 +64,7 @@ def cli(*args, cwd=None, env=None, timeout=900, in_process=None) -> subprocess.C
     environment = dict(os.environ) if env is None else dict(env)
     hub_changed = any(environment.get(key) != os.environ.get(key) for key in {*environment, *os.environ} if key.startswith("HF_"))
     if in_process is None:
-        in_process = args[0] != "run" and not hub_changed
+        in_process = args[0] not in ("run", "experiment") and not hub_changed
     if not in_process:
         return subprocess.run([sys.executable, str(REPO / "pipeline.py"), *args], cwd=cwd, capture_output=True, text=True,
                               env=environment, timeout=timeout)

@@ -32,7 +32,12 @@ def test_an_experiment_runs_every_variant_and_fills_the_papers_tables(tmp_path):
                      {"id": "backpack", "photos": str(SAMPLE_OBJECT), "class_noun": "backpack"}],
         "variants": VARIANTS,
     }))
-    config = quick_config(tmp_path, experiment="paper", superres=False, max_steps=4, checkpoint_every=4)
+    config = quick_config(tmp_path, experiment="paper", superres=False, max_steps=2, checkpoint_every=2)
+    raw = yaml.safe_load(Path(config).read_text())  # ten trainings: each as small as the stages allow
+    raw["priors"]["num_class_images"] = 2
+    raw["samples"].update({"prompts": raw["samples"]["prompts"][:1], "compare_with_base": False})
+    raw["evaluation"]["pres_images"] = 1
+    Path(config).write_text(yaml.safe_dump(raw))
     environment = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
     result = cli("experiment", str(experiment), "--config", config, "--output-dir", str(tmp_path / "out"), cwd=tmp_path, env=environment)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]

@@ -143,3 +143,28 @@ def test_submit_runs_preflight_first_and_sends_nothing_when_it_fails(kfp_api):
     assert result.returncode == 2
     assert "FAIL  cluster.image" in result.stdout and "preflight failed" in result.stderr
     assert not _posted(requests, "/apis/v2beta1/")
+
+
+def test_an_experiment_with_a_host_is_submitted_as_one_batch_reading_its_file_on_the_cluster(kfp_api, gcs_emulator, tmp_path):
+    from google.cloud import storage
+
+    host, requests, _ = kfp_api
+    text = ("subjects:\n  - {id: dog, photos: gs://photos/dog, class_noun: dog}\n"
+            "variants:\n  - {name: dreambooth}\n  - {name: no-ppl, training: {prior_loss_weight: 0}}\n")
+    storage.Client(project="dreambooth-test").bucket(gcs_emulator).blob("experiments/paper.yaml").upload_from_string(text)
+    uri = f"gs://{gcs_emulator}/experiments/paper.yaml"
+    result = _cli("experiment", uri, "--skip-preflight", "--host", host, "--config", "gke-sd15")
+    assert result.returncode == 0, result.stderr
+    (run,) = _posted(requests, "/apis/v2beta1/runs")
+    assert run["display_name"] == "dreambooth-paper" and run["runtime_config"]["parameters"]["subjects_uri"] == uri
+
+    local = tmp_path / "paper.yaml"
+    local.write_text(text)
+    refused = _cli("experiment", str(local), "--skip-preflight", "--host", host, "--config", "gke-sd15")
+    assert refused.returncode == 2 and refused.stderr.splitlines() == [
+        f"error: experiment: {local} is on this machine; with --host give the file where the cluster reads it (gs://...)"]
+    no_variants = tmp_path / "subjects.yaml"
+    no_variants.write_text(text.split("variants:")[0])
+    plain = _cli("experiment", str(no_variants), "--config", "tiny")
+    assert plain.returncode == 2 and plain.stderr.splitlines() == [
+        f"error: {no_variants}: no `variants:`; an experiment runs each subject once per variant (for subjects alone: run --subjects)"]
