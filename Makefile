@@ -19,7 +19,7 @@ demo: setup
 	$(BIN)/dreambooth run --config tiny --subjects examples/subjects.yaml --output-dir outputs
 
 # Two workers; tests that share a fixed port (the manifest's MLflow) stay on one (xdist_group).
-PYTEST := $(BIN)/python -m pytest -n 2 --dist loadgroup
+PYTEST := $(BIN)/python -m pytest -n 2 --dist loadgroup --no-loadscope-reorder
 
 test: setup
 	$(PYTEST)

@@ -36,7 +36,7 @@ from dreambooth.tracking import (
 from pipeline_checks import SUBJECT_STAGES, check_kfp_outputs, check_kfp_pages, check_tracked_subject, report_lines, subject_blocks
 
 # One worker runs the module: its tests share the first batch's runs (module fixtures).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("batch-pipeline")]
+pytestmark = [pytest.mark.slow(seconds=240), pytest.mark.xdist_group("batch-pipeline")]
 
 SUBJECTS = {"dog-a": ("dog", ["00.jpg", "01.jpg", "02.jpg"]), "dog-b": ("dog", ["01.jpg", "02.jpg", "03.jpg"]), "backpack": ("backpack", None)}
 STRICT_GATE = {"min_dino": 2.0, "min_clip_t": -1.0, "max_pres": 1.0}  # no model reaches DINO 2: rejected

@@ -14,7 +14,7 @@ from dreambooth.tasks.batch import read_plan
 from dreambooth.tracking import TAG_CLASS_PROMPT, TAG_PRIOR_KEY
 from pipeline_checks import report_lines, subject_blocks
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(seconds=170)
 
 VARIANTS = [
     {"name": "dreambooth"},

@@ -76,7 +76,7 @@ class ClusterDns(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=135)
 def test_a_pipeline_run_tracks_to_the_deployed_mlflow_by_its_cluster_name_and_its_credentials_go_nowhere(
         deployed_mlflow, postgres, gcs_emulator, webhooks, tmp_path):
     """The manifest's MLflow (PostgreSQL, artifacts on the bucket) reached by its in-cluster name with

@@ -151,7 +151,7 @@ def lora_batch(tmp_path_factory, gcs_emulator):
     return root, tracking, subject_blocks(result.stdout), {entry["id"]: entry["overrides"] for entry in entries}, gcs_emulator
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=150)
 @pytest.mark.xdist_group("lora-batch")  # one worker: the three share the batch (a module fixture)
 @pytest.mark.parametrize("subject", list(LORA_SUBJECTS))
 def test_a_lora_run_goes_through_every_stage_and_registers_megabytes(lora_batch, subject):
