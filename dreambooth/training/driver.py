@@ -58,20 +58,8 @@ def run_finetune(job: FinetuneJob, on_log: Optional[OnLog] = None, on_step: Opti
 
     batch = settings.batch_size
     prompts = [job.instance_prompt] * batch + ([job.class_prompt] * batch if classes else [])
-    training_encoders = recipe.trainable_text_encoders if settings.train_text_encoder else ()
-    for name in recipe.text_encoders:
-        getattr(pipeline, name).requires_grad_(name in training_encoders and settings.method == "full")
     denoiser = getattr(pipeline, recipe.denoiser)
-    if settings.trains_adapter:
-        add_lora_adapters(denoiser, [getattr(pipeline, name) for name in training_encoders], settings)
-    elif settings.method == "textual_inversion":
-        freeze(denoiser, settings)
-    learned = None
-    if settings.learns_embedding:
-        inversion = settings.textual_inversion
-        learned = LearnedToken.add(pipeline, recipe.embedding_encoders, job.identifier, inversion.initializer or job.initializer,
-                                   inversion.num_vectors)
-        training_encoders = tuple(learned.rows)
+    training_encoders, learned = _set_up_method(job)
     cached = None
     if not training_encoders:
         with torch.no_grad():
@@ -121,6 +109,27 @@ def run_finetune(job: FinetuneJob, on_log: Optional[OnLog] = None, on_step: Opti
     if learned:
         result.embedding = learned.finish(pipeline)
     return result
+
+
+def _set_up_method(job: FinetuneJob) -> tuple[tuple[str, ...], Optional[LearnedToken]]:
+    """Freeze what training.method leaves alone, attach its adapters or add its learned token;
+    returns the text encoders that train and the learned token (None without one)."""
+    recipe, settings = job.recipe, job.recipe.settings
+    pipeline = recipe.pipeline
+    training_encoders = recipe.trainable_text_encoders if settings.train_text_encoder else ()
+    for name in recipe.text_encoders:
+        getattr(pipeline, name).requires_grad_(name in training_encoders and settings.method == "full")
+    denoiser = getattr(pipeline, recipe.denoiser)
+    if settings.trains_adapter:
+        add_lora_adapters(denoiser, [getattr(pipeline, name) for name in training_encoders], settings)
+    elif settings.method == "textual_inversion":
+        freeze(denoiser, settings)
+    if not settings.learns_embedding:
+        return training_encoders, None
+    inversion = settings.textual_inversion
+    learned = LearnedToken.add(pipeline, recipe.embedding_encoders, job.identifier, inversion.initializer or job.initializer,
+                               inversion.num_vectors)
+    return tuple(learned.rows), learned
 
 
 def train_and_save(
