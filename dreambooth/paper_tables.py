@@ -202,10 +202,11 @@ def as_csv(tables: list[FilledTable]) -> str:
     for filled in tables:
         for row, variant, cells in filled.rows:
             for metric, cell in cells.items():
-                paper = {f"paper_{key}": value for key, value in row.paper.items()} if filled.table.paper_columns else {}
-                writer.writerow([filled.table.name, row.label, variant, metric,
-                                 "" if cell.mean is None else f"{cell.mean:.4f}", "" if cell.mean is None else f"{cell.spread:.4f}",
-                                 cell.subjects, row.paper.get(metric, "") if not paper else ";".join(f"{k}={v}" for k, v in paper.items())])
+                # The paper's figure for this metric; per subject where the paper gives it so (backpack=..;dog=..).
+                paper = ";".join(f"{key}={value}" for key, value in row.paper.items()) if filled.table.paper_columns \
+                    else row.paper.get(metric, "")
+                ours = ("", "") if cell.mean is None else (f"{cell.mean:.4f}", f"{cell.spread:.4f}")
+                writer.writerow([filled.table.name, row.label, variant, metric, *ours, cell.subjects, paper])
     return buffer.getvalue()
 
 
