@@ -3,6 +3,7 @@ the file loads in diffusers as in our loader, and the pivotal embedding freezes 
 
 import inspect
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +86,25 @@ def test_textual_inversion_moves_only_the_new_rows_and_loads_in_diffusers(prepar
 
     check = learning_check(str(tmp_path / "embedding"), tmp_path / "subject", None, identifier, config)
     assert check.subject_tuned < check.subject_base  # the token learned the subject's photos
+
+    # Registered like any result: a pyfunc model whose pipeline artifact is the embedding folder (kilobytes), served.
+    import io
+
+    import mlflow
+    import pandas as pd
+    from PIL import Image
+
+    from dreambooth.registry import log_pipeline_model
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(tracking)
+    run = mlflow.MlflowClient(tracking).create_run(mlflow.MlflowClient(tracking).create_experiment("ti")).info.run_id
+    model_uri = log_pipeline_model(tracking, run, tmp_path / "embedding")
+    (logged,) = (Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "logged"))) / "artifacts").iterdir()
+    assert sorted(path.name for path in logged.iterdir()) == sorted([EMBEDDINGS_FILE, METADATA_FILE])
+    assert sum(path.stat().st_size for path in logged.iterdir()) < 10_000
+    served = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"prompt": [prompt], "num_inference_steps": [2], "seed": [0]}))
+    assert Image.open(io.BytesIO(served["image_png"][0])).size == (64, 64)
 
 
 def test_an_sdxl_embedding_holds_one_tensor_per_text_encoder_in_the_web_ui_layout(prepared, tmp_path):
