@@ -185,6 +185,36 @@ def test_validation_images_show_the_model_as_it_trains(prepared, tmp_path):
     assert np.abs(pixels[0] - pixels[1]).max() > 1  # two seeds
 
 
+def test_validation_images_in_mixed_precision_leave_the_trained_weights_float32_and_training_goes_on(prepared, tmp_path, monkeypatch):
+    """diffusers' LoRA scripts crash after a validation step under fp16 ("Attempting to unscale FP16
+    gradients"): the validation pipeline cast the adapters. Here they stay float32 and training goes on."""
+    import inspect
+
+    from dreambooth.training import loop
+
+    config, identifier = prepared(training={"method": "lora", "mixed_precision": "bf16", "max_steps": 4, "checkpoint_every": 4,
+                                            "learning_rate": 1e-2, "validation_every": 2, "validation_images": 1,
+                                            "validation_inference_steps": 2})
+    trained_dtypes, real_train = {}, loop.train
+
+    def watching_train(*args, **kwargs):
+        bound = inspect.signature(real_train).bind(*args, **kwargs)
+        modules, on_step = bound.arguments["modules"], bound.arguments["on_step"]
+
+        def after_validation(step):
+            on_step(step)  # draws the validation images at steps 2 and 4
+            trained_dtypes[step] = {p.dtype for module in modules.values() for p in module.parameters() if p.requires_grad}
+
+        bound.arguments["on_step"] = after_validation
+        return real_train(*bound.args, **bound.kwargs)
+
+    monkeypatch.setattr("dreambooth.training.driver.train", watching_train)
+    result = finetune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "adapter")
+    assert [step for step, _ in result.validation_images] == [2, 4]
+    assert trained_dtypes == {step: {torch.float32} for step in (1, 2, 3, 4)}
+    assert result.steps == 4 and all(np.isfinite(value) for value in result.final_loss.values())
+
+
 @pytest.mark.parametrize("family, prefixes", [("sd", {"unet", "te1"}), ("sdxl", {"unet", "te1", "te2"})])
 def test_the_single_file_export_is_the_same_adapter_in_the_web_ui_layout(prepared, tmp_path, family, prefixes):
     from dreambooth.models import LORA_WEIGHTS, SINGLE_FILE_LORA, resolve_model_source
