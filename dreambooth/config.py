@@ -80,6 +80,18 @@ class SubjectSettings(Section):
     # false: the subject's captions and prompts leave the class noun out (`a [V]`, the paper's no-class
     # ablation); the class noun still names the class images and picks the evaluation's prompt set.
     class_noun_in_prompts: bool = True
+    # A caption per photo file name, templated like prompt_template (e.g. "a photo of {identifier}
+    # {class_noun} on a sofa"); a sidecar NAME.txt beside the photo does the same. Others: prompt_template.
+    captions: dict[str, str] = {}
+    # person: each photo must show exactly one face (OpenCV's Haar cascade), and is cropped to a
+    # square around it; the face box is the subject's mask (training.mask_weight).
+    kind: Literal["object", "person"] = "object"
+    # With kind person: the crop's side as a multiple of the face box's side (head and shoulders).
+    face_crop_scale: float = Field(default=2.5, ge=1)
+
+    def identifier_phrase(self, identifier: str) -> str:
+        """What every caption of the subject must contain: `[V] noun` (`[V]` without the class noun)."""
+        return self.render("{identifier} {class_noun}", identifier)
 
     def render(self, template: str, identifier: str = "") -> str:
         """A prompt template with this subject's identifier and class noun (none, without
@@ -104,6 +116,20 @@ class SubjectSettings(Section):
         if not 0 <= value[0] < value[1]:
             raise ValueError("must be [low, high) with 0 <= low < high")
         return value
+
+
+class DataSettings(Section):
+    """How photos become training views."""
+
+    # Aspect-ratio buckets: each photo trains at the bucket (about resolution squared in area, sides
+    # multiples of the model's latent step) nearest its aspect ratio, cropped by the least amount; a
+    # batch never mixes buckets. None: on for sdxl and flux, off (one square) for sd.
+    buckets: Optional[bool] = None
+    # The most elongated bucket, as long side over short side.
+    max_aspect_ratio: float = Field(default=2.0, ge=1)
+
+    def buckets_for(self, family: str) -> bool:
+        return self.buckets if self.buckets is not None else family in ("sdxl", "flux")
 
 
 class SamplerSettings(Section):
@@ -173,6 +199,15 @@ class TextualInversionSettings(Section):
     train_fraction: float = Field(default=0.5, gt=0, le=1)
 
 
+class EmaSettings(Section):
+    """An exponential moving average of the trained weights, saved and evaluated instead of them."""
+
+    # The average's decay per step (it warms up as (1 + n) / (10 + n) below this, n steps into it).
+    decay: float = Field(default=0.999, gt=0, lt=1)
+    # The step the average starts from (the weights at that step).
+    start_step: int = Field(default=0, ge=0)
+
+
 class TrainingSettings(Section):
     """The DreamBooth fine-tune: what trains, for how long, and how."""
 
@@ -211,8 +246,10 @@ class TrainingSettings(Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     # Recompute activations in the backward pass: less memory, about a third slower.
     gradient_checkpointing: bool = False
-    # auto: bitsandbytes' 8-bit AdamW when it and CUDA are present, torch AdamW otherwise.
-    optimizer: Literal["auto", "adamw", "adamw_8bit"] = "auto"
+    # auto: bitsandbytes' 8-bit AdamW when it and CUDA are present, torch AdamW otherwise. prodigy:
+    # the Prodigy optimizer, which finds its own step size (learning_rate ~1.0 is a multiplier; every
+    # trained part, the text encoder and a learned embedding too, gets learning_rate).
+    optimizer: Literal["auto", "adamw", "adamw_8bit", "prodigy"] = "auto"
     # AdamW's first-moment decay (AdamW's settings are diffusers' DreamBooth example's).
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999  # AdamW's second-moment decay
@@ -222,8 +259,14 @@ class TrainingSettings(Section):
     max_grad_norm: float = Field(default=1.0, gt=0)
     # Mirror each photo half the time.
     random_flip: bool = True
-    # Crop each photo's centre to the training square; false: its top-left square.
+    # Crop each photo's centre to the training square (or bucket); false: its top-left corner.
     center_crop: bool = True
+    # The share of subject examples captioned with the bare instance prompt instead of their own caption.
+    caption_dropout: float = Field(default=0.0, ge=0, le=1)
+    # The loss weight outside the subject's mask (a NAME.mask.png, or a person's face box); 1: no masking.
+    mask_weight: float = Field(default=1.0, ge=0, le=1)
+    # An exponential moving average of the trained weights (full, LoRA or embedding); None: the raw weights.
+    ema: Optional[EmaSettings] = None
     # Steps between checkpoints; a re-run or a retried task resumes from the newest.
     checkpoint_every: int = Field(default=500, ge=1)
     # Checkpoints kept; older ones are deleted.
@@ -254,6 +297,16 @@ class TrainingSettings(Section):
         if train_text_encoder and method in ("textual_inversion", "pivotal"):
             raise ValueError(f"{method} trains the new token's embedding, not the text encoder; set it false")
         return train_text_encoder
+
+    @model_validator(mode="after")
+    def _prodigy_settings(self) -> "TrainingSettings":
+        # Prodigy estimates the step size itself; a learning rate meant for AdamW would shrink it a million-fold.
+        if self.optimizer == "prodigy" and not 0.1 <= self.learning_rate <= 10:
+            raise ValueError(f"learning_rate: {self.learning_rate} with optimizer prodigy, which takes it as a multiplier "
+                             "of the step size it finds; use about 1.0")
+        if self.optimizer == "prodigy" and self.text_encoder_learning_rate not in (None, self.learning_rate):
+            raise ValueError("text_encoder_learning_rate: prodigy trains every part at learning_rate; leave it unset")
+        return self
 
     @property
     def learns_embedding(self) -> bool:
@@ -561,6 +614,7 @@ class RunConfig(Section):
     name: str = "custom"
     model: ModelSettings = ModelSettings()
     subject: SubjectSettings = SubjectSettings()
+    data: DataSettings = DataSettings()
     priors: PriorSettings = PriorSettings()
     training: TrainingSettings = TrainingSettings()
     superres: SuperResSettings = SuperResSettings()

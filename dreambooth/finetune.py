@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from dreambooth.config import RunConfig, SamplerSettings
+from dreambooth.config import DataSettings, RunConfig, SamplerSettings
 from dreambooth.errors import InputError
 from dreambooth.models import METADATA_FILE, load_pipeline, model_family
 from dreambooth.training.driver import subject_training
@@ -42,7 +42,8 @@ def finetune(
     snapshot_steps = select.scored_steps(config.training.max_steps) if select else []
     subject = subject_training(instance_dir, class_dir, identifier, config, config.training, config.priors.enabled, "priors.enabled",
                                # a run that keeps steps aside never resumes one that did not
-                               [config.model.model_dump(), config.training.model_dump(), *([snapshot_steps] if select else [])],
+                               [config.model.model_dump(), config.training.model_dump(), *([snapshot_steps] if select else []),
+                                *([config.data.model_dump()] if config.data != DataSettings() else [])],
                                snapshot_steps)
     settings = subject.settings
     validation_dir = Path(config.storage.work_dir) / "validation" / subject.fingerprint
@@ -50,7 +51,7 @@ def finetune(
     def make_recipe(training, device):
         family = model_family(config.model.base, config.model.revision, declared=config.model.family)
         pipeline = load_pipeline(config.model.base, config.model.revision, device=device, vae=config.model.vae)
-        return recipe_class(family)(pipeline, training, device, config.model.resolution)
+        return recipe_class(family)(pipeline, training, device, config.model.resolution, data=config.data)
 
     def draw_validation(recipe) -> OnStep:
         prompt = config.subject.render(settings.validation_prompt, identifier)

@@ -13,6 +13,7 @@ from dreambooth.errors import InputError
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+MASK_SUFFIX = ".mask.png"  # NAME.mask.png: the mask of photo NAME, beside it
 MIN_GRID_CELL = 160  # tiny models draw 64 px images; enlarge them so a grid stays readable
 GRID_LABEL_HEIGHT = 18
 
@@ -25,8 +26,9 @@ class LoadedImage:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """The image files of a folder by name, hidden files aside (a folder of training or class images)."""
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    """The image files of a folder by name, hidden files and masks aside (a folder of training or class images)."""
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and not p.name.lower().endswith(MASK_SUFFIX))
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

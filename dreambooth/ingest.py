@@ -1,7 +1,10 @@
 """Stage 1: validate and normalise the subject photos, and choose the identifier `[V]`.
 
 Everything here runs before any model weights are loaded (the tokenizer is a vocabulary
-file), so a bad upload is refused in seconds, before GPU time is spent.
+file, the bucket sizes come from config files), so a bad upload is refused in seconds, before
+GPU time is spent. Each normalised photo may have a caption (NAME.txt) and a mask (NAME.mask.png)
+beside it: from the user's sidecar files or `subject.captions`, and for a person, the crop around
+the face and the face's box.
 """
 
 from __future__ import annotations
@@ -12,11 +15,18 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dreambooth.config import RunConfig, require_subject
+from typing import Optional
+
+from PIL import Image
+
+from dreambooth.config import RunConfig, SubjectSettings, require_subject
 from dreambooth.errors import InputError
+from dreambooth.faces import detect_faces, face_mask, square_around
 from dreambooth.identifiers import IdentifierChoice, check_user_identifier, new_token_identifier, select_rare_identifier
-from dreambooth.images import load_rgb
-from dreambooth.models import load_tokenizer, model_family
+from dreambooth.images import MASK_SUFFIX, list_images, load_rgb
+from dreambooth.models import component_config, load_tokenizer, model_family
+from dreambooth.training.buckets import place
+from dreambooth.training.data import ViewShape, caption_file, mask_file
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +40,11 @@ class ManifestEntry:
     sha256: str  # of the source file's bytes
     original_size: tuple[int, int]  # (width, height) as stored
     original_mode: str
-    size: tuple[int, int]  # after EXIF orientation
+    size: tuple[int, int]  # after EXIF orientation (and a person's face crop)
+    bucket: tuple[int, int]  # (width, height) it trains at
+    caption: str = ""  # "": the instance prompt
+    face: Optional[tuple[int, int, int, int]] = None  # a person's face box in the upright photo
+    mask: str = ""  # the mask file beside it, when there is one
 
 
 @dataclass
@@ -53,10 +67,19 @@ class IngestResult:
         }
 
 
+def is_sidecar(path: Path) -> bool:
+    """A photo's caption (NAME.txt) or mask (NAME.mask.png), not a photo."""
+    return path.suffix.lower() == ".txt" or path.name.lower().endswith(MASK_SUFFIX)
+
+
 def _candidate_files(subject_dir: Path) -> list[Path]:
     if not subject_dir.is_dir():
         raise InputError(f"{subject_dir}: subject folder not found")
-    files = sorted(p for p in subject_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = sorted(p for p in subject_dir.iterdir() if p.is_file() and not p.name.startswith(".") and not is_sidecar(p))
+    stems = {path.stem for path in files}
+    for caption in subject_dir.glob("*.txt"):  # a caption whose photo was renamed would be lost without a word
+        if caption.stem not in stems and not caption.name.startswith("."):
+            raise InputError(f"{caption}: a caption file, but no photo of the folder is named {caption.stem}.*")
     inside = subject_dir.resolve()
     for path in files:  # a link would make a file elsewhere on disk a training photo
         if path.is_symlink() and not path.resolve().is_relative_to(inside):
@@ -70,7 +93,8 @@ def ingest_subject(subject_dir: Path, output_dir: Path, config: RunConfig) -> In
     """Check every photo, write the normalised RGB PNGs and manifest.json to output_dir."""
     require_subject(config)
     settings = config.subject
-    files = _candidate_files(subject_dir)[: settings.photos_limit]
+    every_photo = _candidate_files(subject_dir)
+    files = every_photo[: settings.photos_limit]
 
     loaded = []
     seen_pixels: dict[str, str] = {}
@@ -120,11 +144,22 @@ def ingest_subject(subject_dir: Path, output_dir: Path, config: RunConfig) -> In
             tuple(others),
         )
 
+    unknown = sorted(set(settings.captions) - {path.name for path in every_photo})
+    if unknown:
+        raise InputError(f"subject.captions: {unknown[0]} is not a photo of {subject_dir}")
+    shape = view_shape(config)
+    prepared = [_prepare_photo(path, image.image, settings, choice.identifier) for path, image in loaded]
+
     output_dir.mkdir(parents=True, exist_ok=True)
     entries = []
-    for index, (path, image) in enumerate(loaded):
+    for index, ((path, image), photo) in enumerate(zip(loaded, prepared)):
         name = f"{index:02d}-{path.stem}.png"
-        image.image.save(output_dir / name, format="PNG")
+        photo.image.save(output_dir / name, format="PNG")
+        if photo.caption:
+            caption_file(output_dir / name).write_text(photo.caption + "\n")
+        if photo.mask is not None:
+            photo.mask.save(mask_file(output_dir / name), format="PNG")
+        bucket = shape.placement(photo.image.size).bucket
         entries.append(
             ManifestEntry(
                 source_file=path.name,
@@ -132,9 +167,14 @@ def ingest_subject(subject_dir: Path, output_dir: Path, config: RunConfig) -> In
                 sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
                 original_size=image.original_size,
                 original_mode=image.original_mode,
-                size=image.image.size,
+                size=photo.image.size,
+                bucket=bucket,
+                caption=photo.caption,
+                face=photo.face,
+                mask=mask_file(output_dir / name).name if photo.mask is not None else "",
             )
         )
+        log.info("%s: trains at %dx%d%s", path.name, *bucket, f" as {photo.caption!r}" if photo.caption else "")
     result = IngestResult(
         images=entries,
         identifier=choice,
@@ -145,6 +185,66 @@ def ingest_subject(subject_dir: Path, output_dir: Path, config: RunConfig) -> In
     )
     (output_dir / MANIFEST_FILE).write_text(json.dumps(result.as_manifest(), indent=2))
     return result
+
+
+@dataclass
+class PreparedPhoto:
+    image: Image.Image
+    caption: str = ""
+    mask: Optional[Image.Image] = None
+    face: Optional[tuple[int, int, int, int]] = None
+
+
+def _prepare_photo(path: Path, image: Image.Image, settings: SubjectSettings, identifier: str) -> PreparedPhoto:
+    """The photo's caption (checked), its mask, and for a person the crop around its one face."""
+    template = settings.captions.get(path.name)
+    if template is None and caption_file(path).is_file():
+        template = caption_file(path).read_text()
+    caption = ""
+    if template is not None:
+        try:
+            caption = settings.render(template, identifier)
+        except (KeyError, IndexError, ValueError) as error:
+            raise InputError(f"{path}: caption {template.strip()!r} is not a template of {{identifier}} and {{class_noun}} ({error})") from None
+        phrase = settings.identifier_phrase(identifier)
+        if phrase not in caption:
+            raise InputError(f"{path}: caption {caption!r} does not contain the identifier phrase {phrase!r}; "
+                             "write {identifier} {class_noun} in it")
+    mask = _user_mask(path, image)
+    face = None
+    if settings.kind == "person":
+        faces = detect_faces(image)
+        if len(faces) != 1:
+            raise InputError(f"{path}: {'no face' if not faces else f'{len(faces)} faces'} found; a person's photos "
+                             "must each show exactly one face (subject.kind: person)")
+        face = faces[0]
+        crop = square_around(face, image.size, settings.face_crop_scale)
+        mask = mask.crop(crop) if mask is not None else face_mask(face, crop)
+        image = image.crop(crop)
+    return PreparedPhoto(image, caption, mask, face)
+
+
+def _user_mask(path: Path, image: Image.Image) -> Optional[Image.Image]:
+    """NAME.mask.png beside the photo: white where the subject is, the photo's upright size."""
+    mask_path = mask_file(path)
+    if not mask_path.is_file():
+        return None
+    mask = load_rgb(mask_path, max_pixels=4 * image.width * image.height).image.convert("L")
+    if mask.size != image.size:
+        raise InputError(f"{mask_path}: {mask.width}x{mask.height}, but its photo is {image.width}x{image.height} (upright)")
+    return mask.point(lambda value: 255 if value >= 128 else 0)
+
+
+def view_shape(config: RunConfig) -> ViewShape:
+    """Where the fine-tune cuts its views: the base model's training size and, with buckets, its image step."""
+    from dreambooth.training.recipes import recipe_class
+
+    model = config.model
+    recipe = recipe_class(model_family(model.base, model.revision, declared=model.family))
+    denoiser = component_config(model.base, model.revision, recipe.denoiser)
+    vae = component_config(model.base, model.revision, "vae")
+    resolution = model.resolution or recipe.native_size(denoiser, vae)
+    return recipe.shape_of_views(config.data, config.training, resolution, denoiser, vae)
 
 
 def identifier_tokenizers(config: RunConfig) -> list:
@@ -159,3 +259,18 @@ def identifier_tokenizers(config: RunConfig) -> list:
 
 def read_manifest(folder: Path) -> dict:
     return json.loads((folder / MANIFEST_FILE).read_text())
+
+
+def photos_as_trained(folder: Path, center_crop: bool = True) -> list[Image.Image]:
+    """The folder's photos cut as the fine-tune cut them (to their bucket's shape, at full size),
+    for the evaluation to compare with; a folder without a manifest: the photos as they are."""
+    buckets = {}
+    if (folder / MANIFEST_FILE).is_file():
+        buckets = {entry["normalised_file"]: tuple(entry["bucket"]) for entry in read_manifest(folder)["images"] if entry.get("bucket")}
+    photos = []
+    for path in list_images(folder):
+        image = load_rgb(path, 1 << 40).image
+        if path.name in buckets:
+            image = image.crop(place(image.size, buckets[path.name], center_crop).box_in(image.size))
+        photos.append(image)
+    return photos

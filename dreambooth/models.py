@@ -172,6 +172,19 @@ def _model_index(reference: str, revision: Optional[str], setting: str) -> dict:
         raise InputError(f"{setting}: {reference!r} has no readable model_index.json, so it is no diffusers pipeline ({error})") from None
 
 
+def component_config(reference: str, revision: Optional[str], subfolder: str, setting: str = "model.base") -> dict:
+    """A pipeline component's config.json (the UNet's, the VAE's), read without its weights."""
+    source = resolve_model_source(reference, revision, setting)
+    try:
+        if Path(source).is_dir():
+            return json.loads((Path(source) / subfolder / "config.json").read_text())
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(source, f"{subfolder}/config.json", revision=revision)).read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"{setting}: cannot read the {subfolder} config of {reference!r} ({error})") from None
+
+
 def model_family(reference: str, revision: Optional[str] = None, setting: str = "model.base", declared: Optional[str] = None) -> str:
     """sd, sdxl, flux or sd-upscaler, from the pipeline class in model_index.json (a LoRA result: its base's);
     a `declared` family (config model.family) must agree."""

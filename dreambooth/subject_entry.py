@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 
 from dreambooth.config import RunConfig, merge_settings
 
-ENTRY_FIELDS = ("id", "photos", "class_noun", "identifier", "live", "overrides")
+ENTRY_FIELDS = ("id", "photos", "class_noun", "identifier", "live", "captions", "overrides")
 CSV_COLUMNS = ("id", "photos", "class_noun", "identifier", "live")
 # Settings that belong to the whole batch (where it runs, where it writes, which branches the DAG
 # takes), not to one subject.
@@ -20,7 +20,8 @@ BATCH_WIDE_SECTIONS = ("tracking", "storage", "batch", "cluster")
 BATCH_WIDE_SETTINGS = (("superres", "enabled"),)
 # Set through the entry's own fields instead.
 IDENTITY_SETTINGS = {("subject", "name"): "id", ("subject", "class_noun"): "class_noun",
-                     ("subject", "identifier"): "identifier", ("evaluation", "live_subject"): "live"}
+                     ("subject", "identifier"): "identifier", ("evaluation", "live_subject"): "live",
+                     ("subject", "captions"): "captions"}
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 TRUE_WORDS, FALSE_WORDS = {"true", "yes", "1"}, {"false", "no", "0"}
 
@@ -35,6 +36,7 @@ class SubjectEntry(BaseModel):
     class_noun: str
     identifier: Optional[str] = None
     live: Optional[bool] = None
+    captions: dict[str, str] = {}  # photo file name -> its caption template (subject.captions)
     overrides: dict[str, Any] = {}
     # Set when an experiment's variants expand a subject: which subject, which variant, what it tests.
     experiment: dict[str, Any] = {}
@@ -47,6 +49,8 @@ def subject_config(shared: RunConfig, entry: SubjectEntry) -> RunConfig:
         identity["subject"]["identifier"] = entry.identifier
     if entry.live is not None:
         identity["evaluation"] = {"live_subject": entry.live}
+    if entry.captions:
+        identity["subject"]["captions"] = entry.captions
     merged = merge_settings(merge_settings(shared.model_dump(), entry.overrides), identity)
     return RunConfig.model_validate(merged)
 

@@ -3,9 +3,9 @@
     subjects:
       - {id: grey-dog, photos: gs://bucket/uploads/grey-dog/, class_noun: dog}
       - {id: red-mug, photos: /data/red-mug, class_noun: mug, identifier: sks, live: false,
-         overrides: {training: {max_steps: 800}}}
+         captions: {mug1.jpg: "a {identifier} {class_noun} on a desk"}, overrides: {training: {max_steps: 800}}}
 
-A CSV has the columns id,photos,class_noun,identifier,live (overrides only in YAML). A relative
+A CSV has the columns id,photos,class_noun,identifier,live (captions and overrides only in YAML). A relative
 `photos` is relative to the subjects file. Every problem is reported in one pass, one line each,
 naming the entry and the field, so a team fixes a generated file in one go.
 """
@@ -98,6 +98,9 @@ def _entry_problems(raw: Any, shared: RunConfig) -> tuple[Optional[SubjectEntry]
             problems.append(f"live: {error}")
     elif values.get("live") is not None and not isinstance(values["live"], bool):
         problems.append(f"live: {values['live']!r} is not true or false")
+    captions = values.get("captions", {})
+    if not isinstance(captions, dict) or not all(isinstance(key, str) and isinstance(value, str) for key, value in captions.items()):
+        problems.append("captions: expected a mapping of photo file name to caption, e.g. {dog1.jpg: a {identifier} {class_noun} on a sofa}")
     identifier, class_noun = values.get("identifier"), values.get("class_noun")
     if identifier and class_noun and identifier.lower() in class_noun.lower().split():
         problems.append(f"identifier: {identifier!r} is the class noun; [V] must be a token the class noun does not already mean")

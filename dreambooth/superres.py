@@ -17,7 +17,7 @@ from PIL import Image
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
 from dreambooth.images import list_images
-from dreambooth.training.data import training_views
+from dreambooth.training.data import ViewShape, training_views
 from dreambooth.training.driver import subject_training
 from dreambooth.training.loop import OnLog
 from dreambooth.training.recipes.upscaler import UPSCALE_FACTOR, UpscalerRecipe
@@ -101,7 +101,7 @@ def upscale_comparison_grid(subject_dir: Path, model_dir: Path, upscaler_dir: Pa
 
     settings = config.superres
     prompt = config.subject.instance_prompt(identifier)
-    views = training_views(list_images(subject_dir)[:2], settings.resolution, True, False)
+    views = [view.image for view in training_views(list_images(subject_dir)[:2], ViewShape(settings.resolution), False)]
     inputs = [view.resize((view.width // UPSCALE_FACTOR, view.height // UPSCALE_FACTOR), Image.Resampling.BICUBIC) for view in views]
     sample_prompt = config.subject.render(config.samples.prompts[0], identifier)
     base = load_sampling_pipeline(str(model_dir), config.samples.sampler)

@@ -44,7 +44,7 @@ def test_the_sample_subject_ingests_with_a_manifest(subject_dir, tmp_path, confi
     "write_bad_file, reason",
     [
         (lambda p: (p / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg" * 20), "broken.jpg: "),
-        (lambda p: (p / "notes.txt").write_text("not a photo"), "notes.txt: not an image"),
+        (lambda p: (p / "notes.md").write_text("not a photo"), "notes.md: not an image"),
     ],
     ids=["corrupt", "non-image"],
 )
@@ -113,9 +113,9 @@ def test_the_pixel_limit_is_a_setting(subject_dir, tmp_path, make_config):
 
 
 def test_bad_input_is_refused_before_any_model_is_loaded(subject_dir, tmp_path, make_config):
-    (subject_dir / "notes.txt").write_text("x")
+    (subject_dir / "notes.md").write_text("x")
     config = make_config(model={"base": str(tmp_path / "no-such-model")})
-    with pytest.raises(InputError, match=r"notes\.txt"):
+    with pytest.raises(InputError, match=r"notes\.md"):
         ingest_subject(subject_dir, tmp_path / "out", config)
 
 
@@ -182,3 +182,29 @@ def test_too_many_images_are_refused(tmp_path, make_config):
         _noise_photo(folder / f"{index}.png", seed=index)
     with pytest.raises(InputError, match=r"many: 4 distinct images, at most 3 allowed \(subject\.max_images\)"):
         ingest_subject(folder, tmp_path / "out", make_config(subject={"max_images": 3}))
+
+
+def test_captions_come_from_sidecars_or_the_subjects_file_and_must_name_the_subject(subject_dir, tmp_path, make_config):
+    first, second, *_ = sorted(path for path in subject_dir.iterdir() if path.suffix == ".jpg")
+    first.with_suffix(".txt").write_text("a photo of {identifier} {class_noun}\non a red sofa\n")
+    config = make_config(subject={"captions": {second.name: "a {identifier} {class_noun} asleep in the grass"}})
+    result = ingest_subject(subject_dir, tmp_path / "out", config)
+    identifier = result.identifier.identifier
+    captions = {entry.source_file: entry.caption for entry in result.images}
+    assert captions[first.name] == f"a photo of {identifier} dog on a red sofa"  # whitespace tidied
+    assert captions[second.name] == f"a {identifier} dog asleep in the grass"
+    assert all(caption == "" for name, caption in captions.items() if name not in (first.name, second.name))
+    beside = {entry.source_file: (tmp_path / "out" / entry.normalised_file).with_suffix(".txt") for entry in result.images}
+    assert beside[first.name].read_text().strip() == captions[first.name]
+    assert not any(path.exists() for name, path in beside.items() if not captions[name])  # no caption: no file
+
+    first.with_suffix(".txt").write_text("a photo of a dog on a sofa")
+    with pytest.raises(InputError, match=rf"{first.name}: caption 'a photo of a dog on a sofa' does not contain the identifier phrase"):
+        ingest_subject(subject_dir, tmp_path / "refused", config)
+    first.with_suffix(".txt").unlink()
+    (subject_dir / "renamed.txt").write_text("a {identifier} {class_noun}")
+    with pytest.raises(InputError, match=r"renamed\.txt: a caption file, but no photo of the folder is named renamed"):
+        ingest_subject(subject_dir, tmp_path / "refused", config)
+    (subject_dir / "renamed.txt").unlink()
+    with pytest.raises(InputError, match=r"subject\.captions: typo\.jpg is not a photo of"):
+        ingest_subject(subject_dir, tmp_path / "refused", make_config(subject={"captions": {"typo.jpg": "a {identifier} {class_noun}"}}))

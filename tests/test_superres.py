@@ -6,7 +6,7 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionUpscalePipeline
 from PIL import Image
 
-from dreambooth.training.data import encode_views, training_views
+from dreambooth.training.data import ViewShape, encode_views, training_views
 from dreambooth.training.losses import DenoisingBatch, denoising_loss
 from dreambooth.images import list_images
 from dreambooth.ingest import ingest_subject
@@ -32,7 +32,7 @@ def _held_in_loss(model_dir, subject_dir, identifier, config) -> float:
     """The upscaler's denoising loss on every subject pair, with fixed noise, timesteps and noise levels."""
     pipeline = StableDiffusionUpscalePipeline.from_pretrained(model_dir)
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-    views = training_views(list_images(subject_dir), config.superres.resolution, True, False)
+    views = [view.image for view in training_views(list_images(subject_dir), ViewShape(config.superres.resolution), False)]
     latents = encode_views(pipeline.vae, views)
     generator = torch.Generator().manual_seed(0)
     count = len(views)
@@ -89,7 +89,7 @@ def test_the_configured_noise_level_is_the_one_applied_to_the_condition(subject,
     assert seen_labels and all(torch.equal(labels, torch.full_like(labels, level)) for labels in seen_labels)
     # condition = sqrt(a) * low + sqrt(1 - a) * eps at the level's a: recover eps against each subject view.
     alpha = DDPMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02).alphas_cumprod[level]
-    lows = low_resolution(training_views(list_images(subject_dir), config.superres.resolution, True, False))
+    lows = low_resolution([view.image for view in training_views(list_images(subject_dir), ViewShape(config.superres.resolution), False)])
     for condition in seen_conditions[0]:
         recovered = [(condition - alpha.sqrt() * low) / (1 - alpha).sqrt() for low in lows]
         best = min(recovered, key=lambda eps: abs(eps.std().item() - 1.0))

@@ -34,6 +34,7 @@ from dreambooth.evaluation.prompts import EvaluationPrompt, is_live_subject, loa
 from dreambooth.models import METADATA_FILE
 from dreambooth.generation import OnImages, generate, generate_files, load_sampling_pipeline, planned_generators
 from dreambooth.images import labelled_grid, list_images, load_rgb
+from dreambooth.ingest import photos_as_trained
 from dreambooth.progress import OnProgress, counter
 
 RESULTS_FILE = "evaluation.json"
@@ -246,7 +247,7 @@ def _evaluate(
     pres_base_images = _draw(base_model, config.model.revision, pres_requests, config, config.model.vae, advance)
     drawn, pres_images = generated[: len(requests)], generated[len(requests) :]
     generation_seconds = time.perf_counter() - started
-    real_images = [load_rgb(path, 1 << 40).image for path in real_files]
+    real_images = photos_as_trained(subject_dir, config.training.center_crop)
     reference = SubjectReference(real_images, dino.embed(real_images), clip.embed(real_images))
     texts = clip.embed_texts([without_identifier(text, identifier) for text in rendered])
     # PRES compares the class prompt's images, which no upscaler touches: scored once for every variant.

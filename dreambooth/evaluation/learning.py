@@ -70,20 +70,23 @@ def _losses(reference: str, revision: Optional[str], vae: Optional[str], groups:
     family = model_family(config.model.base, config.model.revision, declared=config.model.family)
     # The plain objective: no noise offset, no min-SNR weights, no flips (the method only decides
     # what would train; nothing does here).
-    settings = config.training.model_copy(update={"noise_offset": 0.0, "snr_gamma": None, "random_flip": False})
-    recipe = recipe_class(family)(pipeline, settings, device, config.model.resolution)
+    # (no mask: the whole photo is scored).
+    settings = config.training.model_copy(update={"noise_offset": 0.0, "snr_gamma": None, "random_flip": False, "mask_weight": 1.0})
+    recipe = recipe_class(family)(pipeline, settings, device, config.model.resolution, data=config.data)
     denoiser = {recipe.denoiser: getattr(pipeline, recipe.denoiser).eval()}
     losses = []
     for paths, prompt in groups:
         images = recipe.prepare_images(paths)
-        conditioning = recipe.encode_prompts({}, [prompt] * len(paths))
         generator = torch.Generator(device="cpu").manual_seed(CHECK_SEED)
         total = 0.0
         for _ in range(DRAWS):
-            latents, extras = recipe.sample(images, torch.arange(len(paths)), generator)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                terms = recipe.loss(denoiser, latents.to(device), extras, conditioning, len(paths), generator)
-            total += terms.instance.float().item()
+            for index, views in enumerate(images.groups):  # one batch per bucket
+                count = len(views.latents)
+                conditioning = recipe.encode_prompts({}, [prompt] * count)
+                latents, extras = recipe.sample(images, torch.arange(count), generator, index)
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    terms = recipe.loss(denoiser, latents.to(device), extras, conditioning, count, generator)
+                total += terms.instance.float().item() * count / len(paths)
         losses.append(total / DRAWS)
     del pipeline
     return losses

@@ -159,6 +159,10 @@ def ingest_task(config: RunConfig, run: StageRun, photos: str, output_dir: str) 
     )
     run.log_metrics({"subject_images": len(result.images), "duplicates_dropped": len(result.duplicates_dropped)}, on_parent=True)
     run.log_file(Path(output_dir) / MANIFEST_FILE, on_parent=True)
+    # Each photo as it will train: the bucket it goes to and its caption (the instance prompt when it has none).
+    run.log_table({"photo": [entry.source_file for entry in result.images],
+                   "bucket": [f"{entry.bucket[0]}x{entry.bucket[1]}" for entry in result.images],
+                   "caption": [entry.caption or result.instance_prompt for entry in result.images]}, "photos.json")
     return result.identifier.identifier
 
 
@@ -217,6 +221,8 @@ def fine_tune_task(config: RunConfig, run: StageRun, subject_dir: str, class_ima
     }
     run.log_metrics(summary, on_parent=True)
     run.log_dict(asdict(result), "finetune_result.json")
+    if result.prompts:  # what the text encoder was given: the photos' captions, and the bare prompt's share
+        run.log_table({"prompt": list(result.prompts), "examples": list(result.prompts.values())}, "training_prompts.json")
     if result.selection:
         _record_selection(run, result.selection)
     for step, path in result.validation_images:  # the MLflow UI's image slider shows the subject appearing

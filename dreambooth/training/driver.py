@@ -10,6 +10,7 @@ embedding freezes after training.textual_inversion.train_fraction of the steps).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -24,10 +25,41 @@ from dreambooth.training.embeddings import LearnedToken
 from dreambooth.training.lora import add_lora_adapters, freeze
 from dreambooth.training.loop import OnLog, OnStep, TrainingResult, process_state, split_batch, train
 from dreambooth.training.losses import LossTerms
+from dreambooth.training.buckets import share_out
 from dreambooth.training.recipes import Recipe
+from dreambooth.training.recipes.base import TrainingImages
 from dreambooth.training.saving import (
     FinetuneResult, claim_checkpoints, release_checkpoints, save_trained_pipeline, saved_result, write_snapshot,
 )
+
+
+def pick_group(images: TrainingImages, generator: torch.Generator) -> int:
+    """A bucket for this step, in proportion to its views: every view is as likely as in one square group."""
+    if len(images.groups) == 1:
+        return 0
+    counts = torch.tensor([len(group.latents) for group in images.groups], dtype=torch.float)
+    return int(torch.multinomial(counts, 1, generator=generator))
+
+
+class SubjectCaptions:
+    """Each subject example's prompt: its photo's caption, or the bare instance prompt for a photo
+    without one and for training.caption_dropout of the examples; counts what was drawn."""
+
+    def __init__(self, images: TrainingImages, instance_prompt: str, dropout: float):
+        self.images, self.instance_prompt, self.dropout = images, instance_prompt, dropout
+        self.counts: Counter = Counter()
+
+    def prompts(self) -> list[str]:
+        return list(dict.fromkeys([self.instance_prompt, *(caption or self.instance_prompt
+                                                           for group in self.images.groups for caption in group.captions)]))
+
+    def draw(self, views, picked: torch.Tensor, generator: torch.Generator) -> list[str]:
+        prompts = [views.captions[index] or self.instance_prompt for index in picked.tolist()]
+        if self.dropout:
+            bare = (torch.rand(len(prompts), generator=generator) < self.dropout).tolist()
+            prompts = [self.instance_prompt if drop else prompt for prompt, drop in zip(prompts, bare)]
+        self.counts.update(prompts)
+        return prompts
 
 
 @dataclass
@@ -52,18 +84,23 @@ def run_finetune(job: FinetuneJob, on_log: Optional[OnLog] = None, on_step: Opti
     recipe, settings = job.recipe, job.recipe.settings
     pipeline = recipe.pipeline
     pipeline.vae.requires_grad_(False)
-    instance = recipe.prepare_images(job.instance_images)
-    classes = recipe.prepare_images(job.class_images) if job.class_images else None
+    instance = recipe.prepare_images(job.instance_images, with_masks=settings.mask_weight < 1.0)
+    classes = None
+    if job.class_images:  # drawn at the subject's buckets, in proportion to its photos
+        class_paths, class_buckets = share_out(job.class_images, instance.counts())
+        classes = recipe.prepare_images(class_paths, buckets=class_buckets)
     pipeline.vae.to("cpu")  # not needed again until the pipeline is saved
 
     batch = settings.batch_size
-    prompts = [job.instance_prompt] * batch + ([job.class_prompt] * batch if classes else [])
+    captions = SubjectCaptions(instance, job.instance_prompt, settings.caption_dropout)
+    known_prompts = list(dict.fromkeys([*captions.prompts(), job.class_prompt]))
+    prompt_rows = {prompt: row for row, prompt in enumerate(known_prompts)}
     denoiser = getattr(pipeline, recipe.denoiser)
     training_encoders, learned = _set_up_method(job)
     cached = None
     if not training_encoders:
         with torch.no_grad():
-            cached = recipe.encode_prompts({}, prompts)
+            cached = recipe.encode_prompts({}, known_prompts)
         for name in recipe.text_encoders:
             getattr(pipeline, name).to("cpu")
 
@@ -78,13 +115,21 @@ def run_finetune(job: FinetuneJob, on_log: Optional[OnLog] = None, on_step: Opti
         embedding_steps = max(1, int(settings.textual_inversion.train_fraction * settings.max_steps))
 
     def compute_loss(modules, step: int, generator: torch.Generator) -> LossTerms:
-        latents, extras = recipe.sample(instance, torch.randint(len(instance.latents), (batch,), generator=generator), generator)
+        group = pick_group(instance, generator)
+        views = instance.groups[group]
+        picked = torch.randint(len(views.latents), (batch,), generator=generator)
+        latents, extras = recipe.sample(instance, picked, generator, group)
+        prompts = captions.draw(views, picked, generator)
         if classes is not None:
-            class_latents, class_extras = recipe.sample(classes, torch.randint(len(classes.latents), (batch,), generator=generator), generator)
+            class_group = classes.group_of(views.size)
+            drawn = torch.randint(len(classes.groups[class_group].latents), (batch,), generator=generator)
+            class_latents, class_extras = recipe.sample(classes, drawn, generator, class_group)
             latents = torch.cat([latents, class_latents])
-            extras = None if extras is None else torch.cat([extras, class_extras])
+            # "mask" stays the subject examples' own: class images train on every pixel
+            extras = {name: torch.cat([rows, class_extras[name]]) if name in class_extras else rows for name, rows in extras.items()}
+            prompts += [job.class_prompt] * batch
         if cached is not None:
-            conditioning = cached
+            conditioning = recipe.conditioning_rows(cached, [prompt_rows[prompt] for prompt in prompts])
         else:
             with torch.set_grad_enabled(step <= embedding_steps):
                 conditioning = recipe.encode_prompts(modules, prompts)
@@ -93,6 +138,8 @@ def run_finetune(job: FinetuneJob, on_log: Optional[OnLog] = None, on_step: Opti
     trains_denoiser = settings.method != "textual_inversion"
     modules = {**({recipe.denoiser: denoiser} if trains_denoiser else {}), **{name: getattr(pipeline, name) for name in training_encoders}}
     text_rate = settings.textual_inversion.learning_rate if learned else settings.text_encoder_learning_rate or settings.learning_rate
+    if settings.optimizer == "prodigy":  # it finds each part's step size; learning_rate scales them all
+        text_rate = settings.learning_rate
     learning_rates = {name: settings.learning_rate if name == recipe.denoiser else text_rate for name in modules}
     # The modules that carry adapters: with pivotal tuning the text encoders only learn the token.
     adapters = {name: module for name, module in modules.items() if name == recipe.denoiser or not learned} if settings.trains_adapter else {}
@@ -104,8 +151,9 @@ def run_finetune(job: FinetuneJob, on_log: Optional[OnLog] = None, on_step: Opti
             on_step(step)
 
     result = train(modules, learning_rates, compute_loss, settings, job.checkpoints, on_log, job.description,
-                   after_step if job.snapshot_steps or on_step else None, job.owner)
+                   after_step if job.snapshot_steps or on_step else None, job.owner, averaged_steps=job.snapshot_steps)
     result.adapters = {name: result.modules[name] for name in adapters}
+    result.prompts = dict(captions.counts)
     if learned:
         result.embedding = learned.finish(pipeline)
     return result

@@ -20,10 +20,10 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Collection, Iterator, Optional
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from dreambooth.config import TrainingSettings
 from dreambooth.errors import InputError, Preempted, TrainingDiverged
+from dreambooth.training.ema import WeightAverage
 from dreambooth.training.losses import LossTerms
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class TrainingResult:
     processes: int = 1
     embedding: dict = field(default_factory=dict)  # a learned token's embedding file's tensors (textual_inversion, pivotal)
     adapters: dict = field(default_factory=dict)  # the trained modules that carry LoRA adapters, by name
+    prompts: dict = field(default_factory=dict)  # each subject prompt trained on, and how many examples had it
 
 
 def process_state():
@@ -110,6 +112,11 @@ def _make_optimizer(settings: TrainingSettings, param_groups: list[dict], on_cud
         eps=settings.adam_epsilon,
     )
     choice = settings.optimizer
+    if choice == "prodigy":
+        from prodigyopt import Prodigy
+
+        # The settings its authors recommend for diffusion fine-tunes (and diffusers' DreamBooth scripts use).
+        return Prodigy(param_groups, use_bias_correction=True, safeguard_warmup=True, decouple=True, **kwargs)
     if choice in ("auto", "adamw_8bit"):
         try:
             import bitsandbytes as bnb  # noqa: F401
@@ -195,9 +202,11 @@ def train(
     description: str = "fine-tune",
     on_step: Optional[OnStep] = None,
     owner: str = "",
+    averaged_steps: Collection[int] = (),
 ) -> TrainingResult:
     """Optimise `modules` (name -> module; each gets its learning rate) for settings.max_steps steps.
-    `owner`: the tracking run training, written into each checkpoint so a resume can name it."""
+    `owner`: the tracking run training, written into each checkpoint so a resume can name it. With
+    training.ema, `on_step` sees the averaged weights at `averaged_steps`, and the result holds them."""
     from diffusers.optimization import get_scheduler
 
     accelerator = fresh_accelerator(settings)
@@ -219,6 +228,10 @@ def train(
     prepared = accelerator.prepare(*[modules[name] for name in names], optimizer, lr_schedule)
     wrapped = dict(zip(names, prepared[: len(names)]))
     optimizer, lr_schedule = prepared[len(names) :]
+    trainable_params = [p for group in optimizer.param_groups for p in group["params"]]
+    average = WeightAverage(trainable_params, settings.ema) if settings.ema else None
+    if average is not None:
+        accelerator.register_for_checkpointing(average)
 
     start_step, resumed_from_run = 0, ""
     existing = list_checkpoints(checkpoint_dir)
@@ -227,7 +240,6 @@ def train(
         start_step, resumed_from_run = int(existing[-1].name[len(CHECKPOINT_PREFIX) :]), checkpoint_owner(existing[-1])
         log.info("resuming %s from %s (step %d)", description, existing[-1], start_step)
 
-    trainable_params = [p for group in optimizer.param_groups for p in group["params"]]
     progress = tqdm(
         total=settings.max_steps,
         initial=start_step,
@@ -264,13 +276,16 @@ def train(
                     optimizer.step()
                     lr_schedule.step()
                     optimizer.zero_grad(set_to_none=True)
+            if average is not None:
+                average.update(step)
             last_terms = terms.as_floats()
             progress.update(1)
             progress.set_postfix(loss=f"{last_terms['loss']:.4f}")
             if on_log and accelerator.is_main_process and (step % settings.log_every == 0 or step == settings.max_steps):
                 on_log(step, {**last_terms, "lr": lr_schedule.get_last_lr()[0]})
             if on_step and accelerator.is_main_process:
-                on_step(step)
+                with average.in_weights() if average is not None and step in averaged_steps else nullcontext():
+                    on_step(step)
             if step % settings.checkpoint_every == 0 and step < settings.max_steps:
                 last_checkpoint = _save_checkpoint(accelerator, checkpoint_dir, step, settings.checkpoints_total_limit, owner)
             if step < settings.max_steps and _stop_agreed(stop_requested, accelerator):  # the last step saves anyway
@@ -282,6 +297,8 @@ def train(
                 )
     progress.close()
     accelerator.wait_for_everyone()
+    if average is not None:
+        average.copy_to_weights()
 
     finished = time.perf_counter()
     steady_steps = settings.max_steps - start_step - WARMUP_STEPS_EXCLUDED

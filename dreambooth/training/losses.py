@@ -33,15 +33,24 @@ def prior_preservation_loss(
     num_instance: int,
     prior_weight: float,
     example_weights: Optional[torch.Tensor] = None,
+    pixel_weights: Optional[torch.Tensor] = None,
 ) -> LossTerms:
-    """mse(instance) + lambda * mse(prior) (paper eq. 2), optionally weighted per example.
+    """mse(instance) + lambda * mse(prior) (paper eq. 2), optionally weighted per example and per pixel.
 
     The batch holds the subject examples first and the frozen model's class examples after
     them; supervising the class examples with the model's own samples keeps the class prior
     (against language drift) while the identifier binds to the subject. `example_weights` (one
     per example, e.g. min-SNR) scale each example's mean squared error inside its own half.
+    `pixel_weights` ((subject examples, 1, H, W), see masked_weights) make each subject example's
+    error a weighted mean: with weight 0 outside the subject, the background teaches nothing.
     """
-    per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
+    squared = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    per_example = squared.flatten(1).mean(dim=1)
+    if pixel_weights is not None:
+        weights = pixel_weights.to(squared.device, squared.dtype).expand_as(squared[:num_instance])
+        # Normalised by the weights' sum, so the loss keeps its scale whatever share of the view the subject fills.
+        masked = (squared[:num_instance] * weights).flatten(1).sum(dim=1) / weights.flatten(1).sum(dim=1).clamp_min(1e-8)
+        per_example = torch.cat([masked, per_example[num_instance:]])
     if example_weights is not None:
         per_example = per_example * example_weights.float().to(per_example.device)
     instance = per_example[:num_instance].mean()
@@ -49,6 +58,11 @@ def prior_preservation_loss(
         return LossTerms(total=instance, instance=instance)
     prior = per_example[num_instance:].mean()
     return LossTerms(total=instance + prior_weight * prior, instance=instance, prior=prior)
+
+
+def masked_weights(mask: torch.Tensor, outside_weight: float) -> torch.Tensor:
+    """Per-pixel loss weights from a [0, 1] mask: 1 on the subject, `outside_weight` elsewhere (training.mask_weight)."""
+    return outside_weight + (1.0 - outside_weight) * mask
 
 
 def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
@@ -106,10 +120,11 @@ class DenoisingBatch:
 
 
 def denoising_loss(
-    unet, noise_scheduler, batch: DenoisingBatch, prior_weight: float, snr_gamma: Optional[float] = None
+    unet, noise_scheduler, batch: DenoisingBatch, prior_weight: float, snr_gamma: Optional[float] = None,
+    pixel_weights: Optional[torch.Tensor] = None,
 ) -> LossTerms:
     """Noise the latents at their timesteps, predict, and apply the prior-preservation loss
-    (min-SNR weighted per example when `snr_gamma` is set)."""
+    (min-SNR weighted per example when `snr_gamma` is set, per pixel of the subject examples with `pixel_weights`)."""
     noisy = noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
     if batch.condition is not None:
         noisy = torch.cat([noisy, batch.condition], dim=1)
@@ -119,4 +134,4 @@ def denoising_loss(
     weights = None
     if snr_gamma is not None:
         weights = min_snr_weights(noise_scheduler.alphas_cumprod, batch.timesteps, snr_gamma, v_prediction)
-    return prior_preservation_loss(prediction, target, batch.num_instance, prior_weight, weights)
+    return prior_preservation_loss(prediction, target, batch.num_instance, prior_weight, weights, pixel_weights)

@@ -40,6 +40,7 @@ class FinetuneResult:
     checkpoints: str = ""  # the run's checkpoint folder, released once the model is recorded
     resumed_from_run: str = ""  # the tracking run that wrote the checkpoint this training resumed
     selection: dict = field(default_factory=dict)  # evaluation.select: the step kept, why, and every step's scores
+    prompts: dict = field(default_factory=dict)  # each subject prompt trained on -> examples with it (this process)
 
 
 def save_trained_pipeline(
@@ -59,6 +60,7 @@ def save_trained_pipeline(
         processes=result.processes,
         checkpoints=str(checkpoints),
         resumed_from_run=result.resumed_from_run,
+        prompts=result.prompts,
     )
     if process_state().is_main_process:
         pipeline.to("cpu")

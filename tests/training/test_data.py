@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from dreambooth.training.data import training_fingerprint, training_views
+from dreambooth.training.data import ViewShape, training_fingerprint, training_views
 
 
 def _two_colour_photo(path, size=(240, 80)):
@@ -17,8 +17,8 @@ def _two_colour_photo(path, size=(240, 80)):
 
 def test_center_crop_false_keeps_the_top_left_and_true_the_middle(tmp_path):
     photo = _two_colour_photo(tmp_path / "bands.png")
-    [centred] = training_views([photo], 64, center_crop=True, with_flips=False)
-    [corner, mirrored] = training_views([photo], 64, center_crop=False, with_flips=True)
+    [centred] = [view.image for view in training_views([photo], ViewShape(64, center_crop=True), with_flips=False)]
+    [corner, mirrored] = [view.image for view in training_views([photo], ViewShape(64, center_crop=False), with_flips=True)]
     mean = lambda view: np.asarray(view, dtype=np.float32).mean(axis=(0, 1))  # noqa: E731
     assert centred.size == corner.size == (64, 64)
     assert np.argmax(mean(centred)) == 1 and np.argmax(mean(corner)) == 0  # the green middle; the red left

@@ -1,10 +1,11 @@
 """The shared training loop: checkpoints, retention, exact resume and the NaN stop."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from dreambooth.config import TrainingSettings
+from dreambooth.config import EmaSettings, TrainingSettings
 from dreambooth.errors import TrainingDiverged
 from dreambooth.training.loop import list_checkpoints, train
 from dreambooth.training.losses import LossTerms
@@ -107,3 +108,71 @@ def test_a_process_that_trained_before_trains_again_with_its_new_precision_and_a
     assert (first.gradient_accumulation_steps, first.mixed_precision) == (4, "bf16")
     again = fresh_accelerator(_settings(gradient_accumulation_steps=1, mixed_precision="no"))
     assert (again.gradient_accumulation_steps, again.mixed_precision) == (1, "no")
+
+
+def test_ema_holds_the_average_of_the_steps_weights_and_a_resume_keeps_averaging(tmp_path):
+    settings = _settings(ema=EmaSettings(decay=0.6, start_step=2))
+    model, raw = _fresh_model(), {}
+    averaged_at_4 = []
+
+    def record(step):
+        (averaged_at_4 if step == 4 else raw.setdefault(step, [])).append(model.weight.detach().clone())
+
+    result = train({"model": model}, {"model": 1e-2}, _regression_loss, settings, tmp_path / "a", on_step=record, averaged_steps=(4,))
+    # The average, by hand from an unaveraged twin run's weights after each step: the weights at
+    # start_step, then each step's mixed in at the warmed-up decay.
+    average, updates, expected_at_4 = None, 0, None
+    weights_by_step = {}
+    twin = _fresh_model()
+    train({"model": twin}, {"model": 1e-2}, _regression_loss, _settings(), tmp_path / "twin",
+          on_step=lambda step: weights_by_step.__setitem__(step, twin.weight.detach().clone()))
+    for step in range(1, 7):
+        if step <= 2:
+            average = weights_by_step[step].clone()
+            continue
+        decay = min(0.6, (1 + updates) / (10 + updates))
+        average = decay * average + (1 - decay) * weights_by_step[step]
+        updates += 1
+        if step == 4:
+            expected_at_4 = average.clone()
+    torch.testing.assert_close(result.modules["model"].weight.detach(), average)
+    torch.testing.assert_close(averaged_at_4[0], expected_at_4)  # a snapshot step sees the average...
+    torch.testing.assert_close(raw[5][0], weights_by_step[5])  # ...and training goes on from the raw weights
+    assert not torch.allclose(average, weights_by_step[6])
+
+    def interrupted_at_step_5(modules, step, generator):
+        if step == 5:
+            raise KeyboardInterrupt
+        return _regression_loss(modules, step, generator)
+
+    with pytest.raises(KeyboardInterrupt):
+        train({"model": _fresh_model()}, {"model": 1e-2}, interrupted_at_step_5, settings, tmp_path / "b")
+    resumed = train({"model": _fresh_model()}, {"model": 1e-2}, _regression_loss, settings, tmp_path / "b")
+    assert resumed.resumed_from_step == 4
+    torch.testing.assert_close(resumed.modules["model"].weight.detach(), average)
+
+
+def test_prodigy_finds_its_own_step_size_and_refuses_an_adamw_learning_rate(tmp_path):
+    from prodigyopt import Prodigy
+
+    optimizers = []
+    original_step = Prodigy.step
+
+    def counting_step(self, *args, **kwargs):
+        optimizers.append(self)
+        return original_step(self, *args, **kwargs)
+
+    Prodigy.step = counting_step
+    try:
+        losses = []
+        train({"model": _fresh_model()}, {"model": 1.0}, _regression_loss,
+              _settings(optimizer="prodigy", learning_rate=1.0, max_steps=100, checkpoint_every=1000), tmp_path,
+              on_log=lambda step, values: losses.append(values["loss"]))
+    finally:
+        Prodigy.step = original_step
+    group = optimizers[-1].param_groups[0]
+    assert group["d"] > 100 * group["d0"]  # its estimate of the step size grew from the tiny d0
+    assert group["use_bias_correction"] and group["safeguard_warmup"]
+    assert np.mean(losses[-5:]) < 0.2 * np.mean(losses[:5])
+    with pytest.raises(ValueError, match="learning_rate: 5e-06 with optimizer prodigy"):
+        TrainingSettings(optimizer="prodigy")

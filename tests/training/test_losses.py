@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from dreambooth.training.losses import DenoisingBatch, denoising_loss, prior_preservation_loss
+from dreambooth.training.losses import DenoisingBatch, denoising_loss, masked_weights, prior_preservation_loss
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +136,37 @@ def test_noise_offset_shifts_each_example_and_channel_by_one_constant():
     shift = offset.noise - plain.noise
     assert torch.allclose(shift.flatten(2).std(dim=2), torch.zeros(3, 4), atol=1e-6)
     assert shift.abs().max() > 0.01 and shift.flatten(2)[..., 0].std() > 0.01  # differs between channels
+
+
+def test_with_mask_weight_zero_a_pixel_outside_the_subject_gets_no_gradient(unet_and_scheduler, fixed_batch):
+    unet, scheduler = unet_and_scheduler
+    size = fixed_batch.latents.shape[-1]
+    mask = torch.zeros(2, 1, size, size)  # the subject examples' masks: a square in the middle
+    mask[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1.0
+    predictions = []
+
+    def keep_prediction(module, args, output):
+        output.sample.retain_grad()
+        predictions.append(output.sample)
+
+    handle = unet.register_forward_hook(keep_prediction)
+    try:
+        latents = fixed_batch.latents.clone().requires_grad_(True)
+        batch = DenoisingBatch(latents, fixed_batch.noise, fixed_batch.timesteps, fixed_batch.embeddings, 2)
+        terms = denoising_loss(unet, scheduler, batch, 1.0, pixel_weights=masked_weights(mask, 0.0))
+        terms.total.backward()
+    finally:
+        handle.remove()
+    gradient = predictions[0].grad
+    assert torch.all(gradient[:2, :, 0, 0] == 0) and torch.all(gradient[:2, :, -1, -1] == 0)  # outside: nothing
+    assert torch.all(gradient[:2, :, size // 2, size // 2] != 0)  # on the subject: learns
+    assert torch.all(gradient[2:, :, 0, 0] != 0)  # class examples are never masked
+    # the subject loss is the squared error's mean over the subject alone
+    with torch.no_grad():
+        error = (predictions[0][:2] - fixed_batch.noise[:2]) ** 2
+    assert terms.instance.item() == pytest.approx(error[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4].mean().item(), rel=1e-5)
+    # weight 1 is the unmasked loss
+    with torch.no_grad():
+        plain = denoising_loss(unet, scheduler, fixed_batch, 1.0)
+        weighted = denoising_loss(unet, scheduler, fixed_batch, 1.0, pixel_weights=masked_weights(mask, 1.0))
+    assert weighted.total.item() == pytest.approx(plain.total.item(), rel=1e-6)

@@ -1,4 +1,5 @@
-"""The recipe interface and what most families share: training views encoded once by the frozen VAE."""
+"""The recipe interface and what most families share: training views encoded once by the frozen VAE,
+in groups of one size (a batch never mixes sizes)."""
 
 from __future__ import annotations
 
@@ -6,19 +7,52 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Optional
 
+import numpy as np
 import torch
 
-from dreambooth.config import TrainingSettings
+import torch.nn.functional as F
+
+from dreambooth.config import DataSettings, TrainingSettings
 from dreambooth.errors import InputError
 from dreambooth.models import native_resolution
-from dreambooth.training.data import LatentCache, encode_views, training_views
-from dreambooth.training.losses import LossTerms
+from dreambooth.training.data import LatentCache, TrainingView, ViewShape, encode_views, training_views
+from dreambooth.training.losses import LossTerms, masked_weights
+
+
+@dataclass
+class ViewGroup:
+    """The views of one size: their cached latents and, one row per view, what goes beside them."""
+
+    size: tuple[int, int]  # (width, height)
+    latents: LatentCache
+    captions: list[str]  # "" : the instance prompt
+    # By name: "mask" (the loss weights' mask at latent size), "time_ids" (SDXL), "low_res" (the upscaler's input).
+    extras: dict[str, torch.Tensor]
+    views: list[TrainingView]
 
 
 @dataclass
 class TrainingImages:
-    latents: LatentCache
-    extras: Optional[torch.Tensor] = None  # one row per view beside its latents, e.g. the upscaler's low-res input
+    groups: list[ViewGroup]
+
+    def __len__(self) -> int:
+        return sum(len(group.latents) for group in self.groups)
+
+    def counts(self) -> dict[tuple[int, int], int]:
+        return {group.size: len(group.latents) for group in self.groups}
+
+    def group_of(self, size: tuple[int, int]) -> int:
+        return next(index for index, group in enumerate(self.groups) if group.size == size)
+
+
+def latent_mask(views: list[TrainingView], height: int, width: int) -> torch.Tensor:
+    """Each view's mask averaged down to the latent grid, (N, 1, height, width) in [0, 1]; no mask: all ones."""
+    masks = torch.ones(len(views), 1, height, width)
+    for index, view in enumerate(views):
+        if view.mask is not None:
+            full = torch.from_numpy(np.asarray(view.mask, dtype=np.float32) / 255.0)[None, None]
+            masks[index] = F.adaptive_avg_pool2d(full, (height, width))[0]
+    return masks
 
 
 def tokenize(tokenizer, prompts: list[str], max_length: Optional[int] = None) -> torch.Tensor:
@@ -37,10 +71,12 @@ class Recipe:
     single_file_export: ClassVar[bool] = False  # the kohya layout web UIs load
 
     def __init__(self, pipeline, settings: TrainingSettings, device: torch.device, resolution: Optional[int] = None,
-                 setting: str = "training"):
+                 setting: str = "training", data: Optional[DataSettings] = None):
         self.pipeline, self.settings, self.device, self.setting = pipeline, settings, device, setting
         self.training_resolution = resolution or self.resolution()
         self.check_settings(settings, setting)
+        self.view_shape = self.shape_of_views(data or DataSettings(buckets=False), settings, self.training_resolution,
+                                              getattr(pipeline, self.denoiser).config, pipeline.vae.config)
 
     @classmethod
     def check_settings(cls, settings: TrainingSettings, setting: str = "training") -> None:
@@ -65,19 +101,62 @@ class Recipe:
     def resolution(self) -> int:
         return native_resolution(self.pipeline)
 
+    @classmethod
+    def image_step(cls, denoiser_config, vae_config) -> int:
+        """Image sides must be multiples of this: the VAE's downscale times the denoiser's own."""
+        return 2 ** (len(vae_config["block_out_channels"]) - 1) * 2 ** (len(denoiser_config["block_out_channels"]) - 1)
+
+    @classmethod
+    def native_size(cls, denoiser_config, vae_config) -> int:
+        """native_resolution, from the config files alone (ingest loads no weights)."""
+        return denoiser_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+    @classmethod
+    def shape_of_views(cls, data: DataSettings, settings: TrainingSettings, resolution: int, denoiser_config, vae_config) -> ViewShape:
+        """The square, or with data.buckets the aspect-ratio buckets of this model's image step."""
+        step = cls.image_step(denoiser_config, vae_config) if data.buckets_for(cls.family) else 0
+        return ViewShape(resolution, settings.center_crop, step, data.max_aspect_ratio)
+
     def module(self, modules: dict, name: str):
         """The module being trained (wrapped for several processes) when it trains, else the pipeline's own."""
         return modules[name] if name in modules else getattr(self.pipeline, name)
 
-    def prepare_images(self, paths: list[Path]) -> TrainingImages:
-        views = training_views(paths, self.training_resolution, self.settings.center_crop, self.settings.random_flip)
-        return TrainingImages(encode_views(self.pipeline.vae, views))
+    def prepare_images(self, paths: list[Path], buckets: Optional[list[tuple[int, int]]] = None, with_masks: bool = False,
+                       flips: Optional[bool] = None) -> TrainingImages:
+        """The photos' views, grouped by size and encoded; `buckets`: one per photo instead of each
+        photo's own (class images go to the subject's buckets)."""
+        views = training_views(paths, self.view_shape, self.settings.random_flip if flips is None else flips, with_masks, buckets)
+        sizes = list(dict.fromkeys(view.size for view in views))
+        groups = []
+        for size in sizes:
+            members = [view for view in views if view.size == size]
+            latents = encode_views(self.pipeline.vae, [view.image for view in members])
+            extras = self.view_extras(members, latents)
+            if with_masks:
+                extras["mask"] = latent_mask(members, *latents.mean.shape[-2:])
+            groups.append(ViewGroup(size, latents, [view.caption for view in members], extras, members))
+        return TrainingImages(groups)
 
-    def sample(self, images: TrainingImages, indices: torch.Tensor, generator: torch.Generator):
-        """(scaled latents, extras) of the picked views."""
+    def view_extras(self, views: list[TrainingView], latents: LatentCache) -> dict[str, torch.Tensor]:
+        """What a family's denoiser needs of each view beside its latents."""
+        return {}
+
+    def sample(self, images: TrainingImages, indices: torch.Tensor, generator: torch.Generator, group: int = 0):
+        """(scaled latents, extras) of the picked views of one group."""
         config = self.pipeline.vae.config
-        latents = images.latents.sample(indices, generator, config.scaling_factor, getattr(config, "shift_factor", None) or 0.0)
-        return latents, None if images.extras is None else images.extras[indices]
+        views = images.groups[group]
+        latents = views.latents.sample(indices, generator, config.scaling_factor, getattr(config, "shift_factor", None) or 0.0)
+        return latents, {name: rows[indices] for name, rows in views.extras.items()}
+
+    def conditioning_rows(self, conditioning: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
+        """The conditioning of the prompts at `rows` of an encoded list (encode_prompts)."""
+        return {name: value[rows] for name, value in conditioning.items()}
+
+    def pixel_weights(self, extras: dict) -> Optional[torch.Tensor]:
+        """The subject examples' per-pixel loss weights (training.mask_weight); None: unmasked."""
+        if not extras or "mask" not in extras or self.settings.mask_weight == 1.0:
+            return None
+        return masked_weights(extras["mask"], self.settings.mask_weight)
 
     def encode_prompts(self, modules: dict, prompts: list[str]) -> dict[str, torch.Tensor]:
         """The denoiser's text conditioning, one row per example."""

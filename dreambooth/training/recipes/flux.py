@@ -15,6 +15,8 @@ from dreambooth.errors import InputError
 from dreambooth.training.losses import LossTerms, draw_noise, prior_preservation_loss
 from dreambooth.training.recipes.base import Recipe
 
+FLUX_DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size: 1024 px with its 8x VAE
+
 
 def flow_matching_sample(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(noisy input, target): the point at sigma on the straight path from data to noise, and its velocity."""
@@ -50,10 +52,10 @@ class FluxRecipe(Recipe):
     trainable_text_encoders = ("text_encoder",)  # CLIP, as diffusers' example; T5 stays frozen
     methods = ("lora",)
 
-    def __init__(self, pipeline, settings, device, resolution=None, setting: str = "training"):
+    def __init__(self, pipeline, settings, device, resolution=None, setting: str = "training", data=None):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        super().__init__(pipeline, settings, device, resolution, setting)
+        super().__init__(pipeline, settings, device, resolution, setting, data)
         if settings.snr_gamma is not None:
             raise InputError(f"{setting}.snr_gamma: min-SNR weights a noise-prediction loss; flux trains on flow matching")
         self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
@@ -69,6 +71,18 @@ class FluxRecipe(Recipe):
         embeddings = self._t5[key]
         text_ids = torch.zeros(embeddings.shape[1], 3, device=self.device, dtype=embeddings.dtype)
         return {"embeddings": embeddings, "pooled": pooled, "text_ids": text_ids}
+
+    @classmethod
+    def image_step(cls, denoiser_config, vae_config) -> int:
+        return 2 ** (len(vae_config["block_out_channels"]) - 1) * 2  # latents are packed in 2x2 patches
+
+    @classmethod
+    def native_size(cls, denoiser_config, vae_config) -> int:
+        return FLUX_DEFAULT_SAMPLE_SIZE * 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+    def conditioning_rows(self, conditioning, rows):
+        # The text tokens' position ids are the same for every prompt.
+        return {name: value if name == "text_ids" else value[rows] for name, value in conditioning.items()}
 
     def loss(self, modules, latents, extras, conditioning, num_instance, generator) -> LossTerms:
         from diffusers.training_utils import compute_density_for_timestep_sampling
@@ -92,4 +106,5 @@ class FluxRecipe(Recipe):
             return_dict=False,
         )[0]
         prediction = unpack_latents(prediction, height, width)
-        return prior_preservation_loss(prediction, target, num_instance, self.settings.prior_loss_weight)
+        return prior_preservation_loss(prediction, target, num_instance, self.settings.prior_loss_weight,
+                                       pixel_weights=self.pixel_weights(extras))

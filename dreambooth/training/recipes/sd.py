@@ -15,10 +15,10 @@ class StableDiffusionRecipe(Recipe):
     family = "sd"
     single_file_export = True
 
-    def __init__(self, pipeline, settings, device, resolution=None, setting: str = "training"):
+    def __init__(self, pipeline, settings, device, resolution=None, setting: str = "training", data=None):
         from diffusers import DDPMScheduler
 
-        super().__init__(pipeline, settings, device, resolution, setting)
+        super().__init__(pipeline, settings, device, resolution, setting, data)
         self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
 
     def encode_prompts(self, modules, prompts):
@@ -34,4 +34,5 @@ class StableDiffusionRecipe(Recipe):
             latents, conditioning["embeddings"], num_instance, generator, self.noise_scheduler.config.num_train_timesteps,
             self.device, self.settings.noise_offset, condition=condition, denoiser_kwargs=denoiser_kwargs,
         )
-        return denoising_loss(self.module(modules, self.denoiser), self.noise_scheduler, batch, self.settings.prior_loss_weight, self.settings.snr_gamma)
+        return denoising_loss(self.module(modules, self.denoiser), self.noise_scheduler, batch, self.settings.prior_loss_weight,
+                              self.settings.snr_gamma, self.pixel_weights(extras))

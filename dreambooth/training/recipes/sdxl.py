@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from dreambooth.training.data import TrainingView
 from dreambooth.training.recipes.sd import StableDiffusionRecipe
 
 
@@ -20,10 +21,19 @@ class StableDiffusionXLRecipe(StableDiffusionRecipe):
             output = self.module(modules, encoder_name)(self.token_ids(tokenizer_name, prompts), output_hidden_states=True)
             hidden.append(output.hidden_states[-2])  # the penultimate layer, as SDXL was trained
             pooled = output[0]  # the second encoder's projected pooled embedding
-        # (original size, crop top-left, target size): views are resized and cropped to the training size.
-        size = self.training_resolution
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]] * len(prompts), dtype=pooled.dtype, device=self.device)
-        return {"embeddings": torch.cat(hidden, dim=-1), "text_embeds": pooled, "time_ids": time_ids}
+        return {"embeddings": torch.cat(hidden, dim=-1), "text_embeds": pooled}
+
+    def view_extras(self, views, latents):
+        return {"time_ids": torch.tensor([time_ids(view) for view in views], dtype=torch.float32)}
 
     def batch_condition(self, extras, conditioning, generator):
-        return None, {"added_cond_kwargs": {"text_embeds": conditioning["text_embeds"], "time_ids": conditioning["time_ids"]}}
+        time_ids = extras["time_ids"].to(self.device, conditioning["text_embeds"].dtype)
+        return None, {"added_cond_kwargs": {"text_embeds": conditioning["text_embeds"], "time_ids": time_ids}}
+
+
+def time_ids(view: TrainingView) -> list[int]:
+    """SDXL's six size and crop conditioning values of a view: the photo's (height, width), the crop's
+    (top, left) in the resized photo, and the view's (height, width), as SDXL was trained."""
+    width, height = view.original_size
+    top, left = view.placement.crop_top_left
+    return [height, width, top, left, view.size[1], view.size[0]]

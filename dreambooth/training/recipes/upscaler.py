@@ -13,8 +13,7 @@ import torch
 from PIL import Image
 
 from dreambooth.errors import InputError
-from dreambooth.training.data import encode_views, pixels, training_views
-from dreambooth.training.recipes.base import TrainingImages
+from dreambooth.training.data import pixels
 from dreambooth.training.recipes.sd import StableDiffusionRecipe
 
 UPSCALE_FACTOR = 4
@@ -49,11 +48,11 @@ class UpscalerRecipe(StableDiffusionRecipe):
             )
         self.noise_levels = noise_levels
 
-    def prepare_images(self, paths):
-        views = training_views(paths, self.training_resolution, self.settings.center_crop, self.settings.random_flip)
-        return TrainingImages(encode_views(self.pipeline.vae, views), extras=low_resolution(views))
+    def view_extras(self, views, latents):
+        return {"low_res": low_resolution([view.image for view in views])}
 
     def batch_condition(self, extras, conditioning, generator):
-        levels = draw_noise_levels(extras.shape[0], self.noise_levels, generator)
-        condition = noised_condition(extras, torch.randn(extras.shape, generator=generator), levels, self.pipeline.low_res_scheduler)
+        low_res = extras["low_res"]
+        levels = draw_noise_levels(low_res.shape[0], self.noise_levels, generator)
+        condition = noised_condition(low_res, torch.randn(low_res.shape, generator=generator), levels, self.pipeline.low_res_scheduler)
         return condition.to(self.device), {"class_labels": levels.to(self.device)}
