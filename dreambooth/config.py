@@ -118,6 +118,17 @@ class SubjectSettings(Section):
         return value
 
 
+class IngestSettings(Section):
+    """What ingest adds to the photos."""
+
+    # An image-to-text model (a hub id such as Salesforce/blip-image-captioning-large, a folder, or
+    # tiny://captioner) that drafts a caption for each photo without one; the drafts are written beside
+    # the photos as NAME.txt, so people correct them and the next run trains on theirs. None: no drafts.
+    captioner: Optional[str] = None
+    # The most tokens a drafted caption has.
+    captioner_max_tokens: int = Field(default=30, ge=1)
+
+
 class DataSettings(Section):
     """How photos become training views."""
 
@@ -614,6 +625,7 @@ class RunConfig(Section):
     name: str = "custom"
     model: ModelSettings = ModelSettings()
     subject: SubjectSettings = SubjectSettings()
+    ingest: IngestSettings = IngestSettings()
     data: DataSettings = DataSettings()
     priors: PriorSettings = PriorSettings()
     training: TrainingSettings = TrainingSettings()

@@ -55,6 +55,7 @@ class IngestResult:
     instance_prompt: str
     duplicates_dropped: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    drafted_captions: list[str] = field(default_factory=list)  # photos ingest.captioner captioned (NAME.txt beside them)
 
     def as_manifest(self) -> dict:
         return {
@@ -148,7 +149,13 @@ def ingest_subject(subject_dir: Path, output_dir: Path, config: RunConfig) -> In
     if unknown:
         raise InputError(f"subject.captions: {unknown[0]} is not a photo of {subject_dir}")
     shape = view_shape(config)
-    prepared = [_prepare_photo(path, image.image, settings, choice.identifier) for path, image in loaded]
+    templates = {path: _caption_template(path, settings) for path, _ in loaded}
+    for path, template in templates.items():  # the user's captions are checked before any model drafts the rest
+        _render_caption(path, template, settings, choice.identifier)
+    prepared = [_prepare_photo(path, image.image, settings) for path, image in loaded]
+    drafted = _draft_captions(config, templates, {path: photo.image for (path, _), photo in zip(loaded, prepared)})
+    for (path, _), photo in zip(loaded, prepared):
+        photo.caption = _render_caption(path, templates[path], settings, choice.identifier)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -182,6 +189,7 @@ def ingest_subject(subject_dir: Path, output_dir: Path, config: RunConfig) -> In
         instance_prompt=settings.instance_prompt(choice.identifier),
         duplicates_dropped=duplicates,
         warnings=warnings,
+        drafted_captions=drafted,
     )
     (output_dir / MANIFEST_FILE).write_text(json.dumps(result.as_manifest(), indent=2))
     return result
@@ -195,21 +203,47 @@ class PreparedPhoto:
     face: Optional[tuple[int, int, int, int]] = None
 
 
-def _prepare_photo(path: Path, image: Image.Image, settings: SubjectSettings, identifier: str) -> PreparedPhoto:
-    """The photo's caption (checked), its mask, and for a person the crop around its one face."""
+def _caption_template(path: Path, settings: SubjectSettings) -> Optional[str]:
+    """The photo's caption template: subject.captions, else its NAME.txt; None: it has none."""
     template = settings.captions.get(path.name)
     if template is None and caption_file(path).is_file():
         template = caption_file(path).read_text()
-    caption = ""
-    if template is not None:
-        try:
-            caption = settings.render(template, identifier)
-        except (KeyError, IndexError, ValueError) as error:
-            raise InputError(f"{path}: caption {template.strip()!r} is not a template of {{identifier}} and {{class_noun}} ({error})") from None
-        phrase = settings.identifier_phrase(identifier)
-        if phrase not in caption:
-            raise InputError(f"{path}: caption {caption!r} does not contain the identifier phrase {phrase!r}; "
-                             "write {identifier} {class_noun} in it")
+    return template
+
+
+def _render_caption(path: Path, template: Optional[str], settings: SubjectSettings, identifier: str) -> str:
+    """The template with the subject's identifier and class noun; refused when it would not name the subject."""
+    if template is None:
+        return ""
+    try:
+        caption = settings.render(template, identifier)
+    except (KeyError, IndexError, ValueError) as error:
+        raise InputError(f"{path}: caption {template.strip()!r} is not a template of {{identifier}} and {{class_noun}} ({error})") from None
+    phrase = settings.identifier_phrase(identifier)
+    if phrase not in caption:
+        raise InputError(f"{path}: caption {caption!r} does not contain the identifier phrase {phrase!r}; "
+                         "write {identifier} {class_noun} in it")
+    return caption
+
+
+def _draft_captions(config: RunConfig, templates: dict[Path, Optional[str]], images: dict[Path, Image.Image]) -> list[str]:
+    """ingest.captioner's templates for the photos without one, written beside them (NAME.txt) for
+    people to correct; returns the photos captioned."""
+    needed = [path for path, template in templates.items() if template is None]
+    if not (config.ingest.captioner and needed):
+        return []
+    from dreambooth.captioner import caption_template, describe_photos
+
+    descriptions = describe_photos(config.ingest.captioner, [images[path] for path in needed], config.ingest.captioner_max_tokens)
+    for path, description in zip(needed, descriptions):
+        templates[path] = caption_template(description, config.subject.class_noun)
+        caption_file(path).write_text(templates[path] + "\n")
+        log.info("%s: captioned %r (edit %s to change it)", path.name, templates[path], caption_file(path).name)
+    return [path.name for path in needed]
+
+
+def _prepare_photo(path: Path, image: Image.Image, settings: SubjectSettings) -> PreparedPhoto:
+    """The photo's mask, and for a person the crop around its one face."""
     mask = _user_mask(path, image)
     face = None
     if settings.kind == "person":
@@ -221,7 +255,7 @@ def _prepare_photo(path: Path, image: Image.Image, settings: SubjectSettings, id
         crop = square_around(face, image.size, settings.face_crop_scale)
         mask = mask.crop(crop) if mask is not None else face_mask(face, crop)
         image = image.crop(crop)
-    return PreparedPhoto(image, caption, mask, face)
+    return PreparedPhoto(image, "", mask, face)
 
 
 def _user_mask(path: Path, image: Image.Image) -> Optional[Image.Image]:

@@ -337,6 +337,8 @@ def models_in_use(config) -> list[ModelUse]:
     uses = [ModelUse("model.base", config.model.base, config.model.revision, pipeline=True)]
     if config.model.vae:
         uses.append(ModelUse("model.vae", config.model.vae))
+    if config.ingest.captioner:
+        uses.append(ModelUse("ingest.captioner", config.ingest.captioner))
     if config.superres.enabled:
         uses.append(ModelUse("superres.base", config.superres.base, pipeline=True))
     if config.evaluation.enabled:

@@ -74,6 +74,13 @@ def upload_folder(local_dir: Path, uri: str) -> str:
     return uri
 
 
+def upload_file(path: Path, uri: str) -> str:
+    """One file to a gs:// object; returns uri."""
+    bucket_name, name = split_gcs(uri)
+    _client().bucket(bucket_name).blob(name, chunk_size=CHUNK_SIZE).upload_from_filename(str(path), retry=_retry(), timeout=_timeout())
+    return uri
+
+
 def is_complete(uri: str) -> bool:
     bucket_name, prefix = split_gcs(uri)
     return _client().bucket(bucket_name).blob(f"{prefix}/{COMPLETE_MARKER}").exists(retry=_retry(), timeout=_timeout())

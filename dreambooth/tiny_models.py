@@ -5,7 +5,8 @@ these. They are loaded by the same `from_pretrained` code as a real model; only 
 size differs. Their images are noise: the weights are random.
 
 `tiny://dino`, `tiny://clip` and `tiny://lpips` are the evaluation encoders in the layouts of
-facebook/dino-vits16, openai/clip-vit-base-patch32 and an LPIPS AlexNet folder.
+facebook/dino-vits16, openai/clip-vit-base-patch32 and an LPIPS AlexNet folder; `tiny://captioner`
+is ingest.captioner's BLIP.
 
 `tiny://sd` is the fast test model (64 px, 0.8M-parameter UNet); `tiny://sd-bench` has
 Stable Diffusion's UNet layout (4 levels, 2 layers each) at 17.6M parameters (64 px), the
@@ -311,6 +312,33 @@ def build_tiny_clip(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+CAPTION_WORDS = ("a an the of on in with and dog cat person woman man backpack sitting standing lying grass sofa table "
+                 "beach snow floor red blue green brown white black small large photo close up").split()
+
+
+def build_tiny_captioner(out_dir: Path, seed: int = 0) -> Path:
+    """A random BLIP captioner in Salesforce/blip-image-captioning-base's layout (64 px images, a
+    word-level vocabulary of CAPTION_WORDS): it writes random but real word sequences."""
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    torch.manual_seed(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocabulary = out_dir / "vocab.txt"
+    vocabulary.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *CAPTION_WORDS]) + "\n")
+    tokenizer = BertTokenizer(str(vocabulary), model_max_length=32)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})  # BLIP's decoder starts from [DEC]
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+                sep_token_id=tokenizer.sep_token_id, eos_token_id=tokenizer.sep_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=64, patch_size=16)
+    BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32)).save_pretrained(
+        out_dir, safe_serialization=True
+    )
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 64, "width": 64}), tokenizer=tokenizer).save_pretrained(out_dir)
+    return out_dir
+
+
 def build_tiny_lpips(out_dir: Path, seed: int = 0) -> Path:
     """LPIPS' AlexNet layout with random weights (non-negative heads, as trained LPIPS has)."""
     import torch
@@ -379,6 +407,7 @@ _BUILDERS = {
     "dino": build_tiny_dino,
     "clip": build_tiny_clip,
     "lpips": build_tiny_lpips,
+    "captioner": build_tiny_captioner,
     "sd-upscaler": build_tiny_upscaler,
     "sdxl": build_tiny_sdxl,
     "flux": build_tiny_flux,

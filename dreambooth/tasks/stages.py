@@ -36,7 +36,7 @@ from dreambooth.stages import (
     Stage,
 )
 from dreambooth.registry import current_champion, log_pipeline_model, register_candidate
-from dreambooth.storage import content_digests, local_folder
+from dreambooth.storage import content_digests, is_gcs, local_folder
 from dreambooth.training.saving import release_checkpoints
 from dreambooth.tracking import (
     FAILED,
@@ -147,6 +147,7 @@ def ingest_task(config: RunConfig, run: StageRun, photos: str, output_dir: str) 
 
     with local_folder(photos) as folder:
         result = ingest_subject(folder, Path(output_dir), config)
+        keep_drafted_captions(photos, folder, result.drafted_captions)
     # The uploaded bytes, names aside: two runs on the same photos share the digest.
     digest = hashlib.sha256("".join(sorted(content_digests(photos).values())).encode()).hexdigest()[:32]
     dataset = photos_dataset(f"{config.subject.name}-photos", photos, digest, len(result.images))
@@ -164,6 +165,25 @@ def ingest_task(config: RunConfig, run: StageRun, photos: str, output_dir: str) 
                    "bucket": [f"{entry.bucket[0]}x{entry.bucket[1]}" for entry in result.images],
                    "caption": [entry.caption or result.instance_prompt for entry in result.images]}, "photos.json")
     return result.identifier.identifier
+
+
+def keep_drafted_captions(photos: str, folder: Path, drafted: list[str]) -> None:
+    """ingest.captioner wrote its drafts beside a local copy of a bucket's photos: they go beside the
+    photos in the bucket, where people correct them (an archive cannot take them; the run's photos.json has them)."""
+    from dreambooth.archives import is_archive
+    from dreambooth.storage import upload_file
+    from dreambooth.training.data import caption_file
+
+    if not drafted:
+        return
+    if is_archive(photos):
+        print(f"warning: {photos}: drafted captions cannot be written into an archive; they are in the run's photos.json", file=sys.stderr)
+        return
+    if not is_gcs(photos):  # written beside the photos already
+        return
+    for name in drafted:
+        caption = caption_file(folder / name)
+        upload_file(caption, f"{photos.rstrip('/')}/{caption.name}")
 
 
 def _train(stage: Stage, train_in_process, settings, run: StageRun, config, subject_dir, class_dir, identifier, output_dir):
