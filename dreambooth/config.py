@@ -83,10 +83,10 @@ class SubjectSettings(Section):
     # A caption per photo file name, templated like prompt_template (e.g. "a photo of {identifier}
     # {class_noun} on a sofa"); a sidecar NAME.txt beside the photo does the same. Others: prompt_template.
     captions: dict[str, str] = {}
-    # person: each photo must show exactly one face (OpenCV's Haar cascade), and is cropped to a
-    # square around it; the face box is the subject's mask (training.mask_weight).
+    # person: each photo must show exactly one face (OpenCV's Haar cascade), and is cropped around it
+    # (keeping the photo's shape); the face box is the subject's mask (training.mask_weight).
     kind: Literal["object", "person"] = "object"
-    # With kind person: the crop's side as a multiple of the face box's side (head and shoulders).
+    # With kind person: the crop's shorter side as a multiple of the face box's side (head and shoulders).
     face_crop_scale: float = Field(default=2.5, ge=1)
 
     def identifier_phrase(self, identifier: str) -> str:
@@ -210,6 +210,18 @@ class TextualInversionSettings(Section):
     train_fraction: float = Field(default=0.5, gt=0, le=1)
 
 
+class ProdigySettings(Section):
+    """The Prodigy optimizer's own settings (training.optimizer: prodigy)."""
+
+    # Its first estimate of the step size, from which it grows; short runs (a few hundred steps) may start higher.
+    d0: float = Field(default=1e-6, gt=0)
+    # A multiplier of the estimate (kohya's and ai-toolkit's d_coef): below 1 for gentler steps.
+    d_coef: float = Field(default=1.0, gt=0)
+    # Its authors' advice for diffusion fine-tunes: bias correction and the warm-up safeguard on.
+    use_bias_correction: bool = True
+    safeguard_warmup: bool = True  # Slows the estimate's growth while the learning rate warms up.
+
+
 class EmaSettings(Section):
     """An exponential moving average of the trained weights, saved and evaluated instead of them."""
 
@@ -261,6 +273,8 @@ class TrainingSettings(Section):
     # the Prodigy optimizer, which finds its own step size (learning_rate ~1.0 is a multiplier; every
     # trained part, the text encoder and a learned embedding too, gets learning_rate).
     optimizer: Literal["auto", "adamw", "adamw_8bit", "prodigy"] = "auto"
+    # With optimizer prodigy: its settings.
+    prodigy: ProdigySettings = ProdigySettings()
     # AdamW's first-moment decay (AdamW's settings are diffusers' DreamBooth example's).
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999  # AdamW's second-moment decay

@@ -1,5 +1,5 @@
 """Faces in a person's photos (subject.kind: person): found with OpenCV's frontal-face Haar cascade,
-which installs with opencv-python-headless (no download), then a square crop around the face."""
+which installs with opencv-python-headless (no download), then a crop around the face."""
 
 from __future__ import annotations
 
@@ -34,14 +34,18 @@ def detect_faces(image: Image.Image) -> list[Box]:
     return [(round(x / scale), round(y / scale), round((x + w) / scale), round((y + h) / scale)) for x, y, w, h in found]
 
 
-def square_around(face: Box, size: tuple[int, int], scale: float) -> Box:
-    """A square `scale` times the face's side, centred on it and moved (or shrunk) to stay inside the photo."""
+def crop_around(face: Box, size: tuple[int, int], scale: float) -> Box:
+    """A crop of the photo's own shape whose shorter side is `scale` times the face's, centred on the face
+    and moved (or shrunk) to stay inside the photo: a portrait stays a portrait for its bucket."""
     left, top, right, bottom = face
-    side = min(round(max(right - left, bottom - top) * scale), *size)
+    width, height = size
+    short = min(max(right - left, bottom - top) * scale, min(size))
+    crop_width, crop_height = (round(short), round(short * height / width)) if width <= height else (round(short * width / height), round(short))
+    crop_width, crop_height = min(crop_width, width), min(crop_height, height)
     centre_x, centre_y = (left + right) / 2, (top + bottom) / 2
-    x = int(min(max(round(centre_x - side / 2), 0), size[0] - side))
-    y = int(min(max(round(centre_y - side / 2), 0), size[1] - side))
-    return (x, y, x + side, y + side)
+    x = int(min(max(round(centre_x - crop_width / 2), 0), width - crop_width))
+    y = int(min(max(round(centre_y - crop_height / 2), 0), height - crop_height))
+    return (x, y, x + crop_width, y + crop_height)
 
 
 def face_mask(face: Box, crop: Box) -> Image.Image:

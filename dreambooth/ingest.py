@@ -21,7 +21,7 @@ from PIL import Image
 
 from dreambooth.config import RunConfig, SubjectSettings, require_subject
 from dreambooth.errors import InputError
-from dreambooth.faces import detect_faces, face_mask, square_around
+from dreambooth.faces import detect_faces, face_mask, crop_around
 from dreambooth.identifiers import IdentifierChoice, check_user_identifier, new_token_identifier, select_rare_identifier
 from dreambooth.images import MASK_SUFFIX, list_images, load_rgb
 from dreambooth.models import component_config, load_tokenizer, model_family
@@ -252,7 +252,7 @@ def _prepare_photo(path: Path, image: Image.Image, settings: SubjectSettings) ->
             raise InputError(f"{path}: {'no face' if not faces else f'{len(faces)} faces'} found; a person's photos "
                              "must each show exactly one face (subject.kind: person)")
         face = faces[0]
-        crop = square_around(face, image.size, settings.face_crop_scale)
+        crop = crop_around(face, image.size, settings.face_crop_scale)
         mask = mask.crop(crop) if mask is not None else face_mask(face, crop)
         image = image.crop(crop)
     return PreparedPhoto(image, "", mask, face)

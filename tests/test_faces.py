@@ -33,7 +33,7 @@ def test_the_astronaut_is_one_face_cropped_around_with_its_box_as_mask(person, t
     overlap_y = min(bottom, ASTRONAUT_FACE[3]) - max(top, ASTRONAUT_FACE[1])
     assert overlap_x > 0.7 * (ASTRONAUT_FACE[2] - ASTRONAUT_FACE[0]) and overlap_y > 0.7 * (ASTRONAUT_FACE[3] - ASTRONAUT_FACE[1])
     side = round(max(right - left, bottom - top) * 2.5)
-    assert entry.size == (side, side)  # a square 2.5 faces wide, inside the photo
+    assert entry.size == (side, side)  # 2.5 faces wide, the photo's (square) shape, inside it
     crop = Image.open(tmp_path / "out" / entry.normalised_file)
     mask = np.asarray(Image.open(mask_file(tmp_path / "out" / entry.normalised_file))) > 0
     assert mask.shape == (side, side) and 0.1 < mask.mean() < 0.4  # the face, grown a little, not the whole crop
@@ -64,3 +64,13 @@ def test_two_faces_are_refused(tmp_path, make_config):
     Image.fromarray(np.concatenate([face, face], axis=1)).save(folder / "pair.png")
     with pytest.raises(InputError, match=r"pair\.png: 2 faces found"):
         ingest_subject(folder, tmp_path / "out", _person_config(make_config))
+
+
+def test_a_portrait_is_cropped_as_a_portrait_around_the_face(tmp_path, make_config):
+    folder = tmp_path / "tall"
+    folder.mkdir()
+    Image.fromarray(data.astronaut()[:, 60:444]).save(folder / "tall.png")  # 384 x 512, the face inside
+    [entry] = ingest_subject(folder, tmp_path / "out", _person_config(make_config, face_crop_scale=2.0)).images
+    width, height = entry.size
+    assert width < height and abs(width / height - 384 / 512) < 0.02
+    assert width == round(max(entry.face[2] - entry.face[0], entry.face[3] - entry.face[1]) * 2.0)

@@ -10,7 +10,7 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, SAMPLE_SUBJECT, cli, dag_tasks, quick_config
-from dreambooth.config import CONFIG_DIR, RunConfig, load_config
+from dreambooth.config import CONFIG_DIR, RunConfig, load_config, merge_settings
 from dreambooth.tracking import TAG_ERROR, TAG_STAGE, TAG_SUBJECT, client
 from dreambooth.storage import is_complete, read_text
 from pipeline_checks import report_lines, subject_blocks
@@ -123,13 +123,39 @@ def test_evaluate_alone_scores_a_model_trained_elsewhere(tiny_model_dir, tmp_pat
     assert "quality gate: passed, registered as dreambooth-dog@candidate (version 1)" in result.stdout
 
 
-LORA_SUBJECTS = {"dog-sd": "tiny", "dog-sdxl": "tiny-sdxl", "dog-flux": "tiny-flux"}
+LORA_SUBJECTS = {"person-sd": "tiny", "person-sdxl": "tiny-sdxl", "dog-flux": "tiny-flux"}
+# Real photos of a person, every data and training option on at once (sd and sdxl).
+PERSON_SETTINGS = {
+    "subject": {"kind": "person", "face_crop_scale": 2.0},
+    "data": {"buckets": True},
+    "ingest": {"captioner": "tiny://captioner", "captioner_max_tokens": 6},
+    # Prodigy's estimate starts at 1e-3: from its default 1e-6 it barely moves an adapter in 8 steps.
+    "training": {"mask_weight": 0.2, "ema": {"decay": 0.9, "start_step": 2}, "optimizer": "prodigy", "learning_rate": 1.0,
+                 "prodigy": {"d0": 1e-3}, "caption_dropout": 0.25},
+}
+PERSON_CAPTIONS = {"portrait.png": "a photo of {identifier} {class_noun} in a white spacesuit",
+                   "landscape.png": "a {identifier} {class_noun} in front of a flag"}
+
+
+def person_photos(folder: Path) -> Path:
+    """scikit-image's astronaut, whole, as a 3:4 portrait and as a 16:9 landscape, each with her face;
+    the portrait's caption beside it, the landscape's in the subjects file, the whole one's drafted."""
+    from PIL import Image
+    from skimage import data
+
+    folder.mkdir(parents=True)
+    photo = data.astronaut()
+    Image.fromarray(photo).save(folder / "astronaut.png")
+    Image.fromarray(photo[:, 60:444]).save(folder / "portrait.png")
+    Image.fromarray(photo[:288]).save(folder / "landscape.png")
+    (folder / "portrait.txt").write_text(PERSON_CAPTIONS["portrait.png"])
+    return folder
 
 
 @pytest.fixture(scope="session")  # session: a module fixture is set up again when a worker interleaves modules
 def lora_batch(tmp_path_factory, gcs_emulator):
     """One batch, one subject per model family (its shipped tiny config as the subject's overrides), LoRA,
-    its results written to a bucket (the GCS emulator)."""
+    its results written to a bucket (the GCS emulator); the sd and sdxl subjects are a person."""
     root = tmp_path_factory.mktemp("lora")
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     config = quick_config(root, experiment="lora", superres=False, method="lora", learning_rate=1e-3,
@@ -138,6 +164,11 @@ def lora_batch(tmp_path_factory, gcs_emulator):
     for subject, family in LORA_SUBJECTS.items():
         overrides = yaml.safe_load((CONFIG_DIR / f"{family}.yaml").read_text()) if family != "tiny" else {}
         overrides.pop("extends", None)
+        if subject.startswith("person"):
+            entries.append({"id": subject, "photos": str(person_photos(root / "photos" / subject)), "class_noun": "woman",
+                            "captions": {"landscape.png": PERSON_CAPTIONS["landscape.png"]},
+                            "overrides": merge_settings(overrides, PERSON_SETTINGS)})
+            continue
         entries.append({"id": subject, "photos": str(SAMPLE_SUBJECT), "class_noun": "dog", "overrides": overrides})
     subjects = root / "subjects.yaml"
     subjects.write_text(yaml.safe_dump({"subjects": entries}))
@@ -212,6 +243,47 @@ def test_a_lora_run_goes_through_every_stage_and_registers_megabytes(lora_batch,
     loaded = run_without_repository(LOAD_ADAPTER_ELSEWHERE.format(tracking=tracking, name=name), elsewhere)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert "generated (64, 64)" in loaded.stdout
+
+
+@pytest.mark.slow(seconds=150)
+@pytest.mark.xdist_group("lora-batch")
+@pytest.mark.parametrize("subject", ["person-sd", "person-sdxl"])
+def test_a_person_trains_in_buckets_with_captions_masks_ema_and_prodigy(lora_batch, subject):
+    """What the run recorded: each photo's face crop and bucket, the captions the text encoder got, the options."""
+    root, tracking, blocks, overrides, bucket = lora_batch
+    assert blocks[subject]["quality gate"].startswith("passed")
+    client = MlflowClient(tracking)
+    experiment = client.get_experiment_by_name("lora").experiment_id
+
+    def stage_run(stage):
+        (run,) = client.search_runs([experiment], f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_SUBJECT}` = '{subject}'")
+        return run
+
+    def artifact(run, name):
+        return json.loads(Path(client.download_artifacts(run.info.run_id, name, str(root / "downloads" / subject / run.info.run_id))).read_text())
+
+    ingest = stage_run("ingest")
+    photos = artifact(ingest, "photos.json")
+    assert photos["columns"] == ["photo", "bucket", "caption"]
+    rows = {row[0]: row[1:] for row in photos["data"]}
+    width, height = (int(side) for side in rows["portrait.png"][0].split("x"))
+    assert width < height  # the portrait crop around her face trains in a tall bucket...
+    width, height = (int(side) for side in rows["landscape.png"][0].split("x"))
+    assert width > height  # ...the landscape in a wide one
+    manifest = artifact(ingest, "manifest.json")
+    identifier = manifest["identifier"]["identifier"]
+    assert all(entry["face"] and entry["mask"] for entry in manifest["images"])  # a face, its box the mask
+    captions = {name: template.format(identifier=identifier, class_noun="woman") for name, template in PERSON_CAPTIONS.items()}
+    assert rows["portrait.png"][1] == captions["portrait.png"] and rows["landscape.png"][1] == captions["landscape.png"]
+    drafted = rows["astronaut.png"][1]
+    assert drafted.startswith(f"a {identifier} woman, ") or f"{identifier} woman" in drafted  # the captioner's, with [V]
+
+    fine_tune = stage_run("fine-tune")
+    prompts = artifact(fine_tune, "training_prompts.json")
+    trained = {row[0]: row[1] for row in prompts["data"]}
+    assert set(trained) == {captions["portrait.png"], captions["landscape.png"], drafted, f"a {identifier} woman"}
+    params = client.get_run(fine_tune.data.tags["mlflow.parentRunId"]).data.params  # the subject run holds every setting
+    assert params["training.optimizer"] == "prodigy" and params["training.mask_weight"] == "0.2" and params["training.ema.decay"] == "0.9"
 
 
 LOAD_ADAPTER_ELSEWHERE = """

@@ -115,8 +115,9 @@ def _make_optimizer(settings: TrainingSettings, param_groups: list[dict], on_cud
     if choice == "prodigy":
         from prodigyopt import Prodigy
 
-        # The settings its authors recommend for diffusion fine-tunes (and diffusers' DreamBooth scripts use).
-        return Prodigy(param_groups, use_bias_correction=True, safeguard_warmup=True, decouple=True, **kwargs)
+        prodigy = settings.prodigy
+        return Prodigy(param_groups, d0=prodigy.d0, d_coef=prodigy.d_coef, use_bias_correction=prodigy.use_bias_correction,
+                       safeguard_warmup=prodigy.safeguard_warmup, decouple=True, **kwargs)
     if choice in ("auto", "adamw_8bit"):
         try:
             import bitsandbytes as bnb  # noqa: F401
