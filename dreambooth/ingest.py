@@ -14,14 +14,14 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
 from typing import Optional
 
 from PIL import Image
 
+from dreambooth.captions import draft_captions, photo_caption_template, render_caption
 from dreambooth.config import RunConfig, SubjectSettings, require_subject
 from dreambooth.errors import InputError
-from dreambooth.faces import detect_faces, face_mask, crop_around
+from dreambooth.faces import crop_around, detect_faces, face_mask
 from dreambooth.identifiers import IdentifierChoice, check_user_identifier, new_token_identifier, select_rare_identifier
 from dreambooth.images import MASK_SUFFIX, list_images, load_rgb
 from dreambooth.models import component_config, load_tokenizer, model_family
@@ -149,13 +149,13 @@ def ingest_subject(subject_dir: Path, output_dir: Path, config: RunConfig) -> In
     if unknown:
         raise InputError(f"subject.captions: {unknown[0]} is not a photo of {subject_dir}")
     shape = view_shape(config)
-    templates = {path: _caption_template(path, settings) for path, _ in loaded}
+    templates = {path: photo_caption_template(path, settings) for path, _ in loaded}
     for path, template in templates.items():  # the user's captions are checked before any model drafts the rest
-        _render_caption(path, template, settings, choice.identifier)
+        render_caption(path, template, settings, choice.identifier)
     prepared = [_prepare_photo(path, image.image, settings) for path, image in loaded]
-    drafted = _draft_captions(config, templates, {path: photo.image for (path, _), photo in zip(loaded, prepared)})
+    drafted = draft_captions(config, templates, {path: photo.image for (path, _), photo in zip(loaded, prepared)})
     for (path, _), photo in zip(loaded, prepared):
-        photo.caption = _render_caption(path, templates[path], settings, choice.identifier)
+        photo.caption = render_caption(path, templates[path], settings, choice.identifier)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -201,45 +201,6 @@ class PreparedPhoto:
     caption: str = ""
     mask: Optional[Image.Image] = None
     face: Optional[tuple[int, int, int, int]] = None
-
-
-def _caption_template(path: Path, settings: SubjectSettings) -> Optional[str]:
-    """The photo's caption template: subject.captions, else its NAME.txt; None: it has none."""
-    template = settings.captions.get(path.name)
-    if template is None and caption_file(path).is_file():
-        template = caption_file(path).read_text()
-    return template
-
-
-def _render_caption(path: Path, template: Optional[str], settings: SubjectSettings, identifier: str) -> str:
-    """The template with the subject's identifier and class noun; refused when it would not name the subject."""
-    if template is None:
-        return ""
-    try:
-        caption = settings.render(template, identifier)
-    except (KeyError, IndexError, ValueError) as error:
-        raise InputError(f"{path}: caption {template.strip()!r} is not a template of {{identifier}} and {{class_noun}} ({error})") from None
-    phrase = settings.identifier_phrase(identifier)
-    if phrase not in caption:
-        raise InputError(f"{path}: caption {caption!r} does not contain the identifier phrase {phrase!r}; "
-                         "write {identifier} {class_noun} in it")
-    return caption
-
-
-def _draft_captions(config: RunConfig, templates: dict[Path, Optional[str]], images: dict[Path, Image.Image]) -> list[str]:
-    """ingest.captioner's templates for the photos without one, written beside them (NAME.txt) for
-    people to correct; returns the photos captioned."""
-    needed = [path for path, template in templates.items() if template is None]
-    if not (config.ingest.captioner and needed):
-        return []
-    from dreambooth.captioner import caption_template, describe_photos
-
-    descriptions = describe_photos(config.ingest.captioner, [images[path] for path in needed], config.ingest.captioner_max_tokens)
-    for path, description in zip(needed, descriptions):
-        templates[path] = caption_template(description, config.subject.class_noun)
-        caption_file(path).write_text(templates[path] + "\n")
-        log.info("%s: captioned %r (edit %s to change it)", path.name, templates[path], caption_file(path).name)
-    return [path.name for path in needed]
 
 
 def _prepare_photo(path: Path, image: Image.Image, settings: SubjectSettings) -> PreparedPhoto:

@@ -20,12 +20,12 @@ import torch
 from dreambooth.config import RunConfig, TrainingSettings
 from dreambooth.errors import InputError
 from dreambooth.images import list_images
+from dreambooth.training.buckets import share_out
 from dreambooth.training.data import class_images_for, training_fingerprint
 from dreambooth.training.embeddings import LearnedToken
 from dreambooth.training.lora import add_lora_adapters, freeze
 from dreambooth.training.loop import OnLog, OnStep, TrainingResult, process_state, split_batch, train
 from dreambooth.training.losses import LossTerms
-from dreambooth.training.buckets import share_out
 from dreambooth.training.recipes import Recipe
 from dreambooth.training.recipes.base import TrainingImages
 from dreambooth.training.saving import (
