@@ -183,3 +183,51 @@ def test_too_many_images_are_refused(tmp_path, make_config):
     with pytest.raises(InputError, match=r"many: 4 distinct images, at most 3 allowed \(subject\.max_images\)"):
         ingest_subject(folder, tmp_path / "out", make_config(subject={"max_images": 3}))
 
+
+
+def test_a_mask_beside_a_photo_travels_with_it_and_a_wrong_sized_one_is_refused(subject_dir, tmp_path, make_config):
+    import torch
+
+    from dreambooth.models import load_pipeline
+    from dreambooth.training.data import mask_file
+    from dreambooth.training.recipes import recipe_class
+
+    photo = subject_dir / "00.jpg"
+    width, height = Image.open(photo).size
+    left_half = Image.new("L", (width, height), 0)
+    left_half.paste(255, (0, 0, width // 2, height))
+    left_half.save(subject_dir / "00.mask.png")
+    config = make_config(training={"mask_weight": 0.0, "random_flip": False})
+    result = ingest_subject(subject_dir, tmp_path / "out", config)
+    assert len(result.images) == 4  # the mask is no photo
+    [entry] = [entry for entry in result.images if entry.source_file == "00.jpg"]
+    assert entry.mask and all(not other.mask for other in result.images if other is not entry)
+
+    # the fine-tune's view of it: the photo's latent grid weighted on the left half only
+    recipe = recipe_class("sd")(load_pipeline("tiny://sd"), config.training, torch.device("cpu"), 64)
+    normalised = tmp_path / "out" / entry.normalised_file
+    images = recipe.prepare_images([normalised], with_masks=True)
+    mask = images.groups[0].extras["mask"][0, 0]
+    assert mask[:, : mask.shape[1] // 2].min() > 0.9 and mask[:, mask.shape[1] // 2 :].max() < 0.1  # resampling softens the edge
+    assert mask_file(normalised).is_file()
+
+    Image.new("L", (width // 2, height), 255).save(subject_dir / "00.mask.png")
+    with pytest.raises(InputError, match=rf"00\.mask\.png: {width // 2}x{height}, but its photo is {width}x{height}"):
+        ingest_subject(subject_dir, tmp_path / "refused", config)
+
+
+def test_the_evaluation_compares_with_the_photos_cut_as_they_trained(tmp_path, make_config):
+    from dreambooth.ingest import photos_as_trained
+
+    folder = tmp_path / "tall"
+    folder.mkdir()
+    pixels = np.full((800, 600, 3), 128, dtype=np.uint8)
+    pixels[:40] = (230, 20, 20)  # a red band along the top edge: a square crop cuts it away
+    Image.fromarray(pixels).save(folder / "tall.png")
+    for buckets, red_kept in ((True, True), (False, False)):
+        out = tmp_path / f"buckets-{buckets}"
+        ingest_subject(folder, out, make_config(model={"base": "tiny://sdxl"}, data={"buckets": buckets}))
+        [photo] = photos_as_trained(out)
+        ratio = photo.width / photo.height
+        assert (ratio < 0.85) == buckets and (abs(ratio - 1) < 0.01) != buckets  # the bucket's shape, or the square
+        assert bool((np.asarray(photo)[..., 0] > 200).any()) == red_kept

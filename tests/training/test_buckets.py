@@ -12,6 +12,7 @@ from dreambooth.finetune import finetune
 from dreambooth.ingest import ingest_subject, read_manifest
 from dreambooth.models import load_pipeline
 from dreambooth.training.buckets import bucket_sizes, share_out
+from dreambooth.training.recipes import flux as flux_recipe
 from dreambooth.training.recipes import recipe_class
 
 RED, BLUE = (230, 20, 20), (20, 20, 230)
@@ -132,3 +133,35 @@ def test_each_batch_is_one_bucket_with_its_class_images_and_sdxl_gets_each_photo
         assert all(row[:2] in photo_sizes for row in subject_rows)  # each photo's own size
         assert all(row[:2] == [64, 64] for row in class_rows)
     assert len(seen_sizes) >= 2  # more than one bucket trained
+
+
+def test_flux_trains_tall_and_wide_buckets_as_packed_tokens_of_their_own_shape(make_config, tmp_path, monkeypatch):
+    from diffusers import FluxTransformer2DModel
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, size in (("tall", (600, 800)), ("wide", (800, 600))):
+        tall_photo(photos / f"{name}.png", size)
+    config = make_config(model={"base": "tiny://flux", "resolution": 64}, subject={"min_image_size": 64},
+                         training={"method": "lora", "learning_rate": 1e-4, "max_steps": 6, "random_flip": False},
+                         priors={"enabled": False})
+    ingested = ingest_subject(photos, tmp_path / "subject", config)
+    buckets = {tuple(entry["bucket"]) for entry in read_manifest(tmp_path / "subject")["images"]}
+    assert all(width % 4 == 0 and height % 4 == 0 for width, height in buckets) and len(buckets) == 2  # tiny VAE 2x, 2x2 packing
+    latents, positions = [], []  # per step: the latents packed, and the largest (row, column) of the token ids
+    original_forward, original_pack = FluxTransformer2DModel.forward, flux_recipe.pack_latents
+
+    def forward(self, *args, **kwargs):
+        positions.append(tuple(kwargs["img_ids"][:, 1:].max(dim=0).values.int().tolist()))
+        return original_forward(self, *args, **kwargs)
+
+    def pack(batch):
+        latents.append(tuple(batch.shape[-2:]))
+        return original_pack(batch)
+
+    monkeypatch.setattr(FluxTransformer2DModel, "forward", forward)
+    monkeypatch.setattr(flux_recipe, "pack_latents", pack)
+    finetune(tmp_path / "subject", None, ingested.identifier.identifier, config, tmp_path / "model")
+    # each step's token positions span its own latents' 2x2 patches: rows by height, columns by width
+    assert [(height // 2 - 1, width // 2 - 1) for height, width in latents] == positions
+    assert {(width * 2, height * 2) for height, width in latents} == buckets  # both buckets trained (the tiny VAE halves)
