@@ -1,13 +1,13 @@
 """GPU benchmark: training steps/s and peak GPU memory of full-size denoisers, by training method.
 
-    python bench/denoiser_bench.py [--families sd15,sdxl,flux] [--methods full,lora,textual_inversion,pivotal] [--steps 30]
+    python bench/denoiser_bench.py [--families sd15,sdxl,sd35,flux] [--methods full,lora,textual_inversion,pivotal] [--steps 30]
                                    [--mixed-precision bf16] [--gradient-checkpointing] [--optimizer auto]
     python bench/denoiser_bench.py --tiny   # the same code path on tiny denoisers, on any CPU
 
 Each denoiser is built from its published configuration with random weights (a step costs the
 same as with real ones, and no weights are needed): SD 1.5's UNet (860M parameters, 512 px),
-SDXL's UNet (2.6B, 1024 px) and FLUX.1-dev's transformer (12B, 512 px; LoRA only, as the
-project trains it). Each (family, method) runs in a fresh process through this project's own
+SDXL's UNet (2.6B, 1024 px), SD 3.5 Medium's MMDiT (2.5B, 1024 px; full and LoRA) and FLUX.1-dev's
+transformer (12B, 512 px; LoRA only, as the project trains it). Each (family, method) runs in a fresh process through this project's own
 training loop and recipe loss (batch 1 subject + 1 class example, text conditioning random
 but shaped as the family's encoders give it), so the figures are what `pipeline.py` pays per
 step. textual_inversion and pivotal also build the family's CLIP text encoders (SD 1.5's
@@ -45,8 +45,14 @@ SDXL_UNET = dict(
     projection_class_embeddings_input_dim=2816,
 )
 FLUX_DEV_TRANSFORMER = dict(guidance_embeds=True)  # the class defaults are FLUX.1's shape
+SD35_MEDIUM_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+SD3_SCHEDULER = dict(shift=3.0)
 
 # The text encoders a learned token trains through: SD 1.5's CLIP-L (SDXL's first encoder too) and SDXL's OpenCLIP bigG.
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -56,20 +62,25 @@ CLIP_BIG_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, nu
 EMBEDDING_METHODS = ("textual_inversion", "pivotal")
 
 # family: (recipe, latent channels, latent size, text tokens, text width, pooled width)
-FULL_SIZE = {"sd15": ("sd", 4, 64, 77, 768, None), "sdxl": ("sdxl", 4, 128, 77, 2048, 1280), "flux": ("flux", 16, 64, 512, 4096, 768)}
-TINY = {"sd15": ("sd", 4, 32, 77, 32, None), "sdxl": ("sdxl", 4, 32, 77, 64, 32), "flux": ("flux", 4, 32, 77, 32, 32)}
+FULL_SIZE = {"sd15": ("sd", 4, 64, 77, 768, None), "sdxl": ("sdxl", 4, 128, 77, 2048, 1280), "flux": ("flux", 16, 64, 512, 4096, 768),
+             "sd35": ("sd3", 16, 128, 77 + 256, 4096, 2048)}
+TINY = {"sd15": ("sd", 4, 32, 77, 32, None), "sdxl": ("sdxl", 4, 32, 77, 64, 32), "flux": ("flux", 4, 32, 77, 32, 32),
+        "sd35": ("sd3", 4, 32, 77 + 256, 64, 64)}
+TINY_MODELS = {"sd15": "tiny://sd", "sdxl": "tiny://sdxl", "flux": "tiny://flux", "sd35": "tiny://sd3"}
 
 
 def _denoiser(family: str, tiny: bool):
-    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
     if tiny:
         from dreambooth.models import load_pipeline
 
-        pipeline = load_pipeline({"sd15": "tiny://sd", "sdxl": "tiny://sdxl", "flux": "tiny://flux"}[family])
-        return pipeline.transformer if family == "flux" else pipeline.unet
+        pipeline = load_pipeline(TINY_MODELS[family])
+        return pipeline.transformer if family in ("flux", "sd35") else pipeline.unet
     if family == "flux":
         return FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
+    if family == "sd35":
+        return SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER)
     return UNet2DConditionModel(**(SD15_UNET if family == "sd15" else SDXL_UNET))
 
 
@@ -128,8 +139,9 @@ def _measure(family: str, method: str, args) -> dict:
     )
     denoiser = _denoiser(family, args.tiny).to(device)
     parameters = sum(p.numel() for p in denoiser.parameters())
-    name = "transformer" if recipe_name == "flux" else "unet"
-    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER) if recipe_name == "flux" else DDPMScheduler(**SD_SCHEDULER)
+    name = "transformer" if recipe_name in ("flux", "sd3") else "unet"
+    scheduler = {"flux": lambda: FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), "sd3": lambda: FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER)}.get(
+        recipe_name, lambda: DDPMScheduler(**SD_SCHEDULER))()
     vae_scale = 8
     pipeline = SimpleNamespace(**{name: denoiser}, scheduler=scheduler, vae_scale_factor=vae_scale,
                                vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=1.0, shift_factor=0.0)))
@@ -147,9 +159,12 @@ def _measure(family: str, method: str, args) -> dict:
     batch = 2  # 1 subject + 1 class example
     generator = torch.Generator().manual_seed(0)
     conditioning = {"embeddings": torch.randn(batch, tokens, width, generator=generator).to(device)}
+    extras = {}  # what each view brings beside its latents: SDXL's size and crop ids
     if recipe_name == "sdxl":
         conditioning["text_embeds"] = torch.randn(batch, pooled, generator=generator).to(device)
-        conditioning["time_ids"] = torch.tensor([[size * vae_scale] * 2 + [0, 0] + [size * vae_scale] * 2] * batch, device=device, dtype=torch.float32)
+        extras["time_ids"] = torch.tensor([[size * vae_scale] * 2 + [0, 0] + [size * vae_scale] * 2] * batch, dtype=torch.float32)
+    if recipe_name == "sd3":
+        conditioning["pooled"] = torch.randn(batch, pooled, generator=generator).to(device)
     if recipe_name == "flux":
         conditioning["pooled"] = torch.randn(batch, pooled, generator=generator).to(device)
         conditioning["text_ids"] = torch.zeros(tokens, 3, device=device)
@@ -170,7 +185,7 @@ def _measure(family: str, method: str, args) -> dict:
 
     def compute_loss(modules, step, step_generator):
         latents = torch.randn(batch, channels, size, size, generator=step_generator).to(device)
-        return recipe.loss(modules, latents, None, text_conditioning(modules) if encoders else conditioning, 1, step_generator)
+        return recipe.loss(modules, latents, extras, text_conditioning(modules) if encoders else conditioning, 1, step_generator)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -184,7 +199,7 @@ def _measure(family: str, method: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--families", default="sd15,sdxl,flux")
+    parser.add_argument("--families", default="sd15,sdxl,sd35,flux")
     parser.add_argument("--methods", default="full,lora,textual_inversion,pivotal")
     parser.add_argument("--steps", type=int, default=30, help="training steps per run (the first 3 are not timed)")
     parser.add_argument("--mixed-precision", default="bf16", choices=["no", "fp16", "bf16"])

@@ -37,8 +37,8 @@ class ModelSettings(Section):
     base: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     # A hub revision (branch, tag or commit) of model.base; None: the default branch.
     revision: Optional[str] = None
-    # sd (1.x/2.x), sdxl or flux; None: read from the model's model_index.json. Picks the training recipe.
-    family: Optional[Literal["sd", "sdxl", "flux"]] = None
+    # sd (1.x/2.x), sdxl, sd3 (3.x) or flux; None: read from the model's model_index.json. Picks the training recipe.
+    family: Optional[Literal["sd", "sdxl", "sd3", "flux"]] = None
     # A VAE (hub id or folder) instead of the model's own, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16.
     vae: Optional[str] = None
     # None: the model's native size (UNet sample size x VAE scale factor, 512 for SD 1.x).
@@ -134,13 +134,13 @@ class DataSettings(Section):
 
     # Aspect-ratio buckets: each photo trains at the bucket (about resolution squared in area, sides
     # multiples of the model's latent step) nearest its aspect ratio, cropped by the least amount; a
-    # batch never mixes buckets. None: on for sdxl and flux, off (one square) for sd.
+    # batch never mixes buckets. None: on for sdxl, sd3 and flux, off (one square) for sd.
     buckets: Optional[bool] = None
     # The most elongated bucket, as long side over short side.
     max_aspect_ratio: float = Field(default=2.0, ge=1)
 
     def buckets_for(self, family: str) -> bool:
-        return self.buckets if self.buckets is not None else family in ("sdxl", "flux")
+        return self.buckets if self.buckets is not None else family in ("sdxl", "sd3", "flux")
 
 
 class SamplerSettings(Section):

@@ -2,7 +2,7 @@
 
 Subject images are captioned `a [V] [class noun]`, the frozen model's class images
 `a [class noun]`; each step denoises one batch holding both (paper sec. 4.2). The model family
-(sd, sdxl, flux: config model.family, else read from model_index.json) picks the training recipe;
+(sd, sdxl, sd3, flux: config model.family, else read from model_index.json) picks the training recipe;
 the driver (dreambooth.training.driver) does the rest. `training.method` picks what trains: every
 denoiser weight (full, the paper), low-rank adapters (lora), a new token's embedding
 (textual_inversion, the paper's baseline), or both of those (pivotal).

@@ -38,6 +38,7 @@ FAMILIES = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
     "FluxPipeline": "flux",
+    "StableDiffusion3Pipeline": "sd3",
     "StableDiffusionUpscalePipeline": "sd-upscaler",
 }
 _logger = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ def component_config(reference: str, revision: Optional[str], subfolder: str, se
 
 
 def model_family(reference: str, revision: Optional[str] = None, setting: str = "model.base", declared: Optional[str] = None) -> str:
-    """sd, sdxl, flux or sd-upscaler, from the pipeline class in model_index.json (a LoRA result: its base's);
+    """sd, sdxl, sd3, flux or sd-upscaler, from the pipeline class in model_index.json (a LoRA result: its base's);
     a `declared` family (config model.family) must agree."""
     if (base := adapter_base(reference)) is not None:
         return model_family(base[0], base[1], setting, declared)

@@ -12,7 +12,8 @@ is ingest.captioner's BLIP.
 Stable Diffusion's UNet layout (4 levels, 2 layers each) at 17.6M parameters (64 px), the
 CPU benchmark's model. `tiny://sdxl` and `tiny://flux` are the other families' layouts at 64 px:
 SDXL's two CLIP text encoders and time-conditioned UNet, Flux's CLIP + T5 encoders, guidance-
-embedding transformer, 16-channel packing VAE and flow-matching scheduler.
+embedding transformer, 16-channel packing VAE and flow-matching scheduler; `tiny://sd3` is SD 3.5's
+(two CLIPs and T5, an MMDiT with dual attention and QK norm, the shifted flow-matching scheduler).
 """
 
 from __future__ import annotations
@@ -276,6 +277,36 @@ def build_tiny_flux(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+def build_tiny_sd3(out_dir: Path, seed: int = 0) -> Path:
+    """A random StableDiffusion3Pipeline (SD 3.5's layout): two CLIP encoders with projections, whose
+    penultimate states (side by side, zero-padded to T5's width) precede T5's sequence and whose pooled
+    outputs are concatenated; an MMDiT transformer over 2x2 patches; the shifted flow-matching scheduler."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer_3 = build_tiny_t5_tokenizer()
+    hidden, latent_channels = 32, 4
+    clip = lambda: CLIPTextModelWithProjection(CLIPTextConfig(**_tiny_text_config(build_tiny_tokenizer(), hidden), projection_dim=hidden))  # noqa: E731
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=2 * hidden, d_kv=8, d_ff=64, num_layers=2, num_heads=4))
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=latent_channels, out_channels=latent_channels, num_layers=2,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=2 * hidden, caption_projection_dim=32,
+        pooled_projection_dim=2 * hidden, pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm",
+    )
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_vae(latent_channels, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305),
+        text_encoder=clip(), tokenizer=build_tiny_tokenizer(),
+        text_encoder_2=clip(), tokenizer_2=build_tiny_tokenizer(),
+        text_encoder_3=t5, tokenizer_3=tokenizer_3,
+    )
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
 def build_tiny_dino(out_dir: Path, seed: int = 0) -> Path:
     """A random ViT in facebook/dino-vits16's layout (224 px, patch 16), much narrower."""
     import torch
@@ -411,6 +442,7 @@ _BUILDERS = {
     "sd-upscaler": build_tiny_upscaler,
     "sdxl": build_tiny_sdxl,
     "flux": build_tiny_flux,
+    "sd3": build_tiny_sd3,
 }
 
 

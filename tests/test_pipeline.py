@@ -123,7 +123,7 @@ def test_evaluate_alone_scores_a_model_trained_elsewhere(tiny_model_dir, tmp_pat
     assert "quality gate: passed, registered as dreambooth-dog@candidate (version 1)" in result.stdout
 
 
-LORA_SUBJECTS = {"person-sd": "tiny", "person-sdxl": "tiny-sdxl", "dog-flux": "tiny-flux"}
+LORA_SUBJECTS = {"person-sd": "tiny", "person-sdxl": "tiny-sdxl", "dog-sd3": "tiny-sd3", "dog-flux": "tiny-flux"}
 # Real photos of a person, every data and training option on at once (sd and sdxl).
 PERSON_SETTINGS = {
     "subject": {"kind": "person", "face_crop_scale": 2.0},

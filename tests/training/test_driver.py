@@ -36,3 +36,49 @@ def test_each_photo_caption_reaches_the_text_encoder_and_dropout_swaps_in_the_ba
     assert set(encoded) == expected | {bare}  # every caption, and the bare prompt, nothing else
     assert encoded == Counter(result.prompts)  # what the run logs is what the encoder saw
     assert abs(encoded[bare] / sum(encoded.values()) - DROPOUT) <= TOLERANCE
+
+
+def test_in_a_batch_of_two_each_example_keeps_its_prompt_and_the_class_half_the_class_prompt(subject_dir, tmp_path, make_config, monkeypatch):
+    """The halves stay aligned (diffusers' scripts have repeated class rows with `repeat` where
+    `repeat_interleave` was meant, and encoded class prompts as instance prompts)."""
+    import torch
+    from PIL import Image
+
+    from dreambooth.training import driver
+    from dreambooth.training.recipes.sd3 import StableDiffusion3Recipe
+
+    classes = tmp_path / "classes"
+    classes.mkdir()
+    for index in range(3):
+        Image.new("RGB", (64, 64), (index * 80, 60, 60)).save(classes / f"{index}.png")
+    places = ["on a red sofa", "in the snow", "on a beach", "under a table"]
+    photos = sorted(path.name for path in subject_dir.iterdir())
+    config = make_config(model={"base": "tiny://sd3", "resolution": 64},
+                         subject={"captions": {name: f"a {{identifier}} {{class_noun}} {place}" for name, place in zip(photos, places)}},
+                         priors={"class_images": str(classes)}, training={"method": "lora", "max_steps": 3, "batch_size": 2})
+    ingested = ingest_subject(subject_dir, tmp_path / "subject", config)
+
+    drawn, seen = [], []
+    original_draw, original_loss = driver.SubjectCaptions.draw, StableDiffusion3Recipe.loss
+
+    def draw(self, *args):
+        prompts = original_draw(self, *args)
+        drawn.append(list(prompts))  # the driver appends the class prompts to its list
+        return prompts
+
+    def loss(self, modules, latents, extras, conditioning, num_instance, generator):
+        seen.append((self, {name: value.detach().clone() for name, value in conditioning.items()}, num_instance))
+        return original_loss(self, modules, latents, extras, conditioning, num_instance, generator)
+
+    monkeypatch.setattr(driver.SubjectCaptions, "draw", draw)
+    monkeypatch.setattr(StableDiffusion3Recipe, "loss", loss)
+    finetune(tmp_path / "subject", classes, ingested.identifier.identifier, config, tmp_path / "model")
+
+    assert len(seen) == 3 and all(num_instance == 2 for _, _, num_instance in seen)
+    for prompts, (recipe, conditioning, _) in zip(drawn, seen):
+        expected = prompts + [config.subject.class_prompt()] * 2
+        with torch.no_grad():
+            for row, prompt in enumerate(expected):  # each row is its own prompt's, encoded alone
+                alone = recipe.encode_prompts({}, [prompt])
+                assert torch.allclose(conditioning["embeddings"][row], alone["embeddings"][0], atol=1e-5)
+                assert torch.allclose(conditioning["pooled"][row], alone["pooled"][0], atol=1e-5)

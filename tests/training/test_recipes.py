@@ -135,3 +135,48 @@ def test_flux_latents_are_packed_as_diffusers_flux_pipeline_packs_them():
     assert torch.equal(unpack_latents(packed, 8, 12), latents)
     assert torch.equal(unpack_latents(packed, 8, 12), FluxPipeline._unpack_latents(packed, 8 * 8, 12 * 8, 8))
     assert torch.equal(latent_token_ids(8, 12, "cpu", torch.float32), FluxPipeline._prepare_latent_image_ids(2, 4, 6, "cpu", torch.float32))
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return load_pipeline("tiny://sd3", device=torch.device("cpu"))
+
+
+def test_sd3_conditioning_is_what_its_pipeline_gives_the_transformer(sd3):
+    recipe = recipe_class("sd3")(sd3, TrainingSettings(method="lora"), torch.device("cpu"), resolution=64)
+    with torch.no_grad():
+        ours = recipe.encode_prompts({}, PROMPTS)
+        embeds, _, pooled, _ = sd3.encode_prompt(PROMPTS, None, None, device="cpu", do_classifier_free_guidance=False)
+    assert torch.allclose(ours["embeddings"], embeds, atol=1e-6)  # CLIPs padded to T5's width, then T5's 256 states
+    assert torch.allclose(ours["pooled"], pooled, atol=1e-6)
+
+
+@pytest.mark.parametrize("prior_weight", [0.0, 1.0])
+def test_sd3_preconditioned_flow_loss_matches_an_independent_computation(sd3, prior_weight):
+    settings = TrainingSettings(method="lora", prior_loss_weight=prior_weight)
+    recipe = recipe_class("sd3")(sd3, settings, torch.device("cpu"), resolution=64)
+    transformer = sd3.transformer.eval()
+    latents = torch.randn(4, 4, 32, 24, generator=torch.Generator().manual_seed(1))  # a 2 x 4 batch of a tall bucket
+    with torch.no_grad():
+        conditioning = recipe.encode_prompts({}, PROMPTS)
+        terms = recipe.loss({"transformer": transformer}, latents, None, conditioning, 2, torch.Generator().manual_seed(5))
+
+    # The draws in the same order: noise, then a logit-normal number per example; diffusers' script looks
+    # each timestep's sigma up in the scheduler, and scores x_t - sigma * v against the sample.
+    generator = torch.Generator().manual_seed(5)
+    noise = torch.randn(latents.shape, generator=generator).double().numpy()
+    u = torch.sigmoid(torch.normal(0.0, 1.0, size=(4,), generator=generator))
+    indices = (u * 1000).long().clamp(max=999)
+    timesteps, sigmas = sd3.scheduler.timesteps[indices], sd3.scheduler.sigmas[indices].double().numpy()
+    errors = []
+    for i in range(4):
+        x = latents[i].double().numpy()
+        noisy = (1 - sigmas[i]) * x + sigmas[i] * noise[i]
+        with torch.no_grad():
+            velocity = transformer(hidden_states=torch.from_numpy(noisy).float()[None], timestep=timesteps[i : i + 1],
+                                   encoder_hidden_states=conditioning["embeddings"][i : i + 1],
+                                   pooled_projections=conditioning["pooled"][i : i + 1]).sample[0].double().numpy()
+        errors.append(np.mean((noisy - sigmas[i] * velocity - x) ** 2))
+    assert terms.instance.item() == pytest.approx(np.mean(errors[:2]), rel=1e-4)
+    assert terms.prior.item() == pytest.approx(np.mean(errors[2:]), rel=1e-4)
+    assert terms.total.item() == pytest.approx(np.mean(errors[:2]) + prior_weight * np.mean(errors[2:]), rel=1e-4)

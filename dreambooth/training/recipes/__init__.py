@@ -12,11 +12,13 @@ from dreambooth.errors import InputError
 from dreambooth.training.recipes.base import Recipe
 from dreambooth.training.recipes.flux import FluxRecipe
 from dreambooth.training.recipes.sd import StableDiffusionRecipe
+from dreambooth.training.recipes.sd3 import StableDiffusion3Recipe
 from dreambooth.training.recipes.sdxl import StableDiffusionXLRecipe
 from dreambooth.training.recipes.upscaler import UpscalerRecipe
 
 RECIPES: dict[str, type[Recipe]] = {
-    recipe.family: recipe for recipe in (StableDiffusionRecipe, StableDiffusionXLRecipe, FluxRecipe, UpscalerRecipe)
+    recipe.family: recipe
+    for recipe in (StableDiffusionRecipe, StableDiffusionXLRecipe, StableDiffusion3Recipe, FluxRecipe, UpscalerRecipe)
 }
 
 
