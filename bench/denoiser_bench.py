@@ -2,6 +2,7 @@
 
     python bench/denoiser_bench.py [--families sd15,sdxl,sd35,flux] [--methods full,lora,textual_inversion,pivotal] [--steps 30]
                                    [--mixed-precision bf16] [--gradient-checkpointing] [--optimizer auto]
+                                   [--quantization none,int8,nf4,fp8]
     python bench/denoiser_bench.py --tiny   # the same code path on tiny denoisers, on any CPU
 
 Each denoiser is built from its published configuration with random weights (a step costs the
@@ -69,19 +70,32 @@ TINY = {"sd15": ("sd", 4, 32, 77, 32, None), "sdxl": ("sdxl", 4, 32, 77, 64, 32)
 TINY_MODELS = {"sd15": "tiny://sd", "sdxl": "tiny://sdxl", "flux": "tiny://flux", "sd35": "tiny://sd3"}
 
 
-def _denoiser(family: str, tiny: bool):
+def _denoiser(family: str, tiny: bool, quantization: str = "none"):
+    """The family's denoiser with random weights; quantized, it is saved and loaded back through
+    diffusers' quantization config (dreambooth.models.denoiser_quantization), as training loads a base."""
+    import torch
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
-    if tiny:
-        from dreambooth.models import load_pipeline
+    from dreambooth.models import denoiser_quantization, load_pipeline
 
+    if tiny:
         pipeline = load_pipeline(TINY_MODELS[family])
-        return pipeline.transformer if family in ("flux", "sd35") else pipeline.unet
-    if family == "flux":
-        return FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
-    if family == "sd35":
-        return SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER)
-    return UNet2DConditionModel(**(SD15_UNET if family == "sd15" else SDXL_UNET))
+        built = pipeline.transformer if family in ("flux", "sd35") else pipeline.unet
+    elif family == "flux":
+        built = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
+    elif family == "sd35":
+        built = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER)
+    else:
+        built = UNet2DConditionModel(**(SD15_UNET if family == "sd15" else SDXL_UNET))
+    if quantization == "none":
+        return built
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float32 if tiny else torch.bfloat16
+    with tempfile.TemporaryDirectory() as folder:
+        built.to(dtype).save_pretrained(folder)
+        model_class = type(built)
+        del built
+        return model_class.from_pretrained(folder, torch_dtype=dtype, quantization_config=denoiser_quantization(quantization, device))
 
 
 def _text_encoders(family: str, tiny: bool) -> list:
@@ -121,8 +135,8 @@ def _learned_token(encoders: list, device):
     return ids
 
 
-def _measure(family: str, method: str, args) -> dict:
-    """One (family, method) in this process: build, train args.steps steps, report."""
+def _measure(family: str, method: str, quantization: str, args) -> dict:
+    """One (family, method, quantization) in this process: build, train args.steps steps, report."""
     import torch
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
@@ -137,7 +151,9 @@ def _measure(family: str, method: str, args) -> dict:
         method=method, max_steps=args.steps, learning_rate=1e-4 if method in ("lora", "pivotal") else 5e-6, checkpoint_every=10**9,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
     )
-    denoiser = _denoiser(family, args.tiny).to(device)
+    denoiser = _denoiser(family, args.tiny, quantization)
+    if not getattr(denoiser, "is_quantized", False) or device.type != "cuda" or quantization != "nf4":
+        denoiser = denoiser.to(device)  # bitsandbytes' 4-bit weights are placed on the GPU as they load
     parameters = sum(p.numel() for p in denoiser.parameters())
     name = "transformer" if recipe_name in ("flux", "sd3") else "unet"
     scheduler = {"flux": lambda: FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), "sd3": lambda: FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER)}.get(
@@ -193,7 +209,7 @@ def _measure(family: str, method: str, args) -> dict:
     with tempfile.TemporaryDirectory() as checkpoints:
         result = train(modules, rates, compute_loss, settings, Path(checkpoints))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"family": family, "method": method, "parameters": parameters, "trainable": trainable,
+    return {"family": family, "method": method, "quantization": quantization, "parameters": parameters, "trainable": trainable,
             "steps_per_second": result.steps_per_second, "peak_gb": peak, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
 
 
@@ -205,6 +221,8 @@ def main() -> None:
     parser.add_argument("--mixed-precision", default="bf16", choices=["no", "fp16", "bf16"])
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--optimizer", default="auto", choices=["auto", "adamw", "adamw_8bit"])
+    parser.add_argument("--quantization", default="none", help="the frozen denoiser's model.quantization values to measure "
+                        "(none,int8,nf4,fp8), with LoRA and pivotal only")
     parser.add_argument("--tiny", action="store_true", help="tiny denoisers: check the bench itself on a CPU")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -213,22 +231,26 @@ def main() -> None:
         return
     from dreambooth.training.recipes import recipe_class
 
-    print(f"{'family':8}{'method':19}{'params':>10}{'trainable':>15}{'steps/s':>10}{'peak GPU GB':>13}")
-    for family in args.families.split(","):
-        for method in args.methods.split(","):
+    print(f"{'family':8}{'method':19}{'quant':6}{'params':>10}{'trainable':>15}{'steps/s':>10}{'peak GPU GB':>13}")
+    runs = [(family, method, quantization) for family in args.families.split(",") for method in args.methods.split(",")
+            for quantization in args.quantization.split(",")]
+    for family, method, quantization in runs:
             if method not in recipe_class(FULL_SIZE[family][0]).methods:
                 continue  # what the project does not train that way (Flux: LoRA only)
-            command = [sys.executable, __file__, "--child", f"{family}:{method}", "--steps", str(args.steps),
+            if quantization != "none" and method not in ("lora", "pivotal"):
+                continue  # a quantized denoiser is frozen: adapters train on it
+            label = f"{family:8}{method:19}{quantization:6}"
+            command = [sys.executable, __file__, "--child", f"{family}:{method}:{quantization}", "--steps", str(args.steps),
                        "--mixed-precision", args.mixed_precision, "--optimizer", args.optimizer]
             command += ["--gradient-checkpointing"] * args.gradient_checkpointing + ["--tiny"] * args.tiny
             started = time.perf_counter()
             run = subprocess.run(command, capture_output=True, text=True)
             if run.returncode != 0:
                 reason = "out of GPU memory" if "OutOfMemoryError" in run.stderr else run.stderr.strip().splitlines()[-1]
-                print(f"{family:8}{method:19}  failed: {reason}")
+                print(f"{label}  failed: {reason}")
                 continue
             row = json.loads(run.stdout.strip().splitlines()[-1])
-            print(f"{family:8}{method:19}{row['parameters'] / 1e6:9.0f}M{row['trainable']:15,}"
+            print(f"{label}{row['parameters'] / 1e6:9.0f}M{row['trainable']:15,}"
                   f"{row['steps_per_second']:10.2f}{row['peak_gb']:13.1f}   ({row['device']}, {time.perf_counter() - started:.0f} s)")
 
 

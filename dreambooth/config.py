@@ -43,6 +43,10 @@ class ModelSettings(Section):
     vae: Optional[str] = None
     # None: the model's native size (UNet sample size x VAE scale factor, 512 for SD 1.x).
     resolution: Optional[int] = Field(default=None, gt=0)
+    # The frozen denoiser loaded quantized while adapters train on it in full precision (LoRA, pivotal,
+    # textual_inversion): int8 (torchao's weight-only int8, also on CPUs), nf4 (bitsandbytes' 4-bit) or
+    # fp8 (torchao's float8 weight-only), both CUDA only. What is saved loads on the unquantized base.
+    quantization: Literal["none", "int8", "nf4", "fp8"] = "none"
     # Only safetensors weights load: pickle files (.bin, .pt) can run code when loaded. True lets
     # them load, for every model of the run (base, VAE, upscaler, evaluation encoders); tagged on each stage run.
     allow_pickle: bool = False
@@ -664,6 +668,9 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
+        if self.model.quantization != "none" and self.training.method == "full":
+            raise ValueError(f"model.quantization: {self.model.quantization} loads the denoiser frozen; train adapters on it "
+                             "(training.method lora or pivotal), not every weight")
         if self.training.lr_warmup_steps >= self.training.max_steps and self.training.lr_warmup_steps:
             raise ValueError("training.lr_warmup_steps must be smaller than training.max_steps")
         select = self.evaluation.select

@@ -50,7 +50,8 @@ def finetune(
 
     def make_recipe(training, device):
         family = model_family(config.model.base, config.model.revision, declared=config.model.family)
-        pipeline = load_pipeline(config.model.base, config.model.revision, device=device, vae=config.model.vae)
+        pipeline = load_pipeline(config.model.base, config.model.revision, device=device, vae=config.model.vae,
+                                 quantization=config.model.quantization)
         return recipe_class(family)(pipeline, training, device, config.model.resolution, data=config.data)
 
     def draw_validation(recipe) -> OnStep:

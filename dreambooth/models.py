@@ -250,18 +250,54 @@ def adapter_vae(reference: str) -> Optional[str]:
     return json.loads((Path(reference) / METADATA_FILE).read_text()).get("vae")
 
 
+def denoiser_quantization(mode: str, device: torch.device):
+    """diffusers' quantization config for a frozen denoiser in `mode` (model.quantization); None for none."""
+    if mode == "none":
+        return None
+    if mode in ("nf4", "fp8") and device.type != "cuda":
+        raise InputError(f"model.quantization: {mode} needs a CUDA GPU and this run has none; int8 (torchao) runs on CPUs too")
+    if mode == "nf4":
+        from diffusers import BitsAndBytesConfig
+
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise InputError("model.quantization: nf4 needs the bitsandbytes package (docker/gpu-requirements.txt)") from None
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    from diffusers import TorchAoConfig
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig() if mode == "int8" else Float8WeightOnlyConfig())
+
+
+def _quantized_denoiser(source: str, revision: Optional[str], torch_dtype: torch.dtype, mode: str, device: torch.device) -> dict:
+    """{component name: the pipeline's UNet or transformer, loaded quantized}."""
+    import diffusers
+
+    index = _model_index(source, revision, "model.base")
+    name = "unet" if "unet" in index else "transformer"
+    model_class = getattr(diffusers, index[name][1])
+    try:
+        return {name: model_class.from_pretrained(source, subfolder=name, revision=revision, torch_dtype=torch_dtype,
+                                                  quantization_config=denoiser_quantization(mode, device), **weights_format())}
+    except (OSError, ValueError) as error:
+        raise _load_error(source, name, error) from None
+
+
 def load_pipeline(
     reference: str,
     revision: Optional[str] = None,
     torch_dtype: torch.dtype = torch.float32,
     device: Optional[torch.device] = None,
     vae: Optional[str] = None,
+    quantization: str = "none",
 ):
     """A text-to-image DiffusionPipeline without a safety checker (DreamBooth trains on user photos).
 
     `reference` is a full pipeline (hub id, folder, tiny://) or a result folder that loads on its
     base model: a LoRA adapter applied, a learned token added (and the VAE it was trained with). `vae` (model.vae)
-    replaces the pipeline's own, e.g. SDXL's fp16-safe VAE.
+    replaces the pipeline's own, e.g. SDXL's fp16-safe VAE; `quantization` (model.quantization) loads
+    the denoiser quantized, to train adapters on.
     """
     from diffusers import AutoencoderKL, DiffusionPipeline
 
@@ -282,6 +318,8 @@ def load_pipeline(
             components["vae"] = AutoencoderKL.from_pretrained(resolve_model_source(vae, setting="model.vae"), dtype=torch_dtype, **weights_format())
         except (OSError, ValueError) as error:
             raise InputError(f"model.vae: cannot load the VAE {vae!r} ({load_failure_reason(error)})") from None
+    if quantization != "none":
+        components.update(_quantized_denoiser(source, revision, torch_dtype, quantization, device or best_device()))
     try:
         pipeline = DiffusionPipeline.from_pretrained(source, revision=revision, dtype=torch_dtype, **components, **weights_format())
     except (OSError, ValueError, EnvironmentError) as error:

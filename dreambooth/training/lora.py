@@ -15,9 +15,9 @@ HALF_PRECISION = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 def freeze(module, settings) -> None:
     """No gradients for the module's weights; under mixed precision they are stored in its half
-    type, as they only feed autocast (half the memory)."""
+    type, as they only feed autocast (half the memory); quantized weights (model.quantization) stay as loaded."""
     module.requires_grad_(False)
-    if (frozen_dtype := HALF_PRECISION.get(settings.mixed_precision)) is not None:
+    if (frozen_dtype := HALF_PRECISION.get(settings.mixed_precision)) is not None and not getattr(module, "is_quantized", False):
         module.to(frozen_dtype)
 
 

@@ -28,3 +28,47 @@ def test_an_adapter_at_alpha_twice_its_rank_loads_at_the_scale_it_trained_at(tmp
         loaded.load_lora_weights(tmp_path, weight_name=weight_name)
         image = loaded(**draw, generator=torch.Generator().manual_seed(0)).images[0]
         assert np.abs(image - expected).max() < 1e-4, weight_name
+
+
+
+def test_a_lora_on_an_int8_base_trains_and_saves_the_adapter_the_full_precision_base_loads(subject_dir, tmp_path, make_config, monkeypatch):
+    """model.quantization int8 (torchao, on CPU): the frozen UNet's linear layers hold int8 weights while
+    the adapter trains; what is saved has the unquantized run's tensors and loads on the plain base."""
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    from dreambooth.errors import InputError
+    from dreambooth.finetune import finetune
+    from dreambooth.ingest import ingest_subject
+    from dreambooth.models import resolve_model_source
+    from dreambooth.training import driver
+
+    weight_types, saved = {}, {}
+    original = driver.run_finetune
+
+    def recording(job, *args, **kwargs):
+        result = original(job, *args, **kwargs)
+        frozen = [module.weight for module in job.recipe.pipeline.unet.modules()
+                  if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad]
+        weight_types[getattr(job.recipe.pipeline.unet, "is_quantized", False)] = {type(weight).__name__ for weight in frozen}
+        return result
+
+    monkeypatch.setattr(driver, "run_finetune", recording)
+    for mode in ("none", "int8"):
+        config = make_config(model={"quantization": mode}, priors={"enabled": False},
+                             training={"method": "lora", "max_steps": 3, "learning_rate": 1e-3})
+        ingested = ingest_subject(subject_dir, tmp_path / f"subject-{mode}", config)
+        assert finetune(tmp_path / f"subject-{mode}", None, ingested.identifier.identifier, config, tmp_path / mode).steps == 3
+        saved[mode] = load_file(tmp_path / mode / LORA_WEIGHTS)
+    assert weight_types == {False: {"Parameter"}, True: {"Int8Tensor"}}  # every frozen projection int8 while it trained
+    assert {key: (value.shape, value.dtype) for key, value in saved["int8"].items()} == \
+        {key: (value.shape, value.dtype) for key, value in saved["none"].items()}
+    assert not all(torch.equal(saved["int8"][key], saved["none"][key]) for key in saved["none"])  # it trained on other weights
+    base = DiffusionPipeline.from_pretrained(resolve_model_source("tiny://sd"))
+    base.load_lora_weights(tmp_path / "int8", weight_name=LORA_WEIGHTS)  # the plain base takes it
+    assert load_pipeline(str(tmp_path / "int8")).unet.dtype == torch.float32
+
+    with pytest.raises(InputError, match="model.quantization: nf4 needs a CUDA GPU and this run has none"):
+        load_pipeline("tiny://sd", quantization="nf4", device=torch.device("cpu"))
+    with pytest.raises(InputError, match="model.quantization: int8 loads the denoiser frozen"):
+        make_config(model={"quantization": "int8"}, training={"method": "full"})
