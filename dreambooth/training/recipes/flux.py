@@ -11,17 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from dreambooth.errors import InputError
 from dreambooth.training.losses import LossTerms, draw_noise, prior_preservation_loss
-from dreambooth.training.recipes.base import Recipe
+from dreambooth.training.recipes.flow import FlowMatchingRecipe, flow_matching_sample
 
 FLUX_DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size: 1024 px with its 8x VAE
-
-
-def flow_matching_sample(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(noisy input, target): the point at sigma on the straight path from data to noise, and its velocity."""
-    sigmas = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
-    return (1.0 - sigmas) * latents + sigmas * noise, noise - latents
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -45,30 +38,15 @@ def latent_token_ids(height: int, width: int, device, dtype) -> torch.Tensor:
     return ids.to(device=device, dtype=dtype)
 
 
-class FluxRecipe(Recipe):
+class FluxRecipe(FlowMatchingRecipe):
     family = "flux"
-    denoiser = "transformer"
     text_encoders = ("text_encoder", "text_encoder_2")
     trainable_text_encoders = ("text_encoder",)  # CLIP, as diffusers' example; T5 stays frozen
     methods = ("lora",)
 
-    def __init__(self, pipeline, settings, device, resolution=None, setting: str = "training", data=None):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        super().__init__(pipeline, settings, device, resolution, setting, data)
-        if settings.snr_gamma is not None:
-            raise InputError(f"{setting}.snr_gamma: min-SNR weights a noise-prediction loss; flux trains on flow matching")
-        self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
-        self._t5: dict[tuple[str, ...], torch.Tensor] = {}
-
     def encode_prompts(self, modules, prompts):
         pooled = self.module(modules, "text_encoder")(self.token_ids("tokenizer", prompts)).pooler_output
-        key = tuple(prompts)
-        if key not in self._t5:  # T5 never trains: its embeddings are computed once
-            with torch.no_grad():
-                ids = self.token_ids("tokenizer_2", prompts, self.pipeline.tokenizer_2.model_max_length)
-                self._t5[key] = self.pipeline.text_encoder_2(ids)[0]
-        embeddings = self._t5[key]
+        embeddings = self.frozen_t5("text_encoder_2", "tokenizer_2", prompts, self.pipeline.tokenizer_2.model_max_length)
         text_ids = torch.zeros(embeddings.shape[1], 3, device=self.device, dtype=embeddings.dtype)
         return {"embeddings": embeddings, "pooled": pooled, "text_ids": text_ids}
 

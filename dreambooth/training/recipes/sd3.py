@@ -13,46 +13,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dreambooth.errors import InputError
 from dreambooth.training.losses import LossTerms, draw_noise, prior_preservation_loss
-from dreambooth.training.recipes.base import Recipe
-from dreambooth.training.recipes.flux import flow_matching_sample
+from dreambooth.training.recipes.flow import FlowMatchingRecipe, flow_matching_sample
 
 T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length: training sees what inference sees
 
 
-class StableDiffusion3Recipe(Recipe):
+class StableDiffusion3Recipe(FlowMatchingRecipe):
     family = "sd3"
-    denoiser = "transformer"
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
     trainable_text_encoders = ("text_encoder", "text_encoder_2")  # the CLIPs, as diffusers' example; T5 stays frozen
     identifier_tokenizers = ("tokenizer", "tokenizer_2")
     methods = ("full", "lora")
-
-    def __init__(self, pipeline, settings, device, resolution=None, setting: str = "training", data=None):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        super().__init__(pipeline, settings, device, resolution, setting, data)
-        if settings.snr_gamma is not None:
-            raise InputError(f"{setting}.snr_gamma: min-SNR weights a noise-prediction loss; sd3 trains on flow matching")
-        self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
-        self._t5: dict[tuple[str, ...], torch.Tensor] = {}
 
     @classmethod
     def image_step(cls, denoiser_config, vae_config) -> int:
         return 2 ** (len(vae_config["block_out_channels"]) - 1) * denoiser_config["patch_size"]
 
     def _t5_states(self, prompts: list[str]) -> torch.Tensor:
-        key = tuple(prompts)
-        if key not in self._t5:  # T5 never trains: its states are computed once per prompt list
-            encoder = self.pipeline.text_encoder_3
-            with torch.no_grad():
-                if encoder is None:  # a model shipped without T5 reads zeros there, as its pipeline does
-                    width = self.pipeline.transformer.config.joint_attention_dim
-                    self._t5[key] = torch.zeros(len(prompts), T5_TOKENS, width, device=self.device)
-                else:
-                    self._t5[key] = encoder(self.token_ids("tokenizer_3", prompts, T5_TOKENS))[0]
-        return self._t5[key]
+        if self.pipeline.text_encoder_3 is None:  # a model shipped without T5 reads zeros there, as its pipeline does
+            return torch.zeros(len(prompts), T5_TOKENS, self.pipeline.transformer.config.joint_attention_dim, device=self.device)
+        return self.frozen_t5("text_encoder_3", "tokenizer_3", prompts, T5_TOKENS)
 
     def encode_prompts(self, modules, prompts):
         hidden, pooled = [], []
