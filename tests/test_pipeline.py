@@ -193,7 +193,6 @@ def test_a_lora_run_goes_through_every_stage_and_registers_megabytes(lora_batch,
 
     from google.cloud import storage
 
-    from conftest import run_without_repository
     from dreambooth.models import LORA_WEIGHTS, resolve_model_source
     from dreambooth.storage import COMPLETE_MARKER, local_folder
 
@@ -237,12 +236,22 @@ def test_a_lora_run_goes_through_every_stage_and_registers_megabytes(lora_batch,
     full_bytes = sum(p.stat().st_size for p in Path(base_dir).rglob("*") if p.is_file())
     assert registered_bytes < 0.05 * full_bytes, (registered_bytes, full_bytes)
 
-    # In a process that cannot import this repository: MLflow and diffusers alone load it.
-    elsewhere = root / "elsewhere" / subject
-    elsewhere.mkdir(parents=True)
-    loaded = run_without_repository(LOAD_ADAPTER_ELSEWHERE.format(tracking=tracking, name=name), elsewhere)
+
+@pytest.mark.slow(seconds=40)
+@pytest.mark.xdist_group("lora-batch")
+def test_every_registered_adapter_generates_where_the_repository_is_not(lora_batch):
+    """One process that cannot import this repository loads each family's adapter from the registry
+    (MLflow's diffusers flavour: MLflow and diffusers alone) and draws with it."""
+    from conftest import run_without_repository
+
+    root, tracking, blocks, overrides, bucket = lora_batch
+    elsewhere = root / "elsewhere"
+    elsewhere.mkdir()
+    names = [f"dreambooth-{subject}" for subject in LORA_SUBJECTS]
+    loaded = run_without_repository(LOAD_ADAPTERS_ELSEWHERE.format(tracking=tracking, names=names), elsewhere)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
-    assert "generated (64, 64)" in loaded.stdout
+    assert [line for line in loaded.stdout.splitlines() if line.startswith("generated")] == \
+        [f"generated {name} (64, 64)" for name in names]
 
 
 @pytest.mark.slow(seconds=150)
@@ -286,12 +295,13 @@ def test_a_person_trains_in_buckets_with_captions_masks_ema_and_prodigy(lora_bat
     assert params["training.optimizer"] == "prodigy" and params["training.mask_weight"] == "0.2" and params["training.ema.decay"] == "0.9"
 
 
-LOAD_ADAPTER_ELSEWHERE = """
+LOAD_ADAPTERS_ELSEWHERE = """
 import io
 import mlflow, pandas as pd
 from PIL import Image
 mlflow.set_tracking_uri({tracking!r})
-model = mlflow.pyfunc.load_model("models:/{name}@candidate")
-out = model.predict(pd.DataFrame({{"prompt": ["a dog on the beach"]}}), params={{"num_inference_steps": 2, "height": 64, "width": 64}})
-print("generated", Image.open(io.BytesIO(out[0])).size)
+for name in {names!r}:
+    model = mlflow.pyfunc.load_model(f"models:/{{name}}@candidate")
+    out = model.predict(pd.DataFrame({{"prompt": ["a dog on the beach"]}}), params={{"num_inference_steps": 2, "height": 64, "width": 64}})
+    print("generated", name, Image.open(io.BytesIO(out[0])).size)
 """
