@@ -152,7 +152,7 @@ def _measure(family: str, method: str, quantization: str, args) -> dict:
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
     )
     denoiser = _denoiser(family, args.tiny, quantization)
-    if not getattr(denoiser, "is_quantized", False) or device.type != "cuda" or quantization != "nf4":
+    if not (quantization == "nf4" and device.type == "cuda"):
         denoiser = denoiser.to(device)  # bitsandbytes' 4-bit weights are placed on the GPU as they load
     parameters = sum(p.numel() for p in denoiser.parameters())
     name = "transformer" if recipe_name in ("flux", "sd3") else "unet"

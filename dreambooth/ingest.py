@@ -150,12 +150,12 @@ def ingest_subject(subject_dir: Path, output_dir: Path, config: RunConfig) -> In
         raise InputError(f"subject.captions: {unknown[0]} is not a photo of {subject_dir}")
     shape = view_shape(config)
     templates = {path: photo_caption_template(path, settings) for path, _ in loaded}
-    for path, template in templates.items():  # the user's captions are checked before any model drafts the rest
-        render_caption(path, template, settings, choice.identifier)
+    # the user's captions are checked before any model drafts the rest
+    captions = {path: render_caption(path, template, settings, choice.identifier) for path, template in templates.items()}
     prepared = [_prepare_photo(path, image.image, settings) for path, image in loaded]
     drafted = draft_captions(config, templates, {path: photo.image for (path, _), photo in zip(loaded, prepared)})
     for (path, _), photo in zip(loaded, prepared):
-        photo.caption = render_caption(path, templates[path], settings, choice.identifier)
+        photo.caption = render_caption(path, templates[path], settings, choice.identifier) if path.name in drafted else captions[path]
 
     output_dir.mkdir(parents=True, exist_ok=True)
     entries = []

@@ -77,12 +77,13 @@ def _losses(reference: str, revision: Optional[str], vae: Optional[str], groups:
     losses = []
     for paths, prompt in groups:
         images = recipe.prepare_images(paths)
+        # one batch per bucket, its conditioning encoded once for every draw
+        conditionings = [recipe.encode_prompts({}, [prompt] * len(views.latents)) for views in images.groups]
         generator = torch.Generator(device="cpu").manual_seed(CHECK_SEED)
         total = 0.0
         for _ in range(DRAWS):
-            for index, views in enumerate(images.groups):  # one batch per bucket
+            for index, (views, conditioning) in enumerate(zip(images.groups, conditionings)):
                 count = len(views.latents)
-                conditioning = recipe.encode_prompts({}, [prompt] * count)
                 latents, extras = recipe.sample(images, torch.arange(count), generator, index)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     terms = recipe.loss(denoiser, latents.to(device), extras, conditioning, count, generator)
