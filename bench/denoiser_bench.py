@@ -1,14 +1,15 @@
 """GPU benchmark: training steps/s and peak GPU memory of full-size denoisers, by training method.
 
-    python bench/denoiser_bench.py [--families sd15,sdxl,sd35,flux] [--methods full,lora,textual_inversion,pivotal] [--steps 30]
+    python bench/denoiser_bench.py [--families sd15,sdxl,sd35,flux,flux2-klein,z-image] [--methods full,lora,textual_inversion,pivotal] [--steps 30]
                                    [--mixed-precision bf16] [--gradient-checkpointing] [--optimizer auto]
                                    [--quantization none,int8,nf4,fp8]
     python bench/denoiser_bench.py --tiny   # the same code path on tiny denoisers, on any CPU
 
 Each denoiser is built from its published configuration with random weights (a step costs the
 same as with real ones, and no weights are needed): SD 1.5's UNet (860M parameters, 512 px),
-SDXL's UNet (2.6B, 1024 px), SD 3.5 Medium's MMDiT (2.5B, 1024 px; full and LoRA) and FLUX.1-dev's
-transformer (12B, 512 px; LoRA only, as the project trains it). Each (family, method) runs in a fresh process through this project's own
+SDXL's UNet (2.6B, 1024 px), SD 3.5 Medium's MMDiT (2.5B, 1024 px; full and LoRA), FLUX.1-dev's
+transformer (12B, 512 px), FLUX.2 [klein] base 4B's (1024 px) and Z-Image's (6B, 1024 px) (the last
+three LoRA only, as the project trains them). Each (family, method) runs in a fresh process through this project's own
 training loop and recipe loss (batch 1 subject + 1 class example, text conditioning random
 but shaped as the family's encoders give it), so the figures are what `pipeline.py` pays per
 step. textual_inversion and pivotal also build the family's CLIP text encoders (SD 1.5's
@@ -51,6 +52,12 @@ SD35_MEDIUM_TRANSFORMER = dict(
     joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
     dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
 )
+# FLUX.2 [klein] base 4B's transformer/config.json; Z-Image's is ZImageTransformer2DModel's defaults (6B).
+FLUX2_KLEIN_4B_TRANSFORMER = dict(
+    in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=7680,
+    timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=False,
+)
+Z_IMAGE_TRANSFORMER = dict()
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
 SD3_SCHEDULER = dict(shift=3.0)
@@ -62,27 +69,38 @@ CLIP_BIG_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, nu
                   max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
 EMBEDDING_METHODS = ("textual_inversion", "pivotal")
 
-# family: (recipe, latent channels, latent size, text tokens, text width, pooled width)
+# family: (recipe, latent channels, latent size, text tokens, text width, pooled width); FLUX.2's latents
+# are as its loss reads them, 2x2-patchified (32 channels at 128 -> 128 at 64, 1024 px); Z-Image's text is
+# a prompt's own tokens (about 40 for a DreamBench prompt in Qwen's chat template).
 FULL_SIZE = {"sd15": ("sd", 4, 64, 77, 768, None), "sdxl": ("sdxl", 4, 128, 77, 2048, 1280), "flux": ("flux", 16, 64, 512, 4096, 768),
-             "sd35": ("sd3", 16, 128, 77 + 256, 4096, 2048)}
+             "sd35": ("sd3", 16, 128, 77 + 256, 4096, 2048), "flux2-klein": ("flux2-klein", 128, 64, 512, 7680, None),
+             "z-image": ("z-image", 16, 128, 40, 2560, None)}
 TINY = {"sd15": ("sd", 4, 32, 77, 32, None), "sdxl": ("sdxl", 4, 32, 77, 64, 32), "flux": ("flux", 4, 32, 77, 32, 32),
-        "sd35": ("sd3", 4, 32, 77 + 256, 64, 64)}
-TINY_MODELS = {"sd15": "tiny://sd", "sdxl": "tiny://sdxl", "flux": "tiny://flux", "sd35": "tiny://sd3"}
+        "sd35": ("sd3", 4, 32, 77 + 256, 64, 64), "flux2-klein": ("flux2-klein", 16, 16, 512, 48, None),
+        "z-image": ("z-image", 4, 32, 40, 16, None)}
+TINY_MODELS = {"sd15": "tiny://sd", "sdxl": "tiny://sdxl", "flux": "tiny://flux", "sd35": "tiny://sd3",
+               "flux2-klein": "tiny://flux2-klein", "z-image": "tiny://z-image"}
+TRANSFORMER_FAMILIES = ("flux", "sd35", "flux2-klein", "z-image")
 
 
 def _denoiser(family: str, tiny: bool, quantization: str = "none"):
     """The family's denoiser with random weights; quantized, it is saved and loaded back through
     diffusers' quantization config (dreambooth.models.denoiser_quantization), as training loads a base."""
     import torch
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import (Flux2Transformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel,
+                           ZImageTransformer2DModel)
 
     from dreambooth.models import denoiser_quantization, load_pipeline
 
     if tiny:
         pipeline = load_pipeline(TINY_MODELS[family])
-        built = pipeline.transformer if family in ("flux", "sd35") else pipeline.unet
+        built = pipeline.transformer if family in TRANSFORMER_FAMILIES else pipeline.unet
     elif family == "flux":
         built = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
+    elif family == "flux2-klein":
+        built = Flux2Transformer2DModel(**FLUX2_KLEIN_4B_TRANSFORMER)
+    elif family == "z-image":
+        built = ZImageTransformer2DModel(**Z_IMAGE_TRANSFORMER)
     elif family == "sd35":
         built = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER)
     else:
@@ -155,9 +173,9 @@ def _measure(family: str, method: str, quantization: str, args) -> dict:
     if not (quantization == "nf4" and device.type == "cuda"):
         denoiser = denoiser.to(device)  # bitsandbytes' 4-bit weights are placed on the GPU as they load
     parameters = sum(p.numel() for p in denoiser.parameters())
-    name = "transformer" if recipe_name in ("flux", "sd3") else "unet"
-    scheduler = {"flux": lambda: FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), "sd3": lambda: FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER)}.get(
-        recipe_name, lambda: DDPMScheduler(**SD_SCHEDULER))()
+    name = "transformer" if family in TRANSFORMER_FAMILIES else "unet"
+    flow = {"flux": FLUX_SCHEDULER, "flux2-klein": FLUX_SCHEDULER, "sd3": SD3_SCHEDULER, "z-image": SD3_SCHEDULER}
+    scheduler = FlowMatchEulerDiscreteScheduler(**flow[recipe_name]) if recipe_name in flow else DDPMScheduler(**SD_SCHEDULER)
     vae_scale = 8
     pipeline = SimpleNamespace(**{name: denoiser}, scheduler=scheduler, vae_scale_factor=vae_scale,
                                vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=1.0, shift_factor=0.0)))
@@ -184,6 +202,12 @@ def _measure(family: str, method: str, quantization: str, args) -> dict:
     if recipe_name == "flux":
         conditioning["pooled"] = torch.randn(batch, pooled, generator=generator).to(device)
         conditioning["text_ids"] = torch.zeros(tokens, 3, device=device)
+    if recipe_name == "flux2-klein":
+        from dreambooth.training.recipes.flux2 import position_ids
+
+        conditioning["text_ids"] = position_ids(batch, 1, 1, 1, tokens, device)
+    if recipe_name == "z-image":
+        conditioning["lengths"] = torch.full((batch,), tokens, device=device)
 
     modules = {} if method == "textual_inversion" else {name: denoiser}
     encoders = _text_encoders(family, args.tiny) if method in EMBEDDING_METHODS else []
@@ -215,7 +239,7 @@ def _measure(family: str, method: str, quantization: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--families", default="sd15,sdxl,sd35,flux")
+    parser.add_argument("--families", default="sd15,sdxl,sd35,flux,flux2-klein,z-image")
     parser.add_argument("--methods", default="full,lora,textual_inversion,pivotal")
     parser.add_argument("--steps", type=int, default=30, help="training steps per run (the first 3 are not timed)")
     parser.add_argument("--mixed-precision", default="bf16", choices=["no", "fp16", "bf16"])
@@ -231,7 +255,7 @@ def main() -> None:
         return
     from dreambooth.training.recipes import recipe_class
 
-    print(f"{'family':8}{'method':19}{'quant':6}{'params':>10}{'trainable':>15}{'steps/s':>10}{'peak GPU GB':>13}")
+    print(f"{'family':12}{'method':19}{'quant':6}{'params':>10}{'trainable':>15}{'steps/s':>10}{'peak GPU GB':>13}")
     runs = [(family, method, quantization) for family in args.families.split(",") for method in args.methods.split(",")
             for quantization in args.quantization.split(",")]
     for family, method, quantization in runs:
@@ -239,7 +263,7 @@ def main() -> None:
                 continue  # what the project does not train that way (Flux: LoRA only)
             if quantization != "none" and method not in ("lora", "pivotal"):
                 continue  # a quantized denoiser is frozen: adapters train on it
-            label = f"{family:8}{method:19}{quantization:6}"
+            label = f"{family:12}{method:19}{quantization:6}"
             command = [sys.executable, __file__, "--child", f"{family}:{method}:{quantization}", "--steps", str(args.steps),
                        "--mixed-precision", args.mixed_precision, "--optimizer", args.optimizer]
             command += ["--gradient-checkpointing"] * args.gradient_checkpointing + ["--tiny"] * args.tiny

@@ -37,8 +37,9 @@ class ModelSettings(Section):
     base: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     # A hub revision (branch, tag or commit) of model.base; None: the default branch.
     revision: Optional[str] = None
-    # sd (1.x/2.x), sdxl, sd3 (3.x) or flux; None: read from the model's model_index.json. Picks the training recipe.
-    family: Optional[Literal["sd", "sdxl", "sd3", "flux"]] = None
+    # sd (1.x/2.x), sdxl, sd3 (3.x), flux (FLUX.1), flux2-klein (FLUX.2 [klein]) or z-image; None: read
+    # from the model's model_index.json. Picks the training recipe.
+    family: Optional[Literal["sd", "sdxl", "sd3", "flux", "flux2-klein", "z-image"]] = None
     # A VAE (hub id or folder) instead of the model's own, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16.
     vae: Optional[str] = None
     # None: the model's native size (UNet sample size x VAE scale factor, 512 for SD 1.x).
@@ -47,6 +48,13 @@ class ModelSettings(Section):
     # textual_inversion): int8 (torchao's weight-only int8, also on CPUs), nf4 (bitsandbytes' 4-bit) or
     # fp8 (torchao's float8 weight-only), both CUDA only. What is saved loads on the unquantized base.
     quantization: Literal["none", "int8", "nf4", "fp8"] = "none"
+    # A reference-image pipeline (FLUX.2 [klein] or [dev], FLUX.1 Kontext, Qwen-Image-Edit): hub id, folder
+    # or tiny://. It draws the subject from its photos with no training: training.method reference makes
+    # it the subject's model (the zero-shot baseline), evaluation.gate.against reference scores it beside
+    # the fine-tuned model.
+    reference: Optional[str] = None
+    # The subject photos it is given with every prompt (a pipeline that takes one image gets the first).
+    reference_images: int = Field(default=3, ge=1)
     # Only safetensors weights load: pickle files (.bin, .pt) can run code when loaded. True lets
     # them load, for every model of the run (base, VAE, upscaler, evaluation encoders); tagged on each stage run.
     allow_pickle: bool = False
@@ -138,13 +146,14 @@ class DataSettings(Section):
 
     # Aspect-ratio buckets: each photo trains at the bucket (about resolution squared in area, sides
     # multiples of the model's latent step) nearest its aspect ratio, cropped by the least amount; a
-    # batch never mixes buckets. None: on for sdxl, sd3 and flux, off (one square) for sd.
+    # batch never mixes buckets. None: on for every family but sd (SD 1.x/2.x trained on squares) and
+    # the upscaler.
     buckets: Optional[bool] = None
     # The most elongated bucket, as long side over short side.
     max_aspect_ratio: float = Field(default=2.0, ge=1)
 
     def buckets_for(self, family: str) -> bool:
-        return self.buckets if self.buckets is not None else family in ("sdxl", "sd3", "flux")
+        return self.buckets if self.buckets is not None else family not in ("sd", "sd-upscaler")
 
 
 class SamplerSettings(Section):
@@ -240,8 +249,9 @@ class TrainingSettings(Section):
 
     # full: every denoiser weight (the paper); lora: a low-rank adapter, megabytes per subject;
     # textual_inversion: only a new token's embedding, kilobytes (the paper's baseline);
-    # pivotal: that embedding and a LoRA adapter together (the embedding freezes part way).
-    method: Literal["full", "lora", "textual_inversion", "pivotal"] = "full"
+    # pivotal: that embedding and a LoRA adapter together (the embedding freezes part way);
+    # reference: nothing trains, model.reference draws the subject from its photos (the zero-shot baseline).
+    method: Literal["full", "lora", "textual_inversion", "pivotal", "reference"] = "full"
     # The adapter, with method lora or pivotal.
     lora: LoraSettings = LoraSettings()
     # The new token's embedding, with method textual_inversion or pivotal.
@@ -426,7 +436,12 @@ class GateSettings(Section):
     max_pres: float = 0.75
     # thresholds: the three figures above decide. champion: the candidate must also be no worse than
     # the subject's champion (its registered model's `champion` alias) scored on the same protocol.
-    against: Literal["thresholds", "champion"] = "thresholds"
+    # reference: it must also beat the zero-shot baseline (model.reference given the subject's photos),
+    # scored beside it on the same prompts and seeds, on DINO by reference_margin.
+    against: Literal["thresholds", "champion", "reference"] = "thresholds"
+    # With against: reference, how much higher than the baseline's DINO a candidate's must be
+    # (fine-tuning has to buy this much subject fidelity to be worth its GPU time).
+    reference_margin: float = 0.0
     # With against: champion, how far below the champion's DINO a candidate may be,
     dino_margin: float = Field(default=0.0, ge=0)
     clip_t_margin: float = Field(default=0.0, ge=0)  # below its CLIP-T,
@@ -673,7 +688,16 @@ class RunConfig(Section):
                              "(training.method lora or pivotal), not every weight")
         if self.training.lr_warmup_steps >= self.training.max_steps and self.training.lr_warmup_steps:
             raise ValueError("training.lr_warmup_steps must be smaller than training.max_steps")
+        if self.training.method == "reference" and not self.model.reference:
+            raise ValueError("training.method: reference draws with model.reference, a reference-image pipeline; set it")
+        if self.evaluation.gate.against == "reference" and not self.model.reference:
+            raise ValueError("evaluation.gate.against: reference scores model.reference beside the model; set it")
+        if self.training.method == "reference" and self.evaluation.gate.against == "reference":
+            raise ValueError("evaluation.gate.against: reference compares a trained model with the baseline; "
+                             "this run's model is the baseline (training.method reference)")
         select = self.evaluation.select
+        if select and self.training.method == "reference":
+            raise ValueError("evaluation.select: chooses a training step; training.method reference trains nothing")
         if select and any(step > self.training.max_steps for step in select.steps):
             raise ValueError(f"evaluation.select.steps: past training.max_steps ({self.training.max_steps})")
         if select and not self.evaluation.enabled:

@@ -37,7 +37,12 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune config.model.base on the subject; write a full diffusers pipeline (or what loads on
     the base: an adapter, an embedding, with its base-model reference) to output_dir. `release`: see train_and_save;
-    `tracking_run`: the run training, named in checkpoints."""
+    `tracking_run`: the run training, named in checkpoints. training.method reference trains nothing:
+    the folder names model.reference and holds the photos it draws from (dreambooth.reference)."""
+    if config.training.method == "reference":
+        from dreambooth.reference import write_reference_result
+
+        return write_reference_result(instance_dir, config, output_dir)
     select = config.evaluation.select
     snapshot_steps = select.scored_steps(config.training.max_steps) if select else []
     subject = subject_training(instance_dir, class_dir, identifier, config, config.training, config.priors.enabled, "priors.enabled",

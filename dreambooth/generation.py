@@ -6,6 +6,7 @@ a retried task, a re-run or a different batch size reproduces it.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ import torch
 from PIL import Image
 
 from dreambooth.config import SamplerSettings
+from dreambooth.errors import InputError
 from dreambooth.models import inference_dtype, load_pipeline, native_resolution, use_sampler
 from dreambooth.process import configure_process
 
@@ -25,6 +27,9 @@ from dreambooth.process import configure_process
 def load_sampling_pipeline(reference: str, sampler: SamplerSettings, revision: str | None = None, vae: str | None = None):
     pipeline = load_pipeline(reference, revision, torch_dtype=inference_dtype(sampler.precision), vae=vae)
     use_sampler(pipeline, sampler.scheduler)
+    drawing = getattr(pipeline, "__wrapped__", pipeline)  # the zero-shot baseline's pipeline, inside its photos' wrapper
+    if sampler.negative_prompt and "negative_prompt" not in inspect.signature(drawing.__call__).parameters:
+        raise InputError(f"sampler.negative_prompt: a {type(pipeline).__name__} takes no negative prompt; leave it empty")
     return pipeline
 
 
@@ -36,9 +41,10 @@ def generate_batches(
     for start in range(0, len(requests), sampler.batch_size):
         batch = requests[start : start + sampler.batch_size]
         prompts = [prompt for prompt, _ in batch]
+        negative = {"negative_prompt": [sampler.negative_prompt] * len(batch)} if sampler.negative_prompt else {}
         images = pipeline(
-            prompts,
-            negative_prompt=[sampler.negative_prompt] * len(batch) if sampler.negative_prompt else None,
+            prompt=prompts,  # by name: a reference-image pipeline (Flux.2) takes its images first
+            **negative,
             num_inference_steps=sampler.num_inference_steps,
             guidance_scale=sampler.guidance_scale,
             height=size,

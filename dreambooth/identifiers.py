@@ -16,7 +16,22 @@ from importlib import resources
 
 from dreambooth.errors import InputError
 
-_WORD_END = "</w>"
+_WORD_END = "</w>"  # CLIP's BPE marks a token that ends a word
+_SPACE_BEFORE = "\u0120"  # byte-level BPE (Qwen's, GPT-2's) marks a token that starts after a space: "Ġdog"
+
+
+def _whole_word(token: str) -> str | None:
+    """The word a vocabulary entry stands for when it is a whole word in running text, else None."""
+    if token.endswith(_WORD_END):
+        return token[: -len(_WORD_END)]
+    if token.startswith(_SPACE_BEFORE):
+        return token[len(_SPACE_BEFORE):]
+    return None
+
+
+def _tokens_in_text(tokenizer, text: str) -> list[int]:
+    """`text`'s ids as it appears inside a prompt, after a space (byte-level BPE spells a word's start with it)."""
+    return tokenizer(" " + text, add_special_tokens=False)["input_ids"]
 
 
 @dataclass(frozen=True)
@@ -47,16 +62,16 @@ def rare_token_candidates(tokenizer, token_range: tuple[int, int], avoid: set[st
     ordinary = common_short_words()
     candidates = []
     for token, token_id in tokenizer.get_vocab().items():
-        if not (low <= token_id < high and token.endswith(_WORD_END)):
+        text = _whole_word(token)
+        if text is None or not low <= token_id < high:
             continue
-        text = token[: -len(_WORD_END)]
         if not (1 <= len(text) <= 3 and text.isascii() and text.isalpha() and text.islower()):
             continue
         if text in ordinary or text in avoid:
             continue
-        if tokenizer(text, add_special_tokens=False)["input_ids"] != [token_id]:
+        if _tokens_in_text(tokenizer, text) != [token_id]:
             continue
-        if any(len(other(text, add_special_tokens=False)["input_ids"]) != 1 for other in others):
+        if any(len(_tokens_in_text(other, text)) != 1 for other in others):
             continue
         candidates.append((token_id, text))
     return sorted(candidates)
@@ -94,9 +109,9 @@ def check_user_identifier(tokenizer, identifier: str, class_noun: str, other_tok
     identifier = identifier.strip()
     if not identifier:
         raise InputError("subject.identifier: empty; leave it unset to pick a rare token automatically")
-    ids = tokenizer(identifier, add_special_tokens=False)["input_ids"]
+    ids = _tokens_in_text(tokenizer, identifier)
     for index, checked in enumerate((tokenizer, *other_tokenizers)):
-        count = len(checked(identifier, add_special_tokens=False)["input_ids"])
+        count = len(_tokens_in_text(checked, identifier))
         if not 1 <= count <= 3:
             which = "this model's tokenizer" if index == 0 else f"this model's tokenizer {index + 1}"
             raise InputError(f"subject.identifier: {identifier!r} is {count} tokens of {which}; use 1-3 tokens")

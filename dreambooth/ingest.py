@@ -129,21 +129,7 @@ def ingest_subject(subject_dir: Path, output_dir: Path, config: RunConfig) -> In
         )
         log.warning(warnings[-1])
 
-    tokenizer, *others = identifier_tokenizers(config)
-    if config.training.learns_embedding:
-        choice = new_token_identifier([tokenizer, *others], settings.name, settings.identifier)
-    elif settings.identifier:
-        choice = check_user_identifier(tokenizer, settings.identifier, settings.class_noun, tuple(others))
-    else:
-        choice = select_rare_identifier(
-            tokenizer,
-            settings.class_noun,
-            [settings.prompt_template, *config.samples.prompts],
-            settings.identifier_token_range,
-            settings.identifier_num_tokens,
-            settings.identifier_seed,
-            tuple(others),
-        )
+    choice = _identifier_choice(config, settings)
 
     unknown = sorted(set(settings.captions) - {path.name for path in every_photo})
     if unknown:
@@ -240,6 +226,25 @@ def view_shape(config: RunConfig) -> ViewShape:
     vae = component_config(model.base, model.revision, "vae")
     resolution = model.resolution or recipe.native_size(denoiser, vae)
     return recipe.shape_of_views(config.data, config.training, resolution, denoiser, vae)
+
+
+def _identifier_choice(config: RunConfig, settings: SubjectSettings) -> IdentifierChoice:
+    """[V]: a rare token of the model's tokenizers, the user's, or a new learned token; none for the
+    zero-shot baseline, whose photos say which subject it draws."""
+    if config.training.method == "reference":
+        from dreambooth.reference import check_reference_pipeline
+
+        check_reference_pipeline(config)
+        return IdentifierChoice(identifier="", token_ids=[], source="none",
+                                reason="training.method reference: the subject's photos, not a token, say what to draw")
+    tokenizer, *others = identifier_tokenizers(config)
+    if config.training.learns_embedding:
+        return new_token_identifier([tokenizer, *others], settings.name, settings.identifier)
+    if settings.identifier:
+        return check_user_identifier(tokenizer, settings.identifier, settings.class_noun, tuple(others))
+    return select_rare_identifier(tokenizer, settings.class_noun, [settings.prompt_template, *config.samples.prompts],
+                                  settings.identifier_token_range, settings.identifier_num_tokens, settings.identifier_seed,
+                                  tuple(others))
 
 
 def identifier_tokenizers(config: RunConfig) -> list:

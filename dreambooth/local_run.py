@@ -17,7 +17,7 @@ from typing import Optional
 from dreambooth.cluster import run_parameters
 from dreambooth.config import RunConfig
 from dreambooth.kfp_local import local_pipelines
-from dreambooth.models import RESULT_ON_BASE_FILES
+from dreambooth.models import METADATA_FILE, RESULT_ON_BASE_FILES
 from dreambooth.progress import INTERVAL_ENV
 from dreambooth.run_console import RunConsole, planned_rows
 from dreambooth.stages import BATCH_FAILURES, EVALUATE, SAMPLES, SUPER_RESOLUTION
@@ -146,8 +146,8 @@ def _local_outputs(row: SubjectRow) -> dict[str, Path]:
             "upscaler": iteration / SUPER_RESOLUTION.name / "upscaler",
             "evaluation": iteration / EVALUATE.name / "evaluation" / "report.md",
         })
-    def present(path: Path) -> bool:  # a file, a pipeline folder or a folder that loads on its base
-        return path.is_file() or (path / "model_index.json").is_file() or any((path / name).is_file() for name in RESULT_ON_BASE_FILES)
+    def present(path: Path) -> bool:  # a file, or a result folder: a pipeline, one that loads on its base, a baseline's photos
+        return path.is_file() or any((path / name).is_file() for name in ("model_index.json", METADATA_FILE, *RESULT_ON_BASE_FILES))
 
     return {label: path for label, path in found.items() if present(path)}
 

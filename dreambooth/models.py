@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from dreambooth.errors import InputError
+from dreambooth.images import load_rgb
 from dreambooth.storage import cached_folder, is_gcs
 from dreambooth.cache import default_cache_dir
 from dreambooth.tiny_models import TINY_SCHEME, resolve_tiny_model
@@ -31,6 +32,17 @@ EMBEDDINGS_FILE = "learned_embeds.safetensors"
 # SDXL's embedding file holds one tensor per text encoder, under the names web UIs read.
 WEB_UI_EMBEDDING_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 RESULT_ON_BASE_FILES = (LORA_WEIGHTS, EMBEDDINGS_FILE)  # a result that loads on top of its base model
+# A zero-shot baseline's result (training.method reference, dreambooth.reference): its photos' folder,
+# and model_index.json's class of each reference-image pipeline -> the images one call takes (None: several).
+REFERENCES_DIR = "references"
+REFERENCE_PIPELINES = {
+    "Flux2KleinPipeline": None,
+    "Flux2Pipeline": None,
+    "QwenImageEditPlusPipeline": None,
+    "FluxKontextPipeline": 1,
+    "QwenImageEditPipeline": 1,
+}
+DEFAULT_TRANSFORMER_SIDE = 1024
 HUB_PROBE_SECONDS = 8  # one metadata request; huggingface_hub may retry it once
 MIN_TOKENIZER_SIZE = 256  # a byte-level BPE has at least its 256 byte tokens; an empty load has 2
 # model_index.json's pipeline class -> model family (config model.family); each has a training recipe.
@@ -39,6 +51,8 @@ FAMILIES = {
     "StableDiffusionXLPipeline": "sdxl",
     "FluxPipeline": "flux",
     "StableDiffusion3Pipeline": "sd3",
+    "Flux2KleinPipeline": "flux2-klein",
+    "ZImagePipeline": "z-image",
     "StableDiffusionUpscalePipeline": "sd-upscaler",
 }
 _logger = logging.getLogger(__name__)
@@ -186,6 +200,11 @@ def component_config(reference: str, revision: Optional[str], subfolder: str, se
         raise InputError(f"{setting}: cannot read the {subfolder} config of {reference!r} ({error})") from None
 
 
+def pipeline_class_name(reference: str, revision: Optional[str] = None, setting: str = "model.base") -> str:
+    """The diffusers pipeline class model_index.json names (StableDiffusionPipeline, Flux2KleinPipeline, ...)."""
+    return _model_index(reference, revision, setting).get("_class_name", "")
+
+
 def model_family(reference: str, revision: Optional[str] = None, setting: str = "model.base", declared: Optional[str] = None) -> str:
     """sd, sdxl, sd3, flux or sd-upscaler, from the pipeline class in model_index.json (a LoRA result: its base's);
     a `declared` family (config model.family) must agree."""
@@ -200,11 +219,11 @@ def model_family(reference: str, revision: Optional[str] = None, setting: str = 
 
 
 def load_tokenizer(reference: str, revision: Optional[str] = None, subfolder: str = "tokenizer"):
-    """A CLIP tokenizer of the model (`subfolder`: tokenizer, or SDXL's tokenizer_2)."""
-    from transformers import CLIPTokenizer
+    """A tokenizer of the model (`subfolder`: tokenizer, or SDXL's tokenizer_2): CLIP's, or Qwen's for Flux.2."""
+    from transformers import AutoTokenizer
 
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(resolve_model_source(reference, revision), subfolder=subfolder, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(reference, revision), subfolder=subfolder, revision=revision)
     except (OSError, ValueError) as error:
         raise _load_error(reference, subfolder, error) from None
     # transformers 5 builds an empty tokenizer when its files are missing instead of failing.
@@ -303,6 +322,11 @@ def load_pipeline(
 
     if is_gcs(reference):  # a result on a bucket: its local copy, which may be a LoRA folder
         reference = resolve_model_source(reference)
+    metadata = Path(reference) / METADATA_FILE
+    baseline = json.loads(metadata.read_text()) if metadata.is_file() else {}
+    if baseline.get("method") == "reference":  # the zero-shot baseline: its pipeline, handed the subject's photos
+        photos = [load_rgb(Path(reference) / REFERENCES_DIR / name, 1 << 40).image for name in baseline["references"]]
+        return ReferencePipeline(load_pipeline(baseline["base_model"], baseline.get("base_revision"), torch_dtype, device), photos)
     if (base := adapter_base(reference)) is not None:
         pipeline = load_pipeline(base[0], base[1], torch_dtype, device, adapter_vae(reference))
         if (Path(reference) / LORA_WEIGHTS).is_file():
@@ -312,7 +336,7 @@ def load_pipeline(
         return pipeline
     source = resolve_model_source(reference, revision)
     # Only SD 1.x/2.x pipelines carry a safety checker (the others warn about the keyword).
-    components = dict(safety_checker=None, requires_safety_checker=False) if model_family(source) == "sd" else {}
+    components = dict(safety_checker=None, requires_safety_checker=False) if pipeline_class_name(source) == "StableDiffusionPipeline" else {}
     if vae:
         try:
             components["vae"] = AutoencoderKL.from_pretrained(resolve_model_source(vae, setting="model.vae"), dtype=torch_dtype, **weights_format())
@@ -326,6 +350,26 @@ def load_pipeline(
         raise _load_error(reference, "pipeline", error) from None
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device or best_device())
+
+
+class ReferencePipeline:
+    """A reference-image pipeline that is handed the subject's photos with every call; everything
+    else (its scheduler, device, progress bar) is the wrapped pipeline's."""
+
+    def __init__(self, pipeline, photos: list):
+        object.__setattr__(self, "__wrapped__", pipeline)
+        takes = REFERENCE_PIPELINES.get(type(pipeline).__name__)
+        object.__setattr__(self, "references", photos[0] if takes == 1 else photos)
+
+    def __call__(self, *args, **kwargs):
+        kwargs.setdefault("image", self.references)
+        return self.__wrapped__(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.__wrapped__, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.__wrapped__, name, value)
 
 
 def use_sampler(pipeline, scheduler_name: str) -> None:
@@ -359,6 +403,8 @@ def native_resolution(pipeline) -> int:
     """The size a pipeline draws by default: 512 for SD 1.x, 1024 for SDXL and Flux."""
     if hasattr(pipeline, "unet"):
         return pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    if not hasattr(pipeline, "default_sample_size"):
+        return DEFAULT_TRANSFORMER_SIDE  # Z-Image's pipeline draws 1024 px unless told, and says so nowhere else
     return pipeline.default_sample_size * pipeline.vae_scale_factor
 
 
@@ -376,6 +422,8 @@ def models_in_use(config) -> list[ModelUse]:
     uses = [ModelUse("model.base", config.model.base, config.model.revision, pipeline=True)]
     if config.model.vae:
         uses.append(ModelUse("model.vae", config.model.vae))
+    if config.model.reference and (config.training.method == "reference" or config.evaluation.gate.against == "reference"):
+        uses.append(ModelUse("model.reference", config.model.reference, pipeline=True))
     if config.ingest.captioner:
         uses.append(ModelUse("ingest.captioner", config.ingest.captioner))
     if config.superres.enabled:

@@ -44,9 +44,9 @@ def prior_key(config: RunConfig) -> str:
     """What shapes a set of class images: subjects whose keys match share one set, across runs too.
 
     The count is not part of it: image i comes from seed i, so a larger set extends a smaller one.
-    "" when the subject trains without prior preservation.
+    "" when the subject trains without prior preservation (or trains nothing: training.method reference).
     """
-    if not config.priors.enabled:
+    if not config.priors.enabled or config.training.method == "reference":
         return ""
     if config.priors.class_images:
         shaping = ["user", config.priors.class_images]

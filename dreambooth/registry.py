@@ -49,7 +49,7 @@ class DiffusersPipelineModel(mlflow.pyfunc.PythonModel):
         rows = []
         for row in model_input.to_dict("records"):
             image = self.pipeline(
-                row["prompt"],
+                prompt=row["prompt"],  # by name: a reference-image pipeline takes its images first
                 num_inference_steps=int(row.get("num_inference_steps", 30)),
                 guidance_scale=float(row.get("guidance_scale", 7.5)),
                 generator=torch.Generator("cpu").manual_seed(int(row.get("seed", 0))),

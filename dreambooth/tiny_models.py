@@ -112,6 +112,59 @@ def build_tiny_t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=TINY_T5_MAX_LENGTH)
 
 
+# Qwen3's chat template for what the pipelines send (one user turn, a generation prompt, thinking off).
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+TINY_QWEN_MAX_LENGTH = 512  # the Flux.2 pipelines' max_sequence_length
+
+
+def build_tiny_qwen_tokenizer():
+    """A byte-level BPE tokenizer in Qwen's layout (Qwen2Tokenizer, its special tokens and chat template)
+    over the same words as the CLIP one: a word after a space is one token (`Ġdog`), as in Qwen's vocabulary."""
+    from transformers import Qwen2Tokenizer
+
+    byte_symbols = _bytes_to_unicode()
+    space = byte_symbols[ord(" ")]
+    vocab = {symbol: index for index, symbol in enumerate(byte_symbols.values())}
+    merges: list[tuple[str, str]] = []
+
+    def add_word(word: str) -> None:
+        left = word[0]
+        for right in word[1:]:
+            if left + right not in vocab:
+                merges.append((left, right))
+                vocab[left + right] = len(vocab)
+            left += right
+
+    for word in (*_COMMON_WORDS, "user", "assistant", "system"):
+        add_word(space + word)
+        add_word(word)
+    for word in _rare_words(200):
+        add_word(space + word)
+    for token in QWEN_SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=TINY_QWEN_MAX_LENGTH,
+                               additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]))
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _tiny_qwen3(tokenizer, hidden: int = 16, layers: int = 28, causal_lm: bool = True):
+    """A Qwen3 language model over the tiny tokenizer (the causal LM, or its bare Qwen3Model); 28 layers
+    by default, as FLUX.2 [klein] reads hidden states 9, 18 and 27."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=TINY_QWEN_MAX_LENGTH,
+        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    ))
+
+
 def _tiny_text_config(tokenizer, hidden: int) -> dict:
     """A two-layer CLIP text encoder over the tiny tokenizer (the SD text encoder's architecture)."""
     return dict(
@@ -307,6 +360,57 @@ def build_tiny_sd3(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+def build_tiny_flux2_klein(out_dir: Path, seed: int = 0) -> Path:
+    """A random Flux2KleinPipeline (FLUX.2 [klein]'s layout): a Qwen3 text encoder whose hidden states 9,
+    18 and 27 side by side condition a transformer without guidance embedding over 2x2-patchified,
+    batch-normalised latents of the Flux.2 VAE; the flow-matching scheduler with dynamic shifting."""
+    import torch
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_qwen_tokenizer()
+    hidden, latent_channels = 16, 4
+    transformer = Flux2Transformer2DModel(
+        in_channels=4 * latent_channels, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=3 * hidden, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+    )
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(32, 64), down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=latent_channels, layers_per_block=1, sample_size=64,
+    )
+    pipeline = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+        ),
+        vae=vae, text_encoder=_tiny_qwen3(tokenizer, hidden), tokenizer=tokenizer, transformer=transformer,
+    )
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def build_tiny_z_image(out_dir: Path, seed: int = 0) -> Path:
+    """A random ZImagePipeline (Z-Image's layout): a Qwen3 text encoder whose second-to-last hidden states,
+    the prompt's tokens only, condition a single-stream transformer that patchifies the latents itself;
+    a KL VAE with a shift factor; the shifted flow-matching scheduler."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_qwen_tokenizer()
+    hidden, latent_channels = 16, 4
+    transformer = ZImageTransformer2DModel(
+        in_channels=latent_channels, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=hidden,
+        axes_dims=[4, 6, 6], axes_lens=[256, 64, 64],
+    )
+    pipeline = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_vae(latent_channels, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=_tiny_qwen3(tokenizer, hidden, layers=2, causal_lm=False), tokenizer=tokenizer, transformer=transformer,
+    )
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
 def build_tiny_dino(out_dir: Path, seed: int = 0) -> Path:
     """A random ViT in facebook/dino-vits16's layout (224 px, patch 16), much narrower."""
     import torch
@@ -443,6 +547,8 @@ _BUILDERS = {
     "sdxl": build_tiny_sdxl,
     "flux": build_tiny_flux,
     "sd3": build_tiny_sd3,
+    "flux2-klein": build_tiny_flux2_klein,
+    "z-image": build_tiny_z_image,
 }
 
 

@@ -74,6 +74,10 @@ def test_flat_params_cover_every_setting():
          "tracking.notify.0.url: would be written into the compiled pipeline"),
         ({"cluster": {"image": "r/i@sha256:" + "a" * 64}, "tracking": {"notify": [{"url_env": "SLACK_HOOK"}]}},
          "tracking.notify.0.url_env: no cluster.secrets entry sets SLACK_HOOK"),
+        ({"training": {"method": "reference"}}, "training.method: reference draws with model.reference"),
+        ({"evaluation": {"gate": {"against": "reference"}}}, "evaluation.gate.against: reference scores model.reference"),
+        ({"model": {"reference": "tiny://flux2-klein"}, "training": {"method": "reference"}, "evaluation": {"select": {"every": 100}}},
+         "evaluation.select: chooses a training step; training.method reference trains nothing"),
     ],
 )
 def test_inconsistent_settings_are_refused_in_one_line(overrides, message):
@@ -90,7 +94,7 @@ def test_run_parameters_set_their_settings_and_a_bad_one_is_refused_in_one_line(
     assert changed.model.resolution is None  # 0: the model's own resolution
     with pytest.raises(InputError) as caught:
         config.with_run_settings({"training_method": "dora"})
-    assert str(caught.value) == "run parameter training_method: Input should be 'full', 'lora', 'textual_inversion' or 'pivotal'"
+    assert str(caught.value) == "run parameter training_method: Input should be 'full', 'lora', 'textual_inversion', 'pivotal' or 'reference'"
     with pytest.raises(InputError) as caught:
         config.with_run_settings({"max_steps": 0})
     assert str(caught.value) == "run parameter max_steps: Input should be greater than or equal to 1"

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, SAMPLE_SUBJECT, cli, dag_tasks, quick_config
 from dreambooth.config import CONFIG_DIR, RunConfig, load_config, merge_settings
-from dreambooth.tracking import TAG_ERROR, TAG_STAGE, TAG_SUBJECT, client
+from dreambooth.tracking import TAG_ERROR, TAG_GATE_REASON, TAG_IDENTIFIER, TAG_STAGE, TAG_SUBJECT, client
 from dreambooth.storage import is_complete, read_text
 from pipeline_checks import report_lines, subject_blocks
 
@@ -123,7 +123,13 @@ def test_evaluate_alone_scores_a_model_trained_elsewhere(tiny_model_dir, tmp_pat
     assert "quality gate: passed, registered as dreambooth-dog@candidate (version 1)" in result.stdout
 
 
-LORA_SUBJECTS = {"person-sd": "tiny", "person-sdxl": "tiny-sdxl", "dog-sd3": "tiny-sd3", "dog-flux": "tiny-flux"}
+LORA_SUBJECTS = {"person-sd": "tiny", "person-sdxl": "tiny-sdxl", "dog-sd3": "tiny-sd3", "dog-flux": "tiny-flux",
+                 "dog-flux2-klein": "tiny-flux2-klein", "dog-z-image": "tiny-z-image"}
+# The zero-shot baseline: FLUX.2 [klein] handed the dog's photos, no training; the klein subject is
+# gated against it (the margin lets random tiny weights through: the test is of the mechanism).
+REFERENCE_MODEL = {"model": {"reference": "tiny://flux2-klein"}}
+REFERENCE_SUBJECT = {"id": "dog-reference", "config": "tiny-flux2-klein", "training": {"method": "reference"}}
+AGAINST_REFERENCE = {"evaluation": {"gate": {"against": "reference", "reference_margin": -1.0}}}
 # Real photos of a person, every data and training option on at once (sd and sdxl).
 PERSON_SETTINGS = {
     "subject": {"kind": "person", "face_crop_scale": 2.0},
@@ -169,7 +175,13 @@ def lora_batch(tmp_path_factory, gcs_emulator):
                             "captions": {"landscape.png": PERSON_CAPTIONS["landscape.png"]},
                             "overrides": merge_settings(overrides, PERSON_SETTINGS)})
             continue
+        if subject == "dog-flux2-klein":
+            overrides = merge_settings(overrides, {**REFERENCE_MODEL, **AGAINST_REFERENCE})
         entries.append({"id": subject, "photos": str(SAMPLE_SUBJECT), "class_noun": "dog", "overrides": overrides})
+    baseline = yaml.safe_load((CONFIG_DIR / f"{REFERENCE_SUBJECT['config']}.yaml").read_text())
+    baseline.pop("extends")
+    entries.append({"id": REFERENCE_SUBJECT["id"], "photos": str(SAMPLE_SUBJECT), "class_noun": "dog",
+                    "overrides": merge_settings(baseline, {**REFERENCE_MODEL, "training": REFERENCE_SUBJECT["training"]})})
     subjects = root / "subjects.yaml"
     subjects.write_text(yaml.safe_dump({"subjects": entries}))
     result = cli("run", "--config", config, "--subjects", str(subjects), "--output-dir", f"gs://{gcs_emulator}/lora",
@@ -214,11 +226,11 @@ def test_a_lora_run_goes_through_every_stage_and_registers_megabytes(lora_batch,
     base_dir = resolve_model_source(overrides[subject].get("model", {}).get("base", load_config("tiny").model.base))
     base = DiffusionPipeline.from_pretrained(base_dir)
     draw = dict(num_inference_steps=2, height=64, width=64, output_type="np")
-    plain = base("a dog", generator=torch.Generator().manual_seed(0), **draw).images[0]
+    plain = base(prompt="a dog", generator=torch.Generator().manual_seed(0), **draw).images[0]
     with local_folder(adapter_uri, require_complete=True) as adapter:
         base.load_lora_weights(adapter)
-    adapted = base("a dog", generator=torch.Generator().manual_seed(0), **draw).images[0]
-    assert np.abs(adapted - plain).max() > 1e-3
+    adapted = base(prompt="a dog", generator=torch.Generator().manual_seed(0), **draw).images[0]
+    assert np.abs(adapted - plain).max() > 1e-4  # the same seed: the base alone draws the same image to the bit
 
     import mlflow
 
@@ -235,6 +247,34 @@ def test_a_lora_run_goes_through_every_stage_and_registers_megabytes(lora_batch,
     registered_bytes = sum(p.stat().st_size for p in downloaded.rglob("*") if p.is_file())
     full_bytes = sum(p.stat().st_size for p in Path(base_dir).rglob("*") if p.is_file())
     assert registered_bytes < 0.05 * full_bytes, (registered_bytes, full_bytes)
+
+
+@pytest.mark.slow(seconds=5)
+@pytest.mark.xdist_group("lora-batch")
+def test_the_reference_baseline_is_a_row_of_its_own_and_the_fine_tuned_model_is_gated_against_it(lora_batch):
+    """FLUX.2 [klein] drawing from the dog's photos, untrained: scored on the same protocol, a summary
+    row with all five metrics; the klein LoRA subject scored it beside itself and was gated on it."""
+    root, tracking, blocks, overrides, bucket = lora_batch
+    client = MlflowClient(tracking)
+    experiment = client.get_experiment_by_name("lora").experiment_id
+    (batch,) = client.search_runs([experiment], f"tags.`{TAG_STAGE}` = 'batch'")
+    table = json.loads(Path(client.download_artifacts(batch.info.run_id, "batch_summary.json", str(root / "summary"))).read_text())
+    rows = {row[table["columns"].index("subject")]: dict(zip(table["columns"], row)) for row in table["data"]}
+    baseline = rows["dog-reference"]
+    assert all(0 <= baseline[name] <= 1 for name in ("dino", "clip_i", "clip_t", "pres", "div")), baseline
+    assert baseline["steps"] == 0 and blocks["dog-reference"]["quality gate"].startswith("passed")
+
+    def subject_run(subject):
+        (run,) = client.search_runs([experiment], f"tags.`{TAG_STAGE}` = 'subject' and tags.`{TAG_SUBJECT}` = '{subject}'")
+        return run
+
+    reference_run, klein_run = subject_run("dog-reference"), subject_run("dog-flux2-klein")
+    assert reference_run.data.params["training.method"] == "reference"
+    assert reference_run.data.tags[TAG_IDENTIFIER] == ""  # its prompts name no token: the photos say which dog
+    # Scored beside the fine-tuned model on the same prompts and seeds: the same figures as its own row.
+    for name in ("dino", "clip_i", "clip_t", "pres", "div"):
+        assert klein_run.data.metrics[f"reference/{name}"] == pytest.approx(reference_run.data.metrics[f"eval/{name}"], abs=1e-6), name
+    assert klein_run.data.tags[TAG_GATE_REASON].startswith("beat the reference baseline: DINO ")
 
 
 @pytest.mark.slow(seconds=40)

@@ -36,6 +36,7 @@ from dreambooth.generation import OnImages, generate, generate_files, load_sampl
 from dreambooth.images import labelled_grid, list_images, load_rgb
 from dreambooth.ingest import photos_as_trained
 from dreambooth.progress import OnProgress, counter
+from dreambooth.reference import base_of
 
 RESULTS_FILE = "evaluation.json"
 PROMPT_SEED_STRIDE = 1000
@@ -93,9 +94,10 @@ class SubjectReference:
 def _model_identity(model: str, config: RunConfig, identifier: Optional[str], class_noun: Optional[str]) -> tuple[str, str, str]:
     metadata_file = Path(model) / METADATA_FILE
     metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
-    identifier = identifier or metadata.get("identifier") or config.subject.identifier
+    baseline = metadata.get("method") == "reference"  # the zero-shot baseline's prompts carry no identifier
+    identifier = "" if baseline else identifier or metadata.get("identifier") or config.subject.identifier
     class_noun = class_noun or metadata.get("class_noun") or config.subject.class_noun
-    if not identifier or not class_noun:
+    if not (identifier or baseline) or not class_noun:
         raise InputError(
             f"{model}: no {METADATA_FILE} naming the identifier and class noun; pass --identifier and --class-noun"
         )
@@ -184,6 +186,25 @@ def champion_decision(overall: dict[str, float], protocol: str, champion: Option
     return GateDecision(True, [f"no worse than champion v{champion.version} ({figures})"])
 
 
+def reference_decision(overall: dict[str, float], baseline: dict[str, float], gate) -> GateDecision:
+    """evaluation.gate.against reference: the model's DINO must beat the zero-shot baseline's (model.reference
+    given the subject's photos, scored on the same protocol) by gate.reference_margin."""
+    needed = baseline["dino"] + gate.reference_margin
+    against = (f"the reference baseline's {baseline['dino']:.3f} + {gate.reference_margin:g} "
+               f"(CLIP-I {overall['clip_i']:.3f} vs {baseline['clip_i']:.3f}, CLIP-T {overall['clip_t']:.3f} vs {baseline['clip_t']:.3f})")
+    if overall["dino"] < needed:
+        return GateDecision(False, [f"DINO {overall['dino']:.3f} < {against}: fine-tuning did not beat drawing from the photos"])
+    return GateDecision(True, [f"beat the reference baseline: DINO {overall['dino']:.3f} >= {against}"])
+
+
+def evaluate_baseline(subject_dir: Path, config: RunConfig, output_dir: Path, on_progress: Optional[OnProgress] = None) -> EvaluationResult:
+    """The zero-shot baseline of this subject (model.reference with its photos), evaluated on the same protocol."""
+    from dreambooth.reference import write_reference_result
+
+    write_reference_result(subject_dir, config, output_dir / "model")
+    return evaluate_model(str(output_dir / "model"), subject_dir, config, output_dir, on_progress=on_progress)
+
+
 def _mean(values: list[float]) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
 
@@ -243,8 +264,14 @@ def _evaluate(
     started = time.perf_counter()
     upscaled = sum(1 for _, upscaler in variants.values() if upscaler)
     advance = counter(len(requests) * (1 + upscaled) + 2 * len(pres_requests), on_progress)
-    generated = _draw(model, None, requests + pres_requests, config, on_images=advance)
-    pres_base_images = _draw(base_model, config.model.revision, pres_requests, config, config.model.vae, advance)
+    if base_of(model):  # the zero-shot baseline's weights are its pipeline's: the class prompt is drawn once, without the photos
+        generated = _draw(model, None, requests, config, on_images=advance)
+        pres_base_images = _draw(base_model, None, pres_requests, config, None, advance)
+        advance(len(pres_requests))
+        generated += pres_base_images
+    else:
+        generated = _draw(model, None, requests + pres_requests, config, on_images=advance)
+        pres_base_images = _draw(base_model, config.model.revision, pres_requests, config, config.model.vae, advance)
     drawn, pres_images = generated[: len(requests)], generated[len(requests) :]
     generation_seconds = time.perf_counter() - started
     real_images = photos_as_trained(subject_dir, config.training.center_crop)

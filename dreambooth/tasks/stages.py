@@ -341,10 +341,11 @@ def evaluate_task(
 ) -> Optional[EvaluationOutcome]:
     """Score the model by the DreamBench protocol and the learning check (subject and class denoising
     loss, base vs fine-tuned); register it as `candidate` if it passes the gate."""
-    from dreambooth.evaluation.evaluate import champion_decision, evaluate_model
+    from dreambooth.evaluation.evaluate import champion_decision, evaluate_baseline, evaluate_model, reference_decision
     from dreambooth.evaluation.learning import learning_check
     from dreambooth.evaluation.report import render_report
     from dreambooth.pages import image_page
+    from dreambooth.reference import is_reference_result
 
     if not config.evaluation.enabled:
         return _evaluation_disabled(run)
@@ -354,9 +355,15 @@ def evaluate_task(
     for category, values in result.by_category.items():
         metrics.update({f"eval/{category}/{name}": value for name, value in values.items()})
     metrics.update({f"eval/{name}": value for name, value in result.throughput.items()})
-    with _class_folder(config, class_images) as class_dir:
-        learned = learning_check(model_dir, Path(subject_dir), class_dir, result.identifier, config)
-    metrics.update(learned.metrics())
+    learned = None  # the zero-shot baseline learned nothing to check
+    if not is_reference_result(model_dir):
+        with _class_folder(config, class_images) as class_dir:
+            learned = learning_check(model_dir, Path(subject_dir), class_dir, result.identifier, config)
+        metrics.update(learned.metrics())
+    baseline = None
+    if config.evaluation.gate.against == "reference":  # scored whatever the thresholds say: it is the measurement
+        baseline = evaluate_baseline(Path(subject_dir), config, Path(output_dir) / "reference", _images_progress(run, "reference"))
+        metrics.update({f"reference/{name}": value for name, value in baseline.overall.items()})
     run.log_metrics(metrics, on_parent=True)
     run.log_dict(result.settings, "evaluation_config.json")
     protocol = evaluation_protocol(result.settings, config)
@@ -369,10 +376,13 @@ def evaluate_task(
         run.log_file(grid, "eval_grids")
     registered = None
     name = config.evaluation.registered_model.format(subject=config.subject.name)
-    gate, against_champion = result.gate, None
+    gate, comparison = result.gate, None  # comparison: against the champion or the baseline, said either way
     if gate.passed and config.evaluation.gate.against == "champion":
-        against_champion = champion_decision(result.overall, protocol, current_champion(run.tracking_uri, name), config.evaluation.gate)
-        gate = result.gate = against_champion  # what the report says
+        comparison = champion_decision(result.overall, protocol, current_champion(run.tracking_uri, name), config.evaluation.gate)
+        gate = result.gate = comparison  # what the report says
+    if gate.passed and baseline is not None:
+        comparison = reference_decision(result.overall, baseline.overall, config.evaluation.gate)
+        gate = result.gate = comparison
     if gate.passed:
         # Logged by the fine-tune stage; a model trained elsewhere is logged here first.
         model_uri = run.parent_tag(TAG_MODEL_URI) or log_pipeline_model(run.tracking_uri, run.run_id, Path(model_dir))
@@ -381,11 +391,11 @@ def evaluate_task(
             {"identifier": result.identifier, "class_noun": result.class_noun, "subject_run": run.parent_run_id},
         )
         registered = f"{name}@candidate (version {version})"
-        why = {TAG_GATE_REASON: "; ".join(gate.reasons)} if against_champion else {}
+        why = {TAG_GATE_REASON: "; ".join(gate.reasons)} if comparison else {}
         run.set_tags({TAG_GATE: "passed", TAG_REGISTERED: registered, TAG_REGISTERED_VERSION: version, **why}, on_parent=True)
     else:
         run.set_tags({TAG_GATE: "rejected", TAG_GATE_REASON: "; ".join(gate.reasons)}, on_parent=True)
-    report = render_report(result, registered) + "\n" + learned.markdown()
+    report = render_report(result, registered) + ("\n" + learned.markdown() if learned else "")
     (Path(output_dir) / "report.md").write_text(report)
     run.log_file(Path(output_dir) / "report.md", on_parent=True)
     flat = {key.removeprefix("eval/").replace("/", "_"): value for key, value in metrics.items()}

@@ -1,11 +1,12 @@
-"""The quality gate against the subject's champion: the rule on constructed figures, and the
-evaluate stage with a real MLflow registry deciding by the champion's own run."""
+"""The quality gate against the subject's champion and against the zero-shot reference baseline: the
+rules on constructed figures, and the evaluate stage with a real MLflow registry deciding by the
+champion's own run."""
 
 import json
 import shutil
 
 from dreambooth.config import GateSettings
-from dreambooth.evaluation.evaluate import Champion, champion_decision
+from dreambooth.evaluation.evaluate import Champion, champion_decision, reference_decision
 from dreambooth.models import METADATA_FILE
 
 PROTOCOL = '{"prompts": "dreambench"}'
@@ -22,6 +23,17 @@ def test_a_candidate_passes_only_when_no_worse_than_the_champion_by_the_margins(
                               "PRES 0.520 > champion v3's 0.500 + 0"]
     margins = GateSettings(against="champion", dino_margin=0.02, clip_t_margin=0.01, pres_margin=0.05)
     assert champion_decision(slightly_worse, PROTOCOL, CHAMPION, margins).passed
+
+
+def test_a_fine_tuned_model_passes_only_when_it_beats_the_reference_baseline_on_dino_by_the_margin():
+    baseline = {"dino": 0.60, "clip_i": 0.75, "clip_t": 0.31}
+    model = {"dino": 0.64, "clip_i": 0.78, "clip_t": 0.29}
+    assert reference_decision(model, baseline, GateSettings(against="reference")).passed
+    assert reference_decision(model, baseline, GateSettings(against="reference", reference_margin=0.04)).passed
+    short = reference_decision(model, baseline, GateSettings(against="reference", reference_margin=0.05))
+    assert not short.passed
+    assert short.reasons == ["DINO 0.640 < the reference baseline's 0.600 + 0.05 (CLIP-I 0.780 vs 0.750, CLIP-T 0.290 vs 0.310): "
+                             "fine-tuning did not beat drawing from the photos"]
 
 
 def test_no_champion_lets_the_thresholds_decide_and_another_protocol_is_not_compared():

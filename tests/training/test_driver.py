@@ -3,6 +3,8 @@ swaps in the bare instance prompt for the share of examples it states."""
 
 from collections import Counter
 
+import pytest
+
 from dreambooth.finetune import finetune
 from dreambooth.ingest import ingest_subject
 from dreambooth.training.recipes.sd import StableDiffusionRecipe
@@ -38,14 +40,17 @@ def test_each_photo_caption_reaches_the_text_encoder_and_dropout_swaps_in_the_ba
     assert abs(encoded[bare] / sum(encoded.values()) - DROPOUT) <= TOLERANCE
 
 
-def test_in_a_batch_of_two_each_example_keeps_its_prompt_and_the_class_half_the_class_prompt(subject_dir, tmp_path, make_config, monkeypatch):
+@pytest.mark.parametrize("family", ["sd3", "flux2-klein", "z-image"])
+def test_in_a_batch_of_two_each_example_keeps_its_prompt_and_the_class_half_the_class_prompt(family, subject_dir, tmp_path, make_config, monkeypatch):
     """The halves stay aligned (diffusers' scripts have repeated class rows with `repeat` where
     `repeat_interleave` was meant, and encoded class prompts as instance prompts)."""
     import torch
     from PIL import Image
 
     from dreambooth.training import driver
-    from dreambooth.training.recipes.sd3 import StableDiffusion3Recipe
+    from dreambooth.training.recipes import recipe_class
+
+    recipe_type = recipe_class(family)
 
     classes = tmp_path / "classes"
     classes.mkdir()
@@ -53,13 +58,13 @@ def test_in_a_batch_of_two_each_example_keeps_its_prompt_and_the_class_half_the_
         Image.new("RGB", (64, 64), (index * 80, 60, 60)).save(classes / f"{index}.png")
     places = ["on a red sofa", "in the snow", "on a beach", "under a table"]
     photos = sorted(path.name for path in subject_dir.iterdir())
-    config = make_config(model={"base": "tiny://sd3", "resolution": 64},
+    config = make_config(model={"base": f"tiny://{family}", "resolution": 64},
                          subject={"captions": {name: f"a {{identifier}} {{class_noun}} {place}" for name, place in zip(photos, places)}},
                          priors={"class_images": str(classes)}, training={"method": "lora", "max_steps": 3, "batch_size": 2})
     ingested = ingest_subject(subject_dir, tmp_path / "subject", config)
 
     drawn, seen = [], []
-    original_draw, original_loss = driver.SubjectCaptions.draw, StableDiffusion3Recipe.loss
+    original_draw, original_loss = driver.SubjectCaptions.draw, recipe_type.loss
 
     def draw(self, *args):
         prompts = original_draw(self, *args)
@@ -71,7 +76,7 @@ def test_in_a_batch_of_two_each_example_keeps_its_prompt_and_the_class_half_the_
         return original_loss(self, modules, latents, extras, conditioning, num_instance, generator)
 
     monkeypatch.setattr(driver.SubjectCaptions, "draw", draw)
-    monkeypatch.setattr(StableDiffusion3Recipe, "loss", loss)
+    monkeypatch.setattr(recipe_type, "loss", loss)
     finetune(tmp_path / "subject", classes, ingested.identifier.identifier, config, tmp_path / "model")
 
     assert len(seen) == 3 and all(num_instance == 2 for _, _, num_instance in seen)
@@ -80,5 +85,5 @@ def test_in_a_batch_of_two_each_example_keeps_its_prompt_and_the_class_half_the_
         with torch.no_grad():
             for row, prompt in enumerate(expected):  # each row is its own prompt's, encoded alone
                 alone = recipe.encode_prompts({}, [prompt])
-                assert torch.allclose(conditioning["embeddings"][row], alone["embeddings"][0], atol=1e-5)
-                assert torch.allclose(conditioning["pooled"][row], alone["pooled"][0], atol=1e-5)
+                for name, value in alone.items():
+                    assert torch.allclose(conditioning[name][row], value[0], atol=1e-5), (name, row)

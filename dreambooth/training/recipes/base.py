@@ -83,6 +83,8 @@ class Recipe:
         """InputError when this family cannot train these settings (ingest checks before anything runs)."""
         if settings.method not in cls.methods:
             raise InputError(f"{setting}.method: {settings.method} is not available for {cls.family} models ({', '.join(cls.methods)})")
+        if settings.train_text_encoder and not cls.trainable_text_encoders:
+            raise InputError(f"{setting}.train_text_encoder: {cls.family} models train with their text encoder frozen")
         if settings.trains_adapter and settings.lora.export_single_file and not cls.single_file_export:
             raise InputError(f"{setting}.lora.export_single_file: the kohya single-file layout is written for sd and sdxl models only")
 
