@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -65,7 +66,9 @@ def _measure(command: list[str], log: Path, env: dict | None = None) -> tuple[fl
 def _our_config(base_model: str, work: Path, steps: int, class_images: int, args, method: str = "full") -> dict:
     inversion = method == "textual_inversion"
     return {
-        "model": {"base": base_model},
+        "shipped_config": args.config,
+        "model": {"base": base_model, "resolution": args.resolution},
+        "data": {"buckets": False},  # one square, as the reference scripts train by default
         "subject": {"class_noun": CLASS_NOUN, "identifier": NEW_TOKEN if inversion else IDENTIFIER, "min_image_size": 64, "name": "bench"},
         "priors": {
             "num_class_images": class_images,
@@ -106,7 +109,7 @@ def _child(mode: str, config_path: str, subject: str, out: str) -> None:
     from dreambooth.samples import render_samples
 
     overrides = json.loads(Path(config_path).read_text())
-    config = load_config("tiny", overrides)
+    config = load_config(overrides.pop("shipped_config"), overrides)
     out_dir = Path(out)
     identifier = ingest_subject(Path(subject), out_dir / "subject", config).identifier.identifier
     generate_class_priors(config, out_dir / "classes")
@@ -158,7 +161,7 @@ def _run_reference(args, model_dir: str, root: Path, steps: int, class_dir: Path
         "--learning_rate", learning_rate, "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
         "--max_train_steps", str(steps), "--checkpointing_steps", "1000000",
         "--mixed_precision", "no", "--seed", "0",
-    ] + (["--rank", "4"] if method == "lora" else [])
+    ] + (["--rank", "4"] if method == "lora" else []) + shlex.split(args.reference_extra)
     return _measure(command, out / "log.txt")
 
 
@@ -182,6 +185,11 @@ def main() -> None:
     parser.add_argument("--reference-lora-script", type=Path, help="diffusers' examples/dreambooth/train_dreambooth_lora.py")
     parser.add_argument("--reference-ti-script", type=Path, help="diffusers' examples/textual_inversion/textual_inversion.py")
     parser.add_argument("--reference-python", default=sys.executable, help="interpreter for the reference (it needs torchvision)")
+    parser.add_argument("--config", default="tiny", help="the shipped config our runs start from (e.g. tiny-flux2-klein: "
+                        "its samplers); --base-model and the bench's settings override it")
+    parser.add_argument("--resolution", type=int, help="training resolution for both tools (default: the model's native)")
+    parser.add_argument("--reference-extra", default="", help="more arguments for the reference script, e.g. a family "
+                        "script's --text_encoder_out_layers for a tiny text encoder")
     parser.add_argument("--repeats", type=int, default=1, help="short/long pairs per tool; the median steps/s is reported")
     parser.add_argument("--skip-job", action="store_true", help="only the training-step measurement")
     parser.add_argument("--methods", default="full", help="training methods to measure, comma separated: full, lora, textual_inversion")
@@ -192,19 +200,21 @@ def main() -> None:
 
     model_dir = resolve_model_source(args.base_model)
     probe = load_pipeline(model_dir)
-    resolution = native_resolution(probe)
-    unet_params = sum(p.numel() for p in probe.unet.parameters()) / 1e6
-    del probe
+    resolution = args.resolution or native_resolution(probe)
+    denoiser = getattr(probe, "unet", None) or probe.transformer
+    denoiser_params = sum(p.numel() for p in denoiser.parameters()) / 1e6
+    denoiser_name = type(denoiser).__name__
+    del probe, denoiser
     import torch
 
-    print(f"model: {args.base_model} ({unet_params:.1f}M-parameter UNet, {resolution} px); torch {torch.__version__}, "
+    print(f"model: {args.base_model} ({denoiser_params:.1f}M-parameter {denoiser_name}, {resolution} px); torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     root = Path(tempfile.mkdtemp(prefix="dreambooth-bench-"))
     rows = []
 
     # 1. Training step: both tools train on the same, already generated class images.
     shared_work = root / "shared-work"
-    _run_ours("finetune", model_dir, root, 1, args.class_images, args, shared_work)  # fills the prior cache
+    _run_ours("finetune", model_dir, root, 1, args.class_images, args, shared_work, args.methods.split(",")[0])  # fills the prior cache
     def differential(run) -> tuple[float, float, float]:
         """(steps/s, peak GB, saved bytes): the median over --repeats pairs of a short and a long run."""
         pairs = [(run(args.short_steps), run(args.long_steps)) for _ in range(args.repeats)]

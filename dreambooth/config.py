@@ -48,6 +48,9 @@ class ModelSettings(Section):
     # textual_inversion): int8 (torchao's weight-only int8, also on CPUs), nf4 (bitsandbytes' 4-bit) or
     # fp8 (torchao's float8 weight-only), both CUDA only. What is saved loads on the unquantized base.
     quantization: Literal["none", "int8", "nf4", "fp8"] = "none"
+    # Load the text encoders quantized the same way (they stay frozen and encode each prompt once): for
+    # the language-model encoders of flux2-klein and z-image, most of what loading them costs.
+    quantize_text_encoders: bool = False
     # A reference-image pipeline (FLUX.2 [klein] or [dev], FLUX.1 Kontext, Qwen-Image-Edit): hub id, folder
     # or tiny://. It draws the subject from its photos with no training: training.method reference makes
     # it the subject's model (the zero-shot baseline), evaluation.gate.against reference scores it beside
@@ -686,6 +689,11 @@ class RunConfig(Section):
         if self.model.quantization != "none" and self.training.method == "full":
             raise ValueError(f"model.quantization: {self.model.quantization} loads the denoiser frozen; train adapters on it "
                              "(training.method lora or pivotal), not every weight")
+        if self.model.quantize_text_encoders and self.model.quantization == "none":
+            raise ValueError("model.quantize_text_encoders: quantizes them as model.quantization says, which is none")
+        if self.model.quantize_text_encoders and self.training.train_text_encoder:
+            raise ValueError("model.quantize_text_encoders: a quantized text encoder stays frozen; "
+                             "training.train_text_encoder would train it")
         if self.training.lr_warmup_steps >= self.training.max_steps and self.training.lr_warmup_steps:
             raise ValueError("training.lr_warmup_steps must be smaller than training.max_steps")
         if self.training.method == "reference" and not self.model.reference:

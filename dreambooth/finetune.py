@@ -56,7 +56,7 @@ def finetune(
     def make_recipe(training, device):
         family = model_family(config.model.base, config.model.revision, declared=config.model.family)
         pipeline = load_pipeline(config.model.base, config.model.revision, device=device, vae=config.model.vae,
-                                 quantization=config.model.quantization)
+                                 quantization=config.model.quantization, quantize_text_encoders=config.model.quantize_text_encoders)
         return recipe_class(family)(pipeline, training, device, config.model.resolution, data=config.data)
 
     def draw_validation(recipe) -> OnStep:

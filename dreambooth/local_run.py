@@ -159,6 +159,8 @@ def _print_subject(row: SubjectRow, publish_to: Optional[str]) -> None:
         print(f"  mlflow run:   {row.mlflow_run}")
         return
     seconds = f" in {row.training_seconds:.0f} s" if row.training_seconds is not None and row.status != UP_TO_DATE else ""
+    if row.steps == 0:  # training.method reference: the zero-shot baseline
+        seconds = ": nothing trained, a reference-image model draws from the photos"
     print(f"{row.subject} ({row.class_noun}): {row.status}{seconds}")
     for label, path in _local_outputs(row).items():
         shown = str(path)

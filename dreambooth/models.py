@@ -9,6 +9,7 @@ be reached, a copy in the local Hugging Face cache is used as a folder.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 from dataclasses import dataclass
@@ -269,38 +270,43 @@ def adapter_vae(reference: str) -> Optional[str]:
     return json.loads((Path(reference) / METADATA_FILE).read_text()).get("vae")
 
 
-def denoiser_quantization(mode: str, device: torch.device):
-    """diffusers' quantization config for a frozen denoiser in `mode` (model.quantization); None for none."""
+def denoiser_quantization(mode: str, device: torch.device, library: str = "diffusers"):
+    """The quantization config of `library` (diffusers for a denoiser, transformers for a text encoder)
+    for a frozen model in `mode` (model.quantization); None for none."""
     if mode == "none":
         return None
     if mode in ("nf4", "fp8") and device.type != "cuda":
         raise InputError(f"model.quantization: {mode} needs a CUDA GPU and this run has none; int8 (torchao) runs on CPUs too")
+    configs = importlib.import_module(library)  # both libraries name their configs alike
     if mode == "nf4":
-        from diffusers import BitsAndBytesConfig
-
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise InputError("model.quantization: nf4 needs the bitsandbytes package (docker/gpu-requirements.txt)") from None
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    from diffusers import TorchAoConfig
+        return configs.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
 
-    return TorchAoConfig(Int8WeightOnlyConfig() if mode == "int8" else Float8WeightOnlyConfig())
+    return configs.TorchAoConfig(Int8WeightOnlyConfig() if mode == "int8" else Float8WeightOnlyConfig())
 
 
-def _quantized_denoiser(source: str, revision: Optional[str], torch_dtype: torch.dtype, mode: str, device: torch.device) -> dict:
-    """{component name: the pipeline's UNet or transformer, loaded quantized}."""
-    import diffusers
-
+def _quantized_components(source: str, revision: Optional[str], torch_dtype: torch.dtype, mode: str, device: torch.device,
+                          text_encoders: bool) -> dict:
+    """{component name: the pipeline's UNet or transformer (and with `text_encoders` its text encoders), loaded quantized}."""
     index = _model_index(source, revision, "model.base")
-    name = "unet" if "unet" in index else "transformer"
-    model_class = getattr(diffusers, index[name][1])
-    try:
-        return {name: model_class.from_pretrained(source, subfolder=name, revision=revision, torch_dtype=torch_dtype,
-                                                  quantization_config=denoiser_quantization(mode, device), **weights_format())}
-    except (OSError, ValueError) as error:
-        raise _load_error(source, name, error) from None
+    names = ["unet" if "unet" in index else "transformer"]
+    if text_encoders:
+        names += [name for name, entry in index.items() if name.startswith("text_encoder") and entry and entry[0] == "transformers"]
+    loaded = {}
+    for name in names:
+        library, class_name = index[name]
+        dtype = {"torch_dtype" if library == "diffusers" else "dtype": torch_dtype}  # transformers 5 renamed it
+        try:
+            loaded[name] = getattr(importlib.import_module(library), class_name).from_pretrained(
+                source, subfolder=name, revision=revision, quantization_config=denoiser_quantization(mode, device, library),
+                **dtype, **weights_format())
+        except (OSError, ValueError) as error:
+            raise _load_error(source, name, error) from None
+    return loaded
 
 
 def load_pipeline(
@@ -310,13 +316,14 @@ def load_pipeline(
     device: Optional[torch.device] = None,
     vae: Optional[str] = None,
     quantization: str = "none",
+    quantize_text_encoders: bool = False,
 ):
     """A text-to-image DiffusionPipeline without a safety checker (DreamBooth trains on user photos).
 
     `reference` is a full pipeline (hub id, folder, tiny://) or a result folder that loads on its
     base model: a LoRA adapter applied, a learned token added (and the VAE it was trained with). `vae` (model.vae)
     replaces the pipeline's own, e.g. SDXL's fp16-safe VAE; `quantization` (model.quantization) loads
-    the denoiser quantized, to train adapters on.
+    the denoiser quantized, to train adapters on, and with `quantize_text_encoders` the text encoders too.
     """
     from diffusers import AutoencoderKL, DiffusionPipeline
 
@@ -343,7 +350,8 @@ def load_pipeline(
         except (OSError, ValueError) as error:
             raise InputError(f"model.vae: cannot load the VAE {vae!r} ({load_failure_reason(error)})") from None
     if quantization != "none":
-        components.update(_quantized_denoiser(source, revision, torch_dtype, quantization, device or best_device()))
+        components.update(_quantized_components(source, revision, torch_dtype, quantization, device or best_device(),
+                                                quantize_text_encoders))
     try:
         pipeline = DiffusionPipeline.from_pretrained(source, revision=revision, dtype=torch_dtype, **components, **weights_format())
     except (OSError, ValueError, EnvironmentError) as error:

@@ -102,7 +102,8 @@ def run_finetune(job: FinetuneJob, on_log: Optional[OnLog] = None, on_step: Opti
         with torch.no_grad():
             cached = recipe.encode_prompts({}, known_prompts)
         for name in recipe.text_encoders:
-            getattr(pipeline, name).to("cpu")
+            if not getattr(getattr(pipeline, name), "is_quantized", False):  # bitsandbytes' 4-bit weights cannot move
+                getattr(pipeline, name).to("cpu")
 
     if settings.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()

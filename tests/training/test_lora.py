@@ -68,7 +68,36 @@ def test_a_lora_on_an_int8_base_trains_and_saves_the_adapter_the_full_precision_
     base.load_lora_weights(tmp_path / "int8", weight_name=LORA_WEIGHTS)  # the plain base takes it
     assert load_pipeline(str(tmp_path / "int8")).unet.dtype == torch.float32
 
+    with pytest.raises(InputError, match="model.quantize_text_encoders: quantizes them as model.quantization says, which is none"):
+        make_config(model={"quantize_text_encoders": True})
     with pytest.raises(InputError, match="model.quantization: nf4 needs a CUDA GPU and this run has none"):
         load_pipeline("tiny://sd", quantization="nf4", device=torch.device("cpu"))
     with pytest.raises(InputError, match="model.quantization: int8 loads the denoiser frozen"):
         make_config(model={"quantization": "int8"}, training={"method": "full"})
+
+
+def test_a_flux2_klein_lora_trains_with_its_transformer_and_language_model_int8(subject_dir, tmp_path, make_config, monkeypatch):
+    """model.quantize_text_encoders: Qwen3's projections hold int8 weights while it encodes the prompts
+    and the int8 transformer's adapter trains; the adapter is the unquantized run's, tensor for tensor in shape."""
+    from safetensors.torch import load_file
+
+    from dreambooth.finetune import finetune
+    from dreambooth.ingest import ingest_subject
+    from dreambooth.training import driver
+
+    encoder_weights, saved = {}, {}
+    original = driver.run_finetune
+
+    def recording(job, *args, **kwargs):
+        encoder_weights[job.recipe.settings.max_steps] = type(job.recipe.pipeline.text_encoder.model.layers[0].self_attn.q_proj.weight).__name__
+        return original(job, *args, **kwargs)
+
+    monkeypatch.setattr(driver, "run_finetune", recording)
+    for steps, model in ((2, {}), (3, {"quantization": "int8", "quantize_text_encoders": True})):
+        config = make_config(model={"base": "tiny://flux2-klein", "resolution": 64, **model}, priors={"enabled": False},
+                             training={"method": "lora", "max_steps": steps, "learning_rate": 1e-3})
+        ingested = ingest_subject(subject_dir, tmp_path / f"subject-{steps}", config)
+        assert finetune(tmp_path / f"subject-{steps}", None, ingested.identifier.identifier, config, tmp_path / str(steps)).steps == steps
+        saved[steps] = load_file(tmp_path / str(steps) / LORA_WEIGHTS)
+    assert encoder_weights == {2: "Parameter", 3: "Int8Tensor"}
+    assert {key: value.shape for key, value in saved[3].items()} == {key: value.shape for key, value in saved[2].items()}
