@@ -37,9 +37,9 @@ class ModelSettings(Section):
     base: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     # A hub revision (branch, tag or commit) of model.base; None: the default branch.
     revision: Optional[str] = None
-    # sd (1.x/2.x), sdxl, sd3 (3.x), flux (FLUX.1), flux2-klein (FLUX.2 [klein]) or z-image; None: read
-    # from the model's model_index.json. Picks the training recipe.
-    family: Optional[Literal["sd", "sdxl", "sd3", "flux", "flux2-klein", "z-image"]] = None
+    # sd (1.x/2.x), sdxl, sd3 (3.x), flux (FLUX.1), flux2-klein (FLUX.2 [klein]), z-image or qwen-image;
+    # None: read from the model's model_index.json. Picks the training recipe.
+    family: Optional[Literal["sd", "sdxl", "sd3", "flux", "flux2-klein", "z-image", "qwen-image"]] = None
     # A VAE (hub id or folder) instead of the model's own, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16.
     vae: Optional[str] = None
     # None: the model's native size (UNet sample size x VAE scale factor, 512 for SD 1.x).

@@ -33,6 +33,16 @@ def load_sampling_pipeline(reference: str, sampler: SamplerSettings, revision: s
     return pipeline
 
 
+def guidance_arguments(pipeline, sampler: SamplerSettings, count: int) -> dict:
+    """Classifier-free guidance as the pipeline takes it: guidance_scale (and a negative prompt when one is
+    set), or for Qwen-Image true_cfg_scale with a negative prompt (its own default, " ", when none is set)."""
+    drawing = getattr(pipeline, "__wrapped__", pipeline)
+    if "true_cfg_scale" in inspect.signature(drawing.__call__).parameters:
+        return {"true_cfg_scale": sampler.guidance_scale, "negative_prompt": [sampler.negative_prompt or " "] * count}
+    negative = {"negative_prompt": [sampler.negative_prompt] * count} if sampler.negative_prompt else {}
+    return {"guidance_scale": sampler.guidance_scale, **negative}
+
+
 def generate_batches(
     pipeline, requests: list[tuple[str, int]], sampler: SamplerSettings, resolution: int | None = None
 ) -> Iterator[tuple[list[tuple[str, int]], list[Image.Image]]]:
@@ -41,12 +51,10 @@ def generate_batches(
     for start in range(0, len(requests), sampler.batch_size):
         batch = requests[start : start + sampler.batch_size]
         prompts = [prompt for prompt, _ in batch]
-        negative = {"negative_prompt": [sampler.negative_prompt] * len(batch)} if sampler.negative_prompt else {}
         images = pipeline(
             prompt=prompts,  # by name: a reference-image pipeline (Flux.2) takes its images first
-            **negative,
+            **guidance_arguments(pipeline, sampler, len(batch)),
             num_inference_steps=sampler.num_inference_steps,
-            guidance_scale=sampler.guidance_scale,
             height=size,
             width=size,
             generator=[torch.Generator("cpu").manual_seed(seed) for _, seed in batch],

@@ -54,6 +54,7 @@ FAMILIES = {
     "StableDiffusion3Pipeline": "sd3",
     "Flux2KleinPipeline": "flux2-klein",
     "ZImagePipeline": "z-image",
+    "QwenImagePipeline": "qwen-image",
     "StableDiffusionUpscalePipeline": "sd-upscaler",
 }
 _logger = logging.getLogger(__name__)

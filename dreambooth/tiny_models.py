@@ -411,6 +411,42 @@ def build_tiny_z_image(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+def build_tiny_qwen_image(out_dir: Path, seed: int = 0) -> Path:
+    """A random QwenImagePipeline (Qwen-Image's layout): a Qwen2.5-VL text encoder whose last hidden states,
+    the prompt's own tokens after its system prompt, condition a transformer over 2x2-packed latents of the
+    causal 3D VAE (one frame), normalised by the VAE's per-channel mean and std; the flow-matching
+    scheduler with exponential dynamic shifting."""
+    import torch
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_qwen_tokenizer()
+    hidden, latent_channels = 16, 4
+    special = dict(bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, **special),
+        vision_config=dict(depth=1, hidden_size=hidden, intermediate_size=2 * hidden, num_heads=2, out_hidden_size=hidden),
+        **special,
+    ))
+    pipeline = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192,
+            time_shift_type="exponential",
+        ),
+        vae=AutoencoderKLQwenImage(base_dim=16, z_dim=latent_channels, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                   latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 2.0, 1.2]),
+        text_encoder=text_encoder, tokenizer=tokenizer,
+        transformer=QwenImageTransformer2DModel(in_channels=4 * latent_channels, out_channels=latent_channels, num_layers=1,
+                                                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=hidden,
+                                                axes_dims_rope=(4, 6, 6)),
+    )
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
 def build_tiny_dino(out_dir: Path, seed: int = 0) -> Path:
     """A random ViT in facebook/dino-vits16's layout (224 px, patch 16), much narrower."""
     import torch
@@ -549,6 +585,7 @@ _BUILDERS = {
     "sd3": build_tiny_sd3,
     "flux2-klein": build_tiny_flux2_klein,
     "z-image": build_tiny_z_image,
+    "qwen-image": build_tiny_qwen_image,
 }
 
 

@@ -124,7 +124,7 @@ def test_evaluate_alone_scores_a_model_trained_elsewhere(tiny_model_dir, tmp_pat
 
 
 LORA_SUBJECTS = {"person-sd": "tiny", "person-sdxl": "tiny-sdxl", "dog-sd3": "tiny-sd3", "dog-flux": "tiny-flux",
-                 "dog-flux2-klein": "tiny-flux2-klein", "dog-z-image": "tiny-z-image"}
+                 "dog-flux2-klein": "tiny-flux2-klein", "dog-z-image": "tiny-z-image", "dog-qwen-image": "tiny-qwen-image"}
 # The zero-shot baseline: FLUX.2 [klein] handed the dog's photos, no training; the klein subject is
 # gated against it (the margin lets random tiny weights through: the test is of the mechanism).
 REFERENCE_MODEL = {"model": {"reference": "tiny://flux2-klein"}}

@@ -123,14 +123,15 @@ def pixels(views: list[Image.Image]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_views(vae, views: list[Image.Image]) -> LatentCache:
-    """Encode each view (all of one size) once; training then samples from the cached distributions."""
+def encode_views(vae, views: list[Image.Image], frames: bool = False) -> LatentCache:
+    """Encode each view (all of one size) once; training then samples from the cached distributions.
+    `frames`: a video VAE (Qwen-Image's) reads (B, C, frames, H, W): each view is one frame."""
     means, stds = [], []
     for start in range(0, len(views), VAE_ENCODE_BATCH):
         batch = pixels(views[start : start + VAE_ENCODE_BATCH]).to(vae.device, vae.dtype)
-        distribution = vae.encode(batch).latent_dist
-        means.append(distribution.mean.float())
-        stds.append(distribution.std.float())
+        distribution = vae.encode(batch.unsqueeze(2) if frames else batch).latent_dist
+        means.append((distribution.mean.squeeze(2) if frames else distribution.mean).float())
+        stds.append((distribution.std.squeeze(2) if frames else distribution.std).float())
     return LatentCache(mean=torch.cat(means), std=torch.cat(stds))
 
 

@@ -12,6 +12,7 @@ from dreambooth.errors import InputError
 from dreambooth.training.recipes.base import Recipe
 from dreambooth.training.recipes.flux import FluxRecipe
 from dreambooth.training.recipes.flux2 import Flux2KleinRecipe
+from dreambooth.training.recipes.qwen_image import QwenImageRecipe
 from dreambooth.training.recipes.sd import StableDiffusionRecipe
 from dreambooth.training.recipes.sd3 import StableDiffusion3Recipe
 from dreambooth.training.recipes.sdxl import StableDiffusionXLRecipe
@@ -21,7 +22,7 @@ from dreambooth.training.recipes.z_image import ZImageRecipe
 RECIPES: dict[str, type[Recipe]] = {
     recipe.family: recipe
     for recipe in (StableDiffusionRecipe, StableDiffusionXLRecipe, StableDiffusion3Recipe, FluxRecipe, Flux2KleinRecipe,
-                   ZImageRecipe, UpscalerRecipe)
+                   ZImageRecipe, QwenImageRecipe, UpscalerRecipe)
 }
 
 

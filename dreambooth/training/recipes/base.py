@@ -69,6 +69,7 @@ class Recipe:
     identifier_tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)  # CLIP tokenizers the identifier is one token of
     methods: ClassVar[tuple[str, ...]] = ("full", "lora", "textual_inversion", "pivotal")
     single_file_export: ClassVar[bool] = False  # the kohya layout web UIs load
+    vae_frames: ClassVar[bool] = False  # a video VAE: images go in as one-frame clips
 
     def __init__(self, pipeline, settings: TrainingSettings, device: torch.device, resolution: Optional[int] = None,
                  setting: str = "training", data: Optional[DataSettings] = None):
@@ -132,7 +133,7 @@ class Recipe:
         groups = []
         for size in sizes:
             members = [view for view in views if view.size == size]
-            latents = encode_views(self.pipeline.vae, [view.image for view in members])
+            latents = encode_views(self.pipeline.vae, [view.image for view in members], self.vae_frames)
             extras = self.view_extras(members, latents)
             if with_masks:
                 extras["mask"] = latent_mask(members, *latents.mean.shape[-2:])
