@@ -7,9 +7,8 @@ import torch
 from PIL import Image
 
 from dreambooth.config import DataSettings, TrainingSettings
-from dreambooth.errors import InputError
 from dreambooth.identifiers import select_rare_identifier
-from dreambooth.models import load_pipeline, model_family
+from dreambooth.models import load_pipeline
 from dreambooth.training.recipes import recipe_class
 
 PROMPTS = ["a fqs dog", "a fqs dog on the beach", "a dog", "a dog"]  # 2 subject + 2 class examples
@@ -19,14 +18,6 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def klein():
     return load_pipeline("tiny://flux2-klein", device=CPU)
-
-
-def test_the_family_is_read_and_it_trains_lora_with_its_text_encoder_frozen(klein):
-    assert model_family("tiny://flux2-klein") == "flux2-klein"
-    with pytest.raises(InputError, match="training.method: full is not available for flux2-klein"):
-        recipe_class("flux2-klein")(klein, TrainingSettings(method="full"), CPU)
-    with pytest.raises(InputError, match="training.train_text_encoder: flux2-klein models train with their text encoder frozen"):
-        recipe_class("flux2-klein")(klein, TrainingSettings(method="lora", train_text_encoder=True), CPU)
 
 
 def test_the_identifier_is_one_rare_word_token_of_qwens_byte_level_vocabulary(klein):

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from dreambooth.config import TrainingSettings
-from dreambooth.errors import InputError
-from dreambooth.models import load_pipeline, model_family
+from dreambooth.models import load_pipeline
 from dreambooth.training.recipes import recipe_class
 
 PROMPTS = ["a fqs dog", "a fqs dog on the beach in the snow", "a dog", "a dog"]  # 2 subject + 2 class examples
@@ -17,12 +16,6 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def qwen_image():
     return load_pipeline("tiny://qwen-image", device=CPU)
-
-
-def test_the_family_is_read_and_it_trains_lora_with_its_text_encoder_frozen(qwen_image):
-    assert model_family("tiny://qwen-image") == "qwen-image"
-    with pytest.raises(InputError, match="training.method: full is not available for qwen-image"):
-        recipe_class("qwen-image")(qwen_image, TrainingSettings(method="full"), CPU)
 
 
 def test_conditioning_is_what_its_pipeline_gives_the_transformer(qwen_image):

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from dreambooth.config import TrainingSettings
-from dreambooth.errors import InputError
-from dreambooth.models import load_pipeline, model_family
+from dreambooth.models import load_pipeline
 from dreambooth.training.recipes import recipe_class
 
 PROMPTS = ["a fqs dog", "a fqs dog on the beach in the snow", "a dog", "a dog"]  # 2 subject + 2 class examples
@@ -17,14 +16,6 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def z_image():
     return load_pipeline("tiny://z-image", device=CPU)
-
-
-def test_the_family_is_read_and_it_trains_lora_with_its_text_encoder_frozen(z_image):
-    assert model_family("tiny://z-image") == "z-image"
-    with pytest.raises(InputError, match="training.method: full is not available for z-image"):
-        recipe_class("z-image")(z_image, TrainingSettings(method="full"), CPU)
-    with pytest.raises(InputError, match="training.train_text_encoder: z-image models train with their text encoder frozen"):
-        recipe_class("z-image")(z_image, TrainingSettings(method="lora", train_text_encoder=True), CPU)
 
 
 def test_conditioning_is_what_its_pipeline_gives_the_transformer(z_image):

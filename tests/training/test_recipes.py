@@ -180,3 +180,14 @@ def test_sd3_preconditioned_flow_loss_matches_an_independent_computation(sd3, pr
     assert terms.instance.item() == pytest.approx(np.mean(errors[:2]), rel=1e-4)
     assert terms.prior.item() == pytest.approx(np.mean(errors[2:]), rel=1e-4)
     assert terms.total.item() == pytest.approx(np.mean(errors[:2]) + prior_weight * np.mean(errors[2:]), rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["flux2-klein", "z-image", "qwen-image"])
+def test_the_language_model_families_are_read_and_train_lora_with_the_encoder_frozen(family):
+    """FLUX.2 [klein], Z-Image and Qwen-Image: LoRA on the transformer, the 4-7B text encoder never trains."""
+    pipeline = load_pipeline(f"tiny://{family}", device=torch.device("cpu"))
+    assert model_family(f"tiny://{family}") == family
+    with pytest.raises(InputError, match=f"training.method: full is not available for {family}"):
+        recipe_class(family)(pipeline, TrainingSettings(method="full"), torch.device("cpu"))
+    with pytest.raises(InputError, match=f"training.train_text_encoder: {family} models train with their text encoder frozen"):
+        recipe_class(family)(pipeline, TrainingSettings(method="lora", train_text_encoder=True), torch.device("cpu"))
