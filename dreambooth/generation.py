@@ -24,11 +24,15 @@ from dreambooth.models import inference_dtype, load_pipeline, native_resolution,
 from dreambooth.process import configure_process
 
 
+def call_parameters(pipeline) -> set[str]:
+    """What the pipeline's __call__ takes (the zero-shot baseline's: the pipeline inside its photos' wrapper)."""
+    return set(inspect.signature(getattr(pipeline, "__wrapped__", pipeline).__call__).parameters)
+
+
 def load_sampling_pipeline(reference: str, sampler: SamplerSettings, revision: str | None = None, vae: str | None = None):
     pipeline = load_pipeline(reference, revision, torch_dtype=inference_dtype(sampler.precision), vae=vae)
     use_sampler(pipeline, sampler.scheduler)
-    drawing = getattr(pipeline, "__wrapped__", pipeline)  # the zero-shot baseline's pipeline, inside its photos' wrapper
-    if sampler.negative_prompt and "negative_prompt" not in inspect.signature(drawing.__call__).parameters:
+    if sampler.negative_prompt and "negative_prompt" not in call_parameters(pipeline):
         raise InputError(f"sampler.negative_prompt: a {type(pipeline).__name__} takes no negative prompt; leave it empty")
     return pipeline
 
@@ -36,8 +40,7 @@ def load_sampling_pipeline(reference: str, sampler: SamplerSettings, revision: s
 def guidance_arguments(pipeline, sampler: SamplerSettings, count: int) -> dict:
     """Classifier-free guidance as the pipeline takes it: guidance_scale (and a negative prompt when one is
     set), or for Qwen-Image true_cfg_scale with a negative prompt (its own default, " ", when none is set)."""
-    drawing = getattr(pipeline, "__wrapped__", pipeline)
-    if "true_cfg_scale" in inspect.signature(drawing.__call__).parameters:
+    if "true_cfg_scale" in call_parameters(pipeline):
         return {"true_cfg_scale": sampler.guidance_scale, "negative_prompt": [sampler.negative_prompt or " "] * count}
     negative = {"negative_prompt": [sampler.negative_prompt] * count} if sampler.negative_prompt else {}
     return {"guidance_scale": sampler.guidance_scale, **negative}

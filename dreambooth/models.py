@@ -202,6 +202,12 @@ def component_config(reference: str, revision: Optional[str], subfolder: str, se
         raise InputError(f"{setting}: cannot read the {subfolder} config of {reference!r} ({error})") from None
 
 
+def result_metadata(folder: str | Path) -> dict:
+    """A trained result's dreambooth.json ({} when the folder has none: a plain pipeline)."""
+    metadata = Path(folder) / METADATA_FILE
+    return json.loads(metadata.read_text()) if metadata.is_file() else {}
+
+
 def pipeline_class_name(reference: str, revision: Optional[str] = None, setting: str = "model.base") -> str:
     """The diffusers pipeline class model_index.json names (StableDiffusionPipeline, Flux2KleinPipeline, ...)."""
     return _model_index(reference, revision, setting).get("_class_name", "")
@@ -330,8 +336,7 @@ def load_pipeline(
 
     if is_gcs(reference):  # a result on a bucket: its local copy, which may be a LoRA folder
         reference = resolve_model_source(reference)
-    metadata = Path(reference) / METADATA_FILE
-    baseline = json.loads(metadata.read_text()) if metadata.is_file() else {}
+    baseline = result_metadata(reference)
     if baseline.get("method") == "reference":  # the zero-shot baseline: its pipeline, handed the subject's photos
         photos = [load_rgb(Path(reference) / REFERENCES_DIR / name, 1 << 40).image for name in baseline["references"]]
         return ReferencePipeline(load_pipeline(baseline["base_model"], baseline.get("base_revision"), torch_dtype, device), photos)

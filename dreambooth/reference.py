@@ -20,7 +20,7 @@ from PIL import Image
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
 from dreambooth.images import list_images
-from dreambooth.models import METADATA_FILE, REFERENCE_PIPELINES, REFERENCES_DIR, pipeline_class_name
+from dreambooth.models import METADATA_FILE, REFERENCE_PIPELINES, REFERENCES_DIR, pipeline_class_name, result_metadata
 from dreambooth.training.saving import FinetuneResult
 
 METHOD = "reference"
@@ -45,8 +45,7 @@ def check_reference_pipeline(config: RunConfig) -> None:
 
 
 def is_reference_result(folder: str | Path) -> bool:
-    metadata = Path(folder) / METADATA_FILE
-    return metadata.is_file() and json.loads(metadata.read_text()).get("method") == METHOD
+    return result_metadata(folder).get("method") == METHOD
 
 
 def write_reference_result(instance_dir: Path, config: RunConfig, output_dir: Path) -> FinetuneResult:
@@ -78,6 +77,5 @@ def write_reference_result(instance_dir: Path, config: RunConfig, output_dir: Pa
 
 def base_of(folder: str | Path) -> Optional[str]:
     """The reference pipeline a baseline result draws with (None: not a baseline result)."""
-    if not is_reference_result(folder):
-        return None
-    return json.loads((Path(folder) / METADATA_FILE).read_text())["base_model"]
+    metadata = result_metadata(folder)
+    return metadata["base_model"] if metadata.get("method") == METHOD else None

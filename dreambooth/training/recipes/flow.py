@@ -28,6 +28,17 @@ class FlowMatchingRecipe(Recipe):
         self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
         self._t5: dict[tuple[str, ...], torch.Tensor] = {}
 
+    def draw_timesteps(self, size: int, generator: torch.Generator, scheme: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+        """(timesteps, sigmas) of `size` examples, drawn from the scheduler's training timesteps by diffusers'
+        weighting `scheme` (none: uniform; logit_normal: mean 0, std 1); each sigma is its timestep / 1000,
+        the scheduler's own, shift included."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        drawn = compute_density_for_timestep_sampling(scheme, size, logit_mean=0.0, logit_std=1.0, generator=generator)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = self.noise_scheduler.timesteps[(drawn * steps).long().clamp(max=steps - 1)].to(self.device)
+        return timesteps, timesteps / steps
+
     def frozen_t5(self, encoder_name: str, tokenizer_name: str, prompts: list[str], max_length: int) -> torch.Tensor:
         """T5's last hidden states for the prompts, computed once per prompt list."""
         key = tuple(prompts)

@@ -63,19 +63,15 @@ class FluxRecipe(FlowMatchingRecipe):
         return {name: value if name == "text_ids" else value[rows] for name, value in conditioning.items()}
 
     def loss(self, modules, latents, extras, conditioning, num_instance, generator) -> LossTerms:
-        from diffusers.training_utils import compute_density_for_timestep_sampling
-
         size, channels, height, width = latents.shape
         noise = draw_noise(latents.shape, generator, self.settings.noise_offset)
-        drawn = compute_density_for_timestep_sampling("none", size, generator=generator)
-        steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = self.noise_scheduler.timesteps[(drawn * steps).long().clamp(max=steps - 1)].to(self.device)
-        noisy, target = flow_matching_sample(latents, noise.to(self.device), timesteps / steps)
+        _, sigmas = self.draw_timesteps(size, generator)
+        noisy, target = flow_matching_sample(latents, noise.to(self.device), sigmas)
         transformer = self.module(modules, self.denoiser)
         guidance = torch.full((size,), self.settings.guidance_scale, device=self.device)
         prediction = transformer(
             hidden_states=pack_latents(noisy),
-            timestep=timesteps / steps,
+            timestep=sigmas,
             guidance=guidance if self.pipeline.transformer.config.guidance_embeds else None,
             pooled_projections=conditioning["pooled"],
             encoder_hidden_states=conditioning["embeddings"],

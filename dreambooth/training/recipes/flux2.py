@@ -82,19 +82,15 @@ class Flux2KleinRecipe(FlowMatchingRecipe):
         return latents, {name: rows[indices] for name, rows in views.extras.items()}
 
     def loss(self, modules, latents, extras, conditioning, num_instance, generator) -> LossTerms:
-        from diffusers.training_utils import compute_density_for_timestep_sampling
-
         size, _, height, width = latents.shape
         noise = draw_noise(latents.shape, generator, self.settings.noise_offset).to(self.device)
-        drawn = compute_density_for_timestep_sampling("none", size, generator=generator)
-        steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = self.noise_scheduler.timesteps[(drawn * steps).long().clamp(max=steps - 1)].to(self.device)
-        noisy, target = flow_matching_sample(latents, noise, timesteps / steps)
+        _, sigmas = self.draw_timesteps(size, generator)
+        noisy, target = flow_matching_sample(latents, noise, sigmas)
         transformer = self.module(modules, self.denoiser)
         guidance = torch.full((size,), self.settings.guidance_scale, device=self.device)
         prediction = transformer(
             hidden_states=noisy.flatten(2).transpose(1, 2),  # one token per patchified position
-            timestep=timesteps / steps,
+            timestep=sigmas,
             guidance=guidance if self.pipeline.transformer.config.guidance_embeds else None,
             encoder_hidden_states=conditioning["embeddings"],
             txt_ids=conditioning["text_ids"],

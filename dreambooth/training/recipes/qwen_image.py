@@ -57,17 +57,12 @@ class QwenImageRecipe(FlowMatchingRecipe):
         return (latents - mean) / std, {name: rows[indices] for name, rows in views.extras.items()}
 
     def loss(self, modules, latents, extras, conditioning, num_instance, generator) -> LossTerms:
-        from diffusers.training_utils import compute_density_for_timestep_sampling
-
         size, _, height, width = latents.shape
         noise = draw_noise(latents.shape, generator, self.settings.noise_offset).to(self.device)
-        drawn = compute_density_for_timestep_sampling("none", size, generator=generator)
-        steps = self.noise_scheduler.config.num_train_timesteps
-        indices = (drawn * steps).long().clamp(max=steps - 1)
-        timesteps = self.noise_scheduler.timesteps[indices].to(self.device)
-        noisy, target = flow_matching_sample(latents, noise, self.noise_scheduler.sigmas[indices].to(self.device))
+        _, sigmas = self.draw_timesteps(size, generator)
+        noisy, target = flow_matching_sample(latents, noise, sigmas)
         prediction = self.module(modules, self.denoiser)(
-            hidden_states=pack_latents(noisy), timestep=timesteps / steps,
+            hidden_states=pack_latents(noisy), timestep=sigmas,
             encoder_hidden_states=conditioning["embeddings"], encoder_hidden_states_mask=conditioning["mask"],
             img_shapes=[[(1, height // 2, width // 2)]] * size, return_dict=False,
         )[0]

@@ -47,13 +47,8 @@ class StableDiffusion3Recipe(FlowMatchingRecipe):
         return {"embeddings": torch.cat([clip, t5.to(clip.dtype)], dim=-2), "pooled": torch.cat(pooled, dim=-1)}
 
     def loss(self, modules, latents, extras, conditioning, num_instance, generator) -> LossTerms:
-        from diffusers.training_utils import compute_density_for_timestep_sampling
-
         noise = draw_noise(latents.shape, generator, self.settings.noise_offset).to(self.device)
-        drawn = compute_density_for_timestep_sampling("logit_normal", latents.shape[0], logit_mean=0.0, logit_std=1.0, generator=generator)
-        steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = self.noise_scheduler.timesteps[(drawn * steps).long().clamp(max=steps - 1)].to(self.device)
-        sigmas = timesteps / steps  # the scheduler's own sigma at each timestep, shift included
+        timesteps, sigmas = self.draw_timesteps(latents.shape[0], generator, "logit_normal")
         noisy, _ = flow_matching_sample(latents, noise, sigmas)
         velocity = self.module(modules, self.denoiser)(
             hidden_states=noisy, timestep=timesteps, encoder_hidden_states=conditioning["embeddings"],

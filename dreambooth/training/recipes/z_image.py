@@ -52,16 +52,11 @@ class ZImageRecipe(FlowMatchingRecipe):
         return latents, {name: rows[indices] for name, rows in views.extras.items()}
 
     def loss(self, modules, latents, extras, conditioning, num_instance, generator) -> LossTerms:
-        from diffusers.training_utils import compute_density_for_timestep_sampling
-
         noise = draw_noise(latents.shape, generator, self.settings.noise_offset).to(self.device)
-        drawn = compute_density_for_timestep_sampling("none", latents.shape[0], generator=generator)
-        steps = self.noise_scheduler.config.num_train_timesteps
-        indices = (drawn * steps).long().clamp(max=steps - 1)
-        timesteps = self.noise_scheduler.timesteps[indices].to(self.device)
-        noisy, target = flow_matching_sample(latents, noise, self.noise_scheduler.sigmas[indices].to(self.device))
+        _, sigmas = self.draw_timesteps(latents.shape[0], generator)
+        noisy, target = flow_matching_sample(latents, noise, sigmas)
         captions = [row[:length] for row, length in zip(conditioning["embeddings"], conditioning["lengths"].tolist())]
-        outputs = self.module(modules, self.denoiser)(list(noisy.unsqueeze(2).unbind(0)), (steps - timesteps) / steps, captions,
+        outputs = self.module(modules, self.denoiser)(list(noisy.unsqueeze(2).unbind(0)), 1 - sigmas, captions,
                                                       return_dict=False)[0]
         velocity = -torch.stack(outputs).squeeze(2)
         return prior_preservation_loss(velocity, target, num_instance, self.settings.prior_loss_weight,
