@@ -12,6 +12,7 @@
     sync-tracking  send the step metrics stages kept on disk while MLflow was unreachable
     models    the registered subject models: versions, aliases, headline figures
     promote   point an alias (champion) at a reviewed version, with the reviewer's note
+    watermark check IMAGE  read the invisible mark the project puts on every image it draws
 
 Bad input or settings end in lines that name the file or setting and the reason, exit code 2.
 """
@@ -390,13 +391,35 @@ def _parser() -> argparse.ArgumentParser:
     compare_cmd.add_argument("--runs", help="subject run ids, comma separated")
     compare_cmd.add_argument("--output-dir", default="outputs/compare")
     compare_cmd.add_argument("--force", action="store_true", help="compare runs whose evaluation protocols differ, marked")
+
+    watermark_cmd = commands.add_parser("watermark", help="read the invisible mark of a generated image")
+    watermark_cmd.add_argument("action", choices=["check"])
+    watermark_cmd.add_argument("image", type=Path, help="a PNG or JPEG; exit 0 and its payload when marked, 1 when not")
     return parser
+
+
+def _watermark_check(image_path: Path) -> int:
+    from PIL import Image, UnidentifiedImageError
+
+    from dreambooth.watermark import detect
+
+    try:
+        with Image.open(image_path) as image:
+            payload = detect(image)
+    except FileNotFoundError:
+        raise InputError(f"{image_path}: no such image file") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise InputError(f"{image_path}: not an image PIL can read ({error})") from None
+    print(f"{image_path}: watermarked, payload {payload}" if payload else f"{image_path}: no watermark")
+    return 0 if payload else 1
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     configure_process(logging.WARNING, stop_on_sigterm=True)
     try:
+        if args.command == "watermark":  # needs no config
+            return _watermark_check(args.image)
         config = _without_credentials(load_config(args.config, _overrides(args)))
         from dreambooth.models import allow_pickle_weights
 
