@@ -1,6 +1,6 @@
 """GPU benchmark: training steps/s and peak GPU memory of full-size denoisers, by training method.
 
-    python bench/denoiser_bench.py [--families sd15,sdxl,sd35,flux,flux2-klein,z-image,qwen-image] [--methods full,lora,textual_inversion,pivotal] [--steps 30]
+    python bench/denoiser_bench.py [--families sd15,sdxl,sd35,flux,flux2,flux2-klein,z-image,qwen-image] [--methods full,lora,textual_inversion,pivotal] [--steps 30]
                                    [--mixed-precision bf16] [--gradient-checkpointing] [--optimizer auto]
                                    [--quantization none,int8,nf4,fp8]
     python bench/denoiser_bench.py --tiny   # the same code path on tiny denoisers, on any CPU
@@ -8,8 +8,8 @@
 Each denoiser is built from its published configuration with random weights (a step costs the
 same as with real ones, and no weights are needed): SD 1.5's UNet (860M parameters, 512 px),
 SDXL's UNet (2.6B, 1024 px), SD 3.5 Medium's MMDiT (2.5B, 1024 px; full and LoRA), FLUX.1-dev's
-transformer (12B, 512 px), FLUX.2 [klein] base 4B's (1024 px), Z-Image's (6B, 1024 px) and
-Qwen-Image's (20B, 1024 px) (the last four LoRA only, as the project trains them). Each (family, method) runs in a fresh process through this project's own
+transformer (12B, 512 px), FLUX.2 [dev]'s (32B, 1024 px), FLUX.2 [klein] base 4B's (1024 px), Z-Image's
+(6B, 1024 px) and Qwen-Image's (20B, 1024 px) (the last five LoRA only, as the project trains them). Each (family, method) runs in a fresh process through this project's own
 training loop and recipe loss (batch 1 subject + 1 class example, text conditioning random
 but shaped as the family's encoders give it), so the figures are what `pipeline.py` pays per
 step. textual_inversion and pivotal also build the family's CLIP text encoders (SD 1.5's
@@ -52,7 +52,8 @@ SD35_MEDIUM_TRANSFORMER = dict(
     joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
     dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
 )
-# FLUX.2 [klein] base 4B's transformer/config.json; Z-Image's is ZImageTransformer2DModel's defaults (6B).
+# FLUX.2 [klein] base 4B's transformer/config.json; FLUX.2 [dev]'s (32B) and Z-Image's (6B) are their
+# classes' defaults.
 FLUX2_KLEIN_4B_TRANSFORMER = dict(
     in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=7680,
     timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=False,
@@ -74,13 +75,15 @@ EMBEDDING_METHODS = ("textual_inversion", "pivotal")
 # a prompt's own tokens (about 40 for a DreamBench prompt in Qwen's chat template).
 FULL_SIZE = {"sd15": ("sd", 4, 64, 77, 768, None), "sdxl": ("sdxl", 4, 128, 77, 2048, 1280), "flux": ("flux", 16, 64, 512, 4096, 768),
              "sd35": ("sd3", 16, 128, 77 + 256, 4096, 2048), "flux2-klein": ("flux2-klein", 128, 64, 512, 7680, None),
+             "flux2": ("flux2", 128, 64, 512, 15360, None),
              "z-image": ("z-image", 16, 128, 40, 2560, None), "qwen-image": ("qwen-image", 16, 128, 40, 3584, None)}
 TINY = {"sd15": ("sd", 4, 32, 77, 32, None), "sdxl": ("sdxl", 4, 32, 77, 64, 32), "flux": ("flux", 4, 32, 77, 32, 32),
         "sd35": ("sd3", 4, 32, 77 + 256, 64, 64), "flux2-klein": ("flux2-klein", 16, 16, 512, 48, None),
+        "flux2": ("flux2", 16, 16, 512, 48, None),
         "z-image": ("z-image", 4, 32, 40, 16, None), "qwen-image": ("qwen-image", 4, 32, 40, 16, None)}
 TINY_MODELS = {"sd15": "tiny://sd", "sdxl": "tiny://sdxl", "flux": "tiny://flux", "sd35": "tiny://sd3",
-               "flux2-klein": "tiny://flux2-klein", "z-image": "tiny://z-image", "qwen-image": "tiny://qwen-image"}
-TRANSFORMER_FAMILIES = ("flux", "sd35", "flux2-klein", "z-image", "qwen-image")
+               "flux2-klein": "tiny://flux2-klein", "flux2": "tiny://flux2", "z-image": "tiny://z-image", "qwen-image": "tiny://qwen-image"}
+TRANSFORMER_FAMILIES = ("flux", "sd35", "flux2", "flux2-klein", "z-image", "qwen-image")
 
 
 def _denoiser(family: str, tiny: bool, quantization: str = "none"):
@@ -99,6 +102,8 @@ def _denoiser(family: str, tiny: bool, quantization: str = "none"):
         built = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
     elif family == "flux2-klein":
         built = Flux2Transformer2DModel(**FLUX2_KLEIN_4B_TRANSFORMER)
+    elif family == "flux2":
+        built = Flux2Transformer2DModel()  # the class defaults are FLUX.2 [dev]'s shape
     elif family == "z-image":
         built = ZImageTransformer2DModel(**Z_IMAGE_TRANSFORMER)
     elif family == "qwen-image":
@@ -176,7 +181,7 @@ def _measure(family: str, method: str, quantization: str, args) -> dict:
         denoiser = denoiser.to(device)  # bitsandbytes' 4-bit weights are placed on the GPU as they load
     parameters = sum(p.numel() for p in denoiser.parameters())
     name = "transformer" if family in TRANSFORMER_FAMILIES else "unet"
-    flow = {"flux": FLUX_SCHEDULER, "flux2-klein": FLUX_SCHEDULER, "sd3": SD3_SCHEDULER, "z-image": SD3_SCHEDULER,
+    flow = {"flux": FLUX_SCHEDULER, "flux2": FLUX_SCHEDULER, "flux2-klein": FLUX_SCHEDULER, "sd3": SD3_SCHEDULER, "z-image": SD3_SCHEDULER,
             "qwen-image": FLUX_SCHEDULER}
     scheduler = FlowMatchEulerDiscreteScheduler(**flow[recipe_name]) if recipe_name in flow else DDPMScheduler(**SD_SCHEDULER)
     vae_scale = 8
@@ -205,7 +210,7 @@ def _measure(family: str, method: str, quantization: str, args) -> dict:
     if recipe_name == "flux":
         conditioning["pooled"] = torch.randn(batch, pooled, generator=generator).to(device)
         conditioning["text_ids"] = torch.zeros(tokens, 3, device=device)
-    if recipe_name == "flux2-klein":
+    if recipe_name in ("flux2", "flux2-klein"):
         from dreambooth.training.recipes.flux2 import position_ids
 
         conditioning["text_ids"] = position_ids(batch, 1, 1, 1, tokens, device)
@@ -244,7 +249,7 @@ def _measure(family: str, method: str, quantization: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--families", default="sd15,sdxl,sd35,flux,flux2-klein,z-image,qwen-image")
+    parser.add_argument("--families", default="sd15,sdxl,sd35,flux,flux2,flux2-klein,z-image,qwen-image")
     parser.add_argument("--methods", default="full,lora,textual_inversion,pivotal")
     parser.add_argument("--steps", type=int, default=30, help="training steps per run (the first 3 are not timed)")
     parser.add_argument("--mixed-precision", default="bf16", choices=["no", "fp16", "bf16"])

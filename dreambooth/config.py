@@ -37,9 +37,9 @@ class ModelSettings(Section):
     base: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     # A hub revision (branch, tag or commit) of model.base; None: the default branch.
     revision: Optional[str] = None
-    # sd (1.x/2.x), sdxl, sd3 (3.x), flux (FLUX.1), flux2-klein (FLUX.2 [klein]), z-image or qwen-image;
-    # None: read from the model's model_index.json. Picks the training recipe.
-    family: Optional[Literal["sd", "sdxl", "sd3", "flux", "flux2-klein", "z-image", "qwen-image"]] = None
+    # sd (1.x/2.x), sdxl, sd3 (3.x), flux (FLUX.1), flux2 (FLUX.2 [dev]), flux2-klein (FLUX.2 [klein]),
+    # z-image or qwen-image; None: read from the model's model_index.json. Picks the training recipe.
+    family: Optional[Literal["sd", "sdxl", "sd3", "flux", "flux2", "flux2-klein", "z-image", "qwen-image"]] = None
     # A VAE (hub id or folder) instead of the model's own, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16.
     vae: Optional[str] = None
     # None: the model's native size (UNet sample size x VAE scale factor, 512 for SD 1.x).
@@ -49,7 +49,7 @@ class ModelSettings(Section):
     # fp8 (torchao's float8 weight-only), both CUDA only. What is saved loads on the unquantized base.
     quantization: Literal["none", "int8", "nf4", "fp8"] = "none"
     # Load the text encoders quantized the same way (they stay frozen and encode each prompt once): for
-    # the language-model encoders of flux2-klein and z-image, most of what loading them costs.
+    # the language-model encoders of flux2, flux2-klein and z-image, most of what loading them costs.
     quantize_text_encoders: bool = False
     # A reference-image pipeline (FLUX.2 [klein] or [dev], FLUX.1 Kontext, Qwen-Image-Edit): hub id, folder
     # or tiny://. It draws the subject from its photos with no training: training.method reference makes
@@ -272,7 +272,8 @@ class TrainingSettings(Section):
     # Min-SNR-gamma loss weighting (5 is the paper's value); None: unweighted, as DreamBooth.
     snr_gamma: Optional[float] = Field(default=None, gt=0)
     noise_offset: float = Field(default=0.0, ge=0)  # e.g. 0.05: learns overall brightness too
-    # Flux: the value its guidance embedding gets while training (diffusers' example uses 3.5).
+    # FLUX.1 [dev] and FLUX.2 [dev] (guidance-distilled): the value their guidance embedding gets while
+    # training (diffusers' examples use 3.5).
     guidance_scale: float = Field(default=3.5, ge=0)
     # Also fine-tune the text encoder(s) the family trains (CLIP; never T5).
     train_text_encoder: bool = False

@@ -45,6 +45,9 @@ REFERENCE_PIPELINES = {
 }
 DEFAULT_TRANSFORMER_SIDE = 1024
 HUB_PROBE_SECONDS = 8  # one metadata request; huggingface_hub may retry it once
+# Text processors whose image half a text-to-image prompt never uses (FLUX.2 [dev]'s PixtralProcessor,
+# which transformers builds only with torchvision): the pipeline gets their tokenizer alone.
+TEXT_ONLY_PROCESSORS = {"PixtralProcessor"}
 MIN_TOKENIZER_SIZE = 256  # a byte-level BPE has at least its 256 byte tokens; an empty load has 2
 # model_index.json's pipeline class -> model family (config model.family); each has a training recipe.
 FAMILIES = {
@@ -53,6 +56,7 @@ FAMILIES = {
     "FluxPipeline": "flux",
     "StableDiffusion3Pipeline": "sd3",
     "Flux2KleinPipeline": "flux2-klein",
+    "Flux2Pipeline": "flux2",
     "ZImagePipeline": "z-image",
     "QwenImagePipeline": "qwen-image",
     "StableDiffusionUpscalePipeline": "sd-upscaler",
@@ -316,6 +320,12 @@ def _quantized_components(source: str, revision: Optional[str], torch_dtype: tor
     return loaded
 
 
+def has_text_only_processor(reference: str, revision: Optional[str] = None) -> bool:
+    """Whether the pipeline's tokenizer is a processor this project loads as its tokenizer alone
+    (TEXT_ONLY_PROCESSORS): plain `DiffusionPipeline.from_pretrained` needs torchvision for it."""
+    return _model_index(reference, revision, "model.base").get("tokenizer", [None, None])[1] in TEXT_ONLY_PROCESSORS
+
+
 def load_pipeline(
     reference: str,
     revision: Optional[str] = None,
@@ -355,6 +365,9 @@ def load_pipeline(
             components["vae"] = AutoencoderKL.from_pretrained(resolve_model_source(vae, setting="model.vae"), dtype=torch_dtype, **weights_format())
         except (OSError, ValueError) as error:
             raise InputError(f"model.vae: cannot load the VAE {vae!r} ({load_failure_reason(error)})") from None
+    text_only = has_text_only_processor(source, revision)
+    if text_only:
+        components["tokenizer"] = None  # loaded below: diffusers would check a substitute against the processor class
     if quantization != "none":
         components.update(_quantized_components(source, revision, torch_dtype, quantization, device or best_device(),
                                                 quantize_text_encoders))
@@ -362,6 +375,8 @@ def load_pipeline(
         pipeline = DiffusionPipeline.from_pretrained(source, revision=revision, dtype=torch_dtype, **components, **weights_format())
     except (OSError, ValueError, EnvironmentError) as error:
         raise _load_error(reference, "pipeline", error) from None
+    if text_only:
+        pipeline.register_modules(tokenizer=load_tokenizer(source, revision))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device or best_device())
 

@@ -47,12 +47,16 @@ class DiffusersPipelineModel(mlflow.pyfunc.PythonModel):
         import torch
 
         rows = []
-        for row in model_input.to_dict("records"):
+        for record in model_input.to_dict("records"):
+            given = {key: value for key, value in (params or {}).items() if value is not None}
+            row = {**given, **{key: value for key, value in record.items() if pd.notna(value)}}  # a row's own value wins
+            size = {side: int(row[side]) for side in ("height", "width") if side in row}
             image = self.pipeline(
                 prompt=row["prompt"],  # by name: a reference-image pipeline takes its images first
                 num_inference_steps=int(row.get("num_inference_steps", 30)),
                 guidance_scale=float(row.get("guidance_scale", 7.5)),
                 generator=torch.Generator("cpu").manual_seed(int(row.get("seed", 0))),
+                **size,
             ).images[0]
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
@@ -75,7 +79,12 @@ def model_signature():
         ColSpec("long", "num_inference_steps", required=False),
         ColSpec("double", "guidance_scale", required=False),
     ])
-    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string", "prompt"), ColSpec("binary", "image_png")]))
+    # The same settings as params, for a whole request (as MLflow's diffusers flavour takes them); a row's own value wins.
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    params = ParamSchema([ParamSpec(name, dtype, None) for name, dtype in
+                          (("num_inference_steps", "long"), ("guidance_scale", "double"), ("height", "long"), ("width", "long"))])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string", "prompt"), ColSpec("binary", "image_png")]), params=params)
 
 
 def log_pipeline_model(tracking_uri: str, run_id: str, model_dir: Path) -> str:
@@ -85,16 +94,17 @@ def log_pipeline_model(tracking_uri: str, run_id: str, model_dir: Path) -> str:
     embedding (kilobytes, with or without an adapter: its folder names its base, which loads where
     the model is served); a LoRA adapter alone is logged with MLflow's own diffusers flavour (the
     adapter file plus a base-model reference, megabytes), which loads anywhere MLflow and diffusers
-    are installed.
+    are installed, unless plain diffusers cannot load its base without torchvision (FLUX.2 [dev]'s text
+    processor): that adapter is a pyfunc model too, whose loader gives the base the processor's tokenizer.
     """
     import mlflow
 
-    from dreambooth.models import EMBEDDINGS_FILE, LORA_WEIGHTS, adapter_base, resolve_model_source
+    from dreambooth.models import EMBEDDINGS_FILE, LORA_WEIGHTS, adapter_base, has_text_only_processor, resolve_model_source
 
     mlflow.set_tracking_uri(tracking_uri)
     base = adapter_base(str(model_dir))
     with mlflow.start_run(run_id=run_id):
-        if base is not None and not (model_dir / EMBEDDINGS_FILE).is_file():
+        if base is not None and not (model_dir / EMBEDDINGS_FILE).is_file() and not has_text_only_processor(*base):
             # tiny:// exists only for this project: the flavour gets the folder it resolves to.
             reference = resolve_model_source(base[0], base[1]) if base[0].startswith("tiny://") else base[0]
             info = mlflow.diffusers.log_model(model_dir / LORA_WEIGHTS, base_model=reference, name="model")

@@ -18,6 +18,7 @@ embedding transformer, 16-channel packing VAE and flow-matching scheduler; `tiny
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -122,11 +123,9 @@ QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>",
 TINY_QWEN_MAX_LENGTH = 512  # the Flux.2 pipelines' max_sequence_length
 
 
-def build_tiny_qwen_tokenizer():
-    """A byte-level BPE tokenizer in Qwen's layout (Qwen2Tokenizer, its special tokens and chat template)
-    over the same words as the CLIP one: a word after a space is one token (`Ġdog`), as in Qwen's vocabulary."""
-    from transformers import Qwen2Tokenizer
-
+def _byte_level_vocabulary(extra_words: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) of a byte-level BPE over the CLIP tokenizer's words and `extra_words`: the 256 byte
+    symbols, then each word merged letter by letter, alone and after a space (`Ġdog`), then rare words."""
     byte_symbols = _bytes_to_unicode()
     space = byte_symbols[ord(" ")]
     vocab = {symbol: index for index, symbol in enumerate(byte_symbols.values())}
@@ -140,16 +139,58 @@ def build_tiny_qwen_tokenizer():
                 vocab[left + right] = len(vocab)
             left += right
 
-    for word in (*_COMMON_WORDS, "user", "assistant", "system"):
+    for word in (*_COMMON_WORDS, *extra_words):
         add_word(space + word)
         add_word(word)
     for word in _rare_words(200):
         add_word(space + word)
+    return vocab, merges
+
+
+def build_tiny_qwen_tokenizer():
+    """A byte-level BPE tokenizer in Qwen's layout (Qwen2Tokenizer, its special tokens and chat template)
+    over the same words as the CLIP one: a word after a space is one token (`Ġdog`), as in Qwen's vocabulary."""
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = _byte_level_vocabulary(("user", "assistant", "system"))
     for token in QWEN_SPECIAL_TOKENS:
         vocab[token] = len(vocab)
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=TINY_QWEN_MAX_LENGTH,
                                additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]))
     tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
+
+
+# Mistral Small 3's chat template for what Flux2Pipeline sends: a system turn and a user turn, each
+# content a string or a list of text blocks, no generation prompt.
+MISTRAL3_CHAT_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{%- if message.content is string %}{%- set text = message.content %}"
+    "{%- else %}{%- set text = message.content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}{%- endif %}"
+    "{%- if message.role == 'system' %}{{- '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message.role == 'user' %}{{- '[INST]' + text + '[/INST]' }}"
+    "{%- else %}{{- text + eos_token }}{%- endif %}{%- endfor %}"
+)
+MISTRAL_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                          "[IMG]", "[IMG_BREAK]", "[IMG_END]")
+
+
+def build_tiny_mistral_tokenizer():
+    """A byte-level BPE tokenizer in Mistral Small 3's manner (its control tokens, its chat template), over
+    the same words: what FLUX.2 [dev]'s text processor holds besides its image processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab, merges = _byte_level_vocabulary(("system", "image", "description"))
+    for token in MISTRAL_SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", additional_special_tokens=list(MISTRAL_SPECIAL_TOKENS[4:]),
+                                        model_max_length=TINY_QWEN_MAX_LENGTH)
+    tokenizer.chat_template = MISTRAL3_CHAT_TEMPLATE
     return tokenizer
 
 
@@ -360,31 +401,94 @@ def build_tiny_sd3(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+TINY_FLUX2_TEXT_HIDDEN = 16
+
+
+def _tiny_flux2_image_parts(guidance_embeds: bool) -> dict:
+    """The Flux.2 pipelines' transformer (over three text layers side by side), batch-normalised VAE
+    and dynamically shifted flow-matching scheduler, tiny."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    latent_channels = 4
+    return dict(
+        transformer=Flux2Transformer2DModel(
+            in_channels=4 * latent_channels, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=3 * TINY_FLUX2_TEXT_HIDDEN, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+            guidance_embeds=guidance_embeds,
+        ),
+        vae=AutoencoderKLFlux2(
+            block_out_channels=(32, 64), down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+            latent_channels=latent_channels, layers_per_block=1, sample_size=64,
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+        ),
+    )
+
+
 def build_tiny_flux2_klein(out_dir: Path, seed: int = 0) -> Path:
     """A random Flux2KleinPipeline (FLUX.2 [klein]'s layout): a Qwen3 text encoder whose hidden states 9,
     18 and 27 side by side condition a transformer without guidance embedding over 2x2-patchified,
     batch-normalised latents of the Flux.2 VAE; the flow-matching scheduler with dynamic shifting."""
     import torch
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import Flux2KleinPipeline
 
     torch.manual_seed(seed)
     tokenizer = build_tiny_qwen_tokenizer()
-    hidden, latent_channels = 16, 4
-    transformer = Flux2Transformer2DModel(
-        in_channels=4 * latent_channels, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=3 * hidden, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
-    )
-    vae = AutoencoderKLFlux2(
-        block_out_channels=(32, 64), down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=latent_channels, layers_per_block=1, sample_size=64,
-    )
-    pipeline = Flux2KleinPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
-        ),
-        vae=vae, text_encoder=_tiny_qwen3(tokenizer, hidden), tokenizer=tokenizer, transformer=transformer,
-    )
+    image_parts = _tiny_flux2_image_parts(guidance_embeds=False)  # drawn first, as before the text encoder
+    pipeline = Flux2KleinPipeline(text_encoder=_tiny_qwen3(tokenizer, TINY_FLUX2_TEXT_HIDDEN), tokenizer=tokenizer, **image_parts)
     pipeline.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def _tiny_mistral3(tokenizer, hidden: int = 16, layers: int = 31):
+    """A Mistral 3 vision-language model over the tiny tokenizer with a one-layer Pixtral vision tower;
+    31 language layers, as FLUX.2 [dev] reads hidden states 10, 20 and 30."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    return Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=MistralConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=TINY_QWEN_MAX_LENGTH,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        ).to_dict(),
+        vision_config=PixtralVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                                          num_attention_heads=2, head_dim=8, image_size=64, patch_size=16).to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2, vision_feature_layer=-1,
+    ))
+
+
+def _as_pixtral_processor(tokenizer_dir: Path, model_index: Path) -> None:
+    """Make a saved tokenizer folder what FLUX.2 [dev] ships: a PixtralProcessor (its tokenizer beside
+    an image processor's config), named so in model_index.json."""
+    (tokenizer_dir / "processor_config.json").write_text(json.dumps({
+        "processor_class": "PixtralProcessor", "patch_size": 16, "spatial_merge_size": 2,
+        "image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]",
+    }, indent=2))
+    (tokenizer_dir / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "PixtralImageProcessor", "processor_class": "PixtralProcessor", "patch_size": 16,
+        "size": {"longest_edge": 64}, "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "do_convert_rgb": True, "resample": 3,
+    }, indent=2))
+    index = json.loads(model_index.read_text())
+    index["tokenizer"] = ["transformers", "PixtralProcessor"]
+    model_index.write_text(json.dumps(index, indent=2))
+
+
+def build_tiny_flux2(out_dir: Path, seed: int = 0) -> Path:
+    """A random Flux2Pipeline (FLUX.2 [dev]'s layout): a Mistral 3 text encoder whose hidden states 10, 20
+    and 30 of the system-prompted chat condition a guidance-distilled transformer (guidance embedding)
+    over the Flux.2 VAE's patchified, batch-normalised latents; the text processor is a PixtralProcessor."""
+    import torch
+    from diffusers import Flux2Pipeline
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_mistral_tokenizer()
+    image_parts = _tiny_flux2_image_parts(guidance_embeds=True)
+    pipeline = Flux2Pipeline(text_encoder=_tiny_mistral3(tokenizer, TINY_FLUX2_TEXT_HIDDEN), tokenizer=tokenizer, **image_parts)
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    _as_pixtral_processor(out_dir / "tokenizer", out_dir / "model_index.json")
     return out_dir
 
 
@@ -584,6 +688,7 @@ _BUILDERS = {
     "flux": build_tiny_flux,
     "sd3": build_tiny_sd3,
     "flux2-klein": build_tiny_flux2_klein,
+    "flux2": build_tiny_flux2,
     "z-image": build_tiny_z_image,
     "qwen-image": build_tiny_qwen_image,
 }

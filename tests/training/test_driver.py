@@ -40,7 +40,7 @@ def test_each_photo_caption_reaches_the_text_encoder_and_dropout_swaps_in_the_ba
     assert abs(encoded[bare] / sum(encoded.values()) - DROPOUT) <= TOLERANCE
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux2-klein", "z-image", "qwen-image"])
+@pytest.mark.parametrize("family", ["sd3", "flux2-klein", "flux2", "z-image", "qwen-image"])
 def test_in_a_batch_of_two_each_example_keeps_its_prompt_and_the_class_half_the_class_prompt(family, subject_dir, tmp_path, make_config, monkeypatch):
     """The halves stay aligned (diffusers' scripts have repeated class rows with `repeat` where
     `repeat_interleave` was meant, and encoded class prompts as instance prompts)."""

@@ -1,5 +1,5 @@
-"""FLUX.2 [klein]: the recipe conditions and encodes as Flux2KleinPipeline does at inference, and its
-flow-matching loss equals an independent computation."""
+"""FLUX.2 [klein] and [dev]: each recipe conditions and encodes as its pipeline (Flux2KleinPipeline,
+Flux2Pipeline) does at inference, and its flow-matching loss equals an independent computation."""
 
 import numpy as np
 import pytest
@@ -15,12 +15,15 @@ PROMPTS = ["a fqs dog", "a fqs dog on the beach", "a dog", "a dog"]  # 2 subject
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def klein():
-    return load_pipeline("tiny://flux2-klein", device=CPU)
+@pytest.fixture(scope="module", params=["flux2-klein", "flux2"])
+def klein(request):
+    """The family's tiny pipeline; the tests read it as `klein.family` and the pipeline."""
+    pipeline = load_pipeline(f"tiny://{request.param}", device=CPU)
+    pipeline.family = request.param
+    return pipeline
 
 
-def test_the_identifier_is_one_rare_word_token_of_qwens_byte_level_vocabulary(klein):
+def test_the_identifier_is_one_rare_word_token_of_the_byte_level_vocabulary(klein):
     picked = select_rare_identifier(klein.tokenizer, "dog", ["a photo of {identifier} dog"], (700, 1050))
     (token_id,) = picked.token_ids
     assert klein.tokenizer.convert_ids_to_tokens(token_id) == "\u0120" + picked.identifier  # a word after a space
@@ -28,11 +31,12 @@ def test_the_identifier_is_one_rare_word_token_of_qwens_byte_level_vocabulary(kl
 
 
 def test_conditioning_is_what_its_pipeline_gives_the_transformer(klein):
-    recipe = recipe_class("flux2-klein")(klein, TrainingSettings(method="lora"), CPU, resolution=64)
+    recipe = recipe_class(klein.family)(klein, TrainingSettings(method="lora"), CPU, resolution=64)
     with torch.no_grad():
         ours = recipe.encode_prompts({}, PROMPTS)
         embeds, text_ids = klein.encode_prompt(PROMPTS, device="cpu")
     assert ours["embeddings"].shape == (4, 512, 48)  # the chat-wrapped prompt padded to 512, three layers side by side
+    assert ours["embeddings"][0].abs().sum(-1).count_nonzero() == 512  # dev pads too: no layer is all zeros
     assert torch.allclose(ours["embeddings"], embeds, atol=1e-6)
     assert torch.equal(ours["text_ids"], text_ids)
 
@@ -49,8 +53,8 @@ def test_latents_are_what_its_pipeline_encodes_a_reference_image_to(klein, tmp_p
     with torch.no_grad():  # bn statistics of a trained VAE are not 0 and 1
         klein.vae.bn.running_mean.uniform_(-0.5, 0.5)
         klein.vae.bn.running_var.uniform_(0.5, 2.0)
-    recipe = recipe_class("flux2-klein")(klein, TrainingSettings(method="lora", center_crop=True), CPU, resolution=64,
-                                         data=DataSettings(buckets=True))
+    recipe = recipe_class(klein.family)(klein, TrainingSettings(method="lora", center_crop=True), CPU, resolution=64,
+                                        data=DataSettings(buckets=True))
     images = recipe.prepare_images([photo], flips=False)
     group = images.groups[0]
     with torch.no_grad():
@@ -69,8 +73,8 @@ def test_latents_are_what_its_pipeline_encodes_a_reference_image_to(klein, tmp_p
 def test_flow_matching_loss_matches_an_independent_computation(klein, prior_weight):
     from diffusers import Flux2KleinPipeline
 
-    settings = TrainingSettings(method="lora", prior_loss_weight=prior_weight)
-    recipe = recipe_class("flux2-klein")(klein, settings, CPU, resolution=64)
+    settings = TrainingSettings(method="lora", prior_loss_weight=prior_weight, guidance_scale=2.5)
+    recipe = recipe_class(klein.family)(klein, settings, CPU, resolution=64)
     transformer = klein.transformer.eval()
     latents = torch.randn(4, 16, 12, 8, generator=torch.Generator().manual_seed(1))  # patchified latents of a tall bucket
     with torch.no_grad():
@@ -83,6 +87,8 @@ def test_flow_matching_loss_matches_an_independent_computation(klein, prior_weig
     noise = torch.randn(latents.shape, generator=generator).double().numpy()
     indices = (torch.rand(4, generator=generator) * 1000).long().clamp(max=999)
     sigmas = klein.scheduler.sigmas[indices].double().numpy()
+    # [dev] is guidance-distilled: its transformer is told the training guidance scale; klein has no embedding.
+    guidance = torch.tensor([2.5]) if klein.family == "flux2" else None
     errors = []
     for i in range(4):
         x = latents[i].double().numpy()
@@ -90,7 +96,7 @@ def test_flow_matching_loss_matches_an_independent_computation(klein, prior_weig
         ids = Flux2KleinPipeline._prepare_latent_ids(noisy)
         with torch.no_grad():
             tokens = transformer(hidden_states=Flux2KleinPipeline._pack_latents(noisy), timestep=torch.tensor([sigmas[i]]).float(),
-                                 guidance=None, encoder_hidden_states=conditioning["embeddings"][i : i + 1],
+                                 guidance=guidance, encoder_hidden_states=conditioning["embeddings"][i : i + 1],
                                  txt_ids=conditioning["text_ids"][i : i + 1], img_ids=ids).sample
         velocity = Flux2KleinPipeline._unpack_latents_with_ids(tokens, ids)[0].double().numpy()
         errors.append(np.mean((velocity - (noise[i] - x)) ** 2))  # target: the velocity noise - x

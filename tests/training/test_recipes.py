@@ -182,9 +182,9 @@ def test_sd3_preconditioned_flow_loss_matches_an_independent_computation(sd3, pr
     assert terms.total.item() == pytest.approx(np.mean(errors[:2]) + prior_weight * np.mean(errors[2:]), rel=1e-4)
 
 
-@pytest.mark.parametrize("family", ["flux2-klein", "z-image", "qwen-image"])
+@pytest.mark.parametrize("family", ["flux2-klein", "flux2", "z-image", "qwen-image"])
 def test_the_language_model_families_are_read_and_train_lora_with_the_encoder_frozen(family):
-    """FLUX.2 [klein], Z-Image and Qwen-Image: LoRA on the transformer, the 4-7B text encoder never trains."""
+    """FLUX.2 [klein] and [dev], Z-Image and Qwen-Image: LoRA on the transformer, the 4-24B text encoder never trains."""
     pipeline = load_pipeline(f"tiny://{family}", device=torch.device("cpu"))
     assert model_family(f"tiny://{family}") == family
     with pytest.raises(InputError, match=f"training.method: full is not available for {family}"):

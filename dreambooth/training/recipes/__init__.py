@@ -11,7 +11,7 @@ from __future__ import annotations
 from dreambooth.errors import InputError
 from dreambooth.training.recipes.base import Recipe
 from dreambooth.training.recipes.flux import FluxRecipe
-from dreambooth.training.recipes.flux2 import Flux2KleinRecipe
+from dreambooth.training.recipes.flux2 import Flux2KleinRecipe, Flux2Recipe
 from dreambooth.training.recipes.qwen_image import QwenImageRecipe
 from dreambooth.training.recipes.sd import StableDiffusionRecipe
 from dreambooth.training.recipes.sd3 import StableDiffusion3Recipe
@@ -21,7 +21,7 @@ from dreambooth.training.recipes.z_image import ZImageRecipe
 
 RECIPES: dict[str, type[Recipe]] = {
     recipe.family: recipe
-    for recipe in (StableDiffusionRecipe, StableDiffusionXLRecipe, StableDiffusion3Recipe, FluxRecipe, Flux2KleinRecipe,
+    for recipe in (StableDiffusionRecipe, StableDiffusionXLRecipe, StableDiffusion3Recipe, FluxRecipe, Flux2KleinRecipe, Flux2Recipe,
                    ZImageRecipe, QwenImageRecipe, UpscalerRecipe)
 }
 

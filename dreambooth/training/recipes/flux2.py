@@ -1,14 +1,19 @@
-"""FLUX.2 [klein]: a rectified-flow transformer conditioned on a Qwen3 language model's hidden states
-(three layers side by side, the prompt wrapped in Qwen's chat template), over latents that the Flux.2
-VAE's batch norm whitens after 2x2 patchifying; no guidance embedding (guidance is classifier-free at
-sampling). LoRA only; the text encoder stays frozen, as in diffusers' Flux.2 [klein] DreamBooth example.
+"""The FLUX.2 family: rectified-flow transformers conditioned on a language model's hidden states (three
+layers side by side), over latents that the Flux.2 VAE's batch norm whitens after 2x2 patchifying. LoRA
+only; the text encoder stays frozen, as in diffusers' Flux.2 DreamBooth examples.
 
-The objective is that example's: the VAE's mean (not a draw from it), a timestep drawn uniformly from
+- FLUX.2 [klein] (Flux2KleinRecipe): Qwen3's states 9/18/27 of the prompt as one user turn of Qwen's chat
+  template; no guidance embedding (guidance is classifier-free at sampling).
+- FLUX.2 [dev] (Flux2Recipe): Mistral Small 3's states 10/20/30 of the prompt after the pipeline's system
+  message; guidance-distilled, so the transformer is given the guidance scale (training.guidance_scale,
+  3.5 in the example) as an input.
+
+The objective is the examples': the VAE's mean (not a draw from it), a timestep drawn uniformly from
 the scheduler's training timesteps (weighting scheme "none"), x_t = (1 - sigma) x + sigma noise, and
 the transformer asked for the velocity noise - x.
 
-The text layers are the pipeline's (9, 18, 27): the example's default (10, 20, 30) trains on states the
-pipeline never reads at inference, so training here sees what sampling sees.
+The text layers are the pipelines' (klein's example defaults to dev's 10/20/30, states its pipeline
+never reads at inference), so training sees what sampling sees.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dreambooth.training.losses import LossTerms, draw_noise, prior_preservation
 from dreambooth.training.recipes.flow import FlowMatchingRecipe, flow_matching_sample
 
 TEXT_LAYERS = (9, 18, 27)  # Flux2KleinPipeline's text_encoder_out_layers
+DEV_TEXT_LAYERS = (10, 20, 30)  # Flux2Pipeline's
 TEXT_TOKENS = 512  # its max_sequence_length
 KLEIN_DEFAULT_SAMPLE_SIZE = 128  # Flux2KleinPipeline.default_sample_size: 1024 px with its 8x VAE
 
@@ -65,10 +71,12 @@ class Flux2KleinRecipe(FlowMatchingRecipe):
         tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=TEXT_TOKENS, return_tensors="pt")
         return tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
 
+    text_layers = TEXT_LAYERS
+
     def encode_prompts(self, modules, prompts):
         ids, mask = self.chat_token_ids(prompts)
         output = self.module(modules, "text_encoder")(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-        layers = torch.stack([output.hidden_states[index] for index in TEXT_LAYERS], dim=2)  # (B, L, 3, D)
+        layers = torch.stack([output.hidden_states[index] for index in self.text_layers], dim=2)  # (B, L, 3, D)
         embeddings = layers.reshape(*layers.shape[:2], -1)  # the three layers' states side by side per token
         return {"embeddings": embeddings, "text_ids": position_ids(len(prompts), 1, 1, 1, embeddings.shape[1], self.device)}
 
@@ -101,3 +109,21 @@ class Flux2KleinRecipe(FlowMatchingRecipe):
         # Scored back at the VAE's latent size (the same squared errors, reordered) so a mask lines up.
         return prior_preservation_loss(unpatchify(prediction), unpatchify(target), num_instance, self.settings.prior_loss_weight,
                                        pixel_weights=self.pixel_weights(extras))
+
+
+class Flux2Recipe(Flux2KleinRecipe):
+    """FLUX.2 [dev]: klein's objective with Mistral Small 3's states and the guidance embedding (the
+    loss passes training.guidance_scale whenever the transformer has one)."""
+
+    family = "flux2"
+    text_layers = DEV_TEXT_LAYERS
+
+    def chat_token_ids(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, attention mask) of each prompt after the pipeline's system message, as text blocks of a
+        chat with no generation prompt, padded to TEXT_TOKENS."""
+        chats = [[{"role": "system", "content": [{"type": "text", "text": self.pipeline.system_message}]},
+                  {"role": "user", "content": [{"type": "text", "text": prompt.replace("[IMG]", "")}]}] for prompt in prompts]
+        tokens = self.pipeline.tokenizer.apply_chat_template(chats, add_generation_prompt=False, tokenize=True, return_dict=True,
+                                                             return_tensors="pt", padding="max_length", truncation=True,
+                                                             max_length=TEXT_TOKENS)
+        return tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
