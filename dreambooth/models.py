@@ -323,7 +323,11 @@ def _quantized_components(source: str, revision: Optional[str], torch_dtype: tor
 def has_text_only_processor(reference: str, revision: Optional[str] = None) -> bool:
     """Whether the pipeline's tokenizer is a processor this project loads as its tokenizer alone
     (TEXT_ONLY_PROCESSORS): plain `DiffusionPipeline.from_pretrained` needs torchvision for it."""
-    return _model_index(reference, revision, "model.base").get("tokenizer", [None, None])[1] in TEXT_ONLY_PROCESSORS
+    return _tokenizer_alone(_model_index(reference, revision, "model.base"))
+
+
+def _tokenizer_alone(index: dict) -> bool:
+    return (index.get("tokenizer") or [None, None])[1] in TEXT_ONLY_PROCESSORS
 
 
 def load_pipeline(
@@ -359,13 +363,14 @@ def load_pipeline(
         return pipeline
     source = resolve_model_source(reference, revision)
     # Only SD 1.x/2.x pipelines carry a safety checker (the others warn about the keyword).
-    components = dict(safety_checker=None, requires_safety_checker=False) if pipeline_class_name(source) == "StableDiffusionPipeline" else {}
+    index = _model_index(source, revision, "model.base")  # read once: which class, which tokenizer
+    components = dict(safety_checker=None, requires_safety_checker=False) if index.get("_class_name") == "StableDiffusionPipeline" else {}
     if vae:
         try:
             components["vae"] = AutoencoderKL.from_pretrained(resolve_model_source(vae, setting="model.vae"), dtype=torch_dtype, **weights_format())
         except (OSError, ValueError) as error:
             raise InputError(f"model.vae: cannot load the VAE {vae!r} ({load_failure_reason(error)})") from None
-    text_only = has_text_only_processor(source, revision)
+    text_only = _tokenizer_alone(index)
     if text_only:
         components["tokenizer"] = None  # loaded below: diffusers would check a substitute against the processor class
     if quantization != "none":

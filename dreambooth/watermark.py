@@ -91,8 +91,7 @@ def embed(image: Image.Image, payload: str) -> Image.Image:
     for index, (u, v) in enumerate(SLOTS):
         coefficients[:, :, u, v] = shaped[:, :, index]
     ycbcr[:, :, 0] = _unblocks(coefficients, ycbcr[:, :, 0])
-    marked = Image.fromarray(np.clip(np.round(ycbcr), 0, 255).astype(np.uint8), "YCbCr").convert("RGB")
-    return marked
+    return Image.fromarray(np.clip(np.round(ycbcr), 0, 255).astype(np.uint8), "YCbCr").convert("RGB")
 
 
 def detect(image: Image.Image) -> Optional[str]:

@@ -253,7 +253,7 @@ def test_a_lora_run_goes_through_every_stage_and_registers_megabytes(lora_batch,
     # MLflow's own LoRA flavour; FLUX.2 [dev]'s base needs this package's loader without torchvision
     flavour = "python_function" if text_only else "diffusers"
     assert set(yaml.safe_load((downloaded / "MLmodel").read_text())["flavors"]) == {flavour} | {"python_function"}
-    weights = [path for path in downloaded.rglob("*.safetensors")]
+    weights = list(downloaded.rglob("*.safetensors"))
     assert [path.name for path in weights] == [LORA_WEIGHTS]  # the adapter, never the base's weights
     if not text_only:  # (a pyfunc also carries this package's code, more than a tiny base weighs)
         registered_bytes = sum(p.stat().st_size for p in downloaded.rglob("*") if p.is_file())
