@@ -32,6 +32,7 @@ class PlannedSubject:
     subject_run_id: str = ""  # the MLflow run its stages log under
     up_to_date_run_id: str = ""  # set when a finished run already trained it
     experiment: dict = field(default_factory=dict)  # an experiment's: subject, variant and what it tests (roles)
+    refused: str = ""  # why the subject may not train (its consent is required and absent); its stages do nothing
 
     @property
     def up_to_date(self) -> bool:
@@ -79,7 +80,7 @@ def group_priors(subjects: list[PlannedSubject]) -> list[PriorGroup]:
     """One group per prior key among the subjects to train, holding enough images for each member."""
     members: dict[str, list[tuple[PlannedSubject, RunConfig]]] = {}
     for subject in subjects:
-        if subject.prior_key and not subject.up_to_date:
+        if subject.prior_key and not subject.up_to_date and not subject.refused:
             members.setdefault(subject.prior_key, []).append((subject, RunConfig.from_json(subject.config_json)))
     groups = []
     for key, group in members.items():
@@ -98,7 +99,8 @@ def plan_batch(
     open_subject_run: Callable[[RunConfig, str], str],
     force: bool = False,
 ) -> list[PlannedSubject]:
-    """Fingerprint every subject; those a finished run trained already are up to date unless `force`.
+    """Fingerprint every subject; those a finished run trained already are up to date unless `force`;
+    those whose consent is required and absent are refused (they get a run, to record why).
 
     photo_digests(photos uri) -> {name: digest}; trained_run(fingerprint) -> run id or None;
     open_subject_run(config, fingerprint) -> the run id a subject to train logs under.
@@ -107,7 +109,8 @@ def plan_batch(
     for entry in entries:
         config = subject_config(shared, entry)
         fingerprint = subject_fingerprint(config, photo_digests(entry.photos))
-        existing = None if force else trained_run(fingerprint)
+        refused = config.consent_refusal()
+        existing = None if force or refused else trained_run(fingerprint)
         planned.append(
             PlannedSubject(
                 subject_id=entry.id,
@@ -119,6 +122,7 @@ def plan_batch(
                 subject_run_id="" if existing else open_subject_run(config, fingerprint),
                 up_to_date_run_id=existing or "",
                 experiment=entry.experiment,
+                refused=refused,
             )
         )
     return planned

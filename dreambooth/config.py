@@ -8,6 +8,7 @@ JSON string, so a task on a cluster sees exactly what the local run saw.
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 from pathlib import Path
@@ -63,6 +64,28 @@ class ModelSettings(Section):
     allow_pickle: bool = False
 
 
+class Consent(Section):
+    """Who agreed to the subject's photos being trained on, and when (the paper's ethics section asks for it
+    with photos of people). Recorded on the subject's run."""
+
+    # The person who gave consent (or their guardian): a name, or the id your consent records use.
+    given_by: str = Field(min_length=1)
+    # When consent was given (YYYY-MM-DD); a date still to come is refused.
+    given_on: datetime.date
+    # Where the signed form or record is kept (optional).
+    record: str = ""
+
+    @field_validator("given_on")
+    @classmethod
+    def _not_ahead(cls, value: datetime.date) -> datetime.date:
+        if value > datetime.date.today():
+            raise ValueError(f"{value} is a date still to come")
+        return value
+
+    def describe(self) -> str:
+        return f"given by {self.given_by} on {self.given_on}" + (f" (record: {self.record})" if self.record else "")
+
+
 class SubjectSettings(Section):
     """The subject: its class noun, its identifier [V], its captions and what its photos must be."""
 
@@ -103,6 +126,9 @@ class SubjectSettings(Section):
     kind: Literal["object", "person"] = "object"
     # With kind person: the crop's shorter side as a multiple of the face box's side (head and shoulders).
     face_crop_scale: float = Field(default=2.5, ge=1)
+    # Who agreed to these photos being trained on, and when: {given_by, given_on, record}. Required with
+    # kind person, and for every subject with batch.require_consent; a subject without it is refused.
+    consent: Optional[Consent] = None
 
     def identifier_phrase(self, identifier: str) -> str:
         """What every caption of the subject must contain: `[V] noun` (`[V]` without the class noun)."""
@@ -632,6 +658,9 @@ class BatchSettings(Section):
 
     # Subjects trained at once, and class-prior groups generated at once (KFP ParallelFor parallelism).
     parallelism: int = Field(default=2, ge=1)
+    # true: every subject must give `consent` (who agreed to its photos being trained on, and when), not only
+    # subjects of kind person; one without it is refused and the others train.
+    require_consent: bool = False
 
 
 class StorageSettings(Section):
@@ -757,7 +786,22 @@ class RunConfig(Section):
 
     def result_settings(self) -> dict:
         """The settings that shape a subject's results: everything but where and how the run executes."""
-        return self.model_dump(exclude={"name", "tracking", "storage", "batch", "cluster"})
+        # Consent is a record about the photos, not a setting: adding it retrains nothing.
+        return self.model_dump(exclude={"name": True, "tracking": True, "storage": True, "batch": True, "cluster": True,
+                                        "subject": {"consent"}})
+
+    def consent_refusal(self) -> str:
+        """Why this subject may not train ("" when it may): consent is required and absent."""
+        if self.subject.consent is not None:
+            return ""
+        if self.subject.kind == "person":
+            why = "subject.kind is person"
+        elif self.batch.require_consent:
+            why = "batch.require_consent is set"
+        else:
+            return ""
+        return (f"consent: missing ({why}): give the subject `consent: {{given_by: ..., given_on: YYYY-MM-DD}}`, "
+                "who agreed to their photos being trained on and when")
 
     def flat_params(self) -> dict[str, str]:
         """Every setting as `section.key` -> string, for MLflow params."""

@@ -64,7 +64,8 @@ def finetune(
 
         def on_step(step: int) -> None:
             if step % settings.validation_every == 0 or step == settings.max_steps:
-                draw_validation_images(recipe, prompt, config.samples.sampler.guidance_scale, validation_dir, step)
+                draw_validation_images(recipe, prompt, config.samples.sampler.guidance_scale, validation_dir, step,
+                                       subject.fingerprint[:8])
 
         return on_step
 
@@ -72,6 +73,7 @@ def finetune(
         return {
             "identifier": identifier,
             "class_noun": config.subject.class_noun,
+            "fingerprint": subject.fingerprint,  # its first 8 hex digits are the watermark of the images it draws
             "instance_prompt": subject.instance_prompt,
             "class_prompt": subject.class_prompt if subject.class_images else None,
             "base_model": config.model.base,
@@ -119,9 +121,10 @@ VALIDATION_SEED = 8888
 
 
 @torch.no_grad()
-def draw_validation_images(recipe, prompt: str, guidance_scale: float, folder: Path, step: int) -> None:
-    """The model being trained, sampled with a fixed prompt and seeds; frozen parts visit the device briefly."""
+def draw_validation_images(recipe, prompt: str, guidance_scale: float, folder: Path, step: int, payload: str) -> None:
+    """The model being trained, sampled with a fixed prompt and seeds (marked with `payload`); frozen parts visit the device briefly."""
     from dreambooth.generation import generate
+    from dreambooth.watermark import save_marked
 
     pipeline, settings = recipe.pipeline, recipe.settings
     frozen = [pipeline.vae, *(getattr(pipeline, name) for name in recipe.text_encoders)]
@@ -140,4 +143,4 @@ def draw_validation_images(recipe, prompt: str, guidance_scale: float, folder: P
         module.to("cpu")
     folder.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(images):
-        image.save(folder / f"step-{step:06d}-{index}.png")
+        save_marked(image, folder / f"step-{step:06d}-{index}.png", payload)

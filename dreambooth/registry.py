@@ -21,6 +21,7 @@ import mlflow.pyfunc
 
 from dreambooth.errors import InputError
 from dreambooth.tracking import TAG_PROMOTED, TAG_REVIEW_NOTE, client
+from dreambooth.watermark import payload_for, save_marked
 
 CANDIDATE_ALIAS = "candidate"
 CHAMPION_ALIAS = "champion"  # the version a reviewer promoted; evaluation.gate.against champion compares with it
@@ -41,6 +42,7 @@ class DiffusersPipelineModel(mlflow.pyfunc.PythonModel):
         from dreambooth.models import load_pipeline
 
         self.pipeline = load_pipeline(context.artifacts[PIPELINE_ARTIFACT])
+        self.watermark = payload_for(context.artifacts[PIPELINE_ARTIFACT])
 
     def predict(self, context, model_input, params=None):
         import pandas as pd
@@ -59,7 +61,7 @@ class DiffusersPipelineModel(mlflow.pyfunc.PythonModel):
                 **size,
             ).images[0]
             buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
+            save_marked(image, buffer, self.watermark, format="PNG")
             rows.append({"prompt": row["prompt"], "image_png": buffer.getvalue()})
         return pd.DataFrame(rows)
 

@@ -15,6 +15,7 @@ from dreambooth.config import RunConfig
 from dreambooth.models import METADATA_FILE
 from dreambooth.images import labelled_grid
 from dreambooth.generation import generate, load_sampling_pipeline
+from dreambooth.watermark import payload_for, save_marked
 
 GRID_FILE = "samples-grid.png"
 
@@ -40,6 +41,7 @@ def render_samples(model_dir: Path, config: RunConfig, output_dir: Path) -> Samp
     files = []
     for label, reference in models:
         base = label == "base"
+        payload = payload_for(reference)
         pipeline = load_sampling_pipeline(reference, settings.sampler, config.model.revision if base else None, config.model.vae if base else None)
         requests = [(p, settings.sampler.seed + i) for p in prompts for i in range(settings.images_per_prompt)]
         flat = generate(pipeline, requests, settings.sampler, config.model.resolution)
@@ -48,7 +50,7 @@ def render_samples(model_dir: Path, config: RunConfig, output_dir: Path) -> Samp
         for p_index, batch in enumerate(images[label]):
             for i, image in enumerate(batch):
                 name = f"{label}-p{p_index:02d}-s{settings.sampler.seed + i}.png"
-                image.save(output_dir / name)
+                save_marked(image, output_dir / name, payload)
                 files.append(name)
         del pipeline
 
@@ -61,5 +63,5 @@ def render_samples(model_dir: Path, config: RunConfig, output_dir: Path) -> Samp
         ]
         rows.append((prompt, cells))
     grid_path = output_dir / GRID_FILE
-    labelled_grid(rows).save(grid_path)
+    save_marked(labelled_grid(rows), grid_path, payload_for(model_dir))
     return SampleResult(grid_path=str(grid_path), prompts=prompts, image_files=files)

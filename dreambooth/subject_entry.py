@@ -12,8 +12,9 @@ from pydantic import BaseModel, ConfigDict
 
 from dreambooth.config import RunConfig, merge_settings
 
-ENTRY_FIELDS = ("id", "photos", "class_noun", "identifier", "live", "captions", "overrides")
-CSV_COLUMNS = ("id", "photos", "class_noun", "identifier", "live")
+ENTRY_FIELDS = ("id", "photos", "class_noun", "identifier", "live", "captions", "consent", "overrides")
+CONSENT_COLUMNS = ("consent_given_by", "consent_given_on", "consent_record")  # a CSV's `consent`, a column per field
+CSV_COLUMNS = ("id", "photos", "class_noun", "identifier", "live", *CONSENT_COLUMNS)
 # Settings that belong to the whole batch (where it runs, where it writes, which branches the DAG
 # takes), not to one subject.
 BATCH_WIDE_SECTIONS = ("tracking", "storage", "batch", "cluster")
@@ -21,7 +22,7 @@ BATCH_WIDE_SETTINGS = (("superres", "enabled"),)
 # Set through the entry's own fields instead.
 IDENTITY_SETTINGS = {("subject", "name"): "id", ("subject", "class_noun"): "class_noun",
                      ("subject", "identifier"): "identifier", ("evaluation", "live_subject"): "live",
-                     ("subject", "captions"): "captions"}
+                     ("subject", "captions"): "captions", ("subject", "consent"): "consent"}
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 TRUE_WORDS, FALSE_WORDS = {"true", "yes", "1"}, {"false", "no", "0"}
 
@@ -37,6 +38,7 @@ class SubjectEntry(BaseModel):
     identifier: Optional[str] = None
     live: Optional[bool] = None
     captions: dict[str, str] = {}  # photo file name -> its caption template (subject.captions)
+    consent: dict[str, Any] = {}  # subject.consent: who agreed to the photos being trained on, and when
     overrides: dict[str, Any] = {}
     # Set when an experiment's variants expand a subject: which subject, which variant, what it tests.
     experiment: dict[str, Any] = {}
@@ -51,6 +53,8 @@ def subject_config(shared: RunConfig, entry: SubjectEntry) -> RunConfig:
         identity["evaluation"] = {"live_subject": entry.live}
     if entry.captions:
         identity["subject"]["captions"] = entry.captions
+    if entry.consent:
+        identity["subject"]["consent"] = entry.consent
     merged = merge_settings(merge_settings(shared.model_dump(), entry.overrides), identity)
     return RunConfig.model_validate(merged)
 

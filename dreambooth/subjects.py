@@ -2,10 +2,13 @@
 
     subjects:
       - {id: grey-dog, photos: gs://bucket/uploads/grey-dog/, class_noun: dog}
+      - {id: ana, photos: gs://bucket/uploads/ana/, class_noun: woman, overrides: {subject: {kind: person}},
+         consent: {given_by: Ana Ruiz, given_on: 2026-11-02, record: forms/ana.pdf}}
       - {id: red-mug, photos: /data/red-mug, class_noun: mug, identifier: sks, live: false,
          captions: {mug1.jpg: "a {identifier} {class_noun} on a desk"}, overrides: {training: {max_steps: 800}}}
 
-A CSV has the columns id,photos,class_noun,identifier,live (captions and overrides only in YAML). A relative
+A CSV has the columns id,photos,class_noun,identifier,live,consent_given_by,consent_given_on,consent_record
+(captions and overrides only in YAML). A relative
 `photos` is relative to the subjects file. Every problem is reported in one pass, one line each,
 naming the entry and the field, so a team fixes a generated file in one go.
 """
@@ -20,10 +23,11 @@ from typing import Any, Optional
 import yaml
 from pydantic import ValidationError
 
-from dreambooth.config import RunConfig, setting_problems
+from dreambooth.config import Consent, RunConfig, setting_problems
 from dreambooth.errors import InputError
 from dreambooth.storage import is_gcs, read_text
 from dreambooth.subject_entry import (  # noqa: F401 (SubjectEntry and subject_config are this module's interface too)
+    CONSENT_COLUMNS,
     CSV_COLUMNS,
     ENTRY_FIELDS,
     FALSE_WORDS,
@@ -54,9 +58,16 @@ def _raw_entries(text: str, source: str) -> list[tuple[str, Any]]:
             raise InputError(
                 f"{source}: header {','.join(reader.fieldnames or [])!r} must use only the columns {','.join(CSV_COLUMNS)}"
             )
-        return [(f"line {reader.line_num}", dict(row)) for row in reader]
+        return [(f"line {reader.line_num}", _consent_from_columns(dict(row))) for row in reader]
     document = _yaml_document(text, source)
     return [(f"entry {index}", raw) for index, raw in enumerate(document["subjects"], start=1)]
+
+
+def _consent_from_columns(row: dict) -> dict:
+    """A CSV row's consent columns as the entry's `consent` mapping (absent when they are empty)."""
+    given = {column.removeprefix("consent_"): row.pop(column) for column in CONSENT_COLUMNS if column in row}
+    given = {key: value for key, value in given.items() if value and value.strip()}
+    return {**row, "consent": given} if given else row
 
 
 def _yaml_document(text: str, source: str) -> dict:
@@ -104,6 +115,9 @@ def _entry_problems(raw: Any, shared: RunConfig) -> tuple[Optional[SubjectEntry]
     identifier, class_noun = values.get("identifier"), values.get("class_noun")
     if identifier and class_noun and identifier.lower() in class_noun.lower().split():
         problems.append(f"identifier: {identifier!r} is the class noun; [V] must be a token the class noun does not already mean")
+    if "consent" in values:
+        values["consent"], consent_problems = _checked_consent(values["consent"])
+        problems += consent_problems
     problems += override_problems(values.get("overrides", {}))
     if problems:
         return None, problems
@@ -115,6 +129,16 @@ def _entry_problems(raw: Any, shared: RunConfig) -> tuple[Optional[SubjectEntry]
     return entry, []
 
 
+
+
+def _checked_consent(consent: Any) -> tuple[dict, list[str]]:
+    """The entry's consent as plain JSON values (YAML reads the date as a date), and its problems."""
+    if not isinstance(consent, dict):
+        return {}, ["consent: expected a mapping {given_by: ..., given_on: YYYY-MM-DD, record: ...}"]
+    try:
+        return Consent.model_validate(consent).model_dump(mode="json"), []
+    except ValidationError as error:
+        return {}, [f"consent.{problem}" for problem in setting_problems(error)]
 
 
 def _resolve_photos(photos: str, source: str) -> str:

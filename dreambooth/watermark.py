@@ -13,7 +13,10 @@ destroys it: it marks what the project writes, it is no defence against someone 
 
 from __future__ import annotations
 
-from typing import Optional
+import hashlib
+import json
+from pathlib import Path
+from typing import IO, Optional
 
 import numpy as np
 from PIL import Image
@@ -112,3 +115,21 @@ def detect(image: Image.Image) -> Optional[str]:
     if word >> PAYLOAD_BITS != SIGNATURE or agreement < MIN_AGREEMENT:
         return None
     return f"{word & (2**PAYLOAD_BITS - 1):08x}"
+
+
+def payload_for(model: str | Path) -> str:
+    """The payload of the images `model` draws: the first 8 hex digits of the training fingerprint its
+    dreambooth.json records (the subject run's tag dreambooth.watermark holds the same), else of a digest
+    of that metadata (a reference baseline), else of the reference itself (a base model)."""
+    from dreambooth.models import result_metadata
+
+    metadata = result_metadata(model) if Path(str(model)).is_dir() else {}
+    if metadata.get("fingerprint"):
+        return metadata["fingerprint"][:8]
+    described = json.dumps(metadata, sort_keys=True) if metadata else str(model)
+    return hashlib.sha256(described.encode()).hexdigest()[:8]
+
+
+def save_marked(image: Image.Image, target: Path | IO[bytes], payload: str, **options) -> None:
+    """Write a generated image with its mark (to a file, or a buffer with options' format)."""
+    embed(image, payload).save(target, **options)

@@ -7,11 +7,13 @@ import base64
 import io
 import json
 import re
+import tempfile
 from pathlib import Path
 
 from PIL import Image
 
-from dreambooth.tracking import TAG_CLASS_NOUN, TAG_MODEL_URI, TAG_PARENT, TAG_STAGE, TAG_SUBJECT
+from dreambooth.tracking import TAG_CLASS_NOUN, TAG_MODEL_URI, TAG_PARENT, TAG_STAGE, TAG_SUBJECT, TAG_WATERMARK
+from dreambooth.watermark import detect
 
 SUBJECT_STAGES = ["ingest", "fine-tune", "samples", "evaluate"]
 SUPERRES_STAGES = ["super-resolution", "evaluate-upscaled"]
@@ -70,6 +72,11 @@ def check_tracked_subject(client, subject_run_id: str, stages=tuple(SUBJECT_STAG
     assert {"eval_prompts.json", "evaluation_config.json", "report.md", "eval_grids"} <= evaluation_files
     grids = {a.path for a in client.list_artifacts(evaluation.info.run_id, "eval_grids")}
     assert {"eval_grids/grid-recontextualization.png", "eval_grids/grid-accessorization.png"} <= grids
+    # What the subject's model drew carries the mark its run names (the model's training fingerprint).
+    with tempfile.TemporaryDirectory() as scratch:
+        for run_id, drawn in ((subject.info.run_id, "samples-grid.png"), (evaluation.info.run_id, "eval_grids/grid-accessorization.png")):
+            with Image.open(client.download_artifacts(run_id, drawn, scratch)) as image:
+                assert detect(image) == subject.data.tags[TAG_WATERMARK], drawn
 
     # Every stage run: the settings people compare as params, the photos as its input, system metrics.
     photos = subject.inputs.dataset_inputs

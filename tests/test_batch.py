@@ -106,3 +106,54 @@ def test_the_runs_setting_parameters_shape_every_subject_of_the_plan(tmp_path, s
     assert (trained_with.max_steps, trained_with.learning_rate) == (3, 2e-4) and shared.training.max_steps != 3
     params = MlflowClient(tracking).get_run(plan.subjects[0].subject_run_id).data.params
     assert (params["training.max_steps"], params["training.learning_rate"]) == ("3", "0.0002")
+
+
+def test_a_person_without_consent_is_refused_on_its_run_and_the_others_train(tmp_path, shared, capsys):
+    """The plan refuses the subject in one line and records why on its run; its class priors are not drawn;
+    the subject that gave consent has it on its run; consent itself retrains nothing."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from dreambooth.summary import collect_rows
+    from dreambooth.tasks.batch import plan_task
+    from dreambooth.tracking import TAG_CONSENT, TAG_ERROR, TAG_SUBJECT_STATUS
+
+    person = {"subject": {"kind": "person"}}
+    consent = {"given_by": "Ana Ruiz", "given_on": "2026-11-02", "record": "forms/ana.pdf"}
+    subjects = tmp_path / "subjects.yaml"
+    subjects.write_text(yaml.safe_dump({"subjects": [
+        {"id": "dog", "photos": str(SAMPLE_SUBJECT), "class_noun": "dog"},
+        {"id": "ana", "photos": str(SAMPLE_SUBJECT), "class_noun": "woman", "overrides": person, "consent": consent},
+        {"id": "bob", "photos": str(SAMPLE_SUBJECT), "class_noun": "man", "overrides": person},
+    ]}))
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    plan_path = tmp_path / "plan.json"
+    assert plan_task(shared.to_json(), tracking, str(subjects), "", False, "job-1", "job-1", str(plan_path)) == 3
+    printed = capsys.readouterr().out
+    assert "bob: refused: consent: missing (subject.kind is person): give the subject `consent: " in printed
+    assert "dog: to train" in printed and "ana: to train" in printed
+
+    plan = BatchPlan.from_json(plan_path.read_text())
+    assert [s.subject_id for s in plan.subjects if s.refused] == ["bob"]
+    assert sorted(group.subjects for group in plan.prior_groups) == [["ana"], ["dog"]]  # no class images of a man
+    runs = {s.subject_id: MlflowClient(tracking).get_run(s.subject_run_id).data.tags for s in plan.subjects}
+    assert runs["bob"][TAG_SUBJECT_STATUS] == "failed" and runs["bob"][TAG_ERROR].startswith("refused: consent: missing")
+    assert runs["ana"][TAG_CONSENT] == "given by Ana Ruiz on 2026-11-02 (record: forms/ana.pdf)" and TAG_CONSENT not in runs["dog"]
+    rows = {row.subject: row for row in collect_rows(tracking, plan)}
+    assert rows["bob"].status == "failed" and "consent" in rows["bob"].reason and rows["ana"].status != "failed"
+    ana = next(s for s in plan.subjects if s.subject_id == "ana")
+    without = json.loads(ana.config_json)
+    without["subject"]["consent"] = None
+    from dreambooth.config import RunConfig
+
+    assert subject_fingerprint(RunConfig.model_validate(without), content_digests(str(SAMPLE_SUBJECT))) == ana.fingerprint
+
+
+def test_batch_require_consent_refuses_every_subject_without_it(shared):
+    strict = shared.model_copy(update={"batch": shared.batch.model_copy(update={"require_consent": True})})
+    entries = [SubjectEntry(id="dog", photos="/none", class_noun="dog"),
+               SubjectEntry(id="rex", photos="/none", class_noun="dog", consent={"given_by": "Rex's owner", "given_on": "2026-10-01"})]
+    planned, _ = _plan(entries, strict)
+    assert [s.refused for s in planned] == ["consent: missing (batch.require_consent is set): give the subject `consent: "
+                                            "{given_by: ..., given_on: YYYY-MM-DD}`, who agreed to their photos being trained on and when", ""]
+    assert [group.subjects for group in group_priors(planned)] == [["rex"]]

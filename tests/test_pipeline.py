@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, SAMPLE_SUBJECT, cli, dag_tasks, quick_config
 from dreambooth.config import CONFIG_DIR, RunConfig, load_config, merge_settings
-from dreambooth.tracking import TAG_ERROR, TAG_GATE_REASON, TAG_IDENTIFIER, TAG_STAGE, TAG_SUBJECT, client
+from dreambooth.tracking import STAGE_SUBJECT, TAG_CONSENT, TAG_ERROR, TAG_GATE_REASON, TAG_IDENTIFIER, TAG_STAGE, TAG_SUBJECT, client
 from dreambooth.storage import is_complete, read_text
 from pipeline_checks import report_lines, subject_blocks
 
@@ -141,6 +141,8 @@ PERSON_SETTINGS = {
     "training": {"mask_weight": 0.2, "ema": {"decay": 0.9, "start_step": 2}, "optimizer": "prodigy", "learning_rate": 1.0,
                  "prodigy": {"d0": 1e-3}, "caption_dropout": 0.25},
 }
+# A person trains only with consent on record (photo: NASA, public domain; the field is what's tested).
+PERSON_CONSENT = {"given_by": "Eileen Collins (NASA, public domain)", "given_on": "2026-11-02"}
 PERSON_CAPTIONS = {"portrait.png": "a photo of {identifier} {class_noun} in a white spacesuit",
                    "landscape.png": "a {identifier} {class_noun} in front of a flag"}
 
@@ -174,7 +176,7 @@ def lora_batch(tmp_path_factory, gcs_emulator):
         overrides.pop("extends", None)
         if subject.startswith("person"):
             entries.append({"id": subject, "photos": str(person_photos(root / "photos" / subject)), "class_noun": "woman",
-                            "captions": {"landscape.png": PERSON_CAPTIONS["landscape.png"]},
+                            "captions": {"landscape.png": PERSON_CAPTIONS["landscape.png"]}, "consent": PERSON_CONSENT,
                             "overrides": merge_settings(overrides, PERSON_SETTINGS)})
             continue
         if subject == "dog-flux2-klein":
@@ -323,6 +325,8 @@ def test_a_person_trains_in_buckets_with_captions_masks_ema_and_prodigy(lora_bat
     def artifact(run, name):
         return json.loads(Path(client.download_artifacts(run.info.run_id, name, str(root / "downloads" / subject / run.info.run_id))).read_text())
 
+    # Her consent, on the subject's run (without it, the plan refuses her: tests/test_batch.py)
+    assert stage_run(STAGE_SUBJECT).data.tags[TAG_CONSENT] == f"given by {PERSON_CONSENT['given_by']} on {PERSON_CONSENT['given_on']}"
     ingest = stage_run("ingest")
     photos = artifact(ingest, "photos.json")
     assert photos["columns"] == ["photo", "bucket", "caption"]

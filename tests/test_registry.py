@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import textwrap
 from importlib import metadata
 
@@ -9,6 +10,7 @@ import mlflow
 import pytest
 
 from conftest import REPO, run_without_repository
+from dreambooth.models import METADATA_FILE
 from dreambooth.registry import RUNTIME_DISTRIBUTIONS, log_pipeline_model, register_candidate
 
 LOAD_AND_GENERATE = textwrap.dedent(
@@ -23,19 +25,23 @@ LOAD_AND_GENERATE = textwrap.dedent(
     assert not dreambooth.__file__.startswith({repo!r} + "/dreambooth"), dreambooth.__file__
     out = model.predict(pd.DataFrame([{{"prompt": "a fqs dog", "seed": 3, "num_inference_steps": 2}}]))
     image = Image.open(io.BytesIO(out["image_png"][0]))
-    print("generated", image.size, "with dreambooth from", dreambooth.__file__)
+    from dreambooth.watermark import detect
+    print("generated", image.size, "marked", detect(image), "with dreambooth from", dreambooth.__file__)
     """
 )
 
 
 @pytest.mark.slow
 def test_a_registered_model_generates_in_a_process_without_the_repository(tiny_model_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)  # a full pipeline result: its metadata holds the training fingerprint
+    (model / METADATA_FILE).write_text('{"identifier": "fqs", "class_noun": "dog", "fingerprint": "5eed0f00dba5e000"}')
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(tracking)
     experiment = mlflow.create_experiment("registry", artifact_location=str(tmp_path / "artifacts"))
     with mlflow.start_run(experiment_id=experiment) as run:
         pass
-    model_uri = log_pipeline_model(tracking, run.info.run_id, tiny_model_dir)
+    model_uri = log_pipeline_model(tracking, run.info.run_id, model)
     register_candidate(tracking, model_uri, "dreambooth-anywhere", {"subject": "dog"})
 
     info = mlflow.models.get_model_info(model_uri)
@@ -51,7 +57,7 @@ def test_a_registered_model_generates_in_a_process_without_the_repository(tiny_m
     elsewhere.mkdir()
     result = run_without_repository(LOAD_AND_GENERATE.format(repo=str(REPO), tracking=tracking, name="dreambooth-anywhere"), elsewhere)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "generated (64, 64)" in result.stdout and str(tmp_path) in result.stdout
+    assert "generated (64, 64) marked 5eed0f00" in result.stdout and str(tmp_path) in result.stdout
 
 
 def test_promote_moves_an_alias_after_review_and_models_lists_it(tmp_path):

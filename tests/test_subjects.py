@@ -82,3 +82,34 @@ def test_a_file_that_is_not_a_subjects_list_is_one_line(tmp_path, shared):
         (problem,) = _problems(str(path), shared)
         assert problem.startswith(f"{path}: ") and message in problem
     assert _problems(str(tmp_path / "absent.yaml"), shared) == [f"{tmp_path / 'absent.yaml'}: file not found"]
+
+
+def test_consent_is_an_entry_field_in_yaml_and_columns_in_csv(tmp_path, shared):
+    """Who agreed and when travels to the subject's settings, as plain JSON (YAML reads the date as a date)."""
+    from dreambooth.subjects import entries_to_json
+
+    path = tmp_path / "people.yaml"
+    path.write_text("subjects:\n"
+                    "  - {id: ana, photos: /p/ana, class_noun: woman, consent: {given_by: Ana Ruiz, given_on: 2026-11-02}}\n")
+    (ana,) = read_subjects(str(path), shared)
+    assert '"given_on": "2026-11-02"' in entries_to_json([ana])
+    assert subject_config(shared, ana).subject.consent.describe() == "given by Ana Ruiz on 2026-11-02"
+    csv = tmp_path / "people.csv"
+    csv.write_text("id,photos,class_noun,consent_given_by,consent_given_on,consent_record\n"
+                   "ana,/p/ana,woman,Ana Ruiz,2026-11-02,forms/ana.pdf\nmug,/p/mug,mug,,,\n")
+    ana, mug = read_subjects(str(csv), shared)
+    assert subject_config(shared, ana).subject.consent.record == "forms/ana.pdf" and subject_config(shared, mug).subject.consent is None
+
+
+def test_a_consent_without_a_name_or_with_a_date_to_come_is_named_by_entry(tmp_path, shared):
+    uri = _yaml(tmp_path, [
+        {"id": "ana", "photos": "/p", "class_noun": "woman", "consent": {"given_by": "", "given_on": "2026-11-02"}},
+        {"id": "bo", "photos": "/p", "class_noun": "man", "consent": {"given_by": "Bo", "given_on": "2999-01-01"}},
+        {"id": "cy", "photos": "/p", "class_noun": "man", "consent": "yes"},
+        {"id": "di", "photos": "/p", "class_noun": "man", "overrides": {"subject": {"consent": {"given_by": "Di"}}}},
+    ])
+    problems = _problems(uri, shared)
+    assert problems[0].startswith(f"{uri}: entry 1 (ana): consent.given_by: ")
+    assert problems[1] == f"{uri}: entry 2 (bo): consent.given_on: 2999-01-01 is a date still to come"
+    assert problems[2].startswith(f"{uri}: entry 3 (cy): consent: expected a mapping")
+    assert problems[3] == f"{uri}: entry 4 (di): overrides.subject.consent: set the entry's `consent` field instead"

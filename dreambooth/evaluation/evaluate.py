@@ -37,6 +37,7 @@ from dreambooth.images import labelled_grid, list_images, load_rgb
 from dreambooth.ingest import photos_as_trained
 from dreambooth.progress import OnProgress, counter
 from dreambooth.reference import base_of
+from dreambooth.watermark import payload_for, save_marked
 
 RESULTS_FILE = "evaluation.json"
 PROMPT_SEED_STRIDE = 1000
@@ -240,6 +241,7 @@ def _evaluate(
     """Draw the protocol's images once; score them as drawn (upscaler None) or as each upscaler upscales them."""
     settings = config.evaluation
     identifier, class_noun, base_model = _model_identity(model, config, identifier, class_noun)
+    payload, base_payload = payload_for(model), payload_for(base_model)
     live = settings.live_subject if settings.live_subject is not None else is_live_subject(class_noun)
     prompts = limit_per_category(load_prompts(class_noun, live, settings.prompt_file), settings.max_prompts_per_category)
     class_prompt = config.subject.class_prompt_template.format(class_noun=class_noun)
@@ -308,7 +310,7 @@ def _evaluate(
             for i, image in enumerate(images[rows]):
                 name = f"images/{prompt.category}/p{p:02d}-{i}.png"
                 (output_dir / name).parent.mkdir(parents=True, exist_ok=True)
-                image.save(output_dir / name)
+                save_marked(image, output_dir / name, payload)
                 files.append(name)
             scores.append(
                 PromptScores(
@@ -366,30 +368,31 @@ def _evaluate(
                 "scoring_images_per_second": (len(images) + len(pres_embeddings) + len(real_images)) / max(scoring_seconds, 1e-9),
             },
         )
-        for name, images_of in (("fine-tuned", pres_images), ("base", pres_base_images)):
+        for name, images_of, mark in (("fine-tuned", pres_images, payload), ("base", pres_base_images, base_payload)):
             for i, image in enumerate(images_of):
                 path = output_dir / "images" / "prior-preservation" / f"{name}-{i}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                image.save(path)
-        _write_grids(result, images, per_prompt, pres_images, pres_base_images, output_dir)
+                save_marked(image, path, mark)
+        _write_grids(result, images, per_prompt, pres_images, pres_base_images, output_dir, payload)
         (output_dir / RESULTS_FILE).write_text(result.to_json())
         results[label] = result
     return results
 
 
-def _write_grids(result: EvaluationResult, images, per_prompt: int, pres_images, pres_base_images, output_dir: Path) -> None:
-    """One labelled grid per prompt category, and one for prior preservation."""
+def _write_grids(result: EvaluationResult, images, per_prompt: int, pres_images, pres_base_images, output_dir: Path,
+                 payload: str) -> None:
+    """One labelled grid per prompt category, and one for prior preservation (each marked as the model's)."""
     for category in result.by_category:
         rows = [
             (f"{s.prompt}  (DINO {s.dino:.2f}, CLIP-T {s.clip_t:.2f})", [(f"seed {i}", images[p * per_prompt + i]) for i in range(per_prompt)])
             for p, s in enumerate(result.prompts)
             if s.category == category
         ]
-        labelled_grid(rows).save(output_dir / f"grid-{category}.png")
+        save_marked(labelled_grid(rows), output_dir / f"grid-{category}.png", payload)
     shown = min(len(pres_images), 8)
-    labelled_grid(
+    save_marked(labelled_grid(
         [
             (f"fine-tuned: {result.class_prompt}  (PRES {result.overall['pres']:.2f})", [(f"{i}", pres_images[i]) for i in range(shown)]),
             (f"base: {result.class_prompt}  (PRES {result.overall['pres_base']:.2f})", [(f"{i}", pres_base_images[i]) for i in range(shown)]),
         ]
-    ).save(output_dir / "grid-prior-preservation.png")
+    ), output_dir / "grid-prior-preservation.png", payload)

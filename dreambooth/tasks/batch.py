@@ -107,7 +107,11 @@ def plan_task(
         "subjects_up_to_date": len(planned) - len(plan.to_train), "prior_groups": len(plan.prior_groups),
     })
     for subject in planned:
-        print(f"{subject.subject_id}: {'up to date (run ' + subject.up_to_date_run_id + ')' if subject.up_to_date else 'to train'}")
+        if subject.refused:  # its stages see the failure on its run and do nothing; the others train
+            record_failure(tracking_uri, subject.subject_run_id, PLAN_BATCH.name, f"refused: {subject.refused}")
+            print(f"{subject.subject_id}: refused: {subject.refused}")
+        else:
+            print(f"{subject.subject_id}: {'up to date (run ' + subject.up_to_date_run_id + ')' if subject.up_to_date else 'to train'}")
     return len(plan.to_train)
 
 

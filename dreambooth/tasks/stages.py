@@ -38,6 +38,7 @@ from dreambooth.stages import (
 from dreambooth.registry import current_champion, log_pipeline_model, register_candidate
 from dreambooth.storage import content_digests, is_gcs, local_folder
 from dreambooth.training.saving import release_checkpoints
+from dreambooth.watermark import payload_for, save_marked
 from dreambooth.tracking import (
     FAILED,
     SPOOL_FOLDER,
@@ -64,6 +65,7 @@ from dreambooth.tracking import (
     TAG_SUBJECT_STATUS,
     TAG_SUPERRES_INFERENCE_NOISE_LEVEL,
     TAG_SUPERRES_NOISE_LEVELS,
+    TAG_WATERMARK,
     StageRun,
     client,
     headline_params,
@@ -249,7 +251,8 @@ def fine_tune_task(config: RunConfig, run: StageRun, subject_dir: str, class_ima
         with Image.open(path) as image:
             run.client.log_image(run.run_id, image, key="validation", step=step)
     model_uri = log_pipeline_model(run.tracking_uri, run.run_id, Path(output_dir))
-    run.set_tags({TAG_MODEL_URI: model_uri, TAG_MODEL_LOCATION: model_location or output_dir}, on_parent=True)
+    run.set_tags({TAG_MODEL_URI: model_uri, TAG_MODEL_LOCATION: model_location or output_dir,
+                  TAG_WATERMARK: payload_for(output_dir)}, on_parent=True)
     release_checkpoints(result, config.training.keep_checkpoints)
     return output_dir
 
@@ -431,7 +434,8 @@ def super_resolution_task(config: RunConfig, run: StageRun, subject_dir: str, cl
     }, on_parent=True)
     with tempfile.TemporaryDirectory() as scratch:
         grid = Path(scratch) / "superres-comparison.png"
-        upscale_comparison_grid(Path(subject_dir), Path(model_dir), Path(output_dir), identifier, config).save(grid)
+        save_marked(upscale_comparison_grid(Path(subject_dir), Path(model_dir), Path(output_dir), identifier, config), grid,
+                    payload_for(model_dir))
         run.log_file(grid, on_parent=True)
         if page_path:
             title = f"{config.subject.name}: low resolution, generic upscaler, personalised upscaler"

@@ -28,6 +28,8 @@ TAG_SUBJECT = "dreambooth.subject"
 TAG_CLASS_NOUN = "dreambooth.class_noun"
 TAG_IDENTIFIER = "dreambooth.identifier"
 TAG_FINGERPRINT = "dreambooth.fingerprint"
+TAG_CONSENT = "dreambooth.consent"  # who agreed to the subject's photos being trained on, and when
+TAG_WATERMARK = "dreambooth.watermark"  # the payload marked on every image the subject's model draws
 TAG_SUBJECT_STATUS = "dreambooth.subject_status"  # running, trained or failed
 TAG_ERROR = "dreambooth.error"
 TAG_FAILED_STAGE = "dreambooth.failed_stage"
@@ -143,6 +145,7 @@ def open_subject_run(tracking_uri: str, batch_run_id: str, config: RunConfig, fi
         TAG_SUBJECT: subject,
         TAG_CLASS_NOUN: config.subject.class_noun,
         TAG_FINGERPRINT: fingerprint,
+        **({TAG_CONSENT: config.subject.consent.describe()} if config.subject.consent else {}),
         TAG_SUBJECT_STATUS: RUNNING,
         TAG_RUN_NAME: subject,
     }

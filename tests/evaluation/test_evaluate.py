@@ -13,6 +13,7 @@ from dreambooth.config import GateSettings, load_config
 from dreambooth.evaluation.evaluate import PRES_SEED_OFFSET, RESULTS_FILE, evaluate_model
 from dreambooth.models import METADATA_FILE
 from dreambooth.generation import generate, load_sampling_pipeline
+from dreambooth.watermark import detect, embed, payload_for
 
 
 def _personalised(base: Path, model: Path) -> Path:
@@ -39,7 +40,7 @@ def evaluated(tiny_model_dir, tmp_path_factory):
 
 @pytest.mark.xdist_group("evaluated")  # one worker evaluates once for these
 def test_a_live_subject_is_scored_per_category_and_written_out(evaluated):
-    _, _, result, written_to = evaluated
+    model, _, result, written_to = evaluated
     assert result.live_subject and result.identifier == "fqs"
     assert sorted(result.by_category) == ["accessorization", "property", "recontextualization"]
     assert len(result.prompts) == 6 and all("fqs dog" in score.prompt for score in result.prompts)
@@ -49,8 +50,10 @@ def test_a_live_subject_is_scored_per_category_and_written_out(evaluated):
     written = json.loads((written_to / RESULTS_FILE).read_text())
     assert written["settings"]["dino_model"] == "tiny://dino" and written["settings"]["images_per_prompt"] == 2
     for category in result.by_category:
-        assert (written_to / f"grid-{category}.png").is_file()
-    assert (written_to / result.prompts[0].image_files[0]).is_file()
+        with Image.open(written_to / f"grid-{category}.png") as grid:
+            assert detect(grid) == payload_for(model)  # every image written carries the model's mark
+    with Image.open(written_to / result.prompts[0].image_files[0]) as image:
+        assert detect(image) == payload_for(model)
 
 
 @pytest.mark.xdist_group("evaluated")  # one worker evaluates once for these
@@ -63,7 +66,7 @@ def test_prior_preservation_images_come_from_the_class_prompt(evaluated):
     expected = generate(pipeline, [("a dog", sampler.seed + PRES_SEED_OFFSET + i) for i in range(2)], sampler)
     for i, image in enumerate(expected):
         with Image.open(written_to / "images" / "prior-preservation" / f"fine-tuned-{i}.png") as saved:
-            assert np.array_equal(np.asarray(saved), np.asarray(image))
+            assert np.array_equal(np.asarray(saved), np.asarray(embed(image, payload_for(model))))
 
 
 @pytest.mark.xdist_group("evaluated")  # one worker evaluates once for these
