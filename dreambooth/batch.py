@@ -20,6 +20,8 @@ from dreambooth.config import RunConfig
 from dreambooth.priors import prior_key
 from dreambooth.subjects import SubjectEntry, subject_config
 
+PLAN_ARTIFACT = "batch_plan.json"  # the plan, on the batch's MLflow run
+
 
 @dataclass(frozen=True)
 class PlannedSubject:
@@ -86,7 +88,11 @@ def group_priors(subjects: list[PlannedSubject]) -> list[PriorGroup]:
     for key, group in members.items():
         largest = max(config.priors.num_class_images for _, config in group)
         config = group[0][1]
-        config = config.model_copy(update={"priors": config.priors.model_copy(update={"num_class_images": largest})})
+        # The group's settings name no subject (its class priors run outlives any one of them: `forget`).
+        anonymous = config.subject.model_copy(update={"name": f"class-{config.subject.class_noun}", "identifier": None,
+                                                      "captions": {}, "consent": None})
+        config = config.model_copy(update={"subject": anonymous,
+                                           "priors": config.priors.model_copy(update={"num_class_images": largest})})
         groups.append(PriorGroup(key, config.subject.class_noun, config.to_json(), [subject.subject_id for subject, _ in group]))
     return groups
 

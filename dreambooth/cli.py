@@ -13,6 +13,7 @@
     models    the registered subject models: versions, aliases, headline figures
     promote   point an alias (champion) at a reviewed version, with the reviewer's note
     watermark check IMAGE  read the invisible mark the project puts on every image it draws
+    forget    remove a subject's photos and everything made from them, and keep it from training again
 
 Bad input or settings end in lines that name the file or setting and the reason, exit code 2.
 """
@@ -46,7 +47,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         overrides["model"]["base"] = args.base_model
     if getattr(args, "tracking_uri", None):
         overrides["tracking"]["uri"] = args.tracking_uri
-    if getattr(args, "output_dir", None) and args.command in ("run", "experiment", "sync-tracking"):
+    if getattr(args, "output_dir", None) and args.command in ("run", "experiment", "sync-tracking", "forget"):
         from dreambooth.storage import is_gcs
         from dreambooth.cache import default_cache_dir
 
@@ -99,13 +100,24 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
     if args.subjects:
         uri = _local_photos(args.subjects)
         entries = read_subjects(uri, config)  # every problem of the file, before any task starts
-        return run_locally(config, args.output_dir, entries, subjects_uri=uri, force=args.force, verbose=args.verbose)
+        forgotten = _forgotten(config, entries)
+        return run_locally(config, args.output_dir, [entry for entry in entries if entry.id not in forgotten], subjects_uri=uri,
+                           force=args.force, verbose=args.verbose)
     if not (args.subject_dir and args.class_noun):
         raise InputError("run: give --subjects FILE, or --subject-dir DIR with --class-noun NOUN")
     entry = _one_subject(args, _local_photos(args.subject_dir), config)
+    if _forgotten(config, [entry]):
+        raise InputError(f"--subject-name: {entry.id!r} was forgotten (dreambooth forget) and is not trained again")
     _ingest(subject_config(config, entry), entry.photos, None)  # a bad upload fails here, in one line
     return run_locally(config, args.output_dir, [entry], subjects_json=entries_to_json([entry]), force=args.force,
                        verbose=args.verbose)
+
+
+def _forgotten(config: RunConfig, entries: list[SubjectEntry]) -> set[str]:
+    from dreambooth.forget import forgotten_ids
+    from dreambooth.tracking import resolve_tracking_uri
+
+    return forgotten_ids(resolve_tracking_uri(config.tracking.uri), config.tracking.experiment, [entry.id for entry in entries])
 
 
 def _ingest(config: RunConfig, photos: str, output_dir: Optional[Path]):
@@ -241,6 +253,33 @@ def _sync_tracking(config: RunConfig) -> int:
     if not outcomes:
         print(f"nothing to send: {folder} holds no step metrics")
     return 1 if any(outcome.error for outcome in outcomes) else 0
+
+
+def _forget(args: argparse.Namespace, config: RunConfig) -> int:
+    """Say what of the subject would go; with --yes (or a yes at the prompt), remove it."""
+    from dreambooth.forget import forget_subject
+    from dreambooth.tracking import resolve_tracking_uri
+
+    tracking_uri = resolve_tracking_uri(config.tracking.uri)
+    found = forget_subject(args.subject, config, args.output_dir, tracking_uri, erase=False)
+    print(f"{args.subject}: " + "; ".join(found.removed) + " to remove")
+    for line in found.redacted:
+        print(f"  without it: {line}")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print("nothing removed: pass --yes to remove all of this")
+            return 1
+        if input(f"remove everything of {args.subject!r} listed above? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing removed")
+            return 1
+    done = forget_subject(args.subject, config, args.output_dir, tracking_uri, erase=True)
+    print(f"removed: {'; '.join(done.removed)}")
+    for line in done.redacted:
+        print(f"rewritten without it: {line}")
+    for line in done.notes:
+        print(f"note: {line}")
+    print(f"{args.subject}: forgotten; later batches skip it while a subjects file still lists it (class priors are shared and stay)")
+    return 0
 
 
 def _compare(args: argparse.Namespace, config: RunConfig) -> int:
@@ -392,6 +431,12 @@ def _parser() -> argparse.ArgumentParser:
     compare_cmd.add_argument("--output-dir", default="outputs/compare")
     compare_cmd.add_argument("--force", action="store_true", help="compare runs whose evaluation protocols differ, marked")
 
+    forget_cmd = with_tracking(with_config(commands.add_parser(
+        "forget", help="remove a subject's photos and everything made from them; later batches skip it")))
+    forget_cmd.add_argument("--subject", required=True, help="the subject's id (as in the subjects file)")
+    forget_cmd.add_argument("--output-dir", default="outputs", help="where the runs wrote results: a folder, or gs://bucket/prefix")
+    forget_cmd.add_argument("--yes", action="store_true", help="remove without asking")
+
     watermark_cmd = commands.add_parser("watermark", help="read the invisible mark of a generated image")
     watermark_cmd.add_argument("action", choices=["check"])
     watermark_cmd.add_argument("image", type=Path, help="a PNG or JPEG; exit 0 and its payload when marked, 1 when not")
@@ -450,6 +495,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _promote(args, config)
         if args.command == "models":
             return _models(args, config)
+        if args.command == "forget":
+            return _forget(args, config)
         return _run(args, config)
     except InputError as error:
         for line in str(error).splitlines():

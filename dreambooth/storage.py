@@ -240,3 +240,37 @@ def check_writable(uri: str) -> str:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise InputError(f"{uri}: cannot write there ({reason[:300]})") from None
     return f"writable ({uri})"
+
+
+def list_files(uri: str) -> list[str]:
+    """Every file under a folder or prefix, local or gs://, as paths relative to it ([] when there is none)."""
+    if not is_gcs(uri):
+        root = Path(uri)
+        return sorted(path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file()) if root.is_dir() else []
+    bucket_name, prefix = split_gcs(uri)
+    blobs = _client().list_blobs(bucket_name, prefix=f"{prefix}/" if prefix else None, retry=_retry(), timeout=_timeout())
+    return sorted(blob.name[len(prefix) + 1 :] if prefix else blob.name for blob in blobs)
+
+
+def read_bytes(uri: str) -> bytes:
+    if not is_gcs(uri):
+        return Path(uri).read_bytes()
+    bucket_name, name = split_gcs(uri)
+    return _client().bucket(bucket_name).blob(name).download_as_bytes(retry=_retry(), timeout=_timeout())
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Replace a file or object's contents."""
+    if not is_gcs(uri):
+        Path(uri).write_bytes(data)
+        return
+    bucket_name, name = split_gcs(uri)
+    _client().bucket(bucket_name).blob(name).upload_from_string(data, retry=_retry(), timeout=_timeout())
+
+
+def delete_file(uri: str) -> None:
+    if not is_gcs(uri):
+        Path(uri).unlink(missing_ok=True)
+        return
+    bucket_name, name = split_gcs(uri)
+    _client().bucket(bucket_name).blob(name).delete(retry=_retry(), timeout=_timeout())

@@ -34,6 +34,8 @@ from dreambooth.tracking import (
 )
 
 UP_TO_DATE = "up to date"
+SUMMARY_TABLE = "batch_summary.json"  # the summary on the batch run: its table, Markdown and HTML page
+SUMMARY_MARKDOWN, SUMMARY_PAGE = "batch_summary.md", "batch_summary.html"
 METRICS = {
     "dino": "eval/dino", "clip_i": "eval/clip_i", "clip_t": "eval/clip_t", "pres": "eval/pres", "div": "eval/div",
     # The learning check: relative change of the denoising loss, fine-tuned vs base (negative: lower).
@@ -194,3 +196,16 @@ def as_html(rows: list[SubjectRow], title: str, grids: dict[str, bytes]) -> str:
         for row in rows if row.subject in grids
     ]
     return page(title, f"<p>{html.escape(headline(rows))}</p><table><tr>{header}</tr>{''.join(body)}</table>{''.join(sections)}")
+
+
+def log_summary(tracking_uri: str, plan: BatchPlan, job_name: str, close_runs: bool = False) -> tuple[list, str, str]:
+    """The summary's rows, Markdown and HTML page (with the sample grids), logged on the batch run."""
+    rows = collect_rows(tracking_uri, plan, close_runs=close_runs)
+    title = f"DreamBooth batch {job_name}"
+    markdown, page = as_markdown(rows, title), as_html(rows, title, sample_grids(tracking_uri, rows))
+    mlflow = client(tracking_uri)
+    if rows:
+        mlflow.log_table(plan.batch_run_id, data=as_table(rows), artifact_file=SUMMARY_TABLE)
+    mlflow.log_text(plan.batch_run_id, markdown, SUMMARY_MARKDOWN)
+    mlflow.log_text(plan.batch_run_id, page, SUMMARY_PAGE)
+    return rows, markdown, page

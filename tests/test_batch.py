@@ -65,6 +65,8 @@ def test_subjects_share_class_priors_when_their_images_would_be_drawn_alike(shar
     assert sorted(group.subjects for group in groups) == [["dog-a", "dog-b"], ["dog-c"], ["mug"]]
     shared_dogs = next(group for group in groups if group.subjects == ["dog-a", "dog-b"])
     assert json.loads(shared_dogs.config_json)["priors"]["num_class_images"] == 12  # enough for the larger need
+    # The group's settings (its priors run's params, its task's log) name no member: `forget` leaves them.
+    assert json.loads(shared_dogs.config_json)["subject"]["name"] == "class-dog" and "dog-a" not in shared_dogs.config_json
     assert planned[-1].prior_key == ""  # trains without prior preservation
 
 

@@ -12,15 +12,16 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from dreambooth.batch import BatchPlan, group_priors, plan_batch, subjects_with_priors
+from dreambooth.batch import PLAN_ARTIFACT, BatchPlan, group_priors, plan_batch, subjects_with_priors
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
+from dreambooth.forget import forgotten_ids, redact, without_subject_entry
 from dreambooth.process import task_entry
 from dreambooth.progress import DONE, FAILED as STAGE_FAILED, RUNNING, StageProgress
 from dreambooth.stages import BATCH, CLASS_PRIORS, FINISH_TRACKING, NOTIFY, PLAN_BATCH, SUMMARIZE, Stage
 from dreambooth.storage import content_digests, read_text
 from dreambooth.subjects import entries_from_json, parse_subjects
-from dreambooth.summary import as_html, as_markdown, as_table, collect_rows, counts, headline, sample_grids
+from dreambooth.summary import collect_rows, counts, headline, log_summary
 from dreambooth.tracking import (
     FAILED,
     TAG_ERROR,
@@ -34,8 +35,6 @@ from dreambooth.tracking import (
     record_failure,
 )
 
-PLAN_ARTIFACT = "batch_plan.json"
-SUMMARY_TABLE = "batch_summary.json"
 EXPERIMENT_ARTIFACTS = "experiment"  # an experiment's tables, on its batch run
 
 
@@ -76,18 +75,29 @@ def plan_task(
         raise SystemExit(2) from None
     batch_run_id = open_batch_run(tracking_uri, shared, job_id, job_name)
     mlflow = client(tracking_uri)
+    text, file_name = "", subjects_uri.rsplit("/", 1)[-1]
     try:
         if subjects_uri:
             text = read_text(subjects_uri)
-            mlflow.log_text(batch_run_id, text, f"subjects/{subjects_uri.rsplit('/', 1)[-1]}")
             entries = parse_subjects(text, subjects_uri, shared)
         else:
             entries = entries_from_json(subjects_json, shared)
     except InputError as error:
+        if text:
+            mlflow.log_text(batch_run_id, text, f"subjects/{file_name}")
         mlflow.set_tag(batch_run_id, TAG_ERROR, str(error)[:5000])
         for line in str(error).splitlines():
             print(f"error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
+    # A subject `forget` removed is not trained again, nor named in this batch's records.
+    forgotten = forgotten_ids(tracking_uri, shared.tracking.experiment, [entry.id for entry in entries])
+    entries = [entry for entry in entries if entry.id not in forgotten]
+    if text:
+        for subject in forgotten:
+            text = redact(without_subject_entry(text, file_name, subject), [subject])
+        mlflow.log_text(batch_run_id, text, f"subjects/{file_name}")
+    if forgotten:
+        print(f"{len(forgotten)} subject(s) of the file were forgotten (dreambooth forget) and are skipped")
 
     def trained_run(fingerprint: str):
         run = find_trained_subject(tracking_uri, shared.tracking.experiment, fingerprint)
@@ -148,16 +158,9 @@ def summary_task(tracking_uri: str, plan_path: str, job_name: str, subject_statu
     """Close the subject runs, log the summary (table, Markdown, HTML with the sample grids) on the
     batch run and write the KFP outputs; returns how many subjects failed."""
     plan = _plan(plan_path)
-    rows = collect_rows(tracking_uri, plan, close_runs=True)
-    title = f"DreamBooth batch {job_name}"
-    markdown, page = as_markdown(rows, title), as_html(rows, title, sample_grids(tracking_uri, rows))
-    mlflow = client(tracking_uri)
-    if rows:
-        mlflow.log_table(plan.batch_run_id, data=as_table(rows), artifact_file=SUMMARY_TABLE)
-    mlflow.log_text(plan.batch_run_id, markdown, "batch_summary.md")
-    mlflow.log_text(plan.batch_run_id, page, "batch_summary.html")
+    rows, markdown, page = log_summary(tracking_uri, plan, job_name, close_runs=True)
     tally = counts(rows)
-    log_metrics(mlflow, plan.batch_run_id, {f"subjects_{status.replace(' ', '_')}": n for status, n in tally.items()})
+    log_metrics(client(tracking_uri), plan.batch_run_id, {f"subjects_{status.replace(' ', '_')}": n for status, n in tally.items()})
     for path, text in ((markdown_path, markdown), (html_path, page)):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)

@@ -85,11 +85,14 @@ def compare_run_name(count: int) -> str:
     return f"compare-{count}-runs"
 
 
-def search_all(mlflow, experiment_ids: list[str], filter_string: str, order_by: Optional[list[str]] = None) -> list:
-    """Every run that matches, page after page (one page would silently stop at PAGE_SIZE runs)."""
+def search_all(mlflow, experiment_ids: list[str], filter_string: str, order_by: Optional[list[str]] = None,
+               view_type: int = 1) -> list:
+    """Every run that matches, page after page (one page would silently stop at PAGE_SIZE runs); view_type:
+    MLflow's ViewType (active runs only by default)."""
     runs, token = [], None
     while True:
-        page = mlflow.search_runs(experiment_ids, filter_string, order_by=order_by, max_results=PAGE_SIZE, page_token=token)
+        page = mlflow.search_runs(experiment_ids, filter_string, run_view_type=view_type, order_by=order_by, max_results=PAGE_SIZE,
+                                  page_token=token)
         runs.extend(page)
         token = page.token
         if not token:
@@ -173,6 +176,13 @@ def runs_still_open(tracking_uri: str, experiment: str, job_id: str) -> list:
 def stage_runs(tracking_uri: str, experiment: str, stage: str) -> list:
     """Every run of one stage (`subject`, `class-priors` ...) in the experiment."""
     return _search(tracking_uri, experiment, f"tags.`{TAG_STAGE}` = '{stage}'")
+
+
+def runs_of_subject(tracking_uri: str, experiment_id: str, subject: str) -> list:
+    """Every run of one subject (its subject run and stage runs), deleted ones included (a `forget` cut short)."""
+    from mlflow.entities import ViewType
+
+    return search_all(client(tracking_uri), [experiment_id], f"tags.`{TAG_SUBJECT}` = '{subject}'", view_type=ViewType.ALL)
 
 
 def earlier_attempt(mlflow, parent, stage: str, tags: dict) -> Optional[object]:

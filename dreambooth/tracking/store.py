@@ -51,7 +51,7 @@ def unreachable(error: BaseException) -> bool:
 _READY_STORES: set[str] = set()
 
 
-def _sqlite_path(tracking_uri: str) -> Optional[Path]:
+def sqlite_path(tracking_uri: str) -> Optional[Path]:
     return Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
 
 
@@ -62,7 +62,7 @@ def client(tracking_uri: str):
 
     from mlflow.tracking import MlflowClient
 
-    database = _sqlite_path(tracking_uri)
+    database = sqlite_path(tracking_uri)
     if database is None or tracking_uri in _READY_STORES:
         return MlflowClient(tracking_uri=tracking_uri)
     database.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +85,7 @@ def experiment_id(tracking_uri: str, name: str) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    database = _sqlite_path(tracking_uri)
+    database = sqlite_path(tracking_uri)
     location = None
     if database is not None:
         folder = database.parent / f"{database.stem}-artifacts" / "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
