@@ -539,6 +539,10 @@ class EvaluationSettings(Section):
     gate: GateSettings = GateSettings()
     # The registered model's name; {subject} is the subject's id.
     registered_model: str = "dreambooth-{subject}"
+    # An output safety check before the registry: a StableDiffusionSafetyChecker (hub id such as
+    # CompVis/stable-diffusion-safety-checker, folder or tiny://safety-checker) reads the evaluation's
+    # images; a model with any image flagged is not registered, the reason on its run. None: no check.
+    safety_checker: Optional[str] = None
 
 
 class Webhook(Section):

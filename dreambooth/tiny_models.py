@@ -580,10 +580,29 @@ def build_tiny_clip(out_dir: Path, seed: int = 0) -> Path:
     )
     CLIPModel(config).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    (out_dir / "preprocessor_config.json").write_text(
-        '{"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}, '
-        '"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}'
-    )
+    (out_dir / "preprocessor_config.json").write_text(CLIP_PREPROCESSOR)
+    return out_dir
+
+
+CLIP_PREPROCESSOR = ('{"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}, '
+                     '"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}')
+
+
+def build_tiny_safety_checker(out_dir: Path, seed: int = 0) -> Path:
+    """A random StableDiffusionSafetyChecker in CompVis/stable-diffusion-safety-checker's layout: random
+    concept embeddings, every threshold at cosine 1, so it flags nothing (a test lowers them to flag)."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=224, patch_size=32)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(vision_config=vision, projection_dim=32))
+    with torch.no_grad():
+        checker.concept_embeds.copy_(torch.randn_like(checker.concept_embeds))
+        checker.special_care_embeds.copy_(torch.randn_like(checker.special_care_embeds))
+    checker.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / "preprocessor_config.json").write_text(CLIP_PREPROCESSOR)
     return out_dir
 
 
@@ -681,6 +700,7 @@ _BUILDERS = {
     **{variant: (lambda out, v=variant: build_tiny_stable_diffusion(out, v)) for variant in _VARIANTS},
     "dino": build_tiny_dino,
     "clip": build_tiny_clip,
+    "safety-checker": build_tiny_safety_checker,
     "lpips": build_tiny_lpips,
     "captioner": build_tiny_captioner,
     "sd-upscaler": build_tiny_upscaler,

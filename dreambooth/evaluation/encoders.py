@@ -80,6 +80,30 @@ class DinoEncoder:
         return torch.cat(chunks)
 
 
+def clip_preprocessing(source: str, size: int, setting: str, reference: str) -> Preprocessing:
+    """A CLIP vision model's own resize, crop and normalisation, from its preprocessor_config.json."""
+    config_file = Path(source) / "preprocessor_config.json"
+    try:
+        if not config_file.is_file():
+            from huggingface_hub import hf_hub_download
+
+            config_file = Path(hf_hub_download(source, "preprocessor_config.json"))
+        settings = json.loads(config_file.read_text())
+        resize, crop = settings["size"], settings["crop_size"]
+        mean, std = tuple(settings["image_mean"]), tuple(settings["image_std"])
+    except Exception as error:  # guessing another model's preprocessing would skew what it sees
+        raise InputError(
+            f"{setting}: {reference!r} has no readable preprocessor_config.json with size, crop_size, "
+            f"image_mean and image_std ({load_failure_reason(error)})"
+        ) from None
+    return Preprocessing(
+        resize=resize.get("shortest_edge", size) if isinstance(resize, dict) else resize,
+        crop=crop.get("height", size) if isinstance(crop, dict) else crop,
+        mean=mean,
+        std=std,
+    )
+
+
 class ClipEncoder:
     def __init__(self, reference: str, batch_size: int = 32, device: torch.device | None = None) -> None:
         from transformers import CLIPModel, CLIPTokenizer
@@ -92,30 +116,7 @@ class ClipEncoder:
         except (OSError, ValueError) as error:
             raise _load_error("clip_model", reference, error) from None
         self.model.eval().to(self.device)
-        self.preprocessing = self._preprocessing(source)
-
-    def _preprocessing(self, source: str) -> Preprocessing:
-        size = self.model.config.vision_config.image_size
-        config_file = Path(source) / "preprocessor_config.json"
-        try:
-            if not config_file.is_file():
-                from huggingface_hub import hf_hub_download
-
-                config_file = Path(hf_hub_download(source, "preprocessor_config.json"))
-            settings = json.loads(config_file.read_text())
-            resize, crop = settings["size"], settings["crop_size"]
-            mean, std = tuple(settings["image_mean"]), tuple(settings["image_std"])
-        except Exception as error:  # guessing another model's preprocessing would skew CLIP-I and CLIP-T
-            raise InputError(
-                f"evaluation.clip_model: {self.name!r} has no readable preprocessor_config.json with size, crop_size, "
-                f"image_mean and image_std ({load_failure_reason(error)})"
-            ) from None
-        return Preprocessing(
-            resize=resize.get("shortest_edge", size) if isinstance(resize, dict) else resize,
-            crop=crop.get("height", size) if isinstance(crop, dict) else crop,
-            mean=mean,
-            std=std,
-        )
+        self.preprocessing = clip_preprocessing(source, self.model.config.vision_config.image_size, "evaluation.clip_model", reference)
 
     @torch.no_grad()
     def embed(self, images: list[Image.Image]) -> torch.Tensor:

@@ -64,6 +64,7 @@ from dreambooth.tracking import (
     TAG_SUBJECT,
     TAG_SUBJECT_STATUS,
     TAG_SUPERRES_INFERENCE_NOISE_LEVEL,
+    TAG_SAFETY,
     TAG_SUPERRES_NOISE_LEVELS,
     TAG_WATERMARK,
     StageRun,
@@ -344,7 +345,8 @@ def evaluate_task(
 ) -> Optional[EvaluationOutcome]:
     """Score the model by the DreamBench protocol and the learning check (subject and class denoising
     loss, base vs fine-tuned); register it as `candidate` if it passes the gate."""
-    from dreambooth.evaluation.evaluate import champion_decision, evaluate_baseline, evaluate_model, reference_decision
+    from dreambooth.evaluation.evaluate import GateDecision, champion_decision, evaluate_baseline, evaluate_model, reference_decision
+    from dreambooth.evaluation.safety import check_images
     from dreambooth.evaluation.learning import learning_check
     from dreambooth.evaluation.report import render_report
     from dreambooth.pages import image_page
@@ -386,6 +388,12 @@ def evaluate_task(
     if gate.passed and baseline is not None:
         comparison = reference_decision(result.overall, baseline.overall, config.evaluation.gate)
         gate = result.gate = comparison
+    if config.evaluation.safety_checker:  # said on the run either way; a flagged image keeps the model out
+        safety = check_images(config.evaluation.safety_checker, Path(output_dir),
+                               [name for score in result.prompts for name in score.image_files], config.evaluation.encoder_batch_size)
+        run.set_tags({TAG_SAFETY: safety.describe()}, on_parent=True)
+        if gate.passed and not safety.passed:
+            gate = result.gate = comparison = GateDecision(False, [safety.describe()])
     if gate.passed:
         # Logged by the fine-tune stage; a model trained elsewhere is logged here first.
         model_uri = run.parent_tag(TAG_MODEL_URI) or log_pipeline_model(run.tracking_uri, run.run_id, Path(model_dir))

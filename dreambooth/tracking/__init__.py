@@ -57,6 +57,7 @@ from dreambooth.tracking.layout import (  # noqa: F401
     TAG_RESUMED_FROM,
     TAG_REVIEW_NOTE,
     TAG_RUN_NAME,
+    TAG_SAFETY,
     TAG_SELECTED_STEP,
     TAG_SELECTION_REASON,
     TAG_STAGE,

@@ -29,6 +29,7 @@ TAG_CLASS_NOUN = "dreambooth.class_noun"
 TAG_IDENTIFIER = "dreambooth.identifier"
 TAG_FINGERPRINT = "dreambooth.fingerprint"
 TAG_CONSENT = "dreambooth.consent"  # who agreed to the subject's photos being trained on, and when
+TAG_SAFETY = "dreambooth.safety_check"  # evaluation.safety_checker's verdict on the evaluation's images
 TAG_WATERMARK = "dreambooth.watermark"  # the payload marked on every image the subject's model draws
 TAG_SUBJECT_STATUS = "dreambooth.subject_status"  # running, trained or failed
 TAG_ERROR = "dreambooth.error"
