@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -21,6 +22,7 @@ from dreambooth.priors import prior_key
 from dreambooth.subjects import SubjectEntry, subject_config
 
 PLAN_ARTIFACT = "batch_plan.json"  # the plan, on the batch's MLflow run
+PHOTO_LISTINGS = 16  # subjects' photo folders listed at once while planning
 
 
 @dataclass(frozen=True)
@@ -111,10 +113,13 @@ def plan_batch(
     photo_digests(photos uri) -> {name: digest}; trained_run(fingerprint) -> run id or None;
     open_subject_run(config, fingerprint) -> the run id a subject to train logs under.
     """
+    # Listing the photos is I/O (a bucket listing per subject on gs://): done side by side, in bounds.
+    with ThreadPoolExecutor(max_workers=PHOTO_LISTINGS) as pool:
+        digests = list(pool.map(photo_digests, [entry.photos for entry in entries]))
     planned = []
-    for entry in entries:
+    for entry, photos in zip(entries, digests):
         config = subject_config(shared, entry)
-        fingerprint = subject_fingerprint(config, photo_digests(entry.photos))
+        fingerprint = subject_fingerprint(config, photos)
         refused = config.consent_refusal()
         existing = None if force or refused else trained_run(fingerprint)
         planned.append(

@@ -159,3 +159,24 @@ def test_batch_require_consent_refuses_every_subject_without_it(shared):
     assert [s.refused for s in planned] == ["consent: missing (batch.require_consent is set): give the subject `consent: "
                                             "{given_by: ..., given_on: YYYY-MM-DD}`, who agreed to their photos being trained on and when", ""]
     assert [group.subjects for group in group_priors(planned)] == [["rex"]]
+
+
+def test_planning_costs_the_same_few_mlflow_calls_for_every_subject_more(tmp_path, shared):
+    """A subject to train costs its run and its params, nothing that grows with the batch or the experiment
+    (one search per subject, or a listing of the batch's runs per subject, would)."""
+    import math
+
+    from dreambooth.subjects import entries_to_json
+    from dreambooth.tasks.batch import plan_task
+    from dreambooth.tracking.store import counted_client_calls
+
+    photos = copy_photos(SAMPLE_SUBJECT, tmp_path / "dog", ["00.jpg", "01.jpg"])
+    totals = {}
+    for count in (3, 9):
+        tracking = f"sqlite:///{tmp_path / f'mlflow-{count}.db'}"
+        subjects = entries_to_json([SubjectEntry(id=f"dog-{i}", photos=str(photos), class_noun="dog") for i in range(count)])
+        with counted_client_calls() as calls:
+            plan_task(shared.to_json(), tracking, "", subjects, False, f"job-{count}", f"job-{count}", str(tmp_path / f"{count}.json"))
+        totals[count] = sum(calls.values())
+    per_subject = (totals[9] - totals[3]) / 6
+    assert per_subject == 1 + math.ceil(len(shared.flat_params()) / 100)  # create_run, then params 100 per request

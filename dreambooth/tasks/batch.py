@@ -27,12 +27,12 @@ from dreambooth.tracking import (
     TAG_ERROR,
     TAG_JOB_NAME,
     client,
-    find_trained_subject,
     finish_batch_run,
     log_metrics,
     open_batch_run,
-    open_subject_run,
     record_failure,
+    subject_run_opener,
+    trained_subjects,
 )
 
 EXPERIMENT_ARTIFACTS = "experiment"  # an experiment's tables, on its batch run
@@ -99,15 +99,9 @@ def plan_task(
     if forgotten:
         print(f"{len(forgotten)} subject(s) of the file were forgotten (dreambooth forget) and are skipped")
 
-    def trained_run(fingerprint: str):
-        run = find_trained_subject(tracking_uri, shared.tracking.experiment, fingerprint)
-        return run.info.run_id if run else None
-
-    planned = plan_batch(
-        entries, shared, content_digests, trained_run,
-        lambda config, fingerprint: open_subject_run(tracking_uri, batch_run_id, config, fingerprint),
-        force,
-    )
+    # The MLflow look-ups of the whole plan: one paged search and one listing, not one of each per subject.
+    trained = {} if force else trained_subjects(tracking_uri, shared.tracking.experiment)
+    planned = plan_batch(entries, shared, content_digests, trained.get, subject_run_opener(tracking_uri, batch_run_id), force)
     plan = BatchPlan(batch_run_id, planned, group_priors(planned))
     Path(plan_path).parent.mkdir(parents=True, exist_ok=True)
     Path(plan_path).write_text(plan.to_json())

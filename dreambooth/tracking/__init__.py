@@ -79,7 +79,9 @@ from dreambooth.tracking.layout import (  # noqa: F401
     runs_still_open,
     search_all,
     stage_runs,
+    subject_run_opener,
     subject_runs,
+    trained_subjects,
 )
 from dreambooth.tracking.spool import MetricSpool, discard, send_pending
 from dreambooth.tracking.store import (  # noqa: F401 (the package's interface)

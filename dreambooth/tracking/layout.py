@@ -15,7 +15,7 @@ fails when a tag or a search is written anywhere else. Searches page through eve
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from dreambooth.config import RunConfig
 from dreambooth.tracking.store import client, experiment_id
@@ -136,12 +136,26 @@ def subject_runs(tracking_uri: str, batch_run_id: str) -> list:
 
 def open_subject_run(tracking_uri: str, batch_run_id: str, config: RunConfig, fingerprint: str) -> str:
     """Find or create the subject's run under the batch run."""
-    subject = config.subject.name
-    for run in subject_runs(tracking_uri, batch_run_id):
-        if run.data.tags.get(TAG_SUBJECT) == subject:
-            return run.info.run_id
+    return subject_run_opener(tracking_uri, batch_run_id)(config, fingerprint)
+
+
+def subject_run_opener(tracking_uri: str, batch_run_id: str) -> Callable[[RunConfig, str], str]:
+    """open_subject_run for many subjects of one batch: the batch's runs are read once (a retried plan task
+    finds the runs it opened before), so each subject costs its run's creation and params, nothing more."""
     mlflow = client(tracking_uri)
     batch = mlflow.get_run(batch_run_id)
+    opened = {run.data.tags.get(TAG_SUBJECT): run.info.run_id for run in subject_runs(tracking_uri, batch_run_id)}
+
+    def open_run(config: RunConfig, fingerprint: str) -> str:
+        if config.subject.name not in opened:
+            opened[config.subject.name] = _create_subject_run(mlflow, batch, config, fingerprint)
+        return opened[config.subject.name]
+
+    return open_run
+
+
+def _create_subject_run(mlflow, batch, config: RunConfig, fingerprint: str) -> str:
+    subject, batch_run_id = config.subject.name, batch.info.run_id
     tags = {
         **{key: batch.data.tags[key] for key in (TAG_JOB_ID, TAG_JOB_NAME) if key in batch.data.tags},
         TAG_PARENT: batch_run_id,
@@ -158,15 +172,22 @@ def open_subject_run(tracking_uri: str, batch_run_id: str, config: RunConfig, fi
     return run.info.run_id
 
 
+TRAINED_FILTER = f"tags.`{TAG_SUBJECT_STATUS}` = '{TRAINED}' and attributes.status = 'FINISHED'"
+
+
 def find_trained_subject(tracking_uri: str, experiment: str, fingerprint: str):
     """The newest finished subject run with this fingerprint whose training succeeded, or None."""
-    runs = _search(
-        tracking_uri, experiment,
-        f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}' and tags.`{TAG_SUBJECT_STATUS}` = '{TRAINED}' "
-        f"and attributes.status = 'FINISHED'",
-        newest_first=True,
-    )
+    runs = _search(tracking_uri, experiment, f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}' and {TRAINED_FILTER}", newest_first=True)
     return runs[0] if runs else None
+
+
+def trained_subjects(tracking_uri: str, experiment: str) -> dict[str, str]:
+    """{fingerprint: the newest finished subject run whose training succeeded}, for a whole plan in one
+    paged search (one search per subject grows with the catalogue)."""
+    found: dict[str, str] = {}
+    for run in _search(tracking_uri, experiment, TRAINED_FILTER, newest_first=True):
+        found.setdefault(run.data.tags.get(TAG_FINGERPRINT, ""), run.info.run_id)
+    return found
 
 
 def runs_still_open(tracking_uri: str, experiment: str, job_id: str) -> list:

@@ -3,9 +3,11 @@ client, a local store's safe creation, and the experiment."""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 
 def resolve_tracking_uri(configured: Optional[str] = None) -> str:
@@ -96,3 +98,26 @@ def experiment_id(tracking_uri: str, name: str) -> str:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":  # only the race with another process may pass
             raise
         return mlflow.get_experiment_by_name(name).experiment_id
+
+
+@contextlib.contextmanager
+def counted_client_calls() -> Iterator["collections.Counter"]:
+    """Count this process's MlflowClient calls by method while the block runs (each is one request to a
+    tracking server): bench/plan_bench.py reports them per subject."""
+    import collections
+
+    from mlflow.tracking import MlflowClient
+
+    calls: collections.Counter = collections.Counter()
+    originals = {name: member for name, member in vars(MlflowClient).items() if not name.startswith("_") and inspect.isfunction(member)}
+    for name, original in originals.items():
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        setattr(MlflowClient, name, counted)
+    try:
+        yield calls
+    finally:
+        for name, original in originals.items():
+            setattr(MlflowClient, name, original)
