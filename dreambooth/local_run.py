@@ -72,7 +72,11 @@ def _run(
     pipeline_root.mkdir(parents=True, exist_ok=True)
     with local_pipelines(pipeline_root, PIPELINE_NAME) as runs, RunConsole(runs.job_folder, rows, verbose) as console:
         # Locally, no cluster settings: kfp.local ignores them.
-        failed_task = runs.run(build_pipeline(config), run_parameters(config, subjects_uri, subjects_json, force))
+        try:
+            failed_task = runs.run(build_pipeline(config), run_parameters(config, subjects_uri, subjects_json, force))
+        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: no exit handler runs; close what the job opened
+            _close_stopped_job(tracking_uri, config.tracking.experiment, runs.job_folder(), str(stop) or "interrupted")
+            raise
 
     job_dir = runs.job_folder()
     if job_dir is None:
@@ -115,6 +119,18 @@ def _run(
         print(f"error: {len(failed)} of {len(rows)} subjects failed: {named}", file=sys.stderr)
         return 1
     return 0
+
+
+def _close_stopped_job(tracking_uri: str, experiment: str, job_dir: Optional[Path], reason: str) -> None:
+    """The batch run and every run under it still open, closed as KILLED with the reason (a rerun resumes
+    the training from its checkpoint, under runs of its own)."""
+    from dreambooth.process import unwinding
+    from dreambooth.tracking import TAG_JOB_ID, finish_batch_run
+
+    unwinding()
+    batch = find_batch_run(tracking_uri, experiment, job_name=job_dir.name) if job_dir is not None else None
+    if batch is not None:
+        finish_batch_run(tracking_uri, experiment, batch.data.tags[TAG_JOB_ID], "KILLED", f"the local run was {reason}")
 
 
 def _print_experiment_tables(tracking_uri: str, batch_run_id: str) -> None:

@@ -113,6 +113,37 @@ def test_an_evaluate_stopped_by_sigterm_leaves_no_run_running(tiny_model_dir, tm
         assert run.info.status == "FAILED" and "stopped by SIGTERM" in run.data.tags[TAG_ERROR], run.data.tags
 
 
+def test_a_local_run_stopped_by_sigterm_closes_its_runs_as_killed(tmp_path):
+    """A CI job cancelled mid-fine-tune: the signal reaches the whole process group (the command and its
+    kfp.local tasks); the batch run and the subject's run end KILLED with the reason, none stays RUNNING."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = quick_config(tmp_path, superres=False, max_steps=400, checkpoint_every=400)
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "pipeline.py"), "run", "--config", config, "--subject-dir", str(SAMPLE_SUBJECT),
+         "--class-noun", "dog", "--output-dir", str(tmp_path / "out"), "--tracking-uri", store],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while not (tmp_path / "mlflow.db").is_file() or not client(store).search_runs(
+        ["1"], f"tags.`{TAG_STAGE}` = 'fine-tune' and attributes.status = 'RUNNING'"
+    ):
+        assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode == 130, stderr[-4000:]
+    runs = {run.data.tags[TAG_STAGE]: run for run in MlflowClient(store).search_runs(["1"])}
+    assert runs["batch"].info.status == "KILLED" and "the local run was stopped by SIGTERM" in runs["batch"].data.tags[TAG_ERROR]
+    assert runs["subject"].info.status == "KILLED" and "the pipeline ended (KILLED)" in runs["subject"].data.tags[TAG_ERROR]
+    assert not [stage for stage, run in runs.items() if run.info.status == "RUNNING"]
+
+
 def test_evaluate_alone_scores_a_model_trained_elsewhere(tiny_model_dir, tmp_path):
     result = cli("evaluate", "--config", "tiny", "--model", str(tiny_model_dir), "--identifier", "fqs",
                  "--subject-dir", str(SAMPLE_SUBJECT), "--class-noun", "dog", "--output-dir", str(tmp_path / "out"),

@@ -341,6 +341,7 @@ def finish_batch_run(tracking_uri: str, experiment: str, job_id: str, pipeline_s
         return None
     mlflow = client(tracking_uri)
     succeeded = pipeline_state.upper() in ("SUCCEEDED", "SUCCESS")
+    stopped = pipeline_state.upper() == "KILLED"  # a local run stopped by Ctrl-C or SIGTERM
     still_running = runs_still_open(tracking_uri, experiment, job_id)
     for run in still_running:
         if run.info.run_id == batch.info.run_id:
@@ -348,12 +349,12 @@ def finish_batch_run(tracking_uri: str, experiment: str, job_id: str, pipeline_s
         if run.data.tags.get(TAG_STAGE) == STAGE_SUBJECT:
             if run.data.tags.get(TAG_SUBJECT_STATUS) != FAILED:
                 record_failure(tracking_uri, run.info.run_id, "pipeline", f"the pipeline ended ({pipeline_state}) before this subject finished")
-            mlflow.set_terminated(run.info.run_id, "FAILED")
+            mlflow.set_terminated(run.info.run_id, "KILLED" if stopped else "FAILED")
         else:  # its pod was killed or crashed: nothing will close it
             mlflow.set_tag(run.info.run_id, TAG_ERROR, f"the pipeline ended ({pipeline_state}) while this stage ran")
             mlflow.set_terminated(run.info.run_id, "KILLED")
     if reason and not succeeded:
         mlflow.set_tag(batch.info.run_id, TAG_ERROR, reason[:5000])
-    mlflow.set_terminated(batch.info.run_id, "FINISHED" if succeeded else "FAILED")
+    mlflow.set_terminated(batch.info.run_id, "FINISHED" if succeeded else "KILLED" if stopped else "FAILED")
     return batch.info.run_id
 
