@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Optional
 
 from dreambooth.config import RunConfig
@@ -106,37 +106,40 @@ def plan_batch(
     trained_run: Callable[[str], Optional[str]],
     open_subject_run: Callable[[RunConfig, str], str],
     force: bool = False,
+    before_opening: Optional[Callable[[int], None]] = None,
 ) -> list[PlannedSubject]:
     """Fingerprint every subject; those a finished run trained already are up to date unless `force`;
     those whose consent is required and absent are refused (they get a run, to record why).
 
     photo_digests(photos uri) -> {name: digest}; trained_run(fingerprint) -> run id or None;
-    open_subject_run(config, fingerprint) -> the run id a subject to train logs under.
+    open_subject_run(config, fingerprint) -> the run id a subject to train logs under;
+    before_opening(subjects to train) may refuse the batch (raise) before any of their runs is opened.
     """
     # Listing the photos is I/O (a bucket listing per subject on gs://): done side by side, in bounds.
     with ThreadPoolExecutor(max_workers=PHOTO_LISTINGS) as pool:
         digests = list(pool.map(photo_digests, [entry.photos for entry in entries]))
-    planned = []
+    planned, configs = [], []
     for entry, photos in zip(entries, digests):
         config = subject_config(shared, entry)
         fingerprint = subject_fingerprint(config, photos)
         refused = config.consent_refusal()
         existing = None if force or refused else trained_run(fingerprint)
-        planned.append(
-            PlannedSubject(
-                subject_id=entry.id,
-                class_noun=entry.class_noun,
-                photos=entry.photos,
-                config_json=config.to_json(),
-                fingerprint=fingerprint,
-                prior_key=prior_key(config),
-                subject_run_id="" if existing else open_subject_run(config, fingerprint),
-                up_to_date_run_id=existing or "",
-                experiment=entry.experiment,
-                refused=refused,
-            )
-        )
-    return planned
+        planned.append(PlannedSubject(
+            subject_id=entry.id,
+            class_noun=entry.class_noun,
+            photos=entry.photos,
+            config_json=config.to_json(),
+            fingerprint=fingerprint,
+            prior_key=prior_key(config),
+            up_to_date_run_id=existing or "",
+            experiment=entry.experiment,
+            refused=refused,
+        ))
+        configs.append(config)
+    if before_opening:
+        before_opening(sum(1 for subject in planned if not subject.up_to_date and not subject.refused))
+    return [subject if subject.up_to_date else replace(subject, subject_run_id=open_subject_run(config, subject.fingerprint))
+            for subject, config in zip(planned, configs)]
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Optional
 
 from dreambooth.errors import InputError
 from dreambooth.summary import steps_cell
+from dreambooth.tracking.cost import ACCELERATOR_SECONDS, ESTIMATED
 from dreambooth.tracking import (
     STAGE_COMPARE,
     STAGE_SUBJECT,
@@ -48,6 +49,7 @@ RUN_COLOUR = "#d62728"  # every run's marker; nothing else in the plots uses it
 REFERENCE_COLOUR = "#7f7f7f"
 TABLE_MD, TABLE_CSV = "comparison.md", "comparison.csv"
 SCATTER_PNG, PER_SUBJECT_PNG, SHEET_PNG = "dino_vs_clip_t.png", "metrics_per_subject.png", "sample_sheet.png"
+COST_PNG = "dino_vs_cost.png"
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ class ComparedRun:
     training_seconds: Optional[float]
     protocol: str  # JSON of the evaluation protocol
     sample_prompts: list[str]
+    accelerator_seconds: Optional[float] = None  # what its stages took (tracking.cost)
+    cost: Optional[float] = None  # their estimated cost, from cost.prices
 
     @property
     def label(self) -> str:
@@ -85,6 +89,8 @@ def _compared(run) -> ComparedRun:
         training_seconds=metrics.get("train_seconds"),
         protocol=tags.get(TAG_EVAL_PROTOCOL, ""),
         sample_prompts=json.loads(params.get("samples.prompts", "[]")),
+        accelerator_seconds=metrics.get(ACCELERATOR_SECONDS),
+        cost=metrics.get(ESTIMATED),
     )
 
 
@@ -135,14 +141,16 @@ def _number(value) -> str:
 
 
 def write_table(runs: list[ComparedRun], protocol_ids: dict[str, str], output_dir: Path) -> tuple[Path, Path]:
-    header = ["run", "subject", "class", "batch", *[title for _, title in METRICS], "steps", "learning rate", "method", "training s", "protocol"]
+    header = ["run", "subject", "class", "batch", *[title for _, title in METRICS], "steps", "learning rate", "method", "training s",
+              "accelerator s", "cost", "protocol"]
     rows = [
         [run.run_id, run.subject, run.class_noun, run.batch, *[_number(run.metrics.get(name)) for name, _ in METRICS],
          run.steps, run.learning_rate, run.method, "" if run.training_seconds is None else f"{run.training_seconds:.0f}",
+         "" if run.accelerator_seconds is None else f"{run.accelerator_seconds:.0f}", "" if run.cost is None else f"{run.cost:.2f}",
          protocol_ids[run.protocol]]
         for run in runs
     ]
-    references = [["", label, "", "", *[_number(values.get(name)) for name, _ in METRICS], "", "", "", "", "reference"]
+    references = [["", label, "", "", *[_number(values.get(name)) for name, _ in METRICS], "", "", "", "", "", "", "reference"]
                   for label, values in REFERENCE_ROWS]
     with open(output_dir / TABLE_CSV, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -158,8 +166,8 @@ def write_table(runs: list[ComparedRun], protocol_ids: dict[str, str], output_di
     return output_dir / TABLE_MD, output_dir / TABLE_CSV
 
 
-def plot_scatter(runs: list[ComparedRun], path: Path) -> Path:
-    """DINO (subject fidelity) against CLIP-T (prompt fidelity): up and right is better."""
+def _dino_scatter(runs: list[ComparedRun], x_of, xlabel: str, title: str, path: Path, reference: Optional[tuple] = None) -> Path:
+    """DINO (subject fidelity) against x_of(run), one labelled point per run; `reference`: (x, dino, label)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,19 +175,35 @@ def plot_scatter(runs: list[ComparedRun], path: Path) -> Path:
 
     figure, axes = plt.subplots(figsize=(7, 5), dpi=100)
     for run in runs:
-        axes.scatter(run.metrics["clip_t"], run.metrics["dino"], s=90, color=RUN_COLOUR, zorder=3)
-        axes.annotate(run.label, (run.metrics["clip_t"], run.metrics["dino"]), textcoords="offset points", xytext=(7, 5), fontsize=8)
-    paper = REFERENCE_ROWS[0][1]
-    axes.scatter(paper["clip_t"], paper["dino"], marker="*", s=140, color=REFERENCE_COLOUR, zorder=2)
-    axes.annotate("paper (SD)", (paper["clip_t"], paper["dino"]), textcoords="offset points", xytext=(7, -10), fontsize=8)
-    axes.set_xlabel("CLIP-T (prompt fidelity)")
+        axes.scatter(x_of(run), run.metrics["dino"], s=90, color=RUN_COLOUR, zorder=3)
+        axes.annotate(run.label, (x_of(run), run.metrics["dino"]), textcoords="offset points", xytext=(7, 5), fontsize=8)
+    if reference:
+        axes.scatter(reference[0], reference[1], marker="*", s=140, color=REFERENCE_COLOUR, zorder=2)
+        axes.annotate(reference[2], reference[:2], textcoords="offset points", xytext=(7, -10), fontsize=8)
+    axes.set_xlabel(xlabel)
     axes.set_ylabel("DINO (subject fidelity)")
-    axes.set_title("DINO against CLIP-T, one point per run")
+    axes.set_title(title)
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
     return path
+
+
+def plot_scatter(runs: list[ComparedRun], path: Path) -> Path:
+    """DINO (subject fidelity) against CLIP-T (prompt fidelity): up and right is better."""
+    paper = REFERENCE_ROWS[0][1]
+    return _dino_scatter(runs, lambda run: run.metrics["clip_t"], "CLIP-T (prompt fidelity)", "DINO against CLIP-T, one point per run",
+                         path, (paper["clip_t"], paper["dino"], "paper (SD)"))
+
+
+def plot_quality_against_cost(runs: list[ComparedRun], path: Path) -> Path:
+    """DINO against what the run cost (its estimate where every run has one, else its accelerator-seconds):
+    up and left is better."""
+    priced = all(run.cost is not None for run in runs)
+    return _dino_scatter(runs, lambda run: run.cost if priced else (run.accelerator_seconds or 0.0),
+                         "estimated cost (cost.prices)" if priced else "accelerator-seconds",
+                         "Subject fidelity against cost, one point per run", path)
 
 
 def plot_per_subject(runs: list[ComparedRun], path: Path) -> Path:
@@ -291,16 +315,19 @@ def compare_runs(tracking_uri: str, output_dir: Path, batch_run: Optional[str] =
     table_md, table_csv = write_table(runs, protocol_ids, output_dir)
     scatter = plot_scatter(runs, output_dir / SCATTER_PNG)
     per_subject = plot_per_subject(runs, output_dir / PER_SUBJECT_PNG)
+    costed = plot_quality_against_cost(runs, output_dir / COST_PNG) if all(run.accelerator_seconds is not None for run in runs) else None
     sheet, tiles = sample_sheet(tracking_uri, runs, output_dir / SHEET_PNG)
     experiment_files = _experiment_tables(tracking_uri, batch_run, output_dir) if batch_run else []
-    comparison_run = _log_comparison(tracking_uri, runs, [table_md, table_csv, scatter, per_subject, sheet, *experiment_files], batch_run)
+    plots = [scatter, per_subject, *([costed] if costed else [])]
+    comparison_run = _log_comparison(tracking_uri, runs, [table_md, table_csv, *plots, sheet, *experiment_files], batch_run)
     print(table_md.read_text())
     if experiment_files:
         print(experiment_files[0].read_text())
         print(f"{'experiment:':<14}{experiment_files[0].parent} (the paper's tables as Markdown, CSV and PNG)")
     if differences:
         print(f"warning: compared across {len(protocol_ids)} evaluation protocols (--force); rows are marked A, B, ...")
-    for label, path in (("table", table_md), ("csv", table_csv), ("scatter", scatter), ("per subject", per_subject), ("sample sheet", sheet)):
+    shown = (("table", table_md), ("csv", table_csv), ("scatter", scatter), ("per subject", per_subject), ("vs cost", costed), ("sample sheet", sheet))
+    for label, path in [(label, path) for label, path in shown if path]:
         print(f"{label + ':':<14}{path}")
     print(f"{'mlflow run:':<14}{comparison_run} ({len(runs)} runs, {tiles} sample tiles)")
     return 0

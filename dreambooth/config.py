@@ -665,6 +665,21 @@ class BatchSettings(Section):
     # true: every subject must give `consent` (who agreed to its photos being trained on, and when), not only
     # subjects of kind person; one without it is refused and the others train.
     require_consent: bool = False
+    # Refuse, before any task after the plan starts, a batch whose estimated cost (subjects to train x
+    # the mean cost of the last trained subjects, in cost.currency) exceeds this; None: no limit.
+    budget: Optional[float] = Field(default=None, gt=0)
+
+
+class CostSettings(Section):
+    """What stages cost: each stage run records its accelerator-seconds and node type, and an estimate
+    from this price table; a subject's run and the batch's sum them (dreambooth.tracking.cost)."""
+
+    # Price per accelerator-hour by node type: the GPU's name as torch reports it, in lower case with
+    # dashes (nvidia-l4, nvidia-a100-sxm4-80gb), or cpu for a stage on a machine without a GPU. A node
+    # type not listed records its seconds but no estimate.
+    prices: dict[str, float] = {}
+    # The unit of prices, estimates and batch.budget.
+    currency: str = "USD"
 
 
 class StorageSettings(Section):
@@ -705,6 +720,7 @@ class RunConfig(Section):
     tracking: TrackingSettings = TrackingSettings()
     storage: StorageSettings = StorageSettings()
     batch: BatchSettings = BatchSettings()
+    cost: CostSettings = CostSettings()
     cluster: Optional[ClusterSettings] = None
 
     @model_validator(mode="before")
@@ -791,7 +807,7 @@ class RunConfig(Section):
     def result_settings(self) -> dict:
         """The settings that shape a subject's results: everything but where and how the run executes."""
         # Consent is a record about the photos, not a setting: adding it retrains nothing.
-        return self.model_dump(exclude={"name": True, "tracking": True, "storage": True, "batch": True, "cluster": True,
+        return self.model_dump(exclude={"name": True, "tracking": True, "storage": True, "batch": True, "cluster": True, "cost": True,
                                         "subject": {"consent"}})
 
     def consent_refusal(self) -> str:

@@ -17,7 +17,7 @@ CONSENT_COLUMNS = ("consent_given_by", "consent_given_on", "consent_record")  # 
 CSV_COLUMNS = ("id", "photos", "class_noun", "identifier", "live", *CONSENT_COLUMNS)
 # Settings that belong to the whole batch (where it runs, where it writes, which branches the DAG
 # takes), not to one subject.
-BATCH_WIDE_SECTIONS = ("tracking", "storage", "batch", "cluster")
+BATCH_WIDE_SECTIONS = ("tracking", "storage", "batch", "cost", "cluster")
 BATCH_WIDE_SETTINGS = (("superres", "enabled"),)
 # Set through the entry's own fields instead.
 IDENTITY_SETTINGS = {("subject", "name"): "id", ("subject", "class_noun"): "class_noun",

@@ -15,6 +15,7 @@ from typing import Optional
 
 from dreambooth.batch import BatchPlan
 from dreambooth.pages import inline_image, page, thumbnail_jpeg
+from dreambooth.tracking.cost import ACCELERATOR_SECONDS, ESTIMATED
 from dreambooth.tracking import (
     FAILED,
     TAG_CLASS_NOUN,
@@ -41,6 +42,7 @@ METRICS = {
     # The learning check: relative change of the denoising loss, fine-tuned vs base (negative: lower).
     "subject_loss_change": "learn/subject_loss_change", "class_loss_change": "learn/class_loss_change",
 }
+NUMBERS = ("steps", "selected_step", "training_seconds", "accelerator_seconds", "cost")  # numeric columns besides METRICS
 GRID_ARTIFACT = "samples-grid.png"
 THUMBNAIL_WIDTH = 640
 
@@ -66,6 +68,8 @@ class SubjectRow:
     registered_version: str
     mlflow_run: str
     model: str  # the fine-tuned folder (path or gs://)
+    accelerator_seconds: Optional[float] = None  # what its stages took, summed (tracking.cost)
+    cost: Optional[float] = None  # their estimated cost, from cost.prices
 
 
 def row_from_run(run, status: str) -> SubjectRow:
@@ -90,6 +94,8 @@ def row_from_run(run, status: str) -> SubjectRow:
         registered_version=tags.get(TAG_REGISTERED_VERSION, ""),
         mlflow_run=run.info.run_id,
         model=tags.get(TAG_MODEL_LOCATION, ""),
+        accelerator_seconds=metrics.get(ACCELERATOR_SECONDS),
+        cost=metrics.get(ESTIMATED),
     )
 
 
@@ -118,7 +124,7 @@ def as_table(rows: list[SubjectRow]) -> dict[str, list]:
     columns: dict[str, list] = {name: [] for name in asdict(rows[0])} if rows else {}
     for row in rows:
         for name, value in asdict(row).items():
-            columns[name].append(float("nan") if value is None and name in (*METRICS, "steps", "selected_step", "training_seconds") else value)
+            columns[name].append(float("nan") if value is None and name in (*METRICS, *NUMBERS) else value)
     return columns
 
 
@@ -152,12 +158,13 @@ def _percent(change: Optional[float]) -> str:
 def as_markdown(rows: list[SubjectRow], title: str) -> str:
     lines = [
         f"# {title}", "", headline(rows), "",
-        "| subject | class | status | steps | training s | DINO | CLIP-I | CLIP-T | PRES | DIV | subject loss | class loss | registered | reason |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| subject | class | status | steps | training s | accelerator s | cost | DINO | CLIP-I | CLIP-T | PRES | DIV | subject loss | class loss | registered | reason |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row.subject} | {row.class_noun} | **{row.status}** | {steps_cell(row.steps, row.selected_step)} | {_number(row.training_seconds, 0)} | "
+            f"{_number(row.accelerator_seconds, 0)} | {_number(row.cost, 2)} | "
             f"{_number(row.dino)} | {_number(row.clip_i)} | {_number(row.clip_t)} | {_number(row.pres)} | {_number(row.div)} | "
             f"{_percent(row.subject_loss_change)} | {_percent(row.class_loss_change)} | "
             f"{row.registered_version and 'v' + row.registered_version} | {row.reason.replace('|', '/')} |"

@@ -86,6 +86,9 @@ def check_tracked_subject(client, subject_run_id: str, stages=tuple(SUBJECT_STAG
         assert {"model.base", "training.learning_rate", "training.prior_loss_weight", "priors.num_class_images", "model.resolution"} <= set(run.data.params)
         assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [photos[0].dataset.digest], run.data.tags[TAG_STAGE]
         assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics), run.data.tags[TAG_STAGE]
+        assert run.data.metrics["cost/accelerator_seconds"] > 0 and run.data.tags["dreambooth.node_type"] == "cpu"
+    # What the stages took, summed on the subject's run when the summary closed it
+    assert abs(subject.data.metrics["cost/accelerator_seconds"] - sum(run.data.metrics["cost/accelerator_seconds"] for run in children)) < 1e-6
     return subject
 
 

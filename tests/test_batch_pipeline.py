@@ -154,6 +154,9 @@ def test_a_batch_generates_class_priors_once_per_class_and_tracks_each_subject(b
     rows = _summary(client, batch)
     assert [row["subject"] for row in rows] == list(SUBJECTS)  # the subjects file's order
     assert {row["status"] for row in rows} == {"trained"} and all(row["steps"] == 8 for row in rows)
+    # What it took: each subject's stages summed, and on the batch its subjects' and its class priors'
+    assert all(row["accelerator_seconds"] > 0 for row in rows)
+    assert batch.data.metrics["cost/accelerator_seconds"] > sum(row["accelerator_seconds"] for row in rows)
     assert batch.info.status == "FINISHED"
 
     # KFP: the summary as Markdown, and as HTML with every subject's sample grid inline.
@@ -305,10 +308,11 @@ def test_compare_over_the_batch_renders_a_table_plots_and_an_image_sheet(batch_r
     table = (out / "comparison.csv").read_text().splitlines()
     assert len(table) == 1 + 3 + 2  # header, three runs, the paper's two reference rows
     assert "paper: DreamBooth (Stable Diffusion)" in (out / "comparison.md").read_text()
-    for png in ("dino_vs_clip_t.png", "metrics_per_subject.png", "sample_sheet.png"):
+    for png in ("dino_vs_clip_t.png", "metrics_per_subject.png", "dino_vs_cost.png", "sample_sheet.png"):
         assert np.asarray(Image.open(out / png).convert("L")).std() > 5  # not blank
     assert _marker_blobs(out / "dino_vs_clip_t.png", RUN_COLOUR) == 3
     assert _marker_blobs(out / "metrics_per_subject.png", RUN_COLOUR) == 3 * 5
+    assert _marker_blobs(out / "dino_vs_cost.png", RUN_COLOUR) == 3  # quality against accelerator-seconds (no prices set)
     # The sheet: a row per run, a tile per sample prompt, each tile the fine-tuned sample (not a placeholder).
     sheet = np.asarray(Image.open(out / "sample_sheet.png").convert("RGB"), dtype=np.float32)
     row_height = MIN_GRID_CELL + 2 * GRID_LABEL_HEIGHT

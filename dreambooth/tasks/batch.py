@@ -22,10 +22,12 @@ from dreambooth.stages import BATCH, CLASS_PRIORS, FINISH_TRACKING, NOTIFY, PLAN
 from dreambooth.storage import content_digests, read_text
 from dreambooth.subjects import entries_from_json, parse_subjects
 from dreambooth.summary import collect_rows, counts, headline, log_summary
+from dreambooth.tracking.cost import budget_refusal, summed
 from dreambooth.tracking import (
     FAILED,
     TAG_ERROR,
     TAG_JOB_NAME,
+    child_runs,
     client,
     finish_batch_run,
     log_metrics,
@@ -100,8 +102,17 @@ def plan_task(
         print(f"{len(forgotten)} subject(s) of the file were forgotten (dreambooth forget) and are skipped")
 
     # The MLflow look-ups of the whole plan: one paged search and one listing, not one of each per subject.
-    trained = {} if force else trained_subjects(tracking_uri, shared.tracking.experiment)
-    planned = plan_batch(entries, shared, content_digests, trained.get, subject_run_opener(tracking_uri, batch_run_id), force)
+    trained = trained_subjects(tracking_uri, shared.tracking.experiment)
+
+    def within_budget(to_train: int) -> None:  # before any subject run opens, and any task after this one
+        refusal = budget_refusal(shared.batch.budget, to_train, list(trained.values()), shared.cost.currency)
+        if refusal:
+            mlflow.set_tag(batch_run_id, TAG_ERROR, refusal)
+            print(f"error: {refusal}", file=sys.stderr)
+            raise SystemExit(2)
+
+    planned = plan_batch(entries, shared, content_digests, lambda fingerprint: trained[fingerprint].info.run_id if fingerprint in trained else None,
+                         subject_run_opener(tracking_uri, batch_run_id), force, within_budget)
     plan = BatchPlan(batch_run_id, planned, group_priors(planned))
     Path(plan_path).parent.mkdir(parents=True, exist_ok=True)
     Path(plan_path).write_text(plan.to_json())
@@ -154,7 +165,9 @@ def summary_task(tracking_uri: str, plan_path: str, job_name: str, subject_statu
     plan = _plan(plan_path)
     rows, markdown, page = log_summary(tracking_uri, plan, job_name, close_runs=True)
     tally = counts(rows)
-    log_metrics(client(tracking_uri), plan.batch_run_id, {f"subjects_{status.replace(' ', '_')}": n for status, n in tally.items()})
+    mlflow = client(tracking_uri)
+    spent = summed(child_runs(tracking_uri, mlflow.get_run(plan.batch_run_id)))  # its subjects' (closed above) and class priors'
+    log_metrics(mlflow, plan.batch_run_id, {**{f"subjects_{status.replace(' ', '_')}": n for status, n in tally.items()}, **spent})
     for path, text in ((markdown_path, markdown), (html_path, page)):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)

@@ -128,6 +128,7 @@ def _run_settings(config: RunConfig) -> dict:
     return {
         "spool_dir": Path(config.storage.work_dir) / SPOOL_FOLDER, "wait_seconds": config.tracking.wait_seconds,
         "params": headline_params(config), "system_metrics_seconds": config.tracking.system_metrics_seconds,
+        "prices": config.cost.prices,
     }
 
 

@@ -46,6 +46,7 @@ from dreambooth.tracking.layout import (  # noqa: F401
     TAG_JOB_NAME,
     TAG_MODEL_LOCATION,
     TAG_MODEL_URI,
+    TAG_NODE_TYPE,
     TAG_PARENT,
     TAG_PHOTOS,
     TAG_PICKLE_ALLOWED,
@@ -69,6 +70,7 @@ from dreambooth.tracking.layout import (  # noqa: F401
     TAG_WATERMARK,
     TRAINED,
     batch_run_name,
+    child_runs,
     compare_run_name,
     earlier_attempt,
     find_batch_run,
@@ -116,8 +118,12 @@ def record_failure(tracking_uri: str, run_id: str, stage: str, message: str) -> 
 
 
 def close_subject_run(tracking_uri: str, run) -> str:
-    """FINISHED with status `trained` unless a stage failed; returns the subject's status."""
+    """FINISHED with status `trained` unless a stage failed, with what its stages cost summed; returns the
+    subject's status."""
+    from dreambooth.tracking.cost import summed
+
     mlflow = client(tracking_uri)
+    log_metrics(mlflow, run.info.run_id, summed(child_runs(tracking_uri, run)))
     status = run.data.tags.get(TAG_SUBJECT_STATUS)
     if status != FAILED and TAG_MODEL_LOCATION not in run.data.tags:
         record_failure(tracking_uri, run.info.run_id, FINE_TUNE.name, "the pipeline ended before the model was saved")
@@ -250,12 +256,14 @@ class StageRun:
 def stage_run(
     tracking_uri: str, parent_run_id: str, stage: Stage, tags: Optional[dict] = None,
     spool_dir: Optional[Path] = None, wait_seconds: float = DEFAULT_WAIT_SECONDS,
-    params: Optional[dict[str, str]] = None, system_metrics_seconds: float = 0.0,
+    params: Optional[dict[str, str]] = None, system_metrics_seconds: float = 0.0, prices: Optional[dict[str, float]] = None,
 ) -> Iterator[StageRun]:
     """Open a stage's run under its subject (or batch) run, or reopen the one an earlier attempt of
     the task left, so a retry continues its curves. A failure is recorded on both runs and re-raised;
     a preempted stage is closed KILLED and its subject left to the retry. The run gets `params`,
-    the subject's photos as its input dataset, and system metrics while it runs."""
+    the subject's photos as its input dataset, system metrics while it runs, and what it cost (its
+    accelerator-seconds, node type and, from `prices`, an estimate; a retry adds to the earlier attempt's)."""
+    from dreambooth.tracking.cost import stage_cost
     from dreambooth.tracking.system import system_metrics
 
     mlflow = client(tracking_uri)
@@ -276,6 +284,13 @@ def stage_run(
     progress = StageProgress(scope, stage.name)
     progress.state(STAGE_RUNNING)
     run = StageRun(mlflow, run_id, parent_run_id, tracking_uri, spool_dir or default_spool_dir(), wait_seconds, progress)
+    started = time.monotonic()
+
+    def record_cost() -> None:
+        node, metrics = stage_cost(time.monotonic() - started, prices or {}, earlier.data.metrics if earlier else None)
+        run.log_metrics(metrics)
+        run.set_tags({TAG_NODE_TYPE: node})
+
     try:
         with system_metrics(tracking_uri, run_id, system_metrics_seconds, resume=earlier is not None):
             yield run
@@ -292,6 +307,7 @@ def stage_run(
             log.warning("%s", unsent)
             raise error from None
         run.set_tags({TAG_ERROR: message})
+        record_cost()  # the time was spent all the same
         if isinstance(error, Preempted):
             mlflow.set_terminated(run.run_id, "KILLED")  # the retry reopens this run and resumes the checkpoint
         else:
@@ -299,6 +315,7 @@ def stage_run(
             if parent.data.tags.get(TAG_STAGE) == STAGE_SUBJECT:
                 record_failure(tracking_uri, parent_run_id, stage.name, message)
         raise
+    record_cost()
     mlflow.set_terminated(run.run_id, "FINISHED")
     progress.state(DONE)
 

@@ -30,6 +30,7 @@ TAG_IDENTIFIER = "dreambooth.identifier"
 TAG_FINGERPRINT = "dreambooth.fingerprint"
 TAG_CONSENT = "dreambooth.consent"  # who agreed to the subject's photos being trained on, and when
 TAG_SAFETY = "dreambooth.safety_check"  # evaluation.safety_checker's verdict on the evaluation's images
+TAG_NODE_TYPE = "dreambooth.node_type"  # where a stage ran: a GPU's name (nvidia-l4) or cpu (its cost: tracking.cost)
 TAG_WATERMARK = "dreambooth.watermark"  # the payload marked on every image the subject's model draws
 TAG_SUBJECT_STATUS = "dreambooth.subject_status"  # running, trained or failed
 TAG_ERROR = "dreambooth.error"
@@ -181,12 +182,12 @@ def find_trained_subject(tracking_uri: str, experiment: str, fingerprint: str):
     return runs[0] if runs else None
 
 
-def trained_subjects(tracking_uri: str, experiment: str) -> dict[str, str]:
-    """{fingerprint: the newest finished subject run whose training succeeded}, for a whole plan in one
-    paged search (one search per subject grows with the catalogue)."""
-    found: dict[str, str] = {}
+def trained_subjects(tracking_uri: str, experiment: str) -> dict:
+    """{fingerprint: the newest finished subject run whose training succeeded}, newest first, for a whole
+    plan in one paged search (one search per subject grows with the catalogue)."""
+    found: dict = {}
     for run in _search(tracking_uri, experiment, TRAINED_FILTER, newest_first=True):
-        found.setdefault(run.data.tags.get(TAG_FINGERPRINT, ""), run.info.run_id)
+        found.setdefault(run.data.tags.get(TAG_FINGERPRINT, ""), run)
     return found
 
 
@@ -198,6 +199,11 @@ def runs_still_open(tracking_uri: str, experiment: str, job_id: str) -> list:
 def stage_runs(tracking_uri: str, experiment: str, stage: str) -> list:
     """Every run of one stage (`subject`, `class-priors` ...) in the experiment."""
     return _search(tracking_uri, experiment, f"tags.`{TAG_STAGE}` = '{stage}'")
+
+
+def child_runs(tracking_uri: str, parent) -> list:
+    """Every run directly under `parent` (a subject's stage runs; a batch's subject and class-priors runs)."""
+    return search_all(client(tracking_uri), [parent.info.experiment_id], f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'")
 
 
 def runs_of_subject(tracking_uri: str, experiment_id: str, subject: str) -> list:
