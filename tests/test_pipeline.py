@@ -113,6 +113,7 @@ def test_an_evaluate_stopped_by_sigterm_leaves_no_run_running(tiny_model_dir, tm
         assert run.info.status == "FAILED" and "stopped by SIGTERM" in run.data.tags[TAG_ERROR], run.data.tags
 
 
+@pytest.mark.slow(seconds=40)
 def test_a_local_run_stopped_by_sigterm_closes_its_runs_as_killed(tmp_path):
     """A CI job cancelled mid-fine-tune: the signal reaches the whole process group (the command and its
     kfp.local tasks); the batch run and the subject's run end KILLED with the reason, none stays RUNNING."""
