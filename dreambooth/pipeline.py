@@ -25,7 +25,7 @@ from dreambooth.components.fine_tune import fine_tune
 from dreambooth.components.finish_tracking import finish_tracking
 from dreambooth.components.ingest import ingest
 from dreambooth.components.plan_batch import plan_batch
-from dreambooth.components.platform import apply_cluster_settings
+from dreambooth.components.platform import apply_cluster_settings, apply_retry_policy
 from dreambooth.components.prior_groups import prior_groups
 from dreambooth.components.samples import samples
 from dreambooth.components.summarize import summarize
@@ -45,11 +45,13 @@ def build_pipeline(config: RunConfig, on_cluster: bool = False):
 
     def stage(task):
         """Every task is a stage of the table (dreambooth.stages): never cached (each reads or writes
-        MLflow); on a cluster, its stage's Kubernetes settings."""
+        MLflow); on a cluster, its stage's Kubernetes settings; locally, its retries."""
         name = BY_NAME[task.component_spec.name].name
         task.set_caching_options(False)
         if on_cluster:
             apply_cluster_settings(task, name, config.cluster)
+        elif config.cluster:  # a local run of a cluster config retries as the cluster would
+            apply_retry_policy(task, name, config.cluster)
         return task
 
     pipeline_root = config.cluster.pipeline_root if on_cluster and config.cluster else None

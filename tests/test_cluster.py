@@ -88,6 +88,18 @@ def test_gpu_stages_retry_for_longer_than_they_run(compiled):
     assert window > 3 * 10800  # three attempts of a 3-hour fine-tune fit; KFP's default 3600 s would not
 
 
+def test_a_local_run_of_a_cluster_config_keeps_its_retries_and_nothing_else_of_the_cluster(tmp_path):
+    """kfp.local honours set_retry: a stage that fails on a tracking outage is retried locally as on the cluster."""
+    from dreambooth.cluster import compile_pipeline
+
+    documents = list(yaml.safe_load_all(compile_pipeline(load_config("gke-sd15"), tmp_path / "local.yaml").read_text()))
+    assert len(documents) == 1  # no platform spec: no image, GPUs, node pools or secrets locally
+    _, finetune = dag_tasks(documents[0])["fine-tune"]
+    assert finetune["retryPolicy"]["maxRetryCount"] == 2
+    _, plan = dag_tasks(yaml.safe_load(compile_pipeline(load_config("tiny"), tmp_path / "tiny.yaml").read_text()))["plan-batch"]
+    assert "retryPolicy" not in plan  # a config without a cluster section retries nothing
+
+
 def test_a_tag_without_a_digest_is_refused(tmp_path):
     config = tmp_path / "cluster.yaml"
     config.write_text("extends: sd15\ncluster:\n  image: registry.example/dreambooth-kfp:latest\n")

@@ -29,6 +29,12 @@ def apply_cluster_settings(task, stage: str, cluster: ClusterSettings):
         kubernetes.use_secret_as_env(task, secret_name=secret.name, secret_key_to_env={secret.key: secret.env})
     kubernetes.set_security_context(task, run_as_user=cluster.run_as_user, run_as_non_root=True)
     kubernetes.set_timeout(task, resources.timeout_seconds)
+    return apply_retry_policy(task, stage, cluster)
+
+
+def apply_retry_policy(task, stage: str, cluster: ClusterSettings):
+    """The stage's KFP retries; a local run (kfp.local honours them) gets them too, and nothing else of the cluster."""
+    resources = cluster.resources(stage)
     if resources.retries:
         # KFP's default retry window is 3600 s from the first attempt: a longer stage would never be retried.
         window = (resources.retries + 1) * (resources.timeout_seconds + resources.retry_backoff_seconds)
