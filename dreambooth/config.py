@@ -637,6 +637,18 @@ class ClusterSettings(Section):
     service_account: Optional[str] = None  # the Workload Identity KSA runs are submitted with
     # By stage name (dreambooth.stages: plan-batch, class-priors, fine-tune, super-resolution ...).
     stages: dict[str, StageResources] = {}
+    # The GPUs this pipeline may hold at once (the node pool's, or the namespace's quota): the loops then
+    # run as many class-prior groups and subjects side by side as fit at their peak GPU use, instead of
+    # batch.parallelism. None: batch.parallelism.
+    gpu_quota: Optional[int] = Field(default=None, ge=1)
+
+    def loop_parallelism(self, superres: bool) -> tuple[int, int]:
+        """(class-prior groups, subjects) at once within gpu_quota. A subject's peak: its fine-tune, or
+        samples, evaluate and the upscaler's stage (super-resolution, then evaluate-upscaled) side by side."""
+        gpus = {stage: self.resources(stage).gpus for stage in COMPONENT_STAGES}
+        upscaling = max(gpus["super-resolution"], gpus["evaluate-upscaled"]) if superres else 0
+        subject_peak = max(gpus["ingest"], gpus["fine-tune"], gpus["samples"] + gpus["evaluate"] + upscaling, 1)
+        return max(1, self.gpu_quota // max(gpus["class-priors"], 1)), max(1, self.gpu_quota // subject_peak)
 
     @field_validator("stages")
     @classmethod

@@ -41,7 +41,9 @@ OK = "ok"
 
 def build_pipeline(config: RunConfig, on_cluster: bool = False):
     """The DAG; on_cluster adds every task's Kubernetes settings (image, GPUs, secrets...) from config.cluster."""
-    parallelism = config.batch.parallelism
+    priors_at_once = subjects_at_once = config.batch.parallelism
+    if on_cluster and config.cluster.gpu_quota:
+        priors_at_once, subjects_at_once = config.cluster.loop_parallelism(config.superres.enabled)
 
     def stage(task):
         """Every task is a stage of the table (dreambooth.stages): never cached (each reads or writes
@@ -89,7 +91,7 @@ def build_pipeline(config: RunConfig, on_cluster: bool = False):
             # for nothing: when every subject is up to date, only the summary runs.
             with dsl.If(plan.outputs["Output"] > 0, name="subjects-to-train"):
                 groups = stage(prior_groups(batch_plan=batch_plan))
-                with dsl.ParallelFor(groups.output, name="class-prior-groups", parallelism=parallelism) as group:
+                with dsl.ParallelFor(groups.output, name="class-prior-groups", parallelism=priors_at_once) as group:
                     priors = stage(class_priors(
                         config_json=group.config_json, tracking_uri=tracking_uri,
                         batch_run_id=group.batch_run_id, prior_key=group.prior_key,
@@ -97,7 +99,7 @@ def build_pipeline(config: RunConfig, on_cluster: bool = False):
                 ready = stage(assign_priors(
                     tracking_uri=tracking_uri, batch_plan=batch_plan, prior_outcomes=dsl.Collected(priors.outputs["Output"])
                 ))
-                with dsl.ParallelFor(ready.output, name="subjects", parallelism=parallelism) as subject:
+                with dsl.ParallelFor(ready.output, name="subjects", parallelism=subjects_at_once) as subject:
                     ingested = _subject_stages(subject, tracking_uri, superres_enabled, stage)
                 summary = stage(summarize(
                     tracking_uri=tracking_uri, job_name=JOB_NAME, batch_plan=batch_plan,

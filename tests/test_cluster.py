@@ -100,6 +100,22 @@ def test_a_local_run_of_a_cluster_config_keeps_its_retries_and_nothing_else_of_t
     assert "retryPolicy" not in plan  # a config without a cluster section retries nothing
 
 
+def test_the_loops_run_as_many_at_once_as_the_gpu_quota_holds(tmp_path):
+    """8 GPUs: eight class-prior groups (one GPU each); two subjects, each peaking at three (samples, evaluate
+    and super-resolution side by side); without a quota, batch.parallelism."""
+    from dreambooth.cluster import compile_pipeline
+
+    def limits(config) -> dict[str, int]:
+        spec = next(yaml.safe_load_all(compile_pipeline(config, tmp_path / "c.yaml", on_cluster=True).read_text()))
+        return {task["parameterIterator"]["items"]["inputParameter"].split("--")[1]: task["iteratorPolicy"]["parallelismLimit"]
+                for _, task in dag_tasks(spec).values() if "parameterIterator" in task}
+
+    assert limits(load_config("gke-sd15", {"cluster": {"gpu_quota": 8}})) == {"prior-groups-Output": 8, "assign-priors-Output": 2}
+    assert limits(load_config("gke-sd15", {"cluster": {"gpu_quota": 8}, "superres": {"enabled": False}}))["assign-priors-Output"] == 4
+    default = load_config("gke-sd15")
+    assert set(limits(default).values()) == {default.batch.parallelism}
+
+
 def test_a_tag_without_a_digest_is_refused(tmp_path):
     config = tmp_path / "cluster.yaml"
     config.write_text("extends: sd15\ncluster:\n  image: registry.example/dreambooth-kfp:latest\n")
