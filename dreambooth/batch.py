@@ -64,6 +64,11 @@ class BatchPlan:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
+    def without(self, subject_id: str) -> "BatchPlan":
+        """The plan with one subject left out, its place in its prior group too (`forget`)."""
+        return BatchPlan(self.batch_run_id, [subject for subject in self.subjects if subject.subject_id != subject_id],
+                         [replace(group, subjects=[s for s in group.subjects if s != subject_id]) for group in self.prior_groups])
+
     @classmethod
     def from_json(cls, text: str) -> "BatchPlan":
         raw = json.loads(text)

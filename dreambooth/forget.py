@@ -28,7 +28,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -282,9 +282,7 @@ def _rewrite_batch_run(tracking_uri: str, batch, traces: Traces) -> dict[str, st
     run_id = batch.info.run_id
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(mlflow.download_artifacts(run_id, "", scratch))
-        plan = BatchPlan.from_json((folder / PLAN_ARTIFACT).read_text())
-        plan.subjects = [subject for subject in plan.subjects if subject.subject_id != traces.subject_id]
-        plan.prior_groups = [replace(group, subjects=[s for s in group.subjects if s != traces.subject_id]) for group in plan.prior_groups]
+        plan = BatchPlan.from_json((folder / PLAN_ARTIFACT).read_text()).without(traces.subject_id)
         mlflow.log_text(run_id, redact(plan.to_json(), traces.secrets), PLAN_ARTIFACT)
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
@@ -315,11 +313,9 @@ def _rewrite_file(uri: str, traces: Traces, summaries: dict[str, dict[str, str]]
     elif parts[-2:] == ["summarize", "summary_page"] and job:
         text = summaries[job]["html"]
     elif parts[-2:] == ["plan-batch", "batch_plan"]:
-        plan = json.loads(text)
-        plan["subjects"] = [subject for subject in plan["subjects"] if subject["subject_id"] != traces.subject_id]
-        for group in plan["prior_groups"]:
-            group["subjects"] = [subject for subject in group["subjects"] if subject != traces.subject_id]
-        text = json.dumps(plan, indent=2)
+        from dreambooth.batch import BatchPlan
+
+        text = BatchPlan.from_json(text).without(traces.subject_id).to_json()
     elif parts[-1] == COMPLETE_MARKER:  # a published folder's manifest no longer lists the subject's files
         manifest = json.loads(text)
         manifest["files"] = {name: size for name, size in manifest["files"].items() if traces.subject_id not in name.split("/")[:-1]}
