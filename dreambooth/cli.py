@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from dreambooth.cluster import COOKIES_ENV, TOKEN_ENV, TOKEN_FILE_ENV
+from dreambooth.kfp_runs import COOKIES_ENV, TOKEN_ENV, TOKEN_FILE_ENV
 from dreambooth.config import RunConfig, load_config
 from dreambooth.errors import InputError
 from dreambooth.process import configure_process, unwinding
@@ -168,7 +168,7 @@ def _evaluate_only(args: argparse.Namespace, shared: RunConfig) -> int:
 
 def _subjects_argument(args: argparse.Namespace, config: RunConfig) -> tuple[dict, str]:
     """A cluster run's subject parameters and default run name, from --subjects-uri or --subject-uri."""
-    from dreambooth.cluster import run_parameters
+    from dreambooth.kfp_runs import run_parameters
 
     if args.subjects_uri:
         name = f"dreambooth-{args.subjects_uri.rstrip('/').rsplit('/', 1)[-1].rsplit('.', 1)[0]}"
@@ -180,7 +180,7 @@ def _subjects_argument(args: argparse.Namespace, config: RunConfig) -> tuple[dic
 
 
 def _kfp_target(args: argparse.Namespace, config: RunConfig):
-    from dreambooth.cluster import KfpTarget
+    from dreambooth.kfp_runs import KfpTarget
 
     if not getattr(args, "host", None):
         return None

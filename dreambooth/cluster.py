@@ -2,55 +2,51 @@
 
 A run's parameters carry the shared settings and *where* the subjects are (a subjects file URI),
 never the list itself, so a recurring run reads the file anew at every tick and trains what was
-added since the last one. A single subject (submit --subject-uri) travels inline instead.
-
-A multi-user Kubeflow runs a pipeline in the namespace it is submitted to (the profile where
-manifests/ put the PVC, secrets and service account) and wants credentials: a service-account
-token file (refreshed by the kubelet, as Kubeflow's docs use), or a token or session cookie taken
-from the environment.
+added since the last one. A single subject (submit --subject-uri) travels inline instead. A sharded
+batch (batch.max_subjects_per_run) is submitted as its launcher (dreambooth.launcher). Where and as
+whom runs are created: dreambooth.kfp_runs.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
+from dreambooth.kfp_runs import KfpTarget, compile_dag, run_parameters
 
 CRON_FIELDS = ("second", "minute", "hour", "day of month", "month", "day of week")
 CRON_RANGES = {0: (0, 59), 1: (0, 59), 2: (0, 23), 3: (1, 31), 4: (1, 12), 5: (0, 7)}
 
 
-def run_parameters(config: RunConfig, subjects_uri: str = "", subjects_json: str = "", force: bool = False) -> dict:
-    """The pipeline's runtime parameters: shared settings, the subjects' location (or inline entries)."""
-    return {
-        "config_json": config.to_json(),
-        "tracking_uri": config.tracking.uri or "",
-        "subjects_uri": subjects_uri,
-        "subjects_json": subjects_json,
-        "force": force,
-        "superres_enabled": config.superres.enabled,
-        **config.run_settings(),
-    }
+LAUNCHER_PARAMETERS = ("config_json", "tracking_uri", "subjects_uri", "force")
 
 
-def compile_pipeline(config: RunConfig, output: Path, on_cluster: bool = False) -> Path:
-    """Write the KFP IR YAML; the config becomes the default parameters, so a run changes by parameters only."""
+def launcher_parameters(parameters: dict, kfp_experiment: str) -> dict:
+    """A sharded batch's launcher run: the batch's parameters less the per-run ones, and where shards go."""
+    from dreambooth.config import RUN_SETTINGS
+
+    return {**{key: parameters[key] for key in (*LAUNCHER_PARAMETERS, *RUN_SETTINGS)}, "kfp_experiment": kfp_experiment}
+
+
+def compile_pipeline(config: RunConfig, output: Path, on_cluster: bool = False, launcher: bool = False) -> Path:
+    """Write the KFP IR YAML; the config becomes the default parameters, so a run changes by parameters only.
+    launcher: the sharded batch's launcher pipeline instead of the DAG."""
     from kfp import compiler
 
-    from dreambooth.pipeline import build_pipeline
+    from dreambooth.launcher import build_shard_launcher
 
     if on_cluster and config.cluster is None:
         raise InputError(f"config {config.name!r}: no `cluster` section; use a cluster config (e.g. --config gke-sd15)")
-    compiler.Compiler().compile(build_pipeline(config, on_cluster), str(output), pipeline_parameters=run_parameters(config))
+    if not launcher:
+        return compile_dag(config, output, on_cluster)
+    defaults = launcher_parameters(run_parameters(config), "")
+    defaults.pop("kfp_experiment")
+    compiler.Compiler().compile(build_shard_launcher(config, on_cluster), str(output), pipeline_parameters=defaults)
     return output
 
 
@@ -70,78 +66,7 @@ def validate_cron(expression: str) -> str:
     return expression
 
 
-TOKEN_ENV = "KF_PIPELINES_TOKEN"  # a bearer token obtained elsewhere (e.g. gcloud auth print-identity-token)
-COOKIES_ENV = "KF_PIPELINES_COOKIES"  # a Dex/oauth2-proxy session, e.g. "authservice_session=..."
-TOKEN_FILE_ENV = "KF_PIPELINES_SA_TOKEN_PATH"  # kfp's own name for a service-account token file
-PROBE_SECONDS = 10  # one request to a service preflight or submit checks
 WAIT_POLL_SECONDS = 15
-
-
-@dataclass(frozen=True)
-class KfpTarget:
-    """Where and as whom runs are submitted."""
-
-    host: str
-    namespace: Optional[str] = None
-    token_file: Optional[str] = None
-
-    def _token_file(self) -> Optional[Path]:
-        path = self.token_file or os.environ.get(TOKEN_FILE_ENV)
-        if path and not Path(path).is_file():
-            raise InputError(f"--token-file: {path} is not a file")
-        return Path(path) if path else None
-
-    def bearer_token(self) -> Optional[str]:
-        path = self._token_file()
-        return path.read_text().strip() if path else os.environ.get(TOKEN_ENV) or None
-
-    def client(self, multi_user: bool):
-        import kfp
-        from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
-
-        path = self._token_file()
-        credentials = ServiceAccountTokenVolumeCredentials(str(path)) if path else None
-        # "kubeflow" is kfp.Client's "no namespace": a single-user KFP takes none.
-        return kfp.Client(
-            host=self.host, namespace=self.namespace if multi_user and self.namespace else "kubeflow", credentials=credentials,
-            existing_token=None if path else os.environ.get(TOKEN_ENV), cookies=os.environ.get(COOKIES_ENV),
-        )
-
-    def multi_user(self) -> bool:
-        """Ask the host (once, short timeout, with the credentials) whether it is a multi-user Kubeflow."""
-        headers = {"Accept": "application/json"}
-        if token := self.bearer_token():
-            headers["Authorization"] = f"Bearer {token}"
-        if cookies := os.environ.get(COOKIES_ENV):
-            headers["Cookie"] = cookies
-        try:
-            request = urllib.request.Request(f"{self.host.rstrip('/')}/apis/v2beta1/healthz", headers=headers)
-            with urllib.request.urlopen(request, timeout=PROBE_SECONDS) as response:
-                return bool(json.loads(response.read() or b"{}").get("multi_user"))
-        except urllib.error.HTTPError as error:
-            raise InputError(f"--host: {self.host} answered {error.code} {error.reason}{_credentials_hint(error.code)}") from None
-        except (OSError, ValueError) as error:
-            raise InputError(f"--host: {self.host} is unreachable ({error})") from None
-
-    def probe(self) -> str:
-        """The host answers, accepts the credentials, and (multi-user) lists the namespace's experiments."""
-        if not self.multi_user():
-            return f"{self.host} (single-user: runs execute in KFP's own namespace; manifests/ must be deployed there)"
-        if not self.namespace:
-            raise InputError("--namespace: this Kubeflow is multi-user; give the profile namespace (or cluster.namespace)")
-        import kfp_server_api
-
-        try:
-            self.client(multi_user=True).list_experiments(page_size=1, namespace=self.namespace)
-        except kfp_server_api.ApiException as error:
-            raise InputError(f"--namespace: {self.namespace!r} on {self.host}: {error.status} {error.reason}{_credentials_hint(error.status)}") from None
-        return f"{self.host} (multi-user, namespace {self.namespace})"
-
-
-def _credentials_hint(status: int) -> str:
-    if status in (401, 403):
-        return f"; pass --token-file, or set {TOKEN_ENV} or {COOKIES_ENV}, with access to the namespace"
-    return ""
 
 
 def check_submission(config: RunConfig, cron: Optional[str] = None) -> None:
@@ -166,8 +91,11 @@ def submit(
     client = target.client(multi_user)
     account = config.cluster.service_account or ""
     host = target.host.rstrip("/")
+    sharded = bool(config.batch.max_subjects_per_run and parameters.get("subjects_uri"))
+    if sharded:  # the launcher goes; at each run it plans the file and starts the shards with work
+        parameters = launcher_parameters(parameters, experiment)
     with tempfile.TemporaryDirectory() as scratch:
-        package = compile_pipeline(config, Path(scratch) / "dreambooth.yaml", on_cluster=True)
+        package = compile_pipeline(config, Path(scratch) / "dreambooth.yaml", on_cluster=True, launcher=sharded)
         if cron is not None:
             experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
             recurring = client.create_recurring_run(

@@ -572,9 +572,11 @@ class TrackingSettings(Section):
     uri: Optional[str] = None
     # The MLflow experiment every run of the batch goes into.
     experiment: str = "dreambooth"
-    # At a stage's end, how long to wait for a tracking server that is away; after that the step
-    # metrics stay in a journal on the work disk for `dreambooth sync-tracking`.
-    wait_seconds: float = Field(default=60.0, ge=0)
+    # How long the tracking server may be away without failing a stage: every MLflow call of a pipeline
+    # task waits up to this long for it to come back, and the fine-tune journals its step metrics on the
+    # work disk meanwhile. Past it the stage fails; its retry (or `dreambooth sync-tracking`) recovers
+    # what the journal kept.
+    outage_tolerance: float = Field(default=600.0, ge=0)
     # How often each stage's run samples CPU, memory (and GPU with nvidia-ml-py); 0 switches it off.
     system_metrics_seconds: float = Field(default=10.0, ge=0)
     # Webhooks told when a batch ends (the exit handler); a failure to tell never fails the run.
@@ -641,6 +643,9 @@ class ClusterSettings(Section):
     # run as many class-prior groups and subjects side by side as fit at their peak GPU use, instead of
     # batch.parallelism. None: batch.parallelism.
     gpu_quota: Optional[int] = Field(default=None, ge=1)
+    # The KFP API as pods reach it, where the launch of a sharded batch (batch.max_subjects_per_run)
+    # creates its shards' runs: Kubeflow's in-cluster UI service (it checks the pod's pipelines token).
+    kfp_host: str = "http://ml-pipeline-ui.kubeflow.svc.cluster.local"
 
     def loop_parallelism(self, superres: bool) -> tuple[int, int]:
         """(class-prior groups, subjects) at once within gpu_quota. A subject's peak: its fine-tune, or
@@ -680,6 +685,10 @@ class BatchSettings(Section):
     # Refuse, before any task after the plan starts, a batch whose estimated cost (subjects to train x
     # the mean cost of the last trained subjects, in cost.currency) exceeds this; None: no limit.
     budget: Optional[float] = Field(default=None, gt=0)
+    # Split a subjects file into pipeline runs (shards) of at most this many subjects to train, tied by one
+    # batch run in MLflow: one Argo workflow's status grows with its tasks, and Argo refuses one past about
+    # a megabyte. The plan reads the whole file; only subjects with work go into shards. None: one run.
+    max_subjects_per_run: Optional[int] = Field(default=None, ge=1)
 
 
 class CostSettings(Section):

@@ -11,10 +11,12 @@ import functools
 import os
 import sys
 import tempfile
+import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
-from dreambooth.cluster import run_parameters
+from dreambooth.kfp_runs import run_parameters
 from dreambooth.config import RunConfig
 from dreambooth.kfp_local import local_pipelines
 from dreambooth.models import METADATA_FILE, RESULT_ON_BASE_FILES
@@ -35,7 +37,17 @@ def run_locally(
     config: RunConfig, output: str, entries: list[SubjectEntry],
     subjects_uri: str = "", subjects_json: str = "", force: bool = False, verbose: bool = False,
 ) -> int:
-    """Run the DAG through kfp.local for these subjects; print each one's outcome; 1 when any failed."""
+    """Run the DAG through kfp.local for these subjects; print each one's outcome; 1 when any failed.
+    With batch.max_subjects_per_run, a subjects file runs as shards (one kfp.local job each), one after another."""
+    if config.batch.max_subjects_per_run and subjects_uri:
+        return _run_shards(config, output, subjects_uri, force, verbose)
+    return _run_subjects(config, output, entries, subjects_uri, subjects_json, force, verbose)
+
+
+def _run_subjects(
+    config: RunConfig, output: str, entries: list[SubjectEntry],
+    subjects_uri: str = "", subjects_json: str = "", force: bool = False, verbose: bool = False, shard_json: str = "",
+) -> int:
     # Tasks that run side by side share this machine's cores; unbounded, each task's torch would
     # take them all and the oversubscribed threads run several times slower than one at a time.
     side_by_side = max(1, min(config.batch.parallelism, len(entries)))
@@ -46,7 +58,7 @@ def run_locally(
     rows = planned_rows([entry.id for entry in entries], [entry.class_noun for entry in entries] if config.priors.enabled else [],
                         config.superres.enabled)
     run = functools.partial(_run, config, rows=rows, subjects_uri=subjects_uri, subjects_json=subjects_json,
-                            force=force, verbose=verbose)
+                            force=force, verbose=verbose, shard_json=shard_json)
     if not is_gcs(output):
         return run(Path(output))
     # kfp.local writes task outputs to a local pipeline root; results are published to GCS after.
@@ -56,7 +68,7 @@ def run_locally(
 
 def _run(
     config: RunConfig, output_dir: Path, rows: list, subjects_uri: str, subjects_json: str,
-    force: bool, verbose: bool, publish_to: Optional[str] = None,
+    force: bool, verbose: bool, shard_json: str = "", publish_to: Optional[str] = None,
 ) -> int:
     from dreambooth.pipeline import PIPELINE_NAME, build_pipeline
     from dreambooth.tasks.batch import read_plan
@@ -73,7 +85,7 @@ def _run(
     with local_pipelines(pipeline_root, PIPELINE_NAME) as runs, RunConsole(runs.job_folder, rows, verbose) as console:
         # Locally, no cluster settings: kfp.local ignores them.
         try:
-            failed_task = runs.run(build_pipeline(config), run_parameters(config, subjects_uri, subjects_json, force))
+            failed_task = runs.run(build_pipeline(config), {**run_parameters(config, subjects_uri, subjects_json, force), "shard": shard_json})
         except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: no exit handler runs; close what the job opened
             _close_stopped_job(tracking_uri, config.tracking.experiment, runs.job_folder(), str(stop) or "interrupted")
             raise
@@ -119,6 +131,48 @@ def _run(
         print(f"error: {len(failed)} of {len(rows)} subjects failed: {named}", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_shards(config: RunConfig, output: str, subjects_uri: str, force: bool, verbose: bool) -> int:
+    """Plan the whole file, run each shard with work as a kfp.local job of its own, then report the batch
+    across the shards; 1 when any shard failed."""
+    from dreambooth.pipeline import PIPELINE_NAME
+    from dreambooth.subjects import entries_to_json
+    from dreambooth.tasks.batch import read_plan
+    from dreambooth.tasks.shards import launch_shards
+    from dreambooth.tracking import finish_batch_run
+
+    tracking_uri = resolve_tracking_uri(config.tracking.uri)
+    experiment_id(tracking_uri, config.tracking.experiment)
+    job_id = f"local-{uuid.uuid4().hex[:12]}"
+    job_name = f"{PIPELINE_NAME}-shards-{time.strftime('%Y%m%d-%H%M%S')}"
+    outcomes = []
+
+    def launch(shard, entries) -> str:
+        print(f"\n== shard {shard.label}: {len(entries)} subject(s)")
+        outcomes.append(_run_subjects(config, output, entries, subjects_json=entries_to_json(entries), force=force,
+                                      verbose=verbose, shard_json=shard.to_json()))
+        return f"kfp.local, exit {outcomes[-1]}"
+
+    try:
+        shards = launch_shards(config.to_json(), tracking_uri, subjects_uri, force, job_id, job_name, launch)
+    except KeyboardInterrupt as stop:
+        finish_batch_run(tracking_uri, config.tracking.experiment, job_id, "KILLED", f"the local run was {str(stop) or 'interrupted'}")
+        raise
+    except BaseException:
+        finish_batch_run(tracking_uri, config.tracking.experiment, job_id, "FAILED")
+        raise
+    batch = find_batch_run(tracking_uri, config.tracking.experiment, job_id=job_id)
+    if not shards:  # nothing launched: nothing else will close it
+        finish_batch_run(tracking_uri, config.tracking.experiment, job_id, "SUCCEEDED")
+    rows = collect_rows(tracking_uri, read_plan(tracking_uri, batch.info.run_id))
+    print()
+    print(f"batch:        {headline(rows)}, in {len(shards)} shard(s) of at most {config.batch.max_subjects_per_run}")
+    for row in rows:
+        if not shards or row.status == UP_TO_DATE:  # the shards printed their own subjects
+            print(f"{row.subject} ({row.class_noun}): {row.status}")
+    print(f"mlflow run:   {batch.info.run_id} ({tracking_uri}, experiment {config.tracking.experiment!r}): the batch across its shards")
+    return max(outcomes, default=0)
 
 
 def _close_stopped_job(tracking_uri: str, experiment: str, job_dir: Optional[Path], reason: str) -> None:

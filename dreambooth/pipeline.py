@@ -32,6 +32,7 @@ from dreambooth.components.summarize import summarize
 from dreambooth.components.super_resolution import super_resolution
 from dreambooth.config import RunConfig
 from dreambooth.stages import BY_NAME
+from dreambooth.tracking.store import OUTAGE_TOLERANCE_ENV
 
 PIPELINE_NAME = "dreambooth"
 JOB_ID = dsl.PIPELINE_JOB_ID_PLACEHOLDER
@@ -47,9 +48,11 @@ def build_pipeline(config: RunConfig, on_cluster: bool = False):
 
     def stage(task):
         """Every task is a stage of the table (dreambooth.stages): never cached (each reads or writes
-        MLflow); on a cluster, its stage's Kubernetes settings; locally, its retries."""
+        MLflow), waiting out a tracking outage (tracking.outage_tolerance); on a cluster, its stage's
+        Kubernetes settings; locally, its retries."""
         name = BY_NAME[task.component_spec.name].name
         task.set_caching_options(False)
+        task.set_env_variable(OUTAGE_TOLERANCE_ENV, str(config.tracking.outage_tolerance))
         if on_cluster:
             apply_cluster_settings(task, name, config.cluster)
         elif config.cluster:  # a local run of a cluster config retries as the cluster would
@@ -77,6 +80,7 @@ def build_pipeline(config: RunConfig, on_cluster: bool = False):
         prior_loss_weight: float = 1.0,
         num_class_images: int = 200,
         resolution: int = 0,
+        shard: str = "",  # set by the launch of a sharded batch (dreambooth.shards)
     ):
         close_runs = stage(finish_tracking(config_json=config_json, tracking_uri=tracking_uri, job_id=JOB_ID))
         with dsl.ExitHandler(close_runs, name="dreambooth-batch"):
@@ -84,7 +88,7 @@ def build_pipeline(config: RunConfig, on_cluster: bool = False):
                 config_json=config_json, tracking_uri=tracking_uri, subjects_uri=subjects_uri, subjects_json=subjects_json,
                 force=force, job_id=JOB_ID, job_name=JOB_NAME, base_model=base_model, training_method=training_method,
                 max_steps=max_steps, learning_rate=learning_rate, prior_loss_weight=prior_loss_weight,
-                num_class_images=num_class_images, resolution=resolution,
+                num_class_images=num_class_images, resolution=resolution, shard=shard,
             ))
             batch_plan = plan.outputs["batch_plan"]
             # kfp.local cannot collect from an empty loop, and a cluster should not start GPU pods

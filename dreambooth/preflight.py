@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 from urllib.parse import quote, urlsplit
 
-from dreambooth.cluster import PROBE_SECONDS
+from dreambooth.kfp_runs import PROBE_SECONDS
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
 

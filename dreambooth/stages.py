@@ -30,6 +30,7 @@ class Stage:
         return logs_dir / scope.replace(":", "-") / f"{self.name}.log"
 
 
+LAUNCH_SHARDS = Stage("launch-shards", BATCH, "plan a whole subjects file, start a pipeline run per shard with work")
 PLAN_BATCH = Stage("plan-batch", BATCH, "read the subjects, skip the up-to-date ones, open the MLflow runs")
 PRIOR_GROUPS = Stage("prior-groups", BATCH, "group the subjects that share class images")
 CLASS_PRIORS = Stage("class-priors", CLASS, "generate (or reuse) the class images of one class")
@@ -45,7 +46,7 @@ BATCH_FAILURES = Stage("batch-failures", BATCH, "fail the run when any subject f
 FINISH_TRACKING = Stage("finish-tracking", BATCH, "close the MLflow runs (the exit handler)")
 NOTIFY = Stage("notify", BATCH, "tell the webhooks how the batch ended", component=False)
 
-STAGES = (PLAN_BATCH, PRIOR_GROUPS, CLASS_PRIORS, ASSIGN_PRIORS, INGEST, FINE_TUNE, SAMPLES, EVALUATE,
+STAGES = (LAUNCH_SHARDS, PLAN_BATCH, PRIOR_GROUPS, CLASS_PRIORS, ASSIGN_PRIORS, INGEST, FINE_TUNE, SAMPLES, EVALUATE,
           SUPER_RESOLUTION, EVALUATE_UPSCALED, SUMMARIZE, BATCH_FAILURES, FINISH_TRACKING, NOTIFY)
 BY_NAME = {stage.name: stage for stage in STAGES}
 COMPONENT_STAGES = tuple(stage.name for stage in STAGES if stage.component)

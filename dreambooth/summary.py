@@ -31,7 +31,6 @@ from dreambooth.tracking import (
     TAG_SUBJECT_STATUS,
     client,
     close_subject_run,
-    subject_runs,
 )
 
 UP_TO_DATE = "up to date"
@@ -109,13 +108,12 @@ def subject_row(tracking_uri: str, run_id: str, close: bool = False) -> SubjectR
 
 def collect_rows(tracking_uri: str, plan: BatchPlan, close_runs: bool = False) -> list[SubjectRow]:
     """A row per planned subject, in the subjects file's order (close_runs: see subject_row)."""
-    trained_here = {run.data.tags.get(TAG_SUBJECT): run.info.run_id for run in subject_runs(tracking_uri, plan.batch_run_id)}
     rows = []
     for subject in plan.subjects:
         if subject.up_to_date:
             rows.append(row_from_run(client(tracking_uri).get_run(subject.up_to_date_run_id), UP_TO_DATE))
-        else:
-            rows.append(subject_row(tracking_uri, trained_here[subject.subject_id], close=close_runs))
+        else:  # the plan names its run (a sharded batch's subjects sit under their shards' batch runs)
+            rows.append(subject_row(tracking_uri, subject.subject_run_id, close=close_runs))
     return rows
 
 

@@ -23,6 +23,8 @@ CLUSTER_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if load_confi
 def test_each_kustomization_builds_into_valid_resources(kustomization):
     resources = kustomize(MANIFESTS / kustomization)
     for resource in resources:
+        if resource["apiVersion"].startswith("kubeflow.org/"):  # Kubeflow's own kinds: no Kubernetes schema
+            continue
         kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
     assert {("Deployment", "mlflow"), ("StatefulSet", "mlflow-postgres"), ("NetworkPolicy", "mlflow-ingress"),
             ("ServiceAccount", "dreambooth-pipeline-runner"), ("ConfigMap", "kfp-launcher"),
@@ -122,3 +124,22 @@ def test_the_component_image_installs_bitsandbytes_for_8bit_adam():
     installs = " ".join(line for line in dockerfile.splitlines() if "pip install" in line)
     assert "-r gpu-requirements.txt" in installs and "docker/gpu-requirements.txt" in dockerfile
     assert re.search(r"^bitsandbytes==\d", (REPO / "docker" / "gpu-requirements.txt").read_text(), re.M)
+
+
+def test_the_shard_launcher_gets_its_kfp_api_token_from_the_pod_default(tmp_path):
+    """The label the launch task carries is the one the PodDefault selects, and the token lands where kfp.Client reads it."""
+    from kfp import client as kfp_client
+
+    from dreambooth.cluster import compile_pipeline
+
+    spec = list(yaml.safe_load_all(compile_pipeline(load_config("gke-sd15"), tmp_path / "launcher.yaml", on_cluster=True, launcher=True).read_text()))
+    labels = spec[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-launch-shards"]["podMetadata"]["labels"]
+    default = by_kind(kustomize(MANIFESTS / "overlays" / "dev"))[("PodDefault", "access-ml-pipeline")]
+    assert default["metadata"]["namespace"] == "dreambooth-dev"  # a PodDefault acts in its own namespace only
+    assert default["spec"]["selector"]["matchLabels"] == labels
+    (mount,) = default["spec"]["volumeMounts"]
+    (source,) = next(v for v in default["spec"]["volumes"] if v["name"] == mount["name"])["projected"]["sources"]
+    token_path = f"{mount['mountPath']}/{source['serviceAccountToken']['path']}"
+    assert source["serviceAccountToken"]["audience"] == "pipelines.kubeflow.org"
+    assert {e["name"]: e["value"] for e in default["spec"]["env"]} == {kfp_client.KF_PIPELINES_SA_TOKEN_ENV: token_path}
+    assert token_path == kfp_client.KF_PIPELINES_SA_TOKEN_PATH

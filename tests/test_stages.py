@@ -12,9 +12,11 @@ from dreambooth.stages import COMPONENT_STAGES, FINE_TUNE
 
 
 def test_every_task_of_the_dag_is_a_stage_of_the_table_and_every_stage_is_in_the_dag(tmp_path):
-    compile_pipeline(load_config("gke-sd15"), tmp_path / "dreambooth.yaml", on_cluster=True)
-    spec = next(yaml.safe_load_all((tmp_path / "dreambooth.yaml").read_text()))
-    containers = {name for name, (_, task) in dag_tasks(spec).items() if "executorLabel" in spec["components"][task["componentRef"]["name"]]}
+    containers = set()
+    for launcher in (False, True):  # the DAG, and the launcher of a sharded batch
+        compile_pipeline(load_config("gke-sd15"), tmp_path / "dreambooth.yaml", on_cluster=True, launcher=launcher)
+        spec = next(yaml.safe_load_all((tmp_path / "dreambooth.yaml").read_text()))
+        containers |= {name for name, (_, task) in dag_tasks(spec).items() if "executorLabel" in spec["components"][task["componentRef"]["name"]]}
     assert {component_of(name) for name in containers} == set(COMPONENT_STAGES)
 
 

@@ -1,10 +1,12 @@
 """submit and schedule against a local HTTP server that speaks KFP's v2beta1 REST shape and records requests."""
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import cli
+from conftest import SAMPLE_SUBJECT, cli, copy_photos
 from dreambooth.config import RunConfig, load_config
 
 
@@ -168,3 +170,57 @@ def test_an_experiment_with_a_host_is_submitted_as_one_batch_reading_its_file_on
     plain = _cli("experiment", str(no_variants), "--config", "tiny")
     assert plain.returncode == 2 and plain.stderr.splitlines() == [
         f"error: {no_variants}: no `variants:`; an experiment runs each subject once per variant (for subjects alone: run --subjects)"]
+
+
+def test_a_sharded_batch_schedules_its_launcher_which_starts_a_run_per_shard_with_work(kfp_api, tmp_path):
+    """What the recurring run holds, then its one task as the cluster runs it: shards created through the KFP API."""
+    from dreambooth.components.launch_shards import launch_shards
+    from dreambooth.tasks.batch import finish_task
+    from dreambooth.tracking import TAG_SHARDS, TAG_STAGE
+
+    host, requests, _ = kfp_api
+    config = tmp_path / "catalogue.yaml"
+    config.write_text(f"extends: gke-sd15\nbatch:\n  max_subjects_per_run: 2\ncluster:\n  kfp_host: {host}\n")
+    result = _cli("schedule", "--skip-preflight", "--host", host, "--config", str(config), "--cron", "0 0 2 * * *",
+                  "--subjects-uri", "gs://catalogue/subjects.yaml", "--experiment", "pets")
+    assert result.returncode == 0, result.stderr
+    (recurring,) = _posted(requests, "/apis/v2beta1/recurringruns")
+    spec = recurring["pipeline_spec"]["pipeline_spec"]
+    assert spec["pipelineInfo"]["name"] == "dreambooth-shards" and set(spec["root"]["dag"]["tasks"]) == {"exit-handler-1", "finish-tracking"}
+    parameters = recurring["runtime_config"]["parameters"]
+    assert parameters["subjects_uri"] == "gs://catalogue/subjects.yaml" and parameters["kfp_experiment"] == "pets"
+    executors = recurring["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    # The label Kubeflow's PodDefault (manifests/base/kfp-api-access.yaml) selects to hand the pod its API token.
+    assert executors["exec-launch-shards"]["podMetadata"]["labels"] == {"access-ml-pipeline": "true"}
+
+    ids = [f"item-{n}" for n in range(5)]
+    for subject in ids:
+        copy_photos(SAMPLE_SUBJECT, tmp_path / subject, ["00.jpg", "01.jpg", "02.jpg"])
+    subjects = tmp_path / "subjects.yaml"
+    subjects.write_text(yaml.safe_dump({"subjects": [{"id": s, "photos": str(tmp_path / s), "class_noun": "dog"} for s in ids]}))
+    requests.clear()
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    shared = load_config(str(config)).to_json()
+    started = launch_shards.python_func(
+        config_json=shared, tracking_uri=tracking, subjects_uri=str(subjects), force=False, kfp_experiment="pets",
+        job_id="tick-1", job_name="nightly", **load_config(str(config)).run_settings())
+    assert started == 3
+    runs = _posted(requests, "/apis/v2beta1/runs")
+    assert [run["display_name"] for run in runs] == [f"nightly-shard-{n}-of-3" for n in (1, 2, 3)]
+    assert all(run["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "dreambooth" for run in runs)
+    given = [json.loads(run["runtime_config"]["parameters"]["subjects_json"]) for run in runs]
+    assert [[entry["id"] for entry in entries] for entries in given] == [ids[:2], ids[2:4], ids[4:]]
+    shards = [json.loads(run["runtime_config"]["parameters"]["shard"]) for run in runs]
+    assert [(shard["index"], shard["of"], shard["subjects"]) for shard in shards] == [(1, 3, ids[:2]), (2, 3, ids[2:4]), (3, 3, ids[4:])]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking)
+    (batch,) = client.search_runs([client.get_experiment_by_name("dreambooth").experiment_id], f"tags.`{TAG_STAGE}` = 'batch'")
+    assert batch.info.run_id == shards[0]["batch_run_id"] and batch.data.tags[TAG_SHARDS] == "3"
+    assert [shard["launched"] for shard in json.loads(Path(client.download_artifacts(batch.info.run_id, "shards.json")).read_text())] == ["run-42"] * 3
+    # The launcher's exit handler leaves the batch run open: its shards run on, and the last to end closes it.
+    finish_task(shared, tracking, "tick-1", "SUCCEEDED")
+    assert client.get_run(batch.info.run_id).info.status == "RUNNING"
+    finish_task(shared, tracking, "tick-1", "FAILED")
+    assert client.get_run(batch.info.run_id).info.status == "FAILED"

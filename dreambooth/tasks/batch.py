@@ -17,6 +17,7 @@ from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
 from dreambooth.forget import forgotten_ids, redact, without_subject_entry
 from dreambooth.process import task_entry
+from dreambooth.shards import Shard
 from dreambooth.progress import DONE, FAILED as STAGE_FAILED, RUNNING, StageProgress
 from dreambooth.stages import BATCH, CLASS_PRIORS, FINISH_TRACKING, NOTIFY, PLAN_BATCH, SUMMARIZE, Stage
 from dreambooth.storage import content_digests, read_text
@@ -27,12 +28,17 @@ from dreambooth.tracking import (
     FAILED,
     TAG_ERROR,
     TAG_JOB_NAME,
+    TAG_PARENT,
+    TAG_SHARD,
+    TAG_SHARDS,
     child_runs,
     client,
+    find_batch_run,
     finish_batch_run,
     log_metrics,
     open_batch_run,
     record_failure,
+    shard_runs,
     subject_run_opener,
     trained_subjects,
 )
@@ -66,16 +72,48 @@ def batch_stage(stage: Stage):
 @batch_stage(PLAN_BATCH)
 def plan_task(
     config_json: str, tracking_uri: str, subjects_uri: str, subjects_json: str, force: bool,
-    job_id: str, job_name: str, plan_path: str, run_settings: Optional[dict] = None,
+    job_id: str, job_name: str, plan_path: str, run_settings: Optional[dict] = None, shard_json: str = "",
 ) -> int:
     """Read and validate the subjects (the file is read now, when the run starts), fingerprint them,
-    open the batch run and a run per subject to train; returns how many subjects will train."""
+    open the batch run and a run per subject to train; returns how many subjects will train.
+    shard_json: this run is one shard of a sharded batch (dreambooth.shards), its subjects inline."""
+    shared = shared_settings(config_json, run_settings)
+    batch_run_id = open_batch_run(tracking_uri, shared, job_id, job_name)
+    mlflow = client(tracking_uri)
+    if shard_json:
+        shard = Shard.from_json(shard_json)
+        mlflow.set_tag(batch_run_id, TAG_PARENT, shard.batch_run_id)
+        mlflow.set_tag(batch_run_id, TAG_SHARD, shard.label)
+    entries = batch_subjects(shared, tracking_uri, batch_run_id, subjects_uri, subjects_json)
+    # The MLflow look-ups of the whole plan: one paged search and one listing, not one of each per subject.
+    trained = trained_subjects(tracking_uri, shared.tracking.experiment)
+    planned = plan_batch(entries, shared, content_digests, lambda fingerprint: trained[fingerprint].info.run_id if fingerprint in trained else None,
+                         subject_run_opener(tracking_uri, batch_run_id), force,
+                         None if shard_json else budget_guard(shared, trained, tracking_uri, batch_run_id))  # a shard's batch was checked whole
+    plan = BatchPlan(batch_run_id, planned, group_priors(planned))
+    Path(plan_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(plan_path).write_text(plan.to_json())
+    mlflow.log_text(batch_run_id, plan.to_json(), PLAN_ARTIFACT)
+    log_metrics(mlflow, batch_run_id, {
+        "subjects": len(planned), "subjects_to_train": len(plan.to_train),
+        "subjects_up_to_date": len(planned) - len(plan.to_train), "prior_groups": len(plan.prior_groups),
+    })
+    report_planned(tracking_uri, planned)
+    return len(plan.to_train)
+
+
+def shared_settings(config_json: str, run_settings: Optional[dict]) -> RunConfig:
+    """The batch's settings, with the run's own setting parameters over them; a bad one exits 2 in one line."""
     try:
-        shared = RunConfig.from_json(config_json).with_run_settings(run_settings or {})
+        return RunConfig.from_json(config_json).with_run_settings(run_settings or {})
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    batch_run_id = open_batch_run(tracking_uri, shared, job_id, job_name)
+
+
+def batch_subjects(shared: RunConfig, tracking_uri: str, batch_run_id: str, subjects_uri: str, subjects_json: str) -> list:
+    """The subjects file (or inline entries), checked, less the subjects `forget` removed; the file as
+    read (without them) logged on the batch run. Every problem of the file exits 2, one line each."""
     mlflow = client(tracking_uri)
     text, file_name = "", subjects_uri.rsplit("/", 1)[-1]
     try:
@@ -100,34 +138,31 @@ def plan_task(
         mlflow.log_text(batch_run_id, text, f"subjects/{file_name}")
     if forgotten:
         print(f"{len(forgotten)} subject(s) of the file were forgotten (dreambooth forget) and are skipped")
+    return entries
 
-    # The MLflow look-ups of the whole plan: one paged search and one listing, not one of each per subject.
-    trained = trained_subjects(tracking_uri, shared.tracking.experiment)
 
-    def within_budget(to_train: int) -> None:  # before any subject run opens, and any task after this one
+def budget_guard(shared: RunConfig, trained: dict, tracking_uri: str, batch_run_id: str):
+    """plan_batch's before_opening: batch.budget refuses the batch (exit 2, one line) before any subject
+    run opens, and so before any task after the plan."""
+
+    def within_budget(to_train: int) -> None:
         refusal = budget_refusal(shared.batch.budget, to_train, list(trained.values()), shared.cost.currency)
         if refusal:
-            mlflow.set_tag(batch_run_id, TAG_ERROR, refusal)
+            client(tracking_uri).set_tag(batch_run_id, TAG_ERROR, refusal)
             print(f"error: {refusal}", file=sys.stderr)
             raise SystemExit(2)
 
-    planned = plan_batch(entries, shared, content_digests, lambda fingerprint: trained[fingerprint].info.run_id if fingerprint in trained else None,
-                         subject_run_opener(tracking_uri, batch_run_id), force, within_budget)
-    plan = BatchPlan(batch_run_id, planned, group_priors(planned))
-    Path(plan_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(plan_path).write_text(plan.to_json())
-    mlflow.log_text(batch_run_id, plan.to_json(), PLAN_ARTIFACT)
-    log_metrics(mlflow, batch_run_id, {
-        "subjects": len(planned), "subjects_to_train": len(plan.to_train),
-        "subjects_up_to_date": len(planned) - len(plan.to_train), "prior_groups": len(plan.prior_groups),
-    })
+    return within_budget
+
+
+def report_planned(tracking_uri: str, planned: list) -> None:
+    """A line per subject; a refused subject's reason recorded on its run (its stages then do nothing)."""
     for subject in planned:
-        if subject.refused:  # its stages see the failure on its run and do nothing; the others train
+        if subject.refused:
             record_failure(tracking_uri, subject.subject_run_id, PLAN_BATCH.name, f"refused: {subject.refused}")
             print(f"{subject.subject_id}: refused: {subject.refused}")
         else:
             print(f"{subject.subject_id}: {'up to date (run ' + subject.up_to_date_run_id + ')' if subject.up_to_date else 'to train'}")
-    return len(plan.to_train)
 
 
 def _plan(plan_path: str) -> BatchPlan:
@@ -203,7 +238,11 @@ def finish_task(config_json: str, tracking_uri: str, job_id: str, pipeline_state
     """Exit handler: close the batch run, and any run a crashed or killed stage left open; then
     tell the webhooks of tracking.notify how the batch ended."""
     config = RunConfig.from_json(config_json)
+    if shards_running(tracking_uri, config.tracking.experiment, job_id, pipeline_state):
+        return  # the launch of a sharded batch: its last shard to end closes the batch run
     batch_run_id = finish_batch_run(tracking_uri, config.tracking.experiment, job_id, pipeline_state)
+    if batch_run_id:
+        close_when_shards_end(tracking_uri, batch_run_id)
     if not config.tracking.notify:
         return
     from dreambooth.tracking.notify import send
@@ -215,6 +254,13 @@ def finish_task(config_json: str, tracking_uri: str, job_id: str, pipeline_state
     outcomes = send(config.tracking.notify, report)
     sent = all(outcome.startswith("sent") for outcome in outcomes)
     StageProgress(BATCH, NOTIFY.name).state(DONE if sent else STAGE_FAILED, "; ".join(outcomes))
+
+
+def shards_running(tracking_uri: str, experiment: str, job_id: str, pipeline_state: str) -> bool:
+    """The job launched the shards of a sharded batch and ended well: they now run on their own."""
+    batch = find_batch_run(tracking_uri, experiment, job_id)
+    succeeded = pipeline_state.upper() in ("SUCCEEDED", "SUCCESS")
+    return succeeded and batch is not None and int(batch.data.tags.get(TAG_SHARDS, "0")) > 0
 
 
 def batch_report(config: RunConfig, tracking_uri: str, job_id: str, pipeline_state: str, batch_run_id, error: str = ""):
@@ -244,8 +290,41 @@ def _kfp_link(config: RunConfig, job_id: str) -> str:
 
 
 def read_plan(tracking_uri: str, batch_run_id: str) -> BatchPlan:
-    """The plan a batch ran with, from its run's artifacts."""
+    """The plan a batch ran with, from its run's artifacts; a sharded batch's holds every shard's subjects."""
+    mlflow = client(tracking_uri)
+    plan = _logged_plan(mlflow, batch_run_id)
+    batch = mlflow.get_run(batch_run_id)
+    if TAG_SHARDS in batch.data.tags:
+        for shard in shard_runs(tracking_uri, batch):
+            try:
+                part = _logged_plan(mlflow, shard.info.run_id)
+            except Exception:  # the shard failed before its plan was written (its error is on its run)
+                continue
+            plan.subjects += part.subjects
+            plan.prior_groups += part.prior_groups
+    return plan
+
+
+def _logged_plan(mlflow, batch_run_id: str) -> BatchPlan:
     with tempfile.TemporaryDirectory() as scratch:
-        path = client(tracking_uri).download_artifacts(batch_run_id, PLAN_ARTIFACT, scratch)
-        return BatchPlan.from_json(Path(path).read_text())
+        return BatchPlan.from_json(Path(mlflow.download_artifacts(batch_run_id, PLAN_ARTIFACT, scratch)).read_text())
+
+
+def close_when_shards_end(tracking_uri: str, shard_batch_run_id: str) -> None:
+    """After a shard's run closed: when it was the last of its batch to end, the batch's summary across all
+    shards is logged on the batch run, which closes (FINISHED when every shard finished, else FAILED)."""
+    mlflow = client(tracking_uri)
+    shard = mlflow.get_run(shard_batch_run_id)
+    if TAG_SHARD not in shard.data.tags:
+        return
+    batch = mlflow.get_run(shard.data.tags[TAG_PARENT])
+    shards = shard_runs(tracking_uri, batch)
+    # Each shard closes its own run before it looks: of two ending together, the later one sees both closed.
+    if batch.info.status != "RUNNING" or len(shards) < int(batch.data.tags.get(TAG_SHARDS, "0")) \
+            or any(run.info.status == "RUNNING" for run in shards):
+        return
+    rows, _, _ = log_summary(tracking_uri, read_plan(tracking_uri, batch.info.run_id), batch.data.tags.get(TAG_JOB_NAME, ""))
+    spent = summed(child_runs(tracking_uri, batch))  # its shards' sums and its own refused subjects'
+    log_metrics(mlflow, batch.info.run_id, {**{f"subjects_{status.replace(' ', '_')}": n for status, n in counts(rows).items()}, **spent})
+    mlflow.set_terminated(batch.info.run_id, "FINISHED" if all(run.info.status == "FINISHED" for run in shards) else "FAILED")
 

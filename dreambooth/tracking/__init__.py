@@ -61,6 +61,8 @@ from dreambooth.tracking.layout import (  # noqa: F401
     TAG_SAFETY,
     TAG_SELECTED_STEP,
     TAG_SELECTION_REASON,
+    TAG_SHARD,
+    TAG_SHARDS,
     TAG_STAGE,
     TAG_SUBJECT,
     TAG_SUBJECT_STATUS,
@@ -80,6 +82,7 @@ from dreambooth.tracking.layout import (  # noqa: F401
     runs_of_subject,
     runs_still_open,
     search_all,
+    shard_runs,
     stage_runs,
     subject_run_opener,
     subject_runs,
@@ -101,7 +104,7 @@ log = logging.getLogger(__name__)
 HEADLINE_SETTINGS = ("model.base", "training.method", "training.max_steps", "training.learning_rate",
                      "training.prior_loss_weight", "priors.num_class_images", "model.resolution")
 SPOOL_FOLDER = "tracking-spool"
-DEFAULT_WAIT_SECONDS = 60.0  # at a stage's end, for a tracking server that is away (tracking.wait_seconds)
+DEFAULT_WAIT_SECONDS = 600.0  # at a stage's end, for a tracking server that is away (tracking.outage_tolerance)
 
 
 def headline_params(config: RunConfig) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """The MLflow run layout, in one place: every tag, run name, parent link and search filter.
 
-    batch run (one per pipeline run, found by its KFP job id)
+    batch run (one per pipeline run, found by its KFP job id; a sharded batch's shards are batch runs under it)
       ├── class-priors runs (one per class-prior group)
       ├── compare runs (`dreambooth compare --batch-run`)
       └── subject run (one per subject trained)
@@ -48,6 +48,8 @@ TAG_RUN_NAME = "mlflow.runName"
 TAG_ATTEMPT = "dreambooth.attempt"  # 2 and up: a retried task continued this run
 TAG_PICKLE_ALLOWED = "dreambooth.pickle_weights_allowed"  # model.allow_pickle: pickle weights could load
 TAG_RESUMED_FROM = "dreambooth.resumed_from"  # "<run id> at step N": the run whose checkpoint this one resumed
+TAG_SHARDS = "dreambooth.shards"  # on a batch run split into shards (batch.max_subjects_per_run): how many
+TAG_SHARD = "dreambooth.shard"  # on a shard's own batch run: "2/3" (its parent is the batch run that ties them)
 TAG_PHOTOS = "dreambooth.photos"  # the subject's photos as an MLflow dataset (JSON), logged as each stage's input
 # Set by single stages: what they chose and why.
 TAG_IDENTIFIER_REASON = "dreambooth.identifier_reason"
@@ -204,6 +206,13 @@ def stage_runs(tracking_uri: str, experiment: str, stage: str) -> list:
 def child_runs(tracking_uri: str, parent) -> list:
     """Every run directly under `parent` (a subject's stage runs; a batch's subject and class-priors runs)."""
     return search_all(client(tracking_uri), [parent.info.experiment_id], f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'")
+
+
+def shard_runs(tracking_uri: str, batch) -> list:
+    """The batch runs of a sharded batch's shards (each its own pipeline run), in shard order."""
+    found = search_all(client(tracking_uri), [batch.info.experiment_id],
+                       f"tags.`{TAG_PARENT}` = '{batch.info.run_id}' and tags.`{TAG_STAGE}` = '{STAGE_BATCH}'")
+    return sorted(found, key=lambda run: int(run.data.tags.get(TAG_SHARD, "0/0").split("/")[0]))
 
 
 def runs_of_subject(tracking_uri: str, experiment_id: str, subject: str) -> list:

@@ -1,0 +1,62 @@
+"""The launcher pipeline of a sharded batch (dreambooth.shards): what `submit`/`schedule` send when
+batch.max_subjects_per_run is set. Its one task plans the whole subjects file at every tick and
+creates a run of the DAG (dreambooth.pipeline) per shard with work; its exit handler closes the
+batch run only when no shard was started (otherwise the last shard to end does).
+"""
+
+# No `from __future__ import annotations` here: KFP reads the pipeline signature's real types.
+from kfp import dsl, kubernetes
+
+from dreambooth.components.finish_tracking import finish_tracking
+from dreambooth.components.launch_shards import launch_shards
+from dreambooth.components.platform import apply_cluster_settings
+from dreambooth.config import RunConfig
+from dreambooth.pipeline import JOB_ID, JOB_NAME
+from dreambooth.stages import BY_NAME, LAUNCH_SHARDS
+from dreambooth.tracking.store import OUTAGE_TOLERANCE_ENV
+
+LAUNCHER_NAME = "dreambooth-shards"
+KFP_API_ACCESS_LABEL = "access-ml-pipeline"  # the label Kubeflow's PodDefault for the pipelines API selects
+
+
+def build_shard_launcher(config: RunConfig, on_cluster: bool = False):
+    """The pipeline `submit`/`schedule` send for a sharded batch (batch.max_subjects_per_run): one task plans
+    the whole subjects file at every tick and creates a run of the DAG above per shard with work."""
+    def stage(task):
+        name = BY_NAME[task.component_spec.name].name
+        task.set_caching_options(False)
+        task.set_env_variable(OUTAGE_TOLERANCE_ENV, str(config.tracking.outage_tolerance))
+        if on_cluster:
+            apply_cluster_settings(task, name, config.cluster)
+            if name == LAUNCH_SHARDS.name:  # its token for the KFP API (manifests/base/kfp-api-access.yaml)
+                kubernetes.add_pod_label(task, KFP_API_ACCESS_LABEL, "true")
+        return task
+
+    @dsl.pipeline(
+        name=LAUNCHER_NAME, description="Plan a subjects file and start a DreamBooth batch run per shard of subjects with work",
+        pipeline_root=config.cluster.pipeline_root if on_cluster and config.cluster else None,
+    )
+    def dreambooth_shards(
+        config_json: str,
+        tracking_uri: str,
+        subjects_uri: str,
+        kfp_experiment: str,
+        force: bool = False,
+        base_model: str = "",
+        training_method: str = "full",
+        max_steps: int = 1000,
+        learning_rate: float = 5e-6,
+        prior_loss_weight: float = 1.0,
+        num_class_images: int = 200,
+        resolution: int = 0,
+    ):
+        close_runs = stage(finish_tracking(config_json=config_json, tracking_uri=tracking_uri, job_id=JOB_ID))
+        with dsl.ExitHandler(close_runs, name="dreambooth-shards"):
+            stage(launch_shards(
+                config_json=config_json, tracking_uri=tracking_uri, subjects_uri=subjects_uri, force=force,
+                kfp_experiment=kfp_experiment, job_id=JOB_ID, job_name=JOB_NAME, base_model=base_model,
+                training_method=training_method, max_steps=max_steps, learning_rate=learning_rate,
+                prior_loss_weight=prior_loss_weight, num_class_images=num_class_images, resolution=resolution,
+            ))
+
+    return dreambooth_shards
