@@ -21,6 +21,7 @@ import mlflow.pyfunc
 
 from dreambooth.errors import InputError
 from dreambooth.tracking import TAG_PROMOTED, TAG_REVIEW_NOTE, client
+from dreambooth.tracking.store import patiently
 from dreambooth.watermark import payload_for, save_marked
 
 CANDIDATE_ALIAS = "candidate"
@@ -90,6 +91,11 @@ def model_signature():
 
 
 def log_pipeline_model(tracking_uri: str, run_id: str, model_dir: Path) -> str:
+    """Log a trained result on `run_id` (waiting out a tracking outage, as every stage call does); returns its model URI."""
+    return patiently(_log_pipeline_model, tracking_uri, run_id, model_dir)
+
+
+def _log_pipeline_model(tracking_uri: str, run_id: str, model_dir: Path) -> str:
     """Log a trained result on `run_id`; returns its model URI.
 
     A full pipeline folder becomes a pyfunc model carrying this package, and so does a learned
@@ -144,7 +150,7 @@ def register_candidate(tracking_uri: str, model_uri: str, name: str, tags: dict[
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
-    version = mlflow.register_model(model_uri, name, tags=tags)
+    version = patiently(mlflow.register_model, model_uri, name, tags=tags)
     client(tracking_uri).set_registered_model_alias(name, CANDIDATE_ALIAS, version.version)
     return str(version.version)
 

@@ -126,7 +126,7 @@ def _apply_weights_policy(config: RunConfig, run: StageRun) -> None:
 def _run_settings(config: RunConfig) -> dict:
     """What every stage run gets from the config: the step-metric journal, headline params, system metrics."""
     return {
-        "spool_dir": Path(config.storage.work_dir) / SPOOL_FOLDER, "wait_seconds": config.tracking.wait_seconds,
+        "spool_dir": Path(config.storage.work_dir) / SPOOL_FOLDER, "wait_seconds": config.tracking.outage_tolerance,
         "params": headline_params(config), "system_metrics_seconds": config.tracking.system_metrics_seconds,
         "prices": config.cost.prices,
     }

@@ -4,10 +4,15 @@ client, a local store's safe creation, and the experiment."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
+import logging
 import os
+import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
+
+log = logging.getLogger(__name__)
 
 
 def resolve_tracking_uri(configured: Optional[str] = None) -> str:
@@ -45,9 +50,55 @@ def adopt_credentials(uri: str) -> str:
 def unreachable(error: BaseException) -> bool:
     """An MLflow call that failed because the server could not be reached (after MLflow's retries)."""
     text = str(error)
+    if type(error).__name__ == "ConnectionError" and type(error).__module__.startswith("requests"):
+        return True  # an artifact upload or download (mlflow-artifacts) raises requests' own error
     return type(error).__name__ == "MlflowException" and "API request to" in text and (
         "Max retries exceeded" in text or "Connection" in text or "timed out" in text
     )
+
+
+OUTAGE_TOLERANCE_ENV = "DREAMBOOTH_OUTAGE_TOLERANCE"  # tracking.outage_tolerance, set on every pipeline task
+OUTAGE_POLL_SECONDS = 5.0
+
+
+def outage_tolerance() -> float:
+    """How long this process's MLflow calls wait for a tracking server that is away (0: MLflow's own
+    retries only, about a minute: commands people type should not hang for minutes)."""
+    return float(os.environ.get(OUTAGE_TOLERANCE_ENV) or 0)
+
+
+def patiently(call: Callable, *args, **kwargs):
+    """call(*args, **kwargs), tried again while the tracking server cannot be reached, until
+    outage_tolerance() has passed since the first try. Only a refused or failed connection is tried
+    again: the server never saw the request, so nothing is written twice."""
+    deadline = time.monotonic() + outage_tolerance()
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except Exception as error:
+            left = deadline - time.monotonic()
+            if not unreachable(error) or left <= 0:
+                raise
+            log.warning("tracking unreachable (%s); trying again for %.0f s more", type(error).__name__, left)
+            time.sleep(min(OUTAGE_POLL_SECONDS, left))
+
+
+class PatientClient:
+    """An MlflowClient whose every call waits out a tracking outage (patiently)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        member = getattr(self._inner, name)
+        if not callable(member):
+            return member
+
+        @functools.wraps(member)
+        def waiting(*args, **kwargs):
+            return patiently(member, *args, **kwargs)
+
+        return waiting
 
 
 _READY_STORES: set[str] = set()
@@ -66,7 +117,7 @@ def client(tracking_uri: str):
 
     database = sqlite_path(tracking_uri)
     if database is None or tracking_uri in _READY_STORES:
-        return MlflowClient(tracking_uri=tracking_uri)
+        return PatientClient(MlflowClient(tracking_uri=tracking_uri))
     database.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{database}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -75,7 +126,7 @@ def client(tracking_uri: str):
         mlflow.search_experiments(max_results=1)
         mlflow.search_registered_models(max_results=1)
     _READY_STORES.add(tracking_uri)
-    return mlflow
+    return PatientClient(mlflow)
 
 
 def experiment_id(tracking_uri: str, name: str) -> str:

@@ -193,7 +193,7 @@ def train_and_save(
         setattr(job.recipe.pipeline, name, module)
     images_per_step = settings.batch_size * settings.gradient_accumulation_steps * (2 if job.class_images else 1)
     saved = save_trained_pipeline(
-        job.recipe.pipeline, result, output_dir, metadata, job.checkpoints, settings.keep_checkpoints, images_per_step,
+        job.recipe.pipeline, result, output_dir, metadata, job.checkpoints, settings.keep_checkpoints, images_per_step, job.owner,
     )
     if release and process_state().is_main_process:
         release_checkpoints(saved, settings.keep_checkpoints)

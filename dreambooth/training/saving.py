@@ -39,12 +39,14 @@ class FinetuneResult:
     validation_images: list = field(default_factory=list)  # [step, image path] pairs, oldest first
     checkpoints: str = ""  # the run's checkpoint folder, released once the model is recorded
     resumed_from_run: str = ""  # the tracking run that wrote the checkpoint this training resumed
+    trained_by_run: str = ""  # the tracking run that trained and saved it (a later attempt reusing it links that run)
     selection: dict = field(default_factory=dict)  # evaluation.select: the step kept, why, and every step's scores
     prompts: dict = field(default_factory=dict)  # each subject prompt trained on -> examples with it (this process)
 
 
 def save_trained_pipeline(
     pipeline, result, output_dir: Path, metadata: dict, checkpoints: Path, keep_checkpoints: bool, images_per_step: int,
+    owner: str = "",
 ) -> FinetuneResult:
     """On the main process: the whole pipeline folder (safetensors), or what loads on the base alone:
     the LoRA adapters (result.adapters) and the learned token's embedding (result.embedding); with
@@ -60,6 +62,7 @@ def save_trained_pipeline(
         processes=result.processes,
         checkpoints=str(checkpoints),
         resumed_from_run=result.resumed_from_run,
+        trained_by_run=owner,
         prompts=result.prompts,
     )
     if process_state().is_main_process:
@@ -140,7 +143,9 @@ def saved_result(checkpoints: Path, output_dir: Path) -> Optional[FinetuneResult
     if source.resolve() != output_dir.resolve():
         shutil.copytree(source, output_dir, dirs_exist_ok=True)
     log.warning("reusing the model an earlier attempt trained and saved (%s): nothing to train", source)
-    return replace(saved, model_dir=str(output_dir), resumed_from_step=saved.steps)
+    # Its steps are the earlier attempt's run's: this run links it and carries its curve (StageRun.continue_from).
+    return replace(saved, model_dir=str(output_dir), resumed_from_step=saved.steps,
+                   resumed_from_run=saved.trained_by_run or saved.resumed_from_run)
 
 
 def keep_step(result: FinetuneResult, step_model: Path, selection: dict) -> FinetuneResult:

@@ -62,7 +62,7 @@ def job(tmp_path, make_config, server):
 
     def make(job_id: str = "job-1", **training):
         config = make_config(
-            priors={"enabled": False}, tracking={"wait_seconds": 2, "experiment": tmp_path.name},  # the server is shared
+            priors={"enabled": False}, tracking={"outage_tolerance": 2, "experiment": tmp_path.name},  # the server is shared
             training={"checkpoint_every": 50, "log_every": 1, **training},
         )
         config_file = tmp_path / "config.json"
@@ -195,3 +195,98 @@ def test_a_new_job_resuming_a_killed_jobs_checkpoint_links_its_run_and_closes_th
     assert _loss_steps(server, resumed.info.run_id) == list(range(1, 31))  # steps 1-20 copied from the killed run
     old = MlflowClient(server.uri).get_run(killed.info.run_id)
     assert old.info.status == "KILLED" and resumed.info.run_id in old.data.tags[TAG_ERROR]
+
+
+def test_a_new_job_reusing_a_model_an_outage_left_unrecorded_carries_its_curve_and_links_its_run(job, server):
+    config, first_subject, model, start = job("job-1", max_steps=20)
+    task = start()
+    _wait_for_step(Path(config.storage.work_dir) / SPOOL_FOLDER, 3, task)
+    server.stop()  # past the tolerance: the model is saved, the steps journalled, the stage fails
+    _, stderr = task.communicate(timeout=600)
+    assert task.returncode == 3, stderr[-3000:]
+    server.start()
+
+    # Running the batch again (no sync-tracking in between): a new job, which trains nothing.
+    _, second_subject, _, start_again = job("job-2", max_steps=20)
+    rerun = start_again()
+    _, stderr = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, stderr[-3000:]
+    [reused] = _stage_runs(server, second_subject)
+    [earlier] = _stage_runs(server, first_subject)
+    assert reused.data.metrics["resumed_from_step"] == 20  # the saved model, nothing trained again
+    assert reused.data.tags[TAG_RESUMED_FROM] == f"{earlier.info.run_id} at step 20"
+    assert _loss_steps(server, reused.info.run_id) == list(range(1, 21))  # the curve the earlier attempt trained
+    assert _loss_steps(server, earlier.info.run_id) == list(range(1, 21))  # its journal sent, once
+    assert earlier.info.status == "KILLED" and reused.info.run_id in earlier.data.tags[TAG_ERROR]
+
+
+def _wait_for(found, what: str, task: subprocess.Popen, timeout: float = 300):
+    deadline = time.time() + timeout
+    while not (hit := found()):
+        assert task.poll() is None, f"the run ended before {what}"
+        assert time.time() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.2)
+    return hit
+
+
+@pytest.mark.slow(seconds=420)
+def test_a_batch_rides_out_90_second_tracking_outages_in_fine_tune_samples_and_evaluate(tmp_path):
+    """tracking.outage_tolerance (600 s): the server is stopped for 90 s mid-fine-tune, at the start of samples
+    and during evaluate, in one local run; it ends with exit 0 and every step recorded once."""
+    import yaml
+
+    from tests.conftest import quick_config
+
+    server = MlflowServer(tmp_path, str(tmp_path / "artifacts")).start()
+    config = Path(quick_config(tmp_path, superres=False, max_steps=60, checkpoint_every=30, log_every=1))
+    raw = yaml.safe_load(config.read_text())
+    raw["priors"]["enabled"] = False
+    config.write_text(yaml.safe_dump(raw))
+    subjects = tmp_path / "subjects.yaml"
+    subjects.write_text(yaml.safe_dump({"subjects": [{"id": "dog", "photos": str(SAMPLE_SUBJECT), "class_noun": "dog"}]}))
+    output = tmp_path / "out"
+    log = open(tmp_path / "run.log", "w")
+    task = subprocess.Popen([sys.executable, str(REPO / "pipeline.py"), "run", "--config", str(config), "--subjects", str(subjects),
+                             "--output-dir", str(output), "--tracking-uri", server.uri], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    outages = []
+
+    def outage(seconds: float = 90) -> None:
+        server.stop()
+        stopped = time.time()
+        time.sleep(seconds)
+        server.start()
+        outages.append(time.time() - stopped)
+
+    try:
+        _wait_for_step(output / "work" / SPOOL_FOLDER, 3, task, timeout=300)  # the fine-tune is training
+        outage()
+        _wait_for(lambda: list(output.glob("kfp/*/logs/dog/samples.log")), "samples task", task)
+        outage()
+        _wait_for(lambda: list(output.glob("kfp/*/logs/dog/evaluate.log")), "evaluate task", task)
+        time.sleep(1)
+        outage()
+        task.wait(timeout=900)
+    finally:
+        if task.poll() is None:
+            task.kill()
+        log.close()
+        text = (tmp_path / "run.log").read_text()
+    assert task.returncode == 0, text[-5000:]
+    assert len(outages) == 3 and min(outages) >= 90
+
+    client = MlflowClient(server.uri)
+    try:
+        experiment = client.get_experiment_by_name("dreambooth").experiment_id
+        (subject,) = client.search_runs([experiment], f"tags.`{TAG_STAGE}` = 'subject'")
+        assert subject.info.status == "FINISHED" and subject.data.tags[TAG_SUBJECT_STATUS] == "trained"
+        stages = client.search_runs([experiment], f"tags.`{TAG_PARENT}` = '{subject.info.run_id}'")
+        # One run per stage, each finished at its first attempt (none failed and was retried).
+        assert sorted(run.data.tags[TAG_STAGE] for run in stages) == ["evaluate", "fine-tune", "ingest", "samples"]
+        assert all(run.info.status == "FINISHED" and TAG_ATTEMPT not in run.data.tags for run in stages)
+        (fine_tune,) = [run for run in stages if run.data.tags[TAG_STAGE] == "fine-tune"]
+        assert _loss_steps(server, fine_tune.info.run_id) == list(range(1, 61))  # every step, once
+        (evaluate,) = [run for run in stages if run.data.tags[TAG_STAGE] == "evaluate"]
+        assert "eval/dino" in evaluate.data.metrics
+        assert len(client.search_model_versions(f"run_id = '{evaluate.info.run_id}'")) <= 1
+    finally:
+        server.stop()
