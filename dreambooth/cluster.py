@@ -70,11 +70,28 @@ WAIT_POLL_SECONDS = 15
 
 
 def check_submission(config: RunConfig, cron: Optional[str] = None) -> None:
-    """What submit refuses before contacting anything: a bad cron, a config without cluster settings."""
+    """What submit refuses before contacting anything: a bad cron, a config without cluster settings, a shard
+    too large for one Argo workflow."""
     if cron is not None:
         validate_cron(cron)
     if config.cluster is None:
         raise InputError(f"config {config.name!r}: no `cluster` section; submit a cluster config (e.g. --config gke-sd15)")
+    if config.batch.max_subjects_per_run:
+        check_shard_size(config)
+
+
+def check_shard_size(config: RunConfig) -> None:
+    """A shard of batch.max_subjects_per_run subjects must fit one Argo workflow (dreambooth.workflow_size)."""
+    import yaml
+
+    from dreambooth.workflow_size import NODE_LIMIT, subjects_within, workflow_nodes
+
+    with tempfile.TemporaryDirectory() as scratch:
+        spec = next(yaml.safe_load_all(compile_dag(config, Path(scratch) / "dag.yaml", on_cluster=True).read_text()))
+    size, fits = config.batch.max_subjects_per_run, subjects_within(spec)
+    if size > fits:
+        raise InputError(f"batch.max_subjects_per_run: a shard of {size} subjects is a workflow of up to {workflow_nodes(spec, size):,} "
+                         f"Argo nodes, over the {NODE_LIMIT:,} one run can hold; use at most {fits}")
 
 
 def submit(

@@ -158,3 +158,46 @@ def test_a_webhook_reaches_the_exit_handler_from_a_secret_never_through_the_yaml
     handler = executors["exec-finish-tracking"]["secretAsEnv"]
     assert [(ref["secretName"], ref["keyToEnv"]) for ref in handler if ref["secretName"] == "dreambooth-notify"] == [
         ("dreambooth-notify", [{"secretKey": "slack-url", "envVar": "DREAMBOOTH_SLACK_WEBHOOK"}])]
+
+
+def _ir(pipeline, tmp_path) -> dict:
+    from kfp import compiler
+
+    compiler.Compiler().compile(pipeline, str(tmp_path / "ir.yaml"))
+    return next(yaml.safe_load_all((tmp_path / "ir.yaml").read_text()))
+
+
+def test_argo_nodes_are_counted_as_kfps_argo_compiler_lays_them_out(tmp_path):
+    from kfp import dsl
+
+    from dreambooth.workflow_size import workflow_nodes
+
+    @dsl.component
+    def hello(text: str) -> str:
+        return text
+
+    @dsl.pipeline(name="one-task")
+    def one_task(text: str = "hi"):
+        hello(text=text)
+
+    # KFP's own testdata (hello_world.yaml): entrypoint, root driver, root DAG; the task's driver, executor DAG, pod.
+    assert workflow_nodes(_ir(one_task, tmp_path), 0) == 6
+
+    @dsl.pipeline(name="a-loop")
+    def a_loop(items: list = ["a", "b", "c"]):
+        with dsl.ParallelFor(items) as item:
+            hello(text=item).set_retry(num_retries=2)
+
+    # the loop's driver and fan-out node, then per item its driver and DAG and the task (with its retry node)
+    assert workflow_nodes(_ir(a_loop, tmp_path), 3) == 3 + 2 + 3 * (2 + 4)
+
+
+def test_a_shard_too_large_for_one_argo_workflow_is_refused_before_anything_is_sent(tmp_path):
+    from dreambooth.cluster import check_submission
+
+    with pytest.raises(InputError) as refused:
+        check_submission(load_config("gke-sd15", {"batch": {"max_subjects_per_run": 100}}))
+    # gke-sd15: 41 nodes without a subject and 39 a subject (its stages, conditions, retries and class priors)
+    assert str(refused.value) == ("batch.max_subjects_per_run: a shard of 100 subjects is a workflow of up to 3,941 Argo nodes, "
+                                  "over the 1,000 one run can hold; use at most 24")
+    check_submission(load_config("gke-sd15", {"batch": {"max_subjects_per_run": 24}}))
