@@ -36,7 +36,6 @@ from dreambooth.tracking import (
     client,
     compare_run_name,
     stage_runs,
-    subject_runs,
 )
 
 METRICS = (("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("pres", "PRES"), ("div", "DIV"))
@@ -47,6 +46,12 @@ REFERENCE_ROWS = (
 )
 RUN_COLOUR = "#d62728"  # every run's marker; nothing else in the plots uses it
 REFERENCE_COLOUR = "#7f7f7f"
+# A catalogue's comparison stays readable: past this many runs (subjects in the per-subject plot) the plots
+# show distributions instead of labelled points, the sample sheet the best and worst by DINO, and the
+# printed table its first rows (the files hold every run).
+LABELLED_POINTS = 40
+SHEET_RUNS = 24
+PRINTED_ROWS = 40
 TABLE_MD, TABLE_CSV = "comparison.md", "comparison.csv"
 SCATTER_PNG, PER_SUBJECT_PNG, SHEET_PNG = "dino_vs_clip_t.png", "metrics_per_subject.png", "sample_sheet.png"
 COST_PNG = "dino_vs_cost.png"
@@ -101,9 +106,8 @@ def select_runs(tracking_uri: str, batch_run: Optional[str] = None, experiment: 
     if batch_run:
         from dreambooth.tasks.batch import read_plan
 
-        plan = read_plan(tracking_uri, batch_run)
-        trained = {run.data.tags.get(TAG_SUBJECT): run.info.run_id for run in subject_runs(tracking_uri, batch_run)}
-        run_ids = [s.up_to_date_run_id or trained.get(s.subject_id, "") for s in plan.subjects]
+        plan = read_plan(tracking_uri, batch_run)  # a sharded batch's: every shard's subjects
+        run_ids = [subject.up_to_date_run_id or subject.subject_run_id for subject in plan.subjects]
         runs = [mlflow.get_run(run_id) for run_id in run_ids if run_id]
     elif experiment:
         found = mlflow.get_experiment_by_name(experiment)
@@ -174,7 +178,11 @@ def _dino_scatter(runs: list[ComparedRun], x_of, xlabel: str, title: str, path: 
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 5), dpi=100)
-    for run in runs:
+    if len(runs) > LABELLED_POINTS:  # a catalogue: where the runs lie, not thousands of overlapping labels
+        shown = axes.hexbin([x_of(run) for run in runs], [run.metrics["dino"] for run in runs], gridsize=30, mincnt=1, cmap="Blues")
+        figure.colorbar(shown, ax=axes, label="runs")
+        title = f"{title.split(',')[0]}, {len(runs)} runs"
+    for run in runs if len(runs) <= LABELLED_POINTS else []:
         axes.scatter(x_of(run), run.metrics["dino"], s=90, color=RUN_COLOUR, zorder=3)
         axes.annotate(run.label, (x_of(run), run.metrics["dino"]), textcoords="offset points", xytext=(7, 5), fontsize=8)
     if reference:
@@ -216,7 +224,14 @@ def plot_per_subject(runs: list[ComparedRun], path: Path) -> Path:
     subjects = sorted({run.subject for run in runs})
     by_subject = {subject: [run for run in runs if run.subject == subject] for subject in subjects}
     figure, panels = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.6), dpi=100)
-    for panel, (name, title) in zip(panels, METRICS):
+    if len(subjects) > LABELLED_POINTS:  # a catalogue: each metric's distribution over the runs
+        for panel, (name, title) in zip(panels, METRICS):
+            panel.hist([run.metrics[name] for run in runs if name in run.metrics], bins=30, color=RUN_COLOUR)
+            panel.set_title(f"{title} over {len(runs)} runs" + (" (lower is better)" if name == "pres" else ""), fontsize=9)
+            panel.set_ylabel("runs")
+            panel.grid(alpha=0.3)
+        subjects = []
+    for panel, (name, title) in zip(panels, METRICS) if subjects else []:
         for x, subject in enumerate(subjects):
             members = [run for run in by_subject[subject] if name in run.metrics]
             for i, run in enumerate(members):
@@ -248,6 +263,9 @@ def sample_sheet(tracking_uri: str, runs: list[ComparedRun], path: Path) -> tupl
     mlflow = client(tracking_uri)
     prompts = max((run.sample_prompts for run in runs), key=len, default=[])
     rows, tiles = [], 0
+    if len(runs) > SHEET_RUNS:  # the best and the worst by DINO: what a reviewer of a catalogue looks at
+        ranked = sorted(runs, key=lambda run: run.metrics.get("dino", 0.0), reverse=True)
+        runs = ranked[: SHEET_RUNS // 2] + ranked[-(SHEET_RUNS // 2):]
     with tempfile.TemporaryDirectory() as scratch:
         for run in runs:
             files = [artifact.path for artifact in mlflow.list_artifacts(run.run_id, "samples")]
@@ -320,7 +338,10 @@ def compare_runs(tracking_uri: str, output_dir: Path, batch_run: Optional[str] =
     experiment_files = _experiment_tables(tracking_uri, batch_run, output_dir) if batch_run else []
     plots = [scatter, per_subject, *([costed] if costed else [])]
     comparison_run = _log_comparison(tracking_uri, runs, [table_md, table_csv, *plots, sheet, *experiment_files], batch_run)
-    print(table_md.read_text())
+    table = table_md.read_text().splitlines()
+    print("\n".join(table[: PRINTED_ROWS + 4]))  # the title and header, then the first rows
+    if len(table) > PRINTED_ROWS + 4:
+        print(f"... {len(table) - PRINTED_ROWS - 4} more rows in {table_md}")
     if experiment_files:
         print(experiment_files[0].read_text())
         print(f"{'experiment:':<14}{experiment_files[0].parent} (the paper's tables as Markdown, CSV and PNG)")
@@ -329,5 +350,7 @@ def compare_runs(tracking_uri: str, output_dir: Path, batch_run: Optional[str] =
     shown = (("table", table_md), ("csv", table_csv), ("scatter", scatter), ("per subject", per_subject), ("vs cost", costed), ("sample sheet", sheet))
     for label, path in [(label, path) for label, path in shown if path]:
         print(f"{label + ':':<14}{path}")
+    if len(runs) > SHEET_RUNS:
+        print(f"{'sample sheet:':<14}{SHEET_RUNS} of {len(runs)} runs (the {SHEET_RUNS // 2} best and the {SHEET_RUNS // 2} worst by DINO)")
     print(f"{'mlflow run:':<14}{comparison_run} ({len(runs)} runs, {tiles} sample tiles)")
     return 0

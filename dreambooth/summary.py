@@ -29,6 +29,7 @@ from dreambooth.tracking import (
     TAG_SELECTED_STEP,
     TAG_SUBJECT,
     TAG_SUBJECT_STATUS,
+    TRAINED,
     client,
     close_subject_run,
 )
@@ -44,6 +45,12 @@ METRICS = {
 NUMBERS = ("steps", "selected_step", "training_seconds", "accelerator_seconds", "cost")  # numeric columns besides METRICS
 GRID_ARTIFACT = "samples-grid.png"
 THUMBNAIL_WIDTH = 640
+# A catalogue's summary stays readable: its Markdown and HTML show pages of PAGE_ROWS rows (failed and
+# rejected subjects first; the further pages logged under SUMMARY_PAGES, every row in SUMMARY_TABLE),
+# and the page inlines the sample grids of at most GRIDS_SHOWN subjects (each subject's run has its own).
+PAGE_ROWS = 200
+GRIDS_SHOWN = 24
+SUMMARY_PAGES = "batch_summary_pages"
 
 
 @dataclass(frozen=True)
@@ -153,13 +160,31 @@ def _percent(change: Optional[float]) -> str:
     return "" if change is None or math.isnan(change) else f"{100 * change:+.1f}%"
 
 
-def as_markdown(rows: list[SubjectRow], title: str) -> str:
+def summary_pages(rows: list[SubjectRow]) -> list[list[SubjectRow]]:
+    """The rows in pages of PAGE_ROWS, the failed and rejected subjects first (what needs a look); one page
+    keeps the file's order."""
+    if len(rows) <= PAGE_ROWS:
+        return [rows]
+    attention = [row for row in rows if row.status == FAILED or row.gate == "rejected"]
+    ordered = attention + [row for row in rows if not (row.status == FAILED or row.gate == "rejected")]
+    return [ordered[start : start + PAGE_ROWS] for start in range(0, len(ordered), PAGE_ROWS)] or [[]]
+
+
+def _page_note(number: int, count: int) -> str:
+    if count == 1:
+        return ""
+    return (f"Page {number} of {count} ({PAGE_ROWS} subjects a page, failed and rejected first; pages 2-{count} are "
+            f"{SUMMARY_PAGES}/page-NNN.md on the batch run, every row is in {SUMMARY_TABLE}).")
+
+
+def as_markdown(rows: list[SubjectRow], title: str, shown: Optional[list[SubjectRow]] = None, note: str = "") -> str:
+    """The headline of all `rows`, then a table of `shown` (default: all of them)."""
     lines = [
-        f"# {title}", "", headline(rows), "",
+        f"# {title}", "", headline(rows), "", *([note, ""] if note else []),
         "| subject | class | status | steps | training s | accelerator s | cost | DINO | CLIP-I | CLIP-T | PRES | DIV | subject loss | class loss | registered | reason |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
+    for row in rows if shown is None else shown:
         lines.append(
             f"| {row.subject} | {row.class_noun} | **{row.status}** | {steps_cell(row.steps, row.selected_step)} | {_number(row.training_seconds, 0)} | "
             f"{_number(row.accelerator_seconds, 0)} | {_number(row.cost, 2)} | "
@@ -171,13 +196,15 @@ def as_markdown(rows: list[SubjectRow], title: str) -> str:
 
 
 def sample_grids(tracking_uri: str, rows: list[SubjectRow]) -> dict[str, bytes]:
-    """Each subject's sample grid as a JPEG thumbnail (a page of many subjects stays small), where its run has one."""
+    """Sample grids as JPEG thumbnails (a page of many subjects stays small), where a run has one: of at most
+    GRIDS_SHOWN subjects, those trained in this batch first."""
     mlflow = client(tracking_uri)
     grids = {}
+    candidates = [row for row in rows if row.status == TRAINED] + [row for row in rows if row.status not in (TRAINED, FAILED)]
     with tempfile.TemporaryDirectory() as scratch:
-        for row in rows:
-            if row.status == FAILED:
-                continue
+        for row in candidates:
+            if len(grids) == GRIDS_SHOWN:
+                break
             try:
                 path = mlflow.download_artifacts(row.mlflow_run, GRID_ARTIFACT, str(Path(scratch) / row.subject))
             except Exception:  # no samples stage ran for it (evaluated elsewhere, or a run from before grids)
@@ -186,12 +213,13 @@ def sample_grids(tracking_uri: str, rows: list[SubjectRow]) -> dict[str, bytes]:
     return grids
 
 
-def as_html(rows: list[SubjectRow], title: str, grids: dict[str, bytes]) -> str:
-    """A self-contained page (images inline), which the KFP UI renders as an HTML output."""
+def as_html(rows: list[SubjectRow], title: str, grids: dict[str, bytes], shown: Optional[list[SubjectRow]] = None, note: str = "") -> str:
+    """A self-contained page (images inline), which the KFP UI renders as an HTML output: the headline of all
+    `rows`, a table of `shown` (default: all of them)."""
     cells = ("subject", "class_noun", "status", "steps", "dino", "clip_i", "clip_t", "pres", "div", "registered", "reason")
     header = "".join(f"<th>{html.escape(name)}</th>" for name in cells)
     body = []
-    for row in rows:
+    for row in rows if shown is None else shown:
         values = asdict(row)
         values["steps"] = steps_cell(row.steps, row.selected_step)
         rendered = [_number(values[name]) if name in METRICS else html.escape(str(values[name] or "")) for name in cells]
@@ -200,17 +228,23 @@ def as_html(rows: list[SubjectRow], title: str, grids: dict[str, bytes]) -> str:
         f"<h3>{html.escape(row.subject)} ({html.escape(row.class_noun)})</h3>{inline_image(grids[row.subject], row.subject + ' samples')}"
         for row in rows if row.subject in grids
     ]
-    return page(title, f"<p>{html.escape(headline(rows))}</p><table><tr>{header}</tr>{''.join(body)}</table>{''.join(sections)}")
+    notes = f"<p>{html.escape(headline(rows))}</p>" + (f"<p>{html.escape(note)}</p>" if note else "")
+    return page(title, f"{notes}<table><tr>{header}</tr>{''.join(body)}</table>{''.join(sections)}")
 
 
 def log_summary(tracking_uri: str, plan: BatchPlan, job_name: str, close_runs: bool = False) -> tuple[list, str, str]:
     """The summary's rows, Markdown and HTML page (with the sample grids), logged on the batch run."""
     rows = collect_rows(tracking_uri, plan, close_runs=close_runs)
     title = f"DreamBooth batch {job_name}"
-    markdown, page = as_markdown(rows, title), as_html(rows, title, sample_grids(tracking_uri, rows))
+    pages = summary_pages(rows)
+    first = _page_note(1, len(pages))
+    markdown = as_markdown(rows, title, pages[0], first)
+    page = as_html(rows, title, sample_grids(tracking_uri, pages[0]), pages[0], first)
     mlflow = client(tracking_uri)
     if rows:
         mlflow.log_table(plan.batch_run_id, data=as_table(rows), artifact_file=SUMMARY_TABLE)
     mlflow.log_text(plan.batch_run_id, markdown, SUMMARY_MARKDOWN)
     mlflow.log_text(plan.batch_run_id, page, SUMMARY_PAGE)
+    for number, shown in enumerate(pages[1:], start=2):
+        mlflow.log_text(plan.batch_run_id, as_markdown(rows, title, shown, _page_note(number, len(pages))), f"{SUMMARY_PAGES}/page-{number:03d}.md")
     return rows, markdown, page

@@ -1,6 +1,7 @@
 """A sharded batch (batch.max_subjects_per_run) through kfp.local: five subjects at most two a run are
 three pipeline runs under one batch run; the same file again launches nothing."""
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -21,7 +22,6 @@ def _sharded_config(root: Path) -> str:
     path = Path(quick_config(root, superres=False, max_steps=2, checkpoint_every=2))
     raw = yaml.safe_load(path.read_text())
     raw["priors"]["enabled"] = False  # the shards, not the class priors, are under test here
-    raw["evaluation"]["enabled"] = False
     raw["batch"] = {"max_subjects_per_run": 2}
     path.write_text(yaml.safe_dump(raw))
     return str(path)
@@ -70,6 +70,12 @@ def test_five_subjects_at_most_two_a_run_train_as_three_shards_and_again_as_none
     rows = _summary(client, batch.info.run_id)
     assert [row["subject"] for row in rows] == SUBJECTS and {row["status"] for row in rows} == {"trained"}
     assert "batch:        5 subjects: 5 trained, 0 up to date, 0 failed, in 3 shard(s) of at most 2" in first.stdout
+    # compare over the batch run reads the subjects of every shard
+    compared = cli("compare", "--batch-run", batch.info.run_id, "--output-dir", str(tmp_path / "compare"),
+                   "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    with open(tmp_path / "compare" / "comparison.csv") as table:
+        assert sorted(row["subject"] for row in csv.DictReader(table) if row["run"]) == SUBJECTS
 
     second = run_batch()
     assert "job:" not in second.stdout  # no shard had work, so no pipeline ran
