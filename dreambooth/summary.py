@@ -32,6 +32,7 @@ from dreambooth.tracking import (
     TRAINED,
     client,
     close_subject_run,
+    runs_by_id,
 )
 
 UP_TO_DATE = "up to date"
@@ -115,12 +116,20 @@ def subject_row(tracking_uri: str, run_id: str, close: bool = False) -> SubjectR
 
 def collect_rows(tracking_uri: str, plan: BatchPlan, close_runs: bool = False) -> list[SubjectRow]:
     """A row per planned subject, in the subjects file's order (close_runs: see subject_row)."""
+    closed = {subject.subject_id: subject_row(tracking_uri, subject.subject_run_id, close=True)
+              for subject in plan.subjects if close_runs and not subject.up_to_date}
+    # The plan names each run (a sharded batch's subjects sit under their shards' batch runs): read in pages.
+    wanted = [subject.up_to_date_run_id or subject.subject_run_id for subject in plan.subjects if subject.subject_id not in closed]
+    runs = runs_by_id(tracking_uri, client(tracking_uri).get_run(plan.batch_run_id).info.experiment_id, wanted) if wanted else {}
     rows = []
     for subject in plan.subjects:
-        if subject.up_to_date:
-            rows.append(row_from_run(client(tracking_uri).get_run(subject.up_to_date_run_id), UP_TO_DATE))
-        else:  # the plan names its run (a sharded batch's subjects sit under their shards' batch runs)
-            rows.append(subject_row(tracking_uri, subject.subject_run_id, close=close_runs))
+        if subject.subject_id in closed:
+            rows.append(closed[subject.subject_id])
+        elif subject.up_to_date:
+            rows.append(row_from_run(runs[subject.up_to_date_run_id], UP_TO_DATE))
+        else:
+            run = runs[subject.subject_run_id]
+            rows.append(row_from_run(run, run.data.tags.get(TAG_SUBJECT_STATUS, "")))
     return rows
 
 

@@ -58,10 +58,13 @@ def launch_shards(
         log_summary(tracking_uri, plan, job_name)
     by_id = {entry.id: entry for entry in entries}
     launched = []
-    for shard in shards:
-        print(f"shard {shard.label}: {', '.join(shard.subjects)}")
-        launched.append({**asdict(shard), "launched": launch(shard, [by_id[subject] for subject in shard.subjects])})
-        mlflow.log_text(batch_run_id, json.dumps(launched, indent=2), SHARDS_ARTIFACT)  # after each: a failed launch leaves the record
+    try:
+        for shard in shards:
+            print(f"shard {shard.label}: {', '.join(shard.subjects)}")
+            launched.append({**asdict(shard), "launched": launch(shard, [by_id[subject] for subject in shard.subjects])})
+    finally:  # a launch that failed part-way leaves the record of what it started
+        if shards:
+            mlflow.log_text(batch_run_id, json.dumps(launched, indent=2), SHARDS_ARTIFACT)
     return shards
 
 

@@ -79,6 +79,7 @@ from dreambooth.tracking.layout import (  # noqa: F401
     find_trained_subject,
     open_batch_run,
     open_subject_run,
+    runs_by_id,
     runs_of_subject,
     runs_still_open,
     search_all,

@@ -208,6 +208,18 @@ def child_runs(tracking_uri: str, parent) -> list:
     return search_all(client(tracking_uri), [parent.info.experiment_id], f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'")
 
 
+def runs_by_id(tracking_uri: str, experiment_id: str, run_ids: list[str]) -> dict:
+    """{run id: run} for many runs in a search per 100 (one get_run each grows with a catalogue); a run
+    of another experiment is fetched alone."""
+    mlflow = client(tracking_uri)
+    found: dict = {}
+    for start in range(0, len(run_ids), 100):
+        quoted = ", ".join(f"'{run_id}'" for run_id in run_ids[start : start + 100])
+        found.update({run.info.run_id: run for run in search_all(mlflow, [experiment_id], f"attributes.run_id IN ({quoted})")})
+    found.update({run_id: mlflow.get_run(run_id) for run_id in run_ids if run_id not in found})
+    return found
+
+
 def shard_runs(tracking_uri: str, batch) -> list:
     """The batch runs of a sharded batch's shards (each its own pipeline run), in shard order."""
     found = search_all(client(tracking_uri), [batch.info.experiment_id],
