@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+
+from tests.services import MlflowServer, _free_port, start_postgres  # noqa: F401 (tests import them from here)
 
 # Under pytest-xdist every worker (and each process it starts) gets one thread for torch's math:
 # two workers of the default two threads each on two cores run slower than one worker alone.
@@ -199,57 +200,6 @@ def make_config(tmp_path):
     return make
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class MlflowServer:
-    """A real `mlflow server` process on 127.0.0.1 with a sqlite backend and proxied artifacts; a test
-    can stop it (an outage) and start it again on the same port and store."""
-
-    def __init__(self, root: Path, artifacts_destination: str):
-        self.root, self.artifacts_destination, self.port = root, artifacts_destination, _free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: Optional[subprocess.Popen] = None
-
-    def start(self) -> "MlflowServer":
-        log = open(self.root / "server.log", "a")
-        self.process = subprocess.Popen(
-            [
-                sys.executable, "-m", "mlflow", "server",
-                "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-                "--artifacts-destination", self.artifacts_destination,
-                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-            ],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
-        log.close()
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                pass
-            if self.process.poll() is not None or time.time() > deadline:
-                self.process.kill()
-                raise RuntimeError(f"mlflow server did not start; see {self.root / 'server.log'}")
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.process = None
-
-
 def _serve_mlflow(root: Path, artifacts_destination: str):
     server = MlflowServer(root, artifacts_destination).start()
     yield server.uri
@@ -367,32 +317,13 @@ def faulty_gcs(gcs_emulator, monkeypatch):
 
 @pytest.fixture(scope="session")
 def postgres():
-    """A real PostgreSQL server (the machine image's PostgreSQL 15 binaries) on a loopback port.
-
-    Yields a libpq URI for a fresh `mlflow` database. PostgreSQL refuses to run as root, so as
-    root the server runs as `nobody` on a data folder that user owns.
-    """
-    import psycopg
-
+    """A real PostgreSQL server (the machine image's PostgreSQL 15 binaries) on a loopback port: yields a
+    libpq URI for a fresh `mlflow` database (tests/services.py)."""
     if not shutil.which("initdb"):
         pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) are not on PATH")
-    root = Path(tempfile.mkdtemp(prefix="dreambooth-postgres-"))
-    as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
-    if as_user:
-        shutil.chown(root, "nobody")
-    data, port = root / "data", _free_port()
-    subprocess.run([*as_user, "initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync"],
-                   check=True, capture_output=True, timeout=120)
-    options = f"-p {port} -h 127.0.0.1 -k {root}"
-    subprocess.run([*as_user, "pg_ctl", "-D", str(data), "-o", options, "-l", str(root / "server.log"), "-w", "start"],
-                   check=True, capture_output=True, timeout=120)
-    admin = psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True)
-    with admin.cursor() as cursor:
-        cursor.execute("CREATE DATABASE mlflow")
-    admin.close()
-    yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
-    subprocess.run([*as_user, "pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True, timeout=120)
-    shutil.rmtree(root, ignore_errors=True)
+    uri, stop = start_postgres()
+    yield uri
+    stop()
 
 
 # ---- the cluster side, as far as it runs here -------------------------------------------------
