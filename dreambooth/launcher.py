@@ -9,11 +9,9 @@ from kfp import dsl, kubernetes
 
 from dreambooth.components.finish_tracking import finish_tracking
 from dreambooth.components.launch_shards import launch_shards
-from dreambooth.components.platform import apply_cluster_settings
 from dreambooth.config import RunConfig
-from dreambooth.pipeline import JOB_ID, JOB_NAME
-from dreambooth.stages import BY_NAME, LAUNCH_SHARDS
-from dreambooth.tracking.store import OUTAGE_TOLERANCE_ENV
+from dreambooth.pipeline import JOB_ID, JOB_NAME, stage_settings
+from dreambooth.stages import LAUNCH_SHARDS
 
 LAUNCHER_NAME = "dreambooth-shards"
 KFP_API_ACCESS_LABEL = "access-ml-pipeline"  # the label Kubeflow's PodDefault for the pipelines API selects
@@ -22,14 +20,12 @@ KFP_API_ACCESS_LABEL = "access-ml-pipeline"  # the label Kubeflow's PodDefault f
 def build_shard_launcher(config: RunConfig, on_cluster: bool = False):
     """The pipeline `submit`/`schedule` send for a sharded batch (batch.max_subjects_per_run): one task plans
     the whole subjects file at every tick and creates a run of the DAG above per shard with work."""
+    settings = stage_settings(config, on_cluster)
+
     def stage(task):
-        name = BY_NAME[task.component_spec.name].name
-        task.set_caching_options(False)
-        task.set_env_variable(OUTAGE_TOLERANCE_ENV, str(config.tracking.outage_tolerance))
-        if on_cluster:
-            apply_cluster_settings(task, name, config.cluster)
-            if name == LAUNCH_SHARDS.name:  # its token for the KFP API (manifests/base/kfp-api-access.yaml)
-                kubernetes.add_pod_label(task, KFP_API_ACCESS_LABEL, "true")
+        settings(task)
+        if on_cluster and task.component_spec.name == LAUNCH_SHARDS.name:  # its KFP API token (manifests/base/kfp-api-access.yaml)
+            kubernetes.add_pod_label(task, KFP_API_ACCESS_LABEL, "true")
         return task
 
     @dsl.pipeline(

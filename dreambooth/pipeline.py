@@ -40,16 +40,12 @@ JOB_NAME = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
 OK = "ok"
 
 
-def build_pipeline(config: RunConfig, on_cluster: bool = False):
-    """The DAG; on_cluster adds every task's Kubernetes settings (image, GPUs, secrets...) from config.cluster."""
-    priors_at_once = subjects_at_once = config.batch.parallelism
-    if on_cluster and config.cluster.gpu_quota:
-        priors_at_once, subjects_at_once = config.cluster.loop_parallelism(config.superres.enabled)
+def stage_settings(config: RunConfig, on_cluster: bool):
+    """What every task gets, as a stage of the table (dreambooth.stages): never cached (each reads or writes
+    MLflow), waiting out a tracking outage (tracking.outage_tolerance); on a cluster, its stage's
+    Kubernetes settings; locally, its retries."""
 
     def stage(task):
-        """Every task is a stage of the table (dreambooth.stages): never cached (each reads or writes
-        MLflow), waiting out a tracking outage (tracking.outage_tolerance); on a cluster, its stage's
-        Kubernetes settings; locally, its retries."""
         name = BY_NAME[task.component_spec.name].name
         task.set_caching_options(False)
         task.set_env_variable(OUTAGE_TOLERANCE_ENV, str(config.tracking.outage_tolerance))
@@ -59,6 +55,16 @@ def build_pipeline(config: RunConfig, on_cluster: bool = False):
             apply_retry_policy(task, name, config.cluster)
         return task
 
+    return stage
+
+
+def build_pipeline(config: RunConfig, on_cluster: bool = False):
+    """The DAG; on_cluster adds every task's Kubernetes settings (image, GPUs, secrets...) from config.cluster."""
+    priors_at_once = subjects_at_once = config.batch.parallelism
+    if on_cluster and config.cluster.gpu_quota:
+        priors_at_once, subjects_at_once = config.cluster.loop_parallelism(config.superres.enabled)
+
+    stage = stage_settings(config, on_cluster)
     pipeline_root = config.cluster.pipeline_root if on_cluster and config.cluster else None
 
     @dsl.pipeline(

@@ -78,6 +78,7 @@ def test_compare_over_60_runs_aggregates_its_plots_and_samples_the_best_and_wors
     target = np.array([int(RUN_COLOUR[i : i + 2], 16) for i in (1, 3, 5)])
     pixels = np.asarray(Image.open(tmp_path / "out" / "dino_vs_clip_t.png").convert("RGB"), dtype=np.int32)
     assert (np.abs(pixels - target).max(axis=2) < 40).sum() == 0
+    assert ((pixels[..., 2] - pixels[..., 0]) > 60).sum() > 500  # the hexbin's blue cells (and its colour bar)
     assert "sample sheet: 24 of 60 runs (the 12 best and the 12 worst by DINO)" in printed
     # The sheet holds as many rows as a comparison of 24 runs does.
     assert compare_runs(tracking, tmp_path / "24", run_ids=runs[:24]) == 0

@@ -13,7 +13,6 @@ from mlflow.tracking import MlflowClient
 from conftest import SAMPLE_SUBJECT, cli, copy_photos, quick_config
 from dreambooth.tracking import TAG_JOB_ID, TAG_PARENT, TAG_SHARD, TAG_SHARDS, TAG_STAGE, TAG_SUBJECT
 
-pytestmark = pytest.mark.slow(seconds=200)
 
 SUBJECTS = [f"dog-{letter}" for letter in "abcde"]
 
@@ -36,6 +35,29 @@ def _summary(client, run_id: str) -> list[dict]:
     return [dict(zip(table["columns"], row)) for row in table["data"]]
 
 
+def test_the_launch_plans_a_whole_file_in_the_same_mlflow_calls_whatever_its_size(tmp_path):
+    """The launch of a sharded batch opens nothing per subject: its MLflow calls do not grow with the file
+    (the shards open their subjects' runs, each its own)."""
+    from dreambooth.config import load_config
+    from dreambooth.tasks.shards import launch_shards
+    from dreambooth.tracking.store import counted_client_calls
+
+    config = load_config("tiny", {"batch": {"max_subjects_per_run": 4}}).to_json()
+    photos = copy_photos(SAMPLE_SUBJECT, tmp_path / "dog", ["00.jpg", "01.jpg"])
+    totals, shards = {}, {}
+    for count in (6, 18):
+        subjects = tmp_path / f"{count}.yaml"
+        subjects.write_text(yaml.safe_dump({"subjects": [{"id": f"dog-{i}", "photos": str(photos), "class_noun": "dog"} for i in range(count)]}))
+        launched = []
+        with counted_client_calls() as calls:
+            launch_shards(config, f"sqlite:///{tmp_path / f'{count}.db'}", str(subjects), False, f"job-{count}", f"job-{count}",
+                          lambda shard, entries: launched.append([entry.id for entry in entries]) or "")
+        totals[count], shards[count] = sum(calls.values()), launched
+    assert totals[18] == totals[6]
+    assert shards[18] == [[f"dog-{i}" for i in range(start, min(start + 4, 18))] for start in range(0, 18, 4)]
+
+
+@pytest.mark.slow(seconds=200)
 def test_five_subjects_at_most_two_a_run_train_as_three_shards_and_again_as_none(tmp_path):
     for index, subject in enumerate(SUBJECTS):  # different photos, so each subject is its own
         copy_photos(SAMPLE_SUBJECT, tmp_path / "photos" / subject, [f"0{(index + k) % 4}.jpg" for k in range(3)])
