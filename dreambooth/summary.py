@@ -210,6 +210,7 @@ def sample_grids(tracking_uri: str, rows: list[SubjectRow]) -> dict[str, bytes]:
     mlflow = client(tracking_uri)
     grids = {}
     candidates = [row for row in rows if row.status == TRAINED] + [row for row in rows if row.status not in (TRAINED, FAILED)]
+    candidates = candidates[: 2 * GRIDS_SHOWN]  # a run without a grid (no samples stage) costs a look, not a page of them
     with tempfile.TemporaryDirectory() as scratch:
         for row in candidates:
             if len(grids) == GRIDS_SHOWN:
