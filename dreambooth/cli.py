@@ -106,9 +106,9 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
     if not (args.subject_dir and args.class_noun):
         raise InputError("run: give --subjects FILE, or --subject-dir DIR with --class-noun NOUN")
     entry = _one_subject(args, _local_photos(args.subject_dir), config)
+    _ingest(subject_config(config, entry), entry.photos, None)  # a bad upload fails here, in one line, before any store opens
     if _forgotten(config, [entry]):
         raise InputError(f"--subject-name: {entry.id!r} was forgotten (dreambooth forget) and is not trained again")
-    _ingest(subject_config(config, entry), entry.photos, None)  # a bad upload fails here, in one line
     return run_locally(config, args.output_dir, [entry], subjects_json=entries_to_json([entry]), force=args.force,
                        verbose=args.verbose)
 
