@@ -23,6 +23,7 @@ from dreambooth.subjects import SubjectEntry, subject_config
 
 PLAN_ARTIFACT = "batch_plan.json"  # the plan, on the batch's MLflow run
 PHOTO_LISTINGS = 16  # subjects' photo folders listed at once while planning
+RUN_OPENINGS = 8  # subject runs opened at once while planning (each a few tracking-server requests)
 
 
 @dataclass(frozen=True)
@@ -143,8 +144,13 @@ def plan_batch(
         configs.append(config)
     if before_opening:
         before_opening(sum(1 for subject in planned if not subject.up_to_date and not subject.refused))
-    return [subject if subject.up_to_date else replace(subject, subject_run_id=open_subject_run(config, subject.fingerprint))
-            for subject, config in zip(planned, configs)]
+    # A subject run is a few requests to the tracking server: opened side by side too (a server's workers
+    # serve them at once), so a shard's plan waits on the server's throughput, not on each round trip.
+    def with_run(subject: PlannedSubject, config: RunConfig) -> PlannedSubject:
+        return subject if subject.up_to_date else replace(subject, subject_run_id=open_subject_run(config, subject.fingerprint))
+
+    with ThreadPoolExecutor(max_workers=RUN_OPENINGS) as pool:
+        return list(pool.map(with_run, planned, configs))
 
 
 @dataclass(frozen=True)
