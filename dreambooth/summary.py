@@ -114,13 +114,17 @@ def subject_row(tracking_uri: str, run_id: str, close: bool = False) -> SubjectR
     return row_from_run(mlflow.get_run(run_id), status)
 
 
-def collect_rows(tracking_uri: str, plan: BatchPlan, close_runs: bool = False) -> list[SubjectRow]:
-    """A row per planned subject, in the subjects file's order (close_runs: see subject_row)."""
+def collect_rows(tracking_uri: str, plan: BatchPlan, close_runs: bool = False, known_runs: Optional[dict] = None) -> list[SubjectRow]:
+    """A row per planned subject, in the subjects file's order (close_runs: see subject_row; known_runs:
+    {run id: run} already read, e.g. by the plan, and not read again)."""
     closed = {subject.subject_id: subject_row(tracking_uri, subject.subject_run_id, close=True)
               for subject in plan.subjects if close_runs and not subject.up_to_date}
     # The plan names each run (a sharded batch's subjects sit under their shards' batch runs): read in pages.
-    wanted = [subject.up_to_date_run_id or subject.subject_run_id for subject in plan.subjects if subject.subject_id not in closed]
-    runs = runs_by_id(tracking_uri, client(tracking_uri).get_run(plan.batch_run_id).info.experiment_id, wanted) if wanted else {}
+    runs = dict(known_runs or {})
+    wanted = [run_id for subject in plan.subjects if subject.subject_id not in closed
+              for run_id in [subject.up_to_date_run_id or subject.subject_run_id] if run_id not in runs]
+    if wanted:
+        runs.update(runs_by_id(tracking_uri, client(tracking_uri).get_run(plan.batch_run_id).info.experiment_id, wanted))
     rows = []
     for subject in plan.subjects:
         if subject.subject_id in closed:
@@ -242,9 +246,10 @@ def as_html(rows: list[SubjectRow], title: str, grids: dict[str, bytes], shown: 
     return page(title, f"{notes}<table><tr>{header}</tr>{''.join(body)}</table>{''.join(sections)}")
 
 
-def log_summary(tracking_uri: str, plan: BatchPlan, job_name: str, close_runs: bool = False) -> tuple[list, str, str]:
+def log_summary(tracking_uri: str, plan: BatchPlan, job_name: str, close_runs: bool = False,
+                known_runs: Optional[dict] = None) -> tuple[list, str, str]:
     """The summary's rows, Markdown and HTML page (with the sample grids), logged on the batch run."""
-    rows = collect_rows(tracking_uri, plan, close_runs=close_runs)
+    rows = collect_rows(tracking_uri, plan, close_runs=close_runs, known_runs=known_runs)
     title = f"DreamBooth batch {job_name}"
     pages = summary_pages(rows)
     first = _page_note(1, len(pages))

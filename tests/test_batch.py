@@ -180,3 +180,42 @@ def test_planning_costs_the_same_few_mlflow_calls_for_every_subject_more(tmp_pat
         totals[count] = sum(calls.values())
     per_subject = (totals[9] - totals[3]) / 6
     assert per_subject == 1 + math.ceil(len(shared.flat_params()) / 100)  # create_run, then params 100 per request
+
+
+def test_a_shard_looks_up_its_own_subjects_not_every_run_the_experiment_trained(tmp_path, shared, monkeypatch):
+    """Each of a catalogue's hundreds of shards plans a few subjects: its MLflow calls must not grow with the
+    runs the experiment holds (reading every trained run again per shard would), and it still finds the
+    subject that is up to date."""
+    from mlflow.tracking import MlflowClient
+
+    from dreambooth.shards import Shard
+    from dreambooth.subjects import entries_to_json
+    from dreambooth.tasks.batch import plan_task
+    from dreambooth.tracking import TAG_SUBJECT_STATUS, TRAINED, experiment_id, layout
+    from dreambooth.tracking.store import counted_client_calls
+
+    monkeypatch.setattr(layout, "PAGE_SIZE", 2)  # so that reading the experiment's trained runs takes pages
+    folders = [copy_photos(SAMPLE_SUBJECT, tmp_path / f"dog-{i}", [f"0{i % 4}.jpg", f"0{(i + 1) % 4}.jpg"]) for i in range(4)]
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking)
+    experiment_id(tracking, shared.tracking.experiment)  # it exists, empty
+
+    def shard_plan(name: str, entries: list) -> tuple[int, BatchPlan]:
+        shard = Shard("the-batch-run", 1, 1, [entry.id for entry in entries])
+        with counted_client_calls() as calls:
+            plan_task(shared.to_json(), tracking, "", entries_to_json(entries), False, name, name, str(tmp_path / f"{name}.json"),
+                      None, shard.to_json())
+        return calls["search_runs"], BatchPlan.from_json((tmp_path / f"{name}.json").read_text())
+
+    shard_entries = [SubjectEntry(id="rex", photos=str(folders[0]), class_noun="dog"),
+                     SubjectEntry(id="fido", photos=str(folders[1]), class_noun="dog")]
+    searches_before, _ = shard_plan("empty", shard_entries)
+    # The experiment now holds six trained subject runs, rex's among them.
+    many = [shard_entries[0]] + [SubjectEntry(id=f"old-{i}", photos=str(folders[2 + i % 2]), class_noun="dog") for i in range(5)]
+    plan_task(shared.to_json(), tracking, "", entries_to_json(many), False, "old", "old", str(tmp_path / "old.json"))
+    for subject in BatchPlan.from_json((tmp_path / "old.json").read_text()).subjects:
+        client.set_tag(subject.subject_run_id, TAG_SUBJECT_STATUS, TRAINED)
+        client.set_terminated(subject.subject_run_id)
+    searches_after, plan = shard_plan("full", shard_entries)
+    assert searches_after == searches_before
+    assert {subject.subject_id: subject.up_to_date for subject in plan.subjects} == {"rex": True, "fido": False}

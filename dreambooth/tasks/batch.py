@@ -40,6 +40,7 @@ from dreambooth.tracking import (
     record_failure,
     shard_runs,
     subject_run_opener,
+    trained_run_finder,
     trained_subjects,
 )
 
@@ -85,11 +86,14 @@ def plan_task(
         mlflow.set_tag(batch_run_id, TAG_PARENT, shard.batch_run_id)
         mlflow.set_tag(batch_run_id, TAG_SHARD, shard.label)
     entries = batch_subjects(shared, tracking_uri, batch_run_id, subjects_uri, subjects_json)
-    # The MLflow look-ups of the whole plan: one paged search and one listing, not one of each per subject.
-    trained = trained_subjects(tracking_uri, shared.tracking.experiment)
-    planned = plan_batch(entries, shared, content_digests, lambda fingerprint: trained[fingerprint].info.run_id if fingerprint in trained else None,
-                         subject_run_opener(tracking_uri, batch_run_id), force,
-                         None if shard_json else budget_guard(shared, trained, tracking_uri, batch_run_id))  # a shard's batch was checked whole
+    opener = subject_run_opener(tracking_uri, batch_run_id)
+    if shard_json:  # its batch was planned and its budget checked whole: a look-up per subject of the shard,
+        # not the experiment's every trained run read again by each of a catalogue's hundreds of shards
+        planned = plan_batch(entries, shared, content_digests, trained_run_finder(tracking_uri, shared.tracking.experiment), opener, force)
+    else:  # the MLflow look-ups of the whole plan: one paged search and one listing, not one of each per subject
+        trained = trained_subjects(tracking_uri, shared.tracking.experiment)
+        planned = plan_batch(entries, shared, content_digests, lambda fingerprint: trained[fingerprint].info.run_id if fingerprint in trained else None,
+                             opener, force, budget_guard(shared, trained, tracking_uri, batch_run_id))
     plan = BatchPlan(batch_run_id, planned, group_priors(planned))
     Path(plan_path).parent.mkdir(parents=True, exist_ok=True)
     Path(plan_path).write_text(plan.to_json())

@@ -54,8 +54,8 @@ def launch_shards(
     mlflow.set_tag(batch_run_id, TAG_SHARDS, str(len(shards)))
     log_metrics(mlflow, batch_run_id, {"subjects": len(planned), "subjects_to_train": len(with_work),
                                        "subjects_up_to_date": sum(subject.up_to_date for subject in planned), "shards": len(shards)})
-    if not shards:  # nothing to train: the summary is the plan's, written now
-        log_summary(tracking_uri, plan, job_name)
+    if not shards:  # nothing to train: the summary is the plan's, written now, from the runs the plan read
+        log_summary(tracking_uri, plan, job_name, known_runs={run.info.run_id: run for run in trained.values()})
     by_id = {entry.id: entry for entry in entries}
     launched = []
     try:

@@ -76,7 +76,6 @@ from dreambooth.tracking.layout import (  # noqa: F401
     compare_run_name,
     earlier_attempt,
     find_batch_run,
-    find_trained_subject,
     open_batch_run,
     open_subject_run,
     runs_by_id,
@@ -87,6 +86,7 @@ from dreambooth.tracking.layout import (  # noqa: F401
     stage_runs,
     subject_run_opener,
     subject_runs,
+    trained_run_finder,
     trained_subjects,
 )
 from dreambooth.tracking.spool import MetricSpool, discard, send_pending

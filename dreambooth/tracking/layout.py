@@ -178,10 +178,20 @@ def _create_subject_run(mlflow, batch, config: RunConfig, fingerprint: str) -> s
 TRAINED_FILTER = f"tags.`{TAG_SUBJECT_STATUS}` = '{TRAINED}' and attributes.status = 'FINISHED'"
 
 
-def find_trained_subject(tracking_uri: str, experiment: str, fingerprint: str):
-    """The newest finished subject run with this fingerprint whose training succeeded, or None."""
-    runs = _search(tracking_uri, experiment, f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}' and {TRAINED_FILTER}", newest_first=True)
-    return runs[0] if runs else None
+def trained_run_finder(tracking_uri: str, experiment: str) -> Callable[[str], Optional[str]]:
+    """fingerprint -> the id of the newest finished subject run that trained it, or None: a search per
+    subject that returns at most one run, for a few subjects (a shard's) among a catalogue's thousands."""
+    mlflow = client(tracking_uri)
+    found = mlflow.get_experiment_by_name(experiment)
+
+    def trained_run_id(fingerprint: str) -> Optional[str]:
+        if found is None:
+            return None
+        runs = mlflow.search_runs([found.experiment_id], f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}' and {TRAINED_FILTER}",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    return trained_run_id
 
 
 def trained_subjects(tracking_uri: str, experiment: str) -> dict:

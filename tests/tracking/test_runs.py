@@ -16,12 +16,12 @@ from dreambooth.tracking import (
     close_subject_run,
     experiment_id,
     find_batch_run,
-    find_trained_subject,
     finish_batch_run,
     open_batch_run,
     open_subject_run,
     resolve_tracking_uri,
     stage_run,
+    trained_run_finder,
 )
 
 
@@ -45,12 +45,13 @@ def test_stages_log_under_their_subject_and_subjects_under_the_batch(mlflow_serv
     assert len(client.get_metric_history(training.run_id, "loss")) == 150
     assert client.get_run(subject_id).data.params["training.learning_rate"] == "0.0001"
 
-    assert find_trained_subject(mlflow_server, "layout", "fingerprint-1") is None  # not finished yet
+    trained = trained_run_finder(mlflow_server, "layout")
+    assert trained("fingerprint-1") is None  # not finished yet
     assert close_subject_run(mlflow_server, client.get_run(subject_id)) == "trained"
     assert finish_batch_run(mlflow_server, "layout", "job-1", "SUCCEEDED") == batch_id
     assert find_batch_run(mlflow_server, "layout", "job-1").info.status == "FINISHED"
-    assert find_trained_subject(mlflow_server, "layout", "fingerprint-1").info.run_id == subject_id
-    assert find_trained_subject(mlflow_server, "layout", "fingerprint-2") is None
+    assert trained("fingerprint-1") == subject_id
+    assert trained("fingerprint-2") is None
 
 
 def test_a_failing_stage_fails_its_subject_with_the_reason(mlflow_server, make_config):
@@ -65,7 +66,7 @@ def test_a_failing_stage_fails_its_subject_with_the_reason(mlflow_server, make_c
     assert subject.data.tags[TAG_ERROR] == "loss exploded" and subject.data.tags[TAG_FAILED_STAGE] == "fine-tune"
     assert close_subject_run(mlflow_server, subject) == "failed"
     assert client.get_run(subject_id).info.status == "FAILED"
-    assert find_trained_subject(mlflow_server, "failures", "fingerprint-3") is None  # a failed subject trains again
+    assert trained_run_finder(mlflow_server, "failures")("fingerprint-3") is None  # a failed subject trains again
 
 
 def test_the_exit_handler_closes_runs_a_crashed_stage_left_open(mlflow_server, make_config):
