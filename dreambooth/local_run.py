@@ -71,7 +71,7 @@ def _run(
     force: bool, verbose: bool, shard_json: str = "", publish_to: Optional[str] = None,
 ) -> int:
     from dreambooth.pipeline import PIPELINE_NAME, build_pipeline
-    from dreambooth.tasks.batch import read_plan
+    from dreambooth.tasks.batch import finish_task, read_plan
 
     tracking_uri = resolve_tracking_uri(config.tracking.uri)
     config = config.model_copy(update={"tracking": config.tracking.model_copy(update={"uri": tracking_uri})})
@@ -138,7 +138,7 @@ def _run_shards(config: RunConfig, output: str, subjects_uri: str, force: bool, 
     across the shards; 1 when any shard failed."""
     from dreambooth.pipeline import PIPELINE_NAME
     from dreambooth.subjects import entries_to_json
-    from dreambooth.tasks.batch import read_plan
+    from dreambooth.tasks.batch import finish_task, read_plan
     from dreambooth.tasks.shards import launch_shards
     from dreambooth.tracking import finish_batch_run
 
@@ -163,8 +163,8 @@ def _run_shards(config: RunConfig, output: str, subjects_uri: str, force: bool, 
         finish_batch_run(tracking_uri, config.tracking.experiment, job_id, "FAILED")
         raise
     batch = find_batch_run(tracking_uri, config.tracking.experiment, job_id=job_id)
-    if not shards:  # nothing launched: nothing else will close it
-        finish_batch_run(tracking_uri, config.tracking.experiment, job_id, "SUCCEEDED")
+    if not shards:  # nothing launched: as the launcher's exit handler on a cluster, close it and tell tracking.notify
+        finish_task(config.to_json(), tracking_uri, job_id, "SUCCEEDED")
     rows = collect_rows(tracking_uri, read_plan(tracking_uri, batch.info.run_id))
     print()
     print(f"batch:        {headline(rows)}, in {len(shards)} shard(s) of at most {config.batch.max_subjects_per_run}")

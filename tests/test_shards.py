@@ -10,7 +10,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import SAMPLE_SUBJECT, cli, copy_photos, quick_config
+from conftest import SAMPLE_SUBJECT, cli, copy_photos, quick_config, with_notify
 from dreambooth.tracking import TAG_JOB_ID, TAG_PARENT, TAG_SHARD, TAG_SHARDS, TAG_STAGE, TAG_SUBJECT
 
 
@@ -58,12 +58,13 @@ def test_the_launch_plans_a_whole_file_in_the_same_mlflow_calls_whatever_its_siz
 
 
 @pytest.mark.slow(seconds=200)
-def test_five_subjects_at_most_two_a_run_train_as_three_shards_and_again_as_none(tmp_path):
+def test_five_subjects_at_most_two_a_run_train_as_three_shards_and_again_as_none(tmp_path, webhooks):
+    hooks, received = webhooks
     for index, subject in enumerate(SUBJECTS):  # different photos, so each subject is its own
         copy_photos(SAMPLE_SUBJECT, tmp_path / "photos" / subject, [f"0{(index + k) % 4}.jpg" for k in range(3)])
     subjects = tmp_path / "subjects.yaml"
     subjects.write_text(yaml.safe_dump({"subjects": [{"id": s, "photos": f"photos/{s}", "class_noun": "dog"} for s in SUBJECTS]}))
-    config = _sharded_config(tmp_path)
+    config = with_notify(_sharded_config(tmp_path), {"url": f"{hooks}/night"})
     environment = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
 
     def run_batch():
@@ -92,6 +93,11 @@ def test_five_subjects_at_most_two_a_run_train_as_three_shards_and_again_as_none
     rows = _summary(client, batch.info.run_id)
     assert [row["subject"] for row in rows] == SUBJECTS and {row["status"] for row in rows} == {"trained"}
     assert "batch:        5 subjects: 5 trained, 0 up to date, 0 failed, in 3 shard(s) of at most 2" in first.stdout
+    # One word for the night, from the last shard to end: the whole batch's subjects, under the batch run.
+    ((path, report),) = received
+    assert path == "/night" and report["succeeded"] is True and report["counts"] == {"trained": 5, "up to date": 0, "failed": 0}
+    assert sorted(subject["subject"] for subject in report["subjects"]) == SUBJECTS
+    assert report["job_id"] == batch.data.tags[TAG_JOB_ID]
     # compare over the batch run reads the subjects of every shard
     compared = cli("compare", "--batch-run", batch.info.run_id, "--output-dir", str(tmp_path / "compare"),
                    "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
@@ -106,3 +112,4 @@ def test_five_subjects_at_most_two_a_run_train_as_three_shards_and_again_as_none
     assert again.data.tags[TAG_SHARDS] == "0" and again.info.status == "FINISHED"
     rows = _summary(client, again.info.run_id)
     assert [row["subject"] for row in rows] == SUBJECTS and {row["status"] for row in rows} == {"up to date"}
+    assert [report["counts"]["up to date"] for _, report in received] == [0, 5]  # the launch alone told of this one

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import sys
 import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +28,7 @@ from dreambooth.tracking.cost import budget_refusal, summed
 from dreambooth.tracking import (
     FAILED,
     TAG_ERROR,
+    TAG_JOB_ID,
     TAG_JOB_NAME,
     TAG_PARENT,
     TAG_SHARD,
@@ -246,7 +248,11 @@ def finish_task(config_json: str, tracking_uri: str, job_id: str, pipeline_state
         return  # the launch of a sharded batch: its last shard to end closes the batch run
     batch_run_id = finish_batch_run(tracking_uri, config.tracking.experiment, job_id, pipeline_state)
     if batch_run_id:
-        close_when_shards_end(tracking_uri, batch_run_id)
+        shard_end = close_when_shards_end(tracking_uri, batch_run_id)
+        if shard_end is not None:  # one word a night for a catalogue, not one per shard: the last shard to end tells of them all
+            if not shard_end.closed:
+                return
+            batch_run_id, job_id, pipeline_state = shard_end.batch_run_id, shard_end.job_id, shard_end.state
     if not config.tracking.notify:
         return
     from dreambooth.tracking.notify import send
@@ -314,21 +320,36 @@ def _logged_plan(mlflow, batch_run_id: str) -> BatchPlan:
         return BatchPlan.from_json(Path(mlflow.download_artifacts(batch_run_id, PLAN_ARTIFACT, scratch)).read_text())
 
 
-def close_when_shards_end(tracking_uri: str, shard_batch_run_id: str) -> None:
+@dataclass(frozen=True)
+class ShardEnd:
+    """What a shard's end did to its batch: closed it (the last shard to end) or left it to the others."""
+    batch_run_id: str
+    job_id: str  # the launch's: the batch's own job
+    state: str = ""  # SUCCEEDED or FAILED once closed
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.state)
+
+
+def close_when_shards_end(tracking_uri: str, shard_batch_run_id: str) -> Optional[ShardEnd]:
     """After a shard's run closed: when it was the last of its batch to end, the batch's summary across all
-    shards is logged on the batch run, which closes (FINISHED when every shard finished, else FAILED)."""
+    shards is logged on the batch run, which closes (FINISHED when every shard finished, else FAILED).
+    None when the run is no shard's."""
     mlflow = client(tracking_uri)
     shard = mlflow.get_run(shard_batch_run_id)
     if TAG_SHARD not in shard.data.tags:
-        return
+        return None
     batch = mlflow.get_run(shard.data.tags[TAG_PARENT])
+    ended = ShardEnd(batch.info.run_id, batch.data.tags.get(TAG_JOB_ID, ""))
     shards = shard_runs(tracking_uri, batch)
     # Each shard closes its own run before it looks: of two ending together, the later one sees both closed.
     if batch.info.status != "RUNNING" or len(shards) < int(batch.data.tags.get(TAG_SHARDS, "0")) \
             or any(run.info.status == "RUNNING" for run in shards):
-        return
+        return ended
     rows, _, _ = log_summary(tracking_uri, read_plan(tracking_uri, batch.info.run_id), batch.data.tags.get(TAG_JOB_NAME, ""))
     spent = summed(child_runs(tracking_uri, batch))  # its shards' sums and its own refused subjects'
     log_metrics(mlflow, batch.info.run_id, {**{f"subjects_{status.replace(' ', '_')}": n for status, n in counts(rows).items()}, **spent})
-    mlflow.set_terminated(batch.info.run_id, "FINISHED" if all(run.info.status == "FINISHED" for run in shards) else "FAILED")
-
+    finished = all(run.info.status == "FINISHED" for run in shards)
+    mlflow.set_terminated(batch.info.run_id, "FINISHED" if finished else "FAILED")
+    return replace(ended, state="SUCCEEDED" if finished else "FAILED")
