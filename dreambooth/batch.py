@@ -22,7 +22,6 @@ from dreambooth.priors import prior_key
 from dreambooth.subjects import SubjectEntry, subject_config
 
 PLAN_ARTIFACT = "batch_plan.json"  # the plan, on the batch's MLflow run
-PHOTO_LISTINGS = 16  # subjects' photo folders listed at once while planning
 RUN_OPENINGS = 8  # subject runs opened at once while planning (each a few tracking-server requests)
 
 
@@ -108,7 +107,7 @@ def group_priors(subjects: list[PlannedSubject]) -> list[PriorGroup]:
 def plan_batch(
     entries: list[SubjectEntry],
     shared: RunConfig,
-    photo_digests: Callable[[str], dict[str, str]],
+    photo_digests: Callable[[list[str]], list[dict[str, str]]],
     trained_run: Callable[[str], Optional[str]],
     open_subject_run: Callable[[RunConfig, str], str],
     force: bool = False,
@@ -117,13 +116,11 @@ def plan_batch(
     """Fingerprint every subject; those a finished run trained already are up to date unless `force`;
     those whose consent is required and absent are refused (they get a run, to record why).
 
-    photo_digests(photos uri) -> {name: digest}; trained_run(fingerprint) -> run id or None;
+    photo_digests(photos uris) -> [{name: digest}] in their order (storage.content_digests_of); trained_run(fingerprint) -> run id or None;
     open_subject_run(config, fingerprint) -> the run id a subject to train logs under;
     before_opening(subjects to train) may refuse the batch (raise) before any of their runs is opened.
     """
-    # Listing the photos is I/O (a bucket listing per subject on gs://): done side by side, in bounds.
-    with ThreadPoolExecutor(max_workers=PHOTO_LISTINGS) as pool:
-        digests = list(pool.map(photo_digests, [entry.photos for entry in entries]))
+    digests = photo_digests([entry.photos for entry in entries])
     planned, configs = [], []
     for entry, photos in zip(entries, digests):
         config = subject_config(shared, entry)

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import SAMPLE_SUBJECT, copy_photos
 from dreambooth.batch import BatchPlan, PriorOutcome, group_priors, plan_batch, subject_fingerprint, subjects_with_priors
-from dreambooth.storage import content_digests
+from dreambooth.storage import content_digests, content_digests_of
 from dreambooth.subjects import SubjectEntry, subject_config
 from dreambooth.tasks.batch import prior_groups_task
 
@@ -23,7 +23,7 @@ def _plan(entries, shared, trained=None, force=False):
         opened.append(config.subject.name)
         return f"run-{config.subject.name}"
 
-    planned = plan_batch(entries, shared, content_digests, lambda fp: (trained or {}).get(fp), open_run, force)
+    planned = plan_batch(entries, shared, content_digests_of, lambda fp: (trained or {}).get(fp), open_run, force)
     return planned, opened
 
 

@@ -97,6 +97,36 @@ def test_a_subjects_file_and_its_photos_are_read_from_the_bucket(gcs_emulator, s
         read_subjects(f"gs://{gcs_emulator}/catalogue/absent.yaml", make_config())
 
 
+def test_a_catalogues_photo_folders_are_fingerprinted_from_one_listing_of_their_prefix(gcs_emulator, monkeypatch):
+    """Folders side by side are read in one listing, with what each folder's own listing would give:
+    nested, hidden and neighbouring objects left out, an empty folder empty."""
+    from dreambooth import storage as our_storage
+    from dreambooth.storage import content_digests, content_digests_of
+
+    monkeypatch.setattr(our_storage, "ONE_LISTING_FROM", 10)  # 10 folders stand for a catalogue's hundreds
+
+    bucket = storage.Client(project="dreambooth-test").bucket(gcs_emulator)
+    for index in range(9):
+        for photo in range(index % 3 + 1):
+            bucket.blob(f"shelf/photos/s{index}/{photo}.jpg").upload_from_string(f"subject {index} photo {photo}".encode())
+    bucket.blob("shelf/photos/s0/.DS_Store").upload_from_string(b"finder noise")
+    bucket.blob("shelf/photos/s1/nested/deeper.jpg").upload_from_string(b"not this folder's")
+    bucket.blob("shelf/photos/s1/_COMPLETE.json").upload_from_string(b"{}")
+    bucket.blob("shelf/photos/unlisted/0.jpg").upload_from_string(b"another file's subject")
+    bucket.blob("elsewhere/lone/0.jpg").upload_from_string(b"a subject on its own")
+    uris = [f"gs://{gcs_emulator}/shelf/photos/s{index}" for index in range(9)]
+    uris += [f"gs://{gcs_emulator}/shelf/photos/empty", f"gs://{gcs_emulator}/elsewhere/lone"]
+    each = [content_digests(uri) for uri in uris]
+
+    listings = []
+    list_blobs = storage.Client.list_blobs
+    monkeypatch.setattr(storage.Client, "list_blobs", lambda self, *args, **kwargs: listings.append(kwargs.get("prefix"))
+                        or list_blobs(self, *args, **kwargs))
+    assert content_digests_of(uris) == each
+    assert sorted(listings) == ["elsewhere/lone/", "shelf/photos/"]  # the shelf's 10 folders in one listing
+    assert each[1] == {"0.jpg": each[1]["0.jpg"], "1.jpg": each[1]["1.jpg"]} and each[9] == {}
+
+
 def test_uploads_and_downloads_ride_out_503s_hangs_and_dropped_connections(faulty_gcs, gcs_emulator, tmp_path):
     folder = tmp_path / "model"
     (folder / "unet").mkdir(parents=True)

@@ -21,7 +21,7 @@ from dreambooth.process import task_entry
 from dreambooth.shards import Shard
 from dreambooth.progress import DONE, FAILED as STAGE_FAILED, RUNNING, StageProgress
 from dreambooth.stages import BATCH, CLASS_PRIORS, FINISH_TRACKING, NOTIFY, PLAN_BATCH, SUMMARIZE, Stage
-from dreambooth.storage import content_digests, read_text
+from dreambooth.storage import content_digests_of, read_text
 from dreambooth.subjects import entries_from_json, parse_subjects
 from dreambooth.summary import collect_rows, counts, headline, log_summary
 from dreambooth.tracking.cost import budget_refusal, summed
@@ -91,10 +91,10 @@ def plan_task(
     opener = subject_run_opener(tracking_uri, batch_run_id)
     if shard_json:  # its batch was planned and its budget checked whole: a look-up per subject of the shard,
         # not the experiment's every trained run read again by each of a catalogue's hundreds of shards
-        planned = plan_batch(entries, shared, content_digests, trained_run_finder(tracking_uri, shared.tracking.experiment), opener, force)
+        planned = plan_batch(entries, shared, content_digests_of, trained_run_finder(tracking_uri, shared.tracking.experiment), opener, force)
     else:  # the MLflow look-ups of the whole plan: one paged search and one listing, not one of each per subject
         trained = trained_subjects(tracking_uri, shared.tracking.experiment)
-        planned = plan_batch(entries, shared, content_digests, lambda fingerprint: trained[fingerprint].info.run_id if fingerprint in trained else None,
+        planned = plan_batch(entries, shared, content_digests_of, lambda fingerprint: trained[fingerprint].info.run_id if fingerprint in trained else None,
                              opener, force, budget_guard(shared, trained, tracking_uri, batch_run_id))
     plan = BatchPlan(batch_run_id, planned, group_priors(planned))
     Path(plan_path).parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 from dreambooth.batch import PLAN_ARTIFACT, BatchPlan, plan_batch
 from dreambooth.shards import SHARDS_ARTIFACT, Shard, split_into_shards
 from dreambooth.stages import LAUNCH_SHARDS
-from dreambooth.storage import content_digests
+from dreambooth.storage import content_digests_of
 from dreambooth.subjects import SubjectEntry
 from dreambooth.summary import log_summary, subject_row
 from dreambooth.tasks.batch import batch_stage, batch_subjects, budget_guard, report_planned, shared_settings
@@ -37,7 +37,7 @@ def launch_shards(
     trained = trained_subjects(tracking_uri, shared.tracking.experiment)
     open_here = subject_run_opener(tracking_uri, batch_run_id)
     planned = plan_batch(
-        entries, shared, content_digests, lambda fingerprint: trained[fingerprint].info.run_id if fingerprint in trained else None,
+        entries, shared, content_digests_of, lambda fingerprint: trained[fingerprint].info.run_id if fingerprint in trained else None,
         # Only a refused subject gets its run here (to say why); the others get theirs in their shard.
         lambda config, fingerprint: open_here(config, fingerprint) if config.consent_refusal() else "",
         force, budget_guard(shared, trained, tracking_uri, batch_run_id),
