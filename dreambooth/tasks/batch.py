@@ -244,9 +244,10 @@ def finish_task(config_json: str, tracking_uri: str, job_id: str, pipeline_state
     """Exit handler: close the batch run, and any run a crashed or killed stage left open; then
     tell the webhooks of tracking.notify how the batch ended."""
     config = RunConfig.from_json(config_json)
-    if shards_running(tracking_uri, config.tracking.experiment, job_id, pipeline_state):
+    batch = find_batch_run(tracking_uri, config.tracking.experiment, job_id)
+    if shards_running(batch, pipeline_state):
         return  # the launch of a sharded batch: its last shard to end closes the batch run
-    batch_run_id = finish_batch_run(tracking_uri, config.tracking.experiment, job_id, pipeline_state)
+    batch_run_id = finish_batch_run(tracking_uri, config.tracking.experiment, job_id, pipeline_state, batch=batch)
     if batch_run_id:
         shard_end = close_when_shards_end(tracking_uri, batch_run_id)
         if shard_end is not None:  # one word a night for a catalogue, not one per shard: the last shard to end tells of them all
@@ -266,9 +267,9 @@ def finish_task(config_json: str, tracking_uri: str, job_id: str, pipeline_state
     StageProgress(BATCH, NOTIFY.name).state(DONE if sent else STAGE_FAILED, "; ".join(outcomes))
 
 
-def shards_running(tracking_uri: str, experiment: str, job_id: str, pipeline_state: str) -> bool:
-    """The job launched the shards of a sharded batch and ended well: they now run on their own."""
-    batch = find_batch_run(tracking_uri, experiment, job_id)
+def shards_running(batch, pipeline_state: str) -> bool:
+    """The job (its batch run `batch`) launched the shards of a sharded batch and ended well: they
+    now run on their own."""
     succeeded = pipeline_state.upper() in ("SUCCEEDED", "SUCCESS")
     return succeeded and batch is not None and int(batch.data.tags.get(TAG_SHARDS, "0")) > 0
 

@@ -353,11 +353,12 @@ def log_photos_input(mlflow, run_id: str, photos: str) -> None:
     mlflow.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
 
 
-def finish_batch_run(tracking_uri: str, experiment: str, job_id: str, pipeline_state: str, reason: str = "") -> Optional[str]:
+def finish_batch_run(tracking_uri: str, experiment: str, job_id: str, pipeline_state: str, reason: str = "",
+                     batch=None) -> Optional[str]:
     """Exit handler: close the batch run with the pipeline's final state, and every run under it
     still open with the reason: a subject as FAILED, a stage that crashed or was killed as KILLED.
-    Returns the batch run's id."""
-    batch = find_batch_run(tracking_uri, experiment, job_id)
+    `batch` is the batch run when the caller has found it already. Returns the batch run's id."""
+    batch = batch or find_batch_run(tracking_uri, experiment, job_id)
     if batch is None:
         return None
     mlflow = client(tracking_uri)
