@@ -179,12 +179,12 @@ def _close_stopped_job(tracking_uri: str, experiment: str, job_dir: Optional[Pat
     """The batch run and every run under it still open, closed as KILLED with the reason (a rerun resumes
     the training from its checkpoint, under runs of its own)."""
     from dreambooth.process import unwinding
-    from dreambooth.tracking import TAG_JOB_ID, finish_batch_run
+    from dreambooth.tracking import close_batch_run
 
     unwinding()
     batch = find_batch_run(tracking_uri, experiment, job_name=job_dir.name) if job_dir is not None else None
     if batch is not None:
-        finish_batch_run(tracking_uri, experiment, batch.data.tags[TAG_JOB_ID], "KILLED", f"the local run was {reason}")
+        close_batch_run(tracking_uri, experiment, batch, "KILLED", f"the local run was {reason}")
 
 
 def _print_experiment_tables(tracking_uri: str, batch_run_id: str) -> None:

@@ -237,8 +237,8 @@ def content_digests_of(uris: list[str]) -> list[dict[str, str]]:
 
     siblings: dict[tuple[str, str], set[str]] = {}
     for uri in uris:
-        if is_gcs(uri) and not is_archive(uri) and split_gcs(uri)[1]:
-            bucket_name, prefix = split_gcs(uri)
+        bucket_name, prefix = split_gcs(uri) if is_gcs(uri) and not is_archive(uri) else ("", "")
+        if prefix:
             siblings.setdefault((bucket_name, prefix.rpartition("/")[0]), set()).add(prefix)
     listed: dict[tuple[str, str], dict[str, str]] = {}
     for (bucket_name, parent), folders in siblings.items():

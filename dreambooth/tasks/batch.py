@@ -35,8 +35,8 @@ from dreambooth.tracking import (
     TAG_SHARDS,
     child_runs,
     client,
+    close_batch_run,
     find_batch_run,
-    finish_batch_run,
     log_metrics,
     open_batch_run,
     record_failure,
@@ -247,7 +247,7 @@ def finish_task(config_json: str, tracking_uri: str, job_id: str, pipeline_state
     batch = find_batch_run(tracking_uri, config.tracking.experiment, job_id)
     if shards_running(batch, pipeline_state):
         return  # the launch of a sharded batch: its last shard to end closes the batch run
-    batch_run_id = finish_batch_run(tracking_uri, config.tracking.experiment, job_id, pipeline_state, batch=batch)
+    batch_run_id = close_batch_run(tracking_uri, config.tracking.experiment, batch, pipeline_state) if batch is not None else None
     if batch_run_id:
         shard_end = close_when_shards_end(tracking_uri, batch_run_id)
         if shard_end is not None:  # one word a night for a catalogue, not one per shard: the last shard to end tells of them all

@@ -353,18 +353,20 @@ def log_photos_input(mlflow, run_id: str, photos: str) -> None:
     mlflow.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
 
 
-def finish_batch_run(tracking_uri: str, experiment: str, job_id: str, pipeline_state: str, reason: str = "",
-                     batch=None) -> Optional[str]:
-    """Exit handler: close the batch run with the pipeline's final state, and every run under it
+def finish_batch_run(tracking_uri: str, experiment: str, job_id: str, pipeline_state: str, reason: str = "") -> Optional[str]:
+    """close_batch_run for the job's batch run; its id, or None when the job never opened one."""
+    batch = find_batch_run(tracking_uri, experiment, job_id)
+    return None if batch is None else close_batch_run(tracking_uri, experiment, batch, pipeline_state, reason)
+
+
+def close_batch_run(tracking_uri: str, experiment: str, batch, pipeline_state: str, reason: str = "") -> str:
+    """Exit handler: close the batch run with the pipeline's final state, and every run of its job
     still open with the reason: a subject as FAILED, a stage that crashed or was killed as KILLED.
-    `batch` is the batch run when the caller has found it already. Returns the batch run's id."""
-    batch = batch or find_batch_run(tracking_uri, experiment, job_id)
-    if batch is None:
-        return None
+    Returns the batch run's id."""
     mlflow = client(tracking_uri)
     succeeded = pipeline_state.upper() in ("SUCCEEDED", "SUCCESS")
     stopped = pipeline_state.upper() == "KILLED"  # a local run stopped by Ctrl-C or SIGTERM
-    still_running = runs_still_open(tracking_uri, experiment, job_id)
+    still_running = runs_still_open(tracking_uri, experiment, batch.data.tags[TAG_JOB_ID])
     for run in still_running:
         if run.info.run_id == batch.info.run_id:
             continue
