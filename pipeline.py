@@ -1,7 +1,7 @@
 """DreamBooth personalisation as a Kubeflow pipeline: `python pipeline.py COMMAND ...` in a checkout.
 
 The same command line is installed as `dreambooth` (pyproject's console script). The DAG is
-dreambooth/pipeline.py, its components dreambooth/components/, the shipped configs dreambooth/configs/.
+dreambooth/dag/pipeline.py, its components dreambooth/dag/components/, the shipped configs dreambooth/configs/.
 """
 
 import sys

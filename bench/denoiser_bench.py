@@ -88,12 +88,12 @@ TRANSFORMER_FAMILIES = ("flux", "sd35", "flux2", "flux2-klein", "z-image", "qwen
 
 def _denoiser(family: str, tiny: bool, quantization: str = "none"):
     """The family's denoiser with random weights; quantized, it is saved and loaded back through
-    diffusers' quantization config (dreambooth.models.denoiser_quantization), as training loads a base."""
+    diffusers' quantization config (dreambooth.models.loading.denoiser_quantization), as training loads a base."""
     import torch
     from diffusers import (Flux2Transformer2DModel, FluxTransformer2DModel, QwenImageTransformer2DModel, SD3Transformer2DModel,
                            UNet2DConditionModel, ZImageTransformer2DModel)
 
-    from dreambooth.models import denoiser_quantization, load_pipeline
+    from dreambooth.models.loading import denoiser_quantization, load_pipeline
 
     if tiny:
         pipeline = load_pipeline(TINY_MODELS[family])
@@ -128,7 +128,7 @@ def _text_encoders(family: str, tiny: bool) -> list:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if tiny:
-        from dreambooth.models import load_pipeline
+        from dreambooth.models.loading import load_pipeline
 
         pipeline = load_pipeline("tiny://sd" if family == "sd15" else "tiny://sdxl")
         return [pipeline.text_encoder] + ([pipeline.text_encoder_2] if family == "sdxl" else [])

@@ -35,7 +35,7 @@ def main() -> None:
     from dreambooth.evaluation.evaluate import limit_per_category
     from dreambooth.evaluation.prompts import is_live_subject, load_prompts
     from dreambooth.priors import prior_key
-    from dreambooth.subjects import parse_subjects, subject_config
+    from dreambooth.catalogue.subjects import parse_subjects, subject_config
 
     shared = load_config(args.config)
     entries = parse_subjects(args.experiment.read_text(), str(args.experiment), shared)

@@ -104,7 +104,7 @@ def _child(mode: str, config_path: str, subject: str, out: str) -> None:
     """Runs inside the measured subprocess: our stages as plain functions, no KFP or MLflow."""
     from dreambooth.config import load_config
     from dreambooth.finetune import finetune
-    from dreambooth.ingest import ingest_subject
+    from dreambooth.ingest.photos import ingest_subject
     from dreambooth.priors import generate_class_priors
     from dreambooth.samples import render_samples
 
@@ -196,7 +196,7 @@ def main() -> None:
     args = parser.parse_args()
     args.subject_dir = args.subject_dir.resolve()
 
-    from dreambooth.models import load_pipeline, native_resolution, resolve_model_source
+    from dreambooth.models.loading import load_pipeline, native_resolution, resolve_model_source
 
     model_dir = resolve_model_source(args.base_model)
     probe = load_pipeline(model_dir)

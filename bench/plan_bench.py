@@ -9,7 +9,7 @@ them twice against the same tracking store: the first night, when every subject 
 after every subject was marked trained (all found up to date). Prints wall time, peak memory of the
 process and MlflowClient calls per subject for each. Without sharding the plan is the plan task
 (`dreambooth.tasks.batch.plan_task`, the pipeline's first step: a subject run opened for each). With
---max-subjects-per-run K it is a sharded batch's launch (`dreambooth.tasks.shards.launch_shards`: the
+--max-subjects-per-run K it is a sharded batch's launch (`dreambooth.tasks.launch.launch_shards`: the
 whole file planned once, nothing opened per subject) followed by every shard's own plan task, as the
 shards' runs do side by side on a cluster; it also prints the Argo nodes one shard of K subjects
 holds (gke-sd15 compiled for the cluster) against the limit. The tracking store defaults to a fresh
@@ -148,13 +148,13 @@ def _unsharded(root: Path, tracking: str, subjects: Path, count: int, _: int) ->
 
 
 def _sharded(root: Path, tracking: str, subjects: Path, count: int, shard_size: int) -> None:
-    from dreambooth.cluster import compile_dag
+    from dreambooth.commands.submit import compile_dag
     from dreambooth.config import load_config
-    from dreambooth.subjects import entries_to_json
+    from dreambooth.catalogue.subjects import entries_to_json
     from dreambooth.tasks.batch import plan_task
-    from dreambooth.tasks.shards import launch_shards
+    from dreambooth.tasks.launch import launch_shards
     from dreambooth.tracking.store import counted_client_calls
-    from dreambooth.workflow_size import NODE_LIMIT, workflow_nodes
+    from dreambooth.dag.workflow_size import NODE_LIMIT, workflow_nodes
 
     config = _config(root, shard_size)
     launched: list = []

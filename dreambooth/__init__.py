@@ -1,7 +1,7 @@
 """DreamBooth subject personalisation (Ruiz et al., 2022) as plain, pipeline-ready stages.
 
-Each stage module (ingest, priors, finetune, samples) is a plain function that runs
-without Kubeflow; `dreambooth.components` wraps them for KFP and `dreambooth.pipeline` chains them.
+Each stage (ingest, priors, finetune, samples, superres, evaluation) is a plain function that runs
+without Kubeflow; `dreambooth.dag.components` wraps them for KFP and `dreambooth.dag.pipeline` chains them.
 """
 
 __version__ = "0.1.0"

@@ -30,11 +30,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from dreambooth.kfp_runs import COOKIES_ENV, TOKEN_ENV, TOKEN_FILE_ENV
+from dreambooth.dag.kfp_runs import COOKIES_ENV, TOKEN_ENV, TOKEN_FILE_ENV
 from dreambooth.config import RunConfig, load_config
 from dreambooth.errors import InputError
 from dreambooth.process import configure_process, unwinding
-from dreambooth.subjects import SubjectEntry, entries_to_json, subject_config, validate_entries
+from dreambooth.catalogue.subjects import SubjectEntry, entries_to_json, subject_config, validate_entries
 
 DEFAULT_CONFIG = "sd15"
 
@@ -49,7 +49,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         overrides["tracking"]["uri"] = args.tracking_uri
     if getattr(args, "output_dir", None) and args.command in ("run", "experiment", "sync-tracking", "forget"):
         from dreambooth.storage import is_gcs
-        from dreambooth.cache import default_cache_dir
+        from dreambooth.models.cache import default_cache_dir
 
         # Prior caches and checkpoints stay on local disk, next to local outputs when there are some.
         local = default_cache_dir() if is_gcs(args.output_dir) else Path(args.output_dir).resolve()
@@ -94,8 +94,8 @@ def _local_photos(path: str) -> str:
 
 
 def _run(args: argparse.Namespace, config: RunConfig) -> int:
-    from dreambooth.local_run import run_locally
-    from dreambooth.subjects import read_subjects
+    from dreambooth.commands.local_run import run_locally
+    from dreambooth.catalogue.subjects import read_subjects
 
     if args.subjects:
         uri = _local_photos(args.subjects)
@@ -114,14 +114,14 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
 
 
 def _forgotten(config: RunConfig, entries: list[SubjectEntry]) -> set[str]:
-    from dreambooth.forget import forgotten_ids
+    from dreambooth.catalogue.forgotten import forgotten_ids
     from dreambooth.tracking import resolve_tracking_uri
 
     return forgotten_ids(resolve_tracking_uri(config.tracking.uri), config.tracking.experiment, [entry.id for entry in entries])
 
 
 def _ingest(config: RunConfig, photos: str, output_dir: Optional[Path]):
-    from dreambooth.ingest import ingest_subject
+    from dreambooth.ingest.photos import ingest_subject
     from dreambooth.storage import local_folder
 
     with tempfile.TemporaryDirectory() as scratch, local_folder(photos) as folder:
@@ -138,9 +138,9 @@ def _ingest_only(args: argparse.Namespace, config: RunConfig) -> int:
 
 def _evaluate_only(args: argparse.Namespace, shared: RunConfig) -> int:
     """Score a model trained anywhere (diffusers folder or hub id), tracked as a batch of one."""
-    from dreambooth.summary import subject_row
-    from dreambooth.tasks.stages import evaluate_task
-    from dreambooth.tracking import TAG_MODEL_LOCATION, client, finish_batch_run, open_batch_run, open_subject_run, resolve_tracking_uri
+    from dreambooth.reports.summary import subject_row
+    from dreambooth.tasks.subject import evaluate_task
+    from dreambooth.tracking import TAG_MODEL_LOCATION, client, close_batch_run_of_job, open_batch_run, open_subject_run, resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(shared.tracking.uri)
     entry = _one_subject(args, args.subject_dir, shared)
@@ -156,7 +156,7 @@ def _evaluate_only(args: argparse.Namespace, shared: RunConfig) -> int:
     finally:  # a crash, Ctrl-C or SIGTERM too: no run is left RUNNING, the reason is on each
         unwinding()
         row = subject_row(tracking_uri, subject_run_id, close=True)
-        finish_batch_run(tracking_uri, shared.tracking.experiment, job_id, "SUCCEEDED" if outcome else "FAILED", row.reason)
+        close_batch_run_of_job(tracking_uri, shared.tracking.experiment, job_id, "SUCCEEDED" if outcome else "FAILED", row.reason)
     if outcome is None:
         return 1
     print(outcome.report_markdown)
@@ -168,7 +168,7 @@ def _evaluate_only(args: argparse.Namespace, shared: RunConfig) -> int:
 
 def _subjects_argument(args: argparse.Namespace, config: RunConfig) -> tuple[dict, str]:
     """A cluster run's subject parameters and default run name, from --subjects-uri or --subject-uri."""
-    from dreambooth.kfp_runs import run_parameters
+    from dreambooth.dag.kfp_runs import run_parameters
 
     if args.subjects_uri:
         name = f"dreambooth-{args.subjects_uri.rstrip('/').rsplit('/', 1)[-1].rsplit('.', 1)[0]}"
@@ -180,7 +180,7 @@ def _subjects_argument(args: argparse.Namespace, config: RunConfig) -> tuple[dic
 
 
 def _kfp_target(args: argparse.Namespace, config: RunConfig):
-    from dreambooth.kfp_runs import KfpTarget
+    from dreambooth.dag.kfp_runs import KfpTarget
 
     if not getattr(args, "host", None):
         return None
@@ -189,14 +189,14 @@ def _kfp_target(args: argparse.Namespace, config: RunConfig):
 
 
 def _preflight(args: argparse.Namespace, config: RunConfig) -> bool:
-    from dreambooth.preflight import report, run_preflight
+    from dreambooth.commands.preflight import report, run_preflight
 
     checks = run_preflight(config, _kfp_target(args, config), args.mlflow_via, args.subjects_uri, args.subject_uri)
     return report(checks)
 
 
 def _submit(args: argparse.Namespace, config: RunConfig) -> int:
-    from dreambooth.cluster import check_submission, submit
+    from dreambooth.commands.submit import check_submission, submit
 
     cron = args.cron if args.command == "schedule" else None
     check_submission(config, cron)
@@ -211,7 +211,7 @@ def _submit(args: argparse.Namespace, config: RunConfig) -> int:
 def _experiment(args: argparse.Namespace, config: RunConfig) -> int:
     """An experiment file through `run` (locally) or `submit` (with --host: the file as the cluster sees it)."""
     from dreambooth.storage import is_gcs, read_text
-    from dreambooth.subjects import parse_subjects
+    from dreambooth.catalogue.subjects import parse_subjects
 
     if args.host and not is_gcs(args.file):
         raise InputError(f"experiment: {args.file} is on this machine; with --host give the file where the cluster reads it (gs://...)")
@@ -223,13 +223,13 @@ def _experiment(args: argparse.Namespace, config: RunConfig) -> int:
     if args.host:
         args.subjects_uri, args.subject_uri = source, None
         return _submit(args, config)
-    from dreambooth.local_run import run_locally
+    from dreambooth.commands.local_run import run_locally
 
     return run_locally(config, args.output_dir, entries, subjects_uri=source, force=args.force, verbose=args.verbose)
 
 
 def _warm_cache(config: RunConfig) -> int:
-    from dreambooth.models import fetch_model, models_in_use
+    from dreambooth.models.loading import fetch_model, models_in_use
 
     failed = 0
     for use in models_in_use(config):
@@ -257,7 +257,7 @@ def _sync_tracking(config: RunConfig) -> int:
 
 def _forget(args: argparse.Namespace, config: RunConfig) -> int:
     """Say what of the subject would go; with --yes (or a yes at the prompt), remove it."""
-    from dreambooth.forget import forget_subject
+    from dreambooth.commands.forget import forget_subject
     from dreambooth.tracking import resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(config.tracking.uri)
@@ -283,7 +283,7 @@ def _forget(args: argparse.Namespace, config: RunConfig) -> int:
 
 
 def _compare(args: argparse.Namespace, config: RunConfig) -> int:
-    from dreambooth.compare import compare_runs
+    from dreambooth.reports.compare import compare_runs
     from dreambooth.tracking import resolve_tracking_uri
 
     selections = [bool(args.batch_run), bool(args.experiment), bool(args.runs)]
@@ -299,7 +299,7 @@ def _compare(args: argparse.Namespace, config: RunConfig) -> int:
 def _promote(args: argparse.Namespace, config: RunConfig) -> int:
     import getpass
 
-    from dreambooth.registry import promote
+    from dreambooth.tracking.registry import promote
     from dreambooth.tracking import resolve_tracking_uri
 
     version, before = promote(resolve_tracking_uri(config.tracking.uri), args.model, args.to, args.version, args.alias,
@@ -310,7 +310,7 @@ def _promote(args: argparse.Namespace, config: RunConfig) -> int:
 
 
 def _models(args: argparse.Namespace, config: RunConfig) -> int:
-    from dreambooth.registry import registered_versions
+    from dreambooth.tracking.registry import registered_versions
     from dreambooth.tracking import resolve_tracking_uri
 
     versions = registered_versions(resolve_tracking_uri(config.tracking.uri), args.name)
@@ -466,11 +466,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == "watermark":  # needs no config
             return _watermark_check(args.image)
         config = _without_credentials(load_config(args.config, _overrides(args)))
-        from dreambooth.models import allow_pickle_weights
+        from dreambooth.models.loading import allow_pickle_weights
 
         allow_pickle_weights(config.model.allow_pickle)
         if args.command == "compile":
-            from dreambooth.cluster import compile_pipeline
+            from dreambooth.commands.submit import compile_pipeline
 
             path = compile_pipeline(config, args.output, on_cluster=config.cluster is not None)
             print(f"wrote {path} (config {config.name!r})")

@@ -34,7 +34,7 @@ class ModelSettings(Section):
     """The base text-to-image model that is personalised."""
 
     # A hub id, a local folder in the diffusers layout, or `tiny://NAME` for an
-    # offline random model built by dreambooth.tiny_models.
+    # offline random model built by dreambooth.models.tiny.
     base: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     # A hub revision (branch, tag or commit) of model.base; None: the default branch.
     revision: Optional[str] = None
@@ -93,7 +93,7 @@ class SubjectSettings(Section):
     name: str = "subject"
     # What the subject is (dog, backpack): `a [V] <class noun>`; usually given per subject.
     class_noun: str = ""
-    # None: pick a rare token of the model's own tokenizer (dreambooth.identifiers).
+    # None: pick a rare token of the model's own tokenizer (dreambooth.ingest.identifiers).
     identifier: Optional[str] = None
     # Token ids [low, high) the rare identifier is drawn from (the paper's rare-token range for CLIP).
     identifier_token_range: tuple[int, int] = (5000, 10000)
@@ -528,7 +528,7 @@ class EvaluationSettings(Section):
     # CLIP for CLIP-I (subject fidelity) and CLIP-T (prompt fidelity).
     clip_model: str = "openai/clip-vit-base-patch32"
     # lpips://alexnet-v0.1: torchvision's AlexNet + LPIPS v0.1 heads, fetched into the model cache on
-    # first use (dreambooth.evaluation.lpips); or a folder made by `python -m dreambooth.evaluation.lpips`.
+    # first use (dreambooth.models.lpips); or a folder made by `python -m dreambooth.models.lpips`.
     lpips_model: str = "lpips://alexnet-v0.1"
     # Images per encoder batch.
     encoder_batch_size: int = Field(default=32, ge=1)

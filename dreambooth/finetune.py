@@ -18,7 +18,7 @@ import torch
 
 from dreambooth.config import DataSettings, RunConfig, SamplerSettings
 from dreambooth.errors import InputError
-from dreambooth.models import METADATA_FILE, load_pipeline, model_family
+from dreambooth.models.loading import METADATA_FILE, load_pipeline, model_family
 from dreambooth.training.driver import subject_training
 from dreambooth.training.loop import OnLog, OnStep, process_state
 from dreambooth.training.recipes import recipe_class
@@ -38,9 +38,9 @@ def finetune(
     """Fine-tune config.model.base on the subject; write a full diffusers pipeline (or what loads on
     the base: an adapter, an embedding, with its base-model reference) to output_dir. `release`: see train_and_save;
     `tracking_run`: the run training, named in checkpoints. training.method reference trains nothing:
-    the folder names model.reference and holds the photos it draws from (dreambooth.reference)."""
+    the folder names model.reference and holds the photos it draws from (dreambooth.baseline)."""
     if config.training.method == "reference":
-        from dreambooth.reference import write_reference_result
+        from dreambooth.baseline import write_reference_result
 
         return write_reference_result(instance_dir, config, output_dir)
     select = config.evaluation.select

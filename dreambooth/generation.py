@@ -20,7 +20,7 @@ from PIL import Image
 
 from dreambooth.config import SamplerSettings
 from dreambooth.errors import InputError
-from dreambooth.models import inference_dtype, load_pipeline, native_resolution, use_sampler
+from dreambooth.models.loading import inference_dtype, load_pipeline, native_resolution, use_sampler
 from dreambooth.process import configure_process
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from dreambooth.config import RunConfig
-from dreambooth.models import METADATA_FILE
+from dreambooth.models.loading import METADATA_FILE
 from dreambooth.images import labelled_grid
 from dreambooth.generation import generate, load_sampling_pipeline
 from dreambooth.watermark import payload_for, save_marked

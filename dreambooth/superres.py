@@ -27,7 +27,7 @@ from dreambooth.training.saving import FinetuneResult
 def load_upscaler(reference: str, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32):
     from diffusers import StableDiffusionUpscalePipeline
 
-    from dreambooth.models import best_device, load_failure_reason, resolve_model_source, weights_format
+    from dreambooth.models.loading import best_device, load_failure_reason, resolve_model_source, weights_format
 
     try:
         source = resolve_model_source(reference, setting="superres.base")
@@ -97,7 +97,7 @@ def upscale_comparison_grid(subject_dir: Path, model_dir: Path, upscaler_dir: Pa
     """Rows: subject photos (held in) and fine-tuned samples; columns: low-res input, generic, personalised."""
     from dreambooth.generation import generate, load_sampling_pipeline
     from dreambooth.images import labelled_grid
-    from dreambooth.models import inference_dtype
+    from dreambooth.models.loading import inference_dtype
 
     settings = config.superres
     prompt = config.subject.instance_prompt(identifier)

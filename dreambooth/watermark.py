@@ -121,7 +121,7 @@ def payload_for(model: str | Path) -> str:
     """The payload of the images `model` draws: the first 8 hex digits of the training fingerprint its
     dreambooth.json records (the subject run's tag dreambooth.watermark holds the same), else of a digest
     of that metadata (a reference baseline), else of the reference itself (a base model)."""
-    from dreambooth.models import result_metadata
+    from dreambooth.models.loading import result_metadata
 
     metadata = result_metadata(model) if Path(str(model)).is_dir() else {}
     if metadata.get("fingerprint"):

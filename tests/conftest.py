@@ -174,7 +174,7 @@ def model_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(model_cache) -> Path:
-    from dreambooth.models import resolve_model_source
+    from dreambooth.models.loading import resolve_model_source
 
     return Path(resolve_model_source("tiny://sd"))
 

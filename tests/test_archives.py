@@ -10,7 +10,7 @@ from google.cloud import storage
 from conftest import SAMPLE_SUBJECT
 from dreambooth import archives
 from dreambooth.errors import InputError
-from dreambooth.ingest import ingest_subject
+from dreambooth.ingest.photos import ingest_subject
 from dreambooth.storage import content_digests, local_folder
 
 

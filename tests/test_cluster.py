@@ -90,7 +90,7 @@ def test_gpu_stages_retry_for_longer_than_they_run(compiled):
 
 def test_a_local_run_of_a_cluster_config_keeps_its_retries_and_nothing_else_of_the_cluster(tmp_path):
     """kfp.local honours set_retry: a stage that fails on a tracking outage is retried locally as on the cluster."""
-    from dreambooth.cluster import compile_pipeline
+    from dreambooth.commands.submit import compile_pipeline
 
     documents = list(yaml.safe_load_all(compile_pipeline(load_config("gke-sd15"), tmp_path / "local.yaml").read_text()))
     assert len(documents) == 1  # no platform spec: no image, GPUs, node pools or secrets locally
@@ -103,7 +103,7 @@ def test_a_local_run_of_a_cluster_config_keeps_its_retries_and_nothing_else_of_t
 def test_the_loops_run_as_many_at_once_as_the_gpu_quota_holds(tmp_path):
     """8 GPUs: eight class-prior groups (one GPU each); two subjects, each peaking at three (samples, evaluate
     and super-resolution side by side); without a quota, batch.parallelism."""
-    from dreambooth.cluster import compile_pipeline
+    from dreambooth.commands.submit import compile_pipeline
 
     def limits(config) -> dict[str, int]:
         spec = next(yaml.safe_load_all(compile_pipeline(config, tmp_path / "c.yaml", on_cluster=True).read_text()))
@@ -170,7 +170,7 @@ def _ir(pipeline, tmp_path) -> dict:
 def test_argo_nodes_are_counted_as_kfps_argo_compiler_lays_them_out(tmp_path):
     from kfp import dsl
 
-    from dreambooth.workflow_size import workflow_nodes
+    from dreambooth.dag.workflow_size import workflow_nodes
 
     @dsl.component
     def hello(text: str) -> str:
@@ -193,7 +193,7 @@ def test_argo_nodes_are_counted_as_kfps_argo_compiler_lays_them_out(tmp_path):
 
 
 def test_a_shard_too_large_for_one_argo_workflow_is_refused_before_anything_is_sent(tmp_path):
-    from dreambooth.cluster import check_submission
+    from dreambooth.commands.submit import check_submission
 
     with pytest.raises(InputError) as refused:
         check_submission(load_config("gke-sd15", {"batch": {"max_subjects_per_run": 100}}))

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from dreambooth.errors import InputError, TrainingDiverged
 from dreambooth.finetune import finetune
-from dreambooth.models import METADATA_FILE
-from dreambooth.ingest import ingest_subject
+from dreambooth.models.loading import METADATA_FILE
+from dreambooth.ingest.photos import ingest_subject
 from dreambooth.priors import generate_class_priors
 
 
@@ -104,7 +104,7 @@ finetune(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], config, Path(sys.arg
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_killed_training_resumes_from_the_last_checkpoint(prepared, tmp_path, method):
-    from dreambooth.models import LORA_WEIGHTS
+    from dreambooth.models.loading import LORA_WEIGHTS
 
     config, identifier = prepared(training={"max_steps": 30, "checkpoint_every": 5, "checkpoints_total_limit": 2, "method": method})
     saved = "model_index.json" if method == "full" else LORA_WEIGHTS
@@ -148,7 +148,7 @@ def test_min_snr_and_noise_offset_change_the_training_loss(prepared, tmp_path):
 
 @pytest.mark.parametrize("train_text_encoder", [False, True])
 def test_a_lora_fine_tune_saves_an_adapter_that_loads_on_its_base(prepared, tmp_path, tiny_model_dir, train_text_encoder):
-    from dreambooth.models import LORA_WEIGHTS, load_pipeline
+    from dreambooth.models.loading import LORA_WEIGHTS, load_pipeline
 
     config, identifier = prepared(training={"method": "lora", "max_steps": 6, "checkpoint_every": 3, "learning_rate": 1e-2,
                                             "train_text_encoder": train_text_encoder})
@@ -217,7 +217,7 @@ def test_validation_images_in_mixed_precision_leave_the_trained_weights_float32_
 
 @pytest.mark.parametrize("family, prefixes", [("sd", {"unet", "te1"}), ("sdxl", {"unet", "te1", "te2"})])
 def test_the_single_file_export_is_the_same_adapter_in_the_web_ui_layout(prepared, tmp_path, family, prefixes):
-    from dreambooth.models import LORA_WEIGHTS, SINGLE_FILE_LORA, resolve_model_source
+    from dreambooth.models.loading import LORA_WEIGHTS, SINGLE_FILE_LORA, resolve_model_source
 
     # alpha 8 at rank 4: a scale of 2, which the kohya file must carry in its own alpha entries
     lora = {"export_single_file": True, "rank": 4, "alpha": 8}
@@ -239,7 +239,7 @@ def test_the_single_file_export_is_the_same_adapter_in_the_web_ui_layout(prepare
 def test_a_separate_vae_replaces_the_models_own_and_travels_with_a_lora_result(prepared, tmp_path):
     from diffusers import AutoencoderKL
 
-    from dreambooth.models import load_pipeline, resolve_model_source
+    from dreambooth.models.loading import load_pipeline, resolve_model_source
 
     torch.manual_seed(5)
     other = AutoencoderKL.from_config(AutoencoderKL.load_config(resolve_model_source("tiny://sd"), subfolder="vae"))
@@ -260,7 +260,7 @@ def test_a_separate_vae_replaces_the_models_own_and_travels_with_a_lora_result(p
 
 @pytest.mark.parametrize("family, encoders", [("sdxl", {"unet", "text_encoder", "text_encoder_2"}), ("flux", {"transformer", "text_encoder"})])
 def test_sdxl_and_flux_adapters_cover_their_text_encoders_and_load_on_the_base(prepared, tmp_path, family, encoders):
-    from dreambooth.models import LORA_WEIGHTS, load_pipeline
+    from dreambooth.models.loading import LORA_WEIGHTS, load_pipeline
 
     sampler = {"scheduler": "FlowMatchEulerDiscreteScheduler"} if family == "flux" else {}
     # 64 px as the shipped tiny configs train (the tiny Flux's native size is 256 px: 16 times the cost).

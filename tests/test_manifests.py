@@ -130,7 +130,7 @@ def test_the_shard_launcher_gets_its_kfp_api_token_from_the_pod_default(tmp_path
     """The label the launch task carries is the one the PodDefault selects, and the token lands where kfp.Client reads it."""
     from kfp import client as kfp_client
 
-    from dreambooth.cluster import compile_pipeline
+    from dreambooth.commands.submit import compile_pipeline
 
     spec = list(yaml.safe_load_all(compile_pipeline(load_config("gke-sd15"), tmp_path / "launcher.yaml", on_cluster=True, launcher=True).read_text()))
     labels = spec[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-launch-shards"]["podMetadata"]["labels"]

@@ -60,7 +60,7 @@ def _run(bin_dir: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_the_installed_package_imports_without_the_repository(installed, tmp_path):
-    found = _run(installed, str(installed / "python"), "-I", "-c", "import dreambooth, dreambooth.pipeline; print(dreambooth.__file__)",
+    found = _run(installed, str(installed / "python"), "-I", "-c", "import dreambooth, dreambooth.dag.pipeline; print(dreambooth.__file__)",
                  cwd=tmp_path)
     assert found.returncode == 0, found.stderr
     assert Path(found.stdout.strip()).is_relative_to(installed.parent) and not Path(found.stdout.strip()).is_relative_to(REPO)

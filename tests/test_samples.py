@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from dreambooth.models import METADATA_FILE
+from dreambooth.models.loading import METADATA_FILE
 from dreambooth.images import MIN_GRID_CELL as MIN_CELL
 from dreambooth.samples import render_samples
 from dreambooth.watermark import detect, payload_for

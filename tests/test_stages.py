@@ -4,10 +4,10 @@ import pytest
 import yaml
 
 from conftest import dag_tasks
-from dreambooth.cluster import compile_pipeline
+from dreambooth.commands.submit import compile_pipeline
 from dreambooth.config import load_config
 from dreambooth.errors import InputError
-from dreambooth.kfp_local import component_of
+from dreambooth.commands.kfp_local import component_of
 from dreambooth.stages import COMPONENT_STAGES, FINE_TUNE
 
 

@@ -68,7 +68,7 @@ def test_an_interrupted_upload_is_never_read_as_a_model(gcs_emulator, tmp_path):
 
 
 def test_subject_photos_uploaded_by_a_user_need_no_marker(gcs_emulator, subject_dir, make_config, tmp_path):
-    from dreambooth.ingest import ingest_subject
+    from dreambooth.ingest.photos import ingest_subject
 
     bucket = storage.Client(project="dreambooth-test").bucket(gcs_emulator)
     for photo in subject_dir.iterdir():
@@ -81,7 +81,7 @@ def test_subject_photos_uploaded_by_a_user_need_no_marker(gcs_emulator, subject_
 def test_a_subjects_file_and_its_photos_are_read_from_the_bucket(gcs_emulator, subject_dir, make_config):
     """The plan reads the file when a run starts, and fingerprints photos from their MD5s without downloading them."""
     from dreambooth.storage import content_digests
-    from dreambooth.subjects import read_subjects
+    from dreambooth.catalogue.subjects import read_subjects
 
     bucket = storage.Client(project="dreambooth-test").bucket(gcs_emulator)
     for photo in subject_dir.iterdir():
@@ -148,7 +148,7 @@ def test_uploads_and_downloads_ride_out_503s_hangs_and_dropped_connections(fault
 
 
 def test_the_model_loader_reads_only_a_complete_gs_folder(gcs_emulator, tiny_model_dir, tmp_path, monkeypatch):
-    from dreambooth.models import load_pipeline
+    from dreambooth.models.loading import load_pipeline
 
     monkeypatch.setenv("DREAMBOOTH_CACHE", str(tmp_path / "cache"))  # nothing fetched before
     uri = f"gs://{gcs_emulator}/models/tiny-sd"

@@ -82,8 +82,71 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_no_module_imports_itself_back_through_others():
     graph = import_graph()
-    assert "dreambooth.pipeline" in graph and graph["dreambooth.pipeline"], "the graph was read"
+    assert "dreambooth.dag.pipeline" in graph and graph["dreambooth.dag.pipeline"], "the graph was read"
     assert cycles(graph) == []
+
+
+# The package's layers, top to bottom (docs/architecture.md): a module imports from its own layer and the ones
+# below it, never from one above, lazily or not. A module's layer is its longest listed prefix.
+LAYERS = (
+    ("commands", ("cli", "commands")),
+    ("dag", ("dag",)),
+    ("components", ("dag.components",)),
+    ("tasks", ("tasks",)),
+    ("reports", ("reports",)),
+    ("catalogue", ("catalogue",)),
+    ("stages", ("ingest", "priors", "finetune", "samples", "superres", "baseline", "evaluation")),
+    ("training", ("training",)),
+    ("tracking and generation", ("tracking", "generation", "watermark")),
+    ("models", ("models",)),
+    ("basics", ("", "config", "stages", "errors", "process", "progress", "images", "storage", "archives")),
+)
+TOP_LEVEL_MODULES = {"cli", "config", "stages", "errors", "process", "progress", "priors", "finetune", "samples", "superres",
+                     "baseline", "generation", "watermark", "images", "storage", "archives"}
+
+
+def layer_of(module: str) -> int:
+    name = module.removeprefix("dreambooth").removeprefix(".")
+    matches = [(len(prefix), depth) for depth, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes
+               if name == prefix or name.startswith(prefix + ".") or (prefix == "" and name == "")]
+    assert matches, f"{module} is in no layer of LAYERS: add it where it belongs"
+    return max(matches)[1]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a module in a higher layer: 'importer -> imported (layer -> layer)'."""
+    found = []
+    for importer, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            if layer_of(target) < layer_of(importer):
+                found.append(f"{importer} -> {target} ({LAYERS[layer_of(importer)][0]} -> {LAYERS[layer_of(target)][0]})")
+    return found
+
+
+def test_imports_run_downhill_from_commands_to_shared_machinery():
+    graph = import_graph()
+    assert graph["dreambooth.dag.pipeline"] and graph["dreambooth.cli"], "the graph was read"
+    assert upward_imports(graph) == []
+
+
+def test_an_import_up_a_layer_is_found_even_inside_a_function(tmp_path):
+    graph = import_graph()
+    graph["dreambooth.models.loading"] = graph["dreambooth.models.loading"] | {"dreambooth.evaluation.encoders"}
+    assert upward_imports(graph) == ["dreambooth.models.loading -> dreambooth.evaluation.encoders (models -> stages)"]
+    planted = PACKAGE / "models" / "_planted_for_test.py"
+    try:
+        planted.write_text("def f():\n    from dreambooth.dag.pipeline import build_pipeline\n")
+        assert upward_imports(import_graph()) == ["dreambooth.models._planted_for_test -> dreambooth.dag.pipeline (models -> dag)"]
+    finally:
+        planted.unlink()
+
+
+def test_the_package_top_holds_only_the_entry_points_the_basics_and_the_stages():
+    top = {path.stem for path in PACKAGE.glob("*.py")} - {"__init__"}
+    assert top == TOP_LEVEL_MODULES
+    for package in [path.parent for path in PACKAGE.rglob("__init__.py")]:
+        docstring = ast.get_docstring(ast.parse((package / "__init__.py").read_text()))
+        assert docstring, f"{package.relative_to(REPO)}/__init__.py says what lives there"
 
 
 _IMPORT_EVERY_MODULE = """

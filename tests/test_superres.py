@@ -9,8 +9,8 @@ from PIL import Image
 from dreambooth.training.data import ViewShape, encode_views, training_views
 from dreambooth.training.losses import DenoisingBatch, denoising_loss
 from dreambooth.images import list_images
-from dreambooth.ingest import ingest_subject
-from dreambooth.models import resolve_model_source
+from dreambooth.ingest.photos import ingest_subject
+from dreambooth.models.loading import resolve_model_source
 from dreambooth.superres import finetune_upscaler
 from dreambooth.training.recipes.upscaler import low_resolution, noised_condition
 

@@ -1,1 +1,2 @@
-"""Stage 5: evaluation by the DreamBench protocol (paper sec. 4.1): DINO, CLIP-I, CLIP-T, PRES, DIV."""
+"""The evaluate stage, by the DreamBench protocol (paper sec. 4.1): DINO, CLIP-I, CLIP-T, PRES, DIV; the
+learning check, checkpoint scores and the safety check."""

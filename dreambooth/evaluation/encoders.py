@@ -5,7 +5,7 @@ batches, and does its own preprocessing with PIL (no torchvision):
 - DINO ViT-S/16 (`facebook/dino-vits16`): CLS token; resize 256 bicubic, centre crop 224, ImageNet normalisation.
 - CLIP (`openai/clip-vit-base-patch32`): projected image and text embeddings; the model's own
   resize, crop and normalisation from its preprocessor_config.json.
-- LPIPS (AlexNet): perceptual distance between image pairs (dreambooth.evaluation.lpips).
+- LPIPS (AlexNet): perceptual distance between image pairs (dreambooth.models.lpips).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from PIL import Image
 
 from dreambooth.errors import InputError
 from dreambooth.images import center_crop, resize_shorter_side
-from dreambooth.models import best_device, load_failure_reason, resolve_model_source, weights_format
+from dreambooth.models.loading import best_device, load_failure_reason, resolve_model_source, weights_format
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -138,14 +138,14 @@ class ClipEncoder:
 
 class LpipsDistance:
     def __init__(self, reference: str, batch_size: int = 32, device: torch.device | None = None) -> None:
-        from dreambooth.evaluation.lpips import load_lpips
+        from dreambooth.models.lpips import load_lpips
 
         self.name, self.batch_size, self.device = reference, batch_size, device or best_device()
         folder = Path(resolve_model_source(reference, setting="evaluation.lpips_model"))
         if not (folder / "model.safetensors").is_file():
             raise InputError(
                 f"evaluation.lpips_model: {reference!r} is not an LPIPS folder (config.json + model.safetensors; "
-                "make one with python -m dreambooth.evaluation.lpips)"
+                "make one with python -m dreambooth.models.lpips)"
             )
         self.model = load_lpips(folder).to(self.device)
 

@@ -16,7 +16,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from PIL import Image
@@ -31,13 +31,16 @@ from dreambooth.evaluation.metrics import (
     mean_pairwise_similarity,
 )
 from dreambooth.evaluation.prompts import EvaluationPrompt, is_live_subject, load_prompts, without_identifier
-from dreambooth.models import METADATA_FILE
+from dreambooth.models.loading import METADATA_FILE
 from dreambooth.generation import OnImages, generate, generate_files, load_sampling_pipeline, planned_generators
 from dreambooth.images import labelled_grid, list_images, load_rgb
-from dreambooth.ingest import photos_as_trained
+from dreambooth.ingest.photos import photos_as_trained
 from dreambooth.progress import OnProgress, counter
-from dreambooth.reference import base_of
+from dreambooth.baseline import base_of
 from dreambooth.watermark import payload_for, save_marked
+
+if TYPE_CHECKING:  # the registry reads the champion; evaluation only compares with it
+    from dreambooth.tracking.registry import Champion
 
 RESULTS_FILE = "evaluation.json"
 PROMPT_SEED_STRIDE = 1000
@@ -121,7 +124,7 @@ def _draw(reference: str, revision: Optional[str], requests: list[tuple[str, int
 
 def upscale_images(upscaler: str, prompts: list[str], images: list[Image.Image], config: RunConfig) -> list[Image.Image]:
     """The second stage of the cascade, at the configured inference noise level."""
-    from dreambooth.models import inference_dtype
+    from dreambooth.models.loading import inference_dtype
     from dreambooth.superres import load_upscaler, upscale
 
     settings = config.superres
@@ -151,15 +154,6 @@ def gate_decision(overall: dict[str, float], config: RunConfig) -> GateDecision:
     if overall["pres"] > gate.max_pres:
         reasons.append(f"PRES {overall['pres']:.3f} > {gate.max_pres}")
     return GateDecision(passed=not reasons, reasons=reasons)
-
-
-@dataclass(frozen=True)
-class Champion:
-    """The subject's current champion: its registered version, evaluation figures and protocol."""
-
-    version: str
-    overall: dict[str, float]
-    protocol: str
 
 
 def champion_decision(overall: dict[str, float], protocol: str, champion: Optional[Champion], gate) -> GateDecision:
@@ -200,7 +194,7 @@ def reference_decision(overall: dict[str, float], baseline: dict[str, float], ga
 
 def evaluate_baseline(subject_dir: Path, config: RunConfig, output_dir: Path, on_progress: Optional[OnProgress] = None) -> EvaluationResult:
     """The zero-shot baseline of this subject (model.reference with its photos), evaluated on the same protocol."""
-    from dreambooth.reference import write_reference_result
+    from dreambooth.baseline import write_reference_result
 
     write_reference_result(subject_dir, config, output_dir / "model")
     return evaluate_model(str(output_dir / "model"), subject_dir, config, output_dir, on_progress=on_progress)

@@ -19,7 +19,7 @@ import torch
 
 from dreambooth.config import RunConfig
 from dreambooth.images import list_images
-from dreambooth.models import best_device, inference_dtype, load_pipeline, model_family
+from dreambooth.models.loading import best_device, inference_dtype, load_pipeline, model_family
 
 CHECK_SEED = 2208  # noise, timesteps and latent samples: the same draws for both models
 DRAWS = 4  # noise draws per image

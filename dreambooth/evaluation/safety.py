@@ -19,7 +19,7 @@ import torch
 from dreambooth.errors import InputError
 from dreambooth.evaluation.encoders import clip_preprocessing
 from dreambooth.images import load_rgb
-from dreambooth.models import load_failure_reason, resolve_model_source, weights_format
+from dreambooth.models.loading import load_failure_reason, resolve_model_source, weights_format
 
 SETTING = "evaluation.safety_checker"
 

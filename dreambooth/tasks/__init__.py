@@ -1,6 +1,4 @@
-"""What each KFP component runs, callable without KFP.
-
-`stages`: the per-subject stages (ingest, fine-tune, samples, evaluate, super-resolution) and the
-class priors, each inside its MLflow run. `batch`: planning the batch, handing class priors to the
-subjects, and the summary.
+"""What each KFP component runs, callable without KFP, with MLflow at its edge: a subject's stages and
+the class priors (`subject`), the batch's plan, prior groups, summary and exit handler (`batch`), the
+launch of a sharded batch (`launch`) and a stage over several processes (`distributed`).
 """

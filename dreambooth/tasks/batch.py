@@ -13,17 +13,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from dreambooth.batch import PLAN_ARTIFACT, BatchPlan, group_priors, plan_batch, subjects_with_priors
+from dreambooth.catalogue.planning import PLAN_ARTIFACT, BatchPlan, group_priors, plan_batch, read_plan, subjects_with_priors
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
-from dreambooth.forget import forgotten_ids, redact, without_subject_entry
+from dreambooth.catalogue.forgotten import forgotten_ids, redact, without_subject_entry
 from dreambooth.process import task_entry
-from dreambooth.shards import Shard
+from dreambooth.catalogue.shards import Shard
 from dreambooth.progress import DONE, FAILED as STAGE_FAILED, RUNNING, StageProgress
 from dreambooth.stages import BATCH, CLASS_PRIORS, FINISH_TRACKING, NOTIFY, PLAN_BATCH, SUMMARIZE, Stage
 from dreambooth.storage import content_digests_of, read_text
-from dreambooth.subjects import entries_from_json, parse_subjects
-from dreambooth.summary import collect_rows, counts, headline, log_summary
+from dreambooth.catalogue.subjects import entries_from_json, parse_subjects
+from dreambooth.reports.summary import collect_rows, counts, headline, log_summary
 from dreambooth.tracking.cost import budget_refusal, summed
 from dreambooth.tracking import (
     FAILED,
@@ -79,7 +79,7 @@ def plan_task(
 ) -> int:
     """Read and validate the subjects (the file is read now, when the run starts), fingerprint them,
     open the batch run and a run per subject to train; returns how many subjects will train.
-    shard_json: this run is one shard of a sharded batch (dreambooth.shards), its subjects inline."""
+    shard_json: this run is one shard of a sharded batch (dreambooth.catalogue.shards), its subjects inline."""
     shared = shared_settings(config_json, run_settings)
     batch_run_id = open_batch_run(tracking_uri, shared, job_id, job_name)
     mlflow = client(tracking_uri)
@@ -221,7 +221,7 @@ def summary_task(tracking_uri: str, plan_path: str, job_name: str, subject_statu
 
 def log_experiment_tables(tracking_uri: str, plan: BatchPlan, title: str) -> str:
     """The paper's tables from an experiment's runs, logged on its batch run (experiment/); returns the Markdown."""
-    from dreambooth.paper_tables import as_markdown, experiment_runs, fill_tables, write_tables
+    from dreambooth.reports.paper_tables import as_markdown, experiment_runs, fill_tables, write_tables
 
     tables = fill_tables(experiment_runs(tracking_uri, plan))
     with tempfile.TemporaryDirectory() as scratch:
@@ -240,7 +240,7 @@ def batch_failures_task(tracking_uri: str, plan_path: str) -> None:
 
 
 @batch_stage(FINISH_TRACKING)
-def finish_task(config_json: str, tracking_uri: str, job_id: str, pipeline_state: str) -> None:
+def exit_handler_task(config_json: str, tracking_uri: str, job_id: str, pipeline_state: str) -> None:
     """Exit handler: close the batch run, and any run a crashed or killed stage left open; then
     tell the webhooks of tracking.notify how the batch ended."""
     config = RunConfig.from_json(config_json)
@@ -299,26 +299,6 @@ def batch_report(config: RunConfig, tracking_uri: str, job_id: str, pipeline_sta
 def _kfp_link(config: RunConfig, job_id: str) -> str:
     return f"{config.tracking.kfp_ui_url.rstrip('/')}/#/runs/details/{job_id}" if config.tracking.kfp_ui_url else ""
 
-
-def read_plan(tracking_uri: str, batch_run_id: str) -> BatchPlan:
-    """The plan a batch ran with, from its run's artifacts; a sharded batch's holds every shard's subjects."""
-    mlflow = client(tracking_uri)
-    plan = _logged_plan(mlflow, batch_run_id)
-    batch = mlflow.get_run(batch_run_id)
-    if TAG_SHARDS in batch.data.tags:
-        for shard in shard_runs(tracking_uri, batch):
-            try:
-                part = _logged_plan(mlflow, shard.info.run_id)
-            except Exception:  # the shard failed before its plan was written (its error is on its run)
-                continue
-            plan.subjects += part.subjects
-            plan.prior_groups += part.prior_groups
-    return plan
-
-
-def _logged_plan(mlflow, batch_run_id: str) -> BatchPlan:
-    with tempfile.TemporaryDirectory() as scratch:
-        return BatchPlan.from_json(Path(mlflow.download_artifacts(batch_run_id, PLAN_ARTIFACT, scratch)).read_text())
 
 
 @dataclass(frozen=True)

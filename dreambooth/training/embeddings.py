@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional
 
 from dreambooth.errors import InputError
-from dreambooth.models import EMBEDDINGS_FILE, WEB_UI_EMBEDDING_KEYS, learned_token_names
+from dreambooth.models.loading import EMBEDDINGS_FILE, WEB_UI_EMBEDDING_KEYS, learned_token_names
 
 
 class NewTokenRows(nn.Module):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from dreambooth.models import LORA_WEIGHTS, SINGLE_FILE_LORA
+from dreambooth.models.loading import LORA_WEIGHTS, SINGLE_FILE_LORA
 
 
 HALF_PRECISION = {"fp16": torch.float16, "bf16": torch.bfloat16}

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from dreambooth.errors import InputError
-from dreambooth.models import METADATA_FILE
+from dreambooth.models.loading import METADATA_FILE
 from dreambooth.training.embeddings import save_learned_token
 from dreambooth.training.lora import save_lora_adapter
 from dreambooth.training.loop import list_checkpoints, process_state

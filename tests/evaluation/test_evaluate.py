@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import SAMPLE_SUBJECT
 from dreambooth.config import GateSettings, load_config
 from dreambooth.evaluation.evaluate import PRES_SEED_OFFSET, RESULTS_FILE, evaluate_model
-from dreambooth.models import METADATA_FILE
+from dreambooth.models.loading import METADATA_FILE
 from dreambooth.generation import generate, load_sampling_pipeline
 from dreambooth.watermark import detect, embed, payload_for
 
@@ -110,7 +110,7 @@ def test_missing_encoder_weights_fail_before_any_image_is_generated(personalised
 def test_evaluation_switched_off_skips_both_evaluation_stages(make_config, subject_dir, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from dreambooth.tasks.stages import evaluate_task, evaluate_upscaled_task
+    from dreambooth.tasks.subject import evaluate_task, evaluate_upscaled_task
     from dreambooth.tracking import TAG_PARENT, open_batch_run, open_subject_run
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -6,8 +6,9 @@ import json
 import shutil
 
 from dreambooth.config import GateSettings
-from dreambooth.evaluation.evaluate import Champion, champion_decision, reference_decision
-from dreambooth.models import METADATA_FILE
+from dreambooth.evaluation.evaluate import champion_decision, reference_decision
+from dreambooth.tracking.registry import Champion
+from dreambooth.models.loading import METADATA_FILE
 
 PROTOCOL = '{"prompts": "dreambench"}'
 CHAMPION = Champion("3", {"dino": 0.70, "clip_t": 0.30, "pres": 0.50}, PROTOCOL)
@@ -46,7 +47,7 @@ def test_no_champion_lets_the_thresholds_decide_and_another_protocol_is_not_comp
 def test_the_evaluate_stage_registers_against_the_champion_the_registry_names(tiny_model_dir, subject_dir, make_config, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from dreambooth.tasks.stages import evaluate_task
+    from dreambooth.tasks.subject import evaluate_task
     from dreambooth.tracking import TAG_GATE, TAG_GATE_REASON, open_batch_run, open_subject_run
 
     model = tmp_path / "model"  # the tiny base in a fine-tuned folder's layout

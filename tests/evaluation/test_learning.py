@@ -6,7 +6,7 @@ import pytest
 
 from dreambooth.evaluation.learning import learning_check
 from dreambooth.finetune import finetune
-from dreambooth.ingest import ingest_subject
+from dreambooth.ingest.photos import ingest_subject
 from dreambooth.priors import generate_class_priors
 
 

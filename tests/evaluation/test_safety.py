@@ -11,7 +11,7 @@ from conftest import SAMPLE_SUBJECT, cli
 from dreambooth.config import CONFIG_DIR
 from dreambooth.evaluation.safety import check_images
 from dreambooth.images import list_images
-from dreambooth.models import resolve_model_source
+from dreambooth.models.loading import resolve_model_source
 
 
 @pytest.fixture(scope="module")

@@ -44,8 +44,8 @@ def test_a_fine_tune_with_select_keeps_the_model_of_the_step_the_rule_picks(make
     from pathlib import Path
 
     from dreambooth.finetune import finetune
-    from dreambooth.ingest import ingest_subject
-    from dreambooth.models import LORA_WEIGHTS, METADATA_FILE
+    from dreambooth.ingest.photos import ingest_subject
+    from dreambooth.models.loading import LORA_WEIGHTS, METADATA_FILE
     from dreambooth.training.saving import snapshot_folder
 
     select = {"every": 2, "prompts_per_category": 1, "images_per_prompt": 2, "pres_images": 2, "clip_t_margin": 0.0}

@@ -47,7 +47,7 @@ def test_stages_record_their_cost_a_retry_adds_to_it_and_the_subject_sums_them(t
 
 
 def test_a_batch_over_budget_is_refused_before_any_subject_run_opens(tmp_path, make_config, capsys):
-    from dreambooth.subjects import SubjectEntry, entries_to_json
+    from dreambooth.catalogue.subjects import SubjectEntry, entries_to_json
     from dreambooth.tasks.batch import plan_task
     from dreambooth.tracking import log_metrics, subject_runs
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dreambooth.tasks.stages import ingest_task
+from dreambooth.tasks.subject import ingest_task
 from dreambooth.tracking import (
     SPOOL_FOLDER,
     TAG_ATTEMPT,
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow  # each test runs the fine-tune task in processes 
 FINETUNE_TASK = """
 import sys
 from pathlib import Path
-from dreambooth.tasks.stages import fine_tune_task
+from dreambooth.tasks.subject import fine_tune_task
 config_file, tracking_uri, subject_run, subject_dir, output_dir = sys.argv[1:]
 fine_tune_task(Path(config_file).read_text(), tracking_uri, subject_run, subject_dir, "", output_dir, "")
 """

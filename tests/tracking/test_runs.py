@@ -16,7 +16,7 @@ from dreambooth.tracking import (
     close_subject_run,
     experiment_id,
     find_batch_run,
-    finish_batch_run,
+    close_batch_run_of_job,
     open_batch_run,
     open_subject_run,
     resolve_tracking_uri,
@@ -48,7 +48,7 @@ def test_stages_log_under_their_subject_and_subjects_under_the_batch(mlflow_serv
     trained = trained_run_finder(mlflow_server, "layout")
     assert trained("fingerprint-1") is None  # not finished yet
     assert close_subject_run(mlflow_server, client.get_run(subject_id)) == "trained"
-    assert finish_batch_run(mlflow_server, "layout", "job-1", "SUCCEEDED") == batch_id
+    assert close_batch_run_of_job(mlflow_server, "layout", "job-1", "SUCCEEDED") == batch_id
     assert find_batch_run(mlflow_server, "layout", "job-1").info.status == "FINISHED"
     assert trained("fingerprint-1") == subject_id
     assert trained("fingerprint-2") is None
@@ -76,7 +76,7 @@ def test_the_exit_handler_closes_runs_a_crashed_stage_left_open(mlflow_server, m
     client = MlflowClient(mlflow_server)
     stage = client.create_run(client.get_run(subject_id).info.experiment_id,
                               tags={TAG_PARENT: subject_id, TAG_STAGE: "fine-tune", TAG_JOB_ID: "job-3"})  # as a killed pod leaves it
-    finish_batch_run(mlflow_server, "crashed", "job-3", "FAILED")
+    close_batch_run_of_job(mlflow_server, "crashed", "job-3", "FAILED")
     assert client.get_run(stage.info.run_id).info.status == "KILLED"
     assert "while this stage ran" in client.get_run(stage.info.run_id).data.tags[TAG_ERROR]
     subject = client.get_run(subject_id)

@@ -9,8 +9,8 @@ from PIL import Image
 
 from dreambooth.config import DataSettings, TrainingSettings
 from dreambooth.finetune import finetune
-from dreambooth.ingest import ingest_subject, read_manifest
-from dreambooth.models import load_pipeline
+from dreambooth.ingest.photos import ingest_subject, read_manifest
+from dreambooth.models.loading import load_pipeline
 from dreambooth.training.buckets import bucket_sizes, share_out
 from dreambooth.training.recipes import flux as flux_recipe
 from dreambooth.training.recipes import recipe_class

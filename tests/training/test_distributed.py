@@ -9,9 +9,9 @@ from mlflow.tracking import MlflowClient
 import torch
 from safetensors.torch import load_file
 
-from dreambooth.models import LORA_WEIGHTS, resolve_model_source
+from dreambooth.models.loading import LORA_WEIGHTS, resolve_model_source
 from dreambooth.priors import prior_key
-from dreambooth.tasks.stages import fine_tune_task, ingest_task, priors_task
+from dreambooth.tasks.subject import fine_tune_task, ingest_task, priors_task
 from dreambooth.tracking import TAG_PARENT, TAG_STAGE, open_batch_run, open_subject_run
 
 

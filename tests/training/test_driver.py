@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 from dreambooth.finetune import finetune
-from dreambooth.ingest import ingest_subject
+from dreambooth.ingest.photos import ingest_subject
 from dreambooth.training.recipes.sd import StableDiffusionRecipe
 
 DROPOUT, TOLERANCE = 0.3, 0.12  # 80 subject examples: the share's standard deviation is about 0.05

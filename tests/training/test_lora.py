@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dreambooth.config import TrainingSettings
-from dreambooth.models import LORA_WEIGHTS, SINGLE_FILE_LORA, load_pipeline
+from dreambooth.models.loading import LORA_WEIGHTS, SINGLE_FILE_LORA, load_pipeline
 from dreambooth.training.lora import add_lora_adapters, save_lora_adapter
 
 
@@ -39,8 +39,8 @@ def test_a_lora_on_an_int8_base_trains_and_saves_the_adapter_the_full_precision_
 
     from dreambooth.errors import InputError
     from dreambooth.finetune import finetune
-    from dreambooth.ingest import ingest_subject
-    from dreambooth.models import resolve_model_source
+    from dreambooth.ingest.photos import ingest_subject
+    from dreambooth.models.loading import resolve_model_source
     from dreambooth.training import driver
 
     weight_types, saved = {}, {}
@@ -82,7 +82,7 @@ def test_a_flux2_klein_lora_trains_with_its_transformer_and_language_model_int8(
     from safetensors.torch import load_file
 
     from dreambooth.finetune import finetune
-    from dreambooth.ingest import ingest_subject
+    from dreambooth.ingest.photos import ingest_subject
     from dreambooth.training import driver
 
     encoder_weights, saved = {}, {}

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from dreambooth.config import DataSettings, TrainingSettings
-from dreambooth.identifiers import select_rare_identifier
-from dreambooth.models import load_pipeline
+from dreambooth.ingest.identifiers import select_rare_identifier
+from dreambooth.models.loading import load_pipeline
 from dreambooth.training.recipes import recipe_class
 
 PROMPTS = ["a fqs dog", "a fqs dog on the beach", "a dog", "a dog"]  # 2 subject + 2 class examples

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dreambooth.config import TrainingSettings
-from dreambooth.models import load_pipeline
+from dreambooth.models.loading import load_pipeline
 from dreambooth.training.recipes import recipe_class
 
 PROMPTS = ["a fqs dog", "a fqs dog on the beach in the snow", "a dog", "a dog"]  # 2 subject + 2 class examples

@@ -7,9 +7,9 @@ import torch
 
 from dreambooth.config import TrainingSettings
 from dreambooth.errors import InputError
-from dreambooth.identifiers import check_user_identifier, select_rare_identifier
-from dreambooth.models import load_pipeline, model_family, use_sampler
-from dreambooth.tiny_models import build_tiny_t5_tokenizer
+from dreambooth.ingest.identifiers import check_user_identifier, select_rare_identifier
+from dreambooth.models.loading import load_pipeline, model_family, use_sampler
+from dreambooth.models.tiny import build_tiny_t5_tokenizer
 from dreambooth.training.recipes import recipe_class
 
 PROMPTS = ["a fqs dog", "a fqs dog", "a dog", "a dog"]  # 2 subject + 2 class examples

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from dreambooth.errors import InputError
 from dreambooth.evaluation.learning import learning_check
 from dreambooth.finetune import finetune
-from dreambooth.ingest import ingest_subject
-from dreambooth.models import EMBEDDINGS_FILE, LORA_WEIGHTS, METADATA_FILE, load_pipeline, resolve_model_source
+from dreambooth.ingest.photos import ingest_subject
+from dreambooth.models.loading import EMBEDDINGS_FILE, LORA_WEIGHTS, METADATA_FILE, load_pipeline, resolve_model_source
 from dreambooth.priors import generate_class_priors
 from dreambooth.training import loop
 from dreambooth.training.embeddings import NewTokenRows
@@ -94,7 +94,7 @@ def test_textual_inversion_moves_only_the_new_rows_and_loads_in_diffusers(prepar
     import pandas as pd
     from PIL import Image
 
-    from dreambooth.registry import log_pipeline_model
+    from dreambooth.tracking.registry import log_pipeline_model
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(tracking)

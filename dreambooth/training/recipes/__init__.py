@@ -3,7 +3,7 @@
 A recipe says which module denoises and which text encoders may train, how images become training
 latents, how prompts become the denoiser's conditioning, and how one batch is noised, predicted and
 scored. The driver (dreambooth.training.driver) owns the rest for every family and method. Adding a
-family means adding a recipe here and a tiny model in dreambooth.tiny_models.
+family means adding a recipe here and a tiny model in dreambooth.models.tiny.
 """
 
 from __future__ import annotations

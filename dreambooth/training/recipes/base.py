@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from dreambooth.config import DataSettings, TrainingSettings
 from dreambooth.errors import InputError
-from dreambooth.models import native_resolution
+from dreambooth.models.loading import native_resolution
 from dreambooth.training.data import LatentCache, TrainingView, ViewShape, encode_views, training_views
 from dreambooth.training.losses import LossTerms, masked_weights
 

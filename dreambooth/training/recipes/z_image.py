@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from dreambooth.models import DEFAULT_TRANSFORMER_SIDE
+from dreambooth.models.loading import DEFAULT_TRANSFORMER_SIDE
 from dreambooth.training.losses import LossTerms, draw_noise, prior_preservation_loss
 from dreambooth.training.recipes.flow import FlowMatchingRecipe, flow_matching_sample
 

@@ -1,0 +1,141 @@
+"""`dreambooth preflight`: in seconds, what would otherwise fail after GPU time.
+
+Each check is one line: the models every stage loads (a folder here, the hub reachable, or a
+cached copy; HF_HUB_OFFLINE honoured), MLflow reachable *and accepting the host name the
+pipeline's pods will send*, the pipeline root writable, the subjects readable, the image pinned,
+and the KFP host reachable with the namespace. `submit` and `schedule` run it first.
+
+From outside the cluster the in-cluster MLflow name does not resolve: `--mlflow-via` connects to
+another address (a `kubectl port-forward`) while still sending the configured Host header.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional
+from urllib.parse import quote, urlsplit
+
+from dreambooth.dag.kfp_runs import PROBE_SECONDS
+from dreambooth.config import RunConfig
+from dreambooth.errors import InputError
+
+PLACEHOLDER_DIGEST = re.compile(r"@sha256:0{64}$")
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'ok  ' if self.ok else 'FAIL'}  {self.name:<24} {self.detail}"
+
+
+def _run(name: str, probe: Callable[[], str]) -> Check:
+    try:
+        return Check(name, True, probe())
+    except InputError as error:
+        return Check(name, False, str(error).removeprefix(f"{name}: "))
+    except Exception as error:  # a check that breaks is a failed check, reported like the others
+        return Check(name, False, f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}")
+
+
+def _tracking_headers(host: str) -> dict[str, str]:
+    """The Host header pods will send, and MLflow's own credentials from the environment."""
+    import base64
+
+    headers = {"Host": host, "Accept": "application/json"}
+    if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {token}"
+    elif (user := os.environ.get("MLFLOW_TRACKING_USERNAME")) and (password := os.environ.get("MLFLOW_TRACKING_PASSWORD")):
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    return headers
+
+
+def check_tracking(uri: Optional[str], experiment: str, via: Optional[str] = None, namespace: Optional[str] = None) -> str:
+    from dreambooth.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(uri)
+    if not uri.startswith(("http://", "https://")):
+        return f"local store {uri}"
+    configured, target = urlsplit(uri), urlsplit(via or uri)
+    host = configured.netloc.rsplit("@", 1)[-1]
+    connection_class = http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
+    path = f"{target.path.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?experiment_name={quote(experiment)}"
+    try:
+        connection = connection_class(target.hostname, target.port, timeout=PROBE_SECONDS)
+        connection.request("GET", path, headers=_tracking_headers(host))
+        status = connection.getresponse().status
+        connection.close()
+    except OSError as error:
+        forward = f"kubectl -n {namespace or 'NAMESPACE'} port-forward svc/mlflow 5000, then --mlflow-via http://localhost:5000"
+        hint = "" if via else f"; from outside the cluster: {forward}"
+        raise InputError(f"tracking.uri: MLflow at {via or uri} is unreachable ({error}){hint}") from None
+    if status == 403:
+        raise InputError(f"tracking.uri: MLflow refuses the Host header {host!r} (403); list it in the server's --allowed-hosts (manifests/base/mlflow.yaml)")
+    if status == 401:
+        raise InputError("tracking.uri: MLflow wants credentials; set MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD")
+    if status == 200:
+        return f"{uri} accepts Host {host}; experiment {experiment!r} exists"
+    if status == 404:
+        return f"{uri} accepts Host {host}; experiment {experiment!r} is made by the first run"
+    raise InputError(f"tracking.uri: MLflow answered {status} to an API request")
+
+
+def check_image(image: str) -> str:
+    if PLACEHOLDER_DIGEST.search(image):
+        raise InputError("cluster.image: the digest is the shipped placeholder; build and push docker/Dockerfile, then pin the digest it printed")
+    return image.rsplit("@", 1)[1][:19] + "..."
+
+
+def check_subjects(config: RunConfig, subjects_uri: Optional[str], subject_uri: Optional[str]) -> str:
+    """The subjects file parses and validates; every photos location holds files (listed, not downloaded)."""
+    from dreambooth.storage import content_digests
+    from dreambooth.catalogue.subjects import read_subjects
+
+    locations = [entry.photos for entry in read_subjects(subjects_uri, config)] if subjects_uri else [subject_uri]
+    empty = [location for location in locations if not content_digests(location)]
+    if empty:
+        raise InputError(f"no photos at {', '.join(empty)}")
+    return f"{len(locations)} subject(s), photos present"
+
+
+def run_preflight(
+    config: RunConfig,
+    target=None,
+    mlflow_via: Optional[str] = None,
+    subjects_uri: Optional[str] = None,
+    subject_uri: Optional[str] = None,
+) -> list[Check]:
+    """Every check, each reported whatever the others found."""
+    from dreambooth.models.loading import describe_model_source, models_in_use
+    from dreambooth.storage import check_writable, is_gcs
+
+    checks = [
+        _run(use.setting, lambda use=use: describe_model_source(use.reference, use.revision, use.setting))
+        for use in models_in_use(config)
+    ]
+    checks.append(_run("tracking.uri", lambda: check_tracking(
+        config.tracking.uri, config.tracking.experiment, mlflow_via, config.cluster.namespace if config.cluster else None)))
+    if subjects_uri or subject_uri:
+        checks.append(_run("subjects", lambda: check_subjects(config, subjects_uri, subject_uri)))
+    if config.cluster is not None:
+        checks.append(_run("cluster.image", lambda: check_image(config.cluster.image)))
+        root = config.cluster.pipeline_root
+        if root:
+            checks.append(_run("cluster.pipeline_root", lambda: check_writable(root) if is_gcs(root) else f"{root} (not on GCS: not checked)"))
+    if target is not None:
+        checks.append(_run("kfp", target.probe))
+    return checks
+
+
+def report(checks: list[Check]) -> bool:
+    for check in checks:
+        print(check.line())
+    failed = [check.name for check in checks if not check.ok]
+    print(f"preflight: {len(checks) - len(failed)}/{len(checks)} passed" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return not failed
