@@ -64,7 +64,7 @@ def _class_images(folder: Path, count: int = 8) -> Path:
 
 def _steps_per_second(variant: dict, root: Path, subject: Path, classes: Path, args, run: int) -> float:
     from dreambooth.config import load_config, merge_settings
-    from dreambooth.finetune import finetune
+    from dreambooth.fine_tune import fine_tune
 
     overrides = merge_settings({
         "model": {"base": args.base_model},
@@ -75,7 +75,7 @@ def _steps_per_second(variant: dict, root: Path, subject: Path, classes: Path, a
         "evaluation": {"enabled": False},
     }, variant)
     config = load_config("tiny", overrides)
-    return finetune(subject, classes, "fqs", config, root / f"model-{run}").steps_per_second
+    return fine_tune(subject, classes, "fqs", config, root / f"model-{run}").steps_per_second
 
 
 def main() -> None:

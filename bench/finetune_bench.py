@@ -103,7 +103,7 @@ CHILD = "--run-child"
 def _child(mode: str, config_path: str, subject: str, out: str) -> None:
     """Runs inside the measured subprocess: our stages as plain functions, no KFP or MLflow."""
     from dreambooth.config import load_config
-    from dreambooth.finetune import finetune
+    from dreambooth.fine_tune import fine_tune
     from dreambooth.ingest.photos import ingest_subject
     from dreambooth.priors import generate_class_priors
     from dreambooth.samples import render_samples
@@ -113,7 +113,7 @@ def _child(mode: str, config_path: str, subject: str, out: str) -> None:
     out_dir = Path(out)
     identifier = ingest_subject(Path(subject), out_dir / "subject", config).identifier.identifier
     generate_class_priors(config, out_dir / "classes")
-    finetune(out_dir / "subject", out_dir / "classes", identifier, config, out_dir / "model")
+    fine_tune(out_dir / "subject", out_dir / "classes", identifier, config, out_dir / "model")
     if mode == "job":
         render_samples(out_dir / "model", config, out_dir / "samples")
 

@@ -21,7 +21,7 @@ from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
 from dreambooth.images import list_images
 from dreambooth.models.loading import METADATA_FILE, REFERENCE_PIPELINES, REFERENCES_DIR, pipeline_class_name, result_metadata
-from dreambooth.training.saving import FinetuneResult
+from dreambooth.training.saving import FineTuneResult
 
 METHOD = "reference"
 REFERENCE_SIDE = 1024  # these pipelines draw at about 1024 x 1024 and shrink larger references to that area
@@ -48,7 +48,7 @@ def is_reference_result(folder: str | Path) -> bool:
     return result_metadata(folder).get("method") == METHOD
 
 
-def write_reference_result(instance_dir: Path, config: RunConfig, output_dir: Path) -> FinetuneResult:
+def write_reference_result(instance_dir: Path, config: RunConfig, output_dir: Path) -> FineTuneResult:
     """The baseline's 'model': the first model.reference_images photos and the pipeline that draws from them."""
     started = time.perf_counter()
     check_reference_pipeline(config)
@@ -71,7 +71,7 @@ def write_reference_result(instance_dir: Path, config: RunConfig, output_dir: Pa
         "references": [f"{photo.stem}.png" for photo in photos],
     }
     (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-    return FinetuneResult(model_dir=str(output_dir), steps=0, resumed_from_step=0, steps_per_second=0.0, images_per_second=0.0,
+    return FineTuneResult(model_dir=str(output_dir), steps=0, resumed_from_step=0, steps_per_second=0.0, images_per_second=0.0,
                           seconds=time.perf_counter() - started, final_loss={})
 
 

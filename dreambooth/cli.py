@@ -14,6 +14,7 @@
     promote   point an alias (champion) at a reviewed version, with the reviewer's note
     watermark check IMAGE  read the invisible mark the project puts on every image it draws
     forget    remove a subject's photos and everything made from them, and keep it from training again
+    components  write each stage's KFP component spec (components/<stage>/component.yaml) for your own pipelines
 
 Bad input or settings end in lines that name the file or setting and the reason, exit code 2.
 """
@@ -228,7 +229,7 @@ def _experiment(args: argparse.Namespace, config: RunConfig) -> int:
     return run_locally(config, args.output_dir, entries, subjects_uri=source, force=args.force, verbose=args.verbose)
 
 
-def _warm_cache(config: RunConfig) -> int:
+def _warm_cache(args: argparse.Namespace, config: RunConfig) -> int:
     from dreambooth.models.loading import fetch_model, models_in_use
 
     failed = 0
@@ -241,7 +242,7 @@ def _warm_cache(config: RunConfig) -> int:
     return 1 if failed else 0
 
 
-def _sync_tracking(config: RunConfig) -> int:
+def _sync_tracking(args: argparse.Namespace, config: RunConfig) -> int:
     """Send the step metrics stages kept on disk while MLflow was unreachable."""
     from dreambooth.tracking import SPOOL_FOLDER
     from dreambooth.tracking.spool import sync_spooled
@@ -327,68 +328,87 @@ def _models(args: argparse.Namespace, config: RunConfig) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dreambooth", description="DreamBooth personalisation as a Kubeflow pipeline")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _compile(args: argparse.Namespace, config: RunConfig) -> int:
+    from dreambooth.commands.submit import compile_pipeline
 
-    def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sub.add_argument("--config", default=DEFAULT_CONFIG, help="a shipped config's name (sd15, tiny, gke-sd15...) or a YAML path")
-        sub.add_argument("--base-model", help="hub id, local diffusers folder or tiny://sd (overrides model.base)")
-        return sub
+    path = compile_pipeline(config, args.output, on_cluster=config.cluster is not None)
+    print(f"wrote {path} (config {config.name!r})")
+    return 0
 
-    def with_subject(sub: argparse.ArgumentParser, required: bool = True) -> argparse.ArgumentParser:
-        sub.add_argument("--subject-dir", required=required, help="folder, .zip or .tar (local or gs://) of 3-5 photos of the subject")
-        sub.add_argument("--class-noun", required=required, help="what the subject is: dog, backpack, teapot ...")
-        sub.add_argument("--identifier", help="use this token as [V] instead of choosing a rare one (e.g. sks)")
-        sub.add_argument("--subject-name", help="the subject's id for runs and models (default: the folder's name)")
-        return sub
 
-    def with_tracking(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sub.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
-        return sub
+def _preflight_command(args: argparse.Namespace, config: RunConfig) -> int:
+    return 0 if _preflight(args, config) else 1
 
-    compile_cmd = with_tracking(with_config(commands.add_parser("compile", help="write the KFP pipeline YAML")))
+
+def _components(args: argparse.Namespace, config: None) -> int:
+    from dreambooth.dag.specs import write_component_specs
+
+    written = write_component_specs(args.output)
+    print(f"wrote {len(written)} component specs under {args.output}/ (one folder per stage: component.yaml, README.md)")
+    return 0
+
+
+def _with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    sub.add_argument("--config", default=DEFAULT_CONFIG, help="a shipped config's name (sd15, tiny, gke-sd15...) or a YAML path")
+    sub.add_argument("--base-model", help="hub id, local diffusers folder or tiny://sd (overrides model.base)")
+    return sub
+
+
+def _with_subject(sub: argparse.ArgumentParser, required: bool = True) -> argparse.ArgumentParser:
+    sub.add_argument("--subject-dir", required=required, help="folder, .zip or .tar (local or gs://) of 3-5 photos of the subject")
+    sub.add_argument("--class-noun", required=required, help="what the subject is: dog, backpack, teapot ...")
+    sub.add_argument("--identifier", help="use this token as [V] instead of choosing a rare one (e.g. sks)")
+    sub.add_argument("--subject-name", help="the subject's id for runs and models (default: the folder's name)")
+    return sub
+
+
+def _with_tracking(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    sub.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    return sub
+
+
+def _with_tracking_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    sub.add_argument("--config", default=DEFAULT_CONFIG, help="only for tracking settings")
+    return _with_tracking(sub)
+
+
+def _with_cluster_target(sub: argparse.ArgumentParser, host_required: bool) -> argparse.ArgumentParser:
+    sub.add_argument("--host", required=host_required, help="the KFP API endpoint, e.g. https://kfp.example.com/pipeline")
+    sub.add_argument("--namespace", help="the Kubeflow profile namespace (default: cluster.namespace)")
+    sub.add_argument("--token-file", help=f"a service-account token file (default: ${TOKEN_FILE_ENV}); or set ${TOKEN_ENV} / ${COOKIES_ENV}")
+    sub.add_argument("--mlflow-via", help="reach MLflow here (e.g. a port-forward, http://localhost:5000) while sending the configured host name")
+    sub.add_argument("--subjects-uri", help="a subjects file as the cluster sees it (gs://...); read when each run starts")
+    sub.add_argument("--subject-uri", help="one subject's photos as the cluster sees them (gs://...)")
+    sub.add_argument("--subject-name", help="the subject's id (default: the URI's last part)")
+    sub.add_argument("--class-noun")
+    sub.add_argument("--identifier")
+    return sub
+
+
+def _add_local_commands(commands) -> None:
+    """compile, run, ingest, evaluate and experiment: a pipeline, or one stage, on this machine."""
+    compile_cmd = _with_tracking(_with_config(commands.add_parser("compile", help="write the KFP pipeline YAML")))
     compile_cmd.add_argument("--output", type=Path, default=Path("dreambooth.yaml"))
+    compile_cmd.set_defaults(handler=_compile)
 
-    run_cmd = with_tracking(with_subject(with_config(commands.add_parser("run", help="run the pipeline locally (kfp.local)")), required=False))
+    run_cmd = _with_tracking(_with_subject(_with_config(commands.add_parser("run", help="run the pipeline locally (kfp.local)")), required=False))
     run_cmd.add_argument("--subjects", help="a subjects file (YAML or CSV, local or gs://): many subjects in one batch")
     run_cmd.add_argument("--output-dir", default="outputs", help="where results go: a folder, or gs://bucket/prefix")
     run_cmd.add_argument("--class-images", type=Path, help="your own class images for prior preservation (skips generating them)")
     run_cmd.add_argument("--force", action="store_true", help="train every subject, even those already up to date")
     run_cmd.add_argument("--verbose", action="store_true", help="stream every task's whole output (kfp.local's), not one line per stage")
+    run_cmd.set_defaults(handler=_run)
 
-    ingest_cmd = with_subject(with_config(commands.add_parser("ingest", help="validate and normalise one upload only")))
+    ingest_cmd = _with_subject(_with_config(commands.add_parser("ingest", help="validate and normalise one upload only")))
     ingest_cmd.add_argument("--output-dir", required=True)
+    ingest_cmd.set_defaults(handler=_ingest_only)
 
-    def with_cluster_target(sub: argparse.ArgumentParser, host_required: bool) -> argparse.ArgumentParser:
-        sub.add_argument("--host", required=host_required, help="the KFP API endpoint, e.g. https://kfp.example.com/pipeline")
-        sub.add_argument("--namespace", help="the Kubeflow profile namespace (default: cluster.namespace)")
-        sub.add_argument("--token-file", help=f"a service-account token file (default: ${TOKEN_FILE_ENV}); or set ${TOKEN_ENV} / ${COOKIES_ENV}")
-        sub.add_argument("--mlflow-via", help="reach MLflow here (e.g. a port-forward, http://localhost:5000) while sending the configured host name")
-        sub.add_argument("--subjects-uri", help="a subjects file as the cluster sees it (gs://...); read when each run starts")
-        sub.add_argument("--subject-uri", help="one subject's photos as the cluster sees them (gs://...)")
-        sub.add_argument("--subject-name", help="the subject's id (default: the URI's last part)")
-        sub.add_argument("--class-noun")
-        sub.add_argument("--identifier")
-        return sub
+    evaluate_cmd = _with_tracking(_with_subject(_with_config(commands.add_parser("evaluate", help="score a trained model by the DreamBench protocol"))))
+    evaluate_cmd.add_argument("--model", required=True, help="the personalised model: a diffusers folder or hub id")
+    evaluate_cmd.add_argument("--output-dir", default="outputs")
+    evaluate_cmd.set_defaults(handler=_evaluate_only)
 
-    with_tracking(with_cluster_target(with_config(commands.add_parser(
-        "preflight", help="check models, MLflow, bucket, image and KFP in seconds, before any GPU time")), host_required=False))
-    with_config(commands.add_parser("warm-cache", help="download every model the config loads into the caches"))
-
-    for command, text in (("submit", "compile and create a run on a KFP host"), ("schedule", "create a recurring run")):
-        cluster_cmd = with_cluster_target(with_config(commands.add_parser(command, help=text)), host_required=True)
-        cluster_cmd.add_argument("--experiment", default="dreambooth")
-        cluster_cmd.add_argument("--run-name")
-        cluster_cmd.add_argument("--force", action="store_true", help="train every subject, even those already up to date")
-        cluster_cmd.add_argument("--skip-preflight", action="store_true", help="submit without checking models, MLflow, bucket and KFP first")
-        if command == "schedule":
-            cluster_cmd.add_argument("--cron", required=True, help="6 fields, seconds first: '0 0 9 * * 1-5'")
-        else:
-            cluster_cmd.add_argument("--wait", type=int, nargs="?", const=24 * 3600, metavar="SECONDS",
-                                     help="follow the run to its end (at most SECONDS, default a day); exit 0 only if it succeeded")
-
-    experiment_cmd = with_tracking(with_config(commands.add_parser(
+    experiment_cmd = _with_tracking(_with_config(commands.add_parser(
         "experiment", help="subjects x variants as one batch (locally, or on a cluster with --host), and the paper's tables")))
     experiment_cmd.add_argument("file", help="an experiment file: `subjects:` as a subjects file, and `variants:` (local or gs://)")
     experiment_cmd.add_argument("--output-dir", default="outputs", help="where results go (local runs): a folder, or gs://bucket/prefix")
@@ -402,52 +422,94 @@ def _parser() -> argparse.ArgumentParser:
     experiment_cmd.add_argument("--run-name")
     experiment_cmd.add_argument("--skip-preflight", action="store_true", help="submit without checking first")
     experiment_cmd.add_argument("--wait", type=int, nargs="?", const=24 * 3600, metavar="SECONDS", help="follow the submitted run to its end")
+    experiment_cmd.set_defaults(handler=_experiment)
 
-    evaluate_cmd = with_tracking(with_subject(with_config(commands.add_parser("evaluate", help="score a trained model by the DreamBench protocol"))))
-    evaluate_cmd.add_argument("--model", required=True, help="the personalised model: a diffusers folder or hub id")
-    evaluate_cmd.add_argument("--output-dir", default="outputs")
 
-    sync_cmd = with_config(commands.add_parser("sync-tracking", help="send step metrics kept on disk while MLflow was unreachable"))
+def _add_cluster_commands(commands) -> None:
+    """preflight, warm-cache, submit and schedule: a run on a KFP host, and what it needs there."""
+    _with_tracking(_with_cluster_target(_with_config(commands.add_parser(
+        "preflight", help="check models, MLflow, bucket, image and KFP in seconds, before any GPU time")), host_required=False)
+    ).set_defaults(handler=_preflight_command)
+    _with_config(commands.add_parser("warm-cache", help="download every model the config loads into the caches")).set_defaults(handler=_warm_cache)
+
+    for command, text in (("submit", "compile and create a run on a KFP host"), ("schedule", "create a recurring run")):
+        cluster_cmd = _with_cluster_target(_with_config(commands.add_parser(command, help=text)), host_required=True)
+        cluster_cmd.add_argument("--experiment", default="dreambooth")
+        cluster_cmd.add_argument("--run-name")
+        cluster_cmd.add_argument("--force", action="store_true", help="train every subject, even those already up to date")
+        cluster_cmd.add_argument("--skip-preflight", action="store_true", help="submit without checking models, MLflow, bucket and KFP first")
+        if command == "schedule":
+            cluster_cmd.add_argument("--cron", required=True, help="6 fields, seconds first: '0 0 9 * * 1-5'")
+        else:
+            cluster_cmd.add_argument("--wait", type=int, nargs="?", const=24 * 3600, metavar="SECONDS",
+                                     help="follow the run to its end (at most SECONDS, default a day); exit 0 only if it succeeded")
+        cluster_cmd.set_defaults(handler=_submit)
+
+
+def _add_tracking_commands(commands) -> None:
+    """sync-tracking, models, promote, compare and forget: what MLflow holds."""
+    sync_cmd = _with_config(commands.add_parser("sync-tracking", help="send step metrics kept on disk while MLflow was unreachable"))
     sync_cmd.add_argument("--output-dir", help="the runs' --output-dir (default: the config's storage.work_dir holds the metrics)")
+    sync_cmd.set_defaults(handler=_sync_tracking)
 
-    models_cmd = with_tracking(commands.add_parser("models", help="registered subject models: versions, aliases, figures"))
+    models_cmd = _with_tracking_config(commands.add_parser("models", help="registered subject models: versions, aliases, figures"))
     models_cmd.add_argument("name", nargs="?", help="one registered model (default: all)")
-    models_cmd.add_argument("--config", default=DEFAULT_CONFIG, help="only for tracking settings")
+    models_cmd.set_defaults(handler=_models)
 
-    promote_cmd = with_tracking(commands.add_parser("promote", help="point an alias (e.g. champion) at a reviewed version"))
-    promote_cmd.add_argument("--config", default=DEFAULT_CONFIG, help="only for tracking settings")
+    promote_cmd = _with_tracking_config(commands.add_parser("promote", help="point an alias (e.g. champion) at a reviewed version"))
     promote_cmd.add_argument("--model", required=True, help="the registered model, e.g. dreambooth-dog")
     chosen = promote_cmd.add_mutually_exclusive_group(required=True)
     chosen.add_argument("--version", help="the version to promote")
     chosen.add_argument("--alias", help="the version this alias points at now, e.g. candidate")
     promote_cmd.add_argument("--to", required=True, help="the alias to move, e.g. champion")
     promote_cmd.add_argument("--note", default="", help="the reviewer's note, kept on the version")
+    promote_cmd.set_defaults(handler=_promote)
 
-    compare_cmd = with_tracking(commands.add_parser("compare", help="compare runs: table, plots, image sheet"))
-    compare_cmd.add_argument("--config", default=DEFAULT_CONFIG, help="only for tracking settings")
+    compare_cmd = _with_tracking_config(commands.add_parser("compare", help="compare runs: table, plots, image sheet"))
     compare_cmd.add_argument("--batch-run", help="the subjects of one batch run")
     compare_cmd.add_argument("--experiment", help="every evaluated subject run of an MLflow experiment")
     compare_cmd.add_argument("--runs", help="subject run ids, comma separated")
     compare_cmd.add_argument("--output-dir", default="outputs/compare")
     compare_cmd.add_argument("--force", action="store_true", help="compare runs whose evaluation protocols differ, marked")
+    compare_cmd.set_defaults(handler=_compare)
 
-    forget_cmd = with_tracking(with_config(commands.add_parser(
+    forget_cmd = _with_tracking(_with_config(commands.add_parser(
         "forget", help="remove a subject's photos and everything made from them; later batches skip it")))
     forget_cmd.add_argument("--subject", required=True, help="the subject's id (as in the subjects file)")
     forget_cmd.add_argument("--output-dir", default="outputs", help="where the runs wrote results: a folder, or gs://bucket/prefix")
     forget_cmd.add_argument("--yes", action="store_true", help="remove without asking")
+    forget_cmd.set_defaults(handler=_forget)
 
+
+def _add_tool_commands(commands) -> None:
+    """watermark and components: commands that need no config."""
     watermark_cmd = commands.add_parser("watermark", help="read the invisible mark of a generated image")
     watermark_cmd.add_argument("action", choices=["check"])
     watermark_cmd.add_argument("image", type=Path, help="a PNG or JPEG; exit 0 and its payload when marked, 1 when not")
+    watermark_cmd.set_defaults(handler=_watermark_check, needs_config=False)
+
+    components_cmd = commands.add_parser("components", help="write each stage's KFP component spec, for your own pipelines")
+    components_cmd.add_argument("--output", type=Path, default=Path("components"), help="the folder (one sub-folder per stage)")
+    components_cmd.set_defaults(handler=_components, needs_config=False)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreambooth", description="DreamBooth personalisation as a Kubeflow pipeline")
+    commands = parser.add_subparsers(dest="command", required=True)
+    parser.set_defaults(needs_config=True)
+    _add_local_commands(commands)
+    _add_cluster_commands(commands)
+    _add_tracking_commands(commands)
+    _add_tool_commands(commands)
     return parser
 
 
-def _watermark_check(image_path: Path) -> int:
+def _watermark_check(args: argparse.Namespace, config: None) -> int:
     from PIL import Image, UnidentifiedImageError
 
     from dreambooth.watermark import detect
 
+    image_path = args.image
     try:
         with Image.open(image_path) as image:
             payload = detect(image)
@@ -463,41 +525,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     configure_process(logging.WARNING, stop_on_sigterm=True)
     try:
-        if args.command == "watermark":  # needs no config
-            return _watermark_check(args.image)
+        if not args.needs_config:
+            return args.handler(args, None)
         config = _without_credentials(load_config(args.config, _overrides(args)))
         from dreambooth.models.loading import allow_pickle_weights
 
         allow_pickle_weights(config.model.allow_pickle)
-        if args.command == "compile":
-            from dreambooth.commands.submit import compile_pipeline
-
-            path = compile_pipeline(config, args.output, on_cluster=config.cluster is not None)
-            print(f"wrote {path} (config {config.name!r})")
-            return 0
-        if args.command in ("submit", "schedule"):
-            return _submit(args, config)
-        if args.command == "preflight":
-            return 0 if _preflight(args, config) else 1
-        if args.command == "warm-cache":
-            return _warm_cache(config)
-        if args.command == "ingest":
-            return _ingest_only(args, config)
-        if args.command == "evaluate":
-            return _evaluate_only(args, config)
-        if args.command == "compare":
-            return _compare(args, config)
-        if args.command == "experiment":
-            return _experiment(args, config)
-        if args.command == "sync-tracking":
-            return _sync_tracking(config)
-        if args.command == "promote":
-            return _promote(args, config)
-        if args.command == "models":
-            return _models(args, config)
-        if args.command == "forget":
-            return _forget(args, config)
-        return _run(args, config)
+        return args.handler(args, config)
     except InputError as error:
         for line in str(error).splitlines():
             print(f"error: {line}", file=sys.stderr)

@@ -112,14 +112,15 @@ def generate_class_priors(config: RunConfig, output_dir: Path, on_progress: Opti
             vae=config.model.vae,
             on_images=advance,
         )
+    generated = sum((cache / names[i]).is_file() for i in missing)  # what this call wrote, read from the cache
     _publish(cache, names, output_dir)
     seconds = time.perf_counter() - started
     return PriorResult(
         class_prompt=prompt,
         count=len(names),
-        generated=len(missing),
+        generated=generated,
         seconds=seconds,
-        images_per_second=len(missing) / seconds if missing else 0.0,
+        images_per_second=generated / seconds if generated else 0.0,
         source="generated",
     )
 

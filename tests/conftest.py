@@ -19,6 +19,10 @@ from typing import Optional
 import pytest
 
 from tests.services import MlflowServer, _free_port, start_postgres  # noqa: F401 (tests import them from here)
+from tests import process_budget
+
+# Every process a test starts from here on writes to the ledger the process budget counts (tests/process_budget.py).
+process_budget.start_ledger()
 
 # Under pytest-xdist every worker (and each process it starts) gets one thread for torch's math:
 # two workers of the default two threads each on two cores run slower than one worker alone.
@@ -26,6 +30,43 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
+
+
+def pytest_addoption(parser):
+    parser.addoption("--process-budget", metavar="NAME", help="hold the run to tests/process_budget.json's NAME section "
+                     "(make test: test; make test-fast: test-fast): fail when a test file starts more whole-pipeline "
+                     "runs or torch processes than its budget")
+    parser.addoption("--process-budget-write", action="store_true", help="with --process-budget: write this run's counts as the budget")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite's last step (the controller, once every worker is done): count what the tests started."""
+    config = session.config
+    if hasattr(config, "workerinput"):
+        return
+    per_test = process_budget.read_ledger(Path(os.environ["DREAMBOOTH_TEST_LEDGER"]))
+    files = process_budget.by_file(per_test)
+    total = {kind: sum(counts[kind] for counts in files.values()) for kind in process_budget.KINDS}
+    config._process_budget_lines = [f"processes started: {total['pipeline']} whole-pipeline runs, {total['torch']} torch processes"]
+    name = config.getoption("--process-budget")
+    if not name:
+        return
+    budgets = json.loads(process_budget.BUDGET_FILE.read_text()) if process_budget.BUDGET_FILE.exists() else {}
+    if config.getoption("--process-budget-write"):
+        budgets[name] = process_budget.as_budget(per_test)
+        process_budget.BUDGET_FILE.write_text(json.dumps(budgets, indent=1, sort_keys=True) + "\n")
+        config._process_budget_lines.append(f"written as the {name!r} budget in {process_budget.BUDGET_FILE.name}")
+        return
+    over = process_budget.over_budget(per_test, budgets.get(name, {}))
+    if over:
+        config._process_budget_lines += ["OVER THE PROCESS BUDGET (a new scenario joins an existing run; "
+                                         "the budget rises only in a commit that says why):", *over]
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for line in getattr(config, "_process_budget_lines", []):
+        terminalreporter.write_line(line)
 
 
 def pytest_collection_modifyitems(config, items):

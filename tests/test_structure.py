@@ -95,13 +95,13 @@ LAYERS = (
     ("tasks", ("tasks",)),
     ("reports", ("reports",)),
     ("catalogue", ("catalogue",)),
-    ("stages", ("ingest", "priors", "finetune", "samples", "superres", "baseline", "evaluation")),
+    ("stages", ("ingest", "priors", "fine_tune", "samples", "super_resolution", "baseline", "evaluation")),
     ("training", ("training",)),
     ("tracking and generation", ("tracking", "generation", "watermark")),
     ("models", ("models",)),
     ("basics", ("", "config", "stages", "errors", "process", "progress", "images", "storage", "archives")),
 )
-TOP_LEVEL_MODULES = {"cli", "config", "stages", "errors", "process", "progress", "priors", "finetune", "samples", "superres",
+TOP_LEVEL_MODULES = {"cli", "config", "stages", "errors", "process", "progress", "priors", "fine_tune", "samples", "super_resolution",
                      "baseline", "generation", "watermark", "images", "storage", "archives"}
 
 

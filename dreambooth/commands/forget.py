@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import re
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,12 +42,11 @@ from dreambooth.tracking import (
     runs_of_subject,
     stage_runs,
 )
-from dreambooth.tracking.store import sqlite_path
+from dreambooth.tracking.store import erase_deleted_runs
 
 MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".png", ".jpg", ".jpeg", ".pt", ".ckpt", ".model")
 TOKENIZER_FILES = {"tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"}
 TEXT_LIMIT = 4 * 1024 * 1024  # larger files are weights or images, never a record that names a subject
-DATABASE_SCHEMES = ("sqlite:", "postgresql", "mysql", "mssql")
 
 
 
@@ -148,8 +144,8 @@ def forget_subject(subject_id: str, config: RunConfig, output_dir: str, tracking
     for run in traces.runs:
         if run.info.lifecycle_stage != "deleted":
             mlflow.delete_run(run.info.run_id)
-    erasure.notes += _purge(tracking_uri, [run.info.run_id for run in traces.runs], traces.logged_models,
-                            experiment.experiment_id, traces.secrets)
+    erasure.notes += erase_deleted_runs(tracking_uri, [run.info.run_id for run in traces.runs], traces.logged_models,
+                                        experiment.experiment_id, traces.secrets)
     return erasure
 
 
@@ -291,39 +287,3 @@ def _remove_empty_folders(root: Path) -> None:
     for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
         if not any(folder.iterdir()):
             folder.rmdir()
-
-
-def _purge(tracking_uri: str, run_ids: list[str], logged_models: list[str], experiment_id: str, secrets: list[str]) -> list[str]:
-    """Erase the deleted runs and models from the tracking database (MLflow's own `mlflow gc`), then the
-    photos' dataset records no run uses any more (MLflow has no call for that, and gc leaves them); a
-    server's database is not reachable from here: say what to run there."""
-    arguments = ["--run-ids", ",".join(run_ids)] + (["--logged-model-ids", ",".join(logged_models)] if logged_models else [])
-    if not tracking_uri.startswith(DATABASE_SCHEMES):
-        return [f"runs and models are deleted on {tracking_uri}; to erase their rows and artifacts, run where the server's "
-                f"database is reachable: MLFLOW_TRACKING_URI={tracking_uri} mlflow gc --backend-store-uri <its database> "
-                + " ".join(arguments)]
-    result = subprocess.run([sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", tracking_uri, *arguments],
-                            capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})
-    if result.returncode != 0:
-        raise RuntimeError(f"mlflow gc failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
-    import sqlalchemy
-
-    statements = [  # gc leaves the runs' input records, and with them the datasets they point to
-        "DELETE FROM input_tags WHERE input_uuid IN (SELECT input_uuid FROM inputs WHERE destination_type = 'RUN' AND destination_id IN :runs)",
-        "DELETE FROM inputs WHERE destination_type = 'RUN' AND destination_id IN :runs",
-        "DELETE FROM datasets WHERE experiment_id = :experiment AND digest IN :digests AND dataset_uuid NOT IN "
-        "(SELECT source_id FROM inputs WHERE source_type = 'DATASET')",
-    ]
-    engine = sqlalchemy.create_engine(tracking_uri)
-    with engine.begin() as connection:
-        for statement in statements:
-            query = sqlalchemy.text(statement).bindparams(*(sqlalchemy.bindparam(name, expanding=True) for name in ("runs", "digests")
-                                                            if f":{name}" in statement))
-            connection.execute(query, {"experiment": int(experiment_id), "digests": secrets, "runs": run_ids})
-    engine.dispose()
-    if (database := sqlite_path(tracking_uri)) is not None:  # deleted rows linger in free pages until the file is rebuilt
-        import sqlite3
-
-        with sqlite3.connect(database) as connection:
-            connection.execute("VACUUM")
-    return []

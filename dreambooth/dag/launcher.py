@@ -10,7 +10,7 @@ from kfp import dsl, kubernetes
 from dreambooth.dag.components.finish_tracking import finish_tracking
 from dreambooth.dag.components.image import COMPONENT_IMAGE
 from dreambooth.config import RunConfig
-from dreambooth.dag.pipeline import JOB_ID, JOB_NAME, stage_settings
+from dreambooth.dag.pipeline import JOB_ID, JOB_NAME, run_settings_of, stage_settings
 from dreambooth.stages import LAUNCH_SHARDS
 
 LAUNCHER_NAME = "dreambooth-shards"
@@ -38,11 +38,12 @@ def launch_shards(
 ) -> int:
     """Plan the whole subjects file, then create a DreamBooth run per shard of subjects with work (through the
     cluster's KFP API, cluster.kfp_host); returns how many shards were started."""
+    from dreambooth.config import RUN_SETTINGS
     from dreambooth.dag.kfp_runs import shard_launcher
     from dreambooth.tasks.launch import launch_shards_task
 
-    settings = dict(base_model=base_model, training_method=training_method, max_steps=max_steps, learning_rate=learning_rate,
-                    prior_loss_weight=prior_loss_weight, num_class_images=num_class_images, resolution=resolution)
+    given = locals()
+    settings = {name: given[name] for name in RUN_SETTINGS}  # the run's own parameters, as config.RUN_SETTINGS names them
     with shard_launcher(config_json, tracking_uri, kfp_experiment, job_name, force, settings) as launch:
         return len(launch_shards_task(config_json, tracking_uri, subjects_uri, force, job_id, job_name, launch, settings))
 
@@ -76,13 +77,12 @@ def build_shard_launcher(config: RunConfig, on_cluster: bool = False):
         num_class_images: int = 200,
         resolution: int = 0,
     ):
+        run_settings = run_settings_of(locals())
         close_runs = stage(finish_tracking(config_json=config_json, tracking_uri=tracking_uri, job_id=JOB_ID))
         with dsl.ExitHandler(close_runs, name="dreambooth-shards"):
             stage(launch_shards(
                 config_json=config_json, tracking_uri=tracking_uri, subjects_uri=subjects_uri, force=force,
-                kfp_experiment=kfp_experiment, job_id=JOB_ID, job_name=JOB_NAME, base_model=base_model,
-                training_method=training_method, max_steps=max_steps, learning_rate=learning_rate,
-                prior_loss_weight=prior_loss_weight, num_class_images=num_class_images, resolution=resolution,
+                kfp_experiment=kfp_experiment, job_id=JOB_ID, job_name=JOB_NAME, **run_settings,
             ))
 
     return dreambooth_shards

@@ -30,7 +30,7 @@ from dreambooth.dag.components.prior_groups import prior_groups
 from dreambooth.dag.components.samples import samples
 from dreambooth.dag.components.summarize import summarize
 from dreambooth.dag.components.super_resolution import super_resolution
-from dreambooth.config import RunConfig
+from dreambooth.config import RUN_SETTINGS, RunConfig
 from dreambooth.stages import BY_NAME
 from dreambooth.tracking.store import OUTAGE_TOLERANCE_ENV
 
@@ -56,6 +56,13 @@ def stage_settings(config: RunConfig, on_cluster: bool):
         return task
 
     return stage
+
+
+def run_settings_of(pipeline_parameters: dict) -> dict:
+    """The run's own setting parameters (config.RUN_SETTINGS), from a pipeline function's parameters, for the
+    task that applies them. The pipelines declare them in their signatures, which KFP reads for the UI's form
+    (tests/dag/test_pipeline_parameters.py holds each signature to the table)."""
+    return {name: pipeline_parameters[name] for name in RUN_SETTINGS}
 
 
 def build_pipeline(config: RunConfig, on_cluster: bool = False):
@@ -88,13 +95,12 @@ def build_pipeline(config: RunConfig, on_cluster: bool = False):
         resolution: int = 0,
         shard: str = "",  # set by the launch of a sharded batch (dreambooth.catalogue.shards)
     ):
+        run_settings = run_settings_of(locals())
         close_runs = stage(finish_tracking(config_json=config_json, tracking_uri=tracking_uri, job_id=JOB_ID))
         with dsl.ExitHandler(close_runs, name="dreambooth-batch"):
             plan = stage(plan_batch(
                 config_json=config_json, tracking_uri=tracking_uri, subjects_uri=subjects_uri, subjects_json=subjects_json,
-                force=force, job_id=JOB_ID, job_name=JOB_NAME, base_model=base_model, training_method=training_method,
-                max_steps=max_steps, learning_rate=learning_rate, prior_loss_weight=prior_loss_weight,
-                num_class_images=num_class_images, resolution=resolution, shard=shard,
+                force=force, job_id=JOB_ID, job_name=JOB_NAME, shard=shard, **run_settings,
             ))
             batch_plan = plan.outputs["batch_plan"]
             # kfp.local cannot collect from an empty loop, and a cluster should not start GPU pods

@@ -125,7 +125,7 @@ def _draw(reference: str, revision: Optional[str], requests: list[tuple[str, int
 def upscale_images(upscaler: str, prompts: list[str], images: list[Image.Image], config: RunConfig) -> list[Image.Image]:
     """The second stage of the cascade, at the configured inference noise level."""
     from dreambooth.models.loading import inference_dtype
-    from dreambooth.superres import load_upscaler, upscale
+    from dreambooth.super_resolution import load_upscaler, upscale
 
     settings = config.superres
     pipeline = load_upscaler(upscaler, dtype=inference_dtype(settings.sampler.precision))
@@ -228,149 +228,185 @@ def evaluate_cascade(
     return _evaluate(model, subject_dir, config, variants, None, None, on_progress)
 
 
+@dataclass
+class Protocol:
+    """What one evaluation draws: the model's identity, its prompts and the seeded requests (paper sec. 4.1)."""
+
+    identifier: str
+    class_noun: str
+    base_model: str
+    live: bool
+    prompts: list[EvaluationPrompt]
+    class_prompt: str
+    rendered: list[str]  # each prompt with the identifier and class noun in
+    requests: list[tuple[str, int]]  # images_per_prompt seeds per prompt
+    pres_requests: list[tuple[str, int]]  # the class prompt, for PRES
+
+
+@dataclass
+class Drawn:
+    """The protocol's images: the model's per prompt, and the class prompt's from the model and from its base."""
+
+    images: list[Image.Image]
+    pres_images: list[Image.Image]
+    pres_base_images: list[Image.Image]
+    seconds: float
+
+
+def _protocol(model: str, config: RunConfig, identifier: Optional[str], class_noun: Optional[str]) -> Protocol:
+    settings = config.evaluation
+    identifier, class_noun, base_model = _model_identity(model, config, identifier, class_noun)
+    live = settings.live_subject if settings.live_subject is not None else is_live_subject(class_noun)
+    prompts = limit_per_category(load_prompts(class_noun, live, settings.prompt_file), settings.max_prompts_per_category)
+    class_prompt = config.subject.class_prompt_template.format(class_noun=class_noun)
+    sampler, per_prompt = settings.sampler, settings.images_per_prompt
+    subject = config.subject.model_copy(update={"class_noun": class_noun})
+    rendered = [subject.render(prompt.template, identifier) for prompt in prompts]
+    requests = [(text, sampler.seed + PROMPT_SEED_STRIDE * p + i) for p, text in enumerate(rendered) for i in range(per_prompt)]
+    pres_requests = [(class_prompt, sampler.seed + PRES_SEED_OFFSET + i) for i in range(settings.pres_images)]
+    return Protocol(identifier, class_noun, base_model, live, prompts, class_prompt, rendered, requests, pres_requests)
+
+
+def _draw_protocol(model: str, protocol: Protocol, config: RunConfig, advance: OnImages) -> Drawn:
+    """Generation, model by model, so only one pipeline is in memory at a time."""
+    started = time.perf_counter()
+    requests, pres_requests = protocol.requests, protocol.pres_requests
+    if base_of(model):  # the zero-shot baseline's weights are its pipeline's: the class prompt is drawn once, without the photos
+        generated = _draw(model, None, requests, config, on_images=advance)
+        pres_base_images = _draw(protocol.base_model, None, pres_requests, config, None, advance)
+        advance(len(pres_requests))
+        generated += pres_base_images
+    else:
+        generated = _draw(model, None, requests + pres_requests, config, on_images=advance)
+        pres_base_images = _draw(protocol.base_model, config.model.revision, pres_requests, config, config.model.vae, advance)
+    return Drawn(generated[: len(requests)], generated[len(requests) :], pres_base_images, time.perf_counter() - started)
+
+
 def _evaluate(
     model: str, subject_dir: Path, config: RunConfig, variants: dict[str, tuple[Path, Optional[str]]],
     identifier: Optional[str], class_noun: Optional[str], on_progress: Optional[OnProgress],
 ) -> dict[str, EvaluationResult]:
     """Draw the protocol's images once; score them as drawn (upscaler None) or as each upscaler upscales them."""
     settings = config.evaluation
-    identifier, class_noun, base_model = _model_identity(model, config, identifier, class_noun)
-    payload, base_payload = payload_for(model), payload_for(base_model)
-    live = settings.live_subject if settings.live_subject is not None else is_live_subject(class_noun)
-    prompts = limit_per_category(load_prompts(class_noun, live, settings.prompt_file), settings.max_prompts_per_category)
-    class_prompt = config.subject.class_prompt_template.format(class_noun=class_noun)
-    real_files = list_images(subject_dir)
-    if not real_files:
+    protocol = _protocol(model, config, identifier, class_noun)
+    if not list_images(subject_dir):
         raise InputError(f"{subject_dir}: no subject images to compare with")
 
     # The encoders load first: a missing or unreachable one fails before any GPU time is spent.
     batch = settings.encoder_batch_size
-    dino, clip, lpips = (
-        DinoEncoder(settings.dino_model, batch),
-        ClipEncoder(settings.clip_model, batch),
-        LpipsDistance(settings.lpips_model, batch),
-    )
+    encoders = (DinoEncoder(settings.dino_model, batch), ClipEncoder(settings.clip_model, batch), LpipsDistance(settings.lpips_model, batch))
+    dino, clip, _ = encoders
 
-    # 1. Generation, model by model, so only one pipeline is in memory at a time.
-    sampler, per_prompt = settings.sampler, settings.images_per_prompt
-    subject = config.subject.model_copy(update={"class_noun": class_noun})
-    rendered = [subject.render(prompt.template, identifier) for prompt in prompts]
-    requests = [(text, sampler.seed + PROMPT_SEED_STRIDE * p + i) for p, text in enumerate(rendered) for i in range(per_prompt)]
-    pres_requests = [(class_prompt, sampler.seed + PRES_SEED_OFFSET + i) for i in range(settings.pres_images)]
-    started = time.perf_counter()
     upscaled = sum(1 for _, upscaler in variants.values() if upscaler)
-    advance = counter(len(requests) * (1 + upscaled) + 2 * len(pres_requests), on_progress)
-    if base_of(model):  # the zero-shot baseline's weights are its pipeline's: the class prompt is drawn once, without the photos
-        generated = _draw(model, None, requests, config, on_images=advance)
-        pres_base_images = _draw(base_model, None, pres_requests, config, None, advance)
-        advance(len(pres_requests))
-        generated += pres_base_images
-    else:
-        generated = _draw(model, None, requests + pres_requests, config, on_images=advance)
-        pres_base_images = _draw(base_model, config.model.revision, pres_requests, config, config.model.vae, advance)
-    drawn, pres_images = generated[: len(requests)], generated[len(requests) :]
-    generation_seconds = time.perf_counter() - started
+    advance = counter(len(protocol.requests) * (1 + upscaled) + 2 * len(protocol.pres_requests), on_progress)
+    drawn = _draw_protocol(model, protocol, config, advance)
     real_images = photos_as_trained(subject_dir, config.training.center_crop)
     reference = SubjectReference(real_images, dino.embed(real_images), clip.embed(real_images))
-    texts = clip.embed_texts([without_identifier(text, identifier) for text in rendered])
     # PRES compares the class prompt's images, which no upscaler touches: scored once for every variant.
-    pres_embeddings = dino.embed(pres_images + pres_base_images)
-    pres = mean_pairwise_similarity(pres_embeddings[: len(pres_images)], reference.dino)
-    pres_base = mean_pairwise_similarity(pres_embeddings[len(pres_images) :], reference.dino)
+    pres_embeddings = dino.embed(drawn.pres_images + drawn.pres_base_images)
+    pres = mean_pairwise_similarity(pres_embeddings[: len(drawn.pres_images)], reference.dino)
+    pres_base = mean_pairwise_similarity(pres_embeddings[len(drawn.pres_images) :], reference.dino)
 
     results = {}
     for label, (output_dir, upscaler) in variants.items():
         started = time.perf_counter()
-        images = drawn
+        images = drawn.images
         if upscaler:
-            images = upscale_images(upscaler, [text for text, _ in requests], drawn, config)
+            images = upscale_images(upscaler, [text for text, _ in protocol.requests], drawn.images, config)
             advance(len(images))
         upscaling_seconds = time.perf_counter() - started
-
-        # 2. Scoring: every encoder call is batched; the real photos are embedded once.
         started = time.perf_counter()
-        dino_generated = dino.embed(images)
-        clip_generated = clip.embed(images)
-        pair_index = [(p * per_prompt + a, p * per_prompt + b) for p in range(len(prompts)) for a, b in distinct_pairs(per_prompt)]
-        distances = lpips.pairwise([(images[a], images[b]) for a, b in pair_index])
+        scores = _score_prompts(images, protocol, encoders, reference, settings.images_per_prompt)
         scoring_seconds = time.perf_counter() - started
-
-        output_dir.mkdir(parents=True, exist_ok=True)
-        scores: list[PromptScores] = []
-        pairs_per_prompt = len(distinct_pairs(per_prompt))
-        for p, (prompt, text) in enumerate(zip(prompts, rendered)):
-            rows = slice(p * per_prompt, (p + 1) * per_prompt)
-            files = []
-            for i, image in enumerate(images[rows]):
-                name = f"images/{prompt.category}/p{p:02d}-{i}.png"
-                (output_dir / name).parent.mkdir(parents=True, exist_ok=True)
-                save_marked(image, output_dir / name, payload)
-                files.append(name)
-            scores.append(
-                PromptScores(
-                    prompt=text,
-                    category=prompt.category,
-                    dino=mean_pairwise_similarity(dino_generated[rows], reference.dino),
-                    clip_i=mean_pairwise_similarity(clip_generated[rows], reference.clip),
-                    clip_t=image_text_similarity(clip_generated[rows], texts[p].expand(per_prompt, -1)).mean().item(),
-                    div=distances[p * pairs_per_prompt : (p + 1) * pairs_per_prompt].mean().item(),
-                    image_files=files,
-                )
-            )
-
-        metric_names = ("dino", "clip_i", "clip_t", "div")
-        overall = {name: _mean([getattr(s, name) for s in scores]) for name in metric_names}
-        overall.update(pres=pres, pres_base=pres_base)
-        grouped: dict[str, list[PromptScores]] = defaultdict(list)
-        for score in scores:
-            grouped[score.category].append(score)
-        by_category = {
-            category: {name: _mean([getattr(s, name) for s in members]) for name in metric_names}
-            for category, members in grouped.items()
+        result = _result(model, protocol, scores, {"pres": pres, "pres_base": pres_base}, reference, config, upscaler, images[0].width)
+        result.throughput = {
+            "generation_images_per_second": (len(protocol.requests) + 2 * len(drawn.pres_base_images)) / max(drawn.seconds + upscaling_seconds, 1e-9),
+            "scoring_images_per_second": (len(images) + len(pres_embeddings) + len(real_images)) / max(scoring_seconds, 1e-9),
         }
-        result = EvaluationResult(
-            model=str(model),
-            identifier=identifier,
-            class_noun=class_noun,
-            class_prompt=class_prompt,
-            live_subject=live,
-            overall=overall,
-            by_category=by_category,
-            prompts=scores,
-            real_images={
-                "dino": mean_distinct_pair_similarity(reference.dino),
-                "clip_i": mean_distinct_pair_similarity(reference.clip),
-            },
-            gate=gate_decision(overall, config),
-            settings={
-                "dino_model": settings.dino_model,
-                "clip_model": settings.clip_model,
-                "lpips_model": settings.lpips_model,
-                "prompts": len(prompts),
-                "images_per_prompt": per_prompt,
-                "pres_images": settings.pres_images,
-                "seed": sampler.seed,
-                "scheduler": sampler.scheduler,
-                "num_inference_steps": sampler.num_inference_steps,
-                "guidance_scale": sampler.guidance_scale,
-                "base_model": base_model,
-                "upscaler": upscaler,
-                "resolution": images[0].width,
-            },
-            throughput={
-                "generation_images_per_second": (len(generated) + len(pres_base_images)) / max(generation_seconds + upscaling_seconds, 1e-9),
-                "scoring_images_per_second": (len(images) + len(pres_embeddings) + len(real_images)) / max(scoring_seconds, 1e-9),
-            },
-        )
-        for name, images_of, mark in (("fine-tuned", pres_images, payload), ("base", pres_base_images, base_payload)):
-            for i, image in enumerate(images_of):
-                path = output_dir / "images" / "prior-preservation" / f"{name}-{i}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_marked(image, path, mark)
-        _write_grids(result, images, per_prompt, pres_images, pres_base_images, output_dir, payload)
-        (output_dir / RESULTS_FILE).write_text(result.to_json())
+        _write_variant(result, images, drawn, output_dir, payload_for(model), payload_for(protocol.base_model), settings.images_per_prompt)
         results[label] = result
     return results
+
+
+def _score_prompts(images: list[Image.Image], protocol: Protocol, encoders, reference: SubjectReference, per_prompt: int) -> list[PromptScores]:
+    """DINO, CLIP-I, CLIP-T and DIV of each prompt's images; every encoder call is batched."""
+    dino, clip, lpips = encoders
+    texts = clip.embed_texts([without_identifier(text, protocol.identifier) for text in protocol.rendered])
+    dino_generated = dino.embed(images)
+    clip_generated = clip.embed(images)
+    pair_index = [(p * per_prompt + a, p * per_prompt + b) for p in range(len(protocol.prompts)) for a, b in distinct_pairs(per_prompt)]
+    distances = lpips.pairwise([(images[a], images[b]) for a, b in pair_index])
+    pairs_per_prompt = len(distinct_pairs(per_prompt))
+    scores = []
+    for p, (prompt, text) in enumerate(zip(protocol.prompts, protocol.rendered)):
+        rows = slice(p * per_prompt, (p + 1) * per_prompt)
+        scores.append(PromptScores(
+            prompt=text,
+            category=prompt.category,
+            dino=mean_pairwise_similarity(dino_generated[rows], reference.dino),
+            clip_i=mean_pairwise_similarity(clip_generated[rows], reference.clip),
+            clip_t=image_text_similarity(clip_generated[rows], texts[p].expand(per_prompt, -1)).mean().item(),
+            div=distances[p * pairs_per_prompt : (p + 1) * pairs_per_prompt].mean().item(),
+            image_files=[f"images/{prompt.category}/p{p:02d}-{i}.png" for i in range(per_prompt)],
+        ))
+    return scores
+
+
+def _result(model: str, protocol: Protocol, scores: list[PromptScores], pres: dict[str, float], reference: SubjectReference,
+            config: RunConfig, upscaler: Optional[str], resolution: int) -> EvaluationResult:
+    """The scores averaged overall and per category, with the gate's decision and the protocol's settings."""
+    settings, sampler = config.evaluation, config.evaluation.sampler
+    metric_names = ("dino", "clip_i", "clip_t", "div")
+    overall = {name: _mean([getattr(s, name) for s in scores]) for name in metric_names}
+    overall.update(pres)
+    grouped: dict[str, list[PromptScores]] = defaultdict(list)
+    for score in scores:
+        grouped[score.category].append(score)
+    by_category = {category: {name: _mean([getattr(s, name) for s in members]) for name in metric_names} for category, members in grouped.items()}
+    return EvaluationResult(
+        model=str(model),
+        identifier=protocol.identifier,
+        class_noun=protocol.class_noun,
+        class_prompt=protocol.class_prompt,
+        live_subject=protocol.live,
+        overall=overall,
+        by_category=by_category,
+        prompts=scores,
+        real_images={"dino": mean_distinct_pair_similarity(reference.dino), "clip_i": mean_distinct_pair_similarity(reference.clip)},
+        gate=gate_decision(overall, config),
+        settings={
+            "dino_model": settings.dino_model,
+            "clip_model": settings.clip_model,
+            "lpips_model": settings.lpips_model,
+            "prompts": len(protocol.prompts),
+            "images_per_prompt": settings.images_per_prompt,
+            "pres_images": settings.pres_images,
+            "seed": sampler.seed,
+            "scheduler": sampler.scheduler,
+            "num_inference_steps": sampler.num_inference_steps,
+            "guidance_scale": sampler.guidance_scale,
+            "base_model": protocol.base_model,
+            "upscaler": upscaler,
+            "resolution": resolution,
+        },
+    )
+
+
+def _write_variant(result: EvaluationResult, images: list[Image.Image], drawn: Drawn, output_dir: Path, payload: str,
+                   base_payload: str, per_prompt: int) -> None:
+    """Every image (marked as the model that drew it), the grids and evaluation.json under output_dir."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for p, score in enumerate(result.prompts):
+        for image, name in zip(images[p * per_prompt : (p + 1) * per_prompt], score.image_files):
+            (output_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            save_marked(image, output_dir / name, payload)
+    for name, images_of, mark in (("fine-tuned", drawn.pres_images, payload), ("base", drawn.pres_base_images, base_payload)):
+        for i, image in enumerate(images_of):
+            path = output_dir / "images" / "prior-preservation" / f"{name}-{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_marked(image, path, mark)
+    _write_grids(result, images, per_prompt, drawn.pres_images, drawn.pres_base_images, output_dir, payload)
+    (output_dir / RESULTS_FILE).write_text(result.to_json())
 
 
 def _write_grids(result: EvaluationResult, images, per_prompt: int, pres_images, pres_base_images, output_dir: Path,

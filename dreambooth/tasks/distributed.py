@@ -19,7 +19,7 @@ from pathlib import Path
 from dreambooth.errors import InputError, Preempted, TrackingUnavailable, TrainingDiverged
 from dreambooth.process import configure_process
 from dreambooth.stages import FINE_TUNE, SUPER_RESOLUTION
-from dreambooth.training.saving import FinetuneResult
+from dreambooth.training.saving import FineTuneResult
 
 STAGES = (FINE_TUNE.name, SUPER_RESOLUTION.name)
 ERRORS = {error.__name__: error for error in (InputError, TrainingDiverged, Preempted, TrackingUnavailable)}
@@ -31,7 +31,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch(stage: str, processes: int, arguments: dict) -> FinetuneResult:
+def launch(stage: str, processes: int, arguments: dict) -> FineTuneResult:
     """Run `stage` with `processes` workers; arguments: config_json, instance_dir, class_dir, identifier,
     output_dir, tracking_uri, run_id, parent_run_id, spool_dir, wait_seconds."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -48,13 +48,13 @@ def launch(stage: str, processes: int, arguments: dict) -> FinetuneResult:
         raise ERRORS[report["kind"]](report["error"])
     if completed.returncode != 0 or "result" not in report:
         raise RuntimeError(f"{stage} with {processes} processes failed (exit code {completed.returncode}); see the log above")
-    return FinetuneResult(**report["result"])
+    return FineTuneResult(**report["result"])
 
 
 def _worker(stage: str, request_file: str) -> None:
     from dreambooth.config import RunConfig
-    from dreambooth.finetune import finetune
-    from dreambooth.superres import finetune_upscaler
+    from dreambooth.fine_tune import fine_tune
+    from dreambooth.super_resolution import fine_tune_upscaler
     from dreambooth.progress import StageProgress
     from dreambooth.tracking import StageRun, client
     from dreambooth.training.loop import process_state
@@ -63,7 +63,7 @@ def _worker(stage: str, request_file: str) -> None:
     state = process_state()
     run = StageRun(client(request["tracking_uri"]), request["run_id"], request["parent_run_id"], request["tracking_uri"],
                    Path(request["spool_dir"]), request["wait_seconds"], StageProgress(request["scope"], request["stage"]))
-    train_stage = finetune if stage == FINE_TUNE.name else finetune_upscaler
+    train_stage = fine_tune if stage == FINE_TUNE.name else fine_tune_upscaler
     outcome = Path(request["outcome"])
     try:
         result = train_stage(

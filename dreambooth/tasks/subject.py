@@ -22,7 +22,7 @@ from PIL import Image
 from dreambooth.catalogue.planning import PriorOutcome
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError, Preempted, TrackingUnavailable, TrainingDiverged
-from dreambooth.models.loading import allow_pickle_weights
+from dreambooth.models.loading import METADATA_FILE, allow_pickle_weights
 from dreambooth.process import task_entry
 from dreambooth.progress import SKIPPED, StageProgress
 from dreambooth.stages import (
@@ -37,7 +37,7 @@ from dreambooth.stages import (
 )
 from dreambooth.tracking.registry import current_champion, log_pipeline_model, register_candidate
 from dreambooth.storage import content_digests, is_gcs, local_folder
-from dreambooth.training.saving import release_checkpoints
+from dreambooth.training.saving import FineTuneResult, release_checkpoints
 from dreambooth.watermark import payload_for, save_marked
 from dreambooth.tracking import (
     FAILED,
@@ -227,13 +227,15 @@ def _class_folder(config: RunConfig, class_images: str) -> Iterator[Optional[Pat
 @subject_stage(FINE_TUNE)
 def fine_tune_task(config: RunConfig, run: StageRun, subject_dir: str, class_images: str, output_dir: str, model_location: str) -> str:
     """Fine-tune the base model; log loss curves, throughput and the model; returns the model folder."""
-    from dreambooth.finetune import finetune
+    from dreambooth.fine_tune import fine_tune
 
     with _class_folder(config, class_images) as class_dir:
         result = _train(
-            FINE_TUNE, finetune, config.training, run, config,
+            FINE_TUNE, fine_tune, config.training, run, config,
             Path(subject_dir), class_dir, _identifier(Path(subject_dir)), Path(output_dir),
         )
+    if config.evaluation.select and not result.selection:  # a retry reuses the choice its marker holds
+        result = keep_selected_checkpoint(result, Path(subject_dir), config)
     summary = {
         "train_steps": result.steps,
         "train_steps_per_second": result.steps_per_second,
@@ -257,6 +259,22 @@ def fine_tune_task(config: RunConfig, run: StageRun, subject_dir: str, class_ima
                   TAG_WATERMARK: payload_for(output_dir)}, on_parent=True)
     release_checkpoints(result, config.training.keep_checkpoints)
     return output_dir
+
+
+def keep_selected_checkpoint(result: FineTuneResult, subject_dir: Path, config: RunConfig) -> FineTuneResult:
+    """evaluation.select: score the model of each step it names (kept aside by the fine-tune) and keep the one its
+    rule picks as the result."""
+    from dreambooth.evaluation.select import score_checkpoints, selection_record
+    from dreambooth.training.saving import keep_step, snapshot_folder
+
+    select, checkpoints = config.evaluation.select, Path(result.checkpoints)
+    snapshots = {step: snapshot_folder(checkpoints, step) for step in select.scored_steps(config.training.max_steps)}
+    missing = [step for step, folder in snapshots.items() if not (folder / METADATA_FILE).is_file()]
+    if missing:  # e.g. training.keep_checkpoints false and an earlier attempt's folder released
+        raise InputError(f"{checkpoints}: the models of steps {missing} are gone; delete the folder to train again")
+    scores = score_checkpoints(snapshots, subject_dir, config, checkpoints / "selection")
+    selection = selection_record(scores, select)
+    return keep_step(result, snapshots[selection["step"]], selection)
 
 
 def _record_selection(run: StageRun, selection: dict) -> None:
@@ -424,7 +442,7 @@ def super_resolution_task(config: RunConfig, run: StageRun, subject_dir: str, cl
     """Fine-tune the upscaler on the subject; log its loss curves and a low-res / generic / personalised grid
     (also as an HTML page for KFP)."""
     from dreambooth.reports.pages import image_page, write_page
-    from dreambooth.superres import finetune_upscaler, upscale_comparison_grid
+    from dreambooth.super_resolution import fine_tune_upscaler, upscale_comparison_grid
 
     identifier = _identifier(Path(subject_dir))
     run.set_tags({
@@ -433,7 +451,7 @@ def super_resolution_task(config: RunConfig, run: StageRun, subject_dir: str, cl
     })
     with _class_folder(config, class_images) as class_dir:
         result = _train(
-            SUPER_RESOLUTION, finetune_upscaler, config.superres.training, run, config,
+            SUPER_RESOLUTION, fine_tune_upscaler, config.superres.training, run, config,
             Path(subject_dir), class_dir, identifier, Path(output_dir),
         )
     run.log_metrics({

@@ -4,17 +4,18 @@ per subject when its run closes and per batch by the summary; batch.budget reads
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
-
-import torch
 
 ACCELERATOR_SECONDS, ESTIMATED = "cost/accelerator_seconds", "cost/estimated"
 HISTORY = 20  # trained subjects whose mean cost estimates the next one's
 
 
 def node_type() -> tuple[str, int]:
-    """(this node's type, accelerators the stage holds): the GPU's name as a price-table key, or cpu."""
-    if torch.cuda.is_available():
+    """(this node's type, accelerators the stage holds): the GPU's name as a price-table key, or cpu. A stage that
+    never imported torch held no accelerator (the batch's CPU stages: they need not pay torch's import to say so)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
         return torch.cuda.get_device_name(0).lower().replace(" ", "-"), torch.cuda.device_count()
     return "cpu", 1
 

@@ -172,3 +172,48 @@ def counted_client_calls() -> Iterator["collections.Counter"]:
     finally:
         for name, original in originals.items():
             setattr(MlflowClient, name, original)
+
+
+DATABASE_SCHEMES = ("sqlite:", "postgresql", "mysql", "mssql")  # a tracking URI that is the store's database itself
+
+
+def erase_deleted_runs(tracking_uri: str, run_ids: list[str], logged_model_ids: list[str], experiment_id: str,
+                       dataset_digests: list[str]) -> list[str]:
+    """Erase deleted runs and logged models from the tracking database (MLflow's own `mlflow gc`), then the runs'
+    input records and the datasets of these digests that no run uses any more (MLflow has no call for those, and
+    gc leaves them). The one place that writes MLflow's tables directly. Returns what is left to do: on a
+    tracking server, whose database is not reachable from here, the command to run where it is."""
+    import os
+    import subprocess
+    import sys
+
+    arguments = ["--run-ids", ",".join(run_ids)] + (["--logged-model-ids", ",".join(logged_model_ids)] if logged_model_ids else [])
+    if not tracking_uri.startswith(DATABASE_SCHEMES):
+        return [f"runs and models are deleted on {tracking_uri}; to erase their rows and artifacts, run where the server's "
+                f"database is reachable: MLFLOW_TRACKING_URI={tracking_uri} mlflow gc --backend-store-uri <its database> "
+                + " ".join(arguments)]
+    result = subprocess.run([sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", tracking_uri, *arguments],
+                            capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})
+    if result.returncode != 0:
+        raise RuntimeError(f"mlflow gc failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
+    import sqlalchemy
+
+    statements = [  # gc leaves the runs' input records, and with them the datasets they point to
+        "DELETE FROM input_tags WHERE input_uuid IN (SELECT input_uuid FROM inputs WHERE destination_type = 'RUN' AND destination_id IN :runs)",
+        "DELETE FROM inputs WHERE destination_type = 'RUN' AND destination_id IN :runs",
+        "DELETE FROM datasets WHERE experiment_id = :experiment AND digest IN :digests AND dataset_uuid NOT IN "
+        "(SELECT source_id FROM inputs WHERE source_type = 'DATASET')",
+    ]
+    engine = sqlalchemy.create_engine(tracking_uri)
+    with engine.begin() as connection:
+        for statement in statements:
+            query = sqlalchemy.text(statement).bindparams(*(sqlalchemy.bindparam(name, expanding=True) for name in ("runs", "digests")
+                                                            if f":{name}" in statement))
+            connection.execute(query, {"experiment": int(experiment_id), "digests": dataset_digests, "runs": run_ids})
+    engine.dispose()
+    if (database := sqlite_path(tracking_uri)) is not None:  # deleted rows linger in free pages until the file is rebuilt
+        import sqlite3
+
+        with sqlite3.connect(database) as connection:
+            connection.execute("VACUUM")
+    return []

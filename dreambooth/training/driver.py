@@ -29,7 +29,7 @@ from dreambooth.training.losses import LossTerms
 from dreambooth.training.recipes import Recipe
 from dreambooth.training.recipes.base import TrainingImages
 from dreambooth.training.saving import (
-    FinetuneResult, claim_checkpoints, release_checkpoints, save_trained_pipeline, saved_result, write_snapshot,
+    FineTuneResult, claim_checkpoints, release_checkpoints, save_trained_pipeline, saved_result, write_snapshot,
 )
 
 
@@ -63,7 +63,7 @@ class SubjectCaptions:
 
 
 @dataclass
-class FinetuneJob:
+class FineTuneJob:
     recipe: Recipe  # holds the loaded pipeline and the per-process training settings
     instance_images: list[Path]
     class_images: list[Path]  # empty: no prior preservation
@@ -77,7 +77,7 @@ class FinetuneJob:
     snapshot_steps: tuple[int, ...] = ()  # steps whose model is kept aside (evaluation.select)
 
 
-def run_finetune(job: FinetuneJob, on_log: Optional[OnLog] = None, on_step: Optional[OnStep] = None,
+def run_fine_tune(job: FineTuneJob, on_log: Optional[OnLog] = None, on_step: Optional[OnStep] = None,
                  metadata: Optional[dict] = None) -> TrainingResult:
     """Train job.recipe's denoiser (and text encoders, when set) on the subject, resuming from job.checkpoints;
     the model at each of job.snapshot_steps is written aside as a result folder with `metadata`."""
@@ -160,7 +160,7 @@ def run_finetune(job: FinetuneJob, on_log: Optional[OnLog] = None, on_step: Opti
     return result
 
 
-def _set_up_method(job: FinetuneJob) -> tuple[tuple[str, ...], Optional[LearnedToken]]:
+def _set_up_method(job: FineTuneJob) -> tuple[tuple[str, ...], Optional[LearnedToken]]:
     """Freeze what training.method leaves alone, attach its adapters or add its learned token;
     returns the text encoders that train and the learned token (None without one)."""
     recipe, settings = job.recipe, job.recipe.settings
@@ -182,13 +182,13 @@ def _set_up_method(job: FinetuneJob) -> tuple[tuple[str, ...], Optional[LearnedT
 
 
 def train_and_save(
-    job: FinetuneJob, output_dir: Path, metadata: dict, on_log: Optional[OnLog] = None,
+    job: FineTuneJob, output_dir: Path, metadata: dict, on_log: Optional[OnLog] = None,
     on_step: Optional[OnStep] = None, release: bool = True,
-) -> FinetuneResult:
+) -> FineTuneResult:
     """Train, put the trained modules into the pipeline and save it. `release=False` keeps the
     checkpoint folder's marker until the caller has recorded the model (see saving.py)."""
     settings = job.recipe.settings
-    result = run_finetune(job, on_log, on_step, metadata)
+    result = run_fine_tune(job, on_log, on_step, metadata)
     for name, module in result.modules.items():
         setattr(job.recipe.pipeline, name, module)
     images_per_step = settings.batch_size * settings.gradient_accumulation_steps * (2 if job.class_images else 1)
@@ -221,7 +221,7 @@ class SubjectTraining:
         self, make_recipe: Callable[[TrainingSettings, torch.device], Recipe], output_dir: Path, describe: Callable[[Recipe], dict],
         on_log: Optional[OnLog] = None, on_step: Optional[Callable[[Recipe], OnStep]] = None, release: bool = True,
         description: str = "fine-tune", owner: str = "",
-    ) -> FinetuneResult:
+    ) -> FineTuneResult:
         """Train and save, or return the model an earlier attempt saved here; one run at a time per folder.
         `describe(recipe)`: what the saved folder records (dreambooth.json); `on_step(recipe)`: a per-step
         hook for the loaded recipe; `owner`: the tracking run training."""
@@ -230,7 +230,7 @@ class SubjectTraining:
             if reused is not None:
                 return reused
             recipe = make_recipe(self.settings, process_state().device)
-            job = FinetuneJob(recipe, self.instance_images, self.class_images, self.instance_prompt, self.class_prompt,
+            job = FineTuneJob(recipe, self.instance_images, self.class_images, self.instance_prompt, self.class_prompt,
                               self.checkpoints, description, owner, self.identifier, self.initializer, self.snapshot_steps)
             return train_and_save(job, output_dir, describe(recipe), on_log, on_step(recipe) if on_step else None, release)
 

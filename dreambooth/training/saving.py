@@ -27,7 +27,7 @@ SNAPSHOTS = "snapshots"  # the model at each step evaluation.select scores
 
 
 @dataclass(frozen=True)
-class FinetuneResult:
+class FineTuneResult:
     model_dir: str
     steps: int
     resumed_from_step: int
@@ -47,11 +47,11 @@ class FinetuneResult:
 def save_trained_pipeline(
     pipeline, result, output_dir: Path, metadata: dict, checkpoints: Path, keep_checkpoints: bool, images_per_step: int,
     owner: str = "",
-) -> FinetuneResult:
+) -> FineTuneResult:
     """On the main process: the whole pipeline folder (safetensors), or what loads on the base alone:
     the LoRA adapters (result.adapters) and the learned token's embedding (result.embedding); with
     its metadata. Then the training states give way to the marker naming the model."""
-    saved = FinetuneResult(
+    saved = FineTuneResult(
         model_dir=str(output_dir),
         steps=result.steps_completed,
         resumed_from_step=result.resumed_from_step,
@@ -131,12 +131,12 @@ def claim_checkpoints(checkpoints: Path) -> Iterator[None]:
                 lock_file.unlink(missing_ok=True)
 
 
-def saved_result(checkpoints: Path, output_dir: Path) -> Optional[FinetuneResult]:
+def saved_result(checkpoints: Path, output_dir: Path) -> Optional[FineTuneResult]:
     """The result an earlier attempt trained and saved but never recorded, its model now in output_dir; else None."""
     marker = checkpoints / TRAINED_MARKER
     if not marker.is_file():
         return None
-    saved = FinetuneResult(**json.loads(marker.read_text()))
+    saved = FineTuneResult(**json.loads(marker.read_text()))
     source = Path(saved.model_dir)
     if not (source / METADATA_FILE).is_file():
         return None  # the folder it names is gone: train again
@@ -148,7 +148,7 @@ def saved_result(checkpoints: Path, output_dir: Path) -> Optional[FinetuneResult
                    resumed_from_run=saved.trained_by_run or saved.resumed_from_run)
 
 
-def keep_step(result: FinetuneResult, step_model: Path, selection: dict) -> FinetuneResult:
+def keep_step(result: FineTuneResult, step_model: Path, selection: dict) -> FineTuneResult:
     """The model of the selected step becomes the result (its folder replaces the last step's);
     the marker records the selection, so a retry reuses it instead of choosing again."""
     chosen = replace(result, selection=selection)
@@ -161,7 +161,7 @@ def keep_step(result: FinetuneResult, step_model: Path, selection: dict) -> Fine
     return chosen
 
 
-def release_checkpoints(result: FinetuneResult, keep_checkpoints: bool) -> None:
+def release_checkpoints(result: FineTuneResult, keep_checkpoints: bool) -> None:
     """Once the model is recorded: the checkpoint folder goes (or, when kept, only the marker)."""
     if not result.checkpoints:
         return

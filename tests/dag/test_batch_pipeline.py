@@ -125,7 +125,8 @@ def test_a_batch_generates_class_priors_once_per_class_and_tracks_each_subject(b
     priors = _runs(client, "dreambooth", f"tags.`{TAG_PARENT}` = '{batch.info.run_id}' and tags.`{TAG_STAGE}` = 'class-priors'")
     assert sorted(run.data.tags["dreambooth.class_noun"] for run in priors) == ["backpack", "dog"]
     assert [run.data.metrics["class_images_generated"] for run in priors] == [4.0, 4.0]
-    assert len(list((root / "out" / "work" / "class-priors").iterdir())) == 2
+    caches = sorted((root / "out" / "work" / "class-priors").iterdir())
+    assert [len(list(cache.glob("*.png"))) for cache in caches] == [4, 4]  # each class's images, drawn once, in its cache
 
     subjects = _runs(client, "dreambooth", f"tags.`{TAG_PARENT}` = '{batch.info.run_id}' and tags.`{TAG_STAGE}` = 'subject'")
     assert sorted(run.data.tags[TAG_SUBJECT] for run in subjects) == sorted(SUBJECTS)

@@ -343,8 +343,10 @@ def test_every_registered_adapter_generates_where_the_repository_is_not(lora_bat
 @pytest.mark.slow(seconds=150)
 @pytest.mark.xdist_group("lora-batch")
 @pytest.mark.parametrize("subject", ["person-sd", "person-sdxl"])
-def test_a_person_trains_in_buckets_with_captions_masks_ema_and_prodigy(lora_batch, subject):
-    """What the run recorded: each photo's face crop and bucket, the captions the text encoder got, the options."""
+def test_a_person_trains_in_buckets_with_her_captions_and_records_masks_ema_and_prodigy(lora_batch, subject):
+    """What the run recorded: each photo's face crop and bucket, the captions the text encoder got, and the mask, EMA and
+    Prodigy settings it trained with (what each does is proven where it runs: tests/training/test_losses.py masks,
+    tests/training/test_loop.py EMA and Prodigy)."""
     root, tracking, blocks, overrides, bucket = lora_batch
     assert blocks[subject]["quality gate"].startswith("passed")
     client = MlflowClient(tracking)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from dreambooth.evaluation.learning import learning_check
-from dreambooth.finetune import finetune
+from dreambooth.fine_tune import fine_tune
 from dreambooth.ingest.photos import ingest_subject
 from dreambooth.priors import generate_class_priors
 
@@ -20,7 +20,7 @@ def test_the_check_compares_like_with_like_and_sees_the_fine_tune_learn(make_con
     untouched = learning_check(config.model.base, tmp_path / "subject", tmp_path / "classes", identifier, config)
     assert untouched.subject_tuned == untouched.subject_base and untouched.class_tuned == untouched.class_base
 
-    model = finetune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "model").model_dir
+    model = fine_tune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "model").model_dir
     learned = learning_check(model, tmp_path / "subject", tmp_path / "classes", identifier, config)
     assert learned.subject_base == pytest.approx(untouched.subject_base)
     assert learned.metrics()["learn/subject_loss_change"] < -0.05  # measured: -16% after 8 steps of the tiny model

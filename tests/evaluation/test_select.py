@@ -39,20 +39,23 @@ def test_nothing_to_choose_from_is_an_error():
         choose_checkpoint([], clip_t_margin=0.01)
 
 
-def test_a_fine_tune_with_select_keeps_the_model_of_the_step_the_rule_picks(make_config, subject_dir, tmp_path):
+def test_with_select_the_fine_tune_task_keeps_the_model_of_the_step_the_rule_picks(make_config, subject_dir, tmp_path):
     import json
     from pathlib import Path
 
-    from dreambooth.finetune import finetune
+    from dreambooth.fine_tune import fine_tune
     from dreambooth.ingest.photos import ingest_subject
     from dreambooth.models.loading import LORA_WEIGHTS, METADATA_FILE
+    from dreambooth.tasks.subject import keep_selected_checkpoint
     from dreambooth.training.saving import snapshot_folder
 
     select = {"every": 2, "prompts_per_category": 1, "images_per_prompt": 2, "pres_images": 2, "clip_t_margin": 0.0}
     config = make_config(priors={"enabled": False}, evaluation={"select": select},
                          training={"method": "lora", "max_steps": 5, "learning_rate": 5e-2, "checkpoint_every": 100, "keep_checkpoints": True})
     identifier = ingest_subject(subject_dir, tmp_path / "subject", config).identifier.identifier
-    result = finetune(tmp_path / "subject", None, identifier, config, tmp_path / "model")
+    trained = fine_tune(tmp_path / "subject", None, identifier, config, tmp_path / "model")
+    assert not trained.selection  # the fine-tune keeps the steps' models aside; the fine-tune task chooses
+    result = keep_selected_checkpoint(trained, tmp_path / "subject", config)
 
     scores = [CheckpointScore(**score) for score in result.selection["scores"]]
     assert [score.step for score in scores] == [2, 4, 5]  # every 2 steps, and the last

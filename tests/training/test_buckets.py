@@ -8,7 +8,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from dreambooth.config import DataSettings, TrainingSettings
-from dreambooth.finetune import finetune
+from dreambooth.fine_tune import fine_tune
 from dreambooth.ingest.photos import ingest_subject, read_manifest
 from dreambooth.models.loading import load_pipeline
 from dreambooth.training.buckets import bucket_sizes, share_out
@@ -121,7 +121,7 @@ def test_each_batch_is_one_bucket_with_its_class_images_and_sdxl_gets_each_photo
         return original(self, sample, *args, **kwargs)
 
     monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
-    finetune(tmp_path / "subject", classes, ingested.identifier.identifier, config, tmp_path / "model")
+    fine_tune(tmp_path / "subject", classes, ingested.identifier.identifier, config, tmp_path / "model")
 
     photo_sizes = [[800, 600], [600, 800], [640, 640]]  # (height, width) of each photo
     seen_sizes = set()
@@ -161,7 +161,7 @@ def test_flux_trains_tall_and_wide_buckets_as_packed_tokens_of_their_own_shape(m
 
     monkeypatch.setattr(FluxTransformer2DModel, "forward", forward)
     monkeypatch.setattr(flux_recipe, "pack_latents", pack)
-    finetune(tmp_path / "subject", None, ingested.identifier.identifier, config, tmp_path / "model")
+    fine_tune(tmp_path / "subject", None, ingested.identifier.identifier, config, tmp_path / "model")
     # each step's token positions span its own latents' 2x2 patches: rows by height, columns by width
     assert [(height // 2 - 1, width // 2 - 1) for height, width in latents] == positions
     assert {(width * 2, height * 2) for height, width in latents} == buckets  # both buckets trained (the tiny VAE halves)

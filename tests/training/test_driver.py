@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from dreambooth.finetune import finetune
+from dreambooth.fine_tune import fine_tune
 from dreambooth.ingest.photos import ingest_subject
 from dreambooth.training.recipes.sd import StableDiffusionRecipe
 
@@ -32,7 +32,7 @@ def test_each_photo_caption_reaches_the_text_encoder_and_dropout_swaps_in_the_ba
         return original(self, modules, prompts)
 
     monkeypatch.setattr(StableDiffusionRecipe, "encode_prompts", recording)
-    result = finetune(tmp_path / "subject", None, identifier, config, tmp_path / "model")
+    result = fine_tune(tmp_path / "subject", None, identifier, config, tmp_path / "model")
 
     bare = ingested.instance_prompt
     assert set(encoded) == expected | {bare}  # every caption, and the bare prompt, nothing else
@@ -77,7 +77,7 @@ def test_in_a_batch_of_two_each_example_keeps_its_prompt_and_the_class_half_the_
 
     monkeypatch.setattr(driver.SubjectCaptions, "draw", draw)
     monkeypatch.setattr(recipe_type, "loss", loss)
-    finetune(tmp_path / "subject", classes, ingested.identifier.identifier, config, tmp_path / "model")
+    fine_tune(tmp_path / "subject", classes, ingested.identifier.identifier, config, tmp_path / "model")
 
     assert len(seen) == 3 and all(num_instance == 2 for _, _, num_instance in seen)
     for prompts, (recipe, conditioning, _) in zip(drawn, seen):

@@ -38,13 +38,13 @@ def test_a_lora_on_an_int8_base_trains_and_saves_the_adapter_the_full_precision_
     from safetensors.torch import load_file
 
     from dreambooth.errors import InputError
-    from dreambooth.finetune import finetune
+    from dreambooth.fine_tune import fine_tune
     from dreambooth.ingest.photos import ingest_subject
     from dreambooth.models.loading import resolve_model_source
     from dreambooth.training import driver
 
     weight_types, saved = {}, {}
-    original = driver.run_finetune
+    original = driver.run_fine_tune
 
     def recording(job, *args, **kwargs):
         result = original(job, *args, **kwargs)
@@ -53,12 +53,12 @@ def test_a_lora_on_an_int8_base_trains_and_saves_the_adapter_the_full_precision_
         weight_types[getattr(job.recipe.pipeline.unet, "is_quantized", False)] = {type(weight).__name__ for weight in frozen}
         return result
 
-    monkeypatch.setattr(driver, "run_finetune", recording)
+    monkeypatch.setattr(driver, "run_fine_tune", recording)
     for mode in ("none", "int8"):
         config = make_config(model={"quantization": mode}, priors={"enabled": False},
                              training={"method": "lora", "max_steps": 3, "learning_rate": 1e-3})
         ingested = ingest_subject(subject_dir, tmp_path / f"subject-{mode}", config)
-        assert finetune(tmp_path / f"subject-{mode}", None, ingested.identifier.identifier, config, tmp_path / mode).steps == 3
+        assert fine_tune(tmp_path / f"subject-{mode}", None, ingested.identifier.identifier, config, tmp_path / mode).steps == 3
         saved[mode] = load_file(tmp_path / mode / LORA_WEIGHTS)
     assert weight_types == {False: {"Parameter"}, True: {"Int8Tensor"}}  # every frozen projection int8 while it trained
     assert {key: (value.shape, value.dtype) for key, value in saved["int8"].items()} == \
@@ -77,27 +77,35 @@ def test_a_lora_on_an_int8_base_trains_and_saves_the_adapter_the_full_precision_
 
 
 def test_a_flux2_klein_lora_trains_with_its_transformer_and_language_model_int8(subject_dir, tmp_path, make_config, monkeypatch):
-    """model.quantize_text_encoders: Qwen3's projections hold int8 weights while it encodes the prompts
-    and the int8 transformer's adapter trains; the adapter is the unquantized run's, tensor for tensor in shape."""
+    """model.quantize_text_encoders: Qwen3's projections hold int8 weights while it encodes the prompts, and every
+    frozen projection of the transformer holds int8 weights while its adapter trains; the adapter has the
+    unquantized run's tensors (shape and type) and trained on other weights (its values differ)."""
     from safetensors.torch import load_file
 
-    from dreambooth.finetune import finetune
+    from dreambooth.fine_tune import fine_tune
     from dreambooth.ingest.photos import ingest_subject
     from dreambooth.training import driver
 
-    encoder_weights, saved = {}, {}
-    original = driver.run_finetune
+    weight_types, saved, mode = {}, {}, {}
+    original = driver.run_fine_tune
 
     def recording(job, *args, **kwargs):
-        encoder_weights[job.recipe.settings.max_steps] = type(job.recipe.pipeline.text_encoder.model.layers[0].self_attn.q_proj.weight).__name__
-        return original(job, *args, **kwargs)
+        result = original(job, *args, **kwargs)  # after training: what the transformer held while it trained
+        pipeline = job.recipe.pipeline
+        frozen = {type(module.weight).__name__ for module in pipeline.transformer.modules()
+                  if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad}
+        weight_types[mode["now"]] = (type(pipeline.text_encoder.model.layers[0].self_attn.q_proj.weight).__name__, frozen)
+        return result
 
-    monkeypatch.setattr(driver, "run_finetune", recording)
-    for steps, model in ((2, {}), (3, {"quantization": "int8", "quantize_text_encoders": True})):
+    monkeypatch.setattr(driver, "run_fine_tune", recording)
+    for label, model in (("none", {}), ("int8", {"quantization": "int8", "quantize_text_encoders": True})):
+        mode["now"] = label
         config = make_config(model={"base": "tiny://flux2-klein", "resolution": 64, **model}, priors={"enabled": False},
-                             training={"method": "lora", "max_steps": steps, "learning_rate": 1e-3})
-        ingested = ingest_subject(subject_dir, tmp_path / f"subject-{steps}", config)
-        assert finetune(tmp_path / f"subject-{steps}", None, ingested.identifier.identifier, config, tmp_path / str(steps)).steps == steps
-        saved[steps] = load_file(tmp_path / str(steps) / LORA_WEIGHTS)
-    assert encoder_weights == {2: "Parameter", 3: "Int8Tensor"}
-    assert {key: value.shape for key, value in saved[3].items()} == {key: value.shape for key, value in saved[2].items()}
+                             training={"method": "lora", "max_steps": 3, "learning_rate": 1e-3})
+        ingested = ingest_subject(subject_dir, tmp_path / f"subject-{label}", config)
+        assert fine_tune(tmp_path / f"subject-{label}", None, ingested.identifier.identifier, config, tmp_path / label).steps == 3
+        saved[label] = load_file(tmp_path / label / LORA_WEIGHTS)
+    assert weight_types == {"none": ("Parameter", {"Parameter"}), "int8": ("Int8Tensor", {"Int8Tensor"})}
+    assert {key: (value.shape, value.dtype) for key, value in saved["int8"].items()} == \
+        {key: (value.shape, value.dtype) for key, value in saved["none"].items()}
+    assert not all(torch.equal(saved["int8"][key], saved["none"][key]) for key in saved["none"])  # it trained on other weights

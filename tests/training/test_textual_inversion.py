@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from dreambooth.errors import InputError
 from dreambooth.evaluation.learning import learning_check
-from dreambooth.finetune import finetune
+from dreambooth.fine_tune import fine_tune
 from dreambooth.ingest.photos import ingest_subject
 from dreambooth.models.loading import EMBEDDINGS_FILE, LORA_WEIGHTS, METADATA_FILE, load_pipeline, resolve_model_source
 from dreambooth.priors import generate_class_priors
@@ -51,8 +51,8 @@ def test_textual_inversion_moves_only_the_new_rows_and_loads_in_diffusers(prepar
     base = load_pipeline("tiny://sd")
     before = {name: _state(getattr(base, name)) for name in ("unet", "vae", "text_encoder")}
     trained = []  # the pipeline the fine-tune loads and trains, as it is when training ends
-    monkeypatch.setattr("dreambooth.finetune.load_pipeline", lambda *args, **kwargs: trained.append(load_pipeline(*args, **kwargs)) or trained[-1])
-    finetune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "embedding")
+    monkeypatch.setattr("dreambooth.fine_tune.load_pipeline", lambda *args, **kwargs: trained.append(load_pipeline(*args, **kwargs)) or trained[-1])
+    fine_tune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "embedding")
 
     files = sorted(path.name for path in (tmp_path / "embedding").iterdir())
     assert files == sorted([EMBEDDINGS_FILE, METADATA_FILE])
@@ -109,7 +109,7 @@ def test_textual_inversion_moves_only_the_new_rows_and_loads_in_diffusers(prepar
 
 def test_an_sdxl_embedding_holds_one_tensor_per_text_encoder_in_the_web_ui_layout(prepared, tmp_path):
     config, identifier = prepared("sdxl", method="textual_inversion", max_steps=3)
-    finetune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "embedding")
+    fine_tune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "embedding")
     saved = load_file(tmp_path / "embedding" / EMBEDDINGS_FILE)
     base = load_pipeline("tiny://sdxl")
     widths = (base.text_encoder.config.hidden_size, base.text_encoder_2.config.hidden_size)
@@ -144,7 +144,7 @@ def test_pivotal_tuning_trains_adapter_and_embedding_and_the_embedding_freezes_a
         return real_train(*bound.args, **bound.kwargs)
 
     monkeypatch.setattr("dreambooth.training.driver.train", watching_train)
-    finetune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "pivotal")
+    fine_tune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "pivotal")
 
     files = sorted(path.name for path in (tmp_path / "pivotal").iterdir())
     assert files == sorted([EMBEDDINGS_FILE, LORA_WEIGHTS, METADATA_FILE])
@@ -168,11 +168,11 @@ def test_pivotal_tuning_trains_adapter_and_embedding_and_the_embedding_freezes_a
 def test_the_methods_that_learn_a_token_refuse_what_they_cannot_do(prepared, make_config, tmp_path):
     with pytest.raises(InputError, match="training.method: textual_inversion is not available for flux models"):
         config, identifier = prepared("flux", method="textual_inversion", max_steps=1)
-        finetune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "x")
+        fine_tune(tmp_path / "subject", tmp_path / "classes", identifier, config, tmp_path / "x")
     with pytest.raises(InputError, match="training.train_text_encoder: pivotal trains the new token's embedding"):
         make_config(training={"method": "pivotal", "train_text_encoder": True})
     config, identifier = prepared(method="textual_inversion", max_steps=1)
     no_class = config.model_copy(update={"subject": config.subject.model_copy(update={"class_noun": ""})})
     with pytest.raises(InputError, match="training.textual_inversion.initializer: the subject has no class noun"):
-        finetune(tmp_path / "subject", None, identifier, no_class.model_copy(update={"priors": no_class.priors.model_copy(update={"enabled": False})}),
+        fine_tune(tmp_path / "subject", None, identifier, no_class.model_copy(update={"priors": no_class.priors.model_copy(update={"enabled": False})}),
                  tmp_path / "y")

@@ -25,8 +25,9 @@ def plan_batch(
     """Read the subjects (when the run starts), skip those already trained, group their class priors; returns how many train.
     The run's own setting parameters (max_steps, learning_rate, ...) apply over config_json; `shard`: this run is one
     shard of a sharded batch (JSON, dreambooth.catalogue.shards), "" otherwise."""
+    from dreambooth.config import RUN_SETTINGS
     from dreambooth.tasks.batch import plan_task
 
-    settings = dict(base_model=base_model, training_method=training_method, max_steps=max_steps, learning_rate=learning_rate,
-                    prior_loss_weight=prior_loss_weight, num_class_images=num_class_images, resolution=resolution)
+    given = locals()
+    settings = {name: given[name] for name in RUN_SETTINGS}  # the run's own parameters, as config.RUN_SETTINGS names them
     return plan_task(config_json, tracking_uri, subjects_uri, subjects_json, force, job_id, job_name, batch_plan.path, settings, shard)

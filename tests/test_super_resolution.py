@@ -11,7 +11,7 @@ from dreambooth.training.losses import DenoisingBatch, denoising_loss
 from dreambooth.images import list_images
 from dreambooth.ingest.photos import ingest_subject
 from dreambooth.models.loading import resolve_model_source
-from dreambooth.superres import finetune_upscaler
+from dreambooth.super_resolution import fine_tune_upscaler
 from dreambooth.training.recipes.upscaler import low_resolution, noised_condition
 
 
@@ -61,7 +61,7 @@ def test_fine_tuning_lowers_the_denoising_loss_on_subject_pairs(subject, make_co
     subject_dir, identifier = subject
     config = _settings(make_config)
     before = _held_in_loss(resolve_model_source("tiny://sd-upscaler"), subject_dir, identifier, config)
-    result = finetune_upscaler(subject_dir, None, identifier, config, tmp_path / "upscaler")
+    result = fine_tune_upscaler(subject_dir, None, identifier, config, tmp_path / "upscaler")
     after = _held_in_loss(tmp_path / "upscaler", subject_dir, identifier, config)
     assert result.steps == 30
     assert after < 0.9 * before, (before, after)
@@ -82,7 +82,7 @@ def test_the_configured_noise_level_is_the_one_applied_to_the_condition(subject,
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(watch)
     try:
-        finetune_upscaler(subject_dir, None, identifier, config, tmp_path / "upscaler")
+        fine_tune_upscaler(subject_dir, None, identifier, config, tmp_path / "upscaler")
     finally:
         handle.remove()
 
@@ -99,7 +99,7 @@ def test_the_configured_noise_level_is_the_one_applied_to_the_condition(subject,
 
 def test_the_output_loads_as_an_upscaler_and_upscales(subject, make_config, tmp_path):
     subject_dir, identifier = subject
-    finetune_upscaler(subject_dir, None, identifier, _settings(make_config, training={"max_steps": 2}), tmp_path / "upscaler")
+    fine_tune_upscaler(subject_dir, None, identifier, _settings(make_config, training={"max_steps": 2}), tmp_path / "upscaler")
     pipeline = StableDiffusionUpscalePipeline.from_pretrained(tmp_path / "upscaler")
     image = pipeline(f"a {identifier} dog", image=Image.new("RGB", (16, 16), "white"), num_inference_steps=2, noise_level=5).images[0]
     assert image.size == (64, 64) and np.asarray(image).std() > 0
@@ -107,7 +107,7 @@ def test_the_output_loads_as_an_upscaler_and_upscales(subject, make_config, tmp_
 
 def test_upscaling_keeps_each_image_at_four_times_its_own_size(model_cache):
     from dreambooth.config import SamplerSettings
-    from dreambooth.superres import load_upscaler, upscale
+    from dreambooth.super_resolution import load_upscaler, upscale
 
     pipeline = load_upscaler("tiny://sd-upscaler")
     images = [Image.new("RGB", (16, 16), "red"), Image.new("RGB", (16, 16), "blue"), Image.new("RGB", (24, 24), "green")]
@@ -123,4 +123,4 @@ def test_an_empty_class_folder_is_refused_like_the_base_fine_tune_refuses_it(sub
     (tmp_path / "no-classes").mkdir()
     config = _settings(make_config, prior_preservation=True)
     with pytest.raises(InputError, match=r"no-classes: no class images for prior preservation \(superres.prior_preservation is true\)"):
-        finetune_upscaler(subject_dir, tmp_path / "no-classes", identifier, config, tmp_path / "upscaler")
+        fine_tune_upscaler(subject_dir, tmp_path / "no-classes", identifier, config, tmp_path / "upscaler")

@@ -17,15 +17,14 @@ from typing import Optional
 import torch
 
 from dreambooth.config import DataSettings, RunConfig, SamplerSettings
-from dreambooth.errors import InputError
-from dreambooth.models.loading import METADATA_FILE, load_pipeline, model_family
+from dreambooth.models.loading import load_pipeline, model_family
 from dreambooth.training.driver import subject_training
-from dreambooth.training.loop import OnLog, OnStep, process_state
+from dreambooth.training.loop import OnLog, OnStep
 from dreambooth.training.recipes import recipe_class
-from dreambooth.training.saving import FinetuneResult, keep_step, release_checkpoints, snapshot_folder
+from dreambooth.training.saving import FineTuneResult
 
 
-def finetune(
+def fine_tune(
     instance_dir: Path,
     class_dir: Optional[Path],
     identifier: str,
@@ -34,7 +33,7 @@ def finetune(
     on_log: Optional[OnLog] = None,
     release: bool = True,
     tracking_run: str = "",
-) -> FinetuneResult:
+) -> FineTuneResult:
     """Fine-tune config.model.base on the subject; write a full diffusers pipeline (or what loads on
     the base: an adapter, an embedding, with its base-model reference) to output_dir. `release`: see train_and_save;
     `tracking_run`: the run training, named in checkpoints. training.method reference trains nothing:
@@ -86,31 +85,13 @@ def finetune(
             "steps": settings.max_steps,
         }
 
-    # With a selection to make, the checkpoint folder (which holds the steps' models) outlives training.
+    # With a selection to make (the fine-tune task makes it), the checkpoint folder, which holds the steps' models,
+    # outlives training.
     saved = subject.train(make_recipe, output_dir, describe, on_log, draw_validation if settings.validation_every else None,
                           release and not select, owner=tracking_run)
-    if select and process_state().is_main_process:
-        if not saved.selection:
-            saved = _keep_selected_step(saved, subject, instance_dir, config)
-        if release:
-            release_checkpoints(saved, settings.keep_checkpoints)
     # Steps of a killed attempt drew theirs before it was killed: the folder holds the whole curve.
     drawn = sorted(validation_dir.glob("step-*.png")) if settings.validation_every else []
     return replace(saved, validation_images=_steps_and_paths(drawn))
-
-
-def _keep_selected_step(saved: FinetuneResult, subject, instance_dir: Path, config: RunConfig) -> FinetuneResult:
-    """Score the model of each step evaluation.select names and keep the one its rule picks."""
-    from dreambooth.evaluation.select import score_checkpoints, selection_record
-
-    select = config.evaluation.select
-    snapshots = {step: snapshot_folder(subject.checkpoints, step) for step in select.scored_steps(config.training.max_steps)}
-    missing = [step for step, folder in snapshots.items() if not (folder / METADATA_FILE).is_file()]
-    if missing:  # e.g. training.keep_checkpoints false and an earlier attempt's folder released
-        raise InputError(f"{subject.checkpoints}: the models of steps {missing} are gone; delete the folder to train again")
-    scores = score_checkpoints(snapshots, instance_dir, config, subject.checkpoints / "selection")
-    selection = selection_record(scores, select)
-    return keep_step(saved, snapshots[selection["step"]], selection)
 
 
 def _steps_and_paths(drawn: list[Path]) -> list:

@@ -21,7 +21,7 @@ from dreambooth.training.data import ViewShape, training_views
 from dreambooth.training.driver import subject_training
 from dreambooth.training.loop import OnLog
 from dreambooth.training.recipes.upscaler import UPSCALE_FACTOR, UpscalerRecipe
-from dreambooth.training.saving import FinetuneResult
+from dreambooth.training.saving import FineTuneResult
 
 
 def load_upscaler(reference: str, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32):
@@ -38,7 +38,7 @@ def load_upscaler(reference: str, device: Optional[torch.device] = None, dtype: 
     return pipeline.to(device or best_device())
 
 
-def finetune_upscaler(
+def fine_tune_upscaler(
     instance_dir: Path,
     class_dir: Optional[Path],
     identifier: str,
@@ -47,7 +47,7 @@ def finetune_upscaler(
     on_log: Optional[OnLog] = None,
     release: bool = True,
     tracking_run: str = "",
-) -> FinetuneResult:
+) -> FineTuneResult:
     """Fine-tune config.superres.base on the subject; write a StableDiffusionUpscalePipeline folder.
     `release`: see train_and_save; `tracking_run`: the run training, named in checkpoints."""
     settings = config.superres
