@@ -1,5 +1,6 @@
 # Two entry points: `make demo` (set up, then run the pipeline on the tiny model) and `make test`.
 # `make test-fast` skips the tests marked slow (whole-pipeline runs, fault scenarios); `make docs` builds the site.
+# Both test targets hold the run to its process budget (tests/process_budget.json: whole-pipeline runs and torch processes).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -22,10 +23,10 @@ demo: setup
 PYTEST := $(BIN)/python -m pytest -n 2 --dist loadgroup --no-loadscope-reorder
 
 test: setup
-	$(PYTEST)
+	$(PYTEST) --process-budget=test
 
 test-fast: setup
-	$(PYTEST) -m "not slow"
+	$(PYTEST) -m "not slow" --process-budget=test-fast
 
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict

@@ -48,7 +48,7 @@ def is_reference_result(folder: str | Path) -> bool:
     return result_metadata(folder).get("method") == METHOD
 
 
-def write_reference_result(instance_dir: Path, config: RunConfig, output_dir: Path) -> FineTuneResult:
+def write_baseline_result(instance_dir: Path, config: RunConfig, output_dir: Path) -> FineTuneResult:
     """The baseline's 'model': the first model.reference_images photos and the pipeline that draws from them."""
     started = time.perf_counter()
     check_reference_pipeline(config)

@@ -39,9 +39,9 @@ def fine_tune(
     `tracking_run`: the run training, named in checkpoints. training.method reference trains nothing:
     the folder names model.reference and holds the photos it draws from (dreambooth.baseline)."""
     if config.training.method == "reference":
-        from dreambooth.baseline import write_reference_result
+        from dreambooth.baseline import write_baseline_result
 
-        return write_reference_result(instance_dir, config, output_dir)
+        return write_baseline_result(instance_dir, config, output_dir)
     select = config.evaluation.select
     snapshot_steps = select.scored_steps(config.training.max_steps) if select else []
     subject = subject_training(instance_dir, class_dir, identifier, config, config.training, config.priors.enabled, "priors.enabled",

@@ -12,7 +12,7 @@ from dreambooth.errors import InputError
 from dreambooth.generation import generate, load_sampling_pipeline
 from dreambooth.ingest.photos import ingest_subject
 from dreambooth.models.loading import METADATA_FILE
-from dreambooth.baseline import REFERENCES_DIR, write_reference_result
+from dreambooth.baseline import REFERENCES_DIR, write_baseline_result
 
 BASELINE = {"model": {"base": "tiny://flux2-klein", "reference": "tiny://flux2-klein", "resolution": 64},
             "training": {"method": "reference"}, "priors": {"enabled": False}}
@@ -23,7 +23,7 @@ def test_a_baseline_draws_from_its_photos_with_every_prompt(subject_dir, tmp_pat
     ingested = ingest_subject(subject_dir, tmp_path / "subject", config)
     assert ingested.identifier.identifier == "" and ingested.instance_prompt == "a dog"  # no token: the photos say which dog
 
-    result = write_reference_result(tmp_path / "subject", config, tmp_path / "model")
+    result = write_baseline_result(tmp_path / "subject", config, tmp_path / "model")
     metadata = json.loads((tmp_path / "model" / METADATA_FILE).read_text())
     assert (result.steps, metadata["method"], metadata["base_model"]) == (0, "reference", "tiny://flux2-klein")
     references = [Image.open(tmp_path / "model" / REFERENCES_DIR / name) for name in metadata["references"]]

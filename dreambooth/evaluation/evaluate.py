@@ -87,8 +87,8 @@ class EvaluationResult:
 
 
 @dataclass
-class SubjectReference:
-    """The real photos and their embeddings, computed once per subject."""
+class RealPhotos:
+    """The subject's real photos and their embeddings, computed once per subject."""
 
     images: list[Image.Image]
     dino: torch.Tensor
@@ -108,17 +108,17 @@ def _model_identity(model: str, config: RunConfig, identifier: Optional[str], cl
     return identifier, class_noun, metadata.get("base_model") or config.model.base
 
 
-def _draw(reference: str, revision: Optional[str], requests: list[tuple[str, int]], config: RunConfig,
+def _draw(model: str, revision: Optional[str], requests: list[tuple[str, int]], config: RunConfig,
           vae: Optional[str] = None, on_images: Optional[OnImages] = None) -> list[Image.Image]:
     """Generate in this process, or split across one process per GPU when there are several."""
     sampler = config.evaluation.sampler
     processes = planned_generators(config.evaluation.num_processes, len(requests))
     if processes == 1:
-        pipeline = load_sampling_pipeline(reference, sampler, revision, vae)
+        pipeline = load_sampling_pipeline(model, sampler, revision, vae)
         return generate(pipeline, requests, sampler, config.model.resolution, on_images)
     with tempfile.TemporaryDirectory() as scratch:
         names = [f"{i:06d}.png" for i in range(len(requests))]
-        generate_files(reference, revision, requests, names, Path(scratch), sampler, config.model.resolution, processes, vae, on_images)
+        generate_files(model, revision, requests, names, Path(scratch), sampler, config.model.resolution, processes, vae, on_images)
         return [load_rgb(Path(scratch) / name, 1 << 40).image for name in names]
 
 
@@ -181,7 +181,7 @@ def champion_decision(overall: dict[str, float], protocol: str, champion: Option
     return GateDecision(True, [f"no worse than champion v{champion.version} ({figures})"])
 
 
-def reference_decision(overall: dict[str, float], baseline: dict[str, float], gate) -> GateDecision:
+def baseline_decision(overall: dict[str, float], baseline: dict[str, float], gate) -> GateDecision:
     """evaluation.gate.against reference: the model's DINO must beat the zero-shot baseline's (model.reference
     given the subject's photos, scored on the same protocol) by gate.reference_margin."""
     needed = baseline["dino"] + gate.reference_margin
@@ -194,9 +194,9 @@ def reference_decision(overall: dict[str, float], baseline: dict[str, float], ga
 
 def evaluate_baseline(subject_dir: Path, config: RunConfig, output_dir: Path, on_progress: Optional[OnProgress] = None) -> EvaluationResult:
     """The zero-shot baseline of this subject (model.reference with its photos), evaluated on the same protocol."""
-    from dreambooth.baseline import write_reference_result
+    from dreambooth.baseline import write_baseline_result
 
-    write_reference_result(subject_dir, config, output_dir / "model")
+    write_baseline_result(subject_dir, config, output_dir / "model")
     return evaluate_model(str(output_dir / "model"), subject_dir, config, output_dir, on_progress=on_progress)
 
 
@@ -301,11 +301,11 @@ def _evaluate(
     advance = counter(len(protocol.requests) * (1 + upscaled) + 2 * len(protocol.pres_requests), on_progress)
     drawn = _draw_protocol(model, protocol, config, advance)
     real_images = photos_as_trained(subject_dir, config.training.center_crop)
-    reference = SubjectReference(real_images, dino.embed(real_images), clip.embed(real_images))
+    real = RealPhotos(real_images, dino.embed(real_images), clip.embed(real_images))
     # PRES compares the class prompt's images, which no upscaler touches: scored once for every variant.
     pres_embeddings = dino.embed(drawn.pres_images + drawn.pres_base_images)
-    pres = mean_pairwise_similarity(pres_embeddings[: len(drawn.pres_images)], reference.dino)
-    pres_base = mean_pairwise_similarity(pres_embeddings[len(drawn.pres_images) :], reference.dino)
+    pres = mean_pairwise_similarity(pres_embeddings[: len(drawn.pres_images)], real.dino)
+    pres_base = mean_pairwise_similarity(pres_embeddings[len(drawn.pres_images) :], real.dino)
 
     results = {}
     for label, (output_dir, upscaler) in variants.items():
@@ -316,9 +316,9 @@ def _evaluate(
             advance(len(images))
         upscaling_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        scores = _score_prompts(images, protocol, encoders, reference, settings.images_per_prompt)
+        scores = _score_prompts(images, protocol, encoders, real, settings.images_per_prompt)
         scoring_seconds = time.perf_counter() - started
-        result = _result(model, protocol, scores, {"pres": pres, "pres_base": pres_base}, reference, config, upscaler, images[0].width)
+        result = _result(model, protocol, scores, {"pres": pres, "pres_base": pres_base}, real, config, upscaler, images[0].width)
         result.throughput = {
             "generation_images_per_second": (len(protocol.requests) + 2 * len(drawn.pres_base_images)) / max(drawn.seconds + upscaling_seconds, 1e-9),
             "scoring_images_per_second": (len(images) + len(pres_embeddings) + len(real_images)) / max(scoring_seconds, 1e-9),
@@ -328,7 +328,7 @@ def _evaluate(
     return results
 
 
-def _score_prompts(images: list[Image.Image], protocol: Protocol, encoders, reference: SubjectReference, per_prompt: int) -> list[PromptScores]:
+def _score_prompts(images: list[Image.Image], protocol: Protocol, encoders, real: RealPhotos, per_prompt: int) -> list[PromptScores]:
     """DINO, CLIP-I, CLIP-T and DIV of each prompt's images; every encoder call is batched."""
     dino, clip, lpips = encoders
     texts = clip.embed_texts([without_identifier(text, protocol.identifier) for text in protocol.rendered])
@@ -343,8 +343,8 @@ def _score_prompts(images: list[Image.Image], protocol: Protocol, encoders, refe
         scores.append(PromptScores(
             prompt=text,
             category=prompt.category,
-            dino=mean_pairwise_similarity(dino_generated[rows], reference.dino),
-            clip_i=mean_pairwise_similarity(clip_generated[rows], reference.clip),
+            dino=mean_pairwise_similarity(dino_generated[rows], real.dino),
+            clip_i=mean_pairwise_similarity(clip_generated[rows], real.clip),
             clip_t=image_text_similarity(clip_generated[rows], texts[p].expand(per_prompt, -1)).mean().item(),
             div=distances[p * pairs_per_prompt : (p + 1) * pairs_per_prompt].mean().item(),
             image_files=[f"images/{prompt.category}/p{p:02d}-{i}.png" for i in range(per_prompt)],
@@ -352,7 +352,7 @@ def _score_prompts(images: list[Image.Image], protocol: Protocol, encoders, refe
     return scores
 
 
-def _result(model: str, protocol: Protocol, scores: list[PromptScores], pres: dict[str, float], reference: SubjectReference,
+def _result(model: str, protocol: Protocol, scores: list[PromptScores], pres: dict[str, float], real: RealPhotos,
             config: RunConfig, upscaler: Optional[str], resolution: int) -> EvaluationResult:
     """The scores averaged overall and per category, with the gate's decision and the protocol's settings."""
     settings, sampler = config.evaluation, config.evaluation.sampler
@@ -372,7 +372,7 @@ def _result(model: str, protocol: Protocol, scores: list[PromptScores], pres: di
         overall=overall,
         by_category=by_category,
         prompts=scores,
-        real_images={"dino": mean_distinct_pair_similarity(reference.dino), "clip_i": mean_distinct_pair_similarity(reference.clip)},
+        real_images={"dino": mean_distinct_pair_similarity(real.dino), "clip_i": mean_distinct_pair_similarity(real.clip)},
         gate=gate_decision(overall, config),
         settings={
             "dino_model": settings.dino_model,

@@ -15,7 +15,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from PIL import Image
 
@@ -35,9 +35,7 @@ from dreambooth.stages import (
     SUPER_RESOLUTION,
     Stage,
 )
-from dreambooth.tracking.registry import current_champion, log_pipeline_model, register_candidate
 from dreambooth.storage import content_digests, is_gcs, local_folder
-from dreambooth.training.saving import FineTuneResult, release_checkpoints
 from dreambooth.watermark import payload_for, save_marked
 from dreambooth.tracking import (
     FAILED,
@@ -76,6 +74,9 @@ from dreambooth.tracking import (
     stage_run,
     unreachable,
 )
+
+if TYPE_CHECKING:
+    from dreambooth.training.saving import FineTuneResult
 
 OK, FAILED_STATUS = "ok", "failed"  # what a stage reports to the DAG
 
@@ -228,6 +229,8 @@ def _class_folder(config: RunConfig, class_images: str) -> Iterator[Optional[Pat
 def fine_tune_task(config: RunConfig, run: StageRun, subject_dir: str, class_images: str, output_dir: str, model_location: str) -> str:
     """Fine-tune the base model; log loss curves, throughput and the model; returns the model folder."""
     from dreambooth.fine_tune import fine_tune
+    from dreambooth.tracking.registry import log_pipeline_model
+    from dreambooth.training.saving import release_checkpoints
 
     with _class_folder(config, class_images) as class_dir:
         result = _train(
@@ -364,10 +367,11 @@ def evaluate_task(
 ) -> Optional[EvaluationOutcome]:
     """Score the model by the DreamBench protocol and the learning check (subject and class denoising
     loss, base vs fine-tuned); register it as `candidate` if it passes the gate."""
-    from dreambooth.evaluation.evaluate import GateDecision, champion_decision, evaluate_baseline, evaluate_model, reference_decision
+    from dreambooth.evaluation.evaluate import GateDecision, champion_decision, evaluate_baseline, evaluate_model, baseline_decision
     from dreambooth.evaluation.safety import check_images
     from dreambooth.evaluation.learning import learning_check
     from dreambooth.evaluation.report import render_report
+    from dreambooth.tracking.registry import current_champion, log_pipeline_model, register_candidate
     from dreambooth.reports.pages import image_page
     from dreambooth.baseline import is_reference_result
 
@@ -405,7 +409,7 @@ def evaluate_task(
         comparison = champion_decision(result.overall, protocol, current_champion(run.tracking_uri, name), config.evaluation.gate)
         gate = result.gate = comparison  # what the report says
     if gate.passed and baseline is not None:
-        comparison = reference_decision(result.overall, baseline.overall, config.evaluation.gate)
+        comparison = baseline_decision(result.overall, baseline.overall, config.evaluation.gate)
         gate = result.gate = comparison
     if config.evaluation.safety_checker:  # said on the run either way; a flagged image keeps the model out
         safety = check_images(config.evaluation.safety_checker, Path(output_dir),
@@ -443,6 +447,7 @@ def super_resolution_task(config: RunConfig, run: StageRun, subject_dir: str, cl
     (also as an HTML page for KFP)."""
     from dreambooth.reports.pages import image_page, write_page
     from dreambooth.super_resolution import fine_tune_upscaler, upscale_comparison_grid
+    from dreambooth.training.saving import release_checkpoints
 
     identifier = _identifier(Path(subject_dir))
     run.set_tags({

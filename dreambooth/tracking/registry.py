@@ -27,7 +27,7 @@ from dreambooth.watermark import payload_for, save_marked
 CANDIDATE_ALIAS = "candidate"
 CHAMPION_ALIAS = "champion"  # the version a reviewer promoted; evaluation.gate.against champion compares with it
 PIPELINE_ARTIFACT = "pipeline"
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # dreambooth/, which the pickled model class imports from
 # What loading and sampling a pipeline imports (pandas comes with mlflow itself).
 RUNTIME_DISTRIBUTIONS = ("torch", "diffusers", "transformers", "accelerate", "peft", "safetensors", "pillow", "numpy")
 

@@ -6,7 +6,7 @@ import json
 import shutil
 
 from dreambooth.config import GateSettings
-from dreambooth.evaluation.evaluate import champion_decision, reference_decision
+from dreambooth.evaluation.evaluate import champion_decision, baseline_decision
 from dreambooth.tracking.registry import Champion
 from dreambooth.models.loading import METADATA_FILE
 
@@ -29,9 +29,9 @@ def test_a_candidate_passes_only_when_no_worse_than_the_champion_by_the_margins(
 def test_a_fine_tuned_model_passes_only_when_it_beats_the_reference_baseline_on_dino_by_the_margin():
     baseline = {"dino": 0.60, "clip_i": 0.75, "clip_t": 0.31}
     model = {"dino": 0.64, "clip_i": 0.78, "clip_t": 0.29}
-    assert reference_decision(model, baseline, GateSettings(against="reference")).passed
-    assert reference_decision(model, baseline, GateSettings(against="reference", reference_margin=0.04)).passed
-    short = reference_decision(model, baseline, GateSettings(against="reference", reference_margin=0.05))
+    assert baseline_decision(model, baseline, GateSettings(against="reference")).passed
+    assert baseline_decision(model, baseline, GateSettings(against="reference", reference_margin=0.04)).passed
+    short = baseline_decision(model, baseline, GateSettings(against="reference", reference_margin=0.05))
     assert not short.passed
     assert short.reasons == ["DINO 0.640 < the reference baseline's 0.600 + 0.05 (CLIP-I 0.780 vs 0.750, CLIP-T 0.290 vs 0.310): "
                              "fine-tuning did not beat drawing from the photos"]
