@@ -39,6 +39,11 @@ def pytest_addoption(parser):
     parser.addoption("--process-budget-write", action="store_true", help="with --process-budget: write this run's counts as the budget")
 
 
+def pytest_configure(config):
+    # A plugin, not a conftest hook: a session fixture's setup runs on the session's node, which sees no conftest below the root.
+    config.pluginmanager.register(process_budget.FixtureSetups(), "process-budget-fixture-setups")
+
+
 def pytest_sessionfinish(session, exitstatus):
     """The suite's last step (the controller, once every worker is done): count what the tests started."""
     config = session.config

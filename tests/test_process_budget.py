@@ -44,3 +44,15 @@ def test_a_file_over_its_budget_is_named_with_the_tests_that_started_the_process
         "the whole run: 3 pipeline processes, budget 2",
         "the whole run: 14 torch processes, budget 13",
     ]
+
+
+def test_a_scoped_fixture_counts_once_however_many_workers_set_it_up(tmp_path):
+    """A module fixture set up on both workers (the scheduling's choice) and a session fixture: each counts as one setup."""
+    lines = [("torch", "tests/test_c.py::test_one", "module:compiled:gw0-3"), ("torch", "tests/test_c.py::test_one", "module:compiled:gw0-3"),
+             ("torch", "tests/test_c.py::test_two", "module:compiled:gw1-7"), ("torch", "tests/test_c.py::test_two", "module:compiled:gw1-7"),
+             ("torch", "tests/test_c.py::test_two", ""),
+             ("pipeline", "tests/dag/test_d.py::test_x", "session:batch:gw1-2"), ("pipeline", "tests/test_e.py::test_y", "session:batch:gw0-9")]
+    for index, line in enumerate(lines):
+        (tmp_path / f"line-{index}").write_text("\t".join(line) + "\n")
+    per_test = process_budget.read_ledger(tmp_path)
+    assert process_budget.by_file(per_test) == {"tests/test_c.py": Counter(torch=3), "session fixture batch": Counter(pipeline=1)}

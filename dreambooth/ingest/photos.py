@@ -95,8 +95,33 @@ def ingest_subject(subject_dir: Path, output_dir: Path, config: RunConfig) -> In
     require_subject(config)
     settings = config.subject
     every_photo = _candidate_files(subject_dir)
-    files = every_photo[: settings.photos_limit]
+    loaded, duplicates = _distinct_photos(every_photo[: settings.photos_limit], settings)
+    warnings = _count_warnings(subject_dir, len(loaded), settings)
+    choice = _identifier_choice(config, settings)
+    unknown = sorted(set(settings.captions) - {path.name for path in every_photo})
+    if unknown:
+        raise InputError(f"subject.captions: {unknown[0]} is not a photo of {subject_dir}")
+    shape = view_shape(config)
+    prepared, drafted = _prepared_with_captions(loaded, config, choice.identifier)
 
+    output_dir.mkdir(parents=True, exist_ok=True)
+    entries = [_write_photo(index, path, image, photo, output_dir, shape)
+               for index, ((path, image), photo) in enumerate(zip(loaded, prepared))]
+    result = IngestResult(
+        images=entries,
+        identifier=choice,
+        class_noun=settings.class_noun,
+        instance_prompt=settings.instance_prompt(choice.identifier),
+        duplicates_dropped=duplicates,
+        warnings=warnings,
+        drafted_captions=drafted,
+    )
+    (output_dir / MANIFEST_FILE).write_text(json.dumps(result.as_manifest(), indent=2))
+    return result
+
+
+def _distinct_photos(files: list[Path], settings: SubjectSettings) -> tuple[list, list[str]]:
+    """([(path, loaded image)] of every distinct photo, the names of the duplicates dropped); a photo too small fails."""
     loaded = []
     seen_pixels: dict[str, str] = {}
     duplicates: list[str] = []
@@ -116,69 +141,58 @@ def ingest_subject(subject_dir: Path, output_dir: Path, config: RunConfig) -> In
             continue
         seen_pixels[pixel_hash] = path.name
         loaded.append((path, image))
+    return loaded, duplicates
 
-    if len(loaded) > settings.max_images:
-        raise InputError(
-            f"{subject_dir}: {len(loaded)} distinct images, at most {settings.max_images} allowed (subject.max_images)"
-        )
+
+def _count_warnings(subject_dir: Path, count: int, settings: SubjectSettings) -> list[str]:
+    """More photos than subject.max_images fail; fewer than it recommends are a warning."""
+    if count > settings.max_images:
+        raise InputError(f"{subject_dir}: {count} distinct images, at most {settings.max_images} allowed (subject.max_images)")
     warnings = []
-    if len(loaded) < settings.recommended_min_images:
+    if count < settings.recommended_min_images:
         warnings.append(
-            f"{subject_dir}: only {len(loaded)} distinct image(s); DreamBooth works best with "
+            f"{subject_dir}: only {count} distinct image(s); DreamBooth works best with "
             f"{settings.recommended_min_images}-5 photos of the subject"
         )
         log.warning(warnings[-1])
+    return warnings
 
-    choice = _identifier_choice(config, settings)
 
-    unknown = sorted(set(settings.captions) - {path.name for path in every_photo})
-    if unknown:
-        raise InputError(f"subject.captions: {unknown[0]} is not a photo of {subject_dir}")
-    shape = view_shape(config)
+def _prepared_with_captions(loaded: list, config: RunConfig, identifier: str) -> tuple[list[PreparedPhoto], list[str]]:
+    """Each photo cropped (a person's to the face) and captioned: its own caption, or one a captioner drafts."""
+    settings = config.subject
     templates = {path: photo_caption_template(path, settings) for path, _ in loaded}
     # the user's captions are checked before any model drafts the rest
-    captions = {path: render_caption(path, template, settings, choice.identifier) for path, template in templates.items()}
+    captions = {path: render_caption(path, template, settings, identifier) for path, template in templates.items()}
     prepared = [_prepare_photo(path, image.image, settings) for path, image in loaded]
     drafted = draft_captions(config, templates, {path: photo.image for (path, _), photo in zip(loaded, prepared)})
     for (path, _), photo in zip(loaded, prepared):
-        photo.caption = render_caption(path, templates[path], settings, choice.identifier) if path.name in drafted else captions[path]
+        photo.caption = render_caption(path, templates[path], settings, identifier) if path.name in drafted else captions[path]
+    return prepared, drafted
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for index, ((path, image), photo) in enumerate(zip(loaded, prepared)):
-        name = f"{index:02d}-{path.stem}.png"
-        photo.image.save(output_dir / name, format="PNG")
-        if photo.caption:
-            caption_file(output_dir / name).write_text(photo.caption + "\n")
-        if photo.mask is not None:
-            photo.mask.save(mask_file(output_dir / name), format="PNG")
-        bucket = shape.placement(photo.image.size).bucket
-        entries.append(
-            ManifestEntry(
-                source_file=path.name,
-                normalised_file=name,
-                sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
-                original_size=image.original_size,
-                original_mode=image.original_mode,
-                size=photo.image.size,
-                bucket=bucket,
-                caption=photo.caption,
-                face=photo.face,
-                mask=mask_file(output_dir / name).name if photo.mask is not None else "",
-            )
-        )
-        log.info("%s: trains at %dx%d%s", path.name, *bucket, f" as {photo.caption!r}" if photo.caption else "")
-    result = IngestResult(
-        images=entries,
-        identifier=choice,
-        class_noun=settings.class_noun,
-        instance_prompt=settings.instance_prompt(choice.identifier),
-        duplicates_dropped=duplicates,
-        warnings=warnings,
-        drafted_captions=drafted,
+
+def _write_photo(index: int, path: Path, image, photo: PreparedPhoto, output_dir: Path, shape: ViewShape) -> ManifestEntry:
+    """The photo as trained (a PNG, its caption and mask beside it), and its manifest entry."""
+    name = f"{index:02d}-{path.stem}.png"
+    photo.image.save(output_dir / name, format="PNG")
+    if photo.caption:
+        caption_file(output_dir / name).write_text(photo.caption + "\n")
+    if photo.mask is not None:
+        photo.mask.save(mask_file(output_dir / name), format="PNG")
+    bucket = shape.placement(photo.image.size).bucket
+    log.info("%s: trains at %dx%d%s", path.name, *bucket, f" as {photo.caption!r}" if photo.caption else "")
+    return ManifestEntry(
+        source_file=path.name,
+        normalised_file=name,
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        original_size=image.original_size,
+        original_mode=image.original_mode,
+        size=photo.image.size,
+        bucket=bucket,
+        caption=photo.caption,
+        face=photo.face,
+        mask=mask_file(output_dir / name).name if photo.mask is not None else "",
     )
-    (output_dir / MANIFEST_FILE).write_text(json.dumps(result.as_manifest(), indent=2))
-    return result
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Loaded at start-up by every Python process the test suite starts (tests/conftest.py puts this folder
 first on PYTHONPATH): it writes one line to the suite's ledger for a process that imports torch, and one
 for a whole-pipeline run (the exit-handler task every pipeline of ours runs once), each with the test that
-started it (PYTEST_CURRENT_TEST, inherited). tests/process_budget.py counts the lines.
+started it (PYTEST_CURRENT_TEST, inherited) and, when a module- or session-scoped fixture's setup started it, that
+setup (DREAMBOOTH_TEST_FIXTURE, set by tests/conftest.py). tests/process_budget.py counts the lines.
 """
 
 import os
@@ -16,7 +17,7 @@ def _record(kind: str) -> None:
     if not test:  # pytest itself and its workers: the suite's own processes, not ones a test started
         return
     with open(os.path.join(_LEDGER, f"{kind}-{os.getpid()}"), "w") as line:
-        line.write(f"{kind}\t{test}\n")
+        line.write(f"{kind}\t{test}\t{os.environ.get('DREAMBOOTH_TEST_FIXTURE', '')}\n")
 
 
 class _TorchImportWatch:
