@@ -10,22 +10,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from dreambooth.dag.components.image import COMPONENT_IMAGE
+from dreambooth.dag.components.assign_priors import assign_priors
+from dreambooth.dag.components.batch_failures import batch_failures
+from dreambooth.dag.components.class_priors import class_priors
+from dreambooth.dag.components.evaluate import evaluate
+from dreambooth.dag.components.evaluate_upscaled import evaluate_upscaled
+from dreambooth.dag.components.fine_tune import fine_tune
+from dreambooth.dag.components.finish_tracking import finish_tracking
+from dreambooth.dag.components.ingest import ingest
+from dreambooth.dag.components.plan_batch import plan_batch
+from dreambooth.dag.components.prior_groups import prior_groups
+from dreambooth.dag.components.samples import samples
+from dreambooth.dag.components.summarize import summarize
+from dreambooth.dag.components.super_resolution import super_resolution
 from dreambooth.dag.launcher import launch_shards
-from dreambooth.dag.pipeline import (
-    assign_priors,
-    batch_failures,
-    class_priors,
-    evaluate,
-    evaluate_upscaled,
-    fine_tune,
-    finish_tracking,
-    ingest,
-    plan_batch,
-    prior_groups,
-    samples,
-    summarize,
-    super_resolution,
-)
 from dreambooth.stages import BY_NAME, COMPONENT_STAGES
 
 SPEC_FILE = "component.yaml"

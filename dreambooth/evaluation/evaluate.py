@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from PIL import Image
 
-from dreambooth.config import RunConfig
+from dreambooth.config import EvaluationSettings, GateSettings, RunConfig, SubjectSettings, SuperResSettings
 from dreambooth.errors import InputError
 from dreambooth.evaluation.encoders import ClipEncoder, DinoEncoder, LpipsDistance
 from dreambooth.evaluation.metrics import (
@@ -86,6 +86,29 @@ class EvaluationResult:
         return json.dumps(asdict(self), indent=2)
 
 
+@dataclass(frozen=True)
+class EvaluationInputs:
+    """What an evaluation reads of a run's settings, and no more: its protocol and gate (evaluation), the
+    subject's prompts and the identifier and class noun a model without metadata falls back on (subject),
+    the base model whose class images are PRES's reference, how the photos were cut for training, and how
+    a cascade's upscaler samples (super-resolution)."""
+
+    evaluation: EvaluationSettings
+    subject: SubjectSettings
+    base_model: str
+    base_revision: Optional[str]
+    base_vae: Optional[str]
+    resolution: Optional[int]
+    center_crop: bool
+    upscaling: SuperResSettings
+
+    @classmethod
+    def of(cls, config: RunConfig) -> "EvaluationInputs":
+        model = config.model
+        return cls(config.evaluation, config.subject, model.base, model.revision, model.vae, model.resolution,
+                   config.training.center_crop, config.superres)
+
+
 @dataclass
 class RealPhotos:
     """The subject's real photos and their embeddings, computed once per subject."""
@@ -95,39 +118,38 @@ class RealPhotos:
     clip: torch.Tensor
 
 
-def _model_identity(model: str, config: RunConfig, identifier: Optional[str], class_noun: Optional[str]) -> tuple[str, str, str]:
+def _model_identity(model: str, inputs: EvaluationInputs, identifier: Optional[str], class_noun: Optional[str]) -> tuple[str, str, str]:
     metadata_file = Path(model) / METADATA_FILE
     metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
     baseline = metadata.get("method") == "reference"  # the zero-shot baseline's prompts carry no identifier
-    identifier = "" if baseline else identifier or metadata.get("identifier") or config.subject.identifier
-    class_noun = class_noun or metadata.get("class_noun") or config.subject.class_noun
+    identifier = "" if baseline else identifier or metadata.get("identifier") or inputs.subject.identifier
+    class_noun = class_noun or metadata.get("class_noun") or inputs.subject.class_noun
     if not (identifier or baseline) or not class_noun:
         raise InputError(
             f"{model}: no {METADATA_FILE} naming the identifier and class noun; pass --identifier and --class-noun"
         )
-    return identifier, class_noun, metadata.get("base_model") or config.model.base
+    return identifier, class_noun, metadata.get("base_model") or inputs.base_model
 
 
-def _draw(model: str, revision: Optional[str], requests: list[tuple[str, int]], config: RunConfig,
+def _draw(model: str, revision: Optional[str], requests: list[tuple[str, int]], inputs: EvaluationInputs,
           vae: Optional[str] = None, on_images: Optional[OnImages] = None) -> list[Image.Image]:
     """Generate in this process, or split across one process per GPU when there are several."""
-    sampler = config.evaluation.sampler
-    processes = planned_generators(config.evaluation.num_processes, len(requests))
+    sampler = inputs.evaluation.sampler
+    processes = planned_generators(inputs.evaluation.num_processes, len(requests))
     if processes == 1:
         pipeline = load_sampling_pipeline(model, sampler, revision, vae)
-        return generate(pipeline, requests, sampler, config.model.resolution, on_images)
+        return generate(pipeline, requests, sampler, inputs.resolution, on_images)
     with tempfile.TemporaryDirectory() as scratch:
         names = [f"{i:06d}.png" for i in range(len(requests))]
-        generate_files(model, revision, requests, names, Path(scratch), sampler, config.model.resolution, processes, vae, on_images)
+        generate_files(model, revision, requests, names, Path(scratch), sampler, inputs.resolution, processes, vae, on_images)
         return [load_rgb(Path(scratch) / name, 1 << 40).image for name in names]
 
 
-def upscale_images(upscaler: str, prompts: list[str], images: list[Image.Image], config: RunConfig) -> list[Image.Image]:
+def upscale_images(upscaler: str, prompts: list[str], images: list[Image.Image], settings: SuperResSettings) -> list[Image.Image]:
     """The second stage of the cascade, at the configured inference noise level."""
     from dreambooth.models.loading import inference_dtype
     from dreambooth.super_resolution import load_upscaler, upscale
 
-    settings = config.superres
     pipeline = load_upscaler(upscaler, dtype=inference_dtype(settings.sampler.precision))
     return upscale(pipeline, prompts, images, settings.inference_noise_level, settings.sampler, settings.sampler.seed)
 
@@ -144,8 +166,7 @@ def limit_per_category(prompts: list[EvaluationPrompt], limit: Optional[int]) ->
     return kept
 
 
-def gate_decision(overall: dict[str, float], config: RunConfig) -> GateDecision:
-    gate = config.evaluation.gate
+def gate_decision(overall: dict[str, float], gate: GateSettings) -> GateDecision:
     reasons = []
     if overall["dino"] < gate.min_dino:
         reasons.append(f"DINO {overall['dino']:.3f} < {gate.min_dino}")
@@ -197,7 +218,7 @@ def evaluate_baseline(subject_dir: Path, config: RunConfig, output_dir: Path, on
     from dreambooth.baseline import write_baseline_result
 
     write_baseline_result(subject_dir, config, output_dir / "model")
-    return evaluate_model(str(output_dir / "model"), subject_dir, config, output_dir, on_progress=on_progress)
+    return evaluate_model(str(output_dir / "model"), subject_dir, EvaluationInputs.of(config), output_dir, on_progress=on_progress)
 
 
 def _mean(values: list[float]) -> float:
@@ -207,25 +228,25 @@ def _mean(values: list[float]) -> float:
 def evaluate_model(
     model: str,
     subject_dir: Path,
-    config: RunConfig,
+    inputs: EvaluationInputs,
     output_dir: Path,
     identifier: Optional[str] = None,
     class_noun: Optional[str] = None,
     on_progress: Optional[OnProgress] = None,
 ) -> EvaluationResult:
     """Generate, score and write images, grids and evaluation.json to output_dir."""
-    return _evaluate(model, subject_dir, config, {"": (output_dir, None)}, identifier, class_noun, on_progress)[""]
+    return _evaluate(model, subject_dir, inputs, {"": (output_dir, None)}, identifier, class_noun, on_progress)[""]
 
 
 def evaluate_cascade(
-    model: str, subject_dir: Path, config: RunConfig, output_dir: Path, upscalers: dict[str, str],
+    model: str, subject_dir: Path, inputs: EvaluationInputs, output_dir: Path, upscalers: dict[str, str],
     on_progress: Optional[OnProgress] = None,
 ) -> dict[str, EvaluationResult]:
     """The two-stage cascade, once per upscaler (label -> a StableDiffusionUpscalePipeline folder or hub
     id): the model's images, drawn once, upscaled 4x by each and scored at the higher resolution;
     each upscaler's results under output_dir/label."""
     variants = {label: (output_dir / label, upscaler) for label, upscaler in upscalers.items()}
-    return _evaluate(model, subject_dir, config, variants, None, None, on_progress)
+    return _evaluate(model, subject_dir, inputs, variants, None, None, on_progress)
 
 
 @dataclass
@@ -253,42 +274,42 @@ class Drawn:
     seconds: float
 
 
-def _protocol(model: str, config: RunConfig, identifier: Optional[str], class_noun: Optional[str]) -> Protocol:
-    settings = config.evaluation
-    identifier, class_noun, base_model = _model_identity(model, config, identifier, class_noun)
+def _protocol(model: str, inputs: EvaluationInputs, identifier: Optional[str], class_noun: Optional[str]) -> Protocol:
+    settings = inputs.evaluation
+    identifier, class_noun, base_model = _model_identity(model, inputs, identifier, class_noun)
     live = settings.live_subject if settings.live_subject is not None else is_live_subject(class_noun)
     prompts = limit_per_category(load_prompts(class_noun, live, settings.prompt_file), settings.max_prompts_per_category)
-    class_prompt = config.subject.class_prompt_template.format(class_noun=class_noun)
+    class_prompt = inputs.subject.class_prompt_template.format(class_noun=class_noun)
     sampler, per_prompt = settings.sampler, settings.images_per_prompt
-    subject = config.subject.model_copy(update={"class_noun": class_noun})
+    subject = inputs.subject.model_copy(update={"class_noun": class_noun})
     rendered = [subject.render(prompt.template, identifier) for prompt in prompts]
     requests = [(text, sampler.seed + PROMPT_SEED_STRIDE * p + i) for p, text in enumerate(rendered) for i in range(per_prompt)]
     pres_requests = [(class_prompt, sampler.seed + PRES_SEED_OFFSET + i) for i in range(settings.pres_images)]
     return Protocol(identifier, class_noun, base_model, live, prompts, class_prompt, rendered, requests, pres_requests)
 
 
-def _draw_protocol(model: str, protocol: Protocol, config: RunConfig, advance: OnImages) -> Drawn:
+def _draw_protocol(model: str, protocol: Protocol, inputs: EvaluationInputs, advance: OnImages) -> Drawn:
     """Generation, model by model, so only one pipeline is in memory at a time."""
     started = time.perf_counter()
     requests, pres_requests = protocol.requests, protocol.pres_requests
     if base_of(model):  # the zero-shot baseline's weights are its pipeline's: the class prompt is drawn once, without the photos
-        generated = _draw(model, None, requests, config, on_images=advance)
-        pres_base_images = _draw(protocol.base_model, None, pres_requests, config, None, advance)
+        generated = _draw(model, None, requests, inputs, on_images=advance)
+        pres_base_images = _draw(protocol.base_model, None, pres_requests, inputs, None, advance)
         advance(len(pres_requests))
         generated += pres_base_images
     else:
-        generated = _draw(model, None, requests + pres_requests, config, on_images=advance)
-        pres_base_images = _draw(protocol.base_model, config.model.revision, pres_requests, config, config.model.vae, advance)
+        generated = _draw(model, None, requests + pres_requests, inputs, on_images=advance)
+        pres_base_images = _draw(protocol.base_model, inputs.base_revision, pres_requests, inputs, inputs.base_vae, advance)
     return Drawn(generated[: len(requests)], generated[len(requests) :], pres_base_images, time.perf_counter() - started)
 
 
 def _evaluate(
-    model: str, subject_dir: Path, config: RunConfig, variants: dict[str, tuple[Path, Optional[str]]],
+    model: str, subject_dir: Path, inputs: EvaluationInputs, variants: dict[str, tuple[Path, Optional[str]]],
     identifier: Optional[str], class_noun: Optional[str], on_progress: Optional[OnProgress],
 ) -> dict[str, EvaluationResult]:
     """Draw the protocol's images once; score them as drawn (upscaler None) or as each upscaler upscales them."""
-    settings = config.evaluation
-    protocol = _protocol(model, config, identifier, class_noun)
+    settings = inputs.evaluation
+    protocol = _protocol(model, inputs, identifier, class_noun)
     if not list_images(subject_dir):
         raise InputError(f"{subject_dir}: no subject images to compare with")
 
@@ -299,26 +320,28 @@ def _evaluate(
 
     upscaled = sum(1 for _, upscaler in variants.values() if upscaler)
     advance = counter(len(protocol.requests) * (1 + upscaled) + 2 * len(protocol.pres_requests), on_progress)
-    drawn = _draw_protocol(model, protocol, config, advance)
-    real_images = photos_as_trained(subject_dir, config.training.center_crop)
+    drawn = _draw_protocol(model, protocol, inputs, advance)
+    real_images = photos_as_trained(subject_dir, inputs.center_crop)
     real = RealPhotos(real_images, dino.embed(real_images), clip.embed(real_images))
     # PRES compares the class prompt's images, which no upscaler touches: scored once for every variant.
     pres_embeddings = dino.embed(drawn.pres_images + drawn.pres_base_images)
     pres = mean_pairwise_similarity(pres_embeddings[: len(drawn.pres_images)], real.dino)
     pres_base = mean_pairwise_similarity(pres_embeddings[len(drawn.pres_images) :], real.dino)
+    # The prompts' texts are the same for every variant: embedded once.
+    texts = clip.embed_texts([without_identifier(text, protocol.identifier) for text in protocol.rendered])
 
     results = {}
     for label, (output_dir, upscaler) in variants.items():
         started = time.perf_counter()
         images = drawn.images
         if upscaler:
-            images = upscale_images(upscaler, [text for text, _ in protocol.requests], drawn.images, config)
+            images = upscale_images(upscaler, [text for text, _ in protocol.requests], drawn.images, inputs.upscaling)
             advance(len(images))
         upscaling_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        scores = _score_prompts(images, protocol, encoders, real, settings.images_per_prompt)
+        scores = _score_prompts(images, protocol, encoders, texts, real, settings.images_per_prompt)
         scoring_seconds = time.perf_counter() - started
-        result = _result(model, protocol, scores, {"pres": pres, "pres_base": pres_base}, real, config, upscaler, images[0].width)
+        result = _result(model, protocol, scores, {"pres": pres, "pres_base": pres_base}, real, settings, upscaler, images[0].width)
         result.throughput = {
             "generation_images_per_second": (len(protocol.requests) + 2 * len(drawn.pres_base_images)) / max(drawn.seconds + upscaling_seconds, 1e-9),
             "scoring_images_per_second": (len(images) + len(pres_embeddings) + len(real_images)) / max(scoring_seconds, 1e-9),
@@ -328,10 +351,11 @@ def _evaluate(
     return results
 
 
-def _score_prompts(images: list[Image.Image], protocol: Protocol, encoders, real: RealPhotos, per_prompt: int) -> list[PromptScores]:
-    """DINO, CLIP-I, CLIP-T and DIV of each prompt's images; every encoder call is batched."""
+def _score_prompts(images: list[Image.Image], protocol: Protocol, encoders, texts: torch.Tensor, real: RealPhotos,
+                   per_prompt: int) -> list[PromptScores]:
+    """DINO, CLIP-I, CLIP-T (against `texts`, the prompts' CLIP embeddings) and DIV of each prompt's images;
+    every encoder call is batched."""
     dino, clip, lpips = encoders
-    texts = clip.embed_texts([without_identifier(text, protocol.identifier) for text in protocol.rendered])
     dino_generated = dino.embed(images)
     clip_generated = clip.embed(images)
     pair_index = [(p * per_prompt + a, p * per_prompt + b) for p in range(len(protocol.prompts)) for a, b in distinct_pairs(per_prompt)]
@@ -353,9 +377,9 @@ def _score_prompts(images: list[Image.Image], protocol: Protocol, encoders, real
 
 
 def _result(model: str, protocol: Protocol, scores: list[PromptScores], pres: dict[str, float], real: RealPhotos,
-            config: RunConfig, upscaler: Optional[str], resolution: int) -> EvaluationResult:
+            settings: EvaluationSettings, upscaler: Optional[str], resolution: int) -> EvaluationResult:
     """The scores averaged overall and per category, with the gate's decision and the protocol's settings."""
-    settings, sampler = config.evaluation, config.evaluation.sampler
+    sampler = settings.sampler
     metric_names = ("dino", "clip_i", "clip_t", "div")
     overall = {name: _mean([getattr(s, name) for s in scores]) for name in metric_names}
     overall.update(pres)
@@ -373,7 +397,7 @@ def _result(model: str, protocol: Protocol, scores: list[PromptScores], pres: di
         by_category=by_category,
         prompts=scores,
         real_images={"dino": mean_distinct_pair_similarity(real.dino), "clip_i": mean_distinct_pair_similarity(real.clip)},
-        gate=gate_decision(overall, config),
+        gate=gate_decision(overall, settings.gate),
         settings={
             "dino_model": settings.dino_model,
             "clip_model": settings.clip_model,

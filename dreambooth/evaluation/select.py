@@ -10,11 +10,14 @@ earlier step, the less trained.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from dreambooth.config import RunConfig, SelectSettings
+from dreambooth.config import SelectSettings
+
+if TYPE_CHECKING:  # evaluate loads torch; choosing a step does not
+    from dreambooth.evaluation.evaluate import EvaluationInputs
 
 
 @dataclass(frozen=True)
@@ -55,21 +58,21 @@ def choose_checkpoint(scores: list[CheckpointScore], clip_t_margin: float, max_p
                                   f"{'s' if others else ''} with {rule}")
 
 
-def quick_protocol(config: RunConfig) -> RunConfig:
+def quick_protocol(inputs: EvaluationInputs) -> EvaluationInputs:
     """The run's evaluation settings cut down to evaluation.select's sizes."""
-    select = config.evaluation.select
-    quick = config.evaluation.model_copy(update={
+    select = inputs.evaluation.select
+    quick = inputs.evaluation.model_copy(update={
         "max_prompts_per_category": select.prompts_per_category, "images_per_prompt": select.images_per_prompt,
         "pres_images": select.pres_images, "num_processes": 1,
     })
-    return config.model_copy(update={"evaluation": quick})
+    return replace(inputs, evaluation=quick)
 
 
-def score_checkpoints(snapshots: dict[int, Path], subject_dir: Path, config: RunConfig, scratch: Path) -> list[CheckpointScore]:
+def score_checkpoints(snapshots: dict[int, Path], subject_dir: Path, inputs: EvaluationInputs, scratch: Path) -> list[CheckpointScore]:
     """Each step's model (step -> result folder) by the quick protocol."""
     from dreambooth.evaluation.evaluate import evaluate_model
 
-    quick = quick_protocol(config)
+    quick = quick_protocol(inputs)
     scores = []
     for step, folder in sorted(snapshots.items()):
         overall = evaluate_model(str(folder), subject_dir, quick, scratch / f"step-{step:06d}").overall

@@ -267,6 +267,7 @@ def fine_tune_task(config: RunConfig, run: StageRun, subject_dir: str, class_ima
 def keep_selected_checkpoint(result: FineTuneResult, subject_dir: Path, config: RunConfig) -> FineTuneResult:
     """evaluation.select: score the model of each step it names (kept aside by the fine-tune) and keep the one its
     rule picks as the result."""
+    from dreambooth.evaluation.evaluate import EvaluationInputs
     from dreambooth.evaluation.select import score_checkpoints, selection_record
     from dreambooth.training.saving import keep_step, snapshot_folder
 
@@ -275,7 +276,7 @@ def keep_selected_checkpoint(result: FineTuneResult, subject_dir: Path, config: 
     missing = [step for step, folder in snapshots.items() if not (folder / METADATA_FILE).is_file()]
     if missing:  # e.g. training.keep_checkpoints false and an earlier attempt's folder released
         raise InputError(f"{checkpoints}: the models of steps {missing} are gone; delete the folder to train again")
-    scores = score_checkpoints(snapshots, subject_dir, config, checkpoints / "selection")
+    scores = score_checkpoints(snapshots, subject_dir, EvaluationInputs.of(config), checkpoints / "selection")
     selection = selection_record(scores, select)
     return keep_step(result, snapshots[selection["step"]], selection)
 
@@ -367,7 +368,9 @@ def evaluate_task(
 ) -> Optional[EvaluationOutcome]:
     """Score the model by the DreamBench protocol and the learning check (subject and class denoising
     loss, base vs fine-tuned); register it as `candidate` if it passes the gate."""
-    from dreambooth.evaluation.evaluate import GateDecision, champion_decision, evaluate_baseline, evaluate_model, baseline_decision
+    from dreambooth.evaluation.evaluate import (
+        EvaluationInputs, GateDecision, baseline_decision, champion_decision, evaluate_baseline, evaluate_model,
+    )
     from dreambooth.evaluation.safety import check_images
     from dreambooth.evaluation.learning import learning_check
     from dreambooth.evaluation.report import render_report
@@ -377,7 +380,7 @@ def evaluate_task(
 
     if not config.evaluation.enabled:
         return _evaluation_disabled(run)
-    result = evaluate_model(model_dir, Path(subject_dir), config, Path(output_dir), on_progress=_images_progress(run))
+    result = evaluate_model(model_dir, Path(subject_dir), EvaluationInputs.of(config), Path(output_dir), on_progress=_images_progress(run))
     metrics = {f"eval/{name}": value for name, value in result.overall.items()}
     metrics.update({f"eval/real_images_{name}": value for name, value in result.real_images.items()})
     for category, values in result.by_category.items():
@@ -482,7 +485,7 @@ def evaluate_upscaled_task(
     config: RunConfig, run: StageRun, model_dir: str, upscaler_dir: str, subject_dir: str, output_dir: str
 ) -> EvaluationOutcome:
     """Score the two-stage cascade with the generic and with the personalised upscaler."""
-    from dreambooth.evaluation.evaluate import evaluate_cascade
+    from dreambooth.evaluation.evaluate import EvaluationInputs, evaluate_cascade
 
     if not config.evaluation.enabled:
         return _evaluation_disabled(run)
@@ -494,7 +497,7 @@ def evaluate_upscaled_task(
     page_images: list[tuple[str, Path]] = []
     lines = ["# DreamBench evaluation of the upscaled cascade", "", "| upscaler | resolution | DINO | CLIP-I | CLIP-T | DIV |", "|---|---|---|---|---|---|"]
     # The model's images are drawn once and upscaled by each upscaler, so the two differ in the upscaler alone.
-    results = evaluate_cascade(model_dir, Path(subject_dir), config, Path(output_dir),
+    results = evaluate_cascade(model_dir, Path(subject_dir), EvaluationInputs.of(config), Path(output_dir),
                                {"generic": config.superres.base, "personalised": upscaler_dir},
                                on_progress=_images_progress(run, "generic and personalised upscalers"))
     for label, result in results.items():

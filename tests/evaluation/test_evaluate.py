@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import SAMPLE_SUBJECT
 from dreambooth.config import GateSettings, load_config
-from dreambooth.evaluation.evaluate import PRES_SEED_OFFSET, RESULTS_FILE, evaluate_model
+from dreambooth.evaluation.evaluate import PRES_SEED_OFFSET, RESULTS_FILE, EvaluationInputs, evaluate_model
 from dreambooth.models.loading import METADATA_FILE
 from dreambooth.generation import generate, load_sampling_pipeline
 from dreambooth.watermark import detect, embed, payload_for
@@ -35,7 +35,7 @@ def evaluated(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluated")
     model = _personalised(tiny_model_dir, root / "model")
     config = load_config("tiny", {"subject": {"class_noun": "dog", "name": "dog"}, "storage": {"work_dir": str(root / "work")}})
-    return model, config, evaluate_model(str(model), SAMPLE_SUBJECT, config, root / "eval"), root / "eval"
+    return model, config, evaluate_model(str(model), SAMPLE_SUBJECT, EvaluationInputs.of(config), root / "eval"), root / "eval"
 
 
 @pytest.mark.xdist_group("evaluated")  # one worker evaluates once for these
@@ -75,13 +75,13 @@ def test_the_gate_names_every_failed_threshold(evaluated, tmp_path):
     assert passed.gate.passed  # the tiny config's gate
     strict = config.model_copy(update={"evaluation": config.evaluation.model_copy(
         update={"gate": GateSettings(min_dino=2.0, min_clip_t=2.0, max_pres=-2.0)})})
-    result = evaluate_model(str(model), SAMPLE_SUBJECT, strict, tmp_path / "eval")
+    result = evaluate_model(str(model), SAMPLE_SUBJECT, EvaluationInputs.of(strict), tmp_path / "eval")
     assert not result.gate.passed
     assert [reason.split()[0] for reason in result.gate.reasons] == ["DINO", "CLIP-T", "PRES"]
 
 
 def test_an_object_subject_gets_the_object_prompts(personalised_model, subject_dir, make_config, tmp_path):
-    result = evaluate_model(str(personalised_model), subject_dir, make_config(), tmp_path / "eval", class_noun="teapot")
+    result = evaluate_model(str(personalised_model), subject_dir, EvaluationInputs.of(make_config()), tmp_path / "eval", class_noun="teapot")
     assert not result.live_subject
     assert sorted(result.by_category) == ["property", "recontextualization"]
 
@@ -90,7 +90,7 @@ def test_an_object_subject_gets_the_object_prompts(personalised_model, subject_d
 @pytest.mark.xdist_group("evaluated")
 def test_generation_split_across_processes_scores_the_same(evaluated, make_config, tmp_path):
     model, _, alone, _ = evaluated
-    split = evaluate_model(str(model), SAMPLE_SUBJECT, make_config(evaluation={"num_processes": 2}), tmp_path / "split")
+    split = evaluate_model(str(model), SAMPLE_SUBJECT, EvaluationInputs.of(make_config(evaluation={"num_processes": 2})), tmp_path / "split")
     for name, value in alone.overall.items():
         assert split.overall[name] == pytest.approx(value, abs=0.02)  # the same seeds, drawn in two processes
 
@@ -103,7 +103,7 @@ def test_missing_encoder_weights_fail_before_any_image_is_generated(personalised
     monkeypatch.setattr(evaluate, "_draw", lambda *args: drawn.append(args) or [])
     config = make_config(evaluation={"lpips_model": str(tmp_path / "no-lpips-here")})
     with pytest.raises(InputError, match="evaluation.lpips_model: .*no-lpips-here"):
-        evaluate_model(str(personalised_model), subject_dir, config, tmp_path / "eval")
+        evaluate_model(str(personalised_model), subject_dir, EvaluationInputs.of(config), tmp_path / "eval")
     assert drawn == []  # the GPU time is not spent first
 
 
