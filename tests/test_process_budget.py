@@ -56,3 +56,26 @@ def test_a_scoped_fixture_counts_once_however_many_workers_set_it_up(tmp_path):
         (tmp_path / f"line-{index}").write_text("\t".join(line) + "\n")
     per_test = process_budget.read_ledger(tmp_path)
     assert process_budget.by_file(per_test) == {"tests/test_c.py": Counter(torch=3), "session fixture batch": Counter(pipeline=1)}
+
+
+def test_the_ledger_counts_the_task_the_dag_runs_once_as_its_exit_handler(tmp_path):
+    """The exit handler (the one task that runs whatever happened upstream) executes the function the ledger counts
+    as a pipeline run, and no other task does: a renamed component would otherwise go uncounted."""
+    import runpy
+
+    import yaml
+
+    from dreambooth.config import load_config
+    from dreambooth.dag.kfp_runs import compile_dag
+
+    counted = runpy.run_path(str(process_budget.LEDGER_FOLDER / "sitecustomize.py"))["EXIT_HANDLER"]
+    spec = yaml.safe_load(compile_dag(load_config("tiny"), tmp_path / "dag.yaml").read_text())
+    executors = spec["deploymentSpec"]["executors"]
+
+    def function_of(executor: str) -> str:
+        arguments = executors[executor]["container"]["args"]
+        return arguments[arguments.index("--function_to_execute") + 1]
+
+    (exit_handler,) = [task for task in spec["root"]["dag"]["tasks"].values() if "triggerPolicy" in task]
+    assert function_of(exit_handler["componentRef"]["name"].replace("comp-", "exec-", 1)) == counted
+    assert [executor for executor in executors if function_of(executor) == counted] == ["exec-finish-tracking"]

@@ -14,15 +14,16 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
-
-import torch
+from typing import TYPE_CHECKING, Optional
 
 from dreambooth.errors import InputError
 from dreambooth.images import load_rgb
 from dreambooth.storage import cached_folder, is_gcs
 from dreambooth.models.cache import default_cache_dir
 from dreambooth.models.tiny import TINY_SCHEME, resolve_tiny_model
+
+if TYPE_CHECKING:  # torch is imported where a model loads: commands that only read settings start without it
+    import torch
 
 METADATA_FILE = "dreambooth.json"  # beside every trained result: identifier, class noun, base model
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' adapter file name (load_lora_weights reads it)
@@ -150,6 +151,8 @@ def describe_model_source(reference: str, revision: Optional[str] = None, settin
 
 
 def best_device() -> torch.device:
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -294,6 +297,8 @@ def denoiser_quantization(mode: str, device: torch.device, library: str = "diffu
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise InputError("model.quantization: nf4 needs the bitsandbytes package (docker/gpu-requirements.txt)") from None
+        import torch
+
         return configs.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
 
@@ -333,7 +338,7 @@ def _tokenizer_alone(index: dict) -> bool:
 def load_pipeline(
     reference: str,
     revision: Optional[str] = None,
-    torch_dtype: torch.dtype = torch.float32,
+    torch_dtype: Optional[torch.dtype] = None,  # None: float32
     device: Optional[torch.device] = None,
     vae: Optional[str] = None,
     quantization: str = "none",
@@ -346,8 +351,10 @@ def load_pipeline(
     replaces the pipeline's own, e.g. SDXL's fp16-safe VAE; `quantization` (model.quantization) loads
     the denoiser quantized, to train adapters on, and with `quantize_text_encoders` the text encoders too.
     """
+    import torch
     from diffusers import AutoencoderKL, DiffusionPipeline
 
+    torch_dtype = torch_dtype or torch.float32
     if is_gcs(reference):  # a result on a bucket: its local copy, which may be a LoRA folder
         reference = resolve_model_source(reference)
     baseline = result_metadata(reference)
@@ -425,6 +432,8 @@ def use_sampler(pipeline, scheduler_name: str) -> None:
 
 def inference_dtype(precision: str = "auto") -> torch.dtype:
     """The dtype a frozen model samples in; weights being trained always stay float32."""
+    import torch
+
     if precision != "auto":
         return getattr(torch, precision)
     if torch.cuda.is_available():
