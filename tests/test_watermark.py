@@ -45,3 +45,11 @@ def test_watermark_check_reads_the_payload_and_exits_1_on_an_unmarked_image(tmp_
     assert result.returncode == 1 and result.stdout.strip() == f"{tmp_path / 'photo.png'}: no watermark"
     result = cli("watermark", "check", str(tmp_path / "missing.png"), cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip() == f"error: {tmp_path / 'missing.png'}: no such image file"
+
+
+def test_watermark_check_says_an_image_under_64_px_is_too_small_to_carry_a_mark(tmp_path):
+    Image.fromarray(data.chelsea()).resize((63, 200)).save(tmp_path / "thumb.png")
+    result = cli("watermark", "check", str(tmp_path / "thumb.png"), cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == (f"error: {tmp_path / 'thumb.png'}: 63x200 px is too small to carry a mark "
+                                     "(marks are embedded from 64 px on the shorter side); check the full-size image")
