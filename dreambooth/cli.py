@@ -524,10 +524,20 @@ def _watermark_check(args: argparse.Namespace, config: None) -> int:
     return 0 if payload else 1
 
 
+def _check_locations(args: argparse.Namespace) -> None:
+    """Folders and URIs given on the command line: local or gs:// only, refused before anything starts."""
+    from dreambooth.storage import check_location
+
+    for option in ("output_dir", "subject_dir", "subject_uri", "subjects_uri", "subjects"):
+        if getattr(args, option, None):
+            check_location(str(getattr(args, option)), f"--{option.replace('_', '-')}")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     configure_process(logging.WARNING, stop_on_sigterm=True)
     try:
+        _check_locations(args)
         if not args.needs_config:
             return args.handler(args, None)
         config = _without_credentials(load_config(args.config, _overrides(args)))

@@ -655,6 +655,11 @@ class ClusterSettings(Section):
         subject_peak = max(gpus["ingest"], gpus["fine-tune"], gpus["samples"] + gpus["evaluate"] + upscaling, 1)
         return max(1, self.gpu_quota // max(gpus["class-priors"], 1)), max(1, self.gpu_quota // subject_peak)
 
+    @field_validator("pipeline_root")
+    @classmethod
+    def _a_supported_root(cls, value: Optional[str]) -> Optional[str]:
+        return value if value is None else _supported_location(value)
+
     @field_validator("stages")
     @classmethod
     def _known_stages(cls, stages: dict) -> dict:
@@ -709,6 +714,19 @@ class StorageSettings(Section):
     # Stable across runs: class-prior caches and training checkpoints live here so a
     # re-run or a retried task resumes instead of starting over.
     work_dir: str = "outputs/work"
+
+    @field_validator("work_dir")
+    @classmethod
+    def _a_supported_location(cls, value: str) -> str:
+        return _supported_location(value)
+
+
+def _supported_location(value: str) -> str:
+    from dreambooth.storage import unsupported_location
+
+    if reason := unsupported_location(value):
+        raise ValueError(reason)
+    return value
 
 
 # KFP run parameters of their own (the KFP UI shows and edits them), and the setting each sets.

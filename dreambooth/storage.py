@@ -15,17 +15,19 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from dreambooth.errors import InputError
 
 GCS_SCHEME = "gs://"
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 COMPLETE_MARKER = "_COMPLETE.json"
 CHUNK_SIZE = 8 * 1024 * 1024  # resumable uploads; a multiple of 256 KiB as GCS requires
 FOLDER_LISTINGS = 16  # folders listed at once (content_digests_of)
@@ -37,6 +39,22 @@ ONE_LISTING_FROM = 100
 
 def is_gcs(uri: str) -> bool:
     return str(uri).startswith(GCS_SCHEME)
+
+
+def unsupported_location(value: str) -> Optional[str]:
+    """Why `value` is not a place this project reads or writes (None: a local path or gs://bucket/prefix).
+    Any other scheme would otherwise be taken for a local folder named after it (`s3:/bucket/x`)."""
+    scheme = _SCHEME.match(str(value))
+    if scheme and not is_gcs(value):
+        return f"{scheme[1]}:// is not supported; give a local folder or gs://bucket/prefix"
+    return None
+
+
+def check_location(value: str, setting: str) -> str:
+    """`value` when it is a local path or gs:// URI; InputError naming `setting` otherwise."""
+    if reason := unsupported_location(value):
+        raise InputError(f"{setting}: {value!r}: {reason}")
+    return value
 
 
 def split_gcs(uri: str) -> tuple[str, str]:

@@ -110,3 +110,14 @@ def test_a_binary_config_and_an_empty_identifier_end_in_one_line(tmp_path):
                 "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
     assert empty.returncode == 2 and empty.stderr.startswith("error: --identifier: empty") and len(empty.stderr.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("setting, yaml_text", [
+    ("storage.work_dir", "storage:\n  work_dir: s3://bucket/work\n"),
+    ("cluster.pipeline_root", "extends: gke-sd15\ncluster:\n  pipeline_root: s3://bucket/root\n"),
+])
+def test_a_storage_location_under_another_scheme_is_refused(tmp_path, setting, yaml_text):
+    bad = tmp_path / "elsewhere.yaml"
+    bad.write_text(yaml_text)
+    with pytest.raises(InputError, match=rf"elsewhere\.yaml: {setting}: .*s3:// is not supported; give a local folder or gs://"):
+        load_config(str(bad))

@@ -9,6 +9,7 @@ import time
 import pytest
 from google.cloud import storage
 
+from conftest import REPO
 from dreambooth.errors import InputError
 from dreambooth.storage import COMPLETE_MARKER, download_folder, is_complete, local_folder, upload_folder
 
@@ -162,3 +163,19 @@ def test_the_model_loader_reads_only_a_complete_gs_folder(gcs_emulator, tiny_mod
     assert image.shape == (64, 64, 3)
     [fetched] = (tmp_path / "cache" / "gcs").rglob(COMPLETE_MARKER)
     assert (fetched.parent / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("command", [
+    ("run", "--config", "tiny", "--subjects", str(REPO / "examples" / "subjects.yaml"), "--output-dir", "s3://bucket/x"),
+    ("ingest", "--config", "tiny", "--subject-dir", str(REPO / "examples" / "subjects" / "dog"), "--class-noun", "dog",
+     "--output-dir", "s3://bucket/x"),
+])
+def test_an_output_dir_under_another_scheme_is_refused_before_anything_starts(tmp_path, command):
+    """Not a local folder named `s3:` and a run that starts: one line naming the option, exit 2, nothing written."""
+    from conftest import cli
+
+    result = cli(*command, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip() == ("error: --output-dir: 's3://bucket/x': s3:// is not supported; give a local folder or "
+                                     "gs://bucket/prefix")
+    assert list(tmp_path.iterdir()) == []

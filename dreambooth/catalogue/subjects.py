@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from dreambooth.config import Consent, RunConfig, setting_problems
 from dreambooth.errors import InputError
-from dreambooth.storage import is_gcs, read_text
+from dreambooth.storage import is_gcs, read_text, unsupported_location
 from dreambooth.catalogue.entries import (  # noqa: F401 (SubjectEntry and subject_config are this module's interface too)
     CONSENT_COLUMNS,
     CSV_COLUMNS,
@@ -96,6 +96,8 @@ def _entry_problems(raw: Any, shared: RunConfig) -> tuple[Optional[SubjectEntry]
                 problems.append(f"{key}: missing")
         else:
             values[key] = str(value).strip()
+    if values.get("photos") and (reason := unsupported_location(values["photos"])):
+        problems.append(f"photos: {values['photos']!r}: {reason}")
     subject_id = values.get("id")
     if subject_id is not None and (not SAFE_ID.fullmatch(subject_id) or ".." in subject_id):
         problems.append(

@@ -113,3 +113,11 @@ def test_a_consent_without_a_name_or_with_a_date_to_come_is_named_by_entry(tmp_p
     assert problems[1] == f"{uri}: entry 2 (bo): consent.given_on: 2999-01-01 is a date still to come"
     assert problems[2].startswith(f"{uri}: entry 3 (cy): consent: expected a mapping")
     assert problems[3] == f"{uri}: entry 4 (di): overrides.subject.consent: set the entry's `consent` field instead"
+
+
+def test_photos_under_a_scheme_other_than_gs_are_named_by_entry(tmp_path, shared):
+    uri = _yaml(tmp_path, [{"id": "a", "photos": "s3://bucket/a", "class_noun": "dog"},
+                           {"id": "b", "photos": "gs://bucket/b", "class_noun": "dog"}])
+    (problem,) = _problems(uri, shared)
+    assert problem == (f"{uri}: entry 1 (a): photos: 's3://bucket/a': s3:// is not supported; give a local folder or "
+                       "gs://bucket/prefix")
