@@ -507,12 +507,12 @@ def _parser() -> argparse.ArgumentParser:
 def _watermark_check(args: argparse.Namespace, config: None) -> int:
     from PIL import Image, UnidentifiedImageError
 
-    from dreambooth.watermark import MIN_SIDE, detect
+    from dreambooth.watermark import MIN_SIDE, can_carry_mark, detect
 
     image_path = args.image
     try:
         with Image.open(image_path) as image:
-            if min(image.size) < MIN_SIDE:  # "no watermark" would be a claim this image cannot support
+            if not can_carry_mark(image):  # "no watermark" would be a claim this image cannot support
                 raise InputError(f"{image_path}: {image.width}x{image.height} px is too small to carry a mark (marks are "
                                  f"embedded from {MIN_SIDE} px on the shorter side); check the full-size image")
             payload = detect(image)

@@ -78,9 +78,14 @@ def _slots(coefficients: np.ndarray) -> np.ndarray:
     return np.stack([coefficients[:, :, u, v] for u, v in SLOTS], axis=-1).reshape(-1)
 
 
+def can_carry_mark(image: Image.Image) -> bool:
+    """Whether the image is large enough to hold a mark (MIN_SIDE on its shorter side): smaller ones are left unmarked."""
+    return min(image.size) >= MIN_SIDE
+
+
 def embed(image: Image.Image, payload: str) -> Image.Image:
     """The image with the mark of `payload` (8 hex digits); images under 64 px are returned as they are."""
-    if min(image.size) < MIN_SIDE:
+    if not can_carry_mark(image):
         return image
     ycbcr = np.asarray(image.convert("RGB").convert("YCbCr"), dtype=np.float64)
     coefficients = _blocks(ycbcr[:, :, 0])
@@ -99,7 +104,7 @@ def embed(image: Image.Image, payload: str) -> Image.Image:
 
 def detect(image: Image.Image) -> Optional[str]:
     """The payload (8 hex digits) of the mark the image carries, or None."""
-    if min(image.size) < MIN_SIDE:
+    if not can_carry_mark(image):
         return None
     luma = np.asarray(image.convert("RGB").convert("YCbCr"), dtype=np.float64)[:, :, 0]
     slots = _slots(_blocks(luma))
