@@ -63,7 +63,8 @@ def _class_images(folder: Path, count: int = 8) -> Path:
 
 
 def _steps_per_second(variant: dict, root: Path, subject: Path, classes: Path, args, run: int) -> float:
-    from dreambooth.config import load_config, merge_settings
+    from dreambooth.config import load_config
+    from dreambooth.config_files import merge_settings
     from dreambooth.fine_tune import fine_tune
 
     overrides = merge_settings({

@@ -15,6 +15,7 @@
     watermark check IMAGE  read the invisible mark the project puts on every image it draws
     forget    remove a subject's photos and everything made from them, and keep it from training again
     components  write each stage's KFP component spec (components/<stage>/component.yaml) for your own pipelines
+    configs   list the shipped configs          config show  print a config as it resolves (extends: and defaults)
 
 Bad input or settings end in lines that name the file or setting and the reason, exit code 2.
 """
@@ -481,8 +482,32 @@ def _add_tracking_commands(commands) -> None:
     forget_cmd.set_defaults(handler=_forget)
 
 
+def _configs(args: argparse.Namespace, config: None) -> int:
+    from dreambooth.config_files import shipped_configs
+
+    described = shipped_configs()
+    width = max(len(name) for name in described)
+    for name, summary in described.items():
+        print(f"{name:<{width}}  {summary}")
+    print("\nuse one with --config NAME; `dreambooth config show --config NAME` prints every setting it resolves to")
+    return 0
+
+
+def _config_show(args: argparse.Namespace, config: RunConfig) -> int:
+    import yaml
+
+    print(f"# {args.config}: every setting after `extends:` and the defaults")
+    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, width=120), end="")
+    return 0
+
+
 def _add_tool_commands(commands) -> None:
-    """watermark and components: commands that need no config."""
+    """configs, config show, watermark and components: reading what ships, and tools beside the pipeline."""
+    commands.add_parser("configs", help="list the shipped configs, one line each").set_defaults(handler=_configs, needs_config=False)
+    config_cmd = _with_config(commands.add_parser("config", help="show a config as it resolves (after extends: and defaults)"))
+    config_cmd.add_argument("action", choices=["show"])
+    config_cmd.set_defaults(handler=_config_show)
+
     watermark_cmd = commands.add_parser("watermark", help="read the invisible mark of a generated image")
     watermark_cmd.add_argument("action", choices=["check"])
     watermark_cmd.add_argument("image", type=Path, help="a PNG or JPEG; exit 0 and its payload when marked, 1 when not")

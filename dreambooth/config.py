@@ -14,14 +14,12 @@ import re
 from pathlib import Path
 from typing import Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from dreambooth.config_files import describe_problems, merge_settings, problem_lines, read_config, resolve_config_path
 from dreambooth.errors import InputError
 from dreambooth.stages import COMPONENT_STAGES
 
-# Shipped configs are package data: they resolve by name wherever the package is installed.
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # The MLflow Service of manifests/ as pipeline pods reach it, in the namespace the overlay deploys to.
 IN_CLUSTER_MLFLOW = "http://mlflow.{namespace}.svc.cluster.local:5000"
 
@@ -784,7 +782,7 @@ class RunConfig(Section):
             raise ValueError("model.quantize_text_encoders: a quantized text encoder stays frozen; "
                              "training.train_text_encoder would train it")
         if self.training.lr_warmup_steps >= self.training.max_steps and self.training.lr_warmup_steps:
-            raise ValueError("training.lr_warmup_steps must be smaller than training.max_steps")
+            raise ValueError("training.lr_warmup_steps: must be smaller than training.max_steps")
         if self.training.method == "reference" and not self.model.reference:
             raise ValueError("training.method: reference draws with model.reference, a reference-image pipeline; set it")
         if self.evaluation.gate.against == "reference" and not self.model.reference:
@@ -877,74 +875,21 @@ class RunConfig(Section):
         return flat
 
 
-def merge_settings(base: dict, overrides: dict) -> dict:
-    """Nested dicts merge key by key; any other value replaces the base's."""
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge_settings(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def setting_problems(error: ValidationError) -> list[str]:
-    """Each validation problem as `section.key: reason`."""
-    problems = []
-    for problem in error.errors():
-        message = problem["msg"].removeprefix("Value error, ")
-        # A whole-config check names its own setting in the message.
-        problems.append(f"{'.'.join(str(part) for part in problem['loc'])}: {message}" if problem["loc"] else message)
-    return problems
-
-
-def _describe(error: ValidationError, source: str) -> str:
-    return f"{source}: {setting_problems(error)[0]}"
-
-
-def resolve_config_path(name_or_path: str) -> Path:
-    """`tiny` -> the shipped dreambooth/configs/tiny.yaml; anything with a slash or suffix is a path."""
-    candidate = Path(name_or_path)
-    if candidate.suffix in {".yaml", ".yml"} or "/" in name_or_path:
-        return candidate
-    return CONFIG_DIR / f"{name_or_path}.yaml"
-
-
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """A config file's settings, on top of the file it `extends` (e.g. a cluster config over sd15)."""
-    from dreambooth.storage import read_text
-
-    if not path.is_file():
-        raise InputError(f"{path}: config file not found")
-    if path.resolve() in seen:
-        raise InputError(f"{path}: `extends` loops back to itself")
-    text = read_text(str(path))
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as error:
-        raise InputError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a mapping of settings at the top level")
-    parent = raw.pop("extends", None)
-    if parent is None:
-        return raw
-    # A name (sd15) is a shipped config; a file name or path is relative to the extending file.
-    named = resolve_config_path(parent)
-    parent_path = named if named.parent == CONFIG_DIR else path.parent / parent
-    base = _read_yaml(parent_path, seen + (path.resolve(),))
-    base.pop("name", None)
-    return merge_settings(base, raw)
+    """Each validation problem as `section.key: reason` (settings given without a file: overrides, run parameters)."""
+    return [f"{'.'.join(str(part) for part in setting)}: {reason}" if setting else reason
+            for setting, reason in problem_lines(error, RunConfig)]
 
 
 def load_config(name_or_path: str, overrides: Optional[dict] = None) -> RunConfig:
-    """Load a YAML config and apply nested overrides; raise InputError naming the bad setting."""
-    path = resolve_config_path(name_or_path)
-    raw = _read_yaml(path)
-    raw.setdefault("name", path.stem)
+    """Load a YAML config and apply nested overrides; raise InputError naming every bad setting with its file and line."""
+    source = read_config(resolve_config_path(name_or_path))
+    raw = dict(source.settings)
+    raw.setdefault("name", source.path.stem)
     try:
         return RunConfig.model_validate(merge_settings(raw, overrides or {}))
     except ValidationError as error:
-        raise InputError(_describe(error, str(path))) from None
+        raise InputError(describe_problems(error, RunConfig, source)) from None
 
 
 def require_subject(config: RunConfig) -> None:

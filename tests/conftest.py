@@ -187,7 +187,7 @@ def quick_config(folder: Path, experiment="dreambooth", gate=None, superres=True
     takes well under a minute per subject; `select`: evaluation.select."""
     import yaml
 
-    from dreambooth.config import CONFIG_DIR, merge_settings
+    from dreambooth.config_files import CONFIG_DIR, merge_settings
 
     path = folder / f"quick-{experiment}.yaml"
     raw = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from conftest import REPO, dag_tasks
-from dreambooth.config import CONFIG_DIR, load_config
+from dreambooth.config import load_config
+from dreambooth.config_files import CONFIG_DIR
 from dreambooth.errors import InputError
 
 GPU_STAGES = ["class-priors", "fine-tune", "super-resolution", "samples", "evaluate", "evaluate-upscaled"]

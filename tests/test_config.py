@@ -1,6 +1,7 @@
 import pytest
 
-from dreambooth.config import CONFIG_DIR, RunConfig, load_config, require_subject
+from dreambooth.config import RunConfig, load_config, require_subject
+from dreambooth.config_files import CONFIG_DIR
 from dreambooth.errors import InputError
 
 
@@ -20,27 +21,70 @@ def test_stable_diffusion_configs_follow_the_paper_defaults():
     assert config.subject.identifier_token_range == (5000, 10000)
 
 
-def test_a_bad_value_names_the_file_and_the_setting(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("training:\n  learning_rate: -1\n")
-    with pytest.raises(InputError, match=r"bad\.yaml: training\.learning_rate: .*greater than 0"):
-        load_config(str(bad))
-
-
-def test_an_unknown_setting_is_refused(tmp_path):
+def test_every_problem_of_a_file_comes_at_once_with_its_line_and_the_likely_fix(tmp_path):
+    (tmp_path / "team.yaml").write_text("extends: tiny\ntraining:\n  learning_rate: 0.1\n")
     bad = tmp_path / "typo.yaml"
-    bad.write_text("training:\n  max_step: 10\n")
-    with pytest.raises(InputError, match=r"typo\.yaml: training\.max_step: Extra inputs"):
+    bad.write_text("extends: team.yaml\n"
+                   "training:\n"
+                   "  max_stepz: 10\n"
+                   "  learning_rate: -1\n"
+                   "model:\n"
+                   "  max_steps: 3\n"
+                   "evaluation:\n"
+                   "  gate:\n"
+                   "    min_dinoo: 0.2\n")
+    with pytest.raises(InputError) as caught:
         load_config(str(bad))
+    assert str(caught.value).splitlines() == [
+        f"{bad}:3: training.max_stepz: unknown setting; did you mean max_steps?",
+        f"{bad}:4: training.learning_rate: Input should be greater than 0",
+        f"{bad}:6: model.max_steps: unknown setting here; did you mean training.max_steps?",
+        f"{bad}:9: evaluation.gate.min_dinoo: unknown setting; did you mean min_dino?",
+    ]
+    # A bad value set by the file a config extends is named at its own file and line.
+    (tmp_path / "team.yaml").write_text("extends: tiny\ntraining:\n  learning_rate: -2\n")
+    (tmp_path / "leaf.yaml").write_text("extends: team.yaml\n")
+    with pytest.raises(InputError) as caught:
+        load_config(str(tmp_path / "leaf.yaml"))
+    assert str(caught.value) == f"{tmp_path / 'team.yaml'}:3: training.learning_rate: Input should be greater than 0"
+
+
+def test_a_whole_config_check_is_placed_at_the_line_of_the_setting_it_names(tmp_path):
+    bad = tmp_path / "warmup.yaml"
+    bad.write_text("extends: tiny\ntraining:\n  max_steps: 10\n  lr_warmup_steps: 20\n")
+    with pytest.raises(InputError) as caught:
+        load_config(str(bad))
+    assert str(caught.value) == f"{bad}:4: training.lr_warmup_steps: must be smaller than training.max_steps"
+
+
+def test_a_config_name_that_is_not_shipped_lists_the_shipped_ones(tmp_path):
+    with pytest.raises(InputError) as caught:
+        load_config("sd16")
+    assert str(caught.value).startswith("--config sd16: no shipped config of that name; did you mean sd15? shipped: flux-lora, ")
+    assert "tiny, " in str(caught.value) and "\n" not in str(caught.value)
+    child = tmp_path / "team.yaml"
+    child.write_text("# ours\nextends: sd16\n")
+    with pytest.raises(InputError) as caught:
+        load_config(str(child))
+    assert str(caught.value).startswith(f"{child}:2: extends sd16: no shipped config of that name; did you mean sd15?")
+    child.write_text("extends: base/team-base.yaml\n")
+    with pytest.raises(InputError) as caught:
+        load_config(str(child))
+    assert str(caught.value) == f"{child}:1: extends: {tmp_path / 'base' / 'team-base.yaml'}: config file not found"
 
 
 def test_a_missing_file_and_broken_yaml_are_one_line_errors(tmp_path):
     with pytest.raises(InputError, match="config file not found"):
         load_config(str(tmp_path / "absent.yaml"))
     broken = tmp_path / "broken.yaml"
-    broken.write_text("training: [unclosed\n")
-    with pytest.raises(InputError, match="not valid YAML"):
+    broken.write_text("model:\n  base: tiny://sd\ntraining: [unclosed\n")
+    with pytest.raises(InputError) as caught:
         load_config(str(broken))
+    assert str(caught.value) == f"{broken}:4: not valid YAML (expected ',' or ']', but got '<stream end>')"
+    broken.write_text("model:\n  base: tiny://sd\n   resolution: 64\n")
+    with pytest.raises(InputError) as caught:
+        load_config(str(broken))
+    assert str(caught.value).startswith(f"{broken}:3: not valid YAML (mapping values are not allowed here")
 
 
 def test_sample_prompts_must_contain_the_identifier():
@@ -119,5 +163,24 @@ def test_a_binary_config_and_an_empty_identifier_end_in_one_line(tmp_path):
 def test_a_storage_location_under_another_scheme_is_refused(tmp_path, setting, yaml_text):
     bad = tmp_path / "elsewhere.yaml"
     bad.write_text(yaml_text)
-    with pytest.raises(InputError, match=rf"elsewhere\.yaml: {setting}: .*s3:// is not supported; give a local folder or gs://"):
+    with pytest.raises(InputError, match=rf"elsewhere\.yaml:\d: {setting}: .*s3:// is not supported; give a local folder or gs://"):
         load_config(str(bad))
+
+
+def test_configs_lists_each_shipped_config_with_what_it_is(tmp_path):
+    from conftest import cli
+
+    listed = cli("configs", cwd=tmp_path)
+    rows = dict(line.split(None, 1) for line in listed.stdout.split("\n\n")[0].splitlines())
+    assert listed.returncode == 0 and set(rows) == {path.stem for path in CONFIG_DIR.glob("*.yaml")}
+    assert rows["tiny"] == "Offline, CPU-only smoke configuration" and rows["gke-sd15"].startswith("Stable Diffusion 1.5 on a GKE cluster")
+
+
+def test_config_show_prints_the_resolved_config_which_loads_back_the_same(tmp_path):
+    from conftest import cli
+
+    shown = cli("config", "show", "--config", "gke-sd15", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "extends" not in shown.stdout.split("\n", 1)[1]  # resolved: the cluster settings and sd15's below them
+    (tmp_path / "resolved.yaml").write_text(shown.stdout)
+    assert load_config(str(tmp_path / "resolved.yaml")) == load_config("gke-sd15")

@@ -12,7 +12,8 @@ import yaml
 from mlflow.server.security_utils import is_allowed_host_header
 
 from conftest import MANIFESTS, REPO, by_kind, cli, container, expand, kustomize
-from dreambooth.config import CONFIG_DIR, IN_CLUSTER_MLFLOW, load_config
+from dreambooth.config import IN_CLUSTER_MLFLOW, load_config
+from dreambooth.config_files import CONFIG_DIR
 
 KUBERNETES_VERSION = "1.31.0"
 OVERLAYS = sorted(p.parent.name for p in (MANIFESTS / "overlays").glob("*/kustomization.yaml"))

@@ -99,9 +99,9 @@ LAYERS = (
     ("training", ("training",)),
     ("tracking and generation", ("tracking", "generation", "watermark")),
     ("models", ("models",)),
-    ("basics", ("", "config", "stages", "errors", "process", "progress", "images", "storage", "archives")),
+    ("basics", ("", "config", "config_files", "stages", "errors", "process", "progress", "images", "storage", "archives")),
 )
-TOP_LEVEL_MODULES = {"cli", "config", "stages", "errors", "process", "progress", "priors", "fine_tune", "samples", "super_resolution",
+TOP_LEVEL_MODULES = {"cli", "config", "config_files", "stages", "errors", "process", "progress", "priors", "fine_tune", "samples", "super_resolution",
                      "baseline", "generation", "watermark", "images", "storage", "archives"}
 
 

@@ -10,7 +10,8 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict
 
-from dreambooth.config import RunConfig, merge_settings
+from dreambooth.config import RunConfig
+from dreambooth.config_files import merge_settings
 
 ENTRY_FIELDS = ("id", "photos", "class_noun", "identifier", "live", "captions", "consent", "overrides")
 CONSENT_COLUMNS = ("consent_given_by", "consent_given_on", "consent_record")  # a CSV's `consent`, a column per field

@@ -24,7 +24,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from dreambooth.config import RunConfig, merge_settings, setting_problems
+from dreambooth.config import RunConfig, setting_problems
+from dreambooth.config_files import merge_settings
 from dreambooth.errors import InputError
 from dreambooth.evaluation.prompts import is_live_subject
 from dreambooth.catalogue.entries import SAFE_ID, SubjectEntry, override_problems, subject_config

@@ -63,7 +63,7 @@ def test_settings_of_the_whole_batch_or_of_the_entry_cannot_be_overridden(tmp_pa
     assert problems[0].endswith("entry 1 (a): overrides.tracking: a batch-wide setting; set it in the config, not per subject")
     assert problems[1].endswith("entry 2 (b): overrides.superres.enabled: a batch-wide setting; set it in the config, not per subject")
     assert problems[2].endswith("entry 3 (c): overrides.subject.class_noun: set the entry's `class_noun` field instead")
-    assert problems[3].endswith("entry 4 (d): overrides.training.max_stepz: Extra inputs are not permitted")
+    assert problems[3].endswith("entry 4 (d): overrides.training.max_stepz: unknown setting; did you mean max_steps?")
     assert "entry 5 (e): overrides.training.learning_rate: Input should be greater than 0" in problems[4]
 
 

@@ -10,7 +10,8 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, SAMPLE_SUBJECT, cli, dag_tasks, quick_config
-from dreambooth.config import CONFIG_DIR, RunConfig, load_config, merge_settings
+from dreambooth.config import RunConfig, load_config
+from dreambooth.config_files import CONFIG_DIR, merge_settings
 from dreambooth.tracking import STAGE_SUBJECT, TAG_CONSENT, TAG_ERROR, TAG_GATE_REASON, TAG_IDENTIFIER, TAG_STAGE, TAG_SUBJECT, client
 from dreambooth.storage import is_complete, read_text
 from pipeline_checks import report_lines, subject_blocks

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from conftest import SAMPLE_SUBJECT, cli
-from dreambooth.config import CONFIG_DIR
+from dreambooth.config_files import CONFIG_DIR
 from dreambooth.evaluation.safety import check_images
 from dreambooth.images import list_images
 from dreambooth.models.loading import resolve_model_source
