@@ -596,8 +596,9 @@ class StageResources(Section):
     memory: str = "8G"
     # The task is stopped after this long.
     timeout_seconds: int = Field(default=3600, gt=0)
-    # KFP retries of a failed task (a preempted node, a tracking outage).
-    retries: int = Field(default=0, ge=0)
+    # KFP retries of a failed task (an evicted or preempted pod, a tracking outage): every stage of a
+    # cluster config retries, the cheap CPU ones too, since one lost pod otherwise fails the night.
+    retries: int = Field(default=2, ge=0)
     # The first retry's wait, doubled for each later one.
     retry_backoff_seconds: int = Field(default=60, ge=0)
 

@@ -89,6 +89,16 @@ def test_gpu_stages_retry_for_longer_than_they_run(compiled):
     assert window > 3 * 10800  # three attempts of a 3-hour fine-tune fit; KFP's default 3600 s would not
 
 
+def test_every_stage_retries_an_evicted_pod_cpu_stages_too(compiled):
+    """One evicted CPU pod (ingest, prior-groups, the exit handler) must not fail a night that GPU stages survive."""
+    _, pipeline_spec, _ = compiled
+    tasks = {name: task for name, (_, task) in dag_tasks(pipeline_spec).items() if "componentRef" in task and "dag" not in
+             pipeline_spec["components"][task["componentRef"]["name"]]}
+    assert {"ingest", "prior-groups", "assign-priors", "batch-failures", "finish-tracking"} <= set(tasks)
+    without = sorted(name for name, task in tasks.items() if task.get("retryPolicy", {}).get("maxRetryCount", 0) < 1)
+    assert without == []
+
+
 def test_a_local_run_of_a_cluster_config_keeps_its_retries_and_nothing_else_of_the_cluster(tmp_path):
     """kfp.local honours set_retry: a stage that fails on a tracking outage is retried locally as on the cluster."""
     from dreambooth.commands.submit import compile_pipeline
@@ -198,7 +208,7 @@ def test_a_shard_too_large_for_one_argo_workflow_is_refused_before_anything_is_s
 
     with pytest.raises(InputError) as refused:
         check_submission(load_config("gke-sd15", {"batch": {"max_subjects_per_run": 100}}))
-    # gke-sd15: 41 nodes without a subject and 39 a subject (its stages, conditions, retries and class priors)
-    assert str(refused.value) == ("batch.max_subjects_per_run: a shard of 100 subjects is a workflow of up to 3,941 Argo nodes, "
-                                  "over the 1,000 one run can hold; use at most 24")
-    check_submission(load_config("gke-sd15", {"batch": {"max_subjects_per_run": 24}}))
+    # gke-sd15: 45 nodes without a subject and 40 a subject (its stages, conditions, retries and class priors)
+    assert str(refused.value) == ("batch.max_subjects_per_run: a shard of 100 subjects is a workflow of up to 4,045 Argo nodes, "
+                                  "over the 1,000 one run can hold; use at most 23")
+    check_submission(load_config("gke-sd15", {"batch": {"max_subjects_per_run": 23}}))
