@@ -39,6 +39,7 @@ from dreambooth.process import configure_process, unwinding
 from dreambooth.catalogue.subjects import SubjectEntry, entries_to_json, subject_config, validate_entries
 
 DEFAULT_CONFIG = "sd15"
+DEBUG_ENV = "DREAMBOOTH_DEBUG"  # set: an unexpected failure shows its traceback instead of one line
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -95,6 +96,20 @@ def _local_photos(path: str) -> str:
     return path if is_gcs(path) else str(Path(path).resolve())
 
 
+def _local_preflight(args: argparse.Namespace, config: RunConfig, subjects_uri: Optional[str] = None,
+                     subject_uri: Optional[str] = None) -> None:
+    """A local run's cheap checks before anything costly starts: the models, the tracking store, the
+    subjects' photos and whether this machine can train the model; each failure is a line of its own."""
+    from dreambooth.commands.preflight import run_preflight
+
+    if args.skip_preflight:
+        return
+    failed = [check for check in run_preflight(config, subjects_uri=subjects_uri, subject_uri=subject_uri, local=True,
+                                               allow_cpu=args.allow_cpu) if not check.ok]
+    if failed:
+        raise InputError("\n".join(f"{check.name}: {check.detail}" for check in failed))
+
+
 def _run(args: argparse.Namespace, config: RunConfig) -> int:
     from dreambooth.commands.local_run import run_locally
     from dreambooth.catalogue.subjects import read_subjects
@@ -102,12 +117,14 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
     if args.subjects:
         uri = _local_photos(args.subjects)
         entries = read_subjects(uri, config)  # every problem of the file, before any task starts
+        _local_preflight(args, config, subjects_uri=uri)
         forgotten = _forgotten(config, entries)
         return run_locally(config, args.output_dir, [entry for entry in entries if entry.id not in forgotten], subjects_uri=uri,
                            force=args.force, verbose=args.verbose)
     if not (args.subject_dir and args.class_noun):
         raise InputError("run: give --subjects FILE, or --subject-dir DIR with --class-noun NOUN")
     entry = _one_subject(args, _local_photos(args.subject_dir), config)
+    _local_preflight(args, config)
     _ingest(subject_config(config, entry), entry.photos, None)  # a bad upload fails here, in one line, before any store opens
     if _forgotten(config, [entry]):
         raise InputError(f"--subject-name: {entry.id!r} was forgotten (dreambooth forget) and is not trained again")
@@ -123,10 +140,13 @@ def _forgotten(config: RunConfig, entries: list[SubjectEntry]) -> set[str]:
 
 
 def _ingest(config: RunConfig, photos: str, output_dir: Optional[Path]):
-    from dreambooth.ingest.photos import ingest_subject
     from dreambooth.storage import local_folder
 
     with tempfile.TemporaryDirectory() as scratch, local_folder(photos) as folder:
+        if not folder.is_dir():  # said before ingest's imports (tokenizers, torch: seconds) load
+            raise InputError(f"{photos}: subject folder not found")
+        from dreambooth.ingest.photos import ingest_subject
+
         return ingest_subject(folder, output_dir or Path(scratch), config)
 
 
@@ -142,10 +162,13 @@ def _evaluate_only(args: argparse.Namespace, shared: RunConfig) -> int:
     """Score a model trained anywhere (diffusers folder or hub id), tracked as a batch of one."""
     from dreambooth.reports.summary import subject_row
     from dreambooth.tasks.subject import evaluate_task
-    from dreambooth.tracking import TAG_MODEL_LOCATION, client, close_batch_run_of_job, open_batch_run, open_subject_run, resolve_tracking_uri
+    from dreambooth.tracking import TAG_MODEL_LOCATION, client, close_batch_run_of_job, open_batch_run, open_subject_run
 
-    tracking_uri = resolve_tracking_uri(shared.tracking.uri)
+    from dreambooth.models.loading import describe_model_source
+
     entry = _one_subject(args, args.subject_dir, shared)
+    describe_model_source(args.model, None, "--model")  # a folder that is not here, an unknown hub id: before any run opens
+    tracking_uri = _tracking_store(shared, create=True)
     config = subject_config(shared, entry)
     job_id = f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}"
     batch_run_id = open_batch_run(tracking_uri, shared, job_id, job_id)
@@ -225,6 +248,7 @@ def _experiment(args: argparse.Namespace, config: RunConfig) -> int:
     if args.host:
         args.subjects_uri, args.subject_uri = source, None
         return _submit(args, config)
+    _local_preflight(args, config, subjects_uri=source)
     from dreambooth.commands.local_run import run_locally
 
     return run_locally(config, args.output_dir, entries, subjects_uri=source, force=args.force, verbose=args.verbose)
@@ -257,12 +281,19 @@ def _sync_tracking(args: argparse.Namespace, config: RunConfig) -> int:
     return 1 if any(outcome.error for outcome in outcomes) else 0
 
 
+def _tracking_store(config: RunConfig, create: bool = False) -> str:
+    """The tracking URI, checked before any MLflow call: a server that does not answer is one line naming it
+    (not minutes of retries); a command that only reads (create=False) never makes a store where none is."""
+    from dreambooth.tracking.store import check_store
+
+    return check_store(config.tracking.uri, create)
+
+
 def _forget(args: argparse.Namespace, config: RunConfig) -> int:
     """Say what of the subject would go; with --yes (or a yes at the prompt), remove it."""
     from dreambooth.commands.forget import forget_subject
-    from dreambooth.tracking import resolve_tracking_uri
 
-    tracking_uri = resolve_tracking_uri(config.tracking.uri)
+    tracking_uri = _tracking_store(config)
     found = forget_subject(args.subject, config, args.output_dir, tracking_uri, erase=False)
     print(f"{args.subject}: " + "; ".join(found.removed) + " to remove")
     for line in found.redacted:
@@ -286,14 +317,13 @@ def _forget(args: argparse.Namespace, config: RunConfig) -> int:
 
 def _compare(args: argparse.Namespace, config: RunConfig) -> int:
     from dreambooth.reports.compare import compare_runs
-    from dreambooth.tracking import resolve_tracking_uri
 
     selections = [bool(args.batch_run), bool(args.experiment), bool(args.runs)]
     if sum(selections) != 1:
         raise InputError("compare: give exactly one of --batch-run ID, --experiment NAME, --runs ID,ID,...")
     runs = [run.strip() for run in args.runs.split(",") if run.strip()] if args.runs else None
     return compare_runs(
-        resolve_tracking_uri(config.tracking.uri), Path(args.output_dir),
+        _tracking_store(config), Path(args.output_dir),
         batch_run=args.batch_run, experiment=args.experiment, run_ids=runs, force=args.force,
     )
 
@@ -302,9 +332,8 @@ def _promote(args: argparse.Namespace, config: RunConfig) -> int:
     import getpass
 
     from dreambooth.tracking.registry import promote
-    from dreambooth.tracking import resolve_tracking_uri
 
-    version, before = promote(resolve_tracking_uri(config.tracking.uri), args.model, args.to, args.version, args.alias,
+    version, before = promote(_tracking_store(config), args.model, args.to, args.version, args.alias,
                               args.note, os.environ.get("USER") or getpass.getuser())
     was = f" (was version {before})" if before and before != version else ""
     print(f"{args.model}@{args.to}: version {version}{was}" + (f"; note kept on version {version}" if args.note else ""))
@@ -313,9 +342,8 @@ def _promote(args: argparse.Namespace, config: RunConfig) -> int:
 
 def _models(args: argparse.Namespace, config: RunConfig) -> int:
     from dreambooth.tracking.registry import registered_versions
-    from dreambooth.tracking import resolve_tracking_uri
 
-    versions = registered_versions(resolve_tracking_uri(config.tracking.uri), args.name)
+    versions = registered_versions(_tracking_store(config), args.name)
     if not versions:
         print("no registered models yet: a subject that passes the quality gate is registered as <name>@candidate")
     shown = None
@@ -332,6 +360,9 @@ def _models(args: argparse.Namespace, config: RunConfig) -> int:
 def _compile(args: argparse.Namespace, config: RunConfig) -> int:
     from dreambooth.commands.submit import compile_pipeline
 
+    if not args.output.parent.is_dir():
+        raise InputError(f"--output: {args.output.parent} is not a folder here; create it, or write elsewhere")
+
     path = compile_pipeline(config, args.output, on_cluster=config.cluster is not None)
     print(f"wrote {path} (config {config.name!r})")
     return 0
@@ -344,13 +375,16 @@ def _preflight_command(args: argparse.Namespace, config: RunConfig) -> int:
 def _components(args: argparse.Namespace, config: None) -> int:
     from dreambooth.dag.specs import write_component_specs
 
+    if args.output.exists() and not args.output.is_dir():
+        raise InputError(f"--output: {args.output} is a file; give a folder (one sub-folder per stage is written in it)")
     written = write_component_specs(args.output)
     print(f"wrote {len(written)} component specs under {args.output}/ (one folder per stage: component.yaml, README.md)")
     return 0
 
 
 def _with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    sub.add_argument("--config", default=DEFAULT_CONFIG, help="a shipped config's name (sd15, tiny, gke-sd15...) or a YAML path")
+    sub.add_argument("--config", help=f"a shipped config's name (tiny, sd15, gke-sd15...: `dreambooth configs`) or a YAML path "
+                                      f"(default: {DEFAULT_CONFIG}; run and experiment: only on a machine with CUDA)")
     sub.add_argument("--base-model", help="hub id, local diffusers folder or tiny://sd (overrides model.base)")
     return sub
 
@@ -363,13 +397,19 @@ def _with_subject(sub: argparse.ArgumentParser, required: bool = True) -> argpar
     return sub
 
 
+def _with_local_checks(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    sub.add_argument("--skip-preflight", action="store_true", help="start without checking models, MLflow and photos first")
+    sub.add_argument("--allow-cpu", action="store_true", help="train a real model on a machine without CUDA (hours to days)")
+    return sub
+
+
 def _with_tracking(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    sub.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    sub.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else mlflow.db in the folder you run from)")
     return sub
 
 
 def _with_tracking_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    sub.add_argument("--config", default=DEFAULT_CONFIG, help="only for tracking settings")
+    sub.add_argument("--config", help="only for tracking settings")
     return _with_tracking(sub)
 
 
@@ -394,10 +434,11 @@ def _add_local_commands(commands) -> None:
 
     run_cmd = _with_tracking(_with_subject(_with_config(commands.add_parser("run", help="run the pipeline locally (kfp.local)")), required=False))
     run_cmd.add_argument("--subjects", help="a subjects file (YAML or CSV, local or gs://): many subjects in one batch")
-    run_cmd.add_argument("--output-dir", default="outputs", help="where results go: a folder, or gs://bucket/prefix")
+    run_cmd.add_argument("--output-dir", default="outputs", help="where results go: a folder, or gs://bucket/prefix (default: ./outputs)")
     run_cmd.add_argument("--class-images", type=Path, help="your own class images for prior preservation (skips generating them)")
     run_cmd.add_argument("--force", action="store_true", help="train every subject, even those already up to date")
     run_cmd.add_argument("--verbose", action="store_true", help="stream every task's whole output (kfp.local's), not one line per stage")
+    _with_local_checks(run_cmd)
     run_cmd.set_defaults(handler=_run)
 
     ingest_cmd = _with_subject(_with_config(commands.add_parser("ingest", help="validate and normalise one upload only")))
@@ -406,13 +447,13 @@ def _add_local_commands(commands) -> None:
 
     evaluate_cmd = _with_tracking(_with_subject(_with_config(commands.add_parser("evaluate", help="score a trained model by the DreamBench protocol"))))
     evaluate_cmd.add_argument("--model", required=True, help="the personalised model: a diffusers folder or hub id")
-    evaluate_cmd.add_argument("--output-dir", default="outputs")
+    evaluate_cmd.add_argument("--output-dir", default="outputs", help="where the report and images go (default: ./outputs)")
     evaluate_cmd.set_defaults(handler=_evaluate_only)
 
     experiment_cmd = _with_tracking(_with_config(commands.add_parser(
         "experiment", help="subjects x variants as one batch (locally, or on a cluster with --host), and the paper's tables")))
     experiment_cmd.add_argument("file", help="an experiment file: `subjects:` as a subjects file, and `variants:` (local or gs://)")
-    experiment_cmd.add_argument("--output-dir", default="outputs", help="where results go (local runs): a folder, or gs://bucket/prefix")
+    experiment_cmd.add_argument("--output-dir", default="outputs", help="where results go (local runs): a folder, or gs://bucket/prefix (default: ./outputs)")
     experiment_cmd.add_argument("--force", action="store_true", help="train every variant, even those already up to date")
     experiment_cmd.add_argument("--verbose", action="store_true", help="stream every task's whole output (local runs)")
     experiment_cmd.add_argument("--host", help="submit to this KFP endpoint instead of running locally (FILE as the cluster sees it)")
@@ -421,7 +462,8 @@ def _add_local_commands(commands) -> None:
     experiment_cmd.add_argument("--mlflow-via", help="reach MLflow here while sending the configured host name (preflight)")
     experiment_cmd.add_argument("--experiment", default="dreambooth", help="the KFP experiment (with --host)")
     experiment_cmd.add_argument("--run-name")
-    experiment_cmd.add_argument("--skip-preflight", action="store_true", help="submit without checking first")
+    experiment_cmd.add_argument("--skip-preflight", action="store_true", help="start without checking models, MLflow and photos first")
+    experiment_cmd.add_argument("--allow-cpu", action="store_true", help="train a real model on a machine without CUDA (local runs)")
     experiment_cmd.add_argument("--wait", type=int, nargs="?", const=24 * 3600, metavar="SECONDS", help="follow the submitted run to its end")
     experiment_cmd.set_defaults(handler=_experiment)
 
@@ -470,7 +512,7 @@ def _add_tracking_commands(commands) -> None:
     compare_cmd.add_argument("--batch-run", help="the subjects of one batch run")
     compare_cmd.add_argument("--experiment", help="every evaluated subject run of an MLflow experiment")
     compare_cmd.add_argument("--runs", help="subject run ids, comma separated")
-    compare_cmd.add_argument("--output-dir", default="outputs/compare")
+    compare_cmd.add_argument("--output-dir", default="outputs/compare", help="where the table, plots and sheet go (default: ./outputs/compare)")
     compare_cmd.add_argument("--force", action="store_true", help="compare runs whose evaluation protocols differ, marked")
     compare_cmd.set_defaults(handler=_compare)
 
@@ -496,7 +538,7 @@ def _configs(args: argparse.Namespace, config: None) -> int:
 def _config_show(args: argparse.Namespace, config: RunConfig) -> int:
     import yaml
 
-    print(f"# {args.config}: every setting after `extends:` and the defaults")
+    print(f"# {config.name}: every setting after `extends:` and the defaults")
     print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, width=120), end="")
     return 0
 
@@ -518,9 +560,16 @@ def _add_tool_commands(commands) -> None:
     components_cmd.set_defaults(handler=_components, needs_config=False)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, its usage errors in one line (`error: dreambooth run: ...; see dreambooth run --help`), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}; see {self.prog} --help\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dreambooth", description="DreamBooth personalisation as a Kubeflow pipeline")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="dreambooth", description="DreamBooth personalisation as a Kubeflow pipeline")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     parser.set_defaults(needs_config=True)
     _add_local_commands(commands)
     _add_cluster_commands(commands)
@@ -558,6 +607,20 @@ def _check_locations(args: argparse.Namespace) -> None:
             check_location(str(getattr(args, option)), f"--{option.replace('_', '-')}")
 
 
+def _config_name(args: argparse.Namespace) -> str:
+    """--config, or sd15 by default; a run on this machine never falls back to a real model without CUDA."""
+    if args.config:
+        return args.config
+    if args.command in ("run", "experiment") and not getattr(args, "host", None):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError(f"--config: not given, and this machine has no CUDA GPU for the default ({DEFAULT_CONFIG}); "
+                             "give --config tiny for a demo on this CPU, or a GPU config for real work on a GPU machine "
+                             "(sd15, sdxl-lora, flux-lora ...: `dreambooth configs`)")
+    return DEFAULT_CONFIG
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     configure_process(logging.WARNING, stop_on_sigterm=True)
@@ -565,7 +628,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         _check_locations(args)
         if not args.needs_config:
             return args.handler(args, None)
-        config = _without_credentials(load_config(args.config, _overrides(args)))
+        config = _without_credentials(load_config(_config_name(args), _overrides(args)))
         from dreambooth.models.loading import allow_pickle_weights
 
         allow_pickle_weights(config.model.allow_pickle)
@@ -578,3 +641,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         unwinding()
         print(f"error: {args.command}: {str(stop) or 'interrupted'}", file=sys.stderr)
         return 130
+    except Exception as error:  # a failure no check foresaw: still one line, the traceback on request
+        if os.environ.get(DEBUG_ENV):
+            raise
+        first = (str(error).strip().splitlines() or [""])[0]
+        print(f"error: {args.command}: {type(error).__name__}: {first} (unexpected; {DEBUG_ENV}=1 shows the traceback)", file=sys.stderr)
+        return 1

@@ -118,7 +118,8 @@ def plan_batch(
     before_opening: Optional[Callable[[int], None]] = None,
 ) -> list[PlannedSubject]:
     """Fingerprint every subject; those a finished run trained already are up to date unless `force`;
-    those whose consent is required and absent are refused (they get a run, to record why).
+    those whose consent is required and absent, or whose photos are not there, are refused (they get a
+    run, to record why, and no class image is drawn for them).
 
     photo_digests(photos uris) -> [{name: digest}] in their order (storage.content_digests_of); trained_run(fingerprint) -> run id or None;
     open_subject_run(config, fingerprint) -> the run id a subject to train logs under;
@@ -129,7 +130,8 @@ def plan_batch(
     for entry, photos in zip(entries, digests):
         config = subject_config(shared, entry)
         fingerprint = subject_fingerprint(config, photos)
-        refused = config.consent_refusal()
+        # The listing that fingerprints the photos also finds a missing or empty folder, before any prior is drawn.
+        refused = config.consent_refusal() or ("" if photos else f"photos: nothing at {entry.photos} (a missing or empty folder)")
         existing = None if force or refused else trained_run(fingerprint)
         planned.append(PlannedSubject(
             subject_id=entry.id,

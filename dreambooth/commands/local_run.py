@@ -82,6 +82,9 @@ def _run(
               else f"tracking: could not yet send step metrics of run {outcome.run_id}: {outcome.error}")
     pipeline_root = output_dir.resolve() / "kfp"
     pipeline_root.mkdir(parents=True, exist_ok=True)
+    # Where this run's state goes, first: a run started from another folder has another default store.
+    print(f"outputs:      {publish_to or output_dir.resolve()}")
+    print(f"tracking:     {tracking_uri} (experiment {config.tracking.experiment!r})", flush=True)
     with local_pipelines(pipeline_root, PIPELINE_NAME) as runs, RunConsole(runs.job_folder, rows, verbose) as console:
         # Locally, no cluster settings: kfp.local ignores them.
         try:

@@ -24,6 +24,12 @@ from dreambooth.errors import InputError
 
 PLACEHOLDER_DIGEST = re.compile(r"@sha256:0{64}$")
 
+# bench/cpu_step_bench.py on 2 CPU cores (torch 2.13 CPU build, 2 threads): one sd15 DreamBooth step, the
+# UNet's forward, backward and AdamW on a subject and a class latent at 512 px, took 44.6 s.
+CPU_SECONDS_PER_STEP, CPU_REFERENCE_PARAMETERS, CPU_REFERENCE_CORES = 44.6, 859.5e6, 2
+# A local fine-tune estimated longer than this on a CPU is refused (--allow-cpu runs it anyway).
+CPU_LIMIT_SECONDS = 3600
+
 
 @dataclass(frozen=True)
 class Check:
@@ -92,6 +98,33 @@ def check_image(image: str) -> str:
     return image.rsplit("@", 1)[1][:19] + "..."
 
 
+def check_compute(config: RunConfig, allow_cpu: bool) -> str:
+    """A local run's fine-tune fits this machine: a real model on a machine without CUDA is refused
+    with the time it would take (scaled from the measured sd15 step by the denoiser's size, the
+    resolution and the cores), unless allow_cpu; the tiny models are made for CPUs."""
+    from dreambooth.models.loading import denoiser_parameters
+    from dreambooth.models.tiny import TINY_SCHEME
+
+    if config.model.base.startswith(TINY_SCHEME):
+        return "tiny model: made for a CPU"
+    parameters = denoiser_parameters(config.model.base, config.model.revision)
+    resolution = config.model.resolution or 512
+    scale = ((parameters or CPU_REFERENCE_PARAMETERS) / CPU_REFERENCE_PARAMETERS) * (resolution / 512) ** 2
+    seconds = config.training.max_steps * CPU_SECONDS_PER_STEP * scale * CPU_REFERENCE_CORES / (os.cpu_count() or 1)
+    size = f"a {parameters / 1e6:,.0f}M-parameter denoiser" if parameters else "a full-size denoiser (its size unknown here: at least sd15's)"
+    if seconds <= CPU_LIMIT_SECONDS:
+        return f"{size}: about {seconds / 60:.0f} min of fine-tune on this CPU"
+    import torch
+
+    if torch.cuda.is_available():
+        return f"CUDA: {torch.cuda.get_device_name(0)}"
+    estimate = f"{config.training.max_steps:,} steps of {size} at {resolution} px take about {seconds / 3600:,.0f} h on this CPU"
+    if allow_cpu:
+        return f"no CUDA GPU: {estimate} (--allow-cpu)"
+    raise InputError(f"no CUDA GPU here, and {estimate} (model.base); run it on a GPU machine or a cluster (dreambooth submit), "
+                     "use --config tiny for a demo, or pass --allow-cpu")
+
+
 def check_subjects(config: RunConfig, subjects_uri: Optional[str], subject_uri: Optional[str]) -> str:
     """The subjects file parses and validates; every photos location holds files (listed, not downloaded)."""
     from dreambooth.storage import content_digests
@@ -110,8 +143,10 @@ def run_preflight(
     mlflow_via: Optional[str] = None,
     subjects_uri: Optional[str] = None,
     subject_uri: Optional[str] = None,
+    local: bool = False,
+    allow_cpu: bool = False,
 ) -> list[Check]:
-    """Every check, each reported whatever the others found."""
+    """Every check, each reported whatever the others found; `local`: for a run on this machine (its compute too)."""
     from dreambooth.models.loading import describe_model_source, models_in_use
     from dreambooth.storage import check_writable, is_gcs
 
@@ -123,7 +158,9 @@ def run_preflight(
         config.tracking.uri, config.tracking.experiment, mlflow_via, config.cluster.namespace if config.cluster else None)))
     if subjects_uri or subject_uri:
         checks.append(_run("subjects", lambda: check_subjects(config, subjects_uri, subject_uri)))
-    if config.cluster is not None:
+    if local:
+        checks.append(_run("compute", lambda: check_compute(config, allow_cpu)))
+    elif config.cluster is not None:
         checks.append(_run("cluster.image", lambda: check_image(config.cluster.image)))
         root = config.cluster.pipeline_root
         if root:

@@ -119,7 +119,7 @@ def _hub_source(repo_id: str, revision: Optional[str], setting: str) -> str:
 
 def resolve_model_source(reference: str, revision: Optional[str] = None, setting: str = "model.base") -> str:
     """What `from_pretrained` should read: a folder (tiny models built, LPIPS weights fetched) or a reachable hub id."""
-    from dreambooth.models.lpips import LPIPS_SCHEME, fetch_lpips
+    from dreambooth.models.lpips_weights import LPIPS_SCHEME, fetch_lpips
 
     if reference.startswith(TINY_SCHEME):
         return str(resolve_tiny_model(reference))
@@ -138,7 +138,7 @@ def resolve_model_source(reference: str, revision: Optional[str] = None, setting
 
 def describe_model_source(reference: str, revision: Optional[str] = None, setting: str = "model.base") -> str:
     """Where a model would load from, without building or downloading it (preflight); InputError if nowhere."""
-    from dreambooth.models.lpips import LPIPS_SCHEME, describe_lpips
+    from dreambooth.models.lpips_weights import LPIPS_SCHEME, describe_lpips
 
     if reference.startswith(TINY_SCHEME):
         return "tiny random model, built offline"
@@ -148,6 +148,27 @@ def describe_model_source(reference: str, revision: Optional[str] = None, settin
     if _is_path(reference):
         return f"local folder {source}"
     return "on the hub" if source == reference else f"cached copy {source}"
+
+
+def denoiser_parameters(reference: str, revision: Optional[str] = None) -> Optional[int]:
+    """The denoiser's parameter count, read from its safetensors headers where a copy is here (a folder,
+    a cached hub snapshot); None where no copy is here (nothing is downloaded or built)."""
+    import math
+
+    if reference.startswith(TINY_SCHEME) or is_gcs(reference):
+        return None
+    folder = Path(reference).expanduser() if _is_path(reference) else _cached_snapshot(reference, revision)
+    if folder is None:
+        return None
+    files = [path for sub in ("unet", "transformer") for path in sorted(Path(folder, sub).glob("*.safetensors"))]
+    if not files:
+        return None
+    count = 0
+    for path in files:
+        with path.open("rb") as weights:  # 8 bytes: the header's length, then the JSON header naming every tensor's shape
+            header = json.loads(weights.read(int.from_bytes(weights.read(8), "little")))
+        count += sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
+    return count
 
 
 def best_device() -> torch.device:

@@ -21,6 +21,7 @@ from dreambooth.errors import InputError
 from dreambooth.reports.summary import steps_cell
 from dreambooth.tracking.cost import ACCELERATOR_SECONDS, ESTIMATED
 from dreambooth.tracking import (
+    STAGE_BATCH,
     STAGE_COMPARE,
     STAGE_SUBJECT,
     TAG_CLASS_NOUN,
@@ -106,6 +107,13 @@ def select_runs(tracking_uri: str, batch_run: Optional[str] = None, experiment: 
     if batch_run:
         from dreambooth.catalogue.planning import read_plan
 
+        try:
+            batch = mlflow.get_run(batch_run)
+        except Exception:
+            raise InputError(f"--batch-run: {batch_run}: no such MLflow run in {tracking_uri}") from None
+        if batch.data.tags.get(TAG_STAGE) != STAGE_BATCH:
+            raise InputError(f"--batch-run: {batch_run} is a {batch.data.tags.get(TAG_STAGE, 'non-pipeline')} run; "
+                             "name a batch run (the one a `run` or `submit` printed)")
         plan = read_plan(tracking_uri, batch_run)  # a sharded batch's: every shard's subjects
         run_ids = [subject.up_to_date_run_id or subject.subject_run_id for subject in plan.subjects]
         runs = [mlflow.get_run(run_id) for run_id in run_ids if run_id]

@@ -11,6 +11,9 @@ from dreambooth.catalogue.subjects import SubjectEntry, subject_config
 from dreambooth.tasks.batch import prior_groups_task
 
 
+PHOTOS = str(SAMPLE_SUBJECT)  # planning lists the photos (not read further): any real folder of them
+
+
 @pytest.fixture
 def shared(make_config):
     return make_config()
@@ -54,11 +57,11 @@ def test_subjects_a_finished_run_trained_are_up_to_date_unless_forced(tmp_path, 
 
 def test_subjects_share_class_priors_when_their_images_would_be_drawn_alike(shared):
     entries = [
-        SubjectEntry(id="dog-a", photos="/none", class_noun="dog"),
-        SubjectEntry(id="dog-b", photos="/none", class_noun="dog", overrides={"priors": {"num_class_images": 12}}),
-        SubjectEntry(id="dog-c", photos="/none", class_noun="dog", overrides={"priors": {"sampler": {"num_inference_steps": 3}}}),
-        SubjectEntry(id="mug", photos="/none", class_noun="mug"),
-        SubjectEntry(id="plain", photos="/none", class_noun="dog", overrides={"priors": {"enabled": False}}),
+        SubjectEntry(id="dog-a", photos=PHOTOS, class_noun="dog"),
+        SubjectEntry(id="dog-b", photos=PHOTOS, class_noun="dog", overrides={"priors": {"num_class_images": 12}}),
+        SubjectEntry(id="dog-c", photos=PHOTOS, class_noun="dog", overrides={"priors": {"sampler": {"num_inference_steps": 3}}}),
+        SubjectEntry(id="mug", photos=PHOTOS, class_noun="mug"),
+        SubjectEntry(id="plain", photos=PHOTOS, class_noun="dog", overrides={"priors": {"enabled": False}}),
     ]
     planned, _ = _plan(entries, shared)
     groups = group_priors(planned)
@@ -71,7 +74,7 @@ def test_subjects_share_class_priors_when_their_images_would_be_drawn_alike(shar
 
 
 def test_a_failed_prior_group_fails_its_subjects_but_keeps_them_in_the_fan_out(shared):
-    entries = [SubjectEntry(id="dog", photos="/none", class_noun="dog"), SubjectEntry(id="mug", photos="/none", class_noun="mug")]
+    entries = [SubjectEntry(id="dog", photos=PHOTOS, class_noun="dog"), SubjectEntry(id="mug", photos=PHOTOS, class_noun="mug")]
     planned, _ = _plan(entries, shared)
     plan = BatchPlan("batch-1", planned, group_priors(planned))
     dog, mug = (group.prior_key for group in plan.prior_groups)
@@ -82,7 +85,7 @@ def test_a_failed_prior_group_fails_its_subjects_but_keeps_them_in_the_fan_out(s
 
 
 def test_without_any_prior_group_one_empty_group_keeps_the_loop_collectable(tmp_path, shared):
-    planned, _ = _plan([SubjectEntry(id="plain", photos="/none", class_noun="dog", overrides={"priors": {"enabled": False}})], shared)
+    planned, _ = _plan([SubjectEntry(id="plain", photos=PHOTOS, class_noun="dog", overrides={"priors": {"enabled": False}})], shared)
     path = tmp_path / "plan.json"
     path.write_text(BatchPlan("batch-1", planned, group_priors(planned)).to_json())
     assert [group["prior_key"] for group in prior_groups_task(str(path))] == [""]
@@ -151,10 +154,22 @@ def test_a_person_without_consent_is_refused_on_its_run_and_the_others_train(tmp
     assert subject_fingerprint(RunConfig.model_validate(without), content_digests(str(SAMPLE_SUBJECT))) == ana.fingerprint
 
 
+def test_a_subject_whose_photos_are_not_there_is_refused_at_the_plan_and_no_class_image_is_drawn_for_it(tmp_path, shared):
+    (tmp_path / "empty").mkdir()
+    entries = [SubjectEntry(id="rex", photos=str(tmp_path / "rex"), class_noun="dog"),
+               SubjectEntry(id="dog", photos=PHOTOS, class_noun="dog"),
+               SubjectEntry(id="mug", photos=str(tmp_path / "empty"), class_noun="mug")]
+    planned, opened = _plan(entries, shared)
+    assert [s.refused for s in planned] == [f"photos: nothing at {tmp_path / 'rex'} (a missing or empty folder)", "",
+                                            f"photos: nothing at {tmp_path / 'empty'} (a missing or empty folder)"]
+    assert opened == ["rex", "dog", "mug"]  # each gets a run, to record why
+    assert [(group.class_noun, group.subjects) for group in group_priors(planned)] == [("dog", ["dog"])]  # no mug priors
+
+
 def test_batch_require_consent_refuses_every_subject_without_it(shared):
     strict = shared.model_copy(update={"batch": shared.batch.model_copy(update={"require_consent": True})})
-    entries = [SubjectEntry(id="dog", photos="/none", class_noun="dog"),
-               SubjectEntry(id="rex", photos="/none", class_noun="dog", consent={"given_by": "Rex's owner", "given_on": "2026-10-01"})]
+    entries = [SubjectEntry(id="dog", photos=PHOTOS, class_noun="dog"),
+               SubjectEntry(id="rex", photos=PHOTOS, class_noun="dog", consent={"given_by": "Rex's owner", "given_on": "2026-10-01"})]
     planned, _ = _plan(entries, strict)
     assert [s.refused for s in planned] == ["consent: missing (batch.require_consent is set): give the subject `consent: "
                                             "{given_by: ..., given_on: YYYY-MM-DD}`, who agreed to their photos being trained on and when", ""]

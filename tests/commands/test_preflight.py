@@ -136,3 +136,33 @@ def test_submit_checks_first_then_creates_the_run_in_the_namespace(ready, tmp_pa
     assert "preflight: 10/10 passed" in result.stdout and "run:          run-42" in result.stdout
     created = [body for method, path, body, _ in requests if method == "POST" and path.startswith("/apis/v2beta1/experiments")]
     assert created and created[0]["namespace"] == "dreambooth-dev"
+
+
+def _compute(config, allow_cpu=False) -> str:
+    from dreambooth.commands.preflight import check_compute
+
+    return check_compute(config, allow_cpu)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_a_fine_tune_too_long_for_this_cpu_is_refused_with_its_estimate_unless_allowed():
+    from dreambooth.config import load_config
+    from dreambooth.errors import InputError
+    from dreambooth.models.loading import denoiser_parameters
+    from dreambooth.models.tiny import resolve_tiny_model
+
+    folder = str(resolve_tiny_model("tiny://sd"))  # a real diffusers folder: its UNet's size is read from the file headers
+    parameters = denoiser_parameters(folder)
+    unet = __import__("diffusers").UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    assert parameters == sum(parameter.numel() for parameter in unet.parameters())
+    assert _compute(load_config("tiny")) == "tiny model: made for a CPU"
+    quick = load_config("tiny", {"model": {"base": folder}, "training": {"max_steps": 100}})
+    assert "of fine-tune on this CPU" in _compute(quick)
+    # As many steps of this small UNet as a full-size model's thousand: hours, refused with the figure.
+    steps = int(1000 * 859.5e6 / parameters)
+    long = load_config("tiny", {"model": {"base": folder, "resolution": 512}, "training": {"max_steps": steps}})
+    with pytest.raises(InputError) as refused:
+        _compute(long)
+    hours = 1000 * 44.6 * 2 / (os.cpu_count() or 1) / 3600
+    assert f"take about {hours:,.0f} h on this CPU" in str(refused.value) and "--allow-cpu" in str(refused.value)
+    assert _compute(long, allow_cpu=True).startswith("no CUDA GPU: ")

@@ -123,7 +123,8 @@ def test_a_missing_local_folder_is_named(tmp_path):
 
 def test_lpips_weights_come_from_the_model_cache_and_offline_says_where_they_belong(tmp_path, monkeypatch):
     from dreambooth.errors import InputError
-    from dreambooth.models.lpips import LpipsAlexNet, lpips_cache_folder, save_lpips
+    from dreambooth.models.lpips import LpipsAlexNet, save_lpips
+    from dreambooth.models.lpips_weights import lpips_cache_folder
     from dreambooth.models.loading import describe_model_source, resolve_model_source
 
     monkeypatch.setenv("DREAMBOOTH_CACHE", str(tmp_path / "cache"))
