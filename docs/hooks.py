@@ -1,5 +1,6 @@
-"""mkdocs hook: the configuration reference, generated from the typed settings (dreambooth.config)
-every time the site is built, so it cannot drift from the code.
+"""mkdocs hook: the configuration reference, generated from the typed settings (dreambooth.config),
+and the command reference, generated from the command line's parser (dreambooth.cli), every time the
+site is built, so neither can drift from the code.
 
 Each setting's comment is the one written beside it in config.py (the lines just above it and the
 end of its own line); its type is its annotation as written, its default the model's.
@@ -18,6 +19,7 @@ from pydantic import BaseModel
 
 PLACEHOLDER = "<!-- settings reference -->"
 STAGES_PLACEHOLDER = "<!-- stages -->"
+COMMANDS_PLACEHOLDER = "<!-- commands reference -->"
 
 
 def _comments(cls: type) -> dict[str, str]:
@@ -122,5 +124,36 @@ def stages_table() -> str:
     return "\n".join(["| stage | for | what it does |", "|---|---|---|", *rows])
 
 
+def _option_row(action) -> str:
+    flags = ", ".join(f"`{flag}`" for flag in action.option_strings) or f"`{action.dest.upper()}`"
+    if action.choices and not action.option_strings:
+        flags = " \\| ".join(f"`{choice}`" for choice in action.choices)
+    shown_default = action.default not in (None, False, "==SUPPRESS==") and not action.required and action.option_strings
+    default = f" (default: `{action.default}`)" if shown_default and "default" not in (action.help or "") else ""
+    required = "required; " if action.required and action.option_strings else ""
+    described = (action.help or "").replace("|", "\\|")
+    return f"| {flags} | {required}{described}{default} |"
+
+
+def commands_reference() -> str:
+    """Every subcommand of `dreambooth`: its usage line, what it does, and each argument with its help."""
+    import argparse
+
+    from dreambooth.cli import _parser
+
+    parser = _parser()
+    (commands,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    helps = {choice.dest: choice.help for choice in commands._choices_actions}
+    out: list[str] = []
+    for name, sub in commands.choices.items():
+        usage = " ".join(sub.format_usage().removeprefix("usage: ").split())
+        out += [f"### `dreambooth {name}`", "", helps.get(name, ""), "", "```", usage, "```", "",
+                "| argument | what it does |", "|---|---|"]
+        out += [_option_row(action) for action in sub._actions if not isinstance(action, argparse._HelpAction)]
+        out.append("")
+    return "\n".join(out)
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
-    return markdown.replace(PLACEHOLDER, settings_reference()).replace(STAGES_PLACEHOLDER, stages_table())
+    return (markdown.replace(PLACEHOLDER, settings_reference()).replace(STAGES_PLACEHOLDER, stages_table())
+            .replace(COMMANDS_PLACEHOLDER, commands_reference()))

@@ -358,13 +358,27 @@ def _models(args: argparse.Namespace, config: RunConfig) -> int:
 
 
 def _compile(args: argparse.Namespace, config: RunConfig) -> int:
-    from dreambooth.commands.submit import compile_pipeline
+    """What `submit` would send for this config: a cluster config compiles with its Kubernetes settings
+    (the launcher for a sharded one, unless --dag), and what submit refuses is refused here too."""
+    from dreambooth.commands.submit import check_submission, compile_pipeline, unresolved_placeholders
+    from dreambooth.config_files import resolve_config_path
 
     if not args.output.parent.is_dir():
         raise InputError(f"--output: {args.output.parent} is not a folder here; create it, or write elsewhere")
-
-    path = compile_pipeline(config, args.output, on_cluster=config.cluster is not None)
-    print(f"wrote {path} (config {config.name!r})")
+    on_cluster = config.cluster is not None
+    if not on_cluster and args.launcher:
+        raise InputError(f"--launcher: config {config.name!r} has no `cluster` section; the launcher starts shards on a cluster")
+    if on_cluster:
+        check_submission(config)
+        found = [] if args.allow_placeholders else unresolved_placeholders(config)
+        if found:
+            source = resolve_config_path(_config_name(args))
+            raise InputError("\n".join(f"{source}: {problem}; set your own (or --allow-placeholders for a dry compile)"
+                                        for problem in found))
+    launcher = on_cluster and not args.dag and (args.launcher or bool(config.batch.max_subjects_per_run))
+    path = compile_pipeline(config, args.output, on_cluster=on_cluster, launcher=launcher)
+    shape = "the sharded batch's launcher, as submit sends it for a subjects file" if launcher else "the DAG"
+    print(f"wrote {path} (config {config.name!r}: {shape})")
     return 0
 
 
@@ -421,15 +435,21 @@ def _with_cluster_target(sub: argparse.ArgumentParser, host_required: bool) -> a
     sub.add_argument("--subjects-uri", help="a subjects file as the cluster sees it (gs://...); read when each run starts")
     sub.add_argument("--subject-uri", help="one subject's photos as the cluster sees them (gs://...)")
     sub.add_argument("--subject-name", help="the subject's id (default: the URI's last part)")
-    sub.add_argument("--class-noun")
-    sub.add_argument("--identifier")
+    sub.add_argument("--class-noun", help="with --subject-uri: what the subject is (dog, backpack ...)")
+    sub.add_argument("--identifier", help="with --subject-uri: use this token as [V] instead of choosing a rare one")
     return sub
 
 
 def _add_local_commands(commands) -> None:
     """compile, run, ingest, evaluate and experiment: a pipeline, or one stage, on this machine."""
     compile_cmd = _with_tracking(_with_config(commands.add_parser("compile", help="write the KFP pipeline YAML")))
-    compile_cmd.add_argument("--output", type=Path, default=Path("dreambooth.yaml"))
+    compile_cmd.add_argument("--output", type=Path, default=Path("dreambooth.yaml"), help="the pipeline YAML to write (default: dreambooth.yaml)")
+    shape = compile_cmd.add_mutually_exclusive_group()
+    shape.add_argument("--launcher", action="store_true",
+                       help="the sharded batch's launcher (the default for a config with batch.max_subjects_per_run)")
+    shape.add_argument("--dag", action="store_true", help="the DAG itself (what submit sends for one --subject-uri)")
+    compile_cmd.add_argument("--allow-placeholders", action="store_true",
+                             help="compile a cluster config whose image digest, PROJECT or BUCKET are still the shipped placeholders")
     compile_cmd.set_defaults(handler=_compile)
 
     run_cmd = _with_tracking(_with_subject(_with_config(commands.add_parser("run", help="run the pipeline locally (kfp.local)")), required=False))
@@ -461,7 +481,7 @@ def _add_local_commands(commands) -> None:
     experiment_cmd.add_argument("--token-file", help=f"a service-account token file (default: ${TOKEN_FILE_ENV}); or set ${TOKEN_ENV} / ${COOKIES_ENV}")
     experiment_cmd.add_argument("--mlflow-via", help="reach MLflow here while sending the configured host name (preflight)")
     experiment_cmd.add_argument("--experiment", default="dreambooth", help="the KFP experiment (with --host)")
-    experiment_cmd.add_argument("--run-name")
+    experiment_cmd.add_argument("--run-name", help="the KFP run's name (default: from the file's name)")
     experiment_cmd.add_argument("--skip-preflight", action="store_true", help="start without checking models, MLflow and photos first")
     experiment_cmd.add_argument("--allow-cpu", action="store_true", help="train a real model on a machine without CUDA (local runs)")
     experiment_cmd.add_argument("--wait", type=int, nargs="?", const=24 * 3600, metavar="SECONDS", help="follow the submitted run to its end")
@@ -477,8 +497,8 @@ def _add_cluster_commands(commands) -> None:
 
     for command, text in (("submit", "compile and create a run on a KFP host"), ("schedule", "create a recurring run")):
         cluster_cmd = _with_cluster_target(_with_config(commands.add_parser(command, help=text)), host_required=True)
-        cluster_cmd.add_argument("--experiment", default="dreambooth")
-        cluster_cmd.add_argument("--run-name")
+        cluster_cmd.add_argument("--experiment", default="dreambooth", help="the KFP experiment the run goes in (default: dreambooth)")
+        cluster_cmd.add_argument("--run-name", help="the KFP run's name (default: from the subjects file or the subject)")
         cluster_cmd.add_argument("--force", action="store_true", help="train every subject, even those already up to date")
         cluster_cmd.add_argument("--skip-preflight", action="store_true", help="submit without checking models, MLflow, bucket and KFP first")
         if command == "schedule":
@@ -547,11 +567,11 @@ def _add_tool_commands(commands) -> None:
     """configs, config show, watermark and components: reading what ships, and tools beside the pipeline."""
     commands.add_parser("configs", help="list the shipped configs, one line each").set_defaults(handler=_configs, needs_config=False)
     config_cmd = _with_config(commands.add_parser("config", help="show a config as it resolves (after extends: and defaults)"))
-    config_cmd.add_argument("action", choices=["show"])
+    config_cmd.add_argument("action", choices=["show"], help="show: print every setting the config resolves to, as YAML")
     config_cmd.set_defaults(handler=_config_show)
 
     watermark_cmd = commands.add_parser("watermark", help="read the invisible mark of a generated image")
-    watermark_cmd.add_argument("action", choices=["check"])
+    watermark_cmd.add_argument("action", choices=["check"], help="check: read the mark of IMAGE")
     watermark_cmd.add_argument("image", type=Path, help="a PNG or JPEG; exit 0 and its payload when marked, 1 when not")
     watermark_cmd.set_defaults(handler=_watermark_check, needs_config=False)
 

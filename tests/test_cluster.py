@@ -22,7 +22,7 @@ def compiled(tmp_path_factory):
     # A token in the environment must never reach the YAML: only the Secret's name and key may.
     env = {**os.environ, "HF_TOKEN": "hf_live_secret_value_do_not_leak"}
     result = subprocess.run(
-        [sys.executable, str(REPO / "pipeline.py"), "compile", "--config", "gke-sd15", "--output", str(out)],
+        [sys.executable, str(REPO / "pipeline.py"), "compile", "--config", "gke-sd15", "--output", str(out), "--allow-placeholders"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -160,7 +160,8 @@ def test_a_webhook_reaches_the_exit_handler_from_a_secret_never_through_the_yaml
     }))
     out = tmp_path / "dreambooth.yaml"
     env = {**os.environ, "DREAMBOOTH_SLACK_WEBHOOK": "https://hooks.slack.com/services/T000/B000/do-not-leak"}
-    result = subprocess.run([sys.executable, str(REPO / "pipeline.py"), "compile", "--config", str(config), "--output", str(out)],
+    result = subprocess.run([sys.executable, str(REPO / "pipeline.py"), "compile", "--config", str(config), "--output", str(out),
+                             "--allow-placeholders"],
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     text = out.read_text()

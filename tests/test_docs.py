@@ -41,3 +41,20 @@ def test_the_readme_is_a_front_door_whose_links_lead_to_pages():
     assert len(readme.splitlines()) <= 150
     links = re.findall(r"\]\((docs/[^)#]+)", readme)
     assert links and [link for link in links if not (REPO / link).is_file()] == []
+
+
+def test_the_command_reference_lists_every_command_and_argument_with_what_it_does():
+    import argparse
+
+    from dreambooth.cli import _parser
+
+    reference = _reference_module().commands_reference()
+    (commands,) = [action for action in _parser()._actions if isinstance(action, argparse._SubParsersAction)]
+    assert re.findall(r"^### `dreambooth ([\w-]+)`$", reference, re.M) == list(commands.choices)
+    rows = re.findall(r"^\| (`[^|]+`(?: \\\| `[^|]+`)*) \| (.*) \|$", reference, re.M)
+    arguments = sum(len([a for a in sub._actions if not isinstance(a, argparse._HelpAction)]) for sub in commands.choices.values())
+    assert len(rows) == arguments
+    assert [flags for flags, described in rows if not described.strip() or described.startswith("(default")] == []
+    sections = reference.split("### ")[1:]
+    assert [section.splitlines()[0] for section in sections if not section.splitlines()[2].strip()] == []  # each says what it does
+    assert "<!-- commands reference -->" in (REPO / "docs" / "cli.md").read_text()

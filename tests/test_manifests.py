@@ -90,7 +90,7 @@ def test_each_cluster_config_tracks_to_the_mlflow_of_a_deployed_namespace(name):
 def test_the_cache_volume_is_made_writable_for_the_pipeline_user_before_it_is_filled(tmp_path):
     config = load_config("gke-sd15")
     compiled = tmp_path / "dreambooth.yaml"
-    assert cli("compile", "--config", "gke-sd15", "--output", str(compiled), cwd=tmp_path).returncode == 0
+    assert cli("compile", "--config", "gke-sd15", "--output", str(compiled), "--allow-placeholders", cwd=tmp_path).returncode == 0
     _, platform = yaml.safe_load_all(compiled.read_text())
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     claims = {mount["constant"] for e in executors.values() for mount in e.get("pvcMount", [])}

@@ -81,7 +81,8 @@ def test_the_cache_job_finds_the_shipped_cluster_config_and_stops_at_the_hub(ins
 
 
 def test_the_installed_command_compiles_the_cluster_pipeline(installed, tmp_path):
-    result = _run(installed, "dreambooth", "compile", "--config", "gke-sd15", "--output", "dreambooth.yaml", cwd=tmp_path)
+    result = _run(installed, "dreambooth", "compile", "--config", "gke-sd15", "--output", "dreambooth.yaml", "--allow-placeholders",
+                  cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     spec = next(yaml.safe_load_all((tmp_path / "dreambooth.yaml").read_text()))
     assert spec["pipelineInfo"]["name"] == "dreambooth" and "comp-fine-tune" in spec["components"]

@@ -80,6 +80,21 @@ def check_submission(config: RunConfig, cron: Optional[str] = None) -> None:
         check_shard_size(config)
 
 
+# What the shipped cluster config leaves for each deploy to fill in: the all-zero image digest, and the
+# PROJECT / BUCKET of its registry and bucket names.
+PLACEHOLDERS = re.compile(r"@sha256:0{64}\b|\bPROJECT(?:_ID)?\b|\bBUCKET\b")
+
+
+def unresolved_placeholders(config: RunConfig) -> list[str]:
+    """`setting: value` for each cluster or tracking setting that still holds a placeholder."""
+    def named(found: str) -> str:
+        return "the all-zero digest" if found.startswith("@sha256:") else found
+
+    return [f"{setting}: {', '.join(sorted({named(found) for found in PLACEHOLDERS.findall(value)}))} still a placeholder in {value!r}"
+            for setting, value in config.flat_params().items()
+            if setting.startswith(("cluster.", "tracking.", "storage.")) and PLACEHOLDERS.search(value)]
+
+
 def check_shard_size(config: RunConfig) -> None:
     """A shard of batch.max_subjects_per_run subjects must fit one Argo workflow (dreambooth.dag.workflow_size)."""
     import yaml

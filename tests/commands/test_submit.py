@@ -224,3 +224,36 @@ def test_a_sharded_batch_schedules_its_launcher_which_starts_a_run_per_shard_wit
     assert client.get_run(batch.info.run_id).info.status == "RUNNING"
     exit_handler_task(shared, tracking, "tick-1", "FAILED")
     assert client.get_run(batch.info.run_id).info.status == "FAILED"
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_compile_writes_exactly_what_submit_sends(kfp_api, tmp_path, sharded):
+    """Uploaded through the KFP UI or GitOps, the compiled YAML must be the pipeline submit would have sent:
+    the DAG, or for a sharded config and a subjects file its launcher, with the same platform settings."""
+    host, requests, _ = kfp_api
+    config = tmp_path / "team.yaml"
+    config.write_text("extends: gke-sd15\ncluster:\n  image: registry.example/dreambooth-kfp@sha256:" + "ab" * 32 + "\n"
+                      "  pipeline_root: gs://team-bucket/pipeline-root\n" + ("batch:\n  max_subjects_per_run: 4\n" if sharded else ""))
+    compiled = tmp_path / "compiled.yaml"
+    written = cli("compile", "--config", str(config), "--output", str(compiled), cwd=tmp_path)
+    assert written.returncode == 0, written.stderr
+    sent = _cli("submit", "--skip-preflight", "--host", host, "--config", str(config), "--subjects-uri", "gs://catalogue/subjects.yaml")
+    assert sent.returncode == 0, sent.stderr
+    (run,) = _posted(requests, "/apis/v2beta1/runs")
+    pipeline_spec, platform_spec = yaml.safe_load_all(compiled.read_text())
+    assert run["pipeline_spec"]["pipeline_spec"] == pipeline_spec
+    assert run["pipeline_spec"]["platform_spec"] == platform_spec
+    assert pipeline_spec["pipelineInfo"]["name"] == ("dreambooth-shards" if sharded else "dreambooth")
+
+
+def test_compile_refuses_what_submit_refuses_and_the_shipped_placeholders(tmp_path):
+    too_large = tmp_path / "too-large.yaml"
+    too_large.write_text("extends: gke-sd15\nbatch:\n  max_subjects_per_run: 30\n")
+    refused = cli("compile", "--config", str(too_large), "--output", str(tmp_path / "x.yaml"), "--allow-placeholders", cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: batch.max_subjects_per_run: a shard of 30 subjects")
+    shipped = cli("compile", "--config", "gke-sd15", "--output", str(tmp_path / "x.yaml"), cwd=tmp_path)
+    assert shipped.returncode == 2 and not (tmp_path / "x.yaml").exists()
+    lines = shipped.stderr.splitlines()
+    assert [line.split(": ")[2] for line in lines] == ["cluster.image", "cluster.pipeline_root"]
+    assert "PROJECT, the all-zero digest still a placeholder" in lines[0] and "gke-sd15.yaml" in lines[0]
+    assert "BUCKET still a placeholder in 'gs://BUCKET-dev/pipeline-root'" in lines[1]
