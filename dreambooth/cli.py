@@ -4,7 +4,8 @@
     run       run the whole pipeline locally (kfp.local) on a subjects file or one subject folder
     ingest    validate and normalise one upload only
     evaluate  score a model trained anywhere by the DreamBench protocol
-    submit    compile and create a run on a KFP host       schedule  create a recurring run
+    submit    compile and create a run on a KFP host       schedule  create or replace a recurring run, by name
+    schedules list, pause, resume or delete the recurring runs, by name
     preflight check in seconds what would fail after GPU time (submit and schedule run it first)
     warm-cache  download every model a run loads into the caches (the cluster's model-cache Job)
     experiment  the paper's comparisons and ablations: subjects x variants as one batch, and its tables
@@ -495,18 +496,52 @@ def _add_cluster_commands(commands) -> None:
     ).set_defaults(handler=_preflight_command)
     _with_config(commands.add_parser("warm-cache", help="download every model the config loads into the caches")).set_defaults(handler=_warm_cache)
 
-    for command, text in (("submit", "compile and create a run on a KFP host"), ("schedule", "create a recurring run")):
+    for command, text in (("submit", "compile and create a run on a KFP host"), ("schedule", "create a recurring run, or replace the one of the same name")):
         cluster_cmd = _with_cluster_target(_with_config(commands.add_parser(command, help=text)), host_required=True)
         cluster_cmd.add_argument("--experiment", default="dreambooth", help="the KFP experiment the run goes in (default: dreambooth)")
         cluster_cmd.add_argument("--run-name", help="the KFP run's name (default: from the subjects file or the subject)")
         cluster_cmd.add_argument("--force", action="store_true", help="train every subject, even those already up to date")
         cluster_cmd.add_argument("--skip-preflight", action="store_true", help="submit without checking models, MLflow, bucket and KFP first")
         if command == "schedule":
-            cluster_cmd.add_argument("--cron", required=True, help="6 fields, seconds first: '0 0 9 * * 1-5'")
+            cluster_cmd.add_argument("--cron", required=True, help="6 fields, seconds first: '0 0 9 * * 1-5'; run again with "
+                                                                   "the same --run-name, it replaces that schedule")
         else:
             cluster_cmd.add_argument("--wait", type=int, nargs="?", const=24 * 3600, metavar="SECONDS",
                                      help="follow the run to its end (at most SECONDS, default a day); exit 0 only if it succeeded")
         cluster_cmd.set_defaults(handler=_submit)
+
+    schedules_cmd = _with_config(commands.add_parser("schedules", help="list, pause, resume or delete schedules by name"))
+    schedules_cmd.add_argument("action", choices=["list", "pause", "resume", "delete"],
+                               help="list the experiment's schedules, or pause, resume or delete the one named --name")
+    schedules_cmd.add_argument("--name", help="the schedule (its --run-name when it was made)")
+    schedules_cmd.add_argument("--host", required=True, help="the KFP API endpoint, e.g. https://kfp.example.com/pipeline")
+    schedules_cmd.add_argument("--namespace", help="the Kubeflow profile namespace (default: cluster.namespace)")
+    schedules_cmd.add_argument("--token-file", help=f"a service-account token file (default: ${TOKEN_FILE_ENV}); or set ${TOKEN_ENV} / ${COOKIES_ENV}")
+    schedules_cmd.add_argument("--experiment", default="dreambooth", help="the KFP experiment (default: dreambooth)")
+    schedules_cmd.set_defaults(handler=_schedules)
+
+
+def _schedules(args: argparse.Namespace, config: RunConfig) -> int:
+    """list, pause, resume or delete the schedules (recurring runs) of a KFP experiment, by name."""
+    from dreambooth.commands.schedules import change_schedule, list_schedules
+
+    if args.action != "list" and not args.name:
+        raise InputError(f"schedules {args.action}: give --name NAME (dreambooth schedules list shows them)")
+    target = _kfp_target(args, config)
+    multi_user = target.multi_user()
+    namespace = target.namespace if multi_user else None
+    client = target.client(multi_user)
+    try:
+        experiment_id = client.get_experiment(experiment_name=args.experiment, namespace=namespace).experiment_id
+    except ValueError:
+        raise InputError(f"--experiment: no KFP experiment {args.experiment!r} on {args.host}") from None
+    if args.action == "list":
+        lines = list_schedules(client, experiment_id, namespace)
+        print("\n".join(lines) if lines else f"no schedules in experiment {args.experiment!r}")
+        return 0
+    recurring_id = change_schedule(client, experiment_id, namespace, args.name, args.action)
+    print(f"{args.name}: {dict(pause='paused', resume='resumed', delete='deleted')[args.action]} (recurring run {recurring_id})")
+    return 0
 
 
 def _add_tracking_commands(commands) -> None:

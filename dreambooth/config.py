@@ -614,6 +614,14 @@ class SecretReference(Section):
     env: str
 
 
+class ScheduleSettings(Section):
+    """How `dreambooth schedule`'s recurring runs behave."""
+
+    # Start the runs missed while the schedule was paused or KFP was down, one per missed tick; off: the
+    # next tick runs, once (a nightly batch trains whatever is new since the last run either way).
+    catch_up: bool = False
+
+
 class ClusterSettings(Section):
     """Kubernetes settings compiled into the pipeline (kfp-kubernetes); ignored by local runs."""
 
@@ -645,6 +653,7 @@ class ClusterSettings(Section):
     # The KFP API as pods reach it, where the launch of a sharded batch (batch.max_subjects_per_run)
     # creates its shards' runs: Kubeflow's in-cluster UI service (it checks the pod's pipelines token).
     kfp_host: str = "http://ml-pipeline-ui.kubeflow.svc.cluster.local"
+    schedule: ScheduleSettings = ScheduleSettings()
 
     def loop_parallelism(self, superres: bool) -> tuple[int, int]:
         """(class-prior groups, subjects) at once within gpu_quota. A subject's peak: its fine-tune, or

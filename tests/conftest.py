@@ -464,14 +464,23 @@ def deployed_mlflow(tmp_path_factory, postgres, gcs_emulator):
 
 
 class RecordingKfpApi(BaseHTTPRequestHandler):
-    """Answers the calls kfp.Client makes (healthz, experiments, runs, recurring runs) in KFP's v2beta1
-    REST shape and keeps (method, path, body, headers with lower-case names) of each. With `token` set, a request without
-    that bearer token gets 401, as a multi-user Kubeflow answers."""
+    """Answers the calls kfp.Client makes in KFP's v2beta1 REST shape and keeps (method, path, body, headers with
+    lower-case names) of each: healthz, experiments, runs, and, holding them as the API server does, named
+    pipelines with their versions (uploaded packages) and recurring runs (listed by name, paused, resumed,
+    deleted). With `token` set, a request without that bearer token gets 401, as a multi-user Kubeflow answers."""
 
     requests: list = []
     multi_user = False
     token: Optional[str] = None
     run_state = "SUCCEEDED"
+    experiments: dict = {}  # (namespace, name) -> id
+    pipelines: dict = {}  # id -> {"display_name", "versions": [{"pipeline_version_id", "display_name", "package"}]}
+    recurring_runs: dict = {}  # id -> the recurring run as created, its mode kept current
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.requests, cls.experiments, cls.pipelines, cls.recurring_runs = [], {}, {}, {}
+        cls.multi_user, cls.token, cls.run_state = False, None, "SUCCEEDED"
 
     def _reply(self, body: dict, status: int = 200) -> None:
         data = json.dumps(body).encode()
@@ -487,33 +496,116 @@ class RecordingKfpApi(BaseHTTPRequestHandler):
             return True
         return False
 
+    def _query(self) -> tuple[str, dict]:
+        from urllib.parse import parse_qs, urlsplit
+
+        parts = urlsplit(self.path)
+        return parts.path, {key: values[0] for key, values in parse_qs(parts.query).items()}
+
+    @staticmethod
+    def _named(items: list, query: dict) -> list:
+        """KFP's `filter`, as kfp.Client sends it: display_name EQUALS a value."""
+        if "filter" not in query:
+            return items
+        (predicate,) = json.loads(query["filter"])["predicates"]
+        return [item for item in items if item["display_name"] == predicate["stringValue"]]
+
     def do_GET(self):
         self.requests.append(("GET", self.path, None, {k.lower(): v for k, v in self.headers.items()}))
         if self._refused():
             return
-        if self.path.startswith("/apis/v2beta1/healthz"):
+        path, query = self._query()
+        if path == "/apis/v2beta1/healthz":
             self._reply({"multi_user": self.multi_user})
-        elif self.path.startswith("/apis/v2beta1/experiments"):
-            self._reply({"experiments": [], "total_size": 0})
-        elif self.path.startswith("/apis/v2beta1/runs/"):
-            run_id = self.path.split("?")[0].rsplit("/", 1)[-1]
-            self._reply({"run_id": run_id, "display_name": "run", "experiment_id": "exp-7", "state": self.run_state})
+        elif path == "/apis/v2beta1/experiments":  # a multi-user KFP keeps each namespace's apart
+            found = [{"experiment_id": id_, "display_name": name} for (namespace, name), id_ in self.experiments.items()
+                     if namespace == query.get("namespace", "")]
+            self._reply({"experiments": self._named(found, query), "total_size": len(found)})
+        elif path.startswith("/apis/v2beta1/runs/"):
+            self._reply({"run_id": path.rsplit("/", 1)[-1], "display_name": "run", "experiment_id": "exp-7", "state": self.run_state})
+        elif path == "/apis/v2beta1/pipelines":
+            found = [{"pipeline_id": id_, "display_name": p["display_name"]} for id_, p in self.pipelines.items()]
+            self._reply({"pipelines": self._named(found, query), "total_size": len(found)})
+        elif path.startswith("/apis/v2beta1/pipelines/") and path.endswith("/versions"):
+            pipeline_id = path.split("/")[4]
+            versions = [{key: v[key] for key in ("pipeline_version_id", "display_name")} | {"pipeline_id": pipeline_id}
+                        for v in self.pipelines[pipeline_id]["versions"]]
+            self._reply({"pipeline_versions": self._named(versions, query), "total_size": len(versions)})
+        elif path == "/apis/v2beta1/recurringruns":
+            found = [run for run in self.recurring_runs.values() if run["experiment_id"] == query.get("experiment_id", run["experiment_id"])]
+            self._reply({"recurringRuns": self._named(found, query), "total_size": len(found)})  # the API's own camelCase here
+        elif path.startswith("/apis/v2beta1/recurringruns/") and path.rsplit("/", 1)[-1] in self.recurring_runs:
+            self._reply(self.recurring_runs[path.rsplit("/", 1)[-1]])
         else:
             self.send_error(404)
 
+    def _uploaded_package(self, raw: bytes) -> str:
+        """The `uploadfile` part of kfp.Client's multipart upload."""
+        from email.parser import BytesParser
+
+        message = BytesParser().parsebytes(f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode() + raw)
+        (part,) = [part for part in message.get_payload() if part.get_param("name", header="content-disposition") == "uploadfile"]
+        return part.get_payload(decode=True).decode()
+
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        path, query = self._query()
+        uploading = path in ("/apis/v2beta1/pipelines/upload", "/apis/v2beta1/pipelines/upload_version")
+        body = {"query": query} if uploading else json.loads(raw or b"{}")
         self.requests.append(("POST", self.path, body, {k.lower(): v for k, v in self.headers.items()}))
         if self._refused():
             return
-        if self.path.startswith("/apis/v2beta1/experiments"):
+        if path == "/apis/v2beta1/experiments":
+            self.experiments[(body.get("namespace") or "", body["display_name"])] = "exp-7"
             self._reply({"experiment_id": "exp-7", "display_name": body["display_name"]})
-        elif self.path.startswith("/apis/v2beta1/runs"):
+        elif path == "/apis/v2beta1/runs":
             self._reply({"run_id": "run-42", "display_name": body["display_name"], "experiment_id": "exp-7"})
-        elif self.path.startswith("/apis/v2beta1/recurringruns"):
-            self._reply({"recurring_run_id": "rr-9", "display_name": body["display_name"]})
+        elif path == "/apis/v2beta1/pipelines/upload":  # a pipeline and its first version, both of the name given
+            pipeline_id = f"pipeline-{len(self.pipelines) + 1}"
+            version = {"pipeline_version_id": f"{pipeline_id}-v1", "display_name": query["name"], "package": self._uploaded_package(raw)}
+            self.pipelines[pipeline_id] = {"display_name": query["name"], "versions": [version]}
+            self._reply({"pipeline_id": pipeline_id, "display_name": query["name"]})
+        elif path == "/apis/v2beta1/pipelines/upload_version":
+            versions = self.pipelines[query["pipelineid"]]["versions"]
+            if any(version["display_name"] == query["name"] for version in versions):
+                self._reply({"error": f"a version named {query['name']} exists"}, status=409)
+                return
+            version = {"pipeline_version_id": f"{query['pipelineid']}-v{len(versions) + 1}", "display_name": query["name"],
+                       "package": self._uploaded_package(raw)}
+            versions.append(version)
+            self._reply({"pipeline_id": query["pipelineid"], "pipeline_version_id": version["pipeline_version_id"],
+                         "display_name": query["name"]})
+        elif path == "/apis/v2beta1/recurringruns":
+            recurring_id = f"rr-{9 + len(self.requests)}"
+            self.recurring_runs[recurring_id] = {**body, "recurring_run_id": recurring_id, "mode": body.get("mode", "ENABLE")}
+            self._reply(self.recurring_runs[recurring_id])
+        elif path.startswith("/apis/v2beta1/recurringruns/") and path.endswith((":enable", ":disable")):
+            recurring_id, action = path.rsplit("/", 1)[-1].split(":")
+            self.recurring_runs[recurring_id]["mode"] = "ENABLE" if action == "enable" else "DISABLE"
+            self._reply({})
         else:
             self.send_error(404)
+
+    def do_DELETE(self):
+        self.requests.append(("DELETE", self.path, None, {k.lower(): v for k, v in self.headers.items()}))
+        path, _ = self._query()
+        if self._refused():
+            return
+        if self.recurring_runs.pop(path.rsplit("/", 1)[-1], None) is None:
+            self.send_error(404)
+            return
+        self._reply({})
+
+    @classmethod
+    def version_package(cls, version_id: str) -> list[dict]:
+        """An uploaded version's YAML documents: the pipeline spec, then (a cluster's) the platform spec."""
+        import yaml
+
+        for pipeline in cls.pipelines.values():
+            for version in pipeline["versions"]:
+                if version["pipeline_version_id"] == version_id:
+                    return list(yaml.safe_load_all(version["package"]))
+        raise KeyError(version_id)
 
     def log_message(self, *args):
         pass
@@ -521,9 +613,8 @@ class RecordingKfpApi(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def kfp_api():
-    """A recording KFP API server on 127.0.0.1: yields (host, requests, handler class to configure)."""
-    RecordingKfpApi.requests = []
-    RecordingKfpApi.multi_user, RecordingKfpApi.token, RecordingKfpApi.run_state = False, None, "SUCCEEDED"
+    """A recording KFP API server on 127.0.0.1: yields (host, requests, handler class to configure and read)."""
+    RecordingKfpApi.reset()
     server = ThreadingHTTPServer(("127.0.0.1", 0), RecordingKfpApi)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}", RecordingKfpApi.requests, RecordingKfpApi

@@ -28,6 +28,7 @@ BAD_INPUTS = {
                "config 'tiny': no `cluster` section"),
     "schedule": (["--config", "gke-sd15", "--host", "http://127.0.0.1:9", "--subjects-uri", "gs://bucket/subjects.yaml",
                   "--cron", "0 2 * * *"], "--cron: '0 2 * * *' has 5 fields"),
+    "schedules": (["pause", "--host", "http://127.0.0.1:9"], "schedules pause: give --name NAME"),
     "sync-tracking": (["--config", "tiny", "--output-dir", "s3://bucket/x"], "--output-dir: 's3://bucket/x': s3://"),
     "models": (["--tracking-uri", "http://127.0.0.1:9"], "tracking: the MLflow server at http://127.0.0.1:9 does not answer"),
     "promote": (["--model", "dreambooth-dog", "--version", "1", "--to", "champion"], "tracking: no MLflow store at"),

@@ -129,14 +129,7 @@ def submit(
     with tempfile.TemporaryDirectory() as scratch:
         package = compile_pipeline(config, Path(scratch) / "dreambooth.yaml", on_cluster=True, launcher=sharded)
         if cron is not None:
-            experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
-            recurring = client.create_recurring_run(
-                experiment_id=experiment_id, job_name=run_name, cron_expression=cron, pipeline_package_path=str(package),
-                params=parameters, service_account=account,
-            )
-            print(f"recurring run: {recurring.recurring_run_id} ({cron})")
-            print(f"url:           {host}/#/recurringrun/details/{recurring.recurring_run_id}")
-            return 0
+            return _schedule(config, client, namespace, experiment, run_name, cron, package, parameters, host)
         result = client.create_run_from_pipeline_package(
             str(package), arguments=parameters, run_name=run_name, experiment_name=experiment,
             namespace=namespace, service_account=account,
@@ -152,6 +145,26 @@ def submit(
     print(f"state:        {state}")
     print(f"mlflow:       {mlflow_link(config, result.run_id, mlflow_via)}")
     return 0 if state == "SUCCEEDED" else 1
+
+
+def _schedule(config: RunConfig, client, namespace: Optional[str], experiment: str, name: str, cron: str, package: Path,
+              parameters: dict, host: str) -> int:
+    """The recurring run of this name, created or replaced, on the named pipeline's version for this package."""
+    import yaml
+
+    from dreambooth.commands.schedules import pipeline_version, put_schedule
+
+    experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
+    compiled_name = next(yaml.safe_load_all(package.read_text()))["pipelineInfo"]["name"]
+    version = pipeline_version(client, package, f"{compiled_name}-{config.name}", namespace)
+    recurring_id, replaced = put_schedule(client, experiment_id, namespace, name, cron, version, parameters,
+                                          config.cluster.service_account or "", config.cluster.schedule.catch_up)
+    catch_up = "on" if config.cluster.schedule.catch_up else "off (cluster.schedule.catch_up)"
+    print(f"schedule:      {name} ({cron}), catch-up {catch_up}" + (f"; replaced recurring run {replaced}" if replaced else ""))
+    print(f"pipeline:      {version.pipeline} version {version.version}" + (" (unchanged, reused)" if version.reused else " (uploaded)"))
+    print(f"recurring run: {recurring_id}")
+    print(f"url:           {host}/#/recurringrun/details/{recurring_id}")
+    return 0
 
 
 def mlflow_link(config: RunConfig, kfp_run_id: str, via: Optional[str] = None) -> str:

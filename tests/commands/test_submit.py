@@ -178,18 +178,18 @@ def test_a_sharded_batch_schedules_its_launcher_which_starts_a_run_per_shard_wit
     from dreambooth.tasks.batch import exit_handler_task
     from dreambooth.tracking import TAG_SHARDS, TAG_STAGE
 
-    host, requests, _ = kfp_api
+    host, requests, server = kfp_api
     config = tmp_path / "catalogue.yaml"
     config.write_text(f"extends: gke-sd15\nbatch:\n  max_subjects_per_run: 2\ncluster:\n  kfp_host: {host}\n")
     result = _cli("schedule", "--skip-preflight", "--host", host, "--config", str(config), "--cron", "0 0 2 * * *",
                   "--subjects-uri", "gs://catalogue/subjects.yaml", "--experiment", "pets")
     assert result.returncode == 0, result.stderr
     (recurring,) = _posted(requests, "/apis/v2beta1/recurringruns")
-    spec = recurring["pipeline_spec"]["pipeline_spec"]
+    spec, platform = server.version_package(recurring["pipeline_version_reference"]["pipeline_version_id"])
     assert spec["pipelineInfo"]["name"] == "dreambooth-shards" and set(spec["root"]["dag"]["tasks"]) == {"exit-handler-1", "finish-tracking"}
     parameters = recurring["runtime_config"]["parameters"]
     assert parameters["subjects_uri"] == "gs://catalogue/subjects.yaml" and parameters["kfp_experiment"] == "pets"
-    executors = recurring["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     # The label Kubeflow's PodDefault (manifests/base/kfp-api-access.yaml) selects to hand the pod its API token.
     assert executors["exec-launch-shards"]["podMetadata"]["labels"] == {"access-ml-pipeline": "true"}
 
@@ -257,3 +257,49 @@ def test_compile_refuses_what_submit_refuses_and_the_shipped_placeholders(tmp_pa
     assert [line.split(": ")[2] for line in lines] == ["cluster.image", "cluster.pipeline_root"]
     assert "PROJECT, the all-zero digest still a placeholder" in lines[0] and "gke-sd15.yaml" in lines[0]
     assert "BUCKET still a placeholder in 'gs://BUCKET-dev/pipeline-root'" in lines[1]
+
+
+def test_a_schedule_is_managed_by_name_on_a_named_pipeline_version(kfp_api, tmp_path):
+    """Scheduling twice leaves one recurring run; an unchanged config reuses its pipeline version, a changed one
+    adds a version; catch-up is off; list, pause, resume and delete find the schedule by its name."""
+    host, requests, server = kfp_api
+    config = tmp_path / "nightly.yaml"
+    config.write_text("extends: gke-sd15\n")
+    schedule = ("schedule", "--skip-preflight", "--host", host, "--config", str(config), "--subjects-uri", "gs://catalogue/subjects.yaml",
+                "--run-name", "nightly")
+    first = _cli(*schedule, "--cron", "0 0 2 * * *")
+    assert first.returncode == 0, first.stderr
+    assert "pipeline:      dreambooth-nightly version " in first.stdout and "(uploaded)" in first.stdout
+    again = _cli(*schedule, "--cron", "0 30 3 * * *")  # the same name, another time: replaced, not doubled
+    assert again.returncode == 0, again.stderr
+    assert "replaced recurring run" in again.stdout and "(unchanged, reused)" in again.stdout
+    (only,) = server.recurring_runs.values()
+    assert only["display_name"] == "nightly" and only["trigger"]["cron_schedule"]["cron"] == "0 30 3 * * *"
+    assert only["no_catchup"] is True  # after downtime, one run, not one per missed night
+    (pipeline,) = server.pipelines.values()
+    assert pipeline["display_name"] == "dreambooth-nightly"
+    digest = only["pipeline_version_reference"]["pipeline_version_id"]
+    assert [version["display_name"] for version in pipeline["versions"]][1:] == [_version_name(server, digest)]
+
+    config.write_text("extends: gke-sd15\ntraining:\n  max_steps: 800\ncluster:\n  schedule:\n    catch_up: true\n")
+    changed = _cli(*schedule, "--cron", "0 30 3 * * *")
+    assert changed.returncode == 0, changed.stderr and "(uploaded)" in changed.stdout
+    (only,) = server.recurring_runs.values()
+    assert len(pipeline["versions"]) == 3 and only["no_catchup"] is False
+
+    manage = ("--host", host, "--config", str(config))
+    listed = _cli("schedules", "list", *manage)
+    assert listed.returncode == 0 and listed.stdout.split()[:4] == ["nightly", "active", "0", "30"]
+    assert _cli("schedules", "pause", "--name", "nightly", *manage).returncode == 0
+    assert _cli("schedules", "list", *manage).stdout.split()[1] == "paused"
+    assert _cli("schedules", "resume", "--name", "nightly", *manage).returncode == 0
+    assert _cli("schedules", "list", *manage).stdout.split()[1] == "active"
+    missing = _cli("schedules", "delete", "--name", "weekly", *manage)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: --name: no schedule 'weekly'")
+    assert _cli("schedules", "delete", "--name", "nightly", *manage).returncode == 0
+    assert server.recurring_runs == {} and "no schedules" in _cli("schedules", "list", *manage).stdout
+
+
+def _version_name(server, version_id: str) -> str:
+    return next(version["display_name"] for pipeline in server.pipelines.values() for version in pipeline["versions"]
+                if version["pipeline_version_id"] == version_id)
