@@ -22,6 +22,22 @@ _TASK_FAILED = re.compile(r"Inner task failed: (.+)\.$")
 _SAME_COMPONENT_AGAIN = re.compile(r"-\d+$")
 
 
+# Lines of a task's output that are not the stage's own: kfp.local's logger and its executor's (task status,
+# "Wrote executor output"), and library INFO/DEBUG logging (MLflow's system-metrics monitor), which would
+# crowd a failure's tail and end it with "finished with status SUCCESS".
+_NOT_THE_STAGES_OWN = re.compile(
+    r"^\s*(?:$"
+    r"|\d\d:\d\d:\d\d\.\d+ - (?:INFO|DEBUG) - "
+    r"|\[KFP Executor [^\]]* (?:INFO|DEBUG)\]"
+    r"|\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (?:INFO|DEBUG) )"
+)
+
+
+def stages_own(line: str) -> bool:
+    """Whether a line of a task's output is the stage's own (its progress, errors, prints, warnings)."""
+    return not _NOT_THE_STAGES_OWN.match(line)
+
+
 def plain(line: str) -> str:
     """The line without kfp's colours."""
     return _ANSI.sub("", line).rstrip()

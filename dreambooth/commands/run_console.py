@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, TextIO
 
-from dreambooth.commands.kfp_local import component_of, finished_task, plain, started_component, started_task
+from dreambooth.commands.kfp_local import component_of, finished_task, plain, stages_own, started_component, started_task
 from dreambooth.progress import DONE, FAILED, RUNNING, SKIPPED, ProgressEvent, parse
 from dreambooth.stages import BY_NAME, CLASS_PRIORS, PLAN_BATCH, SUBJECT_STAGES, SUMMARIZE, SUPERRES_STAGES
 
@@ -214,6 +214,7 @@ class TaskLog:
     pending: list[str] = field(default_factory=list)
     tail: deque = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
     executor_seen: bool = False
+    own_output: bool = False  # the stage's code has printed (its first progress line)
     _file: Optional[TextIO] = None
 
     @property
@@ -221,8 +222,14 @@ class TaskLog:
         """The stage the task runs."""
         return component_of(self.task)
 
-    def add(self, line: str) -> None:
-        self.tail.append(line)
+    def add(self, line: str, own_output_starts: bool = False) -> None:
+        """A line of the task's output, to its log; to the tail shown on failure only the stage's own lines,
+        from its first progress line on (before it: kfp.local's executor input and start-up)."""
+        if own_output_starts and not self.own_output:
+            self.own_output = True
+            self.tail.clear()
+        if stages_own(line):
+            self.tail.append(line)
         if self._file is None:
             self.pending.append(line)
         else:
@@ -318,8 +325,8 @@ class TaskOutput(io.TextIOBase):
         task = self._current.get(thread)
         self.pipeline_log.add(line)
         if task is not None:
-            task.add(line)
             event = parse(line)
+            task.add(line, own_output_starts=event is not None)
             if event is not None:
                 task.scope, task.stage = event.scope, event.stage
                 row = self.board.apply(event) if self.board else None

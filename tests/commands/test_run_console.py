@@ -129,3 +129,39 @@ def test_on_a_terminal_each_subject_is_one_line_on_the_stage_it_is_at():
     assert by_scope["dog"][:4] == ["1/6", "fine-tune", "running", "0s"] and " ".join(by_scope["dog"][4:]) == "step 120/1000 · loss 0.1234"
     assert by_scope["cat"][:3] == ["1/6", "ingest", "failed"] and by_scope["bag"][:3] == ["0/6", "ingest", "waiting"]
     assert by_scope["batch"][:3] == ["1/2", "summarize", "waiting"]
+
+
+def test_a_failure_shows_the_stages_own_last_lines_not_kfp_executor_json_or_library_info(tmp_path):
+    """The lines as kfp.local, its executor and MLflow printed them for a failed ingest on this machine."""
+    job_dir = tmp_path / "dreambooth-job"
+    job_dir.mkdir()
+    shown = io.StringIO()
+    board = Board([Row("bad", "ingest")], PlainView(shown))
+    output = TaskOutput(lambda: job_dir, board, echo=None)
+    printed_by_the_task = [
+        "{",
+        '    "outputs": {',
+        '        "outputFile": "/tmp/outputs/kfp/dreambooth-job/for-loop-4-iteration-0/ingest/executor_output.json"',
+        "    }",
+        "}",
+        "[progress] bad ingest running",
+        "2026/12/08 00:35:30 INFO mlflow.system_metrics.system_metrics_monitor: Started monitoring system metrics.",
+        "2026/12/08 00:35:35 INFO mlflow.system_metrics.system_metrics_monitor: Successfully terminated system metrics monitoring!",
+        "[progress] bad ingest failed · /tmp/bad/01.jpg: not an image Pillow can read",
+        "error: ingest: /tmp/bad/01.jpg: not an image Pillow can read",
+        "[KFP Executor 2026-12-08 00:35:35,311 INFO]: Wrote executor output file to /tmp/outputs/.../executor_output.json.",
+        "",
+    ]
+    _kfp_task(output, "ingest", printed_by_the_task, "SUCCESS", threading.Barrier(1))
+    output.close()
+    board.close()
+    printed = shown.getvalue().splitlines()
+    start = printed.index("--- bad ingest failed; the last lines of its log:")
+    end = printed.index(f"--- full log: {job_dir / 'logs' / 'bad' / 'ingest.log'}")
+    assert [line.strip() for line in printed[start + 1:end]] == [
+        "[progress] bad ingest running",
+        "[progress] bad ingest failed · /tmp/bad/01.jpg: not an image Pillow can read",
+        "error: ingest: /tmp/bad/01.jpg: not an image Pillow can read",
+    ]
+    log = (job_dir / "logs" / "bad" / "ingest.log").read_text()
+    assert "outputFile" in log and "finished with status SUCCESS" in log  # the log keeps everything
