@@ -299,6 +299,8 @@ def _forget(args: argparse.Namespace, config: RunConfig) -> int:
     print(f"{args.subject}: " + "; ".join(found.removed) + " to remove")
     for line in found.redacted:
         print(f"  without it: {line}")
+    for line in found.unreachable:
+        print(f"  out of reach: {line}")
     if not args.yes:
         if not sys.stdin.isatty():
             print("nothing removed: pass --yes to remove all of this")
@@ -313,6 +315,10 @@ def _forget(args: argparse.Namespace, config: RunConfig) -> int:
     for line in done.notes:
         print(f"note: {line}")
     print(f"{args.subject}: forgotten; later batches skip it while a subjects file still lists it (class priors are shared and stay)")
+    if done.unreachable:
+        for line in done.unreachable:
+            print(f"error: not removed, out of reach from here: {line}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -574,7 +580,8 @@ def _add_tracking_commands(commands) -> None:
     forget_cmd = _with_tracking(_with_config(commands.add_parser(
         "forget", help="remove a subject's photos and everything made from them; later batches skip it")))
     forget_cmd.add_argument("--subject", required=True, help="the subject's id (as in the subjects file)")
-    forget_cmd.add_argument("--output-dir", default="outputs", help="where the runs wrote results: a folder, or gs://bucket/prefix")
+    forget_cmd.add_argument("--output-dir", help="also search here (a folder, or gs://bucket/prefix); by default every place "
+                                                 "the subject's runs recorded writing to")
     forget_cmd.add_argument("--yes", action="store_true", help="remove without asking")
     forget_cmd.set_defaults(handler=_forget)
 

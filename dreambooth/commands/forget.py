@@ -6,8 +6,10 @@ The subject's MLflow runs (tag dreambooth.subject) lead to the rest:
   logged models and registered versions (a registered model left without versions goes too), erased from
   the tracking database with `mlflow gc` (a remote server's database is out of reach: the command to run
   there is printed);
-- files under --output-dir (local or gs://): its kfp.local task folders and task logs, its published
-  folders; under storage.work_dir: its checkpoints, validation images and tracking journal;
+- files wherever its runs recorded writing them (each batch's job folder, local or its published gs:// copy;
+  a cluster's pipeline root; the work folder of its checkpoints) and under --output-dir when given: its
+  kfp.local task folders and task logs, its published folders, its checkpoints, validation images and
+  tracking journal; a place out of reach from here is listed, and the command exits 1;
 - what a batch shares with other subjects (the plan, the summary, the copy of the subjects file, the batch
   tasks' logs): its entry is removed, the summary is written again without it, and its id and photo
   digests are replaced by `[forgotten]` wherever else they stand.
@@ -24,6 +26,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from dreambooth.catalogue.forgotten import redact, tombstone_key, without_subject_entry
 from dreambooth.config import RunConfig
@@ -35,6 +38,7 @@ from dreambooth.tracking import (
     TAG_ERROR,
     TAG_JOB_NAME,
     TAG_MODEL_LOCATION,
+    TAG_OUTPUTS,
     TAG_PARENT,
     TAG_PHOTOS,
     TAG_STAGE,
@@ -100,10 +104,12 @@ class Erasure:
     removed: list[str] = field(default_factory=list)
     redacted: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    unreachable: list[str] = field(default_factory=list)  # where the runs wrote, out of reach from here
 
 
-def forget_subject(subject_id: str, config: RunConfig, output_dir: str, tracking_uri: str, erase: bool) -> Erasure:
-    """Find everything of the subject; with `erase`, remove it (else only say what would go)."""
+def forget_subject(subject_id: str, config: RunConfig, output_dir: Optional[str], tracking_uri: str, erase: bool) -> Erasure:
+    """Find everything of the subject, wherever its runs recorded that they wrote (and under output_dir, when
+    given); with `erase`, remove it (else only say what would go). What cannot be reached is listed."""
     mlflow = client(tracking_uri)
     experiment = mlflow.get_experiment_by_name(config.tracking.experiment)
     if experiment is None:
@@ -113,8 +119,16 @@ def forget_subject(subject_id: str, config: RunConfig, output_dir: str, tracking
         raise InputError(f"--subject: no runs of {subject_id!r} in experiment {config.tracking.experiment!r} at {tracking_uri}")
     erasure = Erasure()
     batches = _batch_runs_naming(tracking_uri, config.tracking.experiment, traces)
-    roots = [_job_root(output_dir), config.storage.work_dir]
-    files = {root: _files_of(root, traces, config.storage.work_dir) for root in roots}
+    recorded = _recorded_roots(traces, batches)
+    files = {}
+    for root in dict.fromkeys(recorded + ([_job_root(output_dir)] if output_dir else []) + [config.storage.work_dir]):
+        if root in recorded and not is_gcs(root) and not Path(root).is_dir():
+            erasure.unreachable.append(f"{root} (recorded by its runs; not on this machine)")
+            continue
+        try:
+            files[root] = _files_of(root, traces, config.storage.work_dir)
+        except Exception as error:  # a bucket out of reach: said, and the rest goes on
+            erasure.unreachable.append(f"{root} ({(str(error).splitlines() or [type(error).__name__])[0]})")
     erasure.removed += [f"{len(traces.runs)} MLflow runs", f"{len(traces.logged_models)} logged models",
                         f"{len(traces.versions)} registered model versions"]
     erasure.removed += [f"{len(owned)} files under {root}" for root, (owned, _) in files.items() if owned]
@@ -147,6 +161,23 @@ def forget_subject(subject_id: str, config: RunConfig, output_dir: str, tracking
     erasure.notes += erase_deleted_runs(tracking_uri, [run.info.run_id for run in traces.runs], traces.logged_models,
                                         experiment.experiment_id, traces.secrets)
     return erasure
+
+
+def _recorded_roots(traces: Traces, batches: list) -> list[str]:
+    """Where the subject's files are, as its runs recorded it: each batch's job folder (a local run's, or its
+    published gs:// copy: TAG_OUTPUTS), the pipeline root a cluster's fine-tune wrote its model under, and
+    the work folder of its checkpoints."""
+    roots = []
+    jobs = {batch.data.tags.get(TAG_JOB_NAME) for batch in batches} - {None, ""}
+    for batch in batches:
+        if TAG_OUTPUTS in batch.data.tags:
+            roots.append(batch.data.tags[TAG_OUTPUTS].rstrip("/").rsplit("/", 1)[0])
+    for location in traces.model_locations:  # a cluster's gs://<pipeline root>/<job>/...; a model `evaluate --model` was given is not ours
+        roots += [location.split(f"/{job}/", 1)[0] for job in jobs if is_gcs(location) and f"/{job}/" in location]
+    for checkpoints in traces.checkpoint_dirs:
+        if "/checkpoints/" in checkpoints:
+            roots.append(checkpoints.split("/checkpoints/", 1)[0])
+    return roots
 
 
 def _job_root(output_dir: str) -> str:

@@ -26,7 +26,7 @@ from dreambooth.stages import BATCH_FAILURES, EVALUATE, SAMPLES, SUPER_RESOLUTIO
 from dreambooth.storage import is_gcs, upload_folder
 from dreambooth.catalogue.subjects import SubjectEntry
 from dreambooth.reports.summary import UP_TO_DATE, SubjectRow, collect_rows, headline, steps_cell
-from dreambooth.tracking import FAILED, SPOOL_FOLDER, TAG_ERROR, experiment_id, find_batch_run, resolve_tracking_uri
+from dreambooth.tracking import FAILED, SPOOL_FOLDER, TAG_ERROR, TAG_OUTPUTS, client, experiment_id, find_batch_run, resolve_tracking_uri
 from dreambooth.tracking.spool import sync_spooled
 
 
@@ -111,6 +111,8 @@ def _run(
     if batch is None:
         print(f"error: the batch did not start; task logs under {job_dir / 'logs'}", file=sys.stderr)
         return 1
+    # Where this batch's files are, on its run: forget finds them there, from any folder, whatever --output-dir was.
+    client(tracking_uri).set_tag(batch.info.run_id, TAG_OUTPUTS, f"{publish_to}/{job_dir.name}" if publish_to else str(job_dir))
     print(f"mlflow run:   {batch.info.run_id} ({tracking_uri}, experiment {config.tracking.experiment!r})")
     if TAG_ERROR in batch.data.tags:
         for line in batch.data.tags[TAG_ERROR].splitlines():

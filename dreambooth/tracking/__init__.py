@@ -31,6 +31,7 @@ from dreambooth.tracking.layout import (  # noqa: F401
     TAG_JOB_NAME,
     TAG_MODEL_LOCATION,
     TAG_MODEL_URI,
+    TAG_OUTPUTS,
     TAG_NODE_TYPE,
     TAG_PARENT,
     TAG_PHOTOS,

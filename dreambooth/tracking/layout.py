@@ -37,6 +37,7 @@ TAG_ERROR = "dreambooth.error"
 TAG_FAILED_STAGE = "dreambooth.failed_stage"
 TAG_MODEL_URI = "dreambooth.model_uri"  # the MLflow model (models:/...)
 TAG_MODEL_LOCATION = "dreambooth.model_location"  # the diffusers folder the fine-tune wrote (path or gs://)
+TAG_OUTPUTS = "dreambooth.outputs"  # a local batch's job folder, or its published gs:// copy (what forget searches)
 TAG_GATE = "dreambooth.gate"
 TAG_GATE_REASON = "dreambooth.gate_reason"
 TAG_REGISTERED = "dreambooth.registered_model"

@@ -72,11 +72,15 @@ def test_forget_leaves_no_trace_of_the_subject_and_the_schedule_skips_it(tmp_pat
     traces = _traces_of(FORGOTTEN, PHOTOS[FORGOTTEN], json.loads(subject_run.data.tags[TAG_PHOTOS])["digest"])
     assert len(_found(traces, tmp_path, database, gcs_emulator)) > 20  # the search finds what a batch leaves
 
-    forget = ("forget", "--config", config, "--subject", FORGOTTEN, "--output-dir", output, "--tracking-uri", tracking)
-    asked = cli(*forget, cwd=tmp_path)  # not a terminal, no --yes: says what would go, removes nothing
+    # From another folder and without --output-dir: the runs say where the batch wrote (the bucket, the work folder).
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    forget = ("forget", "--config", config, "--subject", FORGOTTEN, "--tracking-uri", tracking)
+    asked = cli(*forget, cwd=elsewhere)  # not a terminal, no --yes: says what would go, removes nothing
     assert asked.returncode == 1 and "nothing removed: pass --yes" in asked.stdout
     assert asked.stdout.startswith(f"{FORGOTTEN}: 5 MLflow runs; 1 logged models; 1 registered model versions;")
-    done = cli(*forget, "--yes", cwd=tmp_path)
+    assert f"files under gs://{gcs_emulator}/forget" in asked.stdout.splitlines()[0]
+    done = cli(*forget, "--yes", cwd=elsewhere)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"{FORGOTTEN}: forgotten" in done.stdout
     assert _found(traces, tmp_path, database, gcs_emulator) == []
@@ -100,3 +104,32 @@ def test_forget_leaves_no_trace_of_the_subject_and_the_schedule_skips_it(tmp_pat
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "batch:        1 subjects: 0 trained, 1 up to date, 0 failed" in again.stdout
     assert _found(traces, tmp_path, database, gcs_emulator) == []
+
+
+def test_what_the_runs_recorded_but_is_out_of_reach_is_listed_and_forget_exits_1(tmp_path):
+    """A batch that ran on another machine: its job folder is not here. The runs still go; the folder is named."""
+    from mlflow.tracking import MlflowClient
+
+    from dreambooth.tracking import STAGE_BATCH, STAGE_SUBJECT, TAG_JOB_NAME, TAG_OUTPUTS, TAG_PARENT, TAG_STAGE, TAG_SUBJECT
+
+    from dreambooth.catalogue.planning import PLAN_ARTIFACT, BatchPlan, PlannedSubject
+    from dreambooth.tracking import experiment_id
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow = MlflowClient(tracking)
+    experiment = experiment_id(tracking, "dreambooth")
+    elsewhere = "/srv/another-machine/outputs/kfp/dreambooth-job-1"
+    batch = mlflow.create_run(experiment, tags={TAG_STAGE: STAGE_BATCH, TAG_JOB_NAME: "dreambooth-job-1", TAG_OUTPUTS: elsewhere})
+    subject = mlflow.create_run(experiment, tags={TAG_STAGE: STAGE_SUBJECT, TAG_SUBJECT: "rex", TAG_PARENT: batch.info.run_id})
+    planned = PlannedSubject("rex", "dog", "/srv/photos/rex", "{}", "fp", "", subject_run_id=subject.info.run_id)
+    mlflow.log_text(batch.info.run_id, BatchPlan(batch.info.run_id, [planned]).to_json(), PLAN_ARTIFACT)
+    for run in (subject, batch):
+        mlflow.set_terminated(run.info.run_id)
+    result = cli("forget", "--config", "tiny", "--subject", "rex", "--tracking-uri", tracking, "--yes", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "  out of reach: /srv/another-machine/outputs/kfp (recorded by its runs; not on this machine)" in result.stdout
+    assert result.stderr == "error: not removed, out of reach from here: /srv/another-machine/outputs/kfp (recorded by its runs; not on this machine)\n"
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="not found"):  # what was here went: the run, erased from the store
+        mlflow.get_run(subject.info.run_id)
