@@ -17,6 +17,8 @@ from typing import Optional
 
 from pydantic import BaseModel
 
+from dreambooth.config_files import settings_class
+
 PLACEHOLDER = "<!-- settings reference -->"
 STAGES_PLACEHOLDER = "<!-- stages -->"
 COMMANDS_PLACEHOLDER = "<!-- commands reference -->"
@@ -50,17 +52,6 @@ def _annotations(cls: type) -> dict[str, str]:
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
 
 
-def _section_of(annotation) -> Optional[type]:
-    """The settings class a field holds: itself, inside Optional, or as the items of a list or dict."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for argument in typing.get_args(annotation):
-        found = _section_of(argument)
-        if found is not None:
-            return found
-    return None
-
-
 def _default(field) -> str:
     if field.is_required():
         return "required"
@@ -89,7 +80,7 @@ def _section(cls: type, prefix: str, out: list[str], shown: dict) -> None:
     out += ["| setting | type | default | what it does |", "|---|---|---|---|"]
     for name, field in cls.model_fields.items():
         key = f"{prefix}.{name}" if prefix else name
-        inner = _section_of(field.annotation)
+        inner = settings_class(field.annotation)
         note = comments.get(name, "")
         if inner is not None:
             shape = {list: f"{key}[]", dict: f"{key}.<name>"}.get(typing.get_origin(field.annotation), key)

@@ -145,19 +145,19 @@ def _model_at(model: type[BaseModel], setting: tuple) -> Optional[type[BaseModel
         field_info = model.model_fields.get(key)
         if field_info is None:
             return None
-        nested = _settings_class(field_info.annotation)
+        nested = settings_class(field_info.annotation)
         if nested is None:
             return None
         model = nested
     return model
 
 
-def _settings_class(annotation) -> Optional[type[BaseModel]]:
+def settings_class(annotation) -> Optional[type[BaseModel]]:
     """The settings class inside Optional[...], list[...] or dict[str, ...], if any."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for argument in typing.get_args(annotation):
-        found = _settings_class(argument)
+        found = settings_class(argument)
         if found is not None:
             return found
     return None
@@ -171,7 +171,7 @@ def _unknown_setting(model: type[BaseModel], setting: tuple) -> str:
     if close:
         return f"unknown setting; did you mean {close}?"
     elsewhere = [f"{section}.{setting[-1]}" for section, info in model.model_fields.items()
-                 if (nested := _settings_class(info.annotation)) and setting[-1] in nested.model_fields]
+                 if (nested := settings_class(info.annotation)) and setting[-1] in nested.model_fields]
     if elsewhere:
         return f"unknown setting here; did you mean {elsewhere[0]}?"
     return "unknown setting" + (f" (this section has: {', '.join(names)})" if names else "")

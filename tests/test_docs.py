@@ -17,14 +17,15 @@ def _reference_module():
 def _settings_classes():
     """Every settings class a config holds, each once, with its fields."""
     from dreambooth.config import RunConfig
+    from dreambooth.config_files import settings_class
 
-    hooks, found, todo = _reference_module(), {}, [RunConfig]
+    found, todo = {}, [RunConfig]
     while todo:
         cls = todo.pop()
         if cls in found:
             continue
         found[cls] = list(cls.model_fields)
-        todo += [inner for field in cls.model_fields.values() if (inner := hooks._section_of(field.annotation)) is not None]
+        todo += [inner for field in cls.model_fields.values() if (inner := settings_class(field.annotation)) is not None]
     return found
 
 
