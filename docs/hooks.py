@@ -13,7 +13,6 @@ import inspect
 import io
 import tokenize
 import typing
-from typing import Optional
 
 from pydantic import BaseModel
 
