@@ -62,6 +62,29 @@ def _tracking_headers(host: str) -> dict[str, str]:
     return headers
 
 
+def _get_status(target, path: str, headers: dict, through_proxy: bool) -> int:
+    """The HTTP status of a GET. Directly to the configured server: through $HTTP(S)_PROXY as MLflow's client
+    goes (urllib honours it and NO_PROXY); to a --mlflow-via address: straight there, with the configured Host."""
+    import urllib.error
+    import urllib.request
+
+    if through_proxy:
+        request = urllib.request.Request(f"{target.scheme}://{target.netloc.rsplit('@', 1)[-1]}{path}",
+                                         headers={key: value for key, value in headers.items() if key != "Host"})
+        try:
+            with urllib.request.urlopen(request, timeout=PROBE_SECONDS) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+    connection_class = http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
+    connection = connection_class(target.hostname, target.port, timeout=PROBE_SECONDS)
+    try:
+        connection.request("GET", path, headers=headers)
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
 def check_tracking(uri: Optional[str], experiment: str, via: Optional[str] = None, namespace: Optional[str] = None) -> str:
     from dreambooth.tracking import resolve_tracking_uri
 
@@ -70,13 +93,9 @@ def check_tracking(uri: Optional[str], experiment: str, via: Optional[str] = Non
         return f"local store {uri}"
     configured, target = urlsplit(uri), urlsplit(via or uri)
     host = configured.netloc.rsplit("@", 1)[-1]
-    connection_class = http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
     path = f"{target.path.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?experiment_name={quote(experiment)}"
     try:
-        connection = connection_class(target.hostname, target.port, timeout=PROBE_SECONDS)
-        connection.request("GET", path, headers=_tracking_headers(host))
-        status = connection.getresponse().status
-        connection.close()
+        status = _get_status(target, path, _tracking_headers(host), through_proxy=not via)
     except OSError as error:
         forward = f"kubectl -n {namespace or 'NAMESPACE'} port-forward svc/mlflow 5000, then --mlflow-via http://localhost:5000"
         hint = "" if via else f"; from outside the cluster: {forward}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import http.client
 import inspect
 import logging
 import os
@@ -34,8 +33,6 @@ def check_store(configured: Optional[str], create: bool = False) -> str:
     """The resolved tracking URI, once it is known to answer: a server that does not is refused in one line
     naming it; a local store file that is not there is refused unless `create` (the commands that only
     read runs never make an empty store in whatever folder they were started from)."""
-    from urllib.parse import urlsplit
-
     uri = resolve_tracking_uri(configured)
     database = sqlite_path(uri)
     if database is not None and not create and not database.is_file():
@@ -43,13 +40,13 @@ def check_store(configured: Optional[str], create: bool = False) -> str:
         raise InputError(f"tracking: no MLflow store at {database}{default}; give --tracking-uri (or $MLFLOW_TRACKING_URI) "
                          "where your runs are, or run from the folder that holds them")
     if uri.startswith(("http://", "https://")):
-        parts = urlsplit(uri)
-        connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        try:
-            connection = connection_class(parts.hostname, parts.port, timeout=STORE_PROBE_SECONDS)
-            connection.request("GET", f"{parts.path.rstrip('/')}/health")
-            connection.getresponse().read()
-            connection.close()
+        import urllib.error
+        import urllib.request
+
+        try:  # urllib, as MLflow's client, goes through $HTTP(S)_PROXY where one is set; any HTTP answer will do
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=STORE_PROBE_SECONDS).close()
+        except urllib.error.HTTPError:
+            pass
         except OSError as error:
             raise InputError(f"tracking: the MLflow server at {uri} does not answer ({error}); check it is up and reachable "
                              "from here, or give another --tracking-uri") from None

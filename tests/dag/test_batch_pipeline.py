@@ -175,6 +175,7 @@ def test_a_batch_generates_class_priors_once_per_class_and_tracks_each_subject(b
 
 
 def test_the_batch_prints_one_line_per_stage_change_and_keeps_each_tasks_log(batch_root, first_batch):
+    root, _, _ = batch_root
     result, _ = first_batch
     assert "upscaler" not in subject_blocks(result.stdout)["dog-a"]  # superres.enabled: false, so the DAG skipped the stage
     # Not a terminal: one line per stage state change, none of kfp.local's stream; each task's log in a file.
@@ -185,7 +186,9 @@ def test_the_batch_prints_one_line_per_stage_change_and_keeps_each_tasks_log(bat
         **{(subject, stage): ["running", "done"] for subject in SUBJECTS for stage in SUBJECT_STAGES},
         ("batch", "summarize"): ["running", "done"], ("batch", "finish-tracking"): ["running", "done"],
     }
-    progress = result.stdout.split("\njob:")[0].splitlines()
+    where, progress = result.stdout.split("\njob:")[0].splitlines()[:2], result.stdout.split("\njob:")[0].splitlines()[2:]
+    # First where its state goes (the default store: the working folder's), then a line per stage state change.
+    assert where == [f"outputs:      {root / 'out'}", f"tracking:     sqlite:///{root / 'mlflow.db'} (experiment 'dreambooth')"]
     assert [line for line in progress if not re.match(r"\d\d:\d\d:\d\d  \S+ +\S+ ", line)] == []
     assert "Executing task" not in result.stdout and "executor_input" not in result.stdout
     done = next(line for line in progress if re.search(r" dog-a +fine-tune +done ", line))
