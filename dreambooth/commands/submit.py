@@ -3,7 +3,8 @@
 A run's parameters carry the shared settings and *where* the subjects are (a subjects file URI),
 never the list itself, so a recurring run reads the file anew at every tick and trains what was
 added since the last one. A single subject (submit --subject-uri) travels inline instead. A sharded
-batch (batch.max_subjects_per_run) is submitted as its launcher (dreambooth.dag.launcher). Where and as
+batch (batch.max_subjects_per_run) is submitted as its launcher (dreambooth.dag.launcher). A run, like a
+schedule, runs a version of a named pipeline on the host (dreambooth.commands.schedules). Where and as
 whom runs are created: dreambooth.dag.kfp_runs.
 """
 
@@ -17,6 +18,7 @@ from typing import Optional
 
 from dreambooth.config import RunConfig
 from dreambooth.errors import InputError
+from dreambooth.commands.schedules import pipeline_version
 from dreambooth.dag.kfp_runs import KfpTarget, compile_dag, run_parameters
 
 CRON_FIELDS = ("second", "minute", "hour", "day of month", "month", "day of week")
@@ -130,10 +132,11 @@ def submit(
         package = compile_pipeline(config, Path(scratch) / "dreambooth.yaml", on_cluster=True, launcher=sharded)
         if cron is not None:
             return _schedule(config, client, namespace, experiment, run_name, cron, package, parameters, host)
-        result = client.create_run_from_pipeline_package(
-            str(package), arguments=parameters, run_name=run_name, experiment_name=experiment,
-            namespace=namespace, service_account=account,
-        )
+        experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
+        version = pipeline_version(client, package, hosted_pipeline_name(package, config), namespace)
+        result = client.run_pipeline(experiment_id, run_name, params=parameters, pipeline_id=version.pipeline_id,
+                                     version_id=version.version_id, service_account=account)
+    print(f"pipeline:     {version.pipeline} version {version.version}" + (" (unchanged, reused)" if version.reused else " (uploaded)"))
     print(f"run:          {result.run_id}")
     print(f"url:          {host}/#/runs/details/{result.run_id}")
     if wait_seconds is None:
@@ -147,16 +150,20 @@ def submit(
     return 0 if state == "SUCCEEDED" else 1
 
 
+def hosted_pipeline_name(package: Path, config: RunConfig) -> str:
+    """The pipeline's name on the KFP host: the compiled pipeline's and the config's (dreambooth-gke-sd15)."""
+    import yaml
+
+    return f"{next(yaml.safe_load_all(package.read_text()))['pipelineInfo']['name']}-{config.name}"
+
+
 def _schedule(config: RunConfig, client, namespace: Optional[str], experiment: str, name: str, cron: str, package: Path,
               parameters: dict, host: str) -> int:
     """The recurring run of this name, created or replaced, on the named pipeline's version for this package."""
-    import yaml
-
-    from dreambooth.commands.schedules import pipeline_version, put_schedule
+    from dreambooth.commands.schedules import put_schedule
 
     experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
-    compiled_name = next(yaml.safe_load_all(package.read_text()))["pipelineInfo"]["name"]
-    version = pipeline_version(client, package, f"{compiled_name}-{config.name}", namespace)
+    version = pipeline_version(client, package, hosted_pipeline_name(package, config), namespace)
     recurring_id, replaced = put_schedule(client, experiment_id, namespace, name, cron, version, parameters,
                                           config.cluster.service_account or "", config.cluster.schedule.catch_up)
     catch_up = "on" if config.cluster.schedule.catch_up else "off (cluster.schedule.catch_up)"

@@ -19,7 +19,7 @@ def _posted(requests, prefix):
 
 
 def test_submit_uploads_the_cluster_pipeline_with_its_parameters(kfp_api):
-    host, requests, _ = kfp_api
+    host, requests, server = kfp_api
     result = cli("submit", "--skip-preflight", "--host", host, "--config", "gke-sd15", "--experiment", "pets",
                  "--subject-uri", "gs://photos/dog", "--class-noun", "dog", in_process=False)  # the command's smoke test
     assert result.returncode == 0, result.stderr
@@ -29,10 +29,11 @@ def test_submit_uploads_the_cluster_pipeline_with_its_parameters(kfp_api):
     assert experiment["display_name"] == "pets"
     (run,) = _posted(requests, "/apis/v2beta1/runs")
     assert run["experiment_id"] == "exp-7" and run["service_account"] == "dreambooth-pipeline-runner"
-    spec = run["pipeline_spec"]["pipeline_spec"]
+    spec, platform_spec = server.version_package(run["pipeline_version_reference"]["pipeline_version_id"])
     assert spec["pipelineInfo"]["name"] == "dreambooth"
+    assert [pipeline["display_name"] for pipeline in server.pipelines.values()] == ["dreambooth-gke-sd15"]
     assert all("@sha256:" in e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values())
-    platform = run["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    platform = platform_spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert platform["exec-fine-tune"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     parameters = run["runtime_config"]["parameters"]
     assert parameters["superres_enabled"] is True and parameters["subjects_uri"] == "" and parameters["force"] is False
@@ -230,7 +231,7 @@ def test_a_sharded_batch_schedules_its_launcher_which_starts_a_run_per_shard_wit
 def test_compile_writes_exactly_what_submit_sends(kfp_api, tmp_path, sharded):
     """Uploaded through the KFP UI or GitOps, the compiled YAML must be the pipeline submit would have sent:
     the DAG, or for a sharded config and a subjects file its launcher, with the same platform settings."""
-    host, requests, _ = kfp_api
+    host, requests, server = kfp_api
     config = tmp_path / "team.yaml"
     config.write_text("extends: gke-sd15\ncluster:\n  image: registry.example/dreambooth-kfp@sha256:" + "ab" * 32 + "\n"
                       "  pipeline_root: gs://team-bucket/pipeline-root\n" + ("batch:\n  max_subjects_per_run: 4\n" if sharded else ""))
@@ -241,8 +242,7 @@ def test_compile_writes_exactly_what_submit_sends(kfp_api, tmp_path, sharded):
     assert sent.returncode == 0, sent.stderr
     (run,) = _posted(requests, "/apis/v2beta1/runs")
     pipeline_spec, platform_spec = yaml.safe_load_all(compiled.read_text())
-    assert run["pipeline_spec"]["pipeline_spec"] == pipeline_spec
-    assert run["pipeline_spec"]["platform_spec"] == platform_spec
+    assert server.version_package(run["pipeline_version_reference"]["pipeline_version_id"]) == [pipeline_spec, platform_spec]
     assert pipeline_spec["pipelineInfo"]["name"] == ("dreambooth-shards" if sharded else "dreambooth")
 
 
