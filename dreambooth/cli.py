@@ -6,7 +6,7 @@
     evaluate  score a model trained anywhere by the DreamBench protocol
     submit    compile and create a run on a KFP host       schedule  create or replace a recurring run, by name
     schedules list, pause, resume or delete the recurring runs, by name
-    preflight check in seconds what would fail after GPU time (submit and schedule run it first)
+    preflight check in seconds what would fail after GPU time (run, experiment, submit and schedule run it first)
     warm-cache  download every model a run loads into the caches (the cluster's model-cache Job)
     experiment  the paper's comparisons and ablations: subjects x variants as one batch, and its tables
     compare   put runs side by side: a table, plots and an image sheet

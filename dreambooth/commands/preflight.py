@@ -3,7 +3,8 @@
 Each check is one line: the models every stage loads (a folder here, the hub reachable, or a
 cached copy; HF_HUB_OFFLINE honoured), MLflow reachable *and accepting the host name the
 pipeline's pods will send*, the pipeline root writable, the subjects readable, the image pinned,
-and the KFP host reachable with the namespace. `submit` and `schedule` run it first.
+and the KFP host reachable with the namespace; for a local run, whether this machine can train the
+model at all. `run`, `experiment`, `submit` and `schedule` run it first.
 
 From outside the cluster the in-cluster MLflow name does not resolve: `--mlflow-via` connects to
 another address (a `kubectl port-forward`) while still sending the configured Host header.
