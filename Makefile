@@ -50,6 +50,7 @@ bench: setup
 	$(BIN)/python bench/finetune_bench.py
 	$(BIN)/python bench/evaluation_bench.py
 	$(BIN)/python bench/batch_bench.py
+	$(BIN)/python bench/cpu_step_bench.py
 
 clean:
 	rm -rf outputs mlruns mlflow.db mlflow-artifacts dreambooth.yaml site dist build
