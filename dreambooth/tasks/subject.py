@@ -99,6 +99,10 @@ def subject_stage(stage: Stage):
                     StageProgress(subject.data.tags.get(TAG_SUBJECT, ""), stage.name).state(SKIPPED, "the subject already failed")
                     return None
                 config = RunConfig.from_json(config_json)
+                # Every subject stage loads torch; loaded before its run opens, a SIGTERM (a cancelled job) never
+                # lands inside torch's import, where it aborts the interpreter (SIGABRT) instead of unwinding.
+                import torch  # noqa: F401
+
                 with stage_run(tracking_uri, subject_run_id, stage, **_run_settings(config)) as run:
                     _apply_weights_policy(config, run)
                     return task(config, run, *args, **kwargs)
