@@ -674,9 +674,9 @@ def _config_name(args: argparse.Namespace) -> str:
     if args.config:
         return args.config
     if args.command in ("run", "experiment") and not getattr(args, "host", None):
-        import torch
+        from dreambooth.models.loading import best_device
 
-        if not torch.cuda.is_available():
+        if best_device().type != "cuda":
             raise InputError(f"--config: not given, and this machine has no CUDA GPU for the default ({DEFAULT_CONFIG}); "
                              "give --config tiny for a demo on this CPU, or a GPU config for real work on a GPU machine "
                              "(sd15, sdxl-lora, flux-lora ...: `dreambooth configs`)")

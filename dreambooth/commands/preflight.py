@@ -134,9 +134,11 @@ def check_compute(config: RunConfig, allow_cpu: bool) -> str:
     size = f"a {parameters / 1e6:,.0f}M-parameter denoiser" if parameters else "a full-size denoiser (its size unknown here: at least sd15's)"
     if seconds <= CPU_LIMIT_SECONDS:
         return f"{size}: about {seconds / 60:.0f} min of fine-tune on this CPU"
-    import torch
+    from dreambooth.models.loading import best_device
 
-    if torch.cuda.is_available():
+    if best_device().type == "cuda":
+        import torch
+
         return f"CUDA: {torch.cuda.get_device_name(0)}"
     estimate = f"{config.training.max_steps:,} steps of {size} at {resolution} px take about {seconds / 3600:,.0f} h on this CPU"
     if allow_cpu:
